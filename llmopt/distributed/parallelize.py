@@ -1,0 +1,137 @@
+"""Build the model for this rank and wrap it for the layout, in one fixed order:
+
+    full model (same seed on every rank) -> pipeline split -> tensor parallel -> data parallel (FSDP2 / DDP)
+
+The result is a ``Layout``: the module to optimise plus the few operations the training step needs whose
+meaning depends on the layout (run forward+backward over the micro-batches, finish gradients, the global
+gradient norm, the global-batch loss). The step calls these and never asks which layout it is under.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+
+from llmopt.distributed.data_parallel import apply_ddp, apply_fsdp, grad_sync
+from llmopt.distributed.dims import ParallelDims
+from llmopt.distributed.pipeline import Pipeline, split_stage
+from llmopt.distributed.tensor_parallel import apply_tp
+from llmopt.model import GPT, hf_config
+from llmopt.optim import full_norm
+
+
+class HFCausalLM(nn.Module):
+    """transformers' GPT2LMHeadModel behind llmopt's ``model(idx, targets) -> loss`` interface. Targets are
+    already shifted by the data source, so the loss is taken on the logits rather than via ``labels=``."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, idx, targets=None):
+        logits = self.hf(input_ids=idx).logits
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def build_model(cfg) -> nn.Module:
+    """The full single-device model, initialised from ``cfg.seed`` alone (identical on every rank)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.model_impl == "hf":
+        from transformers import GPT2LMHeadModel
+
+        return HFCausalLM(GPT2LMHeadModel(hf_config(cfg.model_config)))
+    return GPT(cfg.model_config)
+
+
+class Layout:
+    def __init__(self, cfg, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device):
+        self.dims, self.mesh, self.device = dims, mesh, device
+        model = build_model(cfg)
+        self.pipeline = None
+        coord = {n: (mesh.get_local_rank(n) if mesh is not None else 0) for n in ("pp", "dp", "tp")}
+        self.coord = coord
+        if dims.pp_enabled:
+            model = split_stage(model, coord["pp"], dims.pp)
+        model.to(device)
+        if dims.tp_enabled:
+            apply_tp(model, mesh["tp"])
+        if dims.fsdp_enabled:
+            apply_fsdp(model, mesh["dp"], model.h.values() if hasattr(model, "h") else model.hf.transformer.h)
+        elif dims.ddp_enabled:
+            model = apply_ddp(model, mesh["dp"], device)
+        self.model = model
+        if dims.pp_enabled:
+            self.pipeline = Pipeline(model, coord["pp"], dims.pp, cfg.pp_schedule, cfg.pp_microbatches,
+                                     cfg.grad_accum, mesh, device)
+        # Ranks whose loss is the global batch's: one per data-parallel replica (last stage, TP rank 0).
+        self.loss_owner = coord["pp"] == dims.pp - 1 and coord["tp"] == 0
+        self.logging_rank = not dist.is_initialized() or dist.get_rank() == 0
+
+    def parameters(self):
+        return self.model.parameters()
+
+    # ------------------------------------------------------------------ the step's layout-dependent parts
+    def forward_backward(self, micro_batches, amp, scaler) -> torch.Tensor:
+        """Forward and backward over the accumulation micro-batches; returns this rank's mean loss (detached)."""
+        if self.pipeline is not None:
+            return self.pipeline.forward_backward(micro_batches, amp, scaler)
+        k = len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(micro_batches):
+            with grad_sync(self.model, last_micro_batch=i == k - 1):
+                with amp:
+                    loss = self.model(x, y) / k
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            total += loss.detach()
+        return total
+
+    def finish_grads(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.finish_grads()
+
+    def grad_norm(self) -> torch.Tensor:
+        """The 2-norm of the whole model's gradient: DTensor shards reduced over their mesh, pipeline stages
+        summed, the tied head counted once."""
+        skip = self.pipeline.excluded_from_norm() if self.pipeline is not None else set()
+        sq = torch.zeros((), device=self.device, dtype=torch.float32)
+        for p in self.model.parameters():
+            if p.grad is not None and p not in skip:
+                sq += full_norm(p.grad).float() ** 2
+        if self.pipeline is not None:
+            dist.all_reduce(sq, group=self.mesh["pp"].get_group())
+        return sq.sqrt()
+
+    def global_loss(self, local: torch.Tensor) -> torch.Tensor:
+        """The global-batch mean loss, on every rank."""
+        if not dist.is_initialized():
+            return local
+        share = local / self.dims.dp if self.loss_owner else torch.zeros_like(local)
+        dist.all_reduce(share)
+        return share
+
+    def sync_found_inf(self, scaler, optimizer) -> None:
+        """fp16: make the skip decision global. A rank holding a shard (TP, FSDP, a pipeline stage) can see an
+        inf that another cannot; every rank must skip the same steps or the replicas drift apart."""
+        if scaler is None or not dist.is_initialized():
+            return
+        for found in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+
+    def gather_peak_memory(self, local: int) -> list[int]:
+        if not dist.is_initialized():
+            return [local]
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, local)
+        return out
+
+
+def parallelize(cfg, device: torch.device) -> Layout:
+    dims = ParallelDims.from_config(cfg)
+    mesh = dims.build_mesh(device.type)
+    return Layout(cfg, dims, mesh, device)

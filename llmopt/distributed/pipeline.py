@@ -1,0 +1,117 @@
+"""Pipeline parallelism with torch.distributed.pipelining: GPipe (Huang et al. 2019) and 1F1B
+(Narayanan et al. 2019, PipeDream-Flush: warm-up forwards, a steady phase alternating one forward and one
+backward, then the cool-down backwards, so at most ``pp`` micro-batches' activations are alive at once).
+
+A stage is the model itself with the blocks of other stages deleted (``split_stage``). The first stage keeps
+the embeddings, the last keeps the final LayerNorm and the output head. The head is tied to the token
+embedding, which lives on the first stage, so the last stage holds a copy (``lm_head``) and the two
+gradients are summed after backward (``TiedHead.sync_grads``): both copies then take the same update.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.tensor import DTensor
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+def stage_layers(n_layer: int, n_stages: int, stage: int) -> range:
+    """Consecutive blocks for ``stage``; earlier stages take the remainder (they also hold no head)."""
+    base, extra = divmod(n_layer, n_stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))
+
+
+def split_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
+    """Turn the full GPT into pipeline stage ``stage`` of ``n_stages``, in place."""
+    keep = {str(i) for i in stage_layers(model.config.n_layer, n_stages, stage)}
+    for name in list(model.h.keys()):
+        if name not in keep:
+            del model.h[name]
+    last = stage == n_stages - 1
+    if last and stage > 0:
+        model.lm_head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
+        with torch.no_grad():
+            model.lm_head.weight.copy_(model.wte.weight)
+    if stage > 0:
+        model.wte = None
+        model.wpe = None
+    if not last:
+        model.ln_f = None
+    return model
+
+
+class TiedHead:
+    """Sums the gradient of the token embedding (first stage) and its head copy (last stage)."""
+
+    def __init__(self, mesh: DeviceMesh, stage: int, n_stages: int, model: nn.Module):
+        self.group = None
+        self.param = None
+        ranks = mesh.mesh  # (pp, dp, tp) tensor of global ranks
+        me = dist.get_rank()
+        # new_group is collective over the whole world: every rank creates every pair, in the same order.
+        for pair in torch.stack([ranks[0], ranks[-1]], dim=-1).reshape(-1, 2).tolist():
+            group = dist.new_group(pair)
+            if me in pair:
+                self.group = group
+        if stage == 0:
+            self.param = model.wte.weight
+        elif stage == n_stages - 1:
+            self.param = model.lm_head.weight
+
+    def sync_grads(self) -> None:
+        if self.param is None:  # a middle stage holds neither copy
+            return
+        g = self.param.grad
+        dist.all_reduce(g.to_local() if isinstance(g, DTensor) else g, group=self.group)
+
+
+class Pipeline:
+    """Runs one rank's part of the forward and backward of a step through a pipelining schedule."""
+
+    def __init__(self, module: nn.Module, stage: int, n_stages: int, schedule: str, n_chunks: int,
+                 grad_accum: int, mesh: DeviceMesh, device: torch.device):
+        self.stage_index, self.n_stages = stage, n_stages
+        self.first, self.last = stage == 0, stage == n_stages - 1
+        self.stage = PipelineStage(module, stage, n_stages, device, group=mesh["pp"].get_group())
+        # The loss of one chunk is its token mean over (chunks x accumulation micro-batches), so gradients add
+        # up to the global-batch mean; torch's own rescaling (scale_grads) would also rescale gradients kept
+        # from earlier accumulation micro-batches, so it is off.
+        self.loss_divisor = n_chunks * grad_accum
+        self.scaler = None
+        self._chunk_losses: list[torch.Tensor] = []
+        self.schedule = SCHEDULES[schedule](self.stage, n_chunks, loss_fn=self._loss_fn, scale_grads=False)
+        self.tied = TiedHead(mesh, stage, n_stages, module)
+
+    def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / self.loss_divisor
+        self._chunk_losses.append(loss.detach())
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def forward_backward(self, micro_batches, amp, scaler) -> torch.Tensor:
+        """Returns this rank's share of the step's mean loss (non-zero on the last stage only)."""
+        self.scaler = scaler
+        self._chunk_losses.clear()
+        for x, y in micro_batches:
+            with amp:
+                if self.first:
+                    self.schedule.step(x, target=y if self.last else None)
+                elif self.last:
+                    self.schedule.step(target=y)
+                else:
+                    self.schedule.step()
+        if self.last:
+            return torch.stack(self._chunk_losses).sum()
+        return torch.zeros((), device=self.stage.device)
+
+    def finish_grads(self) -> None:
+        self.tied.sync_grads()
+
+    def excluded_from_norm(self) -> set:
+        """The head copy on the last stage duplicates the embedding's gradient: count it once."""
+        return {self.tied.param} if self.last and self.n_stages > 1 else set()

@@ -1,0 +1,271 @@
+"""A single-device GPT with the GPT-2 architecture, weight-compatible with Hugging Face's GPT2LMHeadModel.
+
+Architecture (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"): learned token and
+position embeddings, pre-LayerNorm blocks (LN -> causal self-attention -> residual, LN -> MLP -> residual),
+a tanh-approximated GELU MLP of width 4C, a final LayerNorm, and an output head tied to the token embedding.
+Every linear layer has a bias.
+
+The model knows nothing about distribution or the training loop. Two layout choices make the parallel
+wrappers possible without the model asking whether it is wrapped:
+
+* The fused QKV projection stores its output features grouped by head, ``(n_head, 3, head_dim)``, so that a
+  column-wise tensor-parallel split hands each rank whole heads; the head count used in ``forward`` is read
+  off the tensor's shape, so it is the local head count under tensor parallelism.
+* ``forward`` works on whichever parts it holds (``wte`` / ``h`` / ``ln_f``), so a pipeline stage is this
+  same module with the blocks of other stages removed (see ``llmopt.distributed.pipeline``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    n_layer: int = 4          # transformer blocks
+    n_head: int = 4           # attention heads per block
+    n_embd: int = 128         # model width C; the MLP is 4C wide
+    vocab_size: int = 1024    # tokens; the generated data uses the same vocabulary
+    block_size: int = 256     # longest sequence (number of learned positions)
+    layer_norm_epsilon: float = 1e-5  # GPT-2's value
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# Named presets. `tiny` is the CPU default: layers and heads divisible by 2 and 4 so every layout fits.
+PRESETS: dict[str, GPTConfig] = {
+    "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=1024, block_size=256),
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024, vocab_size=50257, block_size=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280, vocab_size=50257, block_size=1024),
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, block_size=1024),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
+        self.head_dim = cfg.head_dim
+        # Output features ordered (head, {q,k,v}, head_dim): see the module docstring.
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.c_attn(x).view(B, T, -1, 3, self.head_dim)  # (B, T, nh, 3, hs); nh is local under TP
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)          # each (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, -1)                 # (B, T, nh*hs)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        # A ModuleDict keyed by the global layer index keeps parameter names stable when a pipeline stage
+        # drops the blocks it does not own.
+        self.h = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.reset_parameters()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPT":
+        return cls(replace(PRESETS[name], **overrides))
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms, and the residual
+        projections scaled by 1/sqrt(2 * n_layer) (GPT-2 paper, section 2.3)."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif ".ln_" in name or name.startswith("ln_"):
+                p.fill_(1.0)
+            elif name.endswith("c_proj.weight"):
+                p.normal_(0.0, std / math.sqrt(2 * self.config.n_layer))
+            else:
+                p.normal_(0.0, std)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids (or, on a later pipeline stage, (B, T, C) hidden states).
+
+        Returns logits (B, T, vocab) or, with ``targets``, the mean cross-entropy as a scalar tensor.
+        """
+        if self.wte is not None:
+            T = idx.size(1)
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+            pos = torch.arange(T, device=idx.device)
+            x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        else:
+            x = idx
+        for block in self.h.values():
+            x = block(x)
+        if self.ln_f is None:
+            return x  # an inner pipeline stage hands on hidden states
+        logits = F.linear(self.ln_f(x), self.lm_head_weight)  # (B, T, V); tied head, no bias
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        # Tied to the token embedding. A last pipeline stage without `wte` keeps its own copy, `lm_head`,
+        # whose gradient the pipeline sums with the first stage's (see distributed/pipeline.py).
+        return self.wte.weight if self.wte is not None else self.lm_head.weight
+
+    # ------------------------------------------------------------------ Hugging Face interop
+    @classmethod
+    def from_hf(cls, hf_model) -> "GPT":
+        """Build from a transformers ``GPT2LMHeadModel``; every weight is used."""
+        return _from_hf(hf_model)
+
+    def to_hf(self):
+        """A transformers ``GPT2LMHeadModel`` with this model's weights."""
+        return _to_hf(self)
+
+    # ------------------------------------------------------------------ accounting
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters of the full model (the tied head counted once). ``non_embedding`` leaves out the
+        token and position embeddings, the N of Kaplan et al. 2020."""
+        return param_count(self.config, non_embedding)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return flops_per_token(self.config, seq_len)
+
+
+def param_count(cfg: GPTConfig, non_embedding: bool = False) -> int:
+    C, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    per_block = (2 * 2 * C) + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)
+    n = L * per_block + 2 * C  # blocks + ln_f
+    if not non_embedding:
+        n += V * C + cfg.block_size * C
+    return n
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token, the PaLM convention (Chowdhery et al. 2022, appendix B):
+    6N + 12·L·H·Q·T, where N is the non-embedding parameter count plus the output head (V·C: the tied head
+    is a real matmul), L layers, H heads, Q head size and T the sequence length. Forward is a third."""
+    N = param_count(cfg, non_embedding=True) + cfg.vocab_size * cfg.n_embd
+    return 6 * N + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+
+# ---------------------------------------------------------------------- Hugging Face interop
+def _qkv_perm(cfg: GPTConfig) -> torch.Tensor:
+    """Index that maps HF's c_attn output order (3, n_head, hs) to ours (n_head, 3, hs)."""
+    H, D = cfg.n_head, cfg.head_dim
+    return torch.arange(3 * cfg.n_embd).view(3, H, D).transpose(0, 1).reshape(-1)
+
+
+def config_from_hf(hf_config) -> GPTConfig:
+    if getattr(hf_config, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"unsupported activation {hf_config.activation_function!r}: llmopt uses tanh-GELU")
+    return GPTConfig(n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
+                     vocab_size=hf_config.vocab_size, block_size=hf_config.n_positions,
+                     layer_norm_epsilon=hf_config.layer_norm_epsilon)
+
+
+def hf_config(cfg: GPTConfig, **overrides):
+    """A transformers GPT2Config of the same shape. Dropout is off so the two models compute the same
+    function; pass overrides (e.g. resid_pdrop=0.1) for HF's defaults."""
+    from transformers import GPT2Config
+
+    kw = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
+              n_positions=cfg.block_size, layer_norm_epsilon=cfg.layer_norm_epsilon,
+              activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+              tie_word_embeddings=True, bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1)
+    kw.update(overrides)
+    return GPT2Config(**kw)
+
+
+def _from_hf(hf_model) -> GPT:
+    cfg = config_from_hf(hf_model.config)
+    model = GPT(cfg)
+    sd = hf_model.state_dict()
+    perm = _qkv_perm(cfg)
+    # HF uses Conv1D, whose weight is (in, out): transpose to nn.Linear's (out, in).
+    with torch.no_grad():
+        model.wte.weight.copy_(sd["transformer.wte.weight"])
+        model.wpe.weight.copy_(sd["transformer.wpe.weight"])
+        model.ln_f.weight.copy_(sd["transformer.ln_f.weight"])
+        model.ln_f.bias.copy_(sd["transformer.ln_f.bias"])
+        for i, block in model.h.items():
+            p = f"transformer.h.{i}."
+            for ln in ("ln_1", "ln_2"):
+                getattr(block, ln).weight.copy_(sd[p + ln + ".weight"])
+                getattr(block, ln).bias.copy_(sd[p + ln + ".bias"])
+            block.attn.c_attn.weight.copy_(sd[p + "attn.c_attn.weight"].t()[perm])
+            block.attn.c_attn.bias.copy_(sd[p + "attn.c_attn.bias"][perm])
+            for ours, theirs in ((block.attn.c_proj, "attn.c_proj"), (block.mlp.c_fc, "mlp.c_fc"),
+                                 (block.mlp.c_proj, "mlp.c_proj")):
+                ours.weight.copy_(sd[p + theirs + ".weight"].t())
+                ours.bias.copy_(sd[p + theirs + ".bias"])
+    return model
+
+
+def _to_hf(self: GPT):
+    from transformers import GPT2LMHeadModel
+
+    cfg = self.config
+    hf = GPT2LMHeadModel(hf_config(cfg))
+    inv = torch.argsort(_qkv_perm(cfg))
+    sd = {"transformer.wte.weight": self.wte.weight, "transformer.wpe.weight": self.wpe.weight,
+          "transformer.ln_f.weight": self.ln_f.weight, "transformer.ln_f.bias": self.ln_f.bias,
+          "lm_head.weight": self.wte.weight}
+    for i, block in self.h.items():
+        p = f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            sd[p + ln + ".weight"] = getattr(block, ln).weight
+            sd[p + ln + ".bias"] = getattr(block, ln).bias
+        sd[p + "attn.c_attn.weight"] = block.attn.c_attn.weight[inv].t()
+        sd[p + "attn.c_attn.bias"] = block.attn.c_attn.bias[inv]
+        for ours, theirs in ((block.attn.c_proj, "attn.c_proj"), (block.mlp.c_fc, "mlp.c_fc"),
+                             (block.mlp.c_proj, "mlp.c_proj")):
+            sd[p + theirs + ".weight"] = ours.weight.t()
+            sd[p + theirs + ".bias"] = ours.bias
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    # HF registers a non-persistent causal-mask buffer in some versions; nothing else may be missing.
+    missing = [k for k in missing if not k.endswith(".attn.bias") and not k.endswith(".masked_bias")]
+    if missing or unexpected:
+        raise RuntimeError(f"to_hf: missing {missing}, unexpected {unexpected}")
+    return hf
+
+

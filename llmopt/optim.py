@@ -1,0 +1,105 @@
+"""Optimizers: torch's SGD, Adam and AdamW, and LAMB (You et al. 2019), behind one ``build_optimizer``."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+
+def full_norm(t: torch.Tensor) -> torch.Tensor:
+    """The 2-norm of the whole tensor, also when it is a DTensor sharded over TP or FSDP ranks."""
+    n = torch.linalg.vector_norm(t)
+    return n.full_tensor() if isinstance(n, DTensor) else n
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB, Algorithm 2 of You et al. 2019, "Large Batch Optimization for Deep Learning" (arXiv:1904.00962),
+    with the identity scaling function phi and no clipping inside:
+
+        m = b1*m + (1-b1)*g            v = b2*v + (1-b2)*g^2
+        m_hat = m/(1-b1^t)             v_hat = v/(1-b2^t)
+        r = m_hat/(sqrt(v_hat)+eps) + wd*w
+        ratio = ||w|| / ||r||  (1 where either norm is 0)
+        w <- w - lr*ratio*r
+
+    The norms are over the whole tensor: for a DTensor parameter (TP or FSDP shard) the elementwise update
+    runs on the local shard and the two norms are reduced over the mesh, so the trust ratio is that of the
+    unsharded tensor.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
+        if lr <= 0 or eps <= 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"Lamb: invalid hyper-parameters lr={lr}, betas={betas}, eps={eps}, wd={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                r = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt_().add_(eps))
+                if wd:
+                    r.add_(p, alpha=wd)
+                w_norm, r_norm = full_norm(p), full_norm(r)
+                ratio = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, torch.ones_like(w_norm))
+                if isinstance(p, DTensor):  # update the local shard with the replicated scalar ratio
+                    p.to_local().sub_(r.to_local() * (lr * ratio))
+                else:
+                    p.sub_(r * (lr * ratio))
+        return loss
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and embeddings (2+ dims) only; never on biases or LayerNorm gains."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # deduplicated: a tied weight appears once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _impl_kwargs(impl: str, params: list[torch.Tensor]) -> dict:
+    if impl == "for-loop":
+        return {"foreach": False}
+    if impl == "foreach":
+        return {"foreach": True}
+    if impl == "fused":
+        return {"fused": True}
+    # auto: fused kernels for plain tensors on CPU/CUDA, foreach where DTensors are involved
+    if any(isinstance(p, DTensor) for p in params):
+        return {"foreach": True}
+    return {"fused": True}
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float = 0.0,
+                    impl: str = "auto") -> torch.optim.Optimizer:
+    """sgd (momentum 0.9, L2 decay), adam (L2 decay, coupled), adamw (decoupled decay), lamb."""
+    groups = param_groups(model, weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    if name == "lamb":
+        return Lamb(groups, lr=lr)
+    kw = _impl_kwargs(impl, params)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, **kw)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, **kw)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, **kw)
+    raise ValueError(f"--optimizer: unknown value {name!r}; choose one of sgd, adam, adamw, lamb")
