@@ -67,12 +67,16 @@ class Lamb(torch.optim.Optimizer):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and embeddings (2+ dims) only; never on biases or LayerNorm gains."""
-    decay, no_decay = [], []
+    """Weight decay on matrices and embeddings (2+ dims) only; never on biases or LayerNorm gains.
+
+    Under tensor parallelism some parameters are DTensors and the replicated rest plain tensors; torch's
+    foreach kernels cannot mix the two in one list, so each kind gets its own groups."""
+    groups: dict[tuple[bool, bool], list] = {}
     for p in model.parameters():  # deduplicated: a tied weight appears once
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((p.dim() >= 2, isinstance(p, DTensor)), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0}
+            for (decay, _), ps in sorted(groups.items(), key=lambda kv: kv[0], reverse=True)]
 
 
 def _impl_kwargs(impl: str, params: list[torch.Tensor]) -> dict:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
-from llmopt.distributed.data_parallel import apply_ddp, apply_fsdp, grad_sync
+from llmopt.distributed.data_parallel import apply_ddp, apply_fsdp, apply_replicate, grad_sync
 from llmopt.distributed.dims import ParallelDims
 from llmopt.distributed.pipeline import Pipeline, split_stage
 from llmopt.distributed.tensor_parallel import apply_tp
@@ -61,14 +61,18 @@ class Layout:
         model.to(device)
         if dims.tp_enabled:
             apply_tp(model, mesh["tp"])
+        blocks = list(model.h.values()) if hasattr(model, "h") else list(model.hf.transformer.h)
+        self.module = model  # unwrapped (DDP alone wraps; fully_shard and replicate work in place)
         if dims.fsdp_enabled:
-            apply_fsdp(model, mesh["dp"], model.h.values() if hasattr(model, "h") else model.hf.transformer.h)
+            apply_fsdp(model, mesh["dp"], blocks)
+        elif dims.ddp_enabled and (dims.tp_enabled or dims.pp_enabled):
+            apply_replicate(model, mesh["dp"], blocks)
         elif dims.ddp_enabled:
             model = apply_ddp(model, mesh["dp"], device)
         self.model = model
         if dims.pp_enabled:
-            self.pipeline = Pipeline(model, coord["pp"], dims.pp, cfg.pp_schedule, cfg.pp_microbatches,
-                                     cfg.grad_accum, mesh, device)
+            self.pipeline = Pipeline(model, self.module, coord["pp"], dims.pp, cfg.pp_schedule,
+                                     cfg.pp_microbatches, cfg.grad_accum, mesh, device)
         # Ranks whose loss is the global batch's: one per data-parallel replica (last stage, TP rank 0).
         self.loss_owner = coord["pp"] == dims.pp - 1 and coord["tp"] == 0
         self.logging_rank = not dist.is_initialized() or dist.get_rank() == 0

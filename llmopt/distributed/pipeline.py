@@ -74,19 +74,20 @@ class TiedHead:
 class Pipeline:
     """Runs one rank's part of the forward and backward of a step through a pipelining schedule."""
 
-    def __init__(self, module: nn.Module, stage: int, n_stages: int, schedule: str, n_chunks: int,
-                 grad_accum: int, mesh: DeviceMesh, device: torch.device):
+    def __init__(self, module: nn.Module, unwrapped: nn.Module, stage: int, n_stages: int, schedule: str,
+                 n_chunks: int, grad_accum: int, mesh: DeviceMesh, device: torch.device):
         self.stage_index, self.n_stages = stage, n_stages
         self.first, self.last = stage == 0, stage == n_stages - 1
         self.stage = PipelineStage(module, stage, n_stages, device, group=mesh["pp"].get_group())
         # The loss of one chunk is its token mean over (chunks x accumulation micro-batches), so gradients add
         # up to the global-batch mean; torch's own rescaling (scale_grads) would also rescale gradients kept
         # from earlier accumulation micro-batches, so it is off.
+        self.n_chunks = n_chunks
         self.loss_divisor = n_chunks * grad_accum
         self.scaler = None
         self._chunk_losses: list[torch.Tensor] = []
         self.schedule = SCHEDULES[schedule](self.stage, n_chunks, loss_fn=self._loss_fn, scale_grads=False)
-        self.tied = TiedHead(mesh, stage, n_stages, module)
+        self.tied = TiedHead(mesh, stage, n_stages, unwrapped)
 
     def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / self.loss_divisor
@@ -96,8 +97,9 @@ class Pipeline:
     def forward_backward(self, micro_batches, amp, scaler) -> torch.Tensor:
         """Returns this rank's share of the step's mean loss (non-zero on the last stage only)."""
         self.scaler = scaler
-        self._chunk_losses.clear()
+        total = torch.zeros((), device=self.stage.device)
         for x, y in micro_batches:
+            self._chunk_losses.clear()
             with amp:
                 if self.first:
                     self.schedule.step(x, target=y if self.last else None)
@@ -105,9 +107,10 @@ class Pipeline:
                     self.schedule.step(target=y)
                 else:
                     self.schedule.step()
-        if self.last:
-            return torch.stack(self._chunk_losses).sum()
-        return torch.zeros((), device=self.stage.device)
+            if self.last:
+                # The first step also calls the loss once while inferring shapes: keep the chunks' own.
+                total += torch.stack(self._chunk_losses[-self.n_chunks:]).sum()
+        return total
 
     def finish_grads(self) -> None:
         self.tied.sync_grads()

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from llmopt.train import main
+
+BAD = [
+    (["--tp", "3"], "--tp 3"),
+    (["--grad-accum", "3", "--global-batch", "8"], "--global-batch 8"),
+    (["--steps", "0"], "--steps 0"),
+    (["--pp", "5"], "--pp 5"),
+    (["--optimizer", "adagrad"], "--optimizer"),
+    (["--precision", "fp8"], "--precision"),
+    (["--data", "/no/such/file.txt"], "--data"),
+    (["--seq-len", "4096"], "--seq-len 4096"),
+    (["--dp", "2", "--global-batch", "8", "--grad-accum", "8"], "--global-batch 8"),
+    (["--pp", "2", "--pp-microbatches", "3"], "--pp-microbatches 3"),
+    (["--model-impl", "hf", "--tp", "2"], "--model-impl hf"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm"),
+    (["--lr", "-0.1"], "--lr"),
+    (["--dp", "two"], "--dp"),
+    (["--metrics-out", "/no/such/dir/m.json"], "--metrics-out"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2(argv, flag, capsys):
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own checks (unknown choice, not an int)
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:") and flag in lines[0]
+    assert "Traceback" not in err
+
+
+def test_bad_input_from_the_shell_has_no_traceback(cli):
+    r = cli("-m", "llmopt.train", "--tp", "3")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "heads" in r.stderr
+    assert r.stdout == ""
+
+
+def test_cli_writes_metrics(cli, tmp_path):
+    out = tmp_path / "m.json"
+    r = cli("-m", "llmopt.train", "--steps", "3", "--global-batch", "4", "--seq-len", "32",
+            "--metrics-out", str(out))
+    assert r.returncode == 0, r.stderr
+    step_lines = [l for l in r.stdout.splitlines() if l.startswith("step ")]
+    assert len(step_lines) == 3 and "tok/s" in step_lines[0] and "ms" in step_lines[0]
+    m = json.loads(out.read_text())
+    for key in ("config", "losses", "step_time_ms", "tokens_per_s", "peak_memory_bytes"):
+        assert key in m
+    assert len(m["losses"]) == len(m["step_time_ms"]) == 3
+    assert m["config"]["optimizer"] == "adamw" and m["config"]["lr"] > 0  # resolved, not the 0 sentinel
+    assert m["tokens_per_s"] > 0 and m["peak_memory_bytes"] > 0
+
+
+def test_torchrun_world_mismatch_is_refused(cli):
+    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "llmopt.train",
+            "--dp", "2", "--steps", "1")
+    assert r.returncode != 0
+    assert "the launcher started 1 ranks but --dp x --tp x --pp = 2" in r.stderr

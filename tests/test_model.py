@@ -1,0 +1,84 @@
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from llmopt import GPT, GPTConfig, PRESETS
+from llmopt.model import flops_per_token, hf_config, param_count
+
+SMALL = GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=97, block_size=32)
+
+
+def test_causality_future_tokens_never_change_earlier_logits():
+    torch.manual_seed(0)
+    model = GPT(SMALL).eval()
+    idx = torch.randint(0, SMALL.vocab_size, (2, 16))
+    changed = idx.clone()
+    changed[:, 9:] = torch.randint(0, SMALL.vocab_size, (2, 7))
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[:, :9], b[:, :9], atol=1e-6)
+    assert not torch.allclose(a[:, 9:], b[:, 9:], atol=1e-3)  # the change is visible where it may be
+
+
+def test_forward_shapes_and_loss():
+    model = GPT(SMALL)
+    idx = torch.randint(0, SMALL.vocab_size, (3, 10))
+    assert model(idx).shape == (3, 10, SMALL.vocab_size)
+    loss = model(idx, targets=torch.randint(0, SMALL.vocab_size, (3, 10)))
+    assert loss.dim() == 0
+    # an untrained model predicts close to uniformly: loss near ln(V)
+    assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.2
+
+
+def _hf(cfg, seed=0):
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(hf_config(cfg)).eval()
+    with torch.no_grad():  # HF zero-initialises biases and unit LayerNorms: randomise everything
+        for p in hf.parameters():
+            p.normal_(0, 0.05)
+    return hf
+
+
+def test_from_hf_logits_match_and_every_weight_is_used():
+    hf = _hf(SMALL)
+    ours = GPT.from_hf(hf).eval()
+    idx = torch.randint(0, SMALL.vocab_size, (2, 20))
+    assert (hf(idx).logits - ours(idx)).abs().max() < 1e-4
+    # every HF tensor (after tying) has a counterpart with the same number of values
+    n_hf = sum(p.numel() for p in hf.parameters())
+    assert n_hf == sum(p.numel() for p in ours.parameters()) == param_count(SMALL)
+    # perturbing any single HF weight changes our model's output: nothing was left unused
+    for name, p in hf.named_parameters():
+        noise = 0.5 * torch.randn_like(p)  # random, not constant: LayerNorm would cancel a constant shift
+        with torch.no_grad():
+            p.add_(noise)
+        moved = (GPT.from_hf(hf).eval()(idx) - ours(idx)).abs().max()
+        with torch.no_grad():
+            p.sub_(noise)
+        assert moved > 1e-4, f"{name} is not used by from_hf"
+
+
+def test_to_hf_round_trip():
+    torch.manual_seed(1)
+    ours = GPT(SMALL).eval()
+    hf = ours.to_hf().eval()
+    idx = torch.randint(0, SMALL.vocab_size, (2, 20))
+    assert (hf(idx).logits - ours(idx)).abs().max() < 1e-4
+    back = GPT.from_hf(hf)
+    for (n, a), (_, b) in zip(ours.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_presets_and_accounting():
+    assert param_count(PRESETS["gpt2"]) == 124_439_808  # GPT-2 small, tied head counted once
+    tiny = PRESETS["tiny"]
+    assert tiny.n_layer % 4 == 0 and tiny.n_head % 4 == 0
+    assert GPT(tiny).num_params() == sum(p.numel() for p in GPT(tiny).parameters())
+    # PaLM convention: 6 * (non-embedding params + head) + 12 * L * H * Q * T
+    c = PRESETS["gpt2"]
+    n = param_count(c, non_embedding=True) + c.vocab_size * c.n_embd
+    assert flops_per_token(c, 1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
+
+
+def test_sequence_longer_than_positions_is_refused():
+    with pytest.raises(ValueError, match="block_size"):
+        GPT(SMALL)(torch.zeros(1, 33, dtype=torch.long))

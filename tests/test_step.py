@@ -1,0 +1,79 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from llmopt.config import TrainConfig, validate
+from llmopt.step import build, train_step
+
+CPU = torch.device("cpu")
+
+
+def losses(cfg, steps=None):
+    cfg = validate(cfg)
+    state = build(cfg, CPU)
+    return [train_step(state, s).loss.item() for s in range(steps or cfg.steps)], state
+
+
+def test_grad_accum_matches_single_batch():
+    base = TrainConfig(global_batch=8, seq_len=32, steps=5, optimizer="adamw")
+    one, _ = losses(base)
+    four, _ = losses(replace(base, grad_accum=4))
+    assert max(abs(a - b) for a, b in zip(one, four)) < 1e-5
+    assert one[-1] < one[0]  # and it trained
+
+
+def assert_falls(ls, state, by=0.5):
+    first, last = sum(ls[:3]) / 3, sum(ls[-3:]) / 3
+    assert last < first - by, ls
+    assert last > state.source.entropy_rate  # nothing beats the floor
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "lamb"])
+def test_each_optimizer_makes_the_loss_fall(optimizer):
+    ls, state = losses(TrainConfig(global_batch=8, seq_len=64, steps=30, optimizer=optimizer))
+    assert_falls(ls, state)
+
+
+def test_fp16_scaler_skips_overflowing_steps_and_recovers():
+    cfg = validate(TrainConfig(global_batch=4, seq_len=16, steps=1, precision="fp16", optimizer="adamw"))
+    state = build(cfg, CPU)
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # guaranteed overflow in fp16
+    before = [p.detach().clone() for p in state.model.parameters()]
+    stats = train_step(state, 0)
+    assert stats.fp16_skipped
+    assert all(torch.equal(a, p) for a, p in zip(before, state.model.parameters()))  # update skipped
+    skipped = 1
+    for s in range(1, 60):
+        st = train_step(state, s)
+        if not st.fp16_skipped:
+            break
+        skipped += 1
+    assert not st.fp16_skipped and skipped > 1  # the scale backed off until a step went through
+    assert any(not torch.equal(a, p) for a, p in zip(before, state.model.parameters()))
+    assert torch.isfinite(st.loss)
+
+
+def test_bf16_runs_and_tracks_fp32():
+    base = TrainConfig(global_batch=4, seq_len=16, steps=3)
+    f32, _ = losses(base)
+    b16, _ = losses(replace(base, precision="bf16"))
+    assert max(abs(a - b) for a, b in zip(f32, b16)) < 0.05
+
+
+def test_clipping_bounds_the_update():
+    cfg = validate(TrainConfig(global_batch=4, seq_len=16, steps=1, optimizer="sgd", lr=1.0, max_grad_norm=1e-3))
+    state = build(cfg, CPU)
+    before = torch.cat([p.detach().flatten().clone() for p in state.model.parameters()])
+    stats = train_step(state, 0)
+    after = torch.cat([p.detach().flatten() for p in state.model.parameters()])
+    assert stats.grad_norm.item() > 1e-2  # the raw gradient is far larger than the bound
+    # SGD, first step (momentum buffer = gradient), weight decay 0.01 * w on matrices: |dw| <= lr * (1e-3 + wd*|w|)
+    wd_part = 0.01 * before.norm()
+    assert (after - before).norm() <= 1.0 * (1e-3 + wd_part) + 1e-6
+
+
+def test_hf_model_impl_trains_through_the_same_step():
+    ls, state = losses(TrainConfig(global_batch=8, seq_len=64, steps=30, model_impl="hf"))
+    assert type(state.model).__name__ == "HFCausalLM"
+    assert_falls(ls, state)
