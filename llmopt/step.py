@@ -74,8 +74,7 @@ def train_step(state: TrainState, step: int, batches=None) -> StepStats:
     local_loss = layout.forward_backward(batches, autocast(cfg.precision, state.device.type), scaler)
     layout.finish_grads()
     if scaler is not None:
-        scaler.unscale_(opt)
-        layout.sync_found_inf(scaler, opt)
+        scaler.unscale_(opt)  # the inf check is global: see llmopt.precision.GradScaler
     grad_norm = layout.grad_norm()
     if cfg.max_grad_norm > 0:
         clip_grads_(layout.parameters(), grad_norm, cfg.max_grad_norm)

@@ -107,16 +107,33 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "llmopt.train", *argv)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        msg = failure.message
-        if isinstance(msg, dict):
-            msg = msg.get("message", "")
-        last = (str(msg).strip().splitlines() or [""])[-1]
-        if not last or "To enable traceback" in last:
-            last = f"exit code {failure.exitcode}" + (f" ({failure.signal_name()})" if failure.exitcode < 0 else "")
-        print(f"error: rank {rank} failed: {last}", file=sys.stderr)
-        return failure.exitcode if failure.exitcode > 0 else 1
+        rank, line, code = root_cause(e.failures)
+        print(f"error: rank {rank} failed: {line}", file=sys.stderr)
+        return code
     return 0
+
+
+# Errors a rank raises because *another* rank went away: never the root cause when a real error exists.
+_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",
+              "Socket Timeout", "SIGTERM")
+
+
+def root_cause(failures: dict) -> tuple[int, str, int]:
+    """(rank, last error line, exit code) of the rank that failed first for a reason of its own."""
+
+    def last_line(f) -> str:
+        msg = f.message.get("message", "") if isinstance(f.message, dict) else str(f.message or "")
+        line = (msg.strip().splitlines() or [""])[-1]
+        if not line or "To enable traceback" in line:  # no Python error recorded: it died
+            line = f"exit code {f.exitcode}" + (f" ({f.signal_name()})" if f.exitcode < 0 else "")
+        return line
+
+    def key(item):
+        rank, f = item
+        return (any(s in last_line(f) for s in _SECONDARY), f.timestamp, rank)
+
+    rank, f = min(failures.items(), key=key)
+    return rank, last_line(f), (f.exitcode if f.exitcode > 0 else 1)
 
 
 def _maybe_fail(rank: int, step: int) -> None:

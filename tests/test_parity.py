@@ -55,3 +55,10 @@ def test_layout_matches_single_process(cli, tmp_path, layout, optimizer):
     assert diff < 1e-4, (layout, optimizer, m["losses"], ref)
     assert ref[-1] < ref[0]  # the curve being matched actually moves
     assert len(m["peak_memory_bytes_per_rank"]) == m["config"]["world_size"]
+
+
+def test_3d_fsdp_lamb_matches_single_process(cli, tmp_path):
+    """dp2 x tp2 x pp2 (8 ranks): LAMB's trust ratios and the clipping norm span FSDP shards, TP shards and
+    pipeline stages at once."""
+    m = run_layout(cli, tmp_path, "lamb", ["--dp", "2", "--tp", "2", "--pp", "2", "--dp-mode", "fsdp"])
+    assert max(abs(a - b) for a, b in zip(m["losses"], reference("lamb"))) < 1e-4

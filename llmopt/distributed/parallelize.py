@@ -119,14 +119,6 @@ class Layout:
         dist.all_reduce(share)
         return share
 
-    def sync_found_inf(self, scaler, optimizer) -> None:
-        """fp16: make the skip decision global. A rank holding a shard (TP, FSDP, a pipeline stage) can see an
-        inf that another cannot; every rank must skip the same steps or the replicas drift apart."""
-        if scaler is None or not dist.is_initialized():
-            return
-        for found in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
-            dist.all_reduce(found, op=dist.ReduceOp.MAX)
-
     def gather_peak_memory(self, local: int) -> list[int]:
         if not dist.is_initialized():
             return [local]

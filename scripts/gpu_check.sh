@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# GPU checks for a machine with CUDA (see issue notes): every precision x optimizer on one GPU, then the
+# multi-rank layouts on as many GPUs as there are. Writes one metrics JSON per run to ${OUT:-results/runs/gpu-check}.
+set -uo pipefail
+out=${OUT:-results/runs/gpu-check}; mkdir -p "$out"
+ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+for precision in fp32 bf16 fp16; do
+  for optimizer in sgd adam adamw lamb; do
+    python3 -m llmopt.train --device cuda --precision "$precision" --optimizer "$optimizer" --steps 10 --quiet \
+      --metrics-out "$out/1gpu-$precision-$optimizer.json" && echo "ok 1gpu $precision $optimizer" || echo "FAILED 1gpu $precision $optimizer"
+  done
+done
+if [ "$ngpu" -ge 2 ]; then
+  for layout in "--dp 2" "--dp 2 --dp-mode fsdp" "--tp 2" "--pp 2"; do
+    python3 -m llmopt.train --device cuda $layout --steps 10 --quiet --metrics-out "$out/$(echo $layout | tr -d ' -').json" \
+      && echo "ok $layout" || echo "FAILED $layout"
+  done
+fi
