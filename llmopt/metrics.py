@@ -64,3 +64,125 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -
     if not peak_flops:
         return None
     return tokens_per_s * flops_per_token / peak_flops
+
+
+# MemTracker's reference kinds -> llmopt's categories (llmopt.memory.CATEGORIES, plus "other").
+_MEMREF_CATEGORY = {"PARAM": "parameters", "BUFFER": "parameters", "GRAD": "gradients", "OPT": "optimizer_state",
+                    "ACT": "activations", "TEMP": "activations", "OTH": "other"}
+
+
+def _step_tracker():
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class StepMemTracker(MemTracker):
+        """MemTracker over a whole training step. Accumulation micro-batches and pipeline chunks call the root
+        module more than once per step, which MemTracker refuses (it takes a second root call for a second
+        iteration). Only the global peak is read here, so the root's module-wise stats are dropped before each
+        further call; the peak snapshot is untouched."""
+
+        def _pre_fw_hook(self, module, inputs):
+            if module in self.memory_tracking and not self._mod_tracker.is_bw:
+                name = self._mod_tracker.get_known_fqn(module)
+                if set(self._mod_tracker.parents) - {name} == {"Global"}:
+                    del self.memory_tracking[module]
+            super()._pre_fw_hook(module, inputs)
+
+    return StepMemTracker()
+
+
+def tracked_memory_step(state, step: int) -> dict[str, int]:
+    """Run one extra, untimed training step under torch's MemTracker and return the tensor memory by
+    category at the step's peak, plus "total". MemTracker slows the step down, so it never runs inside the
+    timed steps."""
+    from llmopt.step import train_step
+
+    tracker = _step_tracker()
+    tracker.track_external(state.layout.module, state.optimizer)
+    with tracker:
+        train_step(state, step)
+    snap = tracker.get_tracker_snapshot("peak").get(state.device, {})
+    out = {c: 0 for c in _MEMREF_CATEGORY.values()}
+    for kind, nbytes in snap.items():
+        name = getattr(kind, "name", str(kind))
+        if name in _MEMREF_CATEGORY:
+            out[_MEMREF_CATEGORY[name]] += int(nbytes)
+    out["total"] = int(snap.get("Total", sum(out.values())))
+    # DistributedDataParallel allocates its gradient buckets at construction, outside the tracked step;
+    # they are live memory all the same, so their sizes (DDP's own record) count as gradients.
+    if isinstance(state.layout.model, torch.nn.parallel.DistributedDataParallel):
+        sizes = str(state.layout.model._get_ddp_logging_data().get("bucket_sizes", ""))
+        buckets = sum(int(b) for b in sizes.replace(" ", "").split(",") if b)
+        out["gradients"] += buckets
+        out["total"] += buckets
+    return out
+
+
+class EnergyMeter:
+    """Energy over the timed steps: NVML's total-energy counter on an NVIDIA GPU (this rank's device), else
+    RAPL's package counter on CPU where readable (read by local rank 0 only: it covers the whole package).
+    A background thread samples GPU utilisation and power. Every figure is None where unavailable."""
+
+    RAPL = "/sys/class/powercap"
+
+    def __init__(self, device: torch.device, local_rank: int):
+        self.device, self._nvml, self._rapl = device, None, []
+        self.samples: list[tuple[float, float]] = []
+        if device.type == "cuda":
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._nvml = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+                pynvml.nvmlDeviceGetTotalEnergyConsumption(self._nvml)  # raises where unsupported
+            except Exception:
+                self._nvml = None
+        elif local_rank == 0:
+            import glob
+
+            for path in glob.glob(f"{self.RAPL}/intel-rapl:[0-9]*/energy_uj"):
+                try:
+                    with open(path) as f:
+                        int(f.read())
+                    self._rapl.append(path)
+                except (OSError, ValueError):
+                    pass
+
+    def _read_j(self) -> float | None:
+        if self._nvml is not None:
+            import pynvml
+
+            return pynvml.nvmlDeviceGetTotalEnergyConsumption(self._nvml) / 1e3  # mJ -> J
+        if self._rapl:
+            total = 0
+            for path in self._rapl:  # counters wrap; a short window rarely sees it, a wrap reads as None
+                with open(path) as f:
+                    total += int(f.read())
+            return total / 1e6
+        return None
+
+    def start(self) -> None:
+        import threading
+
+        self._start = self._read_j()
+        self._stop_evt = threading.Event()
+        if self._nvml is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        import pynvml
+
+        while not self._stop_evt.wait(0.1):
+            util = pynvml.nvmlDeviceGetUtilizationRates(self._nvml).gpu
+            power = pynvml.nvmlDeviceGetPowerUsage(self._nvml) / 1e3  # mW -> W
+            self.samples.append((float(util), power))
+
+    def stop(self) -> dict:
+        end = self._read_j()
+        self._stop_evt.set()
+        energy = None if self._start is None or end is None or end < self._start else end - self._start
+        util = [u for u, _ in self.samples]
+        power = [p for _, p in self.samples]
+        return {"energy_j": energy,
+                "gpu_util_mean": sum(util) / len(util) if util else None,
+                "gpu_power_w_mean": sum(power) / len(power) if power else None}

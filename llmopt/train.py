@@ -19,6 +19,9 @@ from llmopt.model import PRESETS
 
 # Test hook for fault handling: LLMOPT_FAIL_AT="RANK:STEP:raise" or "RANK:STEP:exit" makes that rank fail.
 FAIL_ENV = "LLMOPT_FAIL_AT"
+# Exit codes the harness maps to row statuses (2 is a user error, 1 any other failure).
+EXIT_DIVERGED = 3
+EXIT_OOM = 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data", default=None, help="a text file to train on (byte tokens); default: generated Markov data")
     a("--metrics-out", default=None, metavar="FILE.json", help="write the metrics JSON here")
     a("--warmup-steps", type=int, default=1, help="steps left out of the tokens/s figure (default: 1)")
+    a("--memory-breakdown", action="store_true",
+      help="after the timed steps, one untimed step under torch's MemTracker: memory by category")
     a("--quiet", action="store_true", help="no per-step lines")
     return p
 
@@ -162,8 +167,7 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from llmopt.metrics import StepTimer, measured_steps, peak_memory_bytes, percentile, reset_peak_memory
-    from llmopt.step import build, train_step
+    from llmopt.step import build
 
     distributed = _under_launcher() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -183,68 +187,118 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
             print(f"llmopt: {cfg.preset} ({_count(cfg):,} params) on {device.type} x{cfg.world_size} "
                   f"[dp={cfg.dp}/{cfg.dp_mode} tp={cfg.tp} pp={cfg.pp}/{cfg.pp_schedule}] {cfg.precision} "
                   f"{cfg.optimizer} grad_accum={cfg.grad_accum} data={state.source.describe()}", flush=True)
-        timer = StepTimer(device)
-        losses, grad_norms, skipped = [], [], 0
-        reset_peak_memory(device)
-        for step in range(cfg.steps):
-            _maybe_fail(rank, step)
-            with timer:
-                stats = train_step(state, step)
-                loss = stats.loss.item()  # the per-step line needs the value: one host sync per step
-            losses.append(loss)
-            grad_norms.append(stats.grad_norm.item())
-            skipped += int(stats.fp16_skipped)
-            if log:
-                ms = timer.times_ms[-1]
-                print(f"step {step:4d} | loss {loss:.4f} | {ms:8.1f} ms | {stats.tokens / ms * 1e3:10,.0f} tok/s"
-                      + (" | fp16 skipped" if stats.fp16_skipped else ""), flush=True)
-        peaks = state.layout.gather_peak_memory(peak_memory_bytes(device))
+        metrics = run_steps(state, rank, local_rank, args.warmup_steps, args.memory_breakdown, log)
         if rank == 0:
-            times = measured_steps(timer.times_ms, args.warmup_steps)
-            tokens = cfg.global_batch * cfg.seq_len
-            metrics = {
-                "config": cfg.to_dict(),
-                "losses": losses,
-                "grad_norms": grad_norms,
-                "step_time_ms": timer.times_ms,
-                "warmup_steps": args.warmup_steps,
-                "step_time_ms_p50": percentile(times, 50),
-                "step_time_ms_p90": percentile(times, 90),
-                "tokens_per_s": tokens * len(times) / (sum(times) / 1e3),
-                "peak_memory_bytes": max(peaks),
-                "peak_memory_bytes_per_rank": peaks,
-                "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
-                "fp16_skipped_steps": skipped,
-                "entropy_floor_nats": state.source.entropy_rate,
-                "num_params": _count(cfg),
-                "flops_per_token": _flops(cfg),
-                "torch_version": torch.__version__,
-            }
             if args.metrics_out:
                 with open(args.metrics_out, "w") as f:
                     json.dump(metrics, f, indent=1)
             if not args.quiet:
                 print(f"done: {metrics['tokens_per_s']:,.0f} tok/s (after {args.warmup_steps} warm-up steps), "
                       f"p50 {metrics['step_time_ms_p50']:.1f} ms, peak memory "
-                      f"{metrics['peak_memory_bytes'] / 2**20:,.0f} MiB ({metrics['peak_memory_kind']}), "
-                      f"final loss {losses[-1]:.4f}" + (f", fp16 skipped {skipped}" if cfg.precision == "fp16" else ""),
+                      f"{metrics['peak_memory_bytes'] / 2**20:,.1f} MiB ({metrics['peak_memory_kind']}), "
+                      f"final loss {metrics['losses'][-1]:.4f}"
+                      + (f", fp16 skipped {metrics['fp16_skipped_steps']}" if cfg.precision == "fp16" else ""),
                       flush=True)
+        if metrics["diverged_at_step"] is not None:
+            if rank == 0:
+                print(f"error: loss is {metrics['losses'][-1]} at step {metrics['diverged_at_step']} (diverged); "
+                      f"lower --lr or use fp32", file=sys.stderr)
+            return EXIT_DIVERGED
+    except torch.OutOfMemoryError as e:
+        print(f"error: out of memory on rank {rank}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return EXIT_OOM
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
     return 0
 
 
+def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: bool, log: bool) -> dict:
+    """The timed steps, then (optionally) one untimed step under MemTracker. Returns the metrics dict
+    (meaningful on rank 0; collectives make every rank take part)."""
+    import math
+
+    import torch
+
+    from llmopt.memory import predict_memory
+    from llmopt.metrics import (EnergyMeter, StepTimer, measured_steps, peak_memory_bytes, peak_rss_bytes,
+                                percentile, reset_peak_memory, tracked_memory_step)
+    from llmopt.step import train_step
+
+    cfg, device, layout = state.cfg, state.device, state.layout
+    timer, energy = StepTimer(device), EnergyMeter(device, local_rank)
+    losses, grad_norms, skipped, diverged = [], [], 0, None
+    reset_peak_memory(device)
+    for step in range(cfg.steps):
+        _maybe_fail(rank, step)
+        if step == min(warmup, cfg.steps - 1):
+            energy.start()
+        with timer:
+            stats = train_step(state, step)
+            loss = stats.loss.item()  # the per-step line needs the value: one host sync per step
+        losses.append(loss)
+        grad_norms.append(stats.grad_norm.item())
+        skipped += int(stats.fp16_skipped)
+        if log:
+            ms = timer.times_ms[-1]
+            print(f"step {step:4d} | loss {loss:.4f} | {ms:8.1f} ms | {stats.tokens / ms * 1e3:10,.0f} tok/s"
+                  + (" | fp16 skipped" if stats.fp16_skipped else ""), flush=True)
+        if not math.isfinite(loss):  # the same global value on every rank: all stop together
+            diverged = step
+            break
+    power = energy.stop()
+    peak = peak_memory_bytes(device)
+    breakdown = tracked_memory_step(state, cfg.steps) if memory_breakdown and diverged is None else None
+    kind = "cuda_allocator" if device.type == "cuda" else "process_rss"
+    if breakdown is not None and device.type != "cuda":
+        peak, kind = breakdown["total"], "tracked_tensors"
+    per_rank = layout.gather_object({"peak": peak, "rss": peak_rss_bytes(), "breakdown": breakdown,
+                                     "energy_j": power["energy_j"], "gpu_util": power["gpu_util_mean"],
+                                     "gpu_power": power["gpu_power_w_mean"]})
+    times = measured_steps(timer.times_ms, warmup)
+    tokens = cfg.global_batch * cfg.seq_len
+    energies = [r["energy_j"] for r in per_rank if r["energy_j"] is not None]
+    worst = max(per_rank, key=lambda r: r["peak"])
+    predicted = predict_memory(cfg)
+    from llmopt.model import flops_per_token, param_count
+
+    def mean_of(key):
+        vals = [r[key] for r in per_rank if r[key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "config": cfg.to_dict(),
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "step_time_ms": timer.times_ms,
+        "warmup_steps": warmup,
+        "step_time_ms_p50": percentile(times, 50),
+        "step_time_ms_p90": percentile(times, 90),
+        "tokens_per_s": tokens * len(times) / (sum(times) / 1e3),
+        "peak_memory_bytes": worst["peak"],
+        "peak_memory_kind": kind,
+        "peak_memory_bytes_per_rank": [r["peak"] for r in per_rank],
+        "peak_rss_bytes": max(r["rss"] for r in per_rank),
+        "memory_breakdown": worst["breakdown"],
+        "memory_breakdown_per_rank": [r["breakdown"] for r in per_rank],
+        "predicted_memory": predicted.to_dict(),
+        "fp16_skipped_steps": skipped,
+        "diverged_at_step": diverged,
+        "energy_j_per_token": sum(energies) / (tokens * len(times)) if energies and diverged is None else None,
+        "gpu_util_mean": mean_of("gpu_util"),
+        "gpu_power_w_mean": mean_of("gpu_power"),
+        "entropy_floor_nats": state.source.entropy_rate,
+        "num_params": param_count(cfg.model_config),
+        "flops_per_token": flops_per_token(cfg.model_config, cfg.seq_len),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_version": torch.__version__,
+    }
+
+
 def _count(cfg: TrainConfig) -> int:
     from llmopt.model import param_count
 
     return param_count(cfg.model_config)
-
-
-def _flops(cfg: TrainConfig) -> float:
-    from llmopt.model import flops_per_token
-
-    return flops_per_token(cfg.model_config, cfg.seq_len)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,8 @@ class Layout:
         dist.all_reduce(share)
         return share
 
-    def gather_peak_memory(self, local: int) -> list[int]:
+    def gather_object(self, local) -> list:
+        """Every rank's ``local`` (a picklable object), in rank order."""
         if not dist.is_initialized():
             return [local]
         out = [None] * dist.get_world_size()

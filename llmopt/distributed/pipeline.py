@@ -101,12 +101,13 @@ class Pipeline:
         for x, y in micro_batches:
             self._chunk_losses.clear()
             with amp:
+                # return_outputs=False: the last stage would otherwise keep every chunk's logits to merge them
                 if self.first:
-                    self.schedule.step(x, target=y if self.last else None)
+                    self.schedule.step(x, target=y if self.last else None, return_outputs=False)
                 elif self.last:
-                    self.schedule.step(target=y)
+                    self.schedule.step(target=y, return_outputs=False)
                 else:
-                    self.schedule.step()
+                    self.schedule.step(return_outputs=False)
             if self.last:
                 # The first step also calls the loss once while inferring shapes: keep the chunks' own.
                 total += torch.stack(self._chunk_losses[-self.n_chunks:]).sum()

@@ -1,0 +1,106 @@
+"""Analytic memory prediction per rank, in the categories the measurement uses (``llmopt.metrics``):
+
+    parameters, gradients, optimizer_state, activations (saved for backward + the loss's temporaries)
+
+All figures are bytes on the most loaded rank (the harness reports the maximum over ranks). The model follows
+what this code base allocates, in the spirit of Korthikanti et al. 2022 ("Reducing Activation Recomputation
+in Large Transformer Models", section 4.1), re-derived for llmopt's block with SDPA (no T x T attention
+matrix is kept):
+
+* per block and token, the tensors saved for backward are the two LayerNorm inputs and outputs (4C), the
+  fused QKV output (3C), the attention output and its (B, T, C) copy for c_proj (2C), the MLP's hidden
+  pre-activation and GELU output (8C): 17C values, of which the 13C after a column-parallel projection are
+  split over TP ranks. Under autocast the matmul inputs/outputs are 16-bit, LayerNorm inputs stay fp32.
+* the head keeps the final LayerNorm's input and output (2C) and the log-probabilities (V) per token; the
+  backward of the loss holds two more V-sized temporaries (the gradients of log-probs and of logits).
+* the peak is at the start of backward: parameters + optimizer state + activations + loss temporaries;
+  gradients add to it only when they survive from an earlier accumulation micro-batch, or as DDP's buckets.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from llmopt.distributed.pipeline import stage_layers
+
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
+OPT_STATES = {"sgd": 1, "adam": 2, "adamw": 2, "lamb": 2}  # fp32 tensors of parameter size per parameter
+
+
+@dataclass
+class MemoryPrediction:
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer_state + self.activations
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def _stage_params(cfg, stage: int) -> int:
+    """Parameter values held by one rank of pipeline stage ``stage`` (TP shards counted per rank)."""
+    m, tp = cfg.model_config, cfg.tp
+    C, V = m.n_embd, m.vocab_size
+    sharded = 3 * C * C + 3 * C + C * C + 4 * C * C + 4 * C + 4 * C * C  # the four projections, col biases
+    replicated = 4 * C + C + C  # two LayerNorms, the two row-parallel biases
+    n = len(stage_layers(m.n_layer, cfg.pp, stage)) * (sharded // tp + replicated)
+    if stage == 0:
+        n += V * C + m.block_size * C
+    if stage == cfg.pp - 1:
+        n += 2 * C + (V * C if cfg.pp > 1 else 0)  # ln_f, and the head's copy of the embedding
+    return n
+
+
+def _act_bytes_per_token(cfg, stage: int, dtype_bytes: int) -> float:
+    m = cfg.model_config
+    C, V, tp = m.n_embd, m.vocab_size, cfg.tp
+    half = dtype_bytes  # 4 in fp32, 2 under autocast
+    per_layer = 4 * C * 4 if half == 4 else (2 * C * 4 + 2 * C * 2)  # LN inputs fp32, LN outputs cast
+    per_layer += 13 * C / tp * half
+    b = len(stage_layers(m.n_layer, cfg.pp, stage)) * per_layer
+    if stage == cfg.pp - 1:
+        b += 2 * C * 4 + V * 4 + 2 * V * 4  # final LN, log-probs, loss-backward temporaries (all fp32)
+    return b
+
+
+def predict_memory(cfg) -> MemoryPrediction:
+    """Predicted peak tensor memory of the most loaded rank for a validated TrainConfig."""
+    best = None
+    m = cfg.model_config
+    fsdp = cfg.dp > 1 and cfg.dp_mode == "fsdp"
+    for stage in range(cfg.pp):
+        full = _stage_params(cfg, stage)
+        n = -(-full // cfg.dp) if fsdp else full  # FSDP shards over dp (rounded up)
+        params = 4 * n
+        grads = 0
+        if cfg.grad_accum > 1 or (cfg.pp > 1 and cfg.pp_schedule == "1f1b" and cfg.pp_microbatches > 1):
+            # gradients alive while activations are: kept across micro-batches (FSDP2 keeps them unsharded
+            # until the syncing micro-batch), or 1F1B's first backward running while later chunks are in flight
+            grads += 4 * (full if fsdp and cfg.grad_accum > 1 else n)
+        if fsdp:
+            # all-gathered while in use: the root's parameters (not resharded after forward) and one block's
+            one_block = _stage_params(replace(cfg, pp=m.n_layer), 1)
+            params += 4 * (full - len(stage_layers(m.n_layer, cfg.pp, stage)) * one_block + one_block)
+        ddp = cfg.dp > 1 and cfg.dp_mode == "ddp"
+        if ddp and cfg.tp == 1 and cfg.pp == 1:
+            grads += params  # DistributedDataParallel's gradient buckets
+        opt = OPT_STATES[cfg.optimizer] * 4 * n
+        if ddp and (cfg.tp > 1 or cfg.pp > 1):
+            params *= 2  # composable replicate keeps an unsharded copy beside each (replicated) parameter
+        tokens = cfg.micro_batch * cfg.seq_len
+        if cfg.pp > 1:
+            chunk = tokens // cfg.pp_microbatches
+            in_flight = cfg.pp_microbatches if cfg.pp_schedule == "gpipe" else min(cfg.pp_microbatches, cfg.pp - stage)
+            tokens = chunk * in_flight
+        act = _act_bytes_per_token(cfg, stage, 4 if cfg.precision == "fp32" else 2) * tokens
+        if cfg.precision != "fp32":
+            act += 2 * (n - (cfg.model_config.vocab_size + cfg.model_config.block_size) * cfg.model_config.n_embd
+                        * (stage == 0))  # autocast's 16-bit copies of the weights
+        pred = MemoryPrediction(params, grads, opt, int(act))
+        if best is None or pred.total > best.total:
+            best = pred
+    return best
