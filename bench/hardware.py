@@ -1,0 +1,128 @@
+"""What the sweep ran on (env.json) and the peak FLOP/s that MFU is stated against.
+
+Peak FLOP/s per device: the datasheet's dense (no sparsity) tensor-core figure for known NVIDIA GPUs,
+else a dense matmul measured once per sweep on this device and dtype (``peak_flops_source`` says which).
+On CPU the measured peak uses every core, since the ranks of one config share them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+
+# Dense peak FLOP/s per GPU from NVIDIA's datasheets (SXM parts). fp32 is the non-tensor-core figure:
+# llmopt leaves torch's fp32 matmul precision at "highest" (no TF32).
+DATASHEET = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+    "A10G": {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12},
+}
+
+
+def datasheet_peak(device_name: str, precision: str) -> float | None:
+    for key, table in DATASHEET.items():
+        if key in device_name:
+            return table[precision]
+    return None
+
+
+def measure_matmul_peak(device: str, precision: str, seconds: float = 1.0) -> float:
+    """Best FLOP/s of square matmuls over a few sizes, after a warm-up, with the device synchronised."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    best = 0.0
+    sizes = (512, 1024, 2048) if device == "cpu" and precision == "fp32" else (256, 512, 1024)
+    if device == "cuda":
+        sizes = (4096, 8192)
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / len(sizes):
+            a @ b
+            reps += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def peak_flops(device: str, precision: str, cache: dict) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device for this dtype, source). ``cache`` holds measurements of this sweep."""
+    if device == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name()
+        value = datasheet_peak(name, precision)
+        if value is not None:
+            return value, f"datasheet:{name}"
+    key = f"{device}:{precision}"
+    if key not in cache:
+        cache[key] = measure_matmul_peak(device, precision)
+    return cache[key], f"measured:{device} {precision} matmul"
+
+
+def _git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(argv: list[str]) -> dict:
+    import torch
+
+    env = {
+        "command": " ".join([os.path.basename(sys.executable), "-m", "bench.run", *argv]),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "git_commit": _git_commit(),
+    }
+    for pkg in ("transformers", "accelerate", "pandas", "seaborn"):
+        try:
+            from importlib.metadata import version
+
+            env[pkg] = version(pkg)
+        except Exception:
+            env[pkg] = None
+    return env
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)

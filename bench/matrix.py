@@ -1,0 +1,209 @@
+"""Matrices: named sweeps and custom TOML files -> a list of configs, each valid or a ``skipped`` reason.
+
+A config is a dict of ``llmopt.config.TrainConfig`` fields (one name per thing: the flags, the CSV columns
+and these keys are the same words). Nothing is dropped silently: an invalid combination, or one that needs
+more ranks than the device allows, stays in the plan with the reason it is skipped.
+
+Custom file (TOML):
+
+    [base]                 # optional: fixed fields for every config
+    preset = "tiny"
+    steps = 6
+    [matrix]               # each field -> a list of values; the sweep is their product
+    precision = ["fp32", "bf16"]
+    optimizer = ["adamw", "lamb"]
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import tomllib
+from dataclasses import asdict, replace
+
+from llmopt.config import PRECISIONS, TrainConfig, validate
+
+FIELDS = TrainConfig.field_names()
+INT_FIELDS = {f for f, v in asdict(TrainConfig()).items() if isinstance(v, int) and not isinstance(v, bool)}
+FLOAT_FIELDS = {f for f, v in asdict(TrainConfig()).items() if isinstance(v, float)}
+
+# Shapes per device: small enough on a 2-core CPU that bf16/fp16 rows (slow there) still finish.
+DEVICE_BASE = {
+    "cpu": dict(preset="tiny", global_batch=8, seq_len=64, steps=6),
+    "cuda": dict(preset="gpt2", global_batch=16, seq_len=1024, steps=12),
+}
+WARMUP_STEPS = {"cpu": 2, "cuda": 3}
+
+
+def layouts(max_ranks: int, degrees=(2,)) -> list[dict]:
+    """Every parallel layout within ``max_ranks``: each dimension off or at one of ``degrees``, both
+    dp modes wherever dp is on, both schedules for pipeline alone (1F1B, the memory-lean one, in pairs)."""
+    out = []
+    for dp, tp, pp in itertools.product((1, *degrees), repeat=3):
+        if dp * tp * pp > max_ranks:
+            continue
+        modes = ("ddp", "fsdp") if dp > 1 else ("ddp",)
+        schedules = ("gpipe", "1f1b") if pp > 1 and dp == tp == 1 else ("1f1b",)
+        for mode, sched in itertools.product(modes, schedules):
+            out.append(dict(dp=dp, tp=tp, pp=pp, dp_mode=mode, pp_schedule=sched))
+    return out
+
+
+def _named(name: str, device: str, max_ranks: int) -> list[dict]:
+    if name == "smoke":
+        return [{}, {"grad_accum": 2}, {"optimizer": "lamb"}, {"dp": 2}, {"tp": 2}]
+    if name == "default":
+        single = [{"precision": p} for p in PRECISIONS] + [{"grad_accum": 4}]
+        single += [{"optimizer": o} for o in ("sgd", "adam", "lamb")]
+        multi = [l for l in layouts(max_ranks) if l["dp"] * l["tp"] * l["pp"] > 1
+                 and (l["dp"] == 1 or l["tp"] * l["pp"] == 1 or l["dp_mode"] == "fsdp")]
+        return single + multi
+    if name == "parity":
+        degrees = (2, 4) if max_ranks >= 4 else (2,)
+        return [dict(l, optimizer=o) for l in layouts(max_ranks, degrees) for o in ("adamw", "lamb")]
+    if name == "full":
+        return [dict(l, precision=p, grad_accum=g, optimizer=o)
+                for l in layouts(max_ranks) for p in PRECISIONS for g in (1, 2)
+                for o in ("sgd", "adam", "adamw", "lamb")]
+    raise KeyError(name)
+
+
+NAMED = ("smoke", "default", "parity", "full")
+
+
+class MatrixError(ValueError):
+    """A bad matrix file or filter: the CLI prints it as one line and exits 2."""
+
+
+def _coerce(field: str, value, where: str):
+    if field not in FIELDS:
+        raise MatrixError(f"{where}: unknown field {field!r}; known fields: {', '.join(FIELDS)}")
+    if field in INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+            raise MatrixError(f"{where}: {field} = {value!r} is not an integer")
+        return int(value)
+    if field in FLOAT_FIELDS:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise MatrixError(f"{where}: {field} = {value!r} is not a number") from None
+    return value if value is None else str(value)
+
+
+def load_toml(path: str) -> tuple[dict, list[dict]]:
+    if not os.path.isfile(path):
+        raise MatrixError(f"--matrix: no such file {path!r}; use one of {', '.join(NAMED)} or a .toml file")
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise MatrixError(f"--matrix {path}: not valid TOML ({e})") from None
+    extra = set(doc) - {"base", "matrix"}
+    if extra:
+        raise MatrixError(f"--matrix {path}: unknown table(s) {sorted(extra)}; use [base] and [matrix]")
+    if not isinstance(doc.get("matrix"), dict) or not doc["matrix"]:
+        raise MatrixError(f"--matrix {path}: needs a [matrix] table mapping config fields to lists of values")
+    base = {k: _coerce(k, v, f"{path} [base]") for k, v in doc.get("base", {}).items()}
+    axes = {}
+    for k, v in doc["matrix"].items():
+        if not isinstance(v, list) or not v:
+            raise MatrixError(f"--matrix {path}: [matrix] {k} must be a non-empty list, e.g. {k} = [...]")
+        axes[k] = [_coerce(k, x, f"{path} [matrix]") for x in v]
+    combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    return base, combos
+
+
+def parse_filter(text: str | None) -> dict:
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise MatrixError(f"--filter: {part!r} is not key=value; e.g. --filter precision=fp32,dp=2")
+        k, v = (s.strip() for s in part.split("=", 1))
+        out[k] = _coerce(k, v, "--filter")
+    return out
+
+
+def layout_name(cfg) -> str:
+    """e.g. "single", "fsdp2", "ddp2xtp2", "tp2xpp2-1f1b"."""
+    layout = []
+    if int(cfg["dp"]) > 1:
+        layout.append(f"{cfg['dp_mode']}{cfg['dp']}")
+    if int(cfg["tp"]) > 1:
+        layout.append(f"tp{cfg['tp']}")
+    if int(cfg["pp"]) > 1:
+        layout.append(f"pp{cfg['pp']}-{cfg['pp_schedule']}")
+    return "x".join(layout) or "single"
+
+
+def config_id(cfg: dict) -> str:
+    """Readable and stable: the layout and toggles, then a short hash of every field (unique in a sweep)."""
+    parts = [cfg["model_impl"]] if cfg["model_impl"] != "llmopt" else []
+    parts += [layout_name(cfg), cfg["precision"], f"ga{cfg['grad_accum']}", cfg["optimizer"]]
+    digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:6]
+    return "-".join(parts) + "-" + digest
+
+
+def baseline_of(cfg: dict) -> dict:
+    """Single process, fp32, no accumulation; same model, data, batch, optimizer, seed and steps."""
+    return dict(cfg, dp=1, tp=1, pp=1, dp_mode="ddp", pp_schedule="1f1b", pp_microbatches=0,
+                precision="fp32", grad_accum=1, optimizer_impl="auto")
+
+
+def expand(matrix: str, device: str, max_ranks: int, steps: int | None = None,
+           filters: dict | None = None) -> list[dict]:
+    """The plan: entries {config_id, config, skipped (reason or None), added_as_baseline}.
+
+    Baselines that the matrix lacks are added (each ok config's loss curve is compared with one)."""
+    base = dict(DEVICE_BASE[device], device=device)
+    if matrix in NAMED:
+        combos = _named(matrix, device, max_ranks)
+    elif matrix.endswith(".toml") or os.path.sep in matrix:
+        extra, combos = load_toml(matrix)
+        base.update(extra)
+    else:
+        raise MatrixError(f"--matrix: unknown matrix {matrix!r}; use one of {', '.join(NAMED)} or a .toml file")
+    if steps is not None:
+        base["steps"] = steps
+    defaults = asdict(TrainConfig())
+    configs = [dict(defaults, **base, **c) for c in combos]
+    for k, v in (filters or {}).items():
+        configs = [c for c in configs if c[k] == v]
+    if not configs:
+        raise MatrixError(f"--filter {filters} leaves no config in matrix {matrix!r}; loosen it")
+
+    plan, seen = [], set()
+
+    def add(cfg, added):
+        cid = config_id(cfg)
+        if cid in seen:
+            return
+        seen.add(cid)
+        reason = None
+        try:
+            resolved = validate(TrainConfig(**cfg))
+            if resolved.world_size > max_ranks:
+                reason = f"needs {resolved.world_size} ranks; this {device} sweep allows {max_ranks}"
+        except ValueError as e:
+            reason = str(e)
+        plan.append({"config_id": cid, "config": cfg, "skipped": reason, "added_as_baseline": added})
+
+    for cfg in configs:
+        add(cfg, False)
+    for entry in list(plan):
+        if entry["skipped"] is None:
+            add(baseline_of(entry["config"]), True)
+    # baselines first, so every other row can be compared with its baseline when it is written
+    ids = {config_id(baseline_of(e["config"])) for e in plan}
+    plan.sort(key=lambda e: e["config_id"] not in ids)
+    return plan
+
+
+def rank_budget(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return 4

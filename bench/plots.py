@@ -1,0 +1,142 @@
+"""The report's seaborn plots, each written as a PNG under DIR/plots/ (Agg backend: no display needed)."""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from bench.matrix import layout_name  # noqa: E402
+
+MIB = 2**20
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _height(n: int) -> float:
+    return max(3.0, 0.28 * n + 1.2)
+
+
+def throughput(ok: pd.DataFrame, path: str) -> str:
+    d = ok.sort_values("tokens_per_s", ascending=False)
+    fig, ax = plt.subplots(figsize=(9, _height(len(d))))
+    sns.barplot(data=d, y="config_id", x="tokens_per_s", hue="precision", dodge=False, ax=ax)
+    ax.set(xlabel="tokens/s (global)", ylabel="config_id", title="Throughput by config")
+    return _save(fig, path)
+
+
+def memory(ok: pd.DataFrame, path: str) -> str:
+    """Measured and predicted memory side by side for each config, stacked by category."""
+    rows = []
+    for _, r in ok.iterrows():
+        for kind, prefix in (("measured", "memory_"), ("predicted", "predicted_")):
+            for cat in CATEGORIES:
+                v = r.get(f"{prefix}{cat}_bytes")
+                rows.append({"config_id": r["config_id"], "kind": kind, "category": cat,
+                             "MiB": (float(v) if pd.notna(v) else 0.0) / MIB})
+    d = pd.DataFrame(rows)
+    ids = list(ok.sort_values("peak_memory_bytes")["config_id"])
+    fig, ax = plt.subplots(figsize=(10, _height(2 * len(ids))))
+    colors = sns.color_palette("deep", len(CATEGORIES))
+    labels, y = [], 0
+    for cid in ids:
+        for kind in ("measured", "predicted"):
+            left = 0.0
+            part = d[(d.config_id == cid) & (d.kind == kind)]
+            for color, cat in zip(colors, CATEGORIES):
+                w = float(part[part.category == cat]["MiB"].sum())
+                ax.barh(y, w, left=left, color=color, alpha=1.0 if kind == "measured" else 0.55,
+                        hatch=None if kind == "measured" else "//", label=cat if y == 0 else None)
+                left += w
+            labels.append(f"{cid} ({kind})")
+            y += 1
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="MiB (rank with the largest peak)", title="Memory by category: measured vs predicted")
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def loss_curves(steps: pd.DataFrame, ok: pd.DataFrame, path: str) -> str:
+    d = steps[steps.config_id.isin(ok.config_id)].merge(ok[["config_id", "precision"]], on="config_id")
+    fig, ax = plt.subplots(figsize=(9, 5))
+    sns.lineplot(data=d, x="step", y="loss", hue="config_id", style="precision", ax=ax, legend=len(ok) <= 16,
+                 linewidth=1)
+    floor = ok["entropy_floor_nats"].dropna()
+    if len(floor):
+        ax.axhline(float(floor.iloc[0]), color="black", linestyle="--", linewidth=1,
+                   label=f"entropy floor {float(floor.iloc[0]):.3f} nats")
+        ax.legend(fontsize=6, ncol=2)
+    ax.set(ylabel="loss (nats/token)", title="Loss curves (dashed: the data's entropy floor)")
+    return _save(fig, path)
+
+
+def pareto_front(ok: pd.DataFrame) -> pd.DataFrame:
+    """Configs no other config beats on both throughput (higher) and memory (lower)."""
+    d = ok.sort_values(["peak_memory_bytes", "tokens_per_s"], ascending=[True, False])
+    best, keep = -1.0, []
+    for i, r in d.iterrows():
+        if r["tokens_per_s"] > best:
+            keep.append(i)
+            best = r["tokens_per_s"]
+    return ok.loc[keep]
+
+
+def throughput_vs_memory(ok: pd.DataFrame, path: str) -> str:
+    d = ok.assign(MiB=ok["peak_memory_bytes"] / MIB)
+    front = pareto_front(ok).assign(MiB=lambda f: f["peak_memory_bytes"] / MIB).sort_values("MiB")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    sns.scatterplot(data=d, x="MiB", y="tokens_per_s", hue="precision", style="world_size", ax=ax, s=50)
+    ax.plot(front["MiB"], front["tokens_per_s"], color="black", linewidth=1, marker="o", mfc="none",
+            markersize=10, label="Pareto front")
+    for _, r in front.iterrows():
+        ax.annotate(r["config_id"].rsplit("-", 1)[0], (r["MiB"], r["tokens_per_s"]), fontsize=6,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.legend(fontsize=7)
+    ax.set(xlabel="peak memory, MiB", ylabel="tokens/s", title="Throughput vs memory (Pareto front marked)")
+    return _save(fig, path)
+
+
+def speedup_heatmap(ok: pd.DataFrame, path: str) -> str | None:
+    """Tokens/s over the baseline's (single process, fp32, same optimizer and batch), layout x precision,
+    averaged (geometric mean) over the optimizers and accumulation settings in the sweep."""
+    import numpy as np
+
+    base = ok.set_index("config_id")["tokens_per_s"]
+    d = ok[ok.baseline_id.isin(base.index)].copy()
+    if d.empty:
+        return None
+    d["speedup"] = d["tokens_per_s"].values / base.loc[d["baseline_id"]].values
+    d["layout"] = d.apply(layout_name, axis=1)
+    table = d.groupby(["layout", "precision"])["speedup"].apply(lambda s: float(np.exp(np.log(s).mean()))).unstack()
+    fig, ax = plt.subplots(figsize=(6, _height(len(table))))
+    sns.heatmap(table, annot=True, fmt=".2f", cmap="RdYlGn", center=1.0, ax=ax, cbar_kws={"label": "x baseline"})
+    ax.set(title="Speed-up over the single-process fp32 baseline", xlabel="precision", ylabel="layout")
+    return _save(fig, path)
+
+
+def all_plots(results: pd.DataFrame, steps: pd.DataFrame, plot_dir: str) -> dict[str, str]:
+    os.makedirs(plot_dir, exist_ok=True)
+    ok = results[results.status == "ok"].copy()
+    if ok.empty:
+        return {}
+    out = {
+        "Throughput by config": throughput(ok, os.path.join(plot_dir, "throughput.png")),
+        "Memory by category, measured beside predicted": memory(ok, os.path.join(plot_dir, "memory.png")),
+        "Loss curves and the entropy floor": loss_curves(steps, ok, os.path.join(plot_dir, "loss.png")),
+        "Throughput vs memory": throughput_vs_memory(ok, os.path.join(plot_dir, "throughput_vs_memory.png")),
+    }
+    heat = speedup_heatmap(ok, os.path.join(plot_dir, "speedup.png"))
+    if heat:
+        out["Speed-up over the baseline"] = heat
+    return out

@@ -1,0 +1,157 @@
+"""``python -m bench.report DIR``: (re)write DIR/report.md and DIR/plots/ from DIR's CSVs alone."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import pandas as pd
+
+from bench.results import RESULT_COLUMNS
+
+MIB = 2**20
+
+
+def load(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from bench.results import ResultFiles
+
+    results, steps = ResultFiles(out_dir).load()
+    r = pd.DataFrame(results, columns=RESULT_COLUMNS)
+    s = pd.DataFrame(steps, columns=["config_id", "step", "loss", "step_time_ms"])
+    for col in r.columns:
+        if col not in ("config_id", "status", "error", "engine", "model_impl", "preset", "device", "dp_mode",
+                       "pp_schedule", "precision", "optimizer", "optimizer_impl", "data", "peak_memory_kind",
+                       "peak_flops_source", "baseline_id", "parity_verdict", "added_as_baseline"):
+            r[col] = pd.to_numeric(r[col], errors="coerce")
+    for col in ("step", "loss", "step_time_ms"):
+        s[col] = pd.to_numeric(s[col], errors="coerce")
+    return r, s
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "_none_\n"
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in row.values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v, spec):
+    return "" if pd.isna(v) else format(v, spec)
+
+
+def fastest_under(ok: pd.DataFrame, budget_bytes: float) -> pd.Series | None:
+    fit = ok[ok.peak_memory_bytes <= budget_bytes]
+    return None if fit.empty else fit.loc[fit.tokens_per_s.idxmax()]
+
+
+def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
+    from bench.plots import all_plots, pareto_front
+
+    results, steps = load(out_dir)
+    env = {}
+    if os.path.exists(os.path.join(out_dir, "env.json")):
+        with open(os.path.join(out_dir, "env.json")) as f:
+            env = json.load(f)
+    plots = all_plots(results, steps, os.path.join(out_dir, "plots"))
+    ok = results[results.status == "ok"].copy()
+    counts = results.status.value_counts().to_dict()
+    wall = results.wall_s.sum()
+    L = [f"# llmopt sweep report: {os.path.basename(os.path.normpath(out_dir))}", ""]
+    L.append(f"- Command: `{env.get('command', '?')}`  (started {env.get('started_utc', '?')})")
+    L.append(f"- Machine: {env.get('cpu_model', '?')}, {env.get('cpu_count', '?')} CPUs"
+             + (f", GPUs: {', '.join(env['gpus'])}" if env.get("gpus") else "")
+             + f"; torch {env.get('torch', '?')}, CUDA {env.get('cuda')}, NCCL {env.get('nccl')}; git {str(env.get('git_commit'))[:10]}")
+    L.append(f"- Configs: {len(results)} (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
+    L.append(f"- Sweep wall time (sum of config runs): {wall / 60:.1f} min")
+    L.append("")
+    L.append("How to read this: see `results/README.md`. Throughput is global tokens/s over the timed steps "
+             "(warm-up excluded); memory is the rank with the largest peak; MFU is model FLOPs "
+             "(6N + 12·L·H·Q·T per token, PaLM's convention) over `peak_flops`; parity compares each loss "
+             "curve with its single-process fp32 baseline.")
+    L.append("")
+    if not ok.empty:
+        L.append("## Summary")
+        t = pd.DataFrame({
+            "config_id": ok.config_id,
+            "tokens/s": ok.tokens_per_s.map(lambda v: _fmt(v, ",.0f")),
+            "p50 ms": ok.step_time_ms_p50.map(lambda v: _fmt(v, ".1f")),
+            "p90 ms": ok.step_time_ms_p90.map(lambda v: _fmt(v, ".1f")),
+            "peak MiB": (ok.peak_memory_bytes / MIB).map(lambda v: _fmt(v, ".1f")),
+            "pred MiB": (ok.predicted_memory_bytes / MIB).map(lambda v: _fmt(v, ".1f")),
+            "pred err": ok.memory_prediction_error.map(lambda v: _fmt(v, "+.1%")),
+            "MFU": ok.mfu.map(lambda v: _fmt(v, ".2%")),
+            "final loss": ok.final_loss.map(lambda v: _fmt(v, ".4f")),
+            "parity |Δ|max": ok.loss_parity_max_abs.map(lambda v: _fmt(v, ".1e")),
+            "verdict": ok.parity_verdict,
+            "J/token": ok.energy_j_per_token.map(lambda v: _fmt(v, ".3g")),
+        }).sort_values("config_id")
+        L.append(_md_table(t))
+        src = ok.peak_flops_source.dropna().unique()
+        L.append(f"Peak FLOP/s used for MFU: {', '.join(src) if len(src) else 'none'} "
+                 "(on CPU, measured once per sweep per dtype with all cores: the ranks of a config share them).")
+        kinds = ok.peak_memory_kind.dropna().unique()
+        L.append(f"Peak memory kind: {', '.join(kinds)} (`tracked_tensors`: torch's MemTracker over one extra "
+                 "untimed step, plus DDP's gradient buckets; `cuda_allocator`: the caching allocator's peak).")
+        if ok.energy_j_per_token.isna().all():
+            L.append("Energy per token: not available on this machine (no NVML energy counter, no readable RAPL).")
+        L.append("")
+        L.append("## Loss parity verdicts")
+        v = ok.parity_verdict.value_counts().to_dict()
+        L.append("Exact: |Δ| ≤ 1e-4 nats at every step; within AMP tolerance: bf16/fp16 with |Δ| ≤ 0.05 nats; "
+                 "drifted: anything else. " + ", ".join(f"{k}: {n}" for k, n in sorted(v.items()) if k))
+        drifted = ok[ok.parity_verdict == "drifted"]
+        if not drifted.empty:
+            L.append("")
+            L.append("Drifted configs: " + ", ".join(f"`{c}` ({d:.2g})" for c, d in
+                                                      zip(drifted.config_id, drifted.loss_parity_max_abs)))
+        L.append("")
+        L.append("## Fastest config that fits a memory budget")
+        budgets = [memory_budget_mib * MIB] if memory_budget_mib else \
+            sorted(set(ok.peak_memory_bytes.quantile([0.25, 0.5, 1.0]).round()))
+        rows = []
+        for b in budgets:
+            best = fastest_under(ok, b)
+            rows.append({"budget MiB": f"{b / MIB:.1f}", "fastest config": "" if best is None else best.config_id,
+                         "tokens/s": "" if best is None else f"{best.tokens_per_s:,.0f}",
+                         "peak MiB": "" if best is None else f"{best.peak_memory_bytes / MIB:.1f}"})
+        L.append(_md_table(pd.DataFrame(rows)))
+        front = pareto_front(ok)
+        L.append("Pareto front (no other config is both faster and smaller): "
+                 + ", ".join(f"`{c}`" for c in front.sort_values("peak_memory_bytes").config_id))
+        L.append("")
+    bad = results[results.status != "ok"]
+    if not bad.empty:
+        L.append("## Not ok")
+        L.append(_md_table(bad[["config_id", "status", "error"]].sort_values("config_id")))
+    if plots:
+        L.append("## Plots")
+        for title, path in plots.items():
+            L.append(f"### {title}")
+            L.append(f"![{title}](plots/{os.path.basename(path)})")
+            L.append("")
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(L) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
+    p.add_argument("dir", help="a sweep's results directory")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="MiB",
+                   help="report the fastest config within this much memory (default: three budgets)")
+    args = p.parse_args(argv)
+    if not os.path.exists(os.path.join(args.dir, "results.csv")):
+        print(f"error: {args.dir!r} holds no results.csv; pass a directory written by python -m bench.run",
+              file=sys.stderr)
+        return 2
+    print(write_report(args.dir, args.memory_budget))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The sweep's files: results.csv (one row per config), steps.csv (one row per step), written so that a
+sweep killed at any instant (SIGKILL included) can be resumed without losing or duplicating a finished row.
+
+Each row is appended with one write, flushed and fsync'ed. A config's steps are written before its result
+row, so a config is finished exactly when its result row is complete. On resume, a torn last line is cut,
+steps of unfinished configs are dropped, and both files are rewritten atomically.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+RESULT_COLUMNS = [
+    "config_id", "status", "error",
+    "engine", "model_impl", "preset", "device", "world_size", "dp", "dp_mode", "tp", "pp", "pp_schedule",
+    "pp_microbatches", "precision", "grad_accum", "micro_batch", "global_batch", "seq_len", "optimizer",
+    "optimizer_impl", "lr", "weight_decay", "max_grad_norm", "steps", "warmup_steps", "seed", "data",
+    "tokens_per_s", "step_time_ms_p50", "step_time_ms_p90",
+    "peak_memory_bytes", "peak_memory_kind", "predicted_memory_bytes", "memory_prediction_error",
+    "memory_parameters_bytes", "memory_gradients_bytes", "memory_optimizer_state_bytes",
+    "memory_activations_bytes", "memory_other_bytes",
+    "predicted_parameters_bytes", "predicted_gradients_bytes", "predicted_optimizer_state_bytes",
+    "predicted_activations_bytes", "peak_rss_bytes",
+    "mfu", "peak_flops", "peak_flops_source", "flops_per_token",
+    "final_loss", "entropy_floor_nats", "baseline_id", "loss_parity_max_abs", "parity_verdict",
+    "fp16_skipped_steps", "energy_j_per_token", "gpu_util_mean", "gpu_power_w_mean",
+    "added_as_baseline", "wall_s",
+]
+STEP_COLUMNS = ["config_id", "step", "loss", "step_time_ms"]
+STATUSES = ("ok", "failed", "skipped", "timeout", "oom", "diverged")
+
+
+def _complete_rows(path: str, columns: list[str]) -> list[dict]:
+    """Rows of a CSV whose lines were written whole (a torn or malformed tail is dropped)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        text = f.read()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]  # the last line was cut mid-write
+    rows = []
+    for row in csv.reader(io.StringIO(text)):
+        if row == columns or len(row) != len(columns):
+            continue
+        rows.append(dict(zip(columns, row)))
+    return rows
+
+
+class ResultFiles:
+    def __init__(self, out_dir: str):
+        self.results_path = os.path.join(out_dir, "results.csv")
+        self.steps_path = os.path.join(out_dir, "steps.csv")
+
+    def load(self) -> tuple[list[dict], list[dict]]:
+        """Finished rows and their steps; rewrites both files clean (one row per config, no torn lines)."""
+        results, seen = [], set()
+        for row in _complete_rows(self.results_path, RESULT_COLUMNS):
+            if row["config_id"] not in seen and row["status"] in STATUSES:
+                seen.add(row["config_id"])
+                results.append(row)
+        steps, seen_steps = [], set()
+        for row in _complete_rows(self.steps_path, STEP_COLUMNS):
+            key = (row["config_id"], row["step"])
+            if row["config_id"] in seen and key not in seen_steps:
+                seen_steps.add(key)
+                steps.append(row)
+        self._rewrite(self.results_path, RESULT_COLUMNS, results)
+        self._rewrite(self.steps_path, STEP_COLUMNS, steps)
+        return results, steps
+
+    @staticmethod
+    def _rewrite(path: str, columns: list[str], rows: list[dict]) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns)
+            w.writeheader()
+            w.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @staticmethod
+    def _append(path: str, columns: list[str], rows: list[dict]) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=columns, extrasaction="raise")
+        for row in rows:
+            w.writerow({k: _fmt(row.get(k)) for k in columns})
+        with open(path, "a", newline="") as f:
+            f.write(buf.getvalue())  # one write per config
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append(self, result: dict, steps: list[dict]) -> None:
+        if steps:
+            self._append(self.steps_path, STEP_COLUMNS, steps)
+        self._append(self.results_path, RESULT_COLUMNS, [result])
+
+
+def _fmt(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.8g}"
+    return v

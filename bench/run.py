@@ -1,0 +1,346 @@
+"""``python -m bench.run``: sweep a matrix, each config in its own processes, into a results directory.
+
+    python -m bench.run [--matrix NAME|FILE.toml] [--device auto|cpu|cuda] [--out DIR] [--resume]
+                        [--filter key=value,...] [--steps N] [--timeout S]
+
+Each config runs as ``python -m llmopt.train`` (which starts its own ranks), with a timeout, its output in
+DIR/logs/<config_id>.log and its figures in DIR/metrics/<config_id>.json; the row is built from that JSON,
+never from log text (only a failure's last ``error:`` line is read from the log). Whatever one config does,
+its processes are gone afterwards and the sweep goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from bench.matrix import NAMED, MatrixError, baseline_of, config_id, expand, parse_filter, rank_budget
+from bench.results import ResultFiles
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = os.path.join(REPO, "results", "runs")
+LATEST = os.path.join(REPO, "results", "latest")
+EXACT = 1e-4         # nats: "exact" parity (fp32 layouts agree to ~1e-6; this leaves room for reduction order)
+AMP_TOLERANCE = 5e-2  # nats: a bf16/fp16 curve within this of the fp32 baseline is "within AMP tolerance"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--matrix", default="default", help=f"{', '.join(NAMED)}, or a .toml file (default: %(default)s)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out", default=None, help="results directory (default: results/runs/<UTC time>-<matrix>)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted sweep in --out (default: results/latest)")
+    p.add_argument("--filter", default=None, help="keep configs matching key=value[,key=value...]")
+    p.add_argument("--steps", type=int, default=None, help="steps per config (default: the device's)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per config before it is killed")
+    p.add_argument("--no-report", action="store_true", help="skip report.md and plots at the end")
+    return p
+
+
+def status_of(rc: int, timed_out: bool) -> str:
+    from llmopt.train import EXIT_DIVERGED, EXIT_OOM
+
+    if timed_out:
+        return "timeout"
+    if rc == 0:
+        return "ok"
+    if rc == EXIT_DIVERGED:
+        return "diverged"
+    if rc in (EXIT_OOM, -signal.SIGKILL, 128 + signal.SIGKILL):
+        return "oom"  # a SIGKILL the harness did not send is the kernel's OOM killer
+    return "failed"
+
+
+def last_error_line(log_path: str) -> str:
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [l.strip() for l in f.read().splitlines() if l.strip()]
+    except OSError:
+        return ""
+    errors = [l for l in lines if l.startswith("error:")]
+    return (errors or lines or [""])[-1][:500]
+
+
+def run_config(entry: dict, out_dir: str, timeout: float, warmup: int) -> tuple[str, str, dict | None, float]:
+    """Run one config in its own process group; returns (status, error, metrics or None, wall seconds)."""
+    cfg, cid = entry["config"], entry["config_id"]
+    metrics_path = os.path.join(out_dir, "metrics", f"{cid}.json")
+    log_path = os.path.join(out_dir, "logs", f"{cid}.log")
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a rerun after resume must not read a stale file
+    argv = [sys.executable, "-m", "llmopt.train", "--quiet", "--memory-breakdown",
+            "--warmup-steps", str(warmup), "--metrics-out", metrics_path]
+    for k, v in cfg.items():
+        if v is not None:
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if cfg["dp"] * cfg["tp"] * cfg["pp"] > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (cfg["dp"] * cfg["tp"] * cfg["pp"])))
+    t0 = time.monotonic()
+    timed_out = False
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(argv[1:]) + "\n")
+        log.flush()
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            rc = None
+        except BaseException:  # Ctrl-C: take the config's processes down with us
+            _kill_group(proc)
+            raise
+        _kill_group(proc)
+        rc = proc.wait() if rc is None else rc
+    wall = time.monotonic() - t0
+    status = status_of(rc, timed_out)
+    metrics = None
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+    if status == "ok" and metrics is None:
+        status = "failed"
+    error = ""
+    if status == "timeout":
+        error = f"killed after {timeout:.0f} s (--timeout)"
+    elif status != "ok":
+        error = last_error_line(log_path) or f"exit code {rc}"
+        if status == "oom" and rc in (-signal.SIGKILL, 128 + signal.SIGKILL):
+            error = f"killed by SIGKILL (the kernel's OOM killer?); {error}"
+    return status, error, metrics, wall
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Every process of the config (launcher agent, ranks, their children) is gone after this."""
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            if proc.poll() is not None and not _group_alive(proc.pid):
+                return
+            time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def parity_verdict(max_abs: float | None, precision: str, is_baseline: bool) -> str:
+    if is_baseline:
+        return "baseline"
+    if max_abs is None:
+        return ""
+    if max_abs <= EXACT:
+        return "exact"
+    if precision != "fp32" and max_abs <= AMP_TOLERANCE:
+        return "within AMP tolerance"
+    return "drifted"
+
+
+def build_row(entry, status, error, metrics, wall, warmup, baselines, peak_cache) -> tuple[dict, list[dict]]:
+    from bench.hardware import peak_flops
+    from llmopt.config import TrainConfig
+
+    cfg = entry["config"]
+    tc = TrainConfig(**cfg)
+    row = dict(cfg)
+    row.update(config_id=entry["config_id"], status=status, error=error, engine=cfg.get("engine", "native"),
+               world_size=tc.world_size, micro_batch=tc.micro_batch, warmup_steps=warmup,
+               added_as_baseline=entry["added_as_baseline"], wall_s=round(wall, 2))
+    steps = []
+    if metrics is None:
+        return row, steps
+    resolved = metrics["config"]
+    row.update(lr=resolved["lr"], pp_microbatches=resolved["pp_microbatches"], device=resolved["device"])
+    losses = metrics["losses"]
+    steps = [{"config_id": entry["config_id"], "step": i, "loss": l, "step_time_ms": t}
+             for i, (l, t) in enumerate(zip(losses, metrics["step_time_ms"]))]
+    if status != "ok":
+        row["final_loss"] = losses[-1] if losses else None
+        return row, steps
+    peak = metrics["peak_memory_bytes"]
+    pred = metrics["predicted_memory"]
+    breakdown = metrics.get("memory_breakdown") or {}
+    row.update(
+        tokens_per_s=metrics["tokens_per_s"], step_time_ms_p50=metrics["step_time_ms_p50"],
+        step_time_ms_p90=metrics["step_time_ms_p90"], peak_memory_bytes=peak,
+        peak_memory_kind=metrics["peak_memory_kind"], predicted_memory_bytes=pred["total"],
+        memory_prediction_error=(pred["total"] - peak) / peak if peak else None,
+        peak_rss_bytes=metrics["peak_rss_bytes"], final_loss=losses[-1],
+        entropy_floor_nats=metrics["entropy_floor_nats"], fp16_skipped_steps=metrics["fp16_skipped_steps"],
+        energy_j_per_token=metrics["energy_j_per_token"], gpu_util_mean=metrics["gpu_util_mean"],
+        gpu_power_w_mean=metrics["gpu_power_w_mean"], flops_per_token=metrics["flops_per_token"],
+    )
+    for cat in ("parameters", "gradients", "optimizer_state", "activations", "other"):
+        row[f"memory_{cat}_bytes"] = breakdown.get(cat)
+        if cat != "other":
+            row[f"predicted_{cat}_bytes"] = pred[cat]
+    peak_value, source = peak_flops(resolved["device"], cfg["precision"], peak_cache)
+    n_devices = tc.world_size if resolved["device"] == "cuda" else 1  # CPU ranks share one CPU
+    if peak_value:
+        row.update(peak_flops=peak_value * n_devices, peak_flops_source=source,
+                   mfu=metrics["tokens_per_s"] * metrics["flops_per_token"] / (peak_value * n_devices))
+    base_id = config_id(baseline_of(cfg))
+    is_baseline = base_id == entry["config_id"]
+    row["baseline_id"] = base_id
+    if is_baseline:
+        baselines[base_id] = losses
+    ref = baselines.get(base_id)
+    if ref is not None and len(ref) == len(losses):
+        row["loss_parity_max_abs"] = 0.0 if is_baseline else max(abs(a - b) for a, b in zip(losses, ref))
+    row["parity_verdict"] = parity_verdict(row.get("loss_parity_max_abs"), cfg["precision"], is_baseline)
+    return row, steps
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    filled = int(width * done / max(total, 1))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _fmt_s(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+
+
+def headline(row: dict) -> str:
+    if row["status"] != "ok":
+        return row.get("error", "") or ""
+    parts = [f"{float(row['tokens_per_s']):>9,.0f} tok/s", f"p50 {float(row['step_time_ms_p50']):7.1f} ms",
+             f"mem {float(row['peak_memory_bytes']) / 2**20:6.1f} MiB (pred {float(row['predicted_memory_bytes']) / 2**20:.1f})",
+             f"loss {float(row['final_loss']):.4f}"]
+    if row.get("parity_verdict"):
+        parts.append(str(row["parity_verdict"]))
+    return "  ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        return sweep(args, argv)
+    except MatrixError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _resolve_out(args) -> tuple[str, dict | None]:
+    if args.resume:
+        out = args.out or LATEST
+        plan_path = os.path.join(out, "plan.json")
+        if not os.path.exists(plan_path):
+            raise MatrixError(f"--resume: {out!r} holds no sweep (no plan.json); pass the --out of the sweep to finish")
+        with open(plan_path) as f:
+            return os.path.realpath(out), json.load(f)
+    if args.out and os.path.exists(os.path.join(args.out, "results.csv")):
+        raise MatrixError(f"--out {args.out!r} already holds results; add --resume to finish it or pick a new --out")
+    name = os.path.splitext(os.path.basename(args.matrix))[0]
+    return args.out or os.path.join(RUNS, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{name}"), None
+
+
+def sweep(args, argv) -> int:
+    from llmopt.config import resolve_device
+
+    if args.steps is not None and args.steps < 1:
+        raise MatrixError(f"--steps {args.steps}: must be at least 1")
+    if args.timeout <= 0:
+        raise MatrixError(f"--timeout {args.timeout}: must be positive")
+    out, saved = _resolve_out(args)
+    if saved is not None:
+        plan, device, warmup = saved["plan"], saved["device"], saved["warmup_steps"]
+    else:
+        device = resolve_device(args.device)
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise MatrixError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+        from bench.matrix import WARMUP_STEPS
+
+        plan = expand(args.matrix, device, rank_budget(device), args.steps, parse_filter(args.filter))
+        steps = plan[0]["config"]["steps"]
+        warmup = min(WARMUP_STEPS[device], max(0, steps - 1))
+    for sub in ("logs", "metrics"):
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    from bench.hardware import environment, write_json
+
+    if saved is None:
+        write_json(os.path.join(out, "plan.json"), {"matrix": args.matrix, "device": device, "warmup_steps": warmup,
+                                                    "plan": plan})
+        write_json(os.path.join(out, "env.json"), environment(argv))
+        if not args.out:
+            _point_latest(out)
+    files = ResultFiles(out)
+    done_rows, done_steps = files.load()
+    done = {r["config_id"] for r in done_rows}
+    baselines: dict[str, list[float]] = {}
+    for r in done_rows:
+        if r["config_id"] == r.get("baseline_id") and r["status"] == "ok":
+            baselines[r["config_id"]] = [float(s["loss"]) for s in done_steps if s["config_id"] == r["config_id"]]
+    peak_cache_path = os.path.join(out, "peak_flops.json")
+    peak_cache = json.load(open(peak_cache_path)) if os.path.exists(peak_cache_path) else {}
+    todo = [e for e in plan if e["config_id"] not in done]
+    total = len(plan)
+    print(f"bench: {len(todo)} of {total} configs to run on {device} -> {out}"
+          + (f" ({len(done)} already done)" if done else ""), flush=True)
+    t_start, ran = time.monotonic(), 0
+    try:
+        for entry in todo:
+            if entry["skipped"] is not None:
+                row, steps = build_row(entry, "skipped", entry["skipped"], None, 0.0, warmup, baselines, peak_cache)
+            else:
+                status, error, metrics, wall = run_config(entry, out, args.timeout, warmup)
+                row, steps = build_row(entry, status, error, metrics, wall, warmup, baselines, peak_cache)
+                ran += 1
+            files.append(row, steps)
+            write_json(peak_cache_path, peak_cache)
+            n_done = total - len(todo) + todo.index(entry) + 1
+            elapsed = time.monotonic() - t_start
+            runnable_left = sum(1 for e in todo[todo.index(entry) + 1:] if e["skipped"] is None)
+            eta = elapsed / ran * runnable_left if ran else 0.0
+            print(f"{_bar(n_done, total)} {n_done:>4}/{total} {_fmt_s(elapsed)} ETA {_fmt_s(eta)}  "
+                  f"{row['status']:<8} {entry['config_id']:<42} {headline(row)}", flush=True)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished rows are kept; finish with  python -m bench.run --resume --out {out}",
+              file=sys.stderr)
+        return 130
+    if not args.no_report:
+        from bench.report import write_report
+
+        path = write_report(out)
+        print(f"report: {path}", flush=True)
+    return 0
+
+
+def _point_latest(out: str) -> None:
+    try:
+        if os.path.islink(LATEST) or os.path.exists(LATEST):
+            os.remove(LATEST)
+        os.symlink(os.path.relpath(out, os.path.dirname(LATEST)), LATEST)
+    except OSError:
+        pass  # a filesystem without symlinks: the run directory is printed anyway
+
+
+if __name__ == "__main__":
+    sys.exit(main())
