@@ -1,0 +1,240 @@
+"""The sweep harness: matrices, the CSV schema, statuses, resume after SIGKILL, the report and compare."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bench.matrix import MatrixError, config_id, expand, layouts, load_toml, parse_filter
+from bench.results import RESULT_COLUMNS, STEP_COLUMNS
+from conftest import ROOT
+
+REQUIRED = ["config_id", "status", "error", "model_impl", "preset", "device", "world_size", "dp", "dp_mode", "tp",
+            "pp", "pp_schedule", "precision", "grad_accum", "micro_batch", "global_batch", "seq_len", "optimizer",
+            "steps", "tokens_per_s", "step_time_ms_p50", "step_time_ms_p90", "peak_memory_bytes",
+            "predicted_memory_bytes", "mfu", "peak_flops", "peak_flops_source", "final_loss",
+            "loss_parity_max_abs", "energy_j_per_token", "engine"]
+
+
+def write_toml(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+# ---------------------------------------------------------------- matrices
+def test_named_matrices_expand_and_validate():
+    smoke = expand("smoke", "cpu", 4)
+    assert len([e for e in smoke if e["skipped"] is None]) >= 4
+    assert any(e["config"]["dp"] * e["config"]["tp"] * e["config"]["pp"] > 1 for e in smoke)
+    full = expand("full", "cpu", 4)
+    n_layouts = len(layouts(4))
+    assert len([e for e in full if not e["added_as_baseline"]]) == n_layouts * 3 * 2 * 4
+    assert all(e["config"]["dp"] * e["config"]["tp"] * e["config"]["pp"] <= 4 for e in full)
+    ids = [e["config_id"] for e in full]
+    assert len(ids) == len(set(ids))
+    # baselines come first, so parity can be computed as rows are written
+    first_non_base = next(i for i, e in enumerate(full) if e["config"]["precision"] != "fp32" or e["config"]["dp"] > 1)
+    assert all(e["config"]["precision"] == "fp32" for e in full[:first_non_base])
+
+
+def test_custom_toml_product_skips_invalid_and_adds_baselines(tmp_path):
+    path = write_toml(tmp_path / "m.toml", '[base]\nsteps = 3\n[matrix]\ntp = [1, 3]\nprecision = ["bf16"]\n')
+    plan = expand(path, "cpu", 4)
+    by_tp = {e["config"]["tp"]: e for e in plan if not e["added_as_baseline"]}
+    assert by_tp[1]["skipped"] is None
+    assert "--tp 3" in by_tp[3]["skipped"]  # kept as a skipped row with its reason, not dropped
+    added = [e for e in plan if e["added_as_baseline"]]
+    assert len(added) == 1 and added[0]["config"]["precision"] == "fp32" and added[0]["config"]["steps"] == 3
+
+
+def test_rank_budget_skips_with_reason(tmp_path):
+    path = write_toml(tmp_path / "m.toml", "[matrix]\ndp = [8]\n")
+    (entry,) = [e for e in expand(path, "cpu", 4) if not e["added_as_baseline"]]
+    assert "needs 8 ranks" in entry["skipped"]
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[matrix]\nprecison = ['fp32']\n", "unknown field 'precison'"),
+    ("[matrix]\nprecision = 'fp32'\n", "must be a non-empty list"),
+    ("[matrix\n", "not valid TOML"),
+    ("[base]\nsteps = 2\n", "needs a \\[matrix\\] table"),
+    ("[matrix]\ndp = ['two']\n", "not an integer"),
+    ("[matrix]\ndp = [1]\n[extra]\nx = 1\n", "unknown table"),
+])
+def test_bad_matrix_files(tmp_path, text, match):
+    with pytest.raises(MatrixError, match=match):
+        load_toml(write_toml(tmp_path / "m.toml", text))
+
+
+def test_filters():
+    assert parse_filter("precision=fp32,dp=2") == {"precision": "fp32", "dp": 2}
+    plan = expand("default", "cpu", 4, filters={"precision": "bf16"})
+    assert {e["config"]["precision"] for e in plan if not e["added_as_baseline"]} == {"bf16"}
+    for bad in ("precision", "nosuch=1"):
+        with pytest.raises(MatrixError):
+            parse_filter(bad)
+    with pytest.raises(MatrixError, match="leaves no config"):
+        expand("smoke", "cpu", 4, filters={"precision": "fp16"})
+
+
+def test_config_id_is_stable_and_readable():
+    e = expand("smoke", "cpu", 4)[0]
+    assert config_id(dict(e["config"])) == e["config_id"]
+    assert e["config_id"].startswith("single-fp32-ga1-adamw-")
+
+
+# ---------------------------------------------------------------- end-to-end sweeps (subprocesses)
+def bench(*args, env=None, timeout=300):
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=ROOT, env=e, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One small sweep shared by the schema, report and compare tests: two ok configs (a 2-rank one with
+    bf16 among them), a skipped one, and the baseline."""
+    d = tmp_path_factory.mktemp("sweep")
+    m = write_toml(d / "m.toml", "[base]\nsteps = 3\nseq_len = 32\n[matrix]\ndp = [1, 2]\n"
+                                 "precision = ['fp32', 'bf16']\ntp = [1, 3]\n")
+    out = d / "out"
+    r = bench("--matrix", m, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_results_schema_and_statuses(sweep):
+    out, r = sweep
+    rows = read_csv(out / "results.csv")
+    with open(out / "results.csv") as f:
+        header = next(csv.reader(f))
+    assert header == RESULT_COLUMNS and set(REQUIRED) <= set(header)
+    statuses = {row["status"] for row in rows}
+    assert statuses == {"ok", "skipped"}
+    ok = [row for row in rows if row["status"] == "ok"]
+    assert len(ok) == 4 and len(rows) == 8
+    for row in ok:
+        assert float(row["tokens_per_s"]) > 0 and float(row["step_time_ms_p90"]) >= float(row["step_time_ms_p50"])
+        assert int(row["peak_memory_bytes"]) > 0 and row["peak_memory_kind"] == "tracked_tensors"
+        assert 0 < float(row["mfu"]) < 1 and row["peak_flops_source"].startswith("measured:cpu")
+        assert row["engine"] == "native" and row["energy_j_per_token"] == ""  # no counter readable here
+    by_id = {row["config_id"]: row for row in ok}
+    fp32_dp2 = next(r_ for r_ in ok if r_["dp"] == "2" and r_["precision"] == "fp32")
+    assert float(fp32_dp2["loss_parity_max_abs"]) < 1e-4 and fp32_dp2["parity_verdict"] == "exact"
+    assert all(by_id[row["baseline_id"]]["precision"] == "fp32" for row in ok)
+    bf16 = [row for row in ok if row["precision"] == "bf16"]
+    assert all(row["parity_verdict"] in ("exact", "within AMP tolerance", "drifted") for row in bf16)
+    skipped = [row for row in rows if row["status"] == "skipped"]
+    assert all("--tp 3" in row["error"] for row in skipped)
+    steps = read_csv(out / "steps.csv")
+    assert list(steps[0]) == STEP_COLUMNS and len(steps) == 4 * 3
+    env = json.loads((out / "env.json").read_text())
+    for key in ("torch", "cuda", "nccl", "cpu_model", "torch_threads", "git_commit", "command"):
+        assert key in env
+    assert (out / "logs").is_dir() and len(os.listdir(out / "logs")) == 4
+    # one progress line per config, with the bar and an ETA
+    lines = [l for l in r.stdout.splitlines() if l.startswith("[")]
+    assert len(lines) == 8 and "ETA" in lines[-1]
+
+
+def test_memory_prediction_within_15_percent_on_sweep(sweep):
+    out, _ = sweep
+    for row in read_csv(out / "results.csv"):
+        if row["status"] == "ok":
+            assert abs(float(row["memory_prediction_error"])) < 0.15, row["config_id"]
+
+
+def test_report_renders_every_plot(sweep):
+    from bench.report import write_report
+
+    out, _ = sweep
+    text = open(write_report(str(out))).read()
+    for name in ("throughput.png", "memory.png", "loss.png", "throughput_vs_memory.png", "speedup.png"):
+        assert f"plots/{name}" in text
+        assert (out / "plots" / name).stat().st_size > 10_000
+    assert "Fastest config that fits" in text and "Pareto front" in text and "## Not ok" in text
+
+
+def test_compare_prints_ratios(sweep, cli):
+    out, _ = sweep
+    r = cli("-m", "bench.compare", str(out), str(out))
+    assert r.returncode == 0, r.stderr
+    assert "speed_ratio_B/A" in r.stdout and "4 configs compared; 0 changed" in r.stdout
+
+
+def test_failures_become_rows_and_leave_no_process(tmp_path):
+    m = write_toml(tmp_path / "m.toml", "[base]\nsteps = 4\nseq_len = 16\nglobal_batch = 2\nmax_grad_norm = 0.0\n"
+                                        "optimizer = 'sgd'\n[matrix]\nlr = [1e4, 0.1]\ndp = [1, 2]\n")
+    r = bench("--matrix", m, "--out", str(tmp_path / "o"), "--no-report", env={"LLMOPT_FAIL_AT": "1:1:raise"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {(row["lr"], row["dp"]): row for row in read_csv(tmp_path / "o" / "results.csv")}
+    assert rows[("10000", "1")]["status"] == "diverged" and "diverged" in rows[("10000", "1")]["error"]
+    assert rows[("0.1", "2")]["status"] == "failed"
+    assert "injected failure on rank 1" in rows[("0.1", "2")]["error"]
+    assert rows[("0.1", "1")]["status"] == "ok"
+
+
+def test_timeout_kills_the_config(tmp_path):
+    m = write_toml(tmp_path / "m.toml", "[base]\nsteps = 200\n[matrix]\ndp = [2]\n")
+    r = bench("--matrix", m, "--out", str(tmp_path / "o"), "--no-report", "--timeout", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_csv(tmp_path / "o" / "results.csv")
+    assert {row["status"] for row in rows} == {"timeout"} and "--timeout" in rows[0]["error"]
+    out = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout
+    assert out.strip() == ""
+
+
+def test_resume_after_sigkill(tmp_path):
+    m = write_toml(tmp_path / "m.toml", "[base]\nsteps = 3\nseq_len = 16\n[matrix]\noptimizer = ['sgd', 'adam', 'adamw']\n")
+    out = tmp_path / "o"
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "bench.run", "--matrix", m, "--out", str(out), "--no-report"],
+                            cwd=ROOT, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    results = out / "results.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_csv(results) if results.exists() else []) < 1:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the harness and whatever config it was running
+    proc.wait()
+    before = read_csv(results)
+    assert 1 <= len(before) < 3
+    with open(results, "a") as f:
+        f.write("single-fp32-ga1-adam-deadbe,ok,,nat")  # a torn row, as if killed mid-write
+    with open(out / "steps.csv", "a") as f:
+        f.write(f"{before[0]['config_id']},99,1.0")  # a torn steps row
+    r = bench("--resume", "--out", str(out), "--no-report")
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = read_csv(results)
+    assert sorted(row["config_id"] for row in after) == sorted({row["config_id"] for row in after})
+    assert len(after) == 3 and {row["status"] for row in after} == {"ok"}
+    assert after[0] == before[0]  # a finished row is kept as it was
+    steps = read_csv(out / "steps.csv")
+    assert len(steps) == 3 * 3 and all(s["step"] != "99" for s in steps)
+
+
+def test_bench_cli_errors_are_one_line(tmp_path):
+    for args in (["--matrix", "nosuch"], ["--filter", "nosuch=1"], ["--steps", "0"],
+                 ["--matrix", str(tmp_path / "missing.toml")], ["--resume", "--out", str(tmp_path)]):
+        r = bench(*args)
+        assert r.returncode == 2, args
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:"), r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_existing_results_are_never_overwritten(sweep):
+    out, _ = sweep
+    before = (out / "results.csv").read_text()
+    r = bench("--matrix", "smoke", "--out", str(out))
+    assert r.returncode == 2 and "--resume" in r.stderr
+    assert (out / "results.csv").read_text() == before
