@@ -26,6 +26,7 @@ from llmopt.config import PRECISIONS, TrainConfig, validate
 
 FIELDS = TrainConfig.field_names()
 INT_FIELDS = {f for f, v in asdict(TrainConfig()).items() if isinstance(v, int) and not isinstance(v, bool)}
+BOOL_FIELDS = {f for f, v in asdict(TrainConfig()).items() if isinstance(v, bool)}
 FLOAT_FIELDS = {f for f, v in asdict(TrainConfig()).items() if isinstance(v, float)}
 
 # Shapes per device: small enough on a 2-core CPU that bf16/fp16 rows (slow there) still finish.
@@ -34,6 +35,10 @@ DEVICE_BASE = {
     "cuda": dict(preset="gpt2", global_batch=16, seq_len=1024, steps=12),
 }
 WARMUP_STEPS = {"cpu": 2, "cuda": 3}
+# The peers matrix runs the shape of the CPU speed target (issue: 4 layers, 4 heads, width 256, sequence 256,
+# vocabulary 8192, batch 8, AdamW); on CUDA GPT-2 124M at sequence 1024.
+PEERS_SHAPE = {"cpu": dict(preset="mini", seq_len=256, global_batch=8, optimizer="adamw", steps=8),
+               "cuda": dict(preset="gpt2", seq_len=1024, global_batch=16, optimizer="adamw", steps=12)}
 
 
 def layouts(max_ranks: int, degrees=(2,)) -> list[dict]:
@@ -62,6 +67,17 @@ def _named(name: str, device: str, max_ranks: int) -> list[dict]:
     if name == "parity":
         degrees = (2, 4) if max_ranks >= 4 else (2,)
         return [dict(l, optimizer=o) for l in layouts(max_ranks, degrees) for o in ("adamw", "lamb")]
+    if name == "peers":  # each engine eager, and its candidates for "best"; the report picks the best
+        peers = [dict(engine="native", model_impl="llmopt"), dict(engine="native", model_impl="hf"),
+                 dict(engine="accelerate", model_impl="hf")]
+        toggles = [dict(), dict(precision="bf16"), dict(compile=True), dict(compile=True, precision="bf16")]
+        return [dict(p, **t, **PEERS_SHAPE[device]) for p in peers for t in toggles]
+    if name == "extras":  # speed toggles on the baseline layouts
+        toggles = [dict(compile=True), dict(activation_checkpointing=True)]
+        toggles += [dict(optimizer_impl=i) for i in ("for-loop", "foreach", "fused")]
+        base_layouts = [dict(), dict(dp=2), dict(dp=2, dp_mode="fsdp"), dict(tp=2), dict(pp=2)]
+        return [dict(l, **t) for l in base_layouts for t in [dict(), *toggles]
+                if not (t.get("optimizer_impl") and l)]  # optimizer kernels: single process is enough
     if name == "full":
         return [dict(l, precision=p, grad_accum=g, optimizer=o)
                 for l in layouts(max_ranks) for p in PRECISIONS for g in (1, 2)
@@ -69,7 +85,7 @@ def _named(name: str, device: str, max_ranks: int) -> list[dict]:
     raise KeyError(name)
 
 
-NAMED = ("smoke", "default", "parity", "full")
+NAMED = ("smoke", "default", "parity", "full", "peers", "extras")
 
 
 class MatrixError(ValueError):
@@ -79,6 +95,12 @@ class MatrixError(ValueError):
 def _coerce(field: str, value, where: str):
     if field not in FIELDS:
         raise MatrixError(f"{where}: unknown field {field!r}; known fields: {', '.join(FIELDS)}")
+    if field in BOOL_FIELDS:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "false"):
+            return str(value).lower() == "true"
+        raise MatrixError(f"{where}: {field} = {value!r} is not true or false")
     if field in INT_FIELDS:
         if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
             raise MatrixError(f"{where}: {field} = {value!r} is not an integer")
@@ -140,16 +162,22 @@ def layout_name(cfg) -> str:
 
 def config_id(cfg: dict) -> str:
     """Readable and stable: the layout and toggles, then a short hash of every field (unique in a sweep)."""
-    parts = [cfg["model_impl"]] if cfg["model_impl"] != "llmopt" else []
+    parts = [cfg["engine"]] if cfg["engine"] != "native" else []
+    parts += [cfg["model_impl"]] if cfg["model_impl"] != "llmopt" else []
     parts += [layout_name(cfg), cfg["precision"], f"ga{cfg['grad_accum']}", cfg["optimizer"]]
+    parts += ["compile"] if cfg["compile"] else []
+    parts += ["ac"] if cfg["activation_checkpointing"] else []
+    parts += [f"opt-{cfg['optimizer_impl']}"] if cfg["optimizer_impl"] != "auto" else []
     digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:6]
     return "-".join(parts) + "-" + digest
 
 
 def baseline_of(cfg: dict) -> dict:
-    """Single process, fp32, no accumulation; same model, data, batch, optimizer, seed and steps."""
+    """llmopt's own eager step, single process, fp32, no accumulation; same model shape, data, batch,
+    optimizer, seed and steps (peers -- HF's model, Accelerate -- start from the same weights)."""
     return dict(cfg, dp=1, tp=1, pp=1, dp_mode="ddp", pp_schedule="1f1b", pp_microbatches=0,
-                precision="fp32", grad_accum=1, optimizer_impl="auto")
+                precision="fp32", grad_accum=1, optimizer_impl="auto", model_impl="llmopt", engine="native",
+                compile=False, activation_checkpointing=False)
 
 
 def expand(matrix: str, device: str, max_ranks: int, steps: int | None = None,
@@ -168,7 +196,7 @@ def expand(matrix: str, device: str, max_ranks: int, steps: int | None = None,
     if steps is not None:
         base["steps"] = steps
     defaults = asdict(TrainConfig())
-    configs = [dict(defaults, **base, **c) for c in combos]
+    configs = [{**defaults, **base, **c} for c in combos]
     for k, v in (filters or {}).items():
         configs = [c for c in configs if c[k] == v]
     if not configs:

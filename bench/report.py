@@ -21,7 +21,8 @@ def load(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     s = pd.DataFrame(steps, columns=["config_id", "step", "loss", "step_time_ms"])
     for col in r.columns:
         if col not in ("config_id", "status", "error", "engine", "model_impl", "preset", "device", "dp_mode",
-                       "pp_schedule", "precision", "optimizer", "optimizer_impl", "data", "peak_memory_kind",
+                       "pp_schedule", "precision", "optimizer", "optimizer_impl", "compile", "activation_checkpointing",
+                       "data", "peak_memory_kind",
                        "peak_flops_source", "baseline_id", "parity_verdict", "added_as_baseline"):
             r[col] = pd.to_numeric(r[col], errors="coerce")
     for col in ("step", "loss", "step_time_ms"):
@@ -48,6 +49,27 @@ def fastest_under(ok: pd.DataFrame, budget_bytes: float) -> pd.Series | None:
     return None if fit.empty else fit.loc[fit.tokens_per_s.idxmax()]
 
 
+def peers_section(ok: pd.DataFrame) -> list[str]:
+    """Each engine/model pair: its eager baseline (fp32, no compile) and its best config; the ratio of
+    llmopt's best to the best of any row training HF's model."""
+    L = ["## Peers: llmopt, transformers' model, Accelerate", ""]
+    rows = []
+    for (engine, impl), g in ok.groupby(["engine", "model_impl"]):
+        eager = g[(g.precision == "fp32") & (g.compile.astype(str) != "True")]
+        best = g.loc[g.tokens_per_s.idxmax()]
+        rows.append({"engine": engine, "model_impl": impl,
+                     "eager tokens/s": "" if eager.empty else f"{eager.tokens_per_s.max():,.0f}",
+                     "best tokens/s": f"{best.tokens_per_s:,.0f}", "best config": best.config_id,
+                     "best parity verdict": best.parity_verdict})
+    L.append(_md_table(pd.DataFrame(rows)))
+    ours, hf = ok[ok.model_impl == "llmopt"], ok[ok.model_impl == "hf"]
+    if not ours.empty and not hf.empty:
+        r = ours.tokens_per_s.max() / hf.tokens_per_s.max()
+        L.append(f"llmopt's best / HF's best (any engine): **{r:.2f}x** (target 1.3x: {'met' if r >= 1.3 else 'not met'}).")
+        L.append("")
+    return L
+
+
 def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
     from bench.plots import all_plots, pareto_front
 
@@ -66,7 +88,8 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
              + (f", GPUs: {', '.join(env['gpus'])}" if env.get("gpus") else "")
              + f"; torch {env.get('torch', '?')}, CUDA {env.get('cuda')}, NCCL {env.get('nccl')}; git {str(env.get('git_commit'))[:10]}")
     L.append(f"- Configs: {len(results)} (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
-    L.append(f"- Sweep wall time (sum of config runs): {wall / 60:.1f} min")
+    L.append(f"- Sweep wall time: {env['sweep_seconds'] / 60:.1f} min (configs themselves: {wall / 60:.1f} min)"
+             if "sweep_seconds" in env else f"- Wall time of the configs: {wall / 60:.1f} min")
     L.append("")
     L.append("How to read this: see `results/README.md`. Throughput is global tokens/s over the timed steps "
              "(warm-up excluded); memory is the rank with the largest peak; MFU is model FLOPs "
@@ -123,6 +146,8 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
         L.append("Pareto front (no other config is both faster and smaller): "
                  + ", ".join(f"`{c}`" for c in front.sort_values("peak_memory_bytes").config_id))
         L.append("")
+    if not ok.empty and ok.groupby(["engine", "model_impl"]).ngroups > 1:
+        L += peers_section(ok)
     bad = results[results.status != "ok"]
     if not bad.empty:
         L.append("## Not ok")

@@ -15,7 +15,7 @@ RESULT_COLUMNS = [
     "config_id", "status", "error",
     "engine", "model_impl", "preset", "device", "world_size", "dp", "dp_mode", "tp", "pp", "pp_schedule",
     "pp_microbatches", "precision", "grad_accum", "micro_batch", "global_batch", "seq_len", "optimizer",
-    "optimizer_impl", "lr", "weight_decay", "max_grad_norm", "steps", "warmup_steps", "seed", "data",
+    "optimizer_impl", "compile", "activation_checkpointing", "lr", "weight_decay", "max_grad_norm", "steps", "warmup_steps", "seed", "data",
     "tokens_per_s", "step_time_ms_p50", "step_time_ms_p90",
     "peak_memory_bytes", "peak_memory_kind", "predicted_memory_bytes", "memory_prediction_error",
     "memory_parameters_bytes", "memory_gradients_bytes", "memory_optimizer_state_bytes",

@@ -81,8 +81,11 @@ def run_config(entry: dict, out_dir: str, timeout: float, warmup: int) -> tuple[
     argv = [sys.executable, "-m", "llmopt.train", "--quiet", "--memory-breakdown",
             "--warmup-steps", str(warmup), "--metrics-out", metrics_path]
     for k, v in cfg.items():
-        if v is not None:
-            argv += [f"--{k.replace('_', '-')}", str(v)]
+        flag = f"--{k.replace('_', '-')}"
+        if isinstance(v, bool):
+            argv += [flag] if v else []
+        elif v is not None:
+            argv += [flag, str(v)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if cfg["dp"] * cfg["tp"] * cfg["pp"] > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (cfg["dp"] * cfg["tp"] * cfg["pp"])))
@@ -325,6 +328,12 @@ def sweep(args, argv) -> int:
         print(f"\ninterrupted: finished rows are kept; finish with  python -m bench.run --resume --out {out}",
               file=sys.stderr)
         return 130
+    env_path = os.path.join(out, "env.json")
+    with open(env_path) as f:
+        env = json.load(f)
+    env["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    env["sweep_seconds"] = env.get("sweep_seconds", 0.0) + (time.monotonic() - t_start)  # summed over resumes
+    write_json(env_path, env)
     if not args.no_report:
         from bench.report import write_report
 

@@ -47,6 +47,9 @@ class TrainConfig:
     seed: int = 0                    # model init and data
     device: str = "auto"             # auto, cpu or cuda
     data: str | None = None          # a text file (byte tokens); None -> the generated Markov source
+    engine: str = "native"           # native (llmopt's step) or accelerate (accelerate.Accelerator's loop)
+    compile: bool = False            # torch.compile each transformer block
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
     # ------------------------------------------------------------------ derived
     @property
@@ -104,6 +107,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("optimizer-impl", cfg.optimizer_impl, OPTIMIZER_IMPLS)
     _choice("device", cfg.device, DEVICES)
+    _choice("engine", cfg.engine, ENGINES)
     for flag in ("dp", "tp", "pp", "grad_accum", "global_batch", "seq_len", "steps"):
         if getattr(cfg, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must be at least 1")
@@ -141,4 +145,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.optimizer_impl in ("foreach", "fused") and cfg.optimizer == "lamb":
         raise ValueError(f"--optimizer-impl {cfg.optimizer_impl}: llmopt's LAMB is a for-loop; "
                          f"use --optimizer-impl auto or for-loop with --optimizer lamb")
+    if cfg.engine == "accelerate":
+        if cfg.tp > 1 or cfg.pp > 1 or cfg.dp_mode != "ddp":
+            raise ValueError("--engine accelerate runs data parallelism (DDP) only; drop --tp/--pp/--dp-mode fsdp "
+                             "or use --engine native")
+        if cfg.optimizer == "lamb":
+            raise ValueError("--engine accelerate takes torch's optimizers; use sgd, adam or adamw, or --engine native")
+        if cfg.precision == "fp16" and resolve_device(cfg.device) == "cpu":
+            raise ValueError("--engine accelerate --precision fp16: Accelerate applies fp16 on GPUs only (on CPU it "
+                             "silently trains in fp32); use --precision bf16 or --engine native")
     return cfg.resolved()

@@ -11,8 +11,13 @@ matrix is kept):
   fused QKV output (3C), the attention output and its (B, T, C) copy for c_proj (2C), the MLP's hidden
   pre-activation and GELU output (8C): 17C values, of which the 13C after a column-parallel projection are
   split over TP ranks. Under autocast the matmul inputs/outputs are 16-bit, LayerNorm inputs stay fp32.
-* the head keeps the final LayerNorm's input and output (2C) and the log-probabilities (V) per token; the
-  backward of the loss holds two more V-sized temporaries (the gradients of log-probs and of logits).
+* llmopt's fused head (``model.LinearCrossEntropy``) keeps the final LayerNorm's input (C) and the
+  gradient of its output (C) per token, the head's weight gradient (V x C) and, while it runs, one chunk's
+  logits and softmax. Where logits are materialised (HF's model, a pipeline's last stage) the head keeps the
+  LayerNorm input and output (2C) and the log-probabilities (V) per token, and the backward of the loss two
+  more V-sized temporaries.
+* with activation checkpointing a block keeps only its input (C, fp32) and backward recomputes one block
+  at a time. torch.compile is predicted as eager (inductor usually saves less: the error column shows it).
 * the peak is at the start of backward: parameters + optimizer state + activations + loss temporaries;
   gradients add to it only when they survive from an earlier accumulation micro-batch, or as DDP's buckets.
 """
@@ -61,10 +66,18 @@ def _act_bytes_per_token(cfg, stage: int, dtype_bytes: int) -> float:
     half = dtype_bytes  # 4 in fp32, 2 under autocast
     per_layer = 4 * C * 4 if half == 4 else (2 * C * 4 + 2 * C * 2)  # LN inputs fp32, LN outputs cast
     per_layer += 13 * C / tp * half
-    b = len(stage_layers(m.n_layer, cfg.pp, stage)) * per_layer
+    n_layers = len(stage_layers(m.n_layer, cfg.pp, stage))
+    head = 0
     if stage == cfg.pp - 1:
-        b += 2 * C * 4 + V * 4 + 2 * V * 4  # final LN, log-probs, loss-backward temporaries (all fp32)
-    return b
+        if cfg.model_impl == "hf" or cfg.pp > 1:  # logits -> cross-entropy: log-probs, two backward temps
+            head = 2 * C * 4 + 3 * V * 4
+        else:  # llmopt's fused linear + cross-entropy: LN input and the stored gradient of h
+            head = 2 * C * 4
+    if cfg.activation_checkpointing:
+        # each block keeps only its fp32 input; backward recomputes one block at a time, after the head's
+        # temporaries are gone: the peak is the larger of the two
+        return n_layers * C * 4 + max(head, per_layer if n_layers else 0)
+    return n_layers * per_layer + head
 
 
 def predict_memory(cfg) -> MemoryPrediction:
@@ -97,6 +110,9 @@ def predict_memory(cfg) -> MemoryPrediction:
             in_flight = cfg.pp_microbatches if cfg.pp_schedule == "gpipe" else min(cfg.pp_microbatches, cfg.pp - stage)
             tokens = chunk * in_flight
         act = _act_bytes_per_token(cfg, stage, 4 if cfg.precision == "fp32" else 2) * tokens
+        if stage == cfg.pp - 1 and cfg.model_impl == "llmopt" and cfg.pp == 1:
+            # the fused head's stored weight gradient and one chunk's logits and softmax
+            act += 4 * m.vocab_size * m.n_embd + 2 * 4 * min(256, tokens) * m.vocab_size
         if cfg.precision != "fp32":
             act += 2 * (n - (cfg.model_config.vocab_size + cfg.model_config.block_size) * cfg.model_config.n_embd
                         * (stage == 0))  # autocast's 16-bit copies of the weights

@@ -100,7 +100,9 @@ def tracked_memory_step(state, step: int) -> dict[str, int]:
     tracker.track_external(state.layout.module, state.optimizer)
     with tracker:
         train_step(state, step)
-    snap = tracker.get_tracker_snapshot("peak").get(state.device, {})
+    dev = state.device
+    snap = next((v for k, v in tracker.get_tracker_snapshot("peak").items()
+                 if k.type == dev.type and (dev.type != "cuda" or k.index == dev.index)), {})
     out = {c: 0 for c in _MEMREF_CATEGORY.values()}
     for kind, nbytes in snap.items():
         name = getattr(kind, "name", str(kind))

@@ -41,6 +41,8 @@ class GPTConfig:
 # Named presets. `tiny` is the CPU default: layers and heads divisible by 2 and 4 so every layout fits.
 PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=1024, block_size=256),
+    # the CPU speed target's shape: 4 layers, 4 heads, width 256, vocabulary 8192, sequences of 256
+    "mini": GPTConfig(n_layer=4, n_head=4, n_embd=256, vocab_size=8192, block_size=256),
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024),
     "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024, vocab_size=50257, block_size=1024),
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280, vocab_size=50257, block_size=1024),
@@ -140,10 +142,10 @@ class GPT(nn.Module):
             x = block(x)
         if self.ln_f is None:
             return x  # an inner pipeline stage hands on hidden states
-        logits = F.linear(self.ln_f(x), self.lm_head_weight)  # (B, T, V); tied head, no bias
+        h = self.ln_f(x)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            return F.linear(h, self.lm_head_weight)  # (B, T, V); tied head, no bias
+        return linear_cross_entropy(h.flatten(0, 1), self.lm_head_weight, targets.reshape(-1))
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -169,6 +171,49 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         return flops_per_token(self.config, seq_len)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean(cross_entropy(h @ W^T, targets)) without materialising the (N, V) logits.
+
+    The rows are taken in chunks; for each chunk the forward computes the logits, the loss and at once the
+    gradients w.r.t. h and W (softmax - onehot, then two matmuls), and frees the chunk's logits. Backward
+    only scales the stored gradients. Same FLOPs as the plain head + loss, but no N x V tensor is kept for
+    backward (the plain path keeps the log-probabilities and writes three N x V buffers in backward), which
+    saves memory and, on CPU, cache traffic. The idea is Liger-Kernel's fused linear cross-entropy.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows):
+        n = h.size(0)
+        grad_h = torch.empty_like(h, dtype=torch.float32)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, n, chunk_rows):
+            hc, tc = h[start : start + chunk_rows], targets[start : start + chunk_rows]
+            logits = F.linear(hc, weight).float()                       # (c, V), autocast-aware matmul
+            lse = torch.logsumexp(logits, dim=-1)                         # (c,)
+            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            g = logits.sub_(lse[:, None]).exp_()                          # softmax, in place
+            g[torch.arange(g.size(0), device=g.device), tc] -= 1.0        # d(sum CE)/d logits
+            g = g.to(hc.dtype) if torch.is_autocast_enabled() else g
+            grad_h[start : start + chunk_rows] = (g @ weight.to(g.dtype)).float()
+            grad_w += (g.t() @ hc.to(g.dtype)).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.n, ctx.dtypes = n, (h.dtype, weight.dtype)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_loss / ctx.n
+        return (grad_h * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int = 256) -> torch.Tensor:
+    """Mean cross-entropy of the tied head's logits; see LinearCrossEntropy."""
+    return LinearCrossEntropy.apply(h, weight, targets, chunk_rows)
 
 
 def param_count(cfg: GPTConfig, non_embedding: bool = False) -> int:

@@ -42,6 +42,10 @@ class TrainState:
 def build(cfg, device: torch.device) -> TrainState:
     """``cfg`` must be validated (llmopt.config.validate). Collective when distributed."""
     check_precision(cfg.precision, device.type)
+    if cfg.engine == "accelerate":  # the peer engine builds its own loop (llmopt/accelerate_engine.py)
+        from llmopt import accelerate_engine
+
+        return accelerate_engine.build(cfg, device)
     layout = parallelize(cfg, device)
     optimizer = build_optimizer(cfg.optimizer, layout.model, cfg.lr, cfg.weight_decay, cfg.optimizer_impl)
     source = build_source(cfg.data, cfg.model_config.vocab_size, cfg.seed)
@@ -69,6 +73,10 @@ def clip_grads_(params, grad_norm: torch.Tensor, max_norm: float) -> None:
 
 def train_step(state: TrainState, step: int, batches=None) -> StepStats:
     cfg, layout, opt, scaler = state.cfg, state.layout, state.optimizer, state.scaler
+    if cfg.engine == "accelerate":
+        from llmopt import accelerate_engine
+
+        return accelerate_engine.train_step(state, step, batches)
     batches = micro_batches(state, step) if batches is None else batches
     opt.zero_grad(set_to_none=True)
     local_loss = layout.forward_backward(batches, autocast(cfg.precision, state.device.type), scaler)

@@ -13,7 +13,7 @@ import os
 import sys
 import uuid
 
-from llmopt.config import (DEVICES, DP_MODES, MODEL_IMPLS, OPTIMIZER_IMPLS, OPTIMIZERS, PP_SCHEDULES,
+from llmopt.config import (DEVICES, DP_MODES, ENGINES, MODEL_IMPLS, OPTIMIZER_IMPLS, OPTIMIZERS, PP_SCHEDULES,
                            PRECISIONS, TrainConfig, validate)
 from llmopt.model import PRESETS
 
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--steps", type=int, default=d.steps)
     a("--seed", type=int, default=d.seed)
     a("--device", default=d.device, choices=DEVICES)
+    a("--engine", default=d.engine, choices=ENGINES, help="native step or accelerate.Accelerator's loop")
+    a("--compile", action="store_true", help="torch.compile each transformer block")
+    a("--activation-checkpointing", action="store_true", help="recompute each block's activations in backward")
     a("--data", default=None, help="a text file to train on (byte tokens); default: generated Markov data")
     a("--metrics-out", default=None, metavar="FILE.json", help="write the metrics JSON here")
     a("--warmup-steps", type=int, default=1, help="steps left out of the tokens/s figure (default: 1)")

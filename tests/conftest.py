@@ -14,6 +14,15 @@ def run_cli(*args, env=None, timeout=300):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """A plain ``pytest`` runs each benchmark once as a test, untimed (fast CI); ``pytest --benchmark-only``
+    times them. (pytest-benchmark refuses --benchmark-disable together with --benchmark-only, so the
+    choice is made here rather than in addopts.)"""
+    if hasattr(config.option, "benchmark_disable") and not config.getoption("benchmark_only"):
+        config.option.benchmark_disable = True
+
+
 @pytest.fixture
 def cli():
     return run_cli

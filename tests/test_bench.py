@@ -238,3 +238,23 @@ def test_existing_results_are_never_overwritten(sweep):
     r = bench("--matrix", "smoke", "--out", str(out))
     assert r.returncode == 2 and "--resume" in r.stderr
     assert (out / "results.csv").read_text() == before
+
+
+def test_peak_flops_sources():
+    from bench.hardware import datasheet_peak, peak_flops
+
+    assert datasheet_peak("NVIDIA H200", "bf16") == 989e12
+    assert datasheet_peak("NVIDIA A100-SXM4-80GB", "fp32") == 19.5e12
+    assert datasheet_peak("Some Future GPU", "bf16") is None  # -> measured instead
+    cache = {}
+    value, source = peak_flops("cpu", "fp32", cache)
+    assert value > 1e8 and source == "measured:cpu fp32 matmul" and cache == {"cpu:fp32": value}
+    assert peak_flops("cpu", "fp32", cache) == (value, source)  # measured once per sweep
+
+
+def test_energy_meter_reports_none_without_counters():
+    from llmopt.metrics import EnergyMeter
+
+    meter = EnergyMeter(torch.device("cpu"), local_rank=1)  # non-zero local rank never reads RAPL
+    meter.start()
+    assert meter.stop() == {"energy_j": None, "gpu_util_mean": None, "gpu_power_w_mean": None}

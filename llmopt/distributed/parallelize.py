@@ -19,20 +19,28 @@ from torch.distributed.device_mesh import DeviceMesh
 from llmopt.distributed.data_parallel import apply_ddp, apply_fsdp, apply_replicate, grad_sync
 from llmopt.distributed.dims import ParallelDims
 from llmopt.distributed.pipeline import Pipeline, split_stage
+from llmopt.distributed.speed import apply_speed_toggles
 from llmopt.distributed.tensor_parallel import apply_tp
-from llmopt.model import GPT, hf_config
+from llmopt.model import GPT
 from llmopt.optim import full_norm
 
 
 class HFCausalLM(nn.Module):
-    """transformers' GPT2LMHeadModel behind llmopt's ``model(idx, targets) -> loss`` interface. Targets are
-    already shifted by the data source, so the loss is taken on the logits rather than via ``labels=``."""
+    """transformers' GPT2LMHeadModel behind llmopt's ``model(idx, targets) -> loss`` interface.
 
-    def __init__(self, hf_model: nn.Module):
+    By default the loss is taken on the logits (the data source already shifted the targets). With
+    ``labels_style`` HF computes it, the way its users get it, through ``labels=`` and its own loss function
+    (which upcasts the logits); ``shift_labels`` hands it the already shifted targets, so exactly the same
+    T tokens are predicted as in llmopt's loss."""
+
+    def __init__(self, hf_model: nn.Module, labels_style: bool = False):
         super().__init__()
         self.hf = hf_model
+        self.labels_style = labels_style
 
     def forward(self, idx, targets=None):
+        if targets is not None and self.labels_style:
+            return self.hf(input_ids=idx, labels=targets, shift_labels=targets.contiguous()).loss
         logits = self.hf(input_ids=idx).logits
         if targets is None:
             return logits
@@ -40,13 +48,12 @@ class HFCausalLM(nn.Module):
 
 
 def build_model(cfg) -> nn.Module:
-    """The full single-device model, initialised from ``cfg.seed`` alone (identical on every rank)."""
+    """The full single-device model, initialised from ``cfg.seed`` alone (identical on every rank). The HF
+    model gets llmopt's initial weights (``to_hf``), so the two implementations start from the same point
+    and their loss curves can be compared step by step."""
     torch.manual_seed(cfg.seed)
-    if cfg.model_impl == "hf":
-        from transformers import GPT2LMHeadModel
-
-        return HFCausalLM(GPT2LMHeadModel(hf_config(cfg.model_config)))
-    return GPT(cfg.model_config)
+    model = GPT(cfg.model_config)
+    return HFCausalLM(model.to_hf()) if cfg.model_impl == "hf" else model
 
 
 class Layout:
@@ -61,7 +68,7 @@ class Layout:
         model.to(device)
         if dims.tp_enabled:
             apply_tp(model, mesh["tp"])
-        blocks = list(model.h.values()) if hasattr(model, "h") else list(model.hf.transformer.h)
+        blocks = apply_speed_toggles(model, cfg)
         self.module = model  # unwrapped (DDP alone wraps; fully_shard and replicate work in place)
         if dims.fsdp_enabled:
             apply_fsdp(model, mesh["dp"], blocks)

@@ -1,0 +1,151 @@
+"""``python -m bench.targets [--out DIR]``: the speed targets, measured (never asserted in tests).
+
+1. llmopt's eager step against ``GPT2LMHeadModel`` trained the way its users write it
+   (``model(input_ids=x, labels=x).loss``, torch's AdamW with its defaults), at the shape of the target:
+   4 layers, 4 heads, width 256, sequence 256, vocabulary 8192, batch 8, AdamW, the process's threads.
+   Both start from the same weights and see the same tokens; their steps are interleaved in blocks so that
+   drifts of the machine hit both alike. Target: >= 1.15x.
+2. The harness's overhead: tokens/s recorded by ``python -m llmopt.train`` (what ``bench.run`` runs: a
+   synchronised clock and a loss read per step) against a bare loop of the same step in its own process
+   (one sync at the end). Alternated 3 times. Target: within 3%.
+
+Writes DIR/targets.json and DIR/targets.md (default DIR: results/latest).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_SHAPE = dict(preset="mini", global_batch=8, seq_len=256, optimizer="adamw")
+OVERHEAD_SHAPE = dict(preset="tiny", global_batch=8, seq_len=64, optimizer="adamw")
+
+
+def _cfg(shape):
+    from llmopt.config import TrainConfig, validate
+
+    return validate(TrainConfig(**shape))
+
+
+def llmopt_vs_hf(blocks: int = 4, steps_per_block: int = 4) -> dict:
+    import torch
+
+    from llmopt import GPT
+    from llmopt.step import build, micro_batches, train_step
+
+    cfg = _cfg(PEER_SHAPE)
+    state = build(cfg, torch.device("cpu"))
+    torch.manual_seed(cfg.seed)
+    hf = GPT(cfg.model_config).to_hf().train()
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def hf_step(step):
+        (x, _), = micro_batches(state, step)
+        hf_opt.zero_grad()
+        loss = hf(input_ids=x, labels=x).loss
+        loss.backward()
+        hf_opt.step()
+        return loss.item()
+
+    def ours(step):
+        return train_step(state, step).loss.item()
+
+    times = {"llmopt": [], "hf": []}
+    step = {"llmopt": 0, "hf": 0}
+    for name, fn in (("llmopt", ours), ("hf", hf_step)):  # warm-up, untimed
+        for _ in range(2):
+            fn(step[name])
+            step[name] += 1
+    for _ in range(blocks):
+        for name, fn in (("llmopt", ours), ("hf", hf_step)):
+            for _ in range(steps_per_block):
+                t0 = time.perf_counter()
+                fn(step[name])
+                times[name].append(time.perf_counter() - t0)
+                step[name] += 1
+    tokens = cfg.global_batch * cfg.seq_len
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"shape": PEER_SHAPE, "threads": torch.get_num_threads(), "steps_each": len(times["llmopt"]),
+            "llmopt_tokens_per_s": tokens / med["llmopt"], "hf_user_loop_tokens_per_s": tokens / med["hf"],
+            "speedup": med["hf"] / med["llmopt"], "target": 1.15}
+
+
+def bare_loop(steps: int, warmup: int) -> float:
+    """tokens/s of a bare loop of the step: no per-step sync, no timer, one .item() at the end."""
+    import torch
+
+    from llmopt.step import build, train_step
+
+    cfg = _cfg(dict(OVERHEAD_SHAPE, steps=steps))
+    state = build(cfg, torch.device("cpu"))
+    for s in range(warmup):
+        train_step(state, s)
+    t0 = time.perf_counter()
+    for s in range(warmup, steps):
+        stats = train_step(state, s)
+    stats.loss.item()
+    return cfg.global_batch * cfg.seq_len * (steps - warmup) / (time.perf_counter() - t0)
+
+
+def harness_overhead(repeats: int = 3, steps: int = 30, warmup: int = 5) -> dict:
+    recorded, bare = [], []
+    env = dict(os.environ)
+    for _ in range(repeats):
+        out = os.path.join(REPO, "results", f".targets-{os.getpid()}.json")
+        args = [sys.executable, "-m", "llmopt.train", "--quiet", "--memory-breakdown", "--steps", str(steps),
+                "--warmup-steps", str(warmup), "--metrics-out", out]
+        for k, v in OVERHEAD_SHAPE.items():
+            args += [f"--{k.replace('_', '-')}", str(v)]
+        subprocess.run(args, cwd=REPO, env=env, check=True)
+        with open(out) as f:
+            recorded.append(json.load(f)["tokens_per_s"])
+        os.remove(out)
+        r = subprocess.run([sys.executable, "-m", "bench.targets", "--bare-loop", str(steps), str(warmup)],
+                           cwd=REPO, env=env, check=True, capture_output=True, text=True)
+        bare.append(float(r.stdout.strip().splitlines()[-1]))
+    rec, b = statistics.median(recorded), statistics.median(bare)
+    return {"shape": OVERHEAD_SHAPE, "steps": steps, "warmup": warmup, "recorded_tokens_per_s": recorded,
+            "bare_loop_tokens_per_s": bare, "overhead": 1 - rec / b, "target": 0.03}
+
+
+def write(out_dir: str, results: dict) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "targets.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    p, o = results["llmopt_vs_hf"], results["harness_overhead"]
+    md = ["# Speed targets", "",
+          f"- llmopt eager step vs `GPT2LMHeadModel` as its users write it ({p['shape']}, {p['threads']} threads, "
+          f"median of {p['steps_each']} interleaved steps each): {p['llmopt_tokens_per_s']:,.0f} vs "
+          f"{p['hf_user_loop_tokens_per_s']:,.0f} tokens/s = **{p['speedup']:.2f}x** (target {p['target']}x: "
+          f"{'met' if p['speedup'] >= p['target'] else 'NOT met'})",
+          f"- Harness overhead ({o['shape']}, {o['steps']} steps, {o['warmup']} warm-up, 3 alternated runs): "
+          f"recorded {statistics.median(o['recorded_tokens_per_s']):,.0f} vs bare loop "
+          f"{statistics.median(o['bare_loop_tokens_per_s']):,.0f} tokens/s = **{o['overhead']:+.1%}** "
+          f"(target within {o['target']:.0%}: {'met' if abs(o['overhead']) <= o['target'] else 'NOT met'})", ""]
+    path = os.path.join(out_dir, "targets.md")
+    with open(path, "w") as f:
+        f.write("\n".join(md))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--bare-loop"]:  # the worker side of harness_overhead
+        print(bare_loop(int(argv[1]), int(argv[2])))
+        return 0
+    p = argparse.ArgumentParser(prog="python -m bench.targets", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(REPO, "results", "latest"))
+    args = p.parse_args(argv)
+    results = {"llmopt_vs_hf": llmopt_vs_hf(), "harness_overhead": harness_overhead()}
+    path = write(args.out, results)
+    print(open(path).read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Per-block speed toggles, applied between tensor parallelism and data parallelism (torchtitan's order:
+TP -> activation checkpointing -> compile -> FSDP/DDP), so each wrapper sees the block it expects."""
+from __future__ import annotations
+
+import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+
+def apply_ac(blocks: nn.ModuleDict | nn.ModuleList) -> None:
+    """Activation checkpointing per block (Chen et al. 2016): keep only each block's input, recompute the
+    rest in backward. Trades about one extra forward for most of the activation memory."""
+    keys = list(blocks.keys()) if isinstance(blocks, nn.ModuleDict) else range(len(blocks))
+    for k in keys:
+        blocks[k] = checkpoint_wrapper(blocks[k], preserve_rng_state=False)
+
+
+def apply_compile(blocks) -> None:
+    """torch.compile each block in place (the blocks are identical, so one compiled graph serves all)."""
+    for block in (blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks):
+        block.compile()
+
+
+def blocks_of(model: nn.Module):
+    """The container of transformer blocks: llmopt's ``h`` (a ModuleDict) or HF's ``transformer.h``."""
+    return model.h if hasattr(model, "h") else model.hf.transformer.h
+
+
+def apply_speed_toggles(model: nn.Module, cfg) -> list[nn.Module]:
+    """Activation checkpointing, then compile, per block as the config asks; returns the blocks."""
+    container = blocks_of(model)
+    if cfg.activation_checkpointing:
+        apply_ac(container)
+    if cfg.compile:
+        apply_compile(container)
+    return list(container.values() if isinstance(container, nn.ModuleDict) else container)

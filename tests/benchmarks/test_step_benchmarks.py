@@ -1,0 +1,132 @@
+"""pytest-benchmark suite: the training step under each toggle family.
+
+``pytest --benchmark-only`` times them (``benchmark.pedantic`` with warm-up rounds); a plain ``pytest`` runs
+each once as a test without timing. ``extra_info`` carries tokens_per_s, peak_memory_bytes (tracked tensor
+memory of one extra step) and mfu (against the measured fp32/bf16/fp16 matmul peak of this machine).
+"""
+import itertools
+import json
+
+import pytest
+import torch
+
+from bench.hardware import peak_flops
+from llmopt.config import TrainConfig, validate
+from llmopt.metrics import tracked_memory_step
+from llmopt.model import flops_per_token
+from llmopt.step import build, train_step
+
+SHAPE = dict(preset="tiny", global_batch=8, seq_len=64)
+ROUNDS, WARMUP = 6, 2
+CASES = [
+    ("precision", {"precision": "fp32"}),
+    ("precision", {"precision": "bf16"}),
+    ("precision", {"precision": "fp16"}),
+    ("grad_accum", {"grad_accum": 1}),
+    ("grad_accum", {"grad_accum": 4}),
+    ("optimizer", {"optimizer": "sgd"}),
+    ("optimizer", {"optimizer": "adam"}),
+    ("optimizer", {"optimizer": "adamw"}),
+    ("optimizer", {"optimizer": "lamb"}),
+    ("speed", {"compile": True}),
+    ("speed", {"activation_checkpointing": True}),
+]
+_PEAKS: dict = {}
+
+
+def _record(benchmark, cfg, tokens_per_s, peak_bytes):
+    benchmark.extra_info["tokens_per_s"] = tokens_per_s
+    benchmark.extra_info["peak_memory_bytes"] = peak_bytes
+    peak, source = peak_flops("cpu", cfg.precision, _PEAKS)
+    benchmark.extra_info["mfu"] = tokens_per_s * flops_per_token(cfg.model_config, cfg.seq_len) / peak
+    benchmark.extra_info["peak_flops_source"] = source
+
+
+def _case_id(family, overrides):
+    return "-".join([family] + [k if v is True else str(v) for k, v in overrides.items()])
+
+
+@pytest.mark.parametrize("family,overrides", CASES, ids=[_case_id(f, o) for f, o in CASES])
+def test_step(benchmark, family, overrides):
+    benchmark.group = family
+    cfg = validate(TrainConfig(**SHAPE, **overrides))
+    state = build(cfg, torch.device("cpu"))
+    steps = itertools.count()
+    losses = []
+
+    def one_step():
+        losses.append(train_step(state, next(steps)).loss.item())  # .item(): the step's work is finished
+
+    benchmark.pedantic(one_step, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    assert all(map(lambda l: l == l and l < 20, losses))  # finite, sane
+    if benchmark.stats is not None:  # timed run (--benchmark-only)
+        tokens = cfg.global_batch * cfg.seq_len
+        _record(benchmark, cfg, tokens / benchmark.stats.stats.mean,
+                tracked_memory_step(state, next(steps))["total"])
+
+
+def test_layout_ddp2(benchmark, cli, tmp_path):
+    """A multi-rank layout: the ranks run in their own processes, so the benchmark times the whole run
+    (launch included) and extra_info takes the in-run figures (warm-up excluded) from its metrics JSON."""
+    benchmark.group = "layout"
+    out = tmp_path / "m.json"
+    args = ["-m", "llmopt.train", "--dp", "2", "--steps", "6", "--warmup-steps", "2", "--quiet",
+            "--memory-breakdown", "--metrics-out", str(out)] + [f"--{k.replace('_', '-')}={v}" for k, v in SHAPE.items()]
+
+    def run():
+        r = cli(*args)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    benchmark.pedantic(run, rounds=1, warmup_rounds=0, iterations=1)
+    m = json.loads(out.read_text())
+    assert len(m["losses"]) == 6 and m["losses"][-1] < m["losses"][0]
+    assert len(m["peak_memory_bytes_per_rank"]) == 2
+    if benchmark.stats is not None:
+        _record(benchmark, validate(TrainConfig(**SHAPE, dp=2)), m["tokens_per_s"], m["peak_memory_bytes"])
+
+
+# ---------------------------------------------------------------- peers, at the CPU speed target's shape
+PEER_SHAPE = dict(preset="mini", global_batch=8, seq_len=256, optimizer="adamw")
+
+
+def hf_user_loop(cfg):
+    """GPT2LMHeadModel trained the way its users write it: torch's AdamW with its defaults,
+    ``model(input_ids=x, labels=x).loss``, backward, step. Same weights and tokens as llmopt's step."""
+    from llmopt import GPT
+    from llmopt.step import micro_batches
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model_config).to_hf().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = build(cfg, torch.device("cpu"))  # only for the data source
+    steps = itertools.count()
+
+    def one_step():
+        (x, _), = micro_batches(state, next(steps))
+        opt.zero_grad()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return one_step
+
+
+@pytest.mark.parametrize("impl", ["llmopt-step", "hf-user-loop"])
+def test_peer(benchmark, impl):
+    benchmark.group = "peers (mini: 4 layers, width 256, seq 256, vocab 8192, batch 8, AdamW)"
+    cfg = validate(TrainConfig(**PEER_SHAPE))
+    if impl == "hf-user-loop":
+        one_step = hf_user_loop(cfg)
+    else:
+        state = build(cfg, torch.device("cpu"))
+        steps = itertools.count()
+
+        def one_step():
+            return train_step(state, next(steps)).loss.item()
+
+    losses = []
+    benchmark.pedantic(lambda: losses.append(one_step()), rounds=4, warmup_rounds=1, iterations=1)
+    assert all(l == l for l in losses)
+    if benchmark.stats is not None:
+        benchmark.extra_info["tokens_per_s"] = cfg.global_batch * cfg.seq_len / benchmark.stats.stats.mean
