@@ -20,7 +20,7 @@ import itertools
 import json
 import os
 import tomllib
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 from llmopt.config import PRECISIONS, TrainConfig, validate
 

@@ -49,10 +49,11 @@ class MarkovSource:
     def _stationary(self, iters: int = 10_000, tol: float = 1e-13) -> torch.Tensor:
         V = self.vocab_size
         pi = torch.full((V,), 1.0 / V, dtype=torch.float64)
-        src, w = self.succ.reshape(-1), self.probs.reshape(-1)
+        src = self.succ.reshape(-1)
         for _ in range(iters):
             # lazy step (I + P)/2: same stationary distribution, and convergence even for a periodic chain
-            new = 0.5 * pi + 0.5 * torch.zeros(V, dtype=torch.float64).index_add_(0, src, (pi[:, None] * self.probs).reshape(-1))
+            flow = (pi[:, None] * self.probs).reshape(-1)
+            new = 0.5 * pi + 0.5 * torch.zeros(V, dtype=torch.float64).index_add_(0, src, flow)
             if (new - pi).abs().sum() < tol:
                 return new
             pi = new

@@ -17,7 +17,7 @@ wrappers possible without the model asking whether it is wrapped:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
