@@ -81,15 +81,12 @@ def loss_curves(steps: pd.DataFrame, ok: pd.DataFrame, path: str) -> str:
     return _save(fig, path)
 
 
-def pareto_front(ok: pd.DataFrame) -> pd.DataFrame:
-    """Configs no other config beats on both throughput (higher) and memory (lower)."""
-    d = ok.sort_values(["peak_memory_bytes", "tokens_per_s"], ascending=[True, False])
-    best, keep = -1.0, []
-    for i, r in d.iterrows():
-        if r["tokens_per_s"] > best:
-            keep.append(i)
-            best = r["tokens_per_s"]
-    return ok.loc[keep]
+def pareto_front(ok: pd.DataFrame, tolerance: float = 0.005) -> pd.DataFrame:
+    """Configs that no other config beats on throughput at the same or lower memory (memory within
+    ``tolerance`` counts as the same: a few hundred bytes are not a trade-off)."""
+    mem, tps = ok["peak_memory_bytes"].to_numpy(), ok["tokens_per_s"].to_numpy()
+    keep = [i for i in range(len(ok)) if not ((mem <= mem[i] * (1 + tolerance)) & (tps > tps[i])).any()]
+    return ok.iloc[keep]
 
 
 def throughput_vs_memory(ok: pd.DataFrame, path: str) -> str:

@@ -16,7 +16,7 @@ MIB = 2**20
 def load(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     from bench.results import ResultFiles
 
-    results, steps = ResultFiles(out_dir).load()
+    results, steps = ResultFiles(out_dir).load()  # read-only
     r = pd.DataFrame(results, columns=RESULT_COLUMNS)
     s = pd.DataFrame(steps, columns=["config_id", "step", "loss", "step_time_ms"])
     for col in r.columns:

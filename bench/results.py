@@ -31,20 +31,20 @@ STEP_COLUMNS = ["config_id", "step", "loss", "step_time_ms"]
 STATUSES = ("ok", "failed", "skipped", "timeout", "oom", "diverged")
 
 
-def _complete_rows(path: str, columns: list[str]) -> list[dict]:
-    """Rows of a CSV whose lines were written whole (a torn or malformed tail is dropped)."""
+def _complete_rows(path: str) -> tuple[list[str], list[dict]]:
+    """(header, rows) of a CSV, keeping only lines written whole: a torn or malformed tail is dropped. The
+    header is the file's own, so a file written by another version of the schema is read as it was written."""
     if not os.path.exists(path):
-        return []
+        return [], []
     with open(path, newline="") as f:
         text = f.read()
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]  # the last line was cut mid-write
-    rows = []
-    for row in csv.reader(io.StringIO(text)):
-        if row == columns or len(row) != len(columns):
-            continue
-        rows.append(dict(zip(columns, row)))
-    return rows
+    lines = list(csv.reader(io.StringIO(text)))
+    if not lines:
+        return [], []
+    header = lines[0]
+    return header, [dict(zip(header, row)) for row in lines[1:] if len(row) == len(header)]
 
 
 class ResultFiles:
@@ -52,22 +52,37 @@ class ResultFiles:
         self.results_path = os.path.join(out_dir, "results.csv")
         self.steps_path = os.path.join(out_dir, "steps.csv")
 
-    def load(self) -> tuple[list[dict], list[dict]]:
-        """Finished rows and their steps; rewrites both files clean (one row per config, no torn lines)."""
+    def load(self, repair: bool = False) -> tuple[list[dict], list[dict]]:
+        """Finished rows and their steps (one row per config; torn lines and steps of unfinished configs
+        left out). Read-only unless ``repair`` (resume), which rewrites both files clean in the current
+        schema; a file with columns this version does not know is refused rather than rewritten."""
+        header, raw = _complete_rows(self.results_path)
         results, seen = [], set()
-        for row in _complete_rows(self.results_path, RESULT_COLUMNS):
-            if row["config_id"] not in seen and row["status"] in STATUSES:
+        for row in raw:
+            if row.get("config_id") and row["config_id"] not in seen and row.get("status") in STATUSES:
                 seen.add(row["config_id"])
                 results.append(row)
+        step_header, raw_steps = _complete_rows(self.steps_path)
         steps, seen_steps = [], set()
-        for row in _complete_rows(self.steps_path, STEP_COLUMNS):
-            key = (row["config_id"], row["step"])
-            if row["config_id"] in seen and key not in seen_steps:
+        for row in raw_steps:
+            key = (row.get("config_id"), row.get("step"))
+            if key[0] in seen and key not in seen_steps:
                 seen_steps.add(key)
                 steps.append(row)
-        self._rewrite(self.results_path, RESULT_COLUMNS, results)
-        self._rewrite(self.steps_path, STEP_COLUMNS, steps)
+        if repair:
+            unknown = (set(header) - set(RESULT_COLUMNS)) | (set(step_header) - set(STEP_COLUMNS))
+            if unknown:
+                raise ValueError(f"{self.results_path} has columns this version does not write "
+                                 f"({', '.join(sorted(unknown))}); resume it with the version that started it")
+            self._rewrite(self.results_path, RESULT_COLUMNS, results)
+            self._rewrite(self.steps_path, STEP_COLUMNS, steps)
         return results, steps
+
+    def drop(self, config_ids: set[str]) -> None:
+        """Remove these configs' rows and steps (to run them again), rewriting both files atomically."""
+        results, steps = self.load()
+        self._rewrite(self.results_path, RESULT_COLUMNS, [r for r in results if r["config_id"] not in config_ids])
+        self._rewrite(self.steps_path, STEP_COLUMNS, [s for s in steps if s["config_id"] not in config_ids])
 
     @staticmethod
     def _rewrite(path: str, columns: list[str], rows: list[dict]) -> None:
@@ -75,7 +90,7 @@ class ResultFiles:
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=columns)
             w.writeheader()
-            w.writerows(rows)
+            w.writerows({k: row.get(k, "") for k in columns} for row in rows)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

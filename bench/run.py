@@ -19,7 +19,7 @@ import sys
 import time
 
 from bench.matrix import NAMED, MatrixError, baseline_of, config_id, expand, parse_filter, rank_budget
-from bench.results import ResultFiles
+from bench.results import STATUSES, ResultFiles
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(REPO, "results", "runs")
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", default=None, help="results directory (default: results/runs/<UTC time>-<matrix>)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep in --out (default: results/latest)")
+    p.add_argument("--retry", default="", metavar="STATUS,...",
+                   help="with --resume: run again the configs that ended with these statuses (e.g. failed,timeout)")
     p.add_argument("--filter", default=None, help="keep configs matching key=value[,key=value...]")
     p.add_argument("--steps", type=int, default=None, help="steps per config (default: the device's)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per config before it is killed")
@@ -268,6 +270,10 @@ def sweep(args, argv) -> int:
         raise MatrixError(f"--steps {args.steps}: must be at least 1")
     if args.timeout <= 0:
         raise MatrixError(f"--timeout {args.timeout}: must be positive")
+    retry = {s for s in args.retry.split(",") if s}
+    if retry and (not args.resume or retry - set(STATUSES) or "ok" in retry):
+        raise MatrixError(f"--retry {args.retry}: use with --resume and statuses among "
+                          f"{', '.join(s for s in STATUSES if s != 'ok')}")
     out, saved = _resolve_out(args)
     if saved is not None:
         plan, device, warmup = saved["plan"], saved["device"], saved["warmup_steps"]
@@ -294,14 +300,23 @@ def sweep(args, argv) -> int:
         if not args.out:
             _point_latest(out)
     files = ResultFiles(out)
-    done_rows, done_steps = files.load()
+    try:
+        done_rows, done_steps = files.load(repair=True)
+    except ValueError as e:
+        raise MatrixError(f"--resume: {e}") from None
+    if retry:
+        files.drop({r["config_id"] for r in done_rows if r["status"] in retry})
+        done_rows, done_steps = files.load()
     done = {r["config_id"] for r in done_rows}
     baselines: dict[str, list[float]] = {}
     for r in done_rows:
         if r["config_id"] == r.get("baseline_id") and r["status"] == "ok":
             baselines[r["config_id"]] = [float(s["loss"]) for s in done_steps if s["config_id"] == r["config_id"]]
     peak_cache_path = os.path.join(out, "peak_flops.json")
-    peak_cache = json.load(open(peak_cache_path)) if os.path.exists(peak_cache_path) else {}
+    peak_cache = {}
+    if os.path.exists(peak_cache_path):
+        with open(peak_cache_path) as f:
+            peak_cache = json.load(f)
     todo = [e for e in plan if e["config_id"] not in done]
     total = len(plan)
     print(f"bench: {len(todo)} of {total} configs to run on {device} -> {out}"

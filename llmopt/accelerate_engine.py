@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from llmopt.data import build_source
-from llmopt.distributed.parallelize import build_model
+from llmopt.distributed.parallelize import build_model, gather_object
 from llmopt.distributed.speed import apply_speed_toggles
 from llmopt.optim import build_optimizer
 from llmopt.step import StepStats, TrainState
@@ -30,11 +30,7 @@ class AccelerateLayout:
         return self.model.parameters()
 
     def gather_object(self, local) -> list:
-        if not dist.is_initialized():
-            return [local]
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, local)
-        return out
+        return gather_object(local)
 
 
 def build(cfg, device: torch.device) -> TrainState:

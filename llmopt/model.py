@@ -186,19 +186,27 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows):
         n = h.size(0)
-        grad_h = torch.empty_like(h, dtype=torch.float32)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        amp = torch.is_autocast_enabled(h.device.type)
+        acc = torch.float32 if amp else h.dtype  # softmax and accumulation dtype
+        grad_h = torch.empty_like(h, dtype=acc)
+        grad_w = None
+        loss = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, n, chunk_rows):
             hc, tc = h[start : start + chunk_rows], targets[start : start + chunk_rows]
-            logits = F.linear(hc, weight).float()                       # (c, V), autocast-aware matmul
-            lse = torch.logsumexp(logits, dim=-1)                         # (c,)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            g = logits.sub_(lse[:, None]).exp_()                          # softmax, in place
-            g[torch.arange(g.size(0), device=g.device), tc] -= 1.0        # d(sum CE)/d logits
-            g = g.to(hc.dtype) if torch.is_autocast_enabled() else g
-            grad_h[start : start + chunk_rows] = (g @ weight.to(g.dtype)).float()
-            grad_w += (g.t() @ hc.to(g.dtype)).float()
+            logits = F.linear(hc, weight)                                  # (c, V), autocast-aware matmul
+            logp = torch.log_softmax(logits.to(acc), dim=-1)               # (c, V)
+            del logits
+            loss -= logp.gather(1, tc[:, None]).sum()
+            g = logp.exp_()                                                # softmax, in place
+            g[torch.arange(g.size(0), device=g.device), tc] -= 1.0         # d(sum CE)/d logits
+            if amp:  # matmuls in the autocast dtype, accumulated in fp32
+                g16 = g.to(torch.get_autocast_dtype(h.device.type))
+                grad_h[start : start + chunk_rows] = g16 @ weight.to(g16.dtype)
+                part = (g16.t() @ hc.to(g16.dtype)).float()
+                grad_w = part if grad_w is None else grad_w.add_(part)
+            else:  # fp32: write straight into the outputs, no temporaries
+                torch.mm(g, weight, out=grad_h[start : start + chunk_rows])
+                grad_w = g.t() @ hc if grad_w is None else grad_w.addmm_(g.t(), hc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.n, ctx.dtypes = n, (h.dtype, weight.dtype)
         return loss / n

@@ -100,7 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.world_size > 1 and not _under_launcher():
         return launch(cfg.world_size, argv)
-    return run(cfg, args)
+    rc = run(cfg, args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A rank's work is done and written; leave without interpreter finalization, where gloo's worker
+        # threads can still free tensors that need the GIL and abort the process (SIGABRT, "terminate called
+        # without an active exception"; seen here after tensor-parallel runs, see pytorch/pytorch#179291).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -158,7 +158,9 @@ def test_report_renders_every_plot(sweep):
     from bench.report import write_report
 
     out, _ = sweep
+    before = (out / "results.csv").read_bytes(), (out / "steps.csv").read_bytes()
     text = open(write_report(str(out))).read()
+    assert ((out / "results.csv").read_bytes(), (out / "steps.csv").read_bytes()) == before  # read-only
     for name in ("throughput.png", "memory.png", "loss.png", "throughput_vs_memory.png", "speedup.png"):
         assert f"plots/{name}" in text
         assert (out / "plots" / name).stat().st_size > 10_000
@@ -182,6 +184,12 @@ def test_failures_become_rows_and_leave_no_process(tmp_path):
     assert rows[("0.1", "2")]["status"] == "failed"
     assert "injected failure on rank 1" in rows[("0.1", "2")]["error"]
     assert rows[("0.1", "1")]["status"] == "ok"
+    # --retry failed runs the failed config again (now without the injected fault); nothing else changes
+    r = bench("--resume", "--out", str(tmp_path / "o"), "--no-report", "--retry", "failed")
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = {(row["lr"], row["dp"]): row for row in read_csv(tmp_path / "o" / "results.csv")}
+    assert after.keys() == rows.keys() and after[("0.1", "2")]["status"] == "ok"
+    assert after[("0.1", "1")] == rows[("0.1", "1")] and after[("10000", "1")] == rows[("10000", "1")]
 
 
 def test_timeout_kills_the_config(tmp_path):
@@ -258,3 +266,22 @@ def test_energy_meter_reports_none_without_counters():
     meter = EnergyMeter(torch.device("cpu"), local_rank=1)  # non-zero local rank never reads RAPL
     meter.start()
     assert meter.stop() == {"energy_j": None, "gpu_util_mean": None, "gpu_power_w_mean": None}
+
+
+def test_older_schema_is_read_not_lost(tmp_path):
+    """A results.csv written with fewer columns (an older version) is read as written; only a resume
+    rewrites it, into the current schema, keeping every value; unknown columns stop a resume."""
+    from bench.results import ResultFiles
+
+    (tmp_path / "results.csv").write_text("config_id,status,tokens_per_s\na,ok,123.5\nb,failed,\n")
+    (tmp_path / "steps.csv").write_text("config_id,step,loss,step_time_ms\na,0,6.9,30.0\n")
+    files = ResultFiles(str(tmp_path))
+    rows, steps = files.load()
+    assert [r["config_id"] for r in rows] == ["a", "b"] and rows[0]["tokens_per_s"] == "123.5"
+    assert (tmp_path / "results.csv").read_text().startswith("config_id,status,tokens_per_s\n")  # untouched
+    files.load(repair=True)
+    rewritten = read_csv(tmp_path / "results.csv")
+    assert list(rewritten[0]) == RESULT_COLUMNS and rewritten[0]["tokens_per_s"] == "123.5"
+    (tmp_path / "results.csv").write_text("config_id,status,mystery\na,ok,1\n")
+    with pytest.raises(ValueError, match="mystery"):
+        files.load(repair=True)

@@ -82,3 +82,33 @@ def test_presets_and_accounting():
 def test_sequence_longer_than_positions_is_refused():
     with pytest.raises(ValueError, match="block_size"):
         GPT(SMALL)(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 64, 1000])
+def test_fused_head_loss_and_gradients_match_plain_cross_entropy(chunk_rows):
+    from llmopt.model import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(97, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 97, (50,))
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), t)
+    gh_ref, gw_ref = torch.autograd.grad(3.0 * ref, (h, w))
+    loss = linear_cross_entropy(h, w, t, chunk_rows=chunk_rows)
+    gh, gw = torch.autograd.grad(3.0 * loss, (h, w))  # an upstream gradient other than 1
+    assert torch.allclose(loss.double(), ref, atol=1e-6)
+    assert torch.allclose(gh, gh_ref, atol=1e-6) and torch.allclose(gw, gw_ref, atol=1e-6)
+
+
+def test_fused_head_under_autocast_tracks_fp32():
+    from llmopt.model import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h, w = torch.randn(64, 32, requires_grad=True), torch.randn(50, 32, requires_grad=True)
+    t = torch.randint(0, 50, (64,))
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, t)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert loss.dtype == torch.float32 and gh.dtype == h.dtype and gw.dtype == w.dtype
+    assert abs(loss.item() - ref.item()) < 0.05 * abs(ref.item())

@@ -126,12 +126,16 @@ class Layout:
         return share
 
     def gather_object(self, local) -> list:
-        """Every rank's ``local`` (a picklable object), in rank order."""
-        if not dist.is_initialized():
-            return [local]
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, local)
-        return out
+        return gather_object(local)
+
+
+def gather_object(local) -> list:
+    """Every rank's ``local`` (a picklable object), in rank order; ``[local]`` in a single process."""
+    if not dist.is_initialized():
+        return [local]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, local)
+    return out
 
 
 def parallelize(cfg, device: torch.device) -> Layout:
