@@ -35,8 +35,18 @@ def throughput(ok: pd.DataFrame, path: str) -> str:
     return _save(fig, path)
 
 
+MAX_MEMORY_BARS = 40
+
+
 def memory(ok: pd.DataFrame, path: str) -> str:
-    """Measured and predicted memory side by side for each config, stacked by category."""
+    """Measured and predicted memory side by side, stacked by category: every config, or in a large sweep
+    one per layout x precision (the one with the median peak), so the figure stays readable."""
+    title = "Memory by category: measured vs predicted"
+    if len(ok) > MAX_MEMORY_BARS:
+        groups = ok.assign(layout=ok.apply(layout_name, axis=1)).groupby(["layout", "precision"])
+        ok = groups.apply(lambda g: g.sort_values("peak_memory_bytes").iloc[len(g) // 2],
+                          include_groups=False).reset_index(drop=True)
+        title += " (median config per layout x precision)"
     rows = []
     for _, r in ok.iterrows():
         for kind, prefix in (("measured", "memory_"), ("predicted", "predicted_")):
@@ -62,7 +72,7 @@ def memory(ok: pd.DataFrame, path: str) -> str:
             y += 1
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set(xlabel="MiB (rank with the largest peak)", title="Memory by category: measured vs predicted")
+    ax.set(xlabel="MiB (rank with the largest peak)", title=title)
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
