@@ -186,29 +186,32 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows):
         n = h.size(0)
+        ctx.n, ctx.dtypes = n, (h.dtype, weight.dtype)  # gradients are returned in the inputs' dtypes
         amp = torch.is_autocast_enabled(h.device.type)
         acc = torch.float32 if amp else h.dtype  # softmax and accumulation dtype
-        grad_h = torch.empty_like(h, dtype=acc)
-        grad_w = None
+        if amp:  # cast once for all chunks (autocast would cache only the weight's cast)
+            low = torch.get_autocast_dtype(h.device.type)
+            h, weight_mm = h.to(low), weight.to(low)
+        else:
+            weight_mm = weight
+        grad_h = torch.empty(h.shape, dtype=acc, device=h.device)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         loss = torch.zeros((), dtype=acc, device=h.device)
-        for start in range(0, n, chunk_rows):
-            hc, tc = h[start : start + chunk_rows], targets[start : start + chunk_rows]
-            logits = F.linear(hc, weight)                                  # (c, V), autocast-aware matmul
-            logp = torch.log_softmax(logits.to(acc), dim=-1)               # (c, V)
-            del logits
-            loss -= logp.gather(1, tc[:, None]).sum()
-            g = logp.exp_()                                                # softmax, in place
-            g[torch.arange(g.size(0), device=g.device), tc] -= 1.0         # d(sum CE)/d logits
-            if amp:  # matmuls in the autocast dtype, accumulated in fp32
-                g16 = g.to(torch.get_autocast_dtype(h.device.type))
-                grad_h[start : start + chunk_rows] = g16 @ weight.to(g16.dtype)
-                part = (g16.t() @ hc.to(g16.dtype)).float()
-                grad_w = part if grad_w is None else grad_w.add_(part)
-            else:  # fp32: write straight into the outputs, no temporaries
-                torch.mm(g, weight, out=grad_h[start : start + chunk_rows])
-                grad_w = g.t() @ hc if grad_w is None else grad_w.addmm_(g.t(), hc)
+        with torch.autocast(h.device.type, enabled=False):  # dtypes are chosen explicitly here
+            for start in range(0, n, chunk_rows):
+                hc, tc = h[start : start + chunk_rows], targets[start : start + chunk_rows]
+                logp = torch.log_softmax(hc @ weight_mm.t(), dim=-1, dtype=acc)  # (c, V), one pass
+                loss -= logp.gather(1, tc[:, None]).sum()
+                g = logp.exp_()                                                  # softmax, in place
+                g[torch.arange(g.size(0), device=g.device), tc] -= 1.0           # d(sum CE)/d logits
+                g = g.to(weight_mm.dtype) if amp else g
+                if amp:  # low-precision matmuls, fp32 results
+                    grad_h[start : start + chunk_rows] = g @ weight_mm
+                    grad_w.add_(g.t() @ hc)
+                else:  # no temporaries: write straight into the outputs
+                    torch.mm(g, weight_mm, out=grad_h[start : start + chunk_rows])
+                    grad_w.addmm_(g.t(), hc)
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.n, ctx.dtypes = n, (h.dtype, weight.dtype)
         return loss / n
 
     @staticmethod
