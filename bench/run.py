@@ -166,6 +166,7 @@ def parity_verdict(max_abs: float | None, precision: str, is_baseline: bool) -> 
 def build_row(entry, status, error, metrics, wall, warmup, baselines, peak_cache) -> tuple[dict, list[dict]]:
     from bench.hardware import peak_flops
     from llmopt.config import TrainConfig
+    from llmopt.metrics import mfu
 
     cfg = entry["config"]
     tc = TrainConfig(**cfg)
@@ -205,7 +206,7 @@ def build_row(entry, status, error, metrics, wall, warmup, baselines, peak_cache
     n_devices = tc.world_size if resolved["device"] == "cuda" else 1  # CPU ranks share one CPU
     if peak_value:
         row.update(peak_flops=peak_value * n_devices, peak_flops_source=source,
-                   mfu=metrics["tokens_per_s"] * metrics["flops_per_token"] / (peak_value * n_devices))
+                   mfu=mfu(metrics["tokens_per_s"], metrics["flops_per_token"], peak_value * n_devices))
     base_id = config_id(baseline_of(cfg))
     is_baseline = base_id == entry["config_id"]
     row["baseline_id"] = base_id

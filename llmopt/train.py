@@ -178,6 +178,7 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    from llmopt.model import param_count
     from llmopt.step import build
 
     distributed = _under_launcher() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -195,7 +196,7 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
         state = build(cfg, device)
         log = rank == 0 and not args.quiet
         if log:
-            print(f"llmopt: {cfg.preset} ({_count(cfg):,} params) on {device.type} x{cfg.world_size} "
+            print(f"llmopt: {cfg.preset} ({param_count(cfg.model_config):,} params) on {device.type} x{cfg.world_size} "
                   f"[dp={cfg.dp}/{cfg.dp_mode} tp={cfg.tp} pp={cfg.pp}/{cfg.pp_schedule}] {cfg.precision} "
                   f"{cfg.optimizer} grad_accum={cfg.grad_accum} data={state.source.describe()}", flush=True)
         metrics = run_steps(state, rank, local_rank, args.warmup_steps, args.memory_breakdown, log)
@@ -306,10 +307,6 @@ def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: 
     }
 
 
-def _count(cfg: TrainConfig) -> int:
-    from llmopt.model import param_count
-
-    return param_count(cfg.model_config)
 
 
 if __name__ == "__main__":

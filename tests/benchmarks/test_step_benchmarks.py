@@ -12,7 +12,7 @@ import torch
 
 from bench.hardware import peak_flops
 from llmopt.config import TrainConfig, validate
-from llmopt.metrics import tracked_memory_step
+from llmopt.metrics import mfu, tracked_memory_step
 from llmopt.model import flops_per_token
 from llmopt.step import build, train_step
 
@@ -38,7 +38,7 @@ def _record(benchmark, cfg, tokens_per_s, peak_bytes):
     benchmark.extra_info["tokens_per_s"] = tokens_per_s
     benchmark.extra_info["peak_memory_bytes"] = peak_bytes
     peak, source = peak_flops("cpu", cfg.precision, _PEAKS)
-    benchmark.extra_info["mfu"] = tokens_per_s * flops_per_token(cfg.model_config, cfg.seq_len) / peak
+    benchmark.extra_info["mfu"] = mfu(tokens_per_s, flops_per_token(cfg.model_config, cfg.seq_len), peak)
     benchmark.extra_info["peak_flops_source"] = source
 
 
