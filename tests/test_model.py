@@ -84,20 +84,59 @@ def test_sequence_longer_than_positions_is_refused():
         GPT(SMALL)(torch.zeros(1, 33, dtype=torch.long))
 
 
-@pytest.mark.parametrize("chunk_rows", [7, 64, 1000])
-def test_fused_head_loss_and_gradients_match_plain_cross_entropy(chunk_rows):
+@pytest.mark.parametrize("chunk_rows, scale", [(7, 1.0), (64, 1.0), (1000, 1.0), (64, 30.0)])
+def test_fused_head_loss_and_gradients_match_plain_cross_entropy(chunk_rows, scale):
+    """scale=30 gives targets hundreds of nats below the row maximum, where a softmax read at the target
+    would underflow: the loss must still be the exact log-softmax one."""
     from llmopt.model import linear_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(97, 16, dtype=torch.float64, requires_grad=True)
+    w = (scale * torch.randn(97, 16, dtype=torch.float64)).requires_grad_()
     t = torch.randint(0, 97, (50,))
     ref = torch.nn.functional.cross_entropy(h @ w.t(), t)
     gh_ref, gw_ref = torch.autograd.grad(3.0 * ref, (h, w))
     loss = linear_cross_entropy(h, w, t, chunk_rows=chunk_rows)
     gh, gw = torch.autograd.grad(3.0 * loss, (h, w))  # an upstream gradient other than 1
-    assert torch.allclose(loss.double(), ref, atol=1e-6)
+    assert torch.allclose(loss.double(), ref, rtol=1e-9, atol=1e-6)
     assert torch.allclose(gh, gh_ref, atol=1e-6) and torch.allclose(gw, gw_ref, atol=1e-6)
+    if scale > 1:
+        assert ref.item() > 100  # the case the test is for
+
+
+def test_fused_head_fp32_loss_far_below_the_row_maximum():
+    from llmopt.model import linear_cross_entropy
+
+    torch.manual_seed(1)
+    h, w = torch.randn(40, 16), 40.0 * torch.randn(60, 16)
+    t = torch.randint(0, 60, (40,))
+    ref = torch.nn.functional.cross_entropy(h.double() @ w.double().t(), t)
+    loss = linear_cross_entropy(h, w, t, chunk_rows=16)
+    assert ref.item() > 100 and torch.isfinite(loss)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+
+
+@pytest.mark.parametrize("T", [5, 64])
+def test_causal_attention_bf16_cpu_path_matches_fp32_sdpa(T):
+    """bf16 on CPU takes llmopt's explicit attention (see causal_attention); it must compute causal SDPA."""
+    from llmopt.model import EXPLICIT_ATTENTION_MAX_T, causal_attention
+
+    assert T <= EXPLICIT_ATTENTION_MAX_T
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, T, 16) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    low = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+    out = causal_attention(*low)
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.05
+    # gradients too, against fp32 SDPA's
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    w = torch.randn_like(ref)
+    torch.autograd.backward(torch.nn.functional.scaled_dot_product_attention(*ref_in, is_causal=True), w)
+    out.backward(w.bfloat16())
+    for a, b in zip(low, ref_in):
+        assert (a.grad.float() - b.grad).abs().max() < 0.1 * b.grad.abs().max()
+    # and the first position attends to itself only
+    assert torch.allclose(out[:, :, 0].float(), low[2][:, :, 0].detach().float())
 
 
 def test_fused_head_under_autocast_tracks_fp32():
