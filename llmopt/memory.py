@@ -5,15 +5,17 @@
 All figures are bytes on the most loaded rank (the harness reports the maximum over ranks). The model follows
 what this code base allocates, in the spirit of Korthikanti et al. 2022 ("Reducing Activation Recomputation
 in Large Transformer Models", section 4.1), re-derived for llmopt's block with SDPA (no T x T attention
-matrix is kept):
+matrix is kept, except on the explicit bf16 CPU path of ``model.causal_attention``, see below):
 
 * per block and token, the tensors saved for backward are the two LayerNorm inputs and outputs (4C), the
   fused QKV output (3C), the attention output and its (B, T, C) copy for c_proj (2C), the MLP's hidden
   pre-activation and GELU output (8C): 17C values, of which the 13C after a column-parallel projection are
   split over TP ranks. Under autocast the matmul inputs/outputs are 16-bit, LayerNorm inputs stay fp32.
+  Where ``model.causal_attention`` takes its explicit path (llmopt's model, bf16 on CPU, T <= 512) each
+  block also keeps its attention probabilities: n_head / tp * T bf16 values per token.
 * llmopt's fused head (``model.LinearCrossEntropy``) keeps the final LayerNorm's input (C) and the
   gradient of its output (C) per token, the head's weight gradient (V x C) and, while it runs, one chunk's
-  logits and softmax. Where logits are materialised (HF's model, a pipeline's last stage) the head keeps the
+  logits and softmax (in the matmul dtype). Where logits are materialised (HF's model, a pipeline's last stage) the head keeps the
   LayerNorm input and output (2C) and the log-probabilities (V) per token, and the backward of the loss two
   more V-sized temporaries.
 * with activation checkpointing a block keeps only its input (C, fp32) and backward recomputes one block
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from llmopt.config import resolve_device
 from llmopt.distributed.pipeline import stage_layers
+from llmopt.model import EXPLICIT_ATTENTION_MAX_T
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
 OPT_STATES = {"sgd": 1, "adam": 2, "adamw": 2, "lamb": 2}  # fp32 tensors of parameter size per parameter
@@ -66,6 +70,9 @@ def _act_bytes_per_token(cfg, stage: int, dtype_bytes: int) -> float:
     half = dtype_bytes  # 4 in fp32, 2 under autocast
     per_layer = 4 * C * 4 if half == 4 else (2 * C * 4 + 2 * C * 2)  # LN inputs fp32, LN outputs cast
     per_layer += 13 * C / tp * half
+    if (cfg.model_impl == "llmopt" and resolve_device(cfg.device) == "cpu" and cfg.precision == "bf16"
+            and cfg.seq_len <= EXPLICIT_ATTENTION_MAX_T):
+        per_layer += m.n_head / tp * cfg.seq_len * 2  # the explicit attention's probabilities
     n_layers = len(stage_layers(m.n_layer, cfg.pp, stage))
     head = 0
     if stage == cfg.pp - 1:
@@ -109,10 +116,11 @@ def predict_memory(cfg) -> MemoryPrediction:
             chunk = tokens // cfg.pp_microbatches
             in_flight = cfg.pp_microbatches if cfg.pp_schedule == "gpipe" else min(cfg.pp_microbatches, cfg.pp - stage)
             tokens = chunk * in_flight
-        act = _act_bytes_per_token(cfg, stage, 4 if cfg.precision == "fp32" else 2) * tokens
+        dtype_bytes = 4 if cfg.precision == "fp32" else 2
+        act = _act_bytes_per_token(cfg, stage, dtype_bytes) * tokens
         if stage == cfg.pp - 1 and cfg.model_impl == "llmopt" and cfg.pp == 1:
             # the fused head's stored weight gradient and one chunk's logits and softmax
-            act += 4 * m.vocab_size * m.n_embd + 2 * 4 * min(256, tokens) * m.vocab_size
+            act += 4 * m.vocab_size * m.n_embd + 2 * dtype_bytes * min(256, tokens) * m.vocab_size
         if cfg.precision != "fp32":
             act += 2 * (n - (cfg.model_config.vocab_size + cfg.model_config.block_size) * cfg.model_config.n_embd
                         * (stage == 0))  # autocast's 16-bit copies of the weights

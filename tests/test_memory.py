@@ -10,7 +10,8 @@ from llmopt.step import build, train_step
 
 
 @pytest.mark.parametrize("kw", [{}, {"grad_accum": 4}, {"optimizer": "sgd"}, {"precision": "bf16"},
-                                {"seq_len": 256, "global_batch": 4}], ids=str)
+                                {"seq_len": 256, "global_batch": 4},
+                                {"precision": "bf16", "seq_len": 256, "global_batch": 4}], ids=str)
 def test_prediction_matches_tracked_memory(kw):
     cfg = validate(TrainConfig(**kw))
     state = build(cfg, torch.device("cpu"))
