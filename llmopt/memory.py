@@ -15,9 +15,9 @@ matrix is kept, except on the explicit bf16 CPU path of ``model.causal_attention
   block also keeps its attention probabilities: n_head / tp * T bf16 values per token.
 * llmopt's fused head (``model.LinearCrossEntropy``) keeps the final LayerNorm's input (C) and the
   gradient of its output (C) per token, the head's weight gradient (V x C) and, while it runs, one chunk's
-  logits and softmax (in the matmul dtype). Where logits are materialised (HF's model, a pipeline's last stage) the head keeps the
-  LayerNorm input and output (2C) and the log-probabilities (V) per token, and the backward of the loss two
-  more V-sized temporaries.
+  logits and softmax (in the matmul dtype). Where logits are materialised (HF's model, a pipeline's last
+  stage) the head keeps the LayerNorm input and output (2C) and the log-probabilities (V) per token, and the
+  backward of the loss two more V-sized temporaries.
 * with activation checkpointing a block keeps only its input (C, fp32) and backward recomputes one block
   at a time. torch.compile is predicted as eager (inductor usually saves less: the error column shows it).
 * the peak is at the start of backward: parameters + optimizer state + activations + loss temporaries;
