@@ -17,11 +17,18 @@ matrix is kept, except on the explicit bf16 CPU path of ``model.causal_attention
   gradient of its output (C) per token, the head's weight gradient (V x C) and, while it runs, one chunk's
   logits and softmax (in the matmul dtype). Where logits are materialised (HF's model, a pipeline's last
   stage) the head keeps the LayerNorm input and output (2C) and the log-probabilities (V) per token, and the
-  backward of the loss two more V-sized temporaries.
+  backward of the loss two more V-sized temporaries. HF's ``gelu_new`` is written in Python ops and keeps
+  three more 4C tensors per block.
 * with activation checkpointing a block keeps only its input (C, fp32) and backward recomputes one block
   at a time. torch.compile is predicted as eager (inductor usually saves less: the error column shows it).
 * the peak is at the start of backward: parameters + optimizer state + activations + loss temporaries;
-  gradients add to it only when they survive from an earlier accumulation micro-batch, or as DDP's buckets.
+  gradients add to it only when they survive from an earlier accumulation micro-batch or pipeline chunk
+  (unsharded under FSDP2 until it syncs), or as DDP's buckets. Under autocast its 16-bit weight copies
+  (of the gathered weights under FSDP2) live until it exits.
+
+Checked against every ok row of the committed CPU references (full, peers, extras: 293 of 294 within 15%;
+the miss is DDP with activation checkpointing, -17%, whose peak falls inside backward with gradients
+already written).
 """
 from __future__ import annotations
 
@@ -73,6 +80,9 @@ def _act_bytes_per_token(cfg, stage: int, dtype_bytes: int) -> float:
     if (cfg.model_impl == "llmopt" and resolve_device(cfg.device) == "cpu" and cfg.precision == "bf16"
             and cfg.seq_len <= EXPLICIT_ATTENTION_MAX_T):
         per_layer += m.n_head / tp * cfg.seq_len * 2  # the explicit attention's probabilities
+    if cfg.model_impl == "hf":
+        # transformers' gelu_new is Python ops: backward keeps tanh(.), 1 + tanh(.) and 0.5 * x, 4C each
+        per_layer += 12 * C / tp * half
     n_layers = len(stage_layers(m.n_layer, cfg.pp, stage))
     head = 0
     if stage == cfg.pp - 1:
@@ -97,10 +107,16 @@ def predict_memory(cfg) -> MemoryPrediction:
         n = -(-full // cfg.dp) if fsdp else full  # FSDP shards over dp (rounded up)
         params = 4 * n
         grads = 0
-        if cfg.grad_accum > 1 or (cfg.pp > 1 and cfg.pp_schedule == "1f1b" and cfg.pp_microbatches > 1):
+        pp_chunks = cfg.pp > 1 and cfg.pp_microbatches > 1
+        if cfg.grad_accum > 1 or (pp_chunks and cfg.pp_schedule == "1f1b"):
             # gradients alive while activations are: kept across micro-batches (FSDP2 keeps them unsharded
-            # until the syncing micro-batch), or 1F1B's first backward running while later chunks are in flight
-            grads += 4 * (full if fsdp and cfg.grad_accum > 1 else n)
+            # until the syncing micro-batch; a pipeline stage syncs only on its last chunk), or 1F1B's first
+            # backward running while later chunks are in flight
+            grads += 4 * (full if fsdp and (cfg.grad_accum > 1 or pp_chunks) else n)
+            if cfg.pp > 1 and cfg.dp > 1 and cfg.grad_accum > 1:
+                # under a pipeline DP syncs every accumulation micro-batch (PipelineStage decides), so the
+                # reduced gradients of the earlier ones sit beside the next one's unreduced accumulation
+                grads += 4 * n
         if fsdp:
             # all-gathered while in use: the root's parameters (not resharded after forward) and one block's
             one_block = _stage_params(replace(cfg, pp=m.n_layer), 1)
@@ -122,8 +138,8 @@ def predict_memory(cfg) -> MemoryPrediction:
             # the fused head's stored weight gradient and one chunk's logits and softmax
             act += 4 * m.vocab_size * m.n_embd + 2 * dtype_bytes * min(256, tokens) * m.vocab_size
         if cfg.precision != "fp32":
-            act += 2 * (n - (cfg.model_config.vocab_size + cfg.model_config.block_size) * cfg.model_config.n_embd
-                        * (stage == 0))  # autocast's 16-bit copies of the weights
+            # autocast's 16-bit copies of the weights (under FSDP, of the gathered ones), kept to its exit
+            act += 2 * (full - (m.vocab_size + m.block_size) * m.n_embd * (stage == 0))
         pred = MemoryPrediction(params, grads, opt, int(act))
         if best is None or pred.total > best.total:
             best = pred

@@ -23,3 +23,26 @@ def test_prediction_matches_tracked_memory(kw):
     assert predicted.parameters == measured["parameters"]
     assert abs(predicted.optimizer_state - measured["optimizer_state"]) < 1024
     assert (predicted.gradients > 0) == (measured["gradients"] > 0)
+
+
+@pytest.mark.parametrize("reference", ["cpu", "cpu-peers"])
+def test_prediction_matches_the_committed_reference_runs(reference):
+    """Every ok row of a committed reference sweep (multi-rank layouts, AMP, accumulation, the HF peers):
+    the prediction, recomputed from the row's config by the current model, within 15% of what was measured."""
+    import dataclasses
+    import os
+
+    import pandas as pd
+
+    path = os.path.join(os.path.dirname(__file__), "..", "results", "reference", reference, "results.csv")
+    rows = pd.read_csv(path)
+    rows = rows[rows.status == "ok"]
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    misses = []
+    for _, row in rows.iterrows():
+        kw = {f: row[f].item() if hasattr(row[f], "item") else row[f] for f in fields if not pd.isna(row[f])}
+        cfg = validate(TrainConfig(**kw)).resolved()
+        err = predict_memory(cfg).total / row.peak_memory_bytes - 1
+        if abs(err) > 0.15:
+            misses.append(f"{row.config_id}: {err:+.1%}")
+    assert len(rows) >= 12 and not misses, misses
