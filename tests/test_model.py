@@ -86,8 +86,8 @@ def test_sequence_longer_than_positions_is_refused():
 
 @pytest.mark.parametrize("chunk_rows, scale", [(7, 1.0), (64, 1.0), (1000, 1.0), (64, 30.0)])
 def test_fused_head_loss_and_gradients_match_plain_cross_entropy(chunk_rows, scale):
-    """scale=30 gives targets hundreds of nats below the row maximum, where a softmax read at the target
-    would underflow: the loss must still be the exact log-softmax one."""
+    """scale=30 puts targets over 100 nats below their row's maximum logit: the loss read off the softmax
+    (logsumexp = max z - log max p) must still be the exact log-softmax one."""
     from llmopt.model import linear_cross_entropy
 
     torch.manual_seed(0)
@@ -105,6 +105,7 @@ def test_fused_head_loss_and_gradients_match_plain_cross_entropy(chunk_rows, sca
 
 
 def test_fused_head_fp32_loss_far_below_the_row_maximum():
+    """In fp32 exp(-100) underflows: a loss read as -log p[target] would be inf; the fused head's is exact."""
     from llmopt.model import linear_cross_entropy
 
     torch.manual_seed(1)
