@@ -8,7 +8,7 @@ import sys
 
 import pandas as pd
 
-from bench.results import RESULT_COLUMNS
+from bench.results import RESULT_COLUMNS, STEP_COLUMNS
 
 MIB = 2**20
 
@@ -18,7 +18,7 @@ def load(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     results, steps = ResultFiles(out_dir).load()  # read-only
     r = pd.DataFrame(results, columns=RESULT_COLUMNS)
-    s = pd.DataFrame(steps, columns=["config_id", "step", "loss", "step_time_ms"])
+    s = pd.DataFrame(steps, columns=STEP_COLUMNS)
     for col in r.columns:
         if col not in ("config_id", "status", "error", "engine", "model_impl", "preset", "device", "dp_mode",
                        "pp_schedule", "precision", "optimizer", "optimizer_impl", "compile", "activation_checkpointing",

@@ -134,11 +134,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
             return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            if proc.poll() is not None and not _group_alive(proc.pid):
+            proc.poll()  # reap the leader: an unreaped (zombie) leader still counts as a member of its group
+            if not _group_alive(proc.pid):
                 return
             time.sleep(0.05)
 
@@ -324,7 +321,7 @@ def sweep(args, argv) -> int:
           + (f" ({len(done)} already done)" if done else ""), flush=True)
     t_start, ran = time.monotonic(), 0
     try:
-        for entry in todo:
+        for i, entry in enumerate(todo):
             if entry["skipped"] is not None:
                 row, steps = build_row(entry, "skipped", entry["skipped"], None, 0.0, warmup, baselines, peak_cache)
             else:
@@ -333,9 +330,9 @@ def sweep(args, argv) -> int:
                 ran += 1
             files.append(row, steps)
             write_json(peak_cache_path, peak_cache)
-            n_done = total - len(todo) + todo.index(entry) + 1
+            n_done = total - len(todo) + i + 1
             elapsed = time.monotonic() - t_start
-            runnable_left = sum(1 for e in todo[todo.index(entry) + 1:] if e["skipped"] is None)
+            runnable_left = sum(1 for e in todo[i + 1:] if e["skipped"] is None)
             eta = elapsed / ran * runnable_left if ran else 0.0
             print(f"{_bar(n_done, total)} {n_done:>4}/{total} {_fmt_s(elapsed)} ETA {_fmt_s(eta)}  "
                   f"{row['status']:<8} {entry['config_id']:<42} {headline(row)}", flush=True)

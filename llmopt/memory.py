@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, replace
 
 from llmopt.config import resolve_device
 from llmopt.distributed.pipeline import stage_layers
-from llmopt.model import EXPLICIT_ATTENTION_MAX_T
+from llmopt.model import EXPLICIT_ATTENTION_MAX_T, HEAD_CHUNK_ROWS
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
 OPT_STATES = {"sgd": 1, "adam": 2, "adamw": 2, "lamb": 2}  # fp32 tensors of parameter size per parameter
@@ -136,7 +136,8 @@ def predict_memory(cfg) -> MemoryPrediction:
         act = _act_bytes_per_token(cfg, stage, dtype_bytes) * tokens
         if stage == cfg.pp - 1 and cfg.model_impl == "llmopt" and cfg.pp == 1:
             # the fused head's stored weight gradient and one chunk's logits and softmax
-            act += 4 * m.vocab_size * m.n_embd + 2 * dtype_bytes * min(256, tokens) * m.vocab_size
+            head_chunk = min(HEAD_CHUNK_ROWS, tokens) * m.vocab_size
+            act += 4 * m.vocab_size * m.n_embd + 2 * dtype_bytes * head_chunk
         if cfg.precision != "fp32":
             # autocast's 16-bit copies of the weights (under FSDP, of the gathered ones), kept to its exit
             act += 2 * (full - (m.vocab_size + m.block_size) * m.n_embd * (stage == 0))

@@ -235,6 +235,7 @@ def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: 
     from llmopt.memory import predict_memory
     from llmopt.metrics import (EnergyMeter, StepTimer, measured_steps, peak_memory_bytes, peak_rss_bytes,
                                 percentile, reset_peak_memory, tracked_memory_step)
+    from llmopt.model import flops_per_token, param_count
     from llmopt.step import train_step
 
     cfg, device, layout = state.cfg, state.device, state.layout
@@ -272,7 +273,6 @@ def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: 
     energies = [r["energy_j"] for r in per_rank if r["energy_j"] is not None]
     worst = max(per_rank, key=lambda r: r["peak"])
     predicted = predict_memory(cfg)
-    from llmopt.model import flops_per_token, param_count
 
     def mean_of(key):
         vals = [r[key] for r in per_rank if r[key] is not None]
@@ -305,8 +305,6 @@ def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: 
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_version": torch.__version__,
     }
-
-
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ gradient norm, the global-batch loss). The step calls these and never asks which
 """
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn

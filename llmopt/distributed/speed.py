@@ -9,18 +9,22 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 def apply_ac(blocks: nn.ModuleDict | nn.ModuleList) -> None:
     """Activation checkpointing per block (Chen et al. 2016): keep only each block's input, recompute the
     rest in backward. Trades about one extra forward for most of the activation memory."""
-    keys = list(blocks.keys()) if isinstance(blocks, nn.ModuleDict) else range(len(blocks))
-    for k in keys:
-        blocks[k] = checkpoint_wrapper(blocks[k], preserve_rng_state=False)
+    for k, block in _items(blocks):
+        blocks[k] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def apply_compile(blocks) -> None:
+def apply_compile(blocks: nn.ModuleDict | nn.ModuleList) -> None:
     """torch.compile each block in place (the blocks are identical, so one compiled graph serves all)."""
-    for block in (blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks):
+    for _, block in _items(blocks):
         block.compile()
 
 
-def blocks_of(model: nn.Module):
+def _items(blocks: nn.ModuleDict | nn.ModuleList) -> list[tuple]:
+    """(key, block) pairs of llmopt's ModuleDict (keyed by layer index) or HF's ModuleList."""
+    return list(blocks.items()) if isinstance(blocks, nn.ModuleDict) else list(enumerate(blocks))
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleDict | nn.ModuleList:
     """The container of transformer blocks: llmopt's ``h`` (a ModuleDict) or HF's ``transformer.h``."""
     return model.h if hasattr(model, "h") else model.hf.transformer.h
 
@@ -32,4 +36,4 @@ def apply_speed_toggles(model: nn.Module, cfg) -> list[nn.Module]:
         apply_ac(container)
     if cfg.compile:
         apply_compile(container)
-    return list(container.values() if isinstance(container, nn.ModuleDict) else container)
+    return [block for _, block in _items(container)]
