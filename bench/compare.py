@@ -21,7 +21,7 @@ SIGMAS = 3.0
 
 def step_noise(results: pd.DataFrame, steps: pd.DataFrame) -> pd.Series:
     """Relative standard error of the mean timed step time, per config_id."""
-    warm = results.set_index("config_id")["warmup_steps"]
+    warm = results.set_index("config_id")["timing_warmup"]
     out = {}
     for cid, g in steps.groupby("config_id"):
         t = g.sort_values("step")["step_time_ms"].iloc[int(warm.get(cid, 0) or 0):]

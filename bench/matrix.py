@@ -41,6 +41,36 @@ PEERS_SHAPE = {"cpu": dict(preset="mini", seq_len=256, global_batch=8, optimizer
                "cuda": dict(preset="gpt2", seq_len=1024, global_batch=16, optimizer="adamw", steps=12)}
 
 
+# Convergence: time to a target loss on the generated data, whose floor is known. One token budget for every
+# run (bigger batches take fewer steps), warm-up then cosine decay, evals on the same 64 held-out sequences
+# every 16k tokens, and the gradient noise scale from two accumulation micro-batches. Sized so that
+# `convergence` finishes in about 20 minutes on a 2-core CPU; results/README.md says what was measured.
+CONVERGENCE_BASE = {
+    "cpu": dict(preset="tiny", seq_len=64, max_tokens=2**18, lr_schedule="cosine", grad_accum=2, gns=True,
+                target_gap=0.3),
+    "cuda": dict(preset="mini", seq_len=256, max_tokens=2**22, lr_schedule="cosine", grad_accum=2, gns=True,
+                 target_gap=0.3),
+}
+CONVERGENCE_BATCHES = {"convergence": (4, 16, 64), "convergence-full": (2, 4, 8, 16, 32, 64, 128)}
+# The learning-rate grid: the same multiples of each optimizer's centre, log-spaced by LR_STEP.
+LR_STEP = 3.0
+LR_MULTIPLES = {"convergence": (1 / 9, 1 / 3, 1, 3), "convergence-full": (1 / 27, 1 / 9, 1 / 3, 1, 3, 9)}
+LR_CENTRE = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3, "lamb": 1e-2}
+EVAL_EVERY_TOKENS = 2**14
+EVAL_SEQUENCES = 64
+CONVERGENCE = tuple(CONVERGENCE_BATCHES)
+
+
+def convergence_run(device: str, batch: int, **fields) -> dict:
+    """One convergence config at global batch ``batch``: warm-up over the first 5% of its steps, evals every
+    EVAL_EVERY_TOKENS on the first EVAL_SEQUENCES held-out sequences (the same set at every batch size)."""
+    base = CONVERGENCE_BASE[device]
+    tokens = batch * base["seq_len"]
+    steps = -(-base["max_tokens"] // tokens)
+    return dict(base, global_batch=batch, steps=steps, lr_warmup=max(1, steps // 20),
+                eval_every=max(1, EVAL_EVERY_TOKENS // tokens), eval_batches=max(1, EVAL_SEQUENCES // batch), **fields)
+
+
 def layouts(max_ranks: int, degrees=(2,)) -> list[dict]:
     """Every parallel layout within ``max_ranks``: each dimension off or at one of ``degrees``, both
     dp modes wherever dp is on, both schedules for pipeline alone (1F1B, the memory-lean one, in pairs)."""
@@ -78,6 +108,9 @@ def _named(name: str, device: str, max_ranks: int) -> list[dict]:
         base_layouts = [dict(), dict(dp=2), dict(dp=2, dp_mode="fsdp"), dict(tp=2), dict(pp=2)]
         return [dict(l, **t) for l in base_layouts for t in [dict(), *toggles]
                 if not (t.get("optimizer_impl") and l)]  # optimizer kernels: single process is enough
+    if name in CONVERGENCE:
+        return [convergence_run(device, b, optimizer=o, lr=LR_CENTRE[o] * m)
+                for o in ("sgd", "adam", "adamw", "lamb") for b in CONVERGENCE_BATCHES[name] for m in LR_MULTIPLES[name]]
     if name == "full":
         return [dict(l, precision=p, grad_accum=g, optimizer=o)
                 for l in layouts(max_ranks) for p in PRECISIONS for g in (1, 2)
@@ -85,7 +118,7 @@ def _named(name: str, device: str, max_ranks: int) -> list[dict]:
     raise KeyError(name)
 
 
-NAMED = ("smoke", "default", "parity", "full", "peers", "extras")
+NAMED = ("smoke", "default", "parity", "full", "peers", "extras", *CONVERGENCE)
 
 
 class MatrixError(ValueError):
@@ -161,14 +194,18 @@ def layout_name(cfg) -> str:
 
 
 def config_id(cfg: dict) -> str:
-    """Readable and stable: the layout and toggles, then a short hash of every field (unique in a sweep)."""
+    """Readable and stable: the layout and toggles, then a hash of every field. 12 hex digits (48 bits): a
+    million-config sweep collides with probability ~2e-3, and ``expand`` refuses a plan where two different
+    configs still share an id."""
     parts = [cfg["engine"]] if cfg["engine"] != "native" else []
     parts += [cfg["model_impl"]] if cfg["model_impl"] != "llmopt" else []
     parts += [layout_name(cfg), cfg["precision"], f"ga{cfg['grad_accum']}", cfg["optimizer"]]
+    parts += [f"b{cfg['global_batch']}"] if cfg["global_batch"] != TrainConfig.global_batch else []
+    parts += [f"lr{cfg['lr']:.3g}"] if cfg.get("lr") else []
     parts += ["compile"] if cfg["compile"] else []
     parts += ["ac"] if cfg["activation_checkpointing"] else []
     parts += [f"opt-{cfg['optimizer_impl']}"] if cfg["optimizer_impl"] != "auto" else []
-    digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:6]
+    digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
     return "-".join(parts) + "-" + digest
 
 
@@ -202,31 +239,44 @@ def expand(matrix: str, device: str, max_ranks: int, steps: int | None = None,
     if not configs:
         raise MatrixError(f"--filter {filters} leaves no config in matrix {matrix!r}; loosen it")
 
-    plan, seen = [], set()
+    plan, seen = [], {}
 
     def add(cfg, added):
         cid = config_id(cfg)
         if cid in seen:
+            if seen[cid] != cfg:
+                raise MatrixError(f"configs {seen[cid]} and {cfg} share the id {cid}; change one of them")
             return
-        seen.add(cid)
-        reason = None
-        try:
-            resolved = validate(TrainConfig(**cfg))
-            if resolved.world_size > max_ranks:
-                reason = f"needs {resolved.world_size} ranks; this {device} sweep allows {max_ranks}"
-        except ValueError as e:
-            reason = str(e)
-        plan.append({"config_id": cid, "config": cfg, "skipped": reason, "added_as_baseline": added})
+        seen[cid] = cfg
+        plan.append(plan_entry(cfg, device, max_ranks, added_as_baseline=added,
+                               phase="grid" if matrix in CONVERGENCE else None))
 
     for cfg in configs:
         add(cfg, False)
-    for entry in list(plan):
-        if entry["skipped"] is None:
-            add(baseline_of(entry["config"]), True)
+    if matrix not in CONVERGENCE:  # convergence rows are compared with each other, not with a fp32 baseline
+        for entry in list(plan):
+            if entry["skipped"] is None:
+                add(baseline_of(entry["config"]), True)
     # baselines first, so every other row can be compared with its baseline when it is written
     ids = {config_id(baseline_of(e["config"])) for e in plan}
     plan.sort(key=lambda e: e["config_id"] not in ids)
     return plan
+
+
+def plan_entry(cfg: dict, device: str, max_ranks: int, added_as_baseline: bool = False,
+               phase: str | None = None) -> dict:
+    """A plan entry: the config, its id, and why it is skipped (None when it runs)."""
+    reason = None
+    try:
+        resolved = validate(TrainConfig(**cfg))
+        if resolved.world_size > max_ranks:
+            reason = f"needs {resolved.world_size} ranks; this {device} sweep allows {max_ranks}"
+    except ValueError as e:
+        reason = str(e)
+    entry = {"config_id": config_id(cfg), "config": cfg, "skipped": reason, "added_as_baseline": added_as_baseline}
+    if phase is not None:  # convergence: grid, widen or precision; no fp32 baseline to compare with
+        entry.update(phase=phase, compare_with_baseline=False)
+    return entry
 
 
 def rank_budget(device: str) -> int:

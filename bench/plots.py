@@ -132,6 +132,80 @@ def speedup_heatmap(ok: pd.DataFrame, path: str) -> str | None:
     return _save(fig, path)
 
 
+def _floor(ax, conv: pd.DataFrame) -> None:
+    floor = conv["entropy_floor_nats"].dropna()
+    if len(floor):
+        ax.axhline(float(floor.iloc[0]), color="black", linestyle="--", linewidth=1)
+
+
+def eval_curves(conv: pd.DataFrame, best: pd.DataFrame, evals: pd.DataFrame, x: str, path: str) -> str:
+    """Eval loss against tokens (or training seconds) of the best learning rate per optimizer, one panel per
+    global batch (fp32; dashed: the entropy floor)."""
+    ids = best[best.precision == "fp32"][["config_id", "optimizer", "global_batch"]]
+    d = evals.merge(ids, on="config_id")
+    batches = sorted(ids.global_batch.unique())
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.8), sharey=True, squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        sns.lineplot(data=d[d.global_batch == b], x=x, y="loss", hue="optimizer", marker="o", markersize=3,
+                     ax=ax, linewidth=1.2)
+        _floor(ax, conv)
+        ax.set(title=f"batch {int(b)}", xlabel="tokens" if x == "tokens" else "training seconds",
+               ylabel="eval loss (nats/token)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Eval loss of each optimizer's best learning rate (dashed: entropy floor)")
+    return _save(fig, path)
+
+
+def tokens_to_target(best: pd.DataFrame, path: str) -> str | None:
+    """Tokens to target against global batch, log-log, per optimizer; perfect scaling (tokens constant) from
+    the smallest batch's winner, and the measured B_simple marked."""
+    d = best[(best.precision == "fp32") & best.tokens_to_target.notna()]
+    if d.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sns.lineplot(data=d, x="global_batch", y="tokens_to_target", hue="optimizer", marker="o", ax=ax)
+    first = d[d.global_batch == d.global_batch.min()].tokens_to_target.min()
+    ax.axhline(first, color="grey", linestyle=":", linewidth=1, label="perfect scaling")
+    gns = pd.to_numeric(d.gns_b_simple, errors="coerce").dropna()
+    if len(gns):
+        ax.axvline(float(gns.median()), color="black", linestyle="--", linewidth=1,
+                   label=f"B_simple (median) {gns.median():.1f}")
+    ax.set(xscale="log", yscale="log", xlabel="global batch (sequences)", ylabel="tokens to target",
+           title="Tokens to target vs batch size (flat = perfect scaling)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def tuning_curves(conv: pd.DataFrame, path: str) -> str:
+    """Final eval loss against learning rate, per optimizer, one panel per global batch (diverged: x)."""
+    d = conv[conv.precision == "fp32"].copy()
+    batches = sorted(d.global_batch.unique())
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.8), sharey=True, squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        g = d[d.global_batch == b]
+        sns.lineplot(data=g[g.status == "ok"], x="lr", y="final_eval_loss", hue="optimizer", marker="o", ax=ax)
+        bad = g[g.status != "ok"]
+        if not bad.empty:
+            ax.scatter(bad.lr, [d.final_eval_loss.max()] * len(bad), marker="x", color="red", label="diverged")
+        _floor(ax, conv)
+        ax.set(xscale="log", title=f"batch {int(b)}", xlabel="learning rate", ylabel="final eval loss")
+        ax.legend(fontsize=7)
+    fig.suptitle("Tuning curves: final eval loss vs learning rate")
+    return _save(fig, path)
+
+
+def quality_plots(conv: pd.DataFrame, best: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> dict[str, str]:
+    os.makedirs(plot_dir, exist_ok=True)
+    out = {"Eval loss vs tokens": eval_curves(conv, best, evals, "tokens", os.path.join(plot_dir, "eval_tokens.png")),
+           "Eval loss vs training seconds": eval_curves(conv, best, evals, "train_seconds",
+                                                        os.path.join(plot_dir, "eval_seconds.png")),
+           "Tuning curves": tuning_curves(conv, os.path.join(plot_dir, "tuning.png"))}
+    scaling = tokens_to_target(best, os.path.join(plot_dir, "tokens_to_target.png"))
+    if scaling:
+        out["Tokens to target vs batch size"] = scaling
+    return out
+
+
 def all_plots(results: pd.DataFrame, steps: pd.DataFrame, plot_dir: str) -> dict[str, str]:
     os.makedirs(plot_dir, exist_ok=True)
     ok = results[results.status == "ok"].copy()

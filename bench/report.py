@@ -8,26 +8,30 @@ import sys
 
 import pandas as pd
 
-from bench.results import RESULT_COLUMNS, STEP_COLUMNS
+from bench.results import DETAILS, RESULT_COLUMNS, TEXT_COLUMNS
 
 MIB = 2**20
 
 
-def load(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
+    d = pd.DataFrame(rows, columns=columns)
+    for col in d.columns:
+        if col not in TEXT_COLUMNS:
+            d[col] = pd.to_numeric(d[col], errors="coerce")
+    return d
+
+
+def load_all(out_dir: str) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """results.csv and the detail files (steps, evals) as data frames, read-only."""
     from bench.results import ResultFiles
 
-    results, steps = ResultFiles(out_dir).load()  # read-only
-    r = pd.DataFrame(results, columns=RESULT_COLUMNS)
-    s = pd.DataFrame(steps, columns=STEP_COLUMNS)
-    for col in r.columns:
-        if col not in ("config_id", "status", "error", "engine", "model_impl", "preset", "device", "dp_mode",
-                       "pp_schedule", "precision", "optimizer", "optimizer_impl", "compile", "activation_checkpointing",
-                       "data", "peak_memory_kind",
-                       "peak_flops_source", "baseline_id", "parity_verdict", "added_as_baseline"):
-            r[col] = pd.to_numeric(r[col], errors="coerce")
-    for col in ("step", "loss", "step_time_ms"):
-        s[col] = pd.to_numeric(s[col], errors="coerce")
-    return r, s
+    results, details = ResultFiles(out_dir).load()
+    return _frame(results, RESULT_COLUMNS), {k: _frame(v, DETAILS[k][0]) for k, v in details.items()}
+
+
+def load(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    r, d = load_all(out_dir)
+    return r, d["steps"]
 
 
 def _md_table(df: pd.DataFrame) -> str:
@@ -72,8 +76,10 @@ def peers_section(ok: pd.DataFrame) -> list[str]:
 
 def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
     from bench.plots import all_plots, pareto_front
+    from bench.quality import section as quality_section
 
-    results, steps = load(out_dir)
+    results, details = load_all(out_dir)
+    steps = details["steps"]
     env = {}
     if os.path.exists(os.path.join(out_dir, "env.json")):
         with open(os.path.join(out_dir, "env.json")) as f:
@@ -148,6 +154,7 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
         L.append("")
     if not ok.empty and ok.groupby(["engine", "model_impl"]).ngroups > 1:
         L += peers_section(ok)
+    L += quality_section(results, details["evals"], os.path.join(out_dir, "plots"))
     bad = results[results.status != "ok"]
     if not bad.empty:
         L.append("## Not ok")

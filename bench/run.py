@@ -80,7 +80,7 @@ def run_config(entry: dict, out_dir: str, timeout: float, warmup: int) -> tuple[
     if os.path.exists(metrics_path):
         os.remove(metrics_path)  # a rerun after resume must not read a stale file
     argv = [sys.executable, "-m", "llmopt.train", "--quiet", "--memory-breakdown",
-            "--warmup-steps", str(warmup), "--metrics-out", metrics_path]
+            "--timing-warmup", str(warmup), "--metrics-out", metrics_path]
     for k, v in cfg.items():
         flag = f"--{k.replace('_', '-')}"
         if isinstance(v, bool):
@@ -160,7 +160,8 @@ def parity_verdict(max_abs: float | None, precision: str, is_baseline: bool) -> 
     return "drifted"
 
 
-def build_row(entry, status, error, metrics, wall, warmup, baselines, peak_cache) -> tuple[dict, list[dict]]:
+def build_row(entry, status, error, metrics, wall, warmup, baselines, peak_cache) -> tuple[dict, dict]:
+    """The results row and the per-config detail rows ({"steps": [...], "evals": [...]}) of one config."""
     from bench.hardware import peak_flops
     from llmopt.config import TrainConfig
     from llmopt.metrics import mfu
@@ -169,19 +170,27 @@ def build_row(entry, status, error, metrics, wall, warmup, baselines, peak_cache
     tc = TrainConfig(**cfg)
     row = dict(cfg)
     row.update(config_id=entry["config_id"], status=status, error=error, engine=cfg.get("engine", "native"),
-               world_size=tc.world_size, micro_batch=tc.micro_batch, warmup_steps=warmup,
+               world_size=tc.world_size, micro_batch=tc.micro_batch, timing_warmup=warmup,
                added_as_baseline=entry["added_as_baseline"], wall_s=round(wall, 2))
-    steps = []
+    details = {"steps": [], "evals": []}
     if metrics is None:
-        return row, steps
+        return row, details
     resolved = metrics["config"]
-    row.update(lr=resolved["lr"], pp_microbatches=resolved["pp_microbatches"], device=resolved["device"])
+    cid = entry["config_id"]
+    row.update(lr=resolved["lr"], pp_microbatches=resolved["pp_microbatches"], device=resolved["device"],
+               steps=resolved["steps"], timing_warmup=metrics["timing_warmup"])
     losses = metrics["losses"]
-    steps = [{"config_id": entry["config_id"], "step": i, "loss": l, "step_time_ms": t}
-             for i, (l, t) in enumerate(zip(losses, metrics["step_time_ms"]))]
+    details["steps"] = [{"config_id": cid, "step": i, "loss": l, "step_time_ms": t}
+                        for i, (l, t) in enumerate(zip(losses, metrics["step_time_ms"]))]
+    details["evals"] = [{"config_id": cid, **e} for e in metrics.get("evals", [])]
+    row.update({k: metrics.get(k) for k in ("target_loss", "steps_to_target", "tokens_to_target",
+                                            "seconds_to_target", "final_eval_loss", "best_eval_loss",
+                                            "gns_b_simple", "eval_seconds", "diverged_at_step")})
+    row.update(steps_run=len(losses), tokens_seen=len(losses) * tc.tokens_per_step,
+               train_seconds=sum(metrics["step_time_ms"]) / 1e3)
     if status != "ok":
         row["final_loss"] = losses[-1] if losses else None
-        return row, steps
+        return row, details
     peak = metrics["peak_memory_bytes"]
     pred = metrics["predicted_memory"]
     breakdown = metrics.get("memory_breakdown") or {}
@@ -204,6 +213,12 @@ def build_row(entry, status, error, metrics, wall, warmup, baselines, peak_cache
     if peak_value:
         row.update(peak_flops=peak_value * n_devices, peak_flops_source=source,
                    mfu=mfu(metrics["tokens_per_s"], metrics["flops_per_token"], peak_value * n_devices))
+    if entry.get("compare_with_baseline", True):
+        _parity(row, entry, cfg, losses, baselines)
+    return row, details
+
+
+def _parity(row: dict, entry: dict, cfg: dict, losses: list[float], baselines: dict) -> None:
     base_id = config_id(baseline_of(cfg))
     is_baseline = base_id == entry["config_id"]
     row["baseline_id"] = base_id
@@ -213,7 +228,6 @@ def build_row(entry, status, error, metrics, wall, warmup, baselines, peak_cache
     if ref is not None and len(ref) == len(losses):
         row["loss_parity_max_abs"] = 0.0 if is_baseline else max(abs(a - b) for a, b in zip(losses, ref))
     row["parity_verdict"] = parity_verdict(row.get("loss_parity_max_abs"), cfg["precision"], is_baseline)
-    return row, steps
 
 
 def _bar(done: int, total: int, width: int = 24) -> str:
@@ -229,6 +243,10 @@ def _fmt_s(s: float) -> str:
 def headline(row: dict) -> str:
     if row["status"] != "ok":
         return row.get("error", "") or ""
+    if row.get("target_loss") not in (None, ""):
+        reached = row.get("tokens_to_target") not in (None, "")
+        return (f"lr {float(row['lr']):.3g}  eval {float(row['final_eval_loss']):.4f}  "
+                + (f"target after {int(float(row['tokens_to_target'])):,} tokens" if reached else "target not reached"))
     parts = [f"{float(row['tokens_per_s']):>9,.0f} tok/s", f"p50 {float(row['step_time_ms_p50']):7.1f} ms",
              f"mem {float(row['peak_memory_bytes']) / 2**20:6.1f} MiB (pred {float(row['predicted_memory_bytes']) / 2**20:.1f})",
              f"loss {float(row['final_loss']):.4f}"]
@@ -262,19 +280,22 @@ def _resolve_out(args) -> tuple[str, dict | None]:
 
 
 def sweep(args, argv) -> int:
+    from bench.hardware import environment, write_json
+    from bench.tuning import followups
     from llmopt.config import resolve_device
 
     if args.steps is not None and args.steps < 1:
         raise MatrixError(f"--steps {args.steps}: must be at least 1")
-    if args.timeout <= 0:
-        raise MatrixError(f"--timeout {args.timeout}: must be positive")
+    if not args.timeout > 0 or args.timeout == float("inf"):
+        raise MatrixError(f"--timeout {args.timeout}: must be a positive number of seconds")
     retry = {s for s in args.retry.split(",") if s}
     if retry and (not args.resume or retry - set(STATUSES) or "ok" in retry):
         raise MatrixError(f"--retry {args.retry}: use with --resume and statuses among "
                           f"{', '.join(s for s in STATUSES if s != 'ok')}")
     out, saved = _resolve_out(args)
     if saved is not None:
-        plan, device, warmup = saved["plan"], saved["device"], saved["warmup_steps"]
+        plan, device, matrix = saved["plan"], saved["device"], saved["matrix"]
+        warmup = saved.get("timing_warmup", saved.get("warmup_steps"))
     else:
         device = resolve_device(args.device)
         if device == "cuda":
@@ -284,58 +305,44 @@ def sweep(args, argv) -> int:
                 raise MatrixError("--device cuda: no CUDA device is visible; use --device cpu or auto")
         from bench.matrix import WARMUP_STEPS
 
-        plan = expand(args.matrix, device, rank_budget(device), args.steps, parse_filter(args.filter))
+        matrix = args.matrix
+        plan = expand(matrix, device, rank_budget(device), args.steps, parse_filter(args.filter))
         steps = plan[0]["config"]["steps"]
         warmup = min(WARMUP_STEPS[device], max(0, steps - 1))
     for sub in ("logs", "metrics"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
-    from bench.hardware import environment, write_json
+
+    def save_plan():
+        write_json(os.path.join(out, "plan.json"), {"matrix": matrix, "device": device, "timing_warmup": warmup,
+                                                    "plan": plan})
 
     if saved is None:
-        write_json(os.path.join(out, "plan.json"), {"matrix": args.matrix, "device": device, "warmup_steps": warmup,
-                                                    "plan": plan})
+        save_plan()
         write_json(os.path.join(out, "env.json"), environment(argv))
         if not args.out:
             _point_latest(out)
     files = ResultFiles(out)
     try:
-        done_rows, done_steps = files.load(repair=True)
+        done_rows, details = files.load(repair=True)
     except ValueError as e:
         raise MatrixError(f"--resume: {e}") from None
     if retry:
         files.drop({r["config_id"] for r in done_rows if r["status"] in retry})
-        done_rows, done_steps = files.load()
-    done = {r["config_id"] for r in done_rows}
-    baselines: dict[str, list[float]] = {}
-    for r in done_rows:
-        if r["config_id"] == r.get("baseline_id") and r["status"] == "ok":
-            baselines[r["config_id"]] = [float(s["loss"]) for s in done_steps if s["config_id"] == r["config_id"]]
-    peak_cache_path = os.path.join(out, "peak_flops.json")
-    peak_cache = {}
-    if os.path.exists(peak_cache_path):
-        with open(peak_cache_path) as f:
-            peak_cache = json.load(f)
-    todo = [e for e in plan if e["config_id"] not in done]
-    total = len(plan)
-    print(f"bench: {len(todo)} of {total} configs to run on {device} -> {out}"
-          + (f" ({len(done)} already done)" if done else ""), flush=True)
-    t_start, ran = time.monotonic(), 0
+        done_rows, details = files.load()
+    t_start = time.monotonic()
+    runner = _Runner(out, files, warmup, args.timeout, done_rows, details["steps"])
     try:
-        for i, entry in enumerate(todo):
-            if entry["skipped"] is not None:
-                row, steps = build_row(entry, "skipped", entry["skipped"], None, 0.0, warmup, baselines, peak_cache)
-            else:
-                status, error, metrics, wall = run_config(entry, out, args.timeout, warmup)
-                row, steps = build_row(entry, status, error, metrics, wall, warmup, baselines, peak_cache)
-                ran += 1
-            files.append(row, steps)
-            write_json(peak_cache_path, peak_cache)
-            n_done = total - len(todo) + i + 1
-            elapsed = time.monotonic() - t_start
-            runnable_left = sum(1 for e in todo[i + 1:] if e["skipped"] is None)
-            eta = elapsed / ran * runnable_left if ran else 0.0
-            print(f"{_bar(n_done, total)} {n_done:>4}/{total} {_fmt_s(elapsed)} ETA {_fmt_s(eta)}  "
-                  f"{row['status']:<8} {entry['config_id']:<42} {headline(row)}", flush=True)
+        while True:
+            runner.run(plan)
+            # Adaptive matrices (convergence) add configs computed from the rows so far: a learning-rate grid
+            # widened at its edge, the winner in another precision. Stored in plan.json, so resume sees them.
+            more = followups(matrix, plan, runner.rows)
+            if not more:
+                break
+            plan += more
+            save_plan()
+            print(f"bench: {len(more)} follow-up configs added ({', '.join(sorted({e['phase'] for e in more}))})",
+                  flush=True)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished rows are kept; finish with  python -m bench.run --resume --out {out}",
               file=sys.stderr)
@@ -352,6 +359,56 @@ def sweep(args, argv) -> int:
         path = write_report(out)
         print(f"report: {path}", flush=True)
     return 0
+
+
+class _Runner:
+    """Runs the plan's entries that have no row yet, appending each row as it ends, with progress lines."""
+
+    def __init__(self, out: str, files: ResultFiles, warmup: int, timeout: float, done_rows: list[dict],
+                 done_steps: list[dict]):
+        from bench.hardware import write_json
+
+        self.out, self.files, self.warmup, self.timeout = out, files, warmup, timeout
+        self.rows = list(done_rows)
+        self.baselines: dict[str, list[float]] = {}
+        for r in done_rows:
+            if r["config_id"] == r.get("baseline_id") and r["status"] == "ok":
+                self.baselines[r["config_id"]] = [float(s["loss"]) for s in done_steps
+                                                  if s["config_id"] == r["config_id"]]
+        self.peak_cache_path = os.path.join(out, "peak_flops.json")
+        self.peak_cache = {}
+        if os.path.exists(self.peak_cache_path):
+            with open(self.peak_cache_path) as f:
+                self.peak_cache = json.load(f)
+        self._write_json = write_json
+        self.t_start, self.ran = time.monotonic(), 0
+
+    def run(self, plan: list[dict]) -> None:
+        done = {r["config_id"] for r in self.rows}
+        todo = [e for e in plan if e["config_id"] not in done]
+        total = len(plan)
+        if not todo:
+            return
+        print(f"bench: {len(todo)} of {total} configs to run -> {self.out}"
+              + (f" ({len(done)} already done)" if done else ""), flush=True)
+        for i, entry in enumerate(todo):
+            if entry["skipped"] is not None:
+                row, details = build_row(entry, "skipped", entry["skipped"], None, 0.0, self.warmup,
+                                         self.baselines, self.peak_cache)
+            else:
+                status, error, metrics, wall = run_config(entry, self.out, self.timeout, self.warmup)
+                row, details = build_row(entry, status, error, metrics, wall, self.warmup, self.baselines,
+                                         self.peak_cache)
+                self.ran += 1
+            self.files.append(row, details)
+            self.rows.append(row)
+            self._write_json(self.peak_cache_path, self.peak_cache)
+            n_done = total - len(todo) + i + 1
+            elapsed = time.monotonic() - self.t_start
+            runnable_left = sum(1 for e in todo[i + 1:] if e["skipped"] is None)
+            eta = elapsed / self.ran * runnable_left if self.ran else 0.0
+            print(f"{_bar(n_done, total)} {n_done:>4}/{total} {_fmt_s(elapsed)} ETA {_fmt_s(eta)}  "
+                  f"{row['status']:<8} {entry['config_id']:<42} {headline(row)}", flush=True)
 
 
 def _point_latest(out: str) -> None:

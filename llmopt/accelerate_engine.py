@@ -12,7 +12,7 @@ import torch.distributed as dist
 from llmopt.data import build_source
 from llmopt.distributed.parallelize import build_model, gather_object
 from llmopt.distributed.speed import apply_speed_toggles
-from llmopt.optim import build_optimizer
+from llmopt.optim import build_optimizer, build_scheduler
 from llmopt.step import StepStats, TrainState
 
 MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -32,6 +32,20 @@ class AccelerateLayout:
     def gather_object(self, local) -> list:
         return gather_object(local)
 
+    def eval_loss(self, micro_batches, amp) -> torch.Tensor:
+        """Forward only; Accelerate's prepared model applies its own autocast, so ``amp`` is not used."""
+        total = torch.zeros((), device=self.accelerator.device)
+        for x, y in micro_batches:
+            total += self.model(x, y).float() / len(micro_batches)
+        return total
+
+    def global_loss(self, local: torch.Tensor) -> torch.Tensor:
+        if not dist.is_initialized():
+            return local
+        local = local.clone()
+        dist.all_reduce(local)  # gloo has no AVG
+        return local / dist.get_world_size()
+
 
 def build(cfg, device: torch.device) -> TrainState:
     from accelerate import Accelerator
@@ -45,9 +59,10 @@ def build(cfg, device: torch.device) -> TrainState:
     # "auto" means what Accelerate's users get: torch's default kernels (foreach on CUDA, for-loop on CPU)
     impl = cfg.optimizer_impl if cfg.optimizer_impl != "auto" else ("foreach" if device.type == "cuda" else "for-loop")
     optimizer = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, impl)
+    scheduler = build_scheduler(optimizer, cfg)  # on torch's optimizer: stepped once per step, not per micro-batch
     model, optimizer = acc.prepare(model, optimizer)
     state = TrainState(cfg, acc.device, AccelerateLayout(acc, model), optimizer, None,
-                       build_source(cfg.data, cfg.model_config.vocab_size, cfg.seed))
+                       build_source(cfg.data, cfg.model_config.vocab_size, cfg.seed), scheduler)
     state.accelerator = acc
     return state
 
@@ -68,8 +83,6 @@ def train_step(state: TrainState, step: int, batches=None) -> StepStats:
             opt.step()
             opt.zero_grad(set_to_none=True)
         total += loss.detach() / len(batches)
-    if dist.is_initialized():
-        dist.all_reduce(total)  # gloo has no AVG
-        total /= dist.get_world_size()
-    return StepStats(total, torch.as_tensor(grad_norm, dtype=torch.float32), cfg.global_batch * cfg.seq_len,
+    state.scheduler.step()
+    return StepStats(state.layout.global_loss(total), torch.as_tensor(grad_norm, dtype=torch.float32), cfg.global_batch * cfg.seq_len,
                      bool(acc.optimizer_step_was_skipped))

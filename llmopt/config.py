@@ -6,6 +6,7 @@ and exits 2 (see ``llmopt.train``).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -19,6 +20,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adam", "adamw", "lamb")
 OPTIMIZER_IMPLS = ("auto", "for-loop", "foreach", "fused")
 DEVICES = ("auto", "cpu", "cuda")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 # Learning rates that make each optimizer's loss fall quickly on the tiny preset; --lr overrides.
 DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3, "lamb": 1e-2}
@@ -50,6 +52,15 @@ class TrainConfig:
     engine: str = "native"           # native (llmopt's step) or accelerate (accelerate.Accelerator's loop)
     compile: bool = False            # torch.compile each transformer block
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    lr_schedule: str = "constant"    # constant, cosine or linear decay after the warm-up (llmopt.optim.lr_factor)
+    lr_warmup: int = 0               # steps of linear learning-rate warm-up
+    min_lr_ratio: float = 0.1        # floor of the cosine/linear decay, as a fraction of --lr
+    max_tokens: int = 0              # budget in tokens instead of --steps (steps = ceil(max_tokens / tokens per step))
+    eval_every: int = 0              # held-out eval every N steps (and before the first and after the last); 0: none
+    eval_batches: int = 4            # global batches of the held-out split in each eval
+    target_loss: float = 0.0         # stop at the first eval at or below this loss (nats); 0: no target
+    target_gap: float = 0.0          # ... or this far above the generated data's entropy floor; 0: no target
+    gns: bool = False                # estimate the gradient noise scale (McCandlish et al. 2018); needs grad_accum >= 2
 
     # ------------------------------------------------------------------ derived
     @property
@@ -68,11 +79,17 @@ class TrainConfig:
             cfg = replace(cfg, vocab_size=256)  # byte-level tokens
         return cfg
 
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
     def resolved(self) -> "TrainConfig":
-        """Fill the 0-means-default fields (learning rate, pipeline chunks, device)."""
+        """Fill the 0-means-default fields (learning rate, pipeline chunks, device) and turn a token budget
+        into steps."""
+        steps = math.ceil(self.max_tokens / self.tokens_per_step) if self.max_tokens else self.steps
         return replace(self, lr=self.lr or DEFAULT_LR[self.optimizer],
                        pp_microbatches=self.pp_microbatches or self.pp,
-                       device=resolve_device(self.device))
+                       device=resolve_device(self.device), steps=steps)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -108,17 +125,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _choice("optimizer-impl", cfg.optimizer_impl, OPTIMIZER_IMPLS)
     _choice("device", cfg.device, DEVICES)
     _choice("engine", cfg.engine, ENGINES)
-    for flag in ("dp", "tp", "pp", "grad_accum", "global_batch", "seq_len", "steps"):
+    _choice("lr-schedule", cfg.lr_schedule, LR_SCHEDULES)
+    for flag in ("dp", "tp", "pp", "grad_accum", "global_batch", "seq_len", "steps", "eval_batches"):
         if getattr(cfg, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must be at least 1")
-    if cfg.pp_microbatches < 0:
-        raise ValueError(f"--pp-microbatches {cfg.pp_microbatches}: must be at least 1 (or 0 for --pp)")
-    if cfg.lr < 0:
-        raise ValueError(f"--lr {cfg.lr}: must be positive (or 0 for the optimizer's default)")
-    if cfg.weight_decay < 0:
-        raise ValueError(f"--weight-decay {cfg.weight_decay}: must be 0 or positive")
-    if cfg.max_grad_norm < 0:
-        raise ValueError(f"--max-grad-norm {cfg.max_grad_norm}: must be positive, or 0 to disable clipping")
+    for flag in ("pp_microbatches", "lr_warmup", "max_tokens", "eval_every"):
+        if getattr(cfg, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must be 0 or more")
+    for flag in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio", "target_loss", "target_gap"):
+        v = getattr(cfg, flag)
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} {v}: must be a finite number, 0 or more")
+    if cfg.min_lr_ratio > 1:
+        raise ValueError(f"--min-lr-ratio {cfg.min_lr_ratio}: must be between 0 and 1 (a fraction of --lr)")
+    _check_training_schedule(cfg)
     if cfg.data is not None and not os.path.isfile(cfg.data):
         raise ValueError(f"--data: no such file {cfg.data!r}; pass an existing text file or omit --data")
 
@@ -155,3 +175,28 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ValueError("--engine accelerate --precision fp16: Accelerate applies fp16 on GPUs only (on CPU it "
                              "silently trains in fp32); use --precision bf16 or --engine native")
     return cfg.resolved()
+
+
+def _check_training_schedule(cfg: TrainConfig) -> None:
+    """Warm-up, evals, targets and the noise-scale estimate: the convergence features."""
+    steps = cfg.resolved().steps if cfg.max_tokens else cfg.steps
+    if cfg.lr_warmup >= steps and cfg.lr_warmup:
+        raise ValueError(f"--lr-warmup {cfg.lr_warmup} is not shorter than the run ({steps} steps); "
+                         f"use fewer warm-up steps or more --steps/--max-tokens")
+    if cfg.target_loss and cfg.target_gap:
+        raise ValueError("--target-loss and --target-gap both given; pass one of them")
+    if (cfg.target_loss or cfg.target_gap) and not cfg.eval_every:
+        raise ValueError("--target-loss/--target-gap are checked at evals; add --eval-every N")
+    if cfg.target_gap and cfg.data is not None:
+        raise ValueError("--target-gap needs the generated data's known entropy floor; with --data use --target-loss")
+    if cfg.gns:
+        if cfg.grad_accum < 2:
+            raise ValueError("--gns compares one micro-batch's gradient with the step's; use --grad-accum 2 or more")
+        if cfg.dp > 1 and (cfg.dp_mode == "fsdp" or cfg.tp > 1 or cfg.pp > 1):
+            raise ValueError("--gns with --dp > 1 needs DistributedDataParallel (--dp-mode ddp, no --tp/--pp): "
+                             "FSDP2 and replicate keep a micro-batch's gradient inside their own buffers")
+        if cfg.pp > 1:
+            raise ValueError("--gns with --pp: the tied embedding's gradient is only summed over stages at the end "
+                             "of the step; estimate the noise scale without pipeline parallelism")
+        if cfg.precision == "fp16" or cfg.engine != "native":
+            raise ValueError("--gns runs on the native engine in fp32 or bf16; drop --precision fp16 / --engine")

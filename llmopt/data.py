@@ -1,8 +1,10 @@
 """Training data: a seeded synthetic source with a known entropy floor, or a user's text file.
 
-Both sources produce the *global* batch of step ``s`` as a function of ``(seed, s)`` alone. Ranks and
-micro-batches take slices of it (``shard``), so the tokens a step sees never depend on how the batch is
-split: that is what makes every parallel layout comparable with the single-process step.
+Every sequence is a function of ``(seed, split, step, row)`` alone: row ``r`` of the global batch of step
+``s``. A rank asks only for its own rows (``rows=``), so it never builds the rest of the global batch, and
+the tokens a step sees never depend on how the batch is split over ranks and micro-batches: that is what
+makes every parallel layout comparable with the single-process step. ``split="val"`` is a held-out stream
+that training never sees (a disjoint seed stream for generated data, the tail of a text file).
 """
 from __future__ import annotations
 
@@ -10,97 +12,133 @@ import os
 
 import torch
 
-_STEP_STRIDE = 1_000_003  # a prime: (seed, step) -> a distinct generator seed
+SPLITS = ("train", "val")
+_MASK = (1 << 64) - 1
 
 
-def _generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * _STEP_STRIDE + step)
+def _splitmix64(x: int) -> int:
+    """One round of SplitMix64 (Steele et al. 2014): a bijective 64-bit mixer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def row_seed(seed: int, split: str, step: int, row: int) -> int:
+    """A generator seed for one sequence; distinct keys give unrelated 64-bit seeds."""
+    h = 0
+    for key in (seed, SPLITS.index(split), step, row):
+        h = _splitmix64(h ^ (key & _MASK))
+    return h
+
+
+def row_uniforms(seed: int, split: str, step: int, rows, n: int) -> torch.Tensor:
+    """(len(rows), n) uniforms in [0, 1), each row from its own generator. One generator per row costs a
+    few microseconds; it is what lets a rank draw its rows without drawing anyone else's."""
+    rows = list(rows)
+    u = torch.empty(len(rows), n)
+    for i, r in enumerate(rows):
+        torch.rand(n, generator=torch.Generator().manual_seed(row_seed(seed, split, step, r)), out=u[i])
+    return u
+
+
+def _flat_val(step: int, batch_size: int, rows, split: str) -> tuple[int, list[int]]:
+    """Training rows are keyed (step, row). The held-out split is one flat stream of sequences, batch ``i``
+    holding sequences i*B .. i*B+B-1, so an eval of K batches of B sequences reads the same K*B sequences
+    whatever B is: runs with different batch sizes are scored on the same held-out set."""
+    rows = range(batch_size) if rows is None else rows
+    if split == "train":
+        return step, rows
+    return 0, [step * batch_size + r for r in rows]
 
 
 class MarkovSource:
-    """A random sparse first-order Markov chain over the vocabulary.
+    """A random walk on a randomly labelled cycle of the vocabulary: a sparse first-order Markov chain.
 
-    Each token has ``fanout`` possible successors with Dirichlet(``concentration``) probabilities. Sequences
-    start from the stationary distribution pi, so every predicted token has the same expected cross-entropy
-    floor, the chain's entropy rate  H = sum_i pi_i * H(P_i)  (Cover & Thomas, Theorem 4.2.4), in nats/token.
-    A model that has learned the chain reaches it; none can go below it.
+    Hidden state y in Z_V; each step adds one of ``fanout`` distinct offsets o_k (drawn once per seed) with
+    probabilities p ~ Dirichlet(``concentration``), and the token emitted is ``perm[y]`` for a random
+    permutation, so each token has ``fanout`` successors scattered over the vocabulary. The transition
+    matrix is doubly stochastic, so the stationary distribution is uniform; sequences start from it, and
+    every predicted token has the same expected cross-entropy floor, the entropy rate
+    H = sum_i pi_i H(P_i) = H(p) (Cover & Thomas, Theorem 4.2.4), in nats/token. A model that has learned
+    the chain reaches it; none can go below it.
+
+    Why this chain: the offsets are drawn independently of the state, so a whole sequence is one vectorised
+    cumulative sum (no Python loop over positions), which keeps making a batch far below 1% of a step.
     """
 
-    def __init__(self, vocab_size: int, seed: int = 0, fanout: int = 4, concentration: float = 0.5):
-        g = torch.Generator().manual_seed(seed)
+    def __init__(self, vocab_size: int, seed: int = 0, fanout: int = 4, concentration: float = 1.0):
+        from torch.distributions import Dirichlet
+
         V = vocab_size
-        self.vocab_size = V
-        self.seed = seed
-        # successor 0 of token i is i+1 (mod V): every token is reachable, so the chain is irreducible.
-        rand = torch.randint(0, V, (V, fanout - 1), generator=g)
-        self.succ = torch.cat([(torch.arange(V) + 1).remainder(V)[:, None], rand], dim=1)  # (V, fanout)
-        gamma = torch._standard_gamma(torch.full((V, fanout), concentration, dtype=torch.float64), generator=g)
-        self.probs = gamma / gamma.sum(1, keepdim=True)                                      # (V, fanout)
-        self.cum = self.probs.cumsum(1).float()
-        self.cum[:, -1] = 1.0
-        self.stationary = self._stationary()
-        # Random successors can repeat within a row; the entropy is that of the merged distribution.
-        p = self.probs
-        same = self.succ[:, :, None] == self.succ[:, None, :]           # (V, fanout, fanout)
-        merged = (same * p[:, None, :]).sum(-1)                           # prob of each entry's successor
-        row_entropy = -(p * torch.log(merged)).sum(1)
-        self.entropy_rate = float((self.stationary * row_entropy).sum())  # nats/token
+        if not 1 <= fanout < V:
+            raise ValueError(f"MarkovSource: fanout {fanout} must be between 1 and vocab_size - 1 = {V - 1}")
+        g = torch.Generator().manual_seed(seed)
+        self.vocab_size, self.seed = V, seed
+        self.offsets = torch.randperm(V - 1, generator=g)[:fanout] + 1  # distinct, so successors are distinct
+        self.perm = torch.randperm(V, generator=g)
+        with torch.random.fork_rng(devices=[]):  # torch.distributions draws from the global generator
+            torch.manual_seed(seed)
+            self.probs = Dirichlet(torch.full((fanout,), concentration, dtype=torch.float64)).sample()
+        self.cum = self.probs.cumsum(0).float()
+        self.cum[-1] = 1.0
+        self.entropy_rate = float(-(self.probs * self.probs.clamp_min(1e-300).log()).sum())  # nats/token
 
-    def _stationary(self, iters: int = 10_000, tol: float = 1e-13) -> torch.Tensor:
-        V = self.vocab_size
-        pi = torch.full((V,), 1.0 / V, dtype=torch.float64)
-        src = self.succ.reshape(-1)
-        for _ in range(iters):
-            # lazy step (I + P)/2: same stationary distribution, and convergence even for a periodic chain
-            flow = (pi[:, None] * self.probs).reshape(-1)
-            new = 0.5 * pi + 0.5 * torch.zeros(V, dtype=torch.float64).index_add_(0, src, flow)
-            if (new - pi).abs().sum() < tol:
-                return new
-            pi = new
-        return pi
-
-    def batch(self, step: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The global batch of ``step``: inputs and next-token targets, each (batch_size, seq_len) int64."""
-        g = _generator(self.seed, step)
-        u = torch.rand(seq_len, batch_size, 1, generator=g)
-        cur = torch.multinomial(self.stationary.float(), batch_size, replacement=True, generator=g)
-        tokens = torch.empty(batch_size, seq_len + 1, dtype=torch.long)
-        tokens[:, 0] = cur
-        for t in range(seq_len):
-            choice = torch.searchsorted(self.cum[cur], u[t]).squeeze(1)
-            cur = self.succ[cur, choice.clamp_max(self.succ.size(1) - 1)]
-            tokens[:, t + 1] = cur
+    def batch(self, step: int, batch_size: int, seq_len: int, rows=None,
+              split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``rows`` (default: all) of the global batch of ``step``: inputs and next-token targets,
+        each (len(rows), seq_len) int64."""
+        step, rows = _flat_val(step, batch_size, rows, split)
+        u = row_uniforms(self.seed, split, step, rows, seq_len + 1)
+        start = (u[:, 0] * self.vocab_size).long().clamp_max(self.vocab_size - 1)      # (B,) ~ stationary
+        choice = torch.searchsorted(self.cum, u).clamp_max_(self.offsets.numel() - 1)  # column 0 unused
+        walk = torch.cat([start[:, None], self.offsets[choice[:, 1:]]], dim=1).cumsum(1)  # (B, T+1)
+        tokens = self.perm[walk.remainder_(self.vocab_size)]
         return tokens[:, :-1], tokens[:, 1:]
+
+    def transition_logprob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """log P(y | x) under the chain (-inf where y is not a successor of x); for tests and checks."""
+        inv = torch.argsort(self.perm)
+        step = (inv[y] - inv[x]).remainder(self.vocab_size)
+        p = torch.zeros(self.vocab_size, dtype=torch.float64).index_add_(0, self.offsets, self.probs)
+        return p[step].log()
 
     def describe(self) -> str:
         return f"markov(vocab={self.vocab_size}, entropy={self.entropy_rate:.4f} nats/token)"
 
 
 class TextFileSource:
-    """Byte-level tokens (vocabulary 256) from a user's file; windows drawn at seeded random offsets."""
+    """Byte-level tokens (vocabulary 256) from a user's file; windows drawn at seeded random offsets. The
+    last ``val_fraction`` of the file is the validation split, never drawn for training."""
 
     vocab_size = 256
     entropy_rate = None  # unknown for real text
+    val_fraction = 0.1
 
     def __init__(self, path: str, seed: int = 0):
         if not os.path.isfile(path):
             raise ValueError(f"--data: no such file {path!r}; pass an existing text file or omit --data")
         with open(path, "rb") as f:
-            self.data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-        self.path, self.seed = path, seed
+            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        cut = data.numel() - int(data.numel() * self.val_fraction)
+        self.splits = {"train": data[:cut], "val": data[cut:]}
+        self.path, self.seed, self.size = path, seed, data.numel()
 
-    def batch(self, step: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.data.numel() - seq_len - 1
+    def batch(self, step: int, batch_size: int, seq_len: int, rows=None,
+              split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.splits[split]
+        n = data.numel() - seq_len - 1
         if n < 1:
-            raise ValueError(f"--data: {self.path!r} has {self.data.numel()} bytes, fewer than --seq-len + 2 "
-                             f"({seq_len + 2}); use a longer file or a smaller --seq-len")
-        starts = torch.randint(0, n, (batch_size,), generator=_generator(self.seed, step))
+            raise ValueError(f"--data: the {split} split of {self.path!r} has {data.numel()} bytes, fewer than "
+                             f"--seq-len + 2 ({seq_len + 2}); use a longer file or a smaller --seq-len")
+        step, rows = _flat_val(step, batch_size, rows, split)
+        starts = (row_uniforms(self.seed, split, step, rows, 1)[:, 0] * n).long()
         idx = starts[:, None] + torch.arange(seq_len + 1)
-        tokens = self.data[idx].long()
+        tokens = data[idx].long()
         return tokens[:, :-1], tokens[:, 1:]
 
     def describe(self) -> str:
-        return f"bytes({self.path}, {self.data.numel()} tokens)"
+        return f"bytes({self.path}, {self.size} tokens, last {self.val_fraction:.0%} held out)"
 
 
 def build_source(data: str | None, vocab_size: int, seed: int):
@@ -109,8 +147,13 @@ def build_source(data: str | None, vocab_size: int, seed: int):
     return TextFileSource(data, seed=seed)
 
 
-def shard(t: torch.Tensor, index: int, parts: int) -> torch.Tensor:
-    """Rows ``index``-th of ``parts`` equal slices of the batch dimension (ranks, then micro-batches)."""
-    n = t.size(0) // parts
-    return t[index * n : (index + 1) * n]
+def shard_rows(n: int, index: int, parts: int) -> range:
+    """The ``index``-th of ``parts`` equal, consecutive slices of ``n`` rows (ranks, then micro-batches)."""
+    size = n // parts
+    return range(index * size, (index + 1) * size)
 
+
+def shard(t: torch.Tensor, index: int, parts: int) -> torch.Tensor:
+    """Rows ``index``-th of ``parts`` equal slices of the batch dimension."""
+    r = shard_rows(t.size(0), index, parts)
+    return t[r.start : r.stop]

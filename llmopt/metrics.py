@@ -66,6 +66,48 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -
     return tokens_per_s * flops_per_token / peak_flops
 
 
+def gradient_noise_scale(g2_small, g2_big, b_small: float, b_big: float):
+    """Unbiased estimates of |G|^2 and tr(Sigma) from squared gradient norms at two batch sizes (McCandlish
+    et al. 2018, "An Empirical Model of Large-Batch Training", appendix A.1):
+
+        |G|^2    ~ (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)
+        tr(Sigma) ~ (|G_small|^2 - |G_big|^2) / (1/B_small - 1/B_big)
+
+    Batch sizes in sequences; norms as floats or 0-dim tensors (kept on the device: no host sync). The
+    simple noise scale B_simple = tr(Sigma) / |G|^2 is taken from averages of each, never per step (the
+    ratio of noisy estimates is biased)."""
+    if not 0 < b_small < b_big:
+        raise ValueError(f"gradient_noise_scale: need 0 < b_small < b_big, got {b_small}, {b_big}")
+    g2 = (b_big * g2_big - b_small * g2_small) / (b_big - b_small)
+    trace_sigma = (g2_small - g2_big) / (1 / b_small - 1 / b_big)
+    return g2, trace_sigma
+
+
+class NoiseScale:
+    """Exponential moving averages of |G|^2 and tr(Sigma), updated each step without a host sync; read
+    ``b_simple()`` at evals."""
+
+    def __init__(self, b_small: int, b_big: int, decay: float = 0.95):
+        self.b_small, self.b_big, self.decay = b_small, b_big, decay
+        self.g2 = self.trace = None
+
+    def update(self, g2_small: torch.Tensor, g2_big: torch.Tensor) -> None:
+        g2, tr = gradient_noise_scale(g2_small.float(), g2_big.float(), self.b_small, self.b_big)
+        if self.g2 is None:
+            self.g2, self.trace = g2 * (1 - self.decay), tr * (1 - self.decay)
+        else:
+            self.g2.mul_(self.decay).add_(g2, alpha=1 - self.decay)
+            self.trace.mul_(self.decay).add_(tr, alpha=1 - self.decay)
+
+    def b_simple(self) -> float | None:
+        """tr(Sigma) / |G|^2 in sequences (the averages' common bias cancels); None before any step or when
+        the averaged |G|^2 is not positive (noise larger than the signal so far)."""
+        if self.g2 is None:
+            return None
+        g2, tr = float(self.g2), float(self.trace)  # host sync: called at evals only
+        return tr / g2 if g2 > 0 and tr > 0 else None
+
+
 # MemTracker's reference kinds -> llmopt's categories (llmopt.memory.CATEGORIES, plus "other").
 _MEMREF_CATEGORY = {"PARAM": "parameters", "BUFFER": "parameters", "GRAD": "gradients", "OPT": "optimizer_state",
                     "ACT": "activations", "TEMP": "activations", "OTH": "other"}
@@ -129,6 +171,7 @@ class EnergyMeter:
     def __init__(self, device: torch.device, local_rank: int):
         self.device, self._nvml, self._rapl = device, None, []
         self.samples: list[tuple[float, float]] = []
+        self._start, self._stop_evt = None, None  # stop() before start() (a run that ended early) reads None
         if device.type == "cuda":
             try:
                 import pynvml
@@ -181,7 +224,8 @@ class EnergyMeter:
 
     def stop(self) -> dict:
         end = self._read_j()
-        self._stop_evt.set()
+        if self._stop_evt is not None:
+            self._stop_evt.set()
         energy = None if self._start is None or end is None or end < self._start else end - self._start
         util = [u for u, _ in self.samples]
         power = [p for _, p in self.samples]

@@ -1,5 +1,8 @@
-"""Optimizers: torch's SGD, Adam and AdamW, and LAMB (You et al. 2019), behind one ``build_optimizer``."""
+"""Optimizers: torch's SGD, Adam and AdamW, and LAMB (You et al. 2019), behind one ``build_optimizer``; the
+learning-rate schedule (linear warm-up, then constant, cosine or linear decay) as torch's ``LambdaLR``."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -107,3 +110,29 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float 
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, **kw)
     raise ValueError(f"--optimizer: unknown value {name!r}; choose one of sgd, adam, adamw, lamb")
+
+
+def lr_factor(step: int, schedule: str, warmup: int, total: int, min_ratio: float) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``total``, as a fraction of the peak.
+
+    Linear warm-up over the first ``warmup`` steps, reaching the peak at step ``warmup - 1``; then
+    ``constant`` stays at the peak, ``cosine`` follows min + (1 - min) * (1 + cos(pi * p)) / 2 (Loshchilov &
+    Hutter 2017, without restarts) and ``linear`` min + (1 - min) * (1 - p), where p runs from 0 at the first
+    step after warm-up to 1 at the last step, so the last step uses min_ratio * peak.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    p = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - p)
+    raise ValueError(f"--lr-schedule: unknown value {schedule!r}; choose one of constant, cosine, linear")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """torch's LambdaLR over ``lr_factor``; stepped once per optimizer step, after it."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.lr_schedule, cfg.lr_warmup, cfg.steps, cfg.min_lr_ratio))

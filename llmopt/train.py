@@ -13,8 +13,8 @@ import os
 import sys
 import uuid
 
-from llmopt.config import (DEVICES, DP_MODES, ENGINES, MODEL_IMPLS, OPTIMIZER_IMPLS, OPTIMIZERS, PP_SCHEDULES,
-                           PRECISIONS, TrainConfig, validate)
+from llmopt.config import (DEVICES, DP_MODES, ENGINES, LR_SCHEDULES, MODEL_IMPLS, OPTIMIZER_IMPLS, OPTIMIZERS,
+                           PP_SCHEDULES, PRECISIONS, TrainConfig, validate)
 from llmopt.model import PRESETS
 
 # Test hook for fault handling: LLMOPT_FAIL_AT="RANK:STEP:raise" or "RANK:STEP:exit" makes that rank fail.
@@ -51,7 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr", type=float, default=d.lr, help="learning rate (default: per optimizer)")
     a("--weight-decay", type=float, default=d.weight_decay, help="on 2-D+ tensors only")
     a("--max-grad-norm", type=float, default=d.max_grad_norm, help="global-norm clipping; 0 disables")
+    a("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES, help="decay after the warm-up (default: %(default)s)")
+    a("--lr-warmup", type=int, default=d.lr_warmup, help="steps of linear learning-rate warm-up (default: 0)")
+    a("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="floor of the decay, a fraction of --lr (0.1)")
     a("--steps", type=int, default=d.steps)
+    a("--max-tokens", type=int, default=d.max_tokens, help="token budget instead of --steps (0: use --steps)")
+    a("--eval-every", type=int, default=d.eval_every, help="held-out eval every N steps (0: none)")
+    a("--eval-batches", type=int, default=d.eval_batches, help="global batches of held-out data per eval (4)")
+    a("--target-loss", type=float, default=d.target_loss, help="stop at the first eval at or below this (nats)")
+    a("--target-gap", type=float, default=d.target_gap, help="... or this far above the entropy floor (nats)")
+    a("--gns", action="store_true", help="estimate the gradient noise scale (needs --grad-accum 2 or more)")
     a("--seed", type=int, default=d.seed)
     a("--device", default=d.device, choices=DEVICES)
     a("--engine", default=d.engine, choices=ENGINES, help="native step or accelerate.Accelerator's loop")
@@ -59,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--activation-checkpointing", action="store_true", help="recompute each block's activations in backward")
     a("--data", default=None, help="a text file to train on (byte tokens); default: generated Markov data")
     a("--metrics-out", default=None, metavar="FILE.json", help="write the metrics JSON here")
-    a("--warmup-steps", type=int, default=1, help="steps left out of the tokens/s figure (default: 1)")
+    a("--timing-warmup", type=int, default=1,
+      help="steps left out of the tokens/s figure (default: 1); not the learning-rate warm-up (--lr-warmup)")
     a("--memory-breakdown", action="store_true",
       help="after the timed steps, one untimed step under torch's MemTracker: memory by category")
     a("--quiet", action="store_true", help="no per-step lines")
@@ -79,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = validate(config_from_args(args))
-        if args.warmup_steps < 0:
-            raise ValueError(f"--warmup-steps {args.warmup_steps}: must be 0 or more")
+        if args.timing_warmup < 0:
+            raise ValueError(f"--timing-warmup {args.timing_warmup}: must be 0 or more")
         if args.metrics_out and not os.path.isdir(os.path.dirname(os.path.abspath(args.metrics_out))):
             raise ValueError(f"--metrics-out: directory of {args.metrics_out!r} does not exist; create it first")
         if cfg.device == "cuda":
@@ -199,22 +209,22 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
             print(f"llmopt: {cfg.preset} ({param_count(cfg.model_config):,} params) on {device.type} x{cfg.world_size} "
                   f"[dp={cfg.dp}/{cfg.dp_mode} tp={cfg.tp} pp={cfg.pp}/{cfg.pp_schedule}] {cfg.precision} "
                   f"{cfg.optimizer} grad_accum={cfg.grad_accum} data={state.source.describe()}", flush=True)
-        metrics = run_steps(state, rank, local_rank, args.warmup_steps, args.memory_breakdown, log)
+        metrics = run_steps(state, rank, local_rank, args.timing_warmup, args.memory_breakdown, log)
         if rank == 0:
             if args.metrics_out:
                 with open(args.metrics_out, "w") as f:
                     json.dump(metrics, f, indent=1)
             if not args.quiet:
-                print(f"done: {metrics['tokens_per_s']:,.0f} tok/s (after {args.warmup_steps} warm-up steps), "
+                print(f"done: {metrics['tokens_per_s']:,.0f} tok/s (after {metrics['timing_warmup']} warm-up steps), "
                       f"p50 {metrics['step_time_ms_p50']:.1f} ms, peak memory "
                       f"{metrics['peak_memory_bytes'] / 2**20:,.1f} MiB ({metrics['peak_memory_kind']}), "
                       f"final loss {metrics['losses'][-1]:.4f}"
-                      + (f", fp16 skipped {metrics['fp16_skipped_steps']}" if cfg.precision == "fp16" else ""),
-                      flush=True)
+                      + (f", fp16 skipped {metrics['fp16_skipped_steps']}" if cfg.precision == "fp16" else "")
+                      + _target_line(metrics), flush=True)
         if metrics["diverged_at_step"] is not None:
             if rank == 0:
-                print(f"error: loss is {metrics['losses'][-1]} at step {metrics['diverged_at_step']} (diverged); "
-                      f"lower --lr or use fp32", file=sys.stderr)
+                print(f"error: diverged at step {metrics['diverged_at_step']}: {metrics['diverged_reason']}; "
+                      f"lower --lr (or use fp32)", file=sys.stderr)
             return EXIT_DIVERGED
     except torch.OutOfMemoryError as e:
         print(f"error: out of memory on rank {rank}: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -225,6 +235,15 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _target_line(m: dict) -> str:
+    if m["target_loss"] is None:
+        return f", final eval loss {m['final_eval_loss']:.4f}" if m["final_eval_loss"] is not None else ""
+    if m["steps_to_target"] is None:
+        return f", target {m['target_loss']:.4f} not reached (best eval {m['best_eval_loss']:.4f})"
+    return (f", target {m['target_loss']:.4f} reached after {m['steps_to_target']} steps, "
+            f"{m['tokens_to_target']:,} tokens, {m['seconds_to_target']:.1f} s")
+
+
 def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: bool, log: bool) -> dict:
     """The timed steps, then (optionally) one untimed step under MemTracker. Returns the metrics dict
     (meaningful on rank 0; collectives make every rank take part)."""
@@ -232,6 +251,7 @@ def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: 
 
     import torch
 
+    from llmopt.convergence import Convergence
     from llmopt.memory import predict_memory
     from llmopt.metrics import (EnergyMeter, StepTimer, measured_steps, peak_memory_bytes, peak_rss_bytes,
                                 percentile, reset_peak_memory, tracked_memory_step)
@@ -240,15 +260,20 @@ def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: 
 
     cfg, device, layout = state.cfg, state.device, state.layout
     timer, energy = StepTimer(device), EnergyMeter(device, local_rank)
-    losses, grad_norms, skipped, diverged = [], [], 0, None
+    conv = Convergence(cfg, state.source.entropy_rate)
+    warmup = min(warmup, cfg.steps - 1)  # at least one timed step; the metrics say how many were left out
+    losses, grad_norms, skipped, diverged, why = [], [], 0, None, None
     reset_peak_memory(device)
+    stop = conv.due(0) and conv.evaluate(state, 0, 0.0)
     for step in range(cfg.steps):
+        if stop and step > 0:  # at least one step, even when the target is met before training
+            break
         _maybe_fail(rank, step)
-        if step == min(warmup, cfg.steps - 1):
+        if step == warmup:
             energy.start()
         with timer:
             stats = train_step(state, step)
-            loss = stats.loss.item()  # the per-step line needs the value: one host sync per step
+            loss = stats.loss.item()  # the per-step line and the divergence check need it: one host sync a step
         losses.append(loss)
         grad_norms.append(stats.grad_norm.item())
         skipped += int(stats.fp16_skipped)
@@ -256,9 +281,17 @@ def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: 
             ms = timer.times_ms[-1]
             print(f"step {step:4d} | loss {loss:.4f} | {ms:8.1f} ms | {stats.tokens / ms * 1e3:10,.0f} tok/s"
                   + (" | fp16 skipped" if stats.fp16_skipped else ""), flush=True)
-        if not math.isfinite(loss):  # the same global value on every rank: all stop together
+        why = conv.divergence(step, loss)
+        if why is not None:
             diverged = step
             break
+        if conv.due(step + 1):
+            stop = conv.evaluate(state, step + 1, sum(timer.times_ms) / 1e3)
+            if log:
+                e = conv.evals[-1]
+                print(f"eval after {e.step} steps | loss {e.loss:.4f} | lr {e.lr:.3g}"
+                      + (f" | B_simple {e.gns_b_simple:.1f}" if e.gns_b_simple else "")
+                      + (" | target reached" if stop else ""), flush=True)
     power = energy.stop()
     peak = peak_memory_bytes(device)
     breakdown = tracked_memory_step(state, cfg.steps) if memory_breakdown and diverged is None else None
@@ -283,7 +316,7 @@ def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: 
         "losses": losses,
         "grad_norms": grad_norms,
         "step_time_ms": timer.times_ms,
-        "warmup_steps": warmup,
+        "timing_warmup": warmup,
         "step_time_ms_p50": percentile(times, 50),
         "step_time_ms_p90": percentile(times, 90),
         "tokens_per_s": tokens * len(times) / (sum(times) / 1e3),
@@ -296,6 +329,8 @@ def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: 
         "predicted_memory": predicted.to_dict(),
         "fp16_skipped_steps": skipped,
         "diverged_at_step": diverged,
+        "diverged_reason": why,
+        **conv.to_metrics(),
         "energy_j_per_token": sum(energies) / (tokens * len(times)) if energies and diverged is None else None,
         "gpu_util_mean": mean_of("gpu_util"),
         "gpu_power_w_mean": mean_of("gpu_power"),

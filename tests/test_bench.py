@@ -285,3 +285,46 @@ def test_older_schema_is_read_not_lost(tmp_path):
     (tmp_path / "results.csv").write_text("config_id,status,mystery\na,ok,1\n")
     with pytest.raises(ValueError, match="mystery"):
         files.load(repair=True)
+
+
+def test_a_diverged_learning_rate_is_a_row_and_the_sweep_goes_on(tmp_path):
+    m = write_toml(tmp_path / "m.toml", "[base]\nsteps = 6\nglobal_batch = 4\nseq_len = 16\noptimizer = 'sgd'\n"
+                                        "max_grad_norm = 0.0\neval_every = 3\neval_batches = 1\n"
+                                        "[matrix]\nlr = [300.0, 0.1]\n")
+    out = tmp_path / "out"
+    r = bench("--matrix", m, "--out", str(out), "--no-report")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {float(x["lr"]): x for x in read_csv(out / "results.csv")}
+    assert rows[300.0]["status"] == "diverged" and "diverged at step" in rows[300.0]["error"]
+    assert rows[300.0]["diverged_at_step"] != "" and rows[0.1]["status"] == "ok"
+    evals = read_csv(out / "evals.csv")
+    ok_evals = [e for e in evals if e["config_id"] == rows[0.1]["config_id"]]
+    assert [int(e["step"]) for e in ok_evals] == [0, 3, 6]
+    assert float(rows[0.1]["final_eval_loss"]) == float(ok_evals[-1]["loss"])
+
+
+def test_convergence_matrix_tunes_widens_and_reports(tmp_path, monkeypatch, capsys):
+    """The convergence matrix end to end at a toy size (the children get explicit flags, so shrinking the
+    matrix here shrinks what they run): grid, follow-ups from the rows, and the report's section."""
+    import bench.matrix as bm
+    from bench.run import main
+
+    monkeypatch.setitem(bm.CONVERGENCE_BASE, "cpu", dict(bm.CONVERGENCE_BASE["cpu"], seq_len=16, max_tokens=2048))
+    monkeypatch.setitem(bm.CONVERGENCE_BATCHES, "convergence", (4, 16))
+    monkeypatch.setitem(bm.LR_MULTIPLES, "convergence", (1 / 3, 1))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    assert main(["--matrix", "convergence", "--device", "cpu", "--filter", "optimizer=adamw", "--out", str(out)]) == 0
+    plan = json.loads((out / "plan.json").read_text())["plan"]
+    phases = [e["phase"] for e in plan]
+    assert phases[:4] == ["grid"] * 4 and phases.count("precision") == 2
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == len(plan) and {r["status"] for r in rows} == {"ok"}
+    report = (out / "report.md").read_text()
+    assert "## Time to quality" in report and "### Global batch 16 sequences" in report
+    assert "**(winner)**" in report and (out / "plots" / "tuning.png").exists()
+    # every fp32 grid whose best lr sat at an edge got exactly one more lr beyond it
+    from bench import tuning
+    for key, g in tuning.groups([r for r in rows if r["precision"] == "fp32"]).items():
+        widened = [e for e in plan if e["phase"] == "widen" and str(e["config"]["global_batch"]) == key[1]]
+        assert len(widened) <= 1

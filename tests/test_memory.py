@@ -40,7 +40,8 @@ def test_prediction_matches_the_committed_reference_runs(reference):
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     misses = []
     for _, row in rows.iterrows():
-        kw = {f: row[f].item() if hasattr(row[f], "item") else row[f] for f in fields if not pd.isna(row[f])}
+        kw = {f: row[f].item() if hasattr(row[f], "item") else row[f] for f in fields
+              if f in row and not pd.isna(row[f])}
         cfg = validate(TrainConfig(**kw)).resolved()
         err = predict_memory(cfg).total / row.peak_memory_bytes - 1
         if abs(err) > 0.15:

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from llmopt.config import TrainConfig, validate
-from llmopt.step import build, train_step
+from llmopt.step import build, evaluate, train_step
 
 pytestmark = pytest.mark.multiprocess
 
-COMMON = dict(preset="tiny", global_batch=8, seq_len=32, steps=5, seed=0)
+COMMON = dict(preset="tiny", global_batch=8, seq_len=32, steps=5, seed=0, eval_every=2, eval_batches=2)
 LAYOUTS = {
     "ddp2": ["--dp", "2"],
     "fsdp2": ["--dp", "2", "--dp-mode", "fsdp"],
@@ -29,10 +29,20 @@ LAYOUTS = {
 
 
 @functools.cache
-def reference(optimizer: str) -> list[float]:
+def reference_run(optimizer: str) -> tuple[list[float], list[float]]:
+    """(training losses, held-out eval losses after 0, 2, 4 and 5 steps) of the plain single-rank step."""
     cfg = validate(TrainConfig(optimizer=optimizer, **COMMON))
     state = build(cfg, torch.device("cpu"))
-    return [train_step(state, s).loss.item() for s in range(cfg.steps)]
+    losses, evals = [], [evaluate(state).item()]
+    for s in range(cfg.steps):
+        losses.append(train_step(state, s).loss.item())
+        if (s + 1) % cfg.eval_every == 0 or s + 1 == cfg.steps:
+            evals.append(evaluate(state).item())
+    return losses, evals
+
+
+def reference(optimizer: str) -> list[float]:
+    return reference_run(optimizer)[0]
 
 
 def run_layout(cli, tmp_path, optimizer, extra):
@@ -53,7 +63,11 @@ def test_layout_matches_single_process(cli, tmp_path, layout, optimizer):
     assert len(m["losses"]) == len(ref)
     diff = max(abs(a - b) for a, b in zip(m["losses"], ref))
     assert diff < 1e-4, (layout, optimizer, m["losses"], ref)
-    assert ref[-1] < ref[0]  # the curve being matched actually moves
+    assert abs(ref[-1] - ref[0]) > 1e-3  # the curve being matched actually moves
+    # the held-out eval, forward only under the layout, is the single-process eval
+    ref_evals = reference_run(optimizer)[1]
+    assert [e["step"] for e in m["evals"]] == [0, 2, 4, 5]
+    assert max(abs(e["loss"] - r) for e, r in zip(m["evals"], ref_evals)) < 1e-5, (m["evals"], ref_evals)
     assert len(m["peak_memory_bytes_per_rank"]) == m["config"]["world_size"]
 
 

@@ -16,7 +16,7 @@ def losses(cfg, steps=None):
 
 
 def test_grad_accum_matches_single_batch():
-    base = TrainConfig(global_batch=8, seq_len=32, steps=5, optimizer="adamw")
+    base = TrainConfig(global_batch=8, seq_len=64, steps=20, optimizer="adamw")
     one, _ = losses(base)
     four, _ = losses(replace(base, grad_accum=4))
     assert max(abs(a - b) for a, b in zip(one, four)) < 1e-5

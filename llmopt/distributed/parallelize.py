@@ -86,10 +86,11 @@ class Layout:
         return self.model.parameters()
 
     # ------------------------------------------------------------------ the step's layout-dependent parts
-    def forward_backward(self, micro_batches, amp, scaler) -> torch.Tensor:
-        """Forward and backward over the accumulation micro-batches; returns this rank's mean loss (detached)."""
+    def forward_backward(self, micro_batches, amp, scaler, after_first=None) -> torch.Tensor:
+        """Forward and backward over the accumulation micro-batches; returns this rank's mean loss (detached).
+        ``after_first`` (if given) is called once the first micro-batch's gradient is in ``.grad``."""
         if self.pipeline is not None:
-            return self.pipeline.forward_backward(micro_batches, amp, scaler)
+            return self.pipeline.forward_backward(micro_batches, amp, scaler, after_first)
         k = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(micro_batches):
@@ -98,15 +99,27 @@ class Layout:
                     loss = self.model(x, y) / k
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             total += loss.detach()
+            if i == 0 and after_first is not None:
+                after_first()
+        return total
+
+    def eval_loss(self, micro_batches, amp) -> torch.Tensor:
+        """This rank's mean loss over the micro-batches, forward only (call under ``torch.no_grad``)."""
+        if self.pipeline is not None:
+            return self.pipeline.eval_loss(micro_batches, amp)
+        total = torch.zeros((), device=self.device)
+        for x, y in micro_batches:
+            with amp:
+                total += self.model(x, y).float() / len(micro_batches)
         return total
 
     def finish_grads(self) -> None:
         if self.pipeline is not None:
             self.pipeline.finish_grads()
 
-    def grad_norm(self) -> torch.Tensor:
-        """The 2-norm of the whole model's gradient: DTensor shards reduced over their mesh, pipeline stages
-        summed, the tied head counted once."""
+    def grad_sq_norm(self) -> torch.Tensor:
+        """The squared 2-norm of this replica's gradient: DTensor shards reduced over their mesh, pipeline
+        stages summed, the tied head counted once."""
         skip = self.pipeline.excluded_from_norm() if self.pipeline is not None else set()
         sq = torch.zeros((), device=self.device, dtype=torch.float32)
         for p in self.model.parameters():
@@ -114,7 +127,19 @@ class Layout:
                 sq += full_norm(p.grad).float() ** 2
         if self.pipeline is not None:
             dist.all_reduce(sq, group=self.mesh["pp"].get_group())
-        return sq.sqrt()
+        return sq
+
+    def grad_norm(self) -> torch.Tensor:
+        """The 2-norm of the whole model's gradient (after the data-parallel reduction)."""
+        return self.grad_sq_norm().sqrt()
+
+    def dp_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-replica value over the data-parallel ranks."""
+        if self.dims.dp == 1:
+            return t
+        t = t.clone()
+        dist.all_reduce(t, group=self.mesh["dp"].get_group())
+        return t / self.dims.dp
 
     def global_loss(self, local: torch.Tensor) -> torch.Tensor:
         """The global-batch mean loss, on every rank."""

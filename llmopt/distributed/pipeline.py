@@ -94,24 +94,38 @@ class Pipeline:
         self._chunk_losses.append(loss.detach())
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
-    def forward_backward(self, micro_batches, amp, scaler) -> torch.Tensor:
+    def forward_backward(self, micro_batches, amp, scaler, after_first=None) -> torch.Tensor:
         """Returns this rank's share of the step's mean loss (non-zero on the last stage only)."""
         self.scaler = scaler
         total = torch.zeros((), device=self.stage.device)
-        for x, y in micro_batches:
-            self._chunk_losses.clear()
-            with amp:
-                # return_outputs=False: the last stage would otherwise keep every chunk's logits to merge them
-                if self.first:
-                    self.schedule.step(x, target=y if self.last else None, return_outputs=False)
-                elif self.last:
-                    self.schedule.step(target=y, return_outputs=False)
-                else:
-                    self.schedule.step(return_outputs=False)
-            if self.last:
-                # The first step also calls the loss once while inferring shapes: keep the chunks' own.
-                total += torch.stack(self._chunk_losses[-self.n_chunks:]).sum()
+        for i, (x, y) in enumerate(micro_batches):
+            total += self._run(self.schedule.step, x, y, amp)
+            if i == 0 and after_first is not None:
+                after_first()
         return total
+
+    def eval_loss(self, micro_batches, amp) -> torch.Tensor:
+        """Forward only (the schedule's ``eval``): this rank's share of the mean loss, as in training."""
+        self.scaler = None
+        total = torch.zeros((), device=self.stage.device)
+        for x, y in micro_batches:
+            total += self._run(self.schedule.eval, x, y, amp)
+        return total * (self.loss_divisor / (self.n_chunks * len(micro_batches)))
+
+    def _run(self, run, x, y, amp) -> torch.Tensor:
+        self._chunk_losses.clear()
+        with amp:
+            # return_outputs=False: the last stage would otherwise keep every chunk's logits to merge them
+            if self.first:
+                run(x, target=y if self.last else None, return_outputs=False)
+            elif self.last:
+                run(target=y, return_outputs=False)
+            else:
+                run(return_outputs=False)
+        if not self.last:
+            return torch.zeros((), device=self.stage.device)
+        # The first step also calls the loss once while inferring shapes: keep the chunks' own.
+        return torch.stack(self._chunk_losses[-self.n_chunks:]).sum().float()
 
     def finish_grads(self) -> None:
         self.tied.sync_grads()

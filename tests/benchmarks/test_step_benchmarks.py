@@ -70,7 +70,7 @@ def test_layout_ddp2(benchmark, cli, tmp_path):
     (launch included) and extra_info takes the in-run figures (warm-up excluded) from its metrics JSON."""
     benchmark.group = "layout"
     out = tmp_path / "m.json"
-    args = ["-m", "llmopt.train", "--dp", "2", "--steps", "6", "--warmup-steps", "2", "--quiet",
+    args = ["-m", "llmopt.train", "--dp", "2", "--steps", "6", "--timing-warmup", "2", "--quiet",
             "--memory-breakdown", "--metrics-out", str(out)] + [f"--{k.replace('_', '-')}={v}" for k, v in SHAPE.items()]
 
     def run():

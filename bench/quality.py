@@ -1,0 +1,183 @@
+"""The report's "Time to quality" section: what each optimizer, batch size and precision buys in steps,
+tokens and seconds to a target loss, its learning-rate tuning, the batch-size scaling against the measured
+gradient noise scale, and, where the same directory holds throughput rows, seconds to target per layout.
+
+Every sentence is computed from the rows (results.csv, evals.csv); nothing is prewritten.
+"""
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+from bench import tuning
+from bench.matrix import layout_name
+
+
+def convergence_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """Rows of runs with a target loss (convergence runs), skipped ones left out."""
+    return results[results.target_loss.notna() & (results.status != "skipped")].copy()
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    return df.astype(object).where(df.notna(), None).to_dict("records")
+
+
+def _fmt(v, spec: str, none: str = "") -> str:
+    return none if v is None or pd.isna(v) else format(v, spec)
+
+
+def best_runs(conv: pd.DataFrame) -> pd.DataFrame:
+    """The best run of each (optimizer, global batch, precision), with its grid's edge status."""
+    out = []
+    for key, g in tuning.groups(_records(conv)).items():
+        b = dict(tuning.best(g))
+        b["edge"] = tuning.edge(g)
+        b["lrs_tried"] = len(g)
+        out.append(b)
+    return pd.DataFrame(out)
+
+
+def _batch_table(best: pd.DataFrame, batch: int) -> str:
+    from bench.report import _md_table
+
+    d = best[(best.global_batch == batch) & (best.precision == "fp32")].copy()
+    d["_key"] = [tuning.rank_key(r) for r in _records(d)]
+    d = d.sort_values("_key")
+    rows = []
+    for i, (_, r) in enumerate(d.iterrows()):
+        rows.append({"optimizer": r.optimizer + (" **(winner)**" if i == 0 and r.status == "ok" else ""),
+                     "best lr": f"{r.lr:.3g}" + {"low": " (grid's lowest)", "high": " (grid's highest)"}.get(r.edge, ""),
+                     "steps to target": _fmt(r.steps_to_target, ".0f", "not reached"),
+                     "tokens to target": _fmt(r.tokens_to_target, ",.0f", "—"),
+                     "seconds to target": _fmt(r.seconds_to_target, ".1f", "—"),
+                     "final eval loss": _fmt(r.final_eval_loss, ".4f"),
+                     "B_simple": _fmt(r.gns_b_simple, ".1f"), "status": r.status})
+    return _md_table(pd.DataFrame(rows))
+
+
+def scaling_sentences(best: pd.DataFrame) -> list[str]:
+    """Per batch size, which optimizer reached the target first; between consecutive batch sizes, how much
+    of the perfect (linear) reduction in steps the winner kept."""
+    out = []
+    wins = tuning.winners(_records(best))
+    batches = sorted(wins, key=float)
+    for b in batches:
+        w = wins[b]
+        if w.get("tokens_to_target") is None:
+            out.append(f"At batch {b} no optimizer reached the target within the budget; the lowest final eval "
+                       f"loss was {w['optimizer']}'s {float(w['final_eval_loss']):.4f} (lr {float(w['lr']):.3g}).")
+        else:
+            out.append(f"At batch {b}, {w['optimizer']} reached the target first: {int(w['steps_to_target'])} "
+                       f"steps, {int(w['tokens_to_target']):,} tokens, {float(w['seconds_to_target']):.1f} s "
+                       f"(lr {float(w['lr']):.3g}).")
+    for small, big in zip(batches, batches[1:]):
+        s, g = wins[small], wins[big]
+        if s.get("steps_to_target") is None:
+            continue
+        factor = float(big) / float(small)
+        if g.get("steps_to_target") is None:
+            out.append(f"From batch {small} to {big} scaling stopped paying: the larger batch did not reach the "
+                       f"target in the same token budget.")
+            continue
+        fell = float(s["steps_to_target"]) / float(g["steps_to_target"])
+        verdict = "scaling still paid" if fell >= 0.5 * factor else "scaling stopped paying"
+        out.append(f"From batch {small} to {big} ({factor:g}x) the steps to target fell {fell:.2f}x "
+                   f"({fell / factor:.0%} of perfect scaling): {verdict}.")
+    gns = pd.to_numeric(best[best.precision == "fp32"].gns_b_simple, errors="coerce").dropna()
+    if len(gns):
+        out.append(f"The measured gradient noise scale B_simple (McCandlish et al. 2018) of the best runs ranges "
+                   f"{gns.min():.1f}–{gns.max():.1f} sequences at their last eval: batches well above it waste "
+                   f"samples, well below it waste steps.")
+    return out
+
+
+def precision_table(best: pd.DataFrame) -> str:
+    from bench.report import _md_table
+
+    rows = []
+    for (opt, batch), g in best.groupby(["optimizer", "global_batch"]):
+        if set(g.precision) >= {"fp32", "bf16"}:
+            f32, b16 = g[g.precision == "fp32"].iloc[0], g[g.precision == "bf16"].iloc[0]
+            rows.append({"optimizer": opt, "batch": batch, "lr": f"{b16.lr:.3g}",
+                         "fp32 tokens to target": _fmt(f32.tokens_to_target, ",.0f", "not reached"),
+                         "bf16 tokens to target": _fmt(b16.tokens_to_target, ",.0f", "not reached"),
+                         "fp32 s to target": _fmt(f32.seconds_to_target, ".1f", "—"),
+                         "bf16 s to target": _fmt(b16.seconds_to_target, ".1f", "—"),
+                         "fp32 final eval": _fmt(f32.final_eval_loss, ".4f"),
+                         "bf16 final eval": _fmt(b16.final_eval_loss, ".4f")})
+    return _md_table(pd.DataFrame(rows))
+
+
+def layout_estimates(results: pd.DataFrame, best: pd.DataFrame) -> str | None:
+    """Seconds to target with layout L = the winner's steps to target x L's p50 step time, for throughput
+    rows of the same model, data, batch and sequence length as the winner."""
+    from bench.report import _md_table
+
+    thr = results[(results.status == "ok") & results.target_loss.isna()]
+    rows = []
+    for b, w in tuning.winners(_records(best)).items():
+        if w.get("steps_to_target") is None:
+            continue
+        same = thr[(thr.preset == w["preset"]) & (thr.global_batch == float(b)) & (thr.seq_len == float(w["seq_len"]))]
+        for _, r in same.iterrows():
+            rows.append({"batch": b, "layout": layout_name(r), "config_id": r.config_id,
+                         "p50 ms": f"{r.step_time_ms_p50:.1f}",
+                         "est. seconds to target": float(w["steps_to_target"]) * r.step_time_ms_p50 / 1e3})
+    if not rows:
+        return None
+    d = pd.DataFrame(rows).sort_values(["batch", "est. seconds to target"])
+    d["est. seconds to target"] = d["est. seconds to target"].map(lambda v: f"{v:.1f}")
+    return _md_table(d)
+
+
+def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[str]:
+    conv = convergence_rows(results)
+    if conv.empty:
+        return []
+    best = best_runs(conv)
+    floor = conv.entropy_floor_nats.dropna()
+    L = ["## Time to quality", ""]
+    target = conv.target_loss.dropna().iloc[0]
+    L.append(f"Target: eval loss ≤ {target:.4f} nats"
+             + (f" (the data's entropy floor {floor.iloc[0]:.4f} + {target - floor.iloc[0]:.2f})" if len(floor) else
+                " (no entropy floor is known for this data)")
+             + f"; token budget {int(conv.max_tokens.max()):,} per run; learning rate warm-up then "
+             f"{conv.lr_schedule.iloc[0]} decay. Best learning rate per optimizer and batch size: first by tokens to "
+             "target, then by final eval loss. Seconds are training steps only (evals excluded).")
+    L.append("")
+    for b in sorted(best.global_batch.unique()):
+        L.append(f"### Global batch {int(b)} sequences")
+        L.append(_batch_table(best, b))
+    L.append("### What the runs say")
+    L += [f"- {s}" for s in scaling_sentences(best)]
+    edges = best[best.edge.notna() & (best.precision == "fp32")]
+    if not edges.empty:
+        L.append("- Grids whose best learning rate sits at an edge (widened once automatically; still at the "
+                 "edge means the grid may still be too narrow): "
+                 + ", ".join(f"{r.optimizer} at batch {int(r.global_batch)} ({r.edge}, lr {r.lr:.3g})"
+                             for _, r in edges.iterrows()) + ".")
+    if len(floor) and conv.best_eval_loss.notna().any():
+        gap = conv.best_eval_loss.min() - floor.iloc[0]
+        L.append(f"- The best eval loss of any run is {conv.best_eval_loss.min():.4f}, {gap:.3f} nats above the "
+                 f"entropy floor.")
+    div = conv[conv.status == "diverged"]
+    if not div.empty:
+        L.append(f"- {len(div)} runs diverged (kept as rows): "
+                 + ", ".join(f"{r.optimizer} b{int(r.global_batch)} lr {r.lr:.3g}" for _, r in div.iterrows()) + ".")
+    L.append("")
+    prec = precision_table(best)
+    if not prec.startswith("_none_"):
+        L.append("### Precision as a convergence axis (the winner at each batch size)")
+        L.append(prec)
+    est = layout_estimates(results, best)
+    if est is not None:
+        L.append("### Seconds to target per layout (estimate: winner's steps to target × the layout's p50 step)")
+        L.append(est)
+    from bench.plots import quality_plots
+
+    for title, path in quality_plots(conv, best, evals, plot_dir).items():
+        L.append(f"### {title}")
+        L.append(f"![{title}](plots/{os.path.basename(path)})")
+        L.append("")
+    return L
