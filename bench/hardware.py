@@ -122,7 +122,13 @@ def environment(argv: list[str]) -> dict:
 
 
 def write_json(path: str, obj) -> None:
+    """Atomically (a temporary file renamed into place); a failed write (a full disk) leaves no .tmp behind."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

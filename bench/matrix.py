@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
+import re
 import tomllib
 from dataclasses import asdict
 
@@ -46,7 +48,7 @@ PEERS_SHAPE = {"cpu": dict(preset="mini", seq_len=256, global_batch=8, optimizer
 # every 16k tokens, and the gradient noise scale from two accumulation micro-batches. Sized so that
 # `convergence` finishes in about 20 minutes on a 2-core CPU; results/README.md says what was measured.
 CONVERGENCE_BASE = {
-    "cpu": dict(preset="tiny", seq_len=64, max_tokens=2**18, lr_schedule="cosine", grad_accum=2, gns=True,
+    "cpu": dict(preset="tiny-v256", seq_len=64, max_tokens=2**18, lr_schedule="cosine", grad_accum=2, gns=True,
                 target_gap=0.3),
     "cuda": dict(preset="mini", seq_len=256, max_tokens=2**22, lr_schedule="cosine", grad_accum=2, gns=True,
                  target_gap=0.3),
@@ -135,18 +137,18 @@ def _coerce(field: str, value, where: str):
             return str(value).lower() == "true"
         raise MatrixError(f"{where}: {field} = {value!r} is not true or false")
     if field in INT_FIELDS:
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not re.fullmatch(r"-?[0-9]+", str(value)):
             raise MatrixError(f"{where}: {field} = {value!r} is not an integer")
         return int(value)
     if field in FLOAT_FIELDS:
         try:
             return float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise MatrixError(f"{where}: {field} = {value!r} is not a number") from None
     return value if value is None else str(value)
 
 
-def load_toml(path: str) -> tuple[dict, list[dict]]:
+def load_toml(path: str, max_configs: int = 10_000) -> tuple[dict, list[dict]]:
     if not os.path.isfile(path):
         raise MatrixError(f"--matrix: no such file {path!r}; use one of {', '.join(NAMED)} or a .toml file")
     try:
@@ -159,12 +161,17 @@ def load_toml(path: str) -> tuple[dict, list[dict]]:
         raise MatrixError(f"--matrix {path}: unknown table(s) {sorted(extra)}; use [base] and [matrix]")
     if not isinstance(doc.get("matrix"), dict) or not doc["matrix"]:
         raise MatrixError(f"--matrix {path}: needs a [matrix] table mapping config fields to lists of values")
+    if not isinstance(doc.get("base", {}), dict):
+        raise MatrixError(f"--matrix {path}: base must be a table ([base] with field = value lines)")
     base = {k: _coerce(k, v, f"{path} [base]") for k, v in doc.get("base", {}).items()}
-    axes = {}
     for k, v in doc["matrix"].items():
         if not isinstance(v, list) or not v:
             raise MatrixError(f"--matrix {path}: [matrix] {k} must be a non-empty list, e.g. {k} = [...]")
-        axes[k] = [_coerce(k, x, f"{path} [matrix]") for x in v]
+    count = math.prod(len(v) for v in doc["matrix"].values())  # counted before anything is expanded
+    if count > max_configs:
+        raise MatrixError(f"--matrix {path}: {count:,} combinations, more than --max-configs {max_configs:,}; "
+                          f"shrink the matrix or raise --max-configs")
+    axes = {k: [_coerce(k, x, f"{path} [matrix]") for x in v] for k, v in doc["matrix"].items()}
     combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     return base, combos
 
@@ -209,6 +216,23 @@ def config_id(cfg: dict) -> str:
     return "-".join(parts) + "-" + digest
 
 
+def _paths_resolved(cfg: dict, preset_given: bool) -> dict:
+    """Paths the user wrote (data, a local --init) made absolute against the directory the sweep was started
+    in, since each config runs from the repository root; with --init and no preset, the checkpoint's shape."""
+    from llmopt.prepare import BUILTIN
+
+    cfg = dict(cfg)
+    if cfg.get("data") and cfg["data"] not in BUILTIN and os.path.exists(cfg["data"]):
+        cfg["data"] = os.path.abspath(cfg["data"])
+    if cfg.get("init") and str(cfg["init"]).startswith("hf:") and os.path.exists(cfg["init"][3:]):
+        cfg["init"] = "hf:" + os.path.abspath(cfg["init"][3:])
+    if cfg.get("init") and not preset_given:
+        from llmopt.config import CHECKPOINT
+
+        cfg["preset"] = CHECKPOINT
+    return cfg
+
+
 def baseline_of(cfg: dict) -> dict:
     """llmopt's own eager step, single process, fp32, no accumulation; same model shape, data, batch,
     optimizer, seed and steps (peers -- HF's model, Accelerate -- start from the same weights)."""
@@ -218,22 +242,23 @@ def baseline_of(cfg: dict) -> dict:
 
 
 def expand(matrix: str, device: str, max_ranks: int, steps: int | None = None,
-           filters: dict | None = None) -> list[dict]:
+           filters: dict | None = None, max_configs: int = 10_000) -> list[dict]:
     """The plan: entries {config_id, config, skipped (reason or None), added_as_baseline}.
 
     Baselines that the matrix lacks are added (each ok config's loss curve is compared with one)."""
     base = dict(DEVICE_BASE[device], device=device)
+    extra: dict = {}
     if matrix in NAMED:
         combos = _named(matrix, device, max_ranks)
     elif matrix.endswith(".toml") or os.path.sep in matrix:
-        extra, combos = load_toml(matrix)
+        extra, combos = load_toml(matrix, max_configs)
         base.update(extra)
     else:
         raise MatrixError(f"--matrix: unknown matrix {matrix!r}; use one of {', '.join(NAMED)} or a .toml file")
     if steps is not None:
         base["steps"] = steps
     defaults = asdict(TrainConfig())
-    configs = [{**defaults, **base, **c} for c in combos]
+    configs = [_paths_resolved({**defaults, **base, **c}, "preset" in extra or "preset" in c) for c in combos]
     for k, v in (filters or {}).items():
         configs = [c for c in configs if c[k] == v]
     if not configs:

@@ -93,6 +93,12 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
     L.append(f"- Machine: {env.get('cpu_model', '?')}, {env.get('cpu_count', '?')} CPUs"
              + (f", GPUs: {', '.join(env['gpus'])}" if env.get("gpus") else "")
              + f"; torch {env.get('torch', '?')}, CUDA {env.get('cuda')}, NCCL {env.get('nccl')}; git {str(env.get('git_commit'))[:10]}")
+    data = results.data_description.dropna().unique()
+    if len(data):
+        floor = results.entropy_floor_nats.dropna()
+        L.append(f"- Data: {'; '.join(map(str, data))}; entropy floor: "
+                 + (f"{floor.iloc[0]:.4f} nats/token (generated data)" if len(floor) else
+                    "unknown (real text has no known floor)"))
     L.append(f"- Configs: {len(results)} (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
     L.append(f"- Sweep wall time: {env['sweep_seconds'] / 60:.1f} min (configs themselves: {wall / 60:.1f} min)"
              if "sweep_seconds" in env else f"- Wall time of the configs: {wall / 60:.1f} min")

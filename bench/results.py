@@ -18,6 +18,7 @@ RESULT_COLUMNS = [
     "pp_microbatches", "precision", "grad_accum", "micro_batch", "global_batch", "seq_len", "optimizer",
     "optimizer_impl", "compile", "activation_checkpointing", "lr", "lr_schedule", "lr_warmup", "min_lr_ratio",
     "weight_decay", "max_grad_norm", "steps", "max_tokens", "timing_warmup", "seed", "data",
+    "tokenizer", "init", "data_description",
     "eval_every", "eval_batches", "target_loss", "target_gap", "gns",
     "steps_run", "tokens_seen", "steps_to_target", "tokens_to_target", "seconds_to_target", "final_eval_loss",
     "best_eval_loss", "gns_b_simple", "train_seconds", "eval_seconds", "diverged_at_step",
@@ -35,6 +36,7 @@ RESULT_COLUMNS = [
 # Columns read as text; every other column is a number (or empty).
 TEXT_COLUMNS = {"config_id", "status", "error", "engine", "model_impl", "preset", "device", "dp_mode", "pp_schedule",
                 "precision", "optimizer", "optimizer_impl", "compile", "activation_checkpointing", "data",
+                "tokenizer", "init", "data_description",
                 "lr_schedule", "gns", "peak_memory_kind", "peak_flops_source", "baseline_id", "parity_verdict",
                 "added_as_baseline"}
 STEP_COLUMNS = ["config_id", "step", "loss", "step_time_ms"]
@@ -48,20 +50,37 @@ STATUSES = ("ok", "failed", "skipped", "timeout", "oom", "diverged")
 RENAMED = {"warmup_steps": "timing_warmup"}
 
 
-def _complete_rows(path: str) -> tuple[list[str], list[dict]]:
-    """(header, rows) of a CSV, keeping only lines written whole: a torn or malformed tail is dropped. The
-    header is the file's own, so a file written by another version of the schema is read as it was written."""
+csv.field_size_limit(2**31 - 1)  # an error message or a path can be long; never fail on a field's size
+
+
+class Unreadable(ValueError):
+    """Lines of a sweep's CSV that cannot be read; nothing was changed on disk."""
+
+
+def _read(path: str) -> tuple[list[str], list[dict], list[list[str]]]:
+    """(header, rows, rejected) of a CSV. A torn last line (cut mid-write by a kill) is dropped: that is the
+    one damage a crash can do. Any other line whose field count differs from the header's is *rejected*,
+    never silently dropped. The header is the file's own (a file written by another version of the schema is
+    read as it was written), with renamed columns under their current names."""
     if not os.path.exists(path):
-        return [], []
+        return [], [], []
     with open(path, newline="") as f:
         text = f.read()
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]  # the last line was cut mid-write
     lines = list(csv.reader(io.StringIO(text)))
     if not lines:
-        return [], []
+        return [], [], []
     header = [RENAMED.get(c, c) for c in lines[0]]
-    return header, [dict(zip(header, row)) for row in lines[1:] if len(row) == len(header)]
+    rows, rejected = [], []
+    for row in lines[1:]:
+        (rows.append(dict(zip(header, row))) if len(row) == len(header) else rejected.append(row))
+    return header, rows, rejected
+
+
+def _complete_rows(path: str) -> tuple[list[str], list[dict]]:
+    header, rows, _ = _read(path)
+    return header, rows
 
 
 class ResultFiles:
@@ -70,19 +89,22 @@ class ResultFiles:
         self.paths = {name: os.path.join(out_dir, f"{name}.csv") for name in DETAILS}
         self.steps_path = self.paths["steps"]
 
-    def load(self, repair: bool = False) -> tuple[list[dict], dict[str, list[dict]]]:
-        """Finished rows and their detail rows by file (one row per config; torn lines and details of
+    def load(self, repair: bool = False, reject: bool = False) -> tuple[list[dict], dict[str, list[dict]]]:
+        """Finished rows and their detail rows by file (one row per config; torn last lines and details of
         unfinished configs left out). Read-only unless ``repair`` (resume), which rewrites the files clean in
-        the current schema; a file with columns this version does not know is refused rather than rewritten."""
-        header, raw = _complete_rows(self.results_path)
+        the current schema. A resume never deletes what it cannot read: a header it does not understand or a
+        line with the wrong field count stops it (``Unreadable``, nothing changed) unless ``reject``, which
+        first moves those lines into ``<file>.rejected`` beside the CSV."""
+        header, raw, bad = _read(self.results_path)
         results, seen = [], set()
         for row in raw:
             if row.get("config_id") and row["config_id"] not in seen and row.get("status") in STATUSES:
                 seen.add(row["config_id"])
                 results.append(row)
-        details, headers = {}, {}
+        details, headers, rejected = {}, {}, {self.results_path: (header, bad)}
         for name, (_, key) in DETAILS.items():
-            headers[name], rows = _complete_rows(self.paths[name])
+            headers[name], rows, bad = _read(self.paths[name])
+            rejected[self.paths[name]] = (headers[name], bad)
             kept, seen_keys = [], set()
             for row in rows:
                 k = (row.get("config_id"), row.get(key))
@@ -91,16 +113,37 @@ class ResultFiles:
                     kept.append(row)
             details[name] = kept
         if repair:
-            unknown = set(header) - set(RESULT_COLUMNS)
-            for name, (columns, _) in DETAILS.items():
-                unknown |= set(headers[name]) - set(columns)
-            if unknown:
-                raise ValueError(f"{self.results_path} has columns this version does not write "
-                                 f"({', '.join(sorted(unknown))}); resume it with the version that started it")
+            self._check_headers(header, headers)
+            self._handle_rejected(rejected, reject)
             self._rewrite(self.results_path, RESULT_COLUMNS, results)
             for name, (columns, _) in DETAILS.items():
                 self._rewrite(self.paths[name], columns, details[name])
         return results, details
+
+    def _check_headers(self, header: list[str], headers: dict[str, list[str]]) -> None:
+        unknown = set(header) - set(RESULT_COLUMNS)
+        for name, (columns, _) in DETAILS.items():
+            unknown |= set(headers[name]) - set(columns)
+        if unknown:
+            raise Unreadable(f"{self.results_path} has columns this version does not write "
+                             f"({', '.join(sorted(unknown))}); resume it with the version that started it")
+        if header and not {"config_id", "status"} <= set(header):
+            raise Unreadable(f"{self.results_path}: its header has no config_id/status columns; restore the header "
+                             f"line ({','.join(RESULT_COLUMNS[:3])},...) before resuming")
+
+    @staticmethod
+    def _handle_rejected(rejected: dict, reject: bool) -> None:
+        for path, (header, bad) in rejected.items():
+            if not bad:
+                continue
+            if not reject:
+                raise Unreadable(f"{path}: {len(bad)} line(s) have a field count other than the header's "
+                                 f"{len(header)} (the first has {len(bad[0])}); nothing was changed. Fix the file, "
+                                 f"or add --repair to move them to {os.path.basename(path)}.rejected and continue")
+            with open(path + ".rejected", "a", newline="") as f:
+                csv.writer(f).writerows(bad)
+                f.flush()
+                os.fsync(f.fileno())
 
     def drop(self, config_ids: set[str]) -> None:
         """Remove these configs' rows and details (to run them again), rewriting the files atomically."""
@@ -112,13 +155,18 @@ class ResultFiles:
     @staticmethod
     def _rewrite(path: str, columns: list[str], rows: list[dict]) -> None:
         tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns)
-            w.writeheader()
-            w.writerows({k: row.get(k, "") for k in columns} for row in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=columns)
+                w.writeheader()
+                w.writerows({k: row.get(k, "") for k in columns} for row in rows)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            if os.path.exists(tmp):
+                os.remove(tmp)  # a full disk leaves the original file, never a .tmp beside it
+            raise
 
     @staticmethod
     def _append(path: str, columns: list[str], rows: list[dict]) -> None:

@@ -24,6 +24,7 @@ from bench.results import STATUSES, ResultFiles
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(REPO, "results", "runs")
 LATEST = os.path.join(REPO, "results", "latest")
+MAX_CONFIGS = 10_000
 EXACT = 1e-4         # nats: "exact" parity (fp32 layouts agree to ~1e-6; this leaves room for reduction order)
 AMP_TOLERANCE = 5e-2  # nats: a bf16/fp16 curve within this of the fp32 baseline is "within AMP tolerance"
 
@@ -35,12 +36,16 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--matrix", default="default", help=f"{', '.join(NAMED)}, or a .toml file (default: %(default)s)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--matrix", default=None, help=f"{', '.join(NAMED)}, or a .toml file (default: default)")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="(default: auto)")
     p.add_argument("--out", default=None, help="results directory (default: results/runs/<UTC time>-<matrix>)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep in --out (default: results/latest)")
     p.add_argument("--retry", default="", metavar="STATUS,...",
                    help="with --resume: run again the configs that ended with these statuses (e.g. failed,timeout)")
+    p.add_argument("--repair", action="store_true",
+                   help="with --resume: move unreadable CSV lines into <file>.rejected instead of stopping")
+    p.add_argument("--max-configs", type=int, default=MAX_CONFIGS,
+                   help="refuse a matrix with more combinations than this (default: %(default)s)")
     p.add_argument("--filter", default=None, help="keep configs matching key=value[,key=value...]")
     p.add_argument("--steps", type=int, default=None, help="steps per config (default: the device's)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per config before it is killed")
@@ -68,6 +73,7 @@ def last_error_line(log_path: str) -> str:
             lines = [l.strip() for l in f.read().splitlines() if l.strip()]
     except OSError:
         return ""
+    lines = [l for l in lines if not l.startswith("$ ")]  # the harness's own command line is never the error
     errors = [l for l in lines if l.startswith("error:")]
     return (errors or lines or [""])[-1][:500]
 
@@ -109,20 +115,28 @@ def run_config(entry: dict, out_dir: str, timeout: float, warmup: int) -> tuple[
         rc = proc.wait() if rc is None else rc
     wall = time.monotonic() - t0
     status = status_of(rc, timed_out)
-    metrics = None
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            metrics = json.load(f)
+    metrics, unreadable = read_metrics(metrics_path)
     if status == "ok" and metrics is None:
         status = "failed"
-    error = ""
+    error = unreadable
     if status == "timeout":
         error = f"killed after {timeout:.0f} s (--timeout)"
     elif status != "ok":
-        error = last_error_line(log_path) or f"exit code {rc}"
+        error = error or last_error_line(log_path) or f"exit code {rc}"
         if status == "oom" and rc in (-signal.SIGKILL, 128 + signal.SIGKILL):
             error = f"killed by SIGKILL (the kernel's OOM killer?); {error}"
     return status, error, metrics, wall
+
+
+def read_metrics(path: str) -> tuple[dict | None, str]:
+    """(metrics, "") or (None, why): a full disk can leave an empty file, which fails this config, not the sweep."""
+    if not os.path.exists(path):
+        return None, ""
+    try:
+        with open(path) as f:
+            return json.load(f), ""
+    except (OSError, ValueError) as e:
+        return None, f"metrics JSON unreadable ({e}); is the disk full?"
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -186,6 +200,7 @@ def build_row(entry, status, error, metrics, wall, warmup, baselines, peak_cache
     row.update({k: metrics.get(k) for k in ("target_loss", "steps_to_target", "tokens_to_target",
                                             "seconds_to_target", "final_eval_loss", "best_eval_loss",
                                             "gns_b_simple", "eval_seconds", "diverged_at_step")})
+    row.update(data_description=metrics.get("data_description"))
     row.update(steps_run=len(losses), tokens_seen=len(losses) * tc.tokens_per_step,
                train_seconds=sum(metrics["step_time_ms"]) / 1e3)
     if status != "ok":
@@ -255,62 +270,140 @@ def headline(row: dict) -> str:
     return "  ".join(parts)
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so the running config's processes are killed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return sweep(args, argv)
     except MatrixError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or a vanished directory while writing the sweep's own files
+        print(f"error: cannot write the sweep's files ({e}); free space or fix the directory, then --resume",
+              file=sys.stderr)
+        return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _resolve_out(args) -> tuple[str, dict | None]:
+    """The sweep directory (absolute: configs run from the repository root) and, on resume, its plan."""
     if args.resume:
-        out = args.out or LATEST
+        out = os.path.abspath(args.out) if args.out else LATEST
         plan_path = os.path.join(out, "plan.json")
         if not os.path.exists(plan_path):
             raise MatrixError(f"--resume: {out!r} holds no sweep (no plan.json); pass the --out of the sweep to finish")
-        with open(plan_path) as f:
-            return os.path.realpath(out), json.load(f)
-    if args.out and os.path.exists(os.path.join(args.out, "results.csv")):
-        raise MatrixError(f"--out {args.out!r} already holds results; add --resume to finish it or pick a new --out")
-    name = os.path.splitext(os.path.basename(args.matrix))[0]
-    return args.out or os.path.join(RUNS, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{name}"), None
+        try:
+            with open(plan_path) as f:
+                saved = json.load(f)
+            saved["plan"], saved["device"], saved["matrix"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise MatrixError(f"--resume: {plan_path} is corrupt ({e}); it cannot be finished, start a new sweep") from None
+        return os.path.realpath(out), saved
+    if args.out:
+        out = os.path.abspath(args.out)
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise MatrixError(f"--out {args.out!r} is a file; pass a directory")
+        if os.path.exists(os.path.join(out, "results.csv")):
+            raise MatrixError(f"--out {args.out!r} already holds results; add --resume to finish it or pick a new --out")
+    else:
+        name = os.path.splitext(os.path.basename(args.matrix or "default"))[0]
+        out = os.path.join(RUNS, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{name}")
+    parent = out
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise MatrixError(f"--out {out!r}: {parent!r} is not writable; choose another directory")
+    return out, None
+
+
+def _check_args(args) -> set[str]:
+    """Refuse bad flags before any work; returns the statuses to retry."""
+    if args.steps is not None and args.steps < 1:
+        raise MatrixError(f"--steps {args.steps}: must be at least 1")
+    if not args.timeout > 0 or args.timeout == float("inf"):
+        raise MatrixError(f"--timeout {args.timeout}: must be a positive number of seconds")
+    if args.max_configs < 1:
+        raise MatrixError(f"--max-configs {args.max_configs}: must be at least 1")
+    retry = {s for s in args.retry.split(",") if s}
+    if retry and (not args.resume or retry - set(STATUSES) or "ok" in retry):
+        raise MatrixError(f"--retry {args.retry}: use with --resume and statuses among "
+                          f"{', '.join(s for s in STATUSES if s != 'ok')}")
+    if args.repair and not args.resume:
+        raise MatrixError("--repair: use with --resume")
+    if args.resume:
+        given = [f for f, v in (("--matrix", args.matrix), ("--filter", args.filter), ("--steps", args.steps),
+                                ("--device", args.device)) if v is not None]
+        if given:
+            raise MatrixError(f"--resume finishes the sweep as planned in its plan.json; drop {', '.join(given)} "
+                              f"(or start a new sweep with them)")
+    return retry
+
+
+def _new_plan(args) -> tuple[list[dict], str, str, int]:
+    from bench.matrix import WARMUP_STEPS
+    from llmopt.config import resolve_device
+
+    device = resolve_device(args.device or "auto")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MatrixError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    matrix = args.matrix or "default"
+    plan = expand(matrix, device, rank_budget(device), args.steps, parse_filter(args.filter), args.max_configs)
+    warmup = min(WARMUP_STEPS[device], max(0, plan[0]["config"]["steps"] - 1))
+    return plan, device, matrix, warmup
+
+
+def _lock(out: str):
+    """One writer per sweep directory: an advisory lock held for the whole sweep (resumes included)."""
+    import fcntl
+
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise MatrixError(f"--out {out}: another bench.run (PID {holder}) is writing this sweep; wait for it to end "
+                          f"or stop it first") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def sweep(args, argv) -> int:
     from bench.hardware import environment, write_json
     from bench.tuning import followups
-    from llmopt.config import resolve_device
 
-    if args.steps is not None and args.steps < 1:
-        raise MatrixError(f"--steps {args.steps}: must be at least 1")
-    if not args.timeout > 0 or args.timeout == float("inf"):
-        raise MatrixError(f"--timeout {args.timeout}: must be a positive number of seconds")
-    retry = {s for s in args.retry.split(",") if s}
-    if retry and (not args.resume or retry - set(STATUSES) or "ok" in retry):
-        raise MatrixError(f"--retry {args.retry}: use with --resume and statuses among "
-                          f"{', '.join(s for s in STATUSES if s != 'ok')}")
+    retry = _check_args(args)
     out, saved = _resolve_out(args)
     if saved is not None:
         plan, device, matrix = saved["plan"], saved["device"], saved["matrix"]
         warmup = saved.get("timing_warmup", saved.get("warmup_steps"))
     else:
-        device = resolve_device(args.device)
-        if device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise MatrixError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-        from bench.matrix import WARMUP_STEPS
-
-        matrix = args.matrix
-        plan = expand(matrix, device, rank_budget(device), args.steps, parse_filter(args.filter))
-        steps = plan[0]["config"]["steps"]
-        warmup = min(WARMUP_STEPS[device], max(0, steps - 1))
+        plan, device, matrix, warmup = _new_plan(args)
     for sub in ("logs", "metrics"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
+    lock = _lock(out)  # noqa: F841 (held until the process ends)
 
     def save_plan():
         write_json(os.path.join(out, "plan.json"), {"matrix": matrix, "device": device, "timing_warmup": warmup,
@@ -323,7 +416,7 @@ def sweep(args, argv) -> int:
             _point_latest(out)
     files = ResultFiles(out)
     try:
-        done_rows, details = files.load(repair=True)
+        done_rows, details = files.load(repair=True, reject=args.repair)
     except ValueError as e:
         raise MatrixError(f"--resume: {e}") from None
     if retry:
@@ -343,10 +436,11 @@ def sweep(args, argv) -> int:
             save_plan()
             print(f"bench: {len(more)} follow-up configs added ({', '.join(sorted({e['phase'] for e in more}))})",
                   flush=True)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished rows are kept; finish with  python -m bench.run --resume --out {out}",
-              file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Stopped) as e:
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        print(f"\ninterrupted ({signal.Signals(signum).name}): the running config was stopped, finished rows are "
+              f"kept; finish with  python -m bench.run --resume --out {out}", file=sys.stderr)
+        return 128 + signum
     env_path = os.path.join(out, "env.json")
     with open(env_path) as f:
         env = json.load(f)
@@ -358,7 +452,17 @@ def sweep(args, argv) -> int:
 
         path = write_report(out)
         print(f"report: {path}", flush=True)
-    return 0
+    return _summary(runner.rows)
+
+
+def _summary(rows: list[dict]) -> int:
+    """Counts by status, last; exit 1 when a config failed or timed out (ok, skipped, and the expected
+    outcomes diverged and oom keep 0: they are findings, not breakage)."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print("bench: " + ", ".join(f"{k} {counts[k]}" for k in STATUSES if k in counts), flush=True)
+    return 1 if counts.get("failed") or counts.get("timeout") else 0
 
 
 class _Runner:
@@ -378,8 +482,11 @@ class _Runner:
         self.peak_cache_path = os.path.join(out, "peak_flops.json")
         self.peak_cache = {}
         if os.path.exists(self.peak_cache_path):
-            with open(self.peak_cache_path) as f:
-                self.peak_cache = json.load(f)
+            try:
+                with open(self.peak_cache_path) as f:
+                    self.peak_cache = dict(json.load(f))
+            except (ValueError, TypeError) as e:
+                raise MatrixError(f"{self.peak_cache_path} is corrupt ({e}); delete it (the peak is measured again)") from None
         self._write_json = write_json
         self.t_start, self.ran = time.monotonic(), 0
 

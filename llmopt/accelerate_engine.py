@@ -62,7 +62,7 @@ def build(cfg, device: torch.device) -> TrainState:
     scheduler = build_scheduler(optimizer, cfg)  # on torch's optimizer: stepped once per step, not per micro-batch
     model, optimizer = acc.prepare(model, optimizer)
     state = TrainState(cfg, acc.device, AccelerateLayout(acc, model), optimizer, None,
-                       build_source(cfg.data, cfg.model_config.vocab_size, cfg.seed), scheduler)
+                       build_source(cfg.data, cfg.model_config.vocab_size, cfg.seed, cfg.tokenizer), scheduler)
     state.accelerator = acc
     return state
 

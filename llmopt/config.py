@@ -6,6 +6,7 @@ and exits 2 (see ``llmopt.train``).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
@@ -48,7 +49,10 @@ class TrainConfig:
     steps: int = 10                  # optimizer steps
     seed: int = 0                    # model init and data
     device: str = "auto"             # auto, cpu or cuda
-    data: str | None = None          # a text file (byte tokens); None -> the generated Markov source
+    data: str | None = None          # None: the generated Markov source; a text file (bytes), a prepared
+                                     # directory, a text directory or python-stdlib (prepared on first use)
+    tokenizer: str = "bytes"         # for raw text: bytes, a Hugging Face tokenizer name/path, or train:N
+    init: str | None = None          # hf:NAME_OR_PATH: start from GPT2LMHeadModel.from_pretrained weights
     engine: str = "native"           # native (llmopt's step) or accelerate (accelerate.Accelerator's loop)
     compile: bool = False            # torch.compile each transformer block
     activation_checkpointing: bool = False  # recompute each block's activations in backward
@@ -74,9 +78,12 @@ class TrainConfig:
 
     @property
     def model_config(self) -> GPTConfig:
+        """The preset's shape, or the checkpoint's with --init; the vocabulary is the data's."""
+        if self.init is not None:
+            return checkpoint_config(self.init)
         cfg = PRESETS[self.preset]
         if self.data is not None:
-            cfg = replace(cfg, vocab_size=256)  # byte-level tokens
+            cfg = replace(cfg, vocab_size=data_vocab_size(self.data, self.tokenizer))
         return cfg
 
     @property
@@ -101,6 +108,46 @@ class TrainConfig:
         return [f.name for f in fields(cls)]
 
 
+CHECKPOINT = "checkpoint"  # the preset of a run whose shape comes from --init
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint_config(init: str) -> GPTConfig:
+    """The model shape of ``hf:NAME_OR_PATH`` from its config alone (``AutoConfig``: no weights are read)."""
+    from transformers import AutoConfig
+
+    from llmopt.model import config_from_hf
+
+    if not init.startswith("hf:") or len(init) == 3:
+        raise ValueError(f"--init {init!r}: use hf:NAME_OR_PATH (a Hugging Face GPT-2 name or a local directory)")
+    name = init[3:]
+    try:
+        hf = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--init {init}: cannot load its config ({str(e).splitlines()[0][:160]}); offline, point at "
+                         f"a local copy: --init hf:/path/to/dir (a directory saved with save_pretrained)") from None
+    if getattr(hf, "model_type", None) != "gpt2":
+        raise ValueError(f"--init {init}: a {getattr(hf, 'model_type', '?')} checkpoint; llmopt trains GPT-2 models")
+    return config_from_hf(hf)
+
+
+@functools.lru_cache(maxsize=None)
+def data_vocab_size(data: str, tokenizer: str) -> int:
+    """The vocabulary of ``--data`` (read from a prepared directory's meta.json, else what the tokenizer
+    gives), without tokenizing anything."""
+    from llmopt.data import is_prepared, read_meta
+    from llmopt.prepare import BUILTIN, tokenizer_vocab_size
+
+    if is_prepared(data):
+        return int(read_meta(data)["vocab_size"])
+    if data not in BUILTIN and not os.path.exists(data):
+        raise ValueError(f"--data: no such file or directory {data!r}; pass a text file, a directory, a prepared "
+                         f"directory, python-stdlib, or omit --data")
+    if os.path.exists(data) and not (os.path.isfile(data) or os.path.isdir(data)):
+        raise ValueError(f"--data {data!r} is not a regular file or directory; pass a text file or a directory")
+    return tokenizer_vocab_size(tokenizer)
+
+
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -116,7 +163,10 @@ def _choice(flag: str, value, allowed) -> None:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Return the resolved config, or raise ValueError naming the flag and the fix. Does no heavy work."""
-    _choice("preset", cfg.preset, PRESETS)
+    if cfg.preset == CHECKPOINT and cfg.init is None:
+        raise ValueError(f"--preset {CHECKPOINT} takes its shape from --init; pass --init hf:NAME_OR_PATH or a preset")
+    if cfg.preset != CHECKPOINT:
+        _choice("preset", cfg.preset, PRESETS)
     _choice("model-impl", cfg.model_impl, MODEL_IMPLS)
     _choice("dp-mode", cfg.dp_mode, DP_MODES)
     _choice("pp-schedule", cfg.pp_schedule, PP_SCHEDULES)
@@ -132,6 +182,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for flag in ("pp_microbatches", "lr_warmup", "max_tokens", "eval_every"):
         if getattr(cfg, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must be 0 or more")
+    if not 0 <= cfg.seed < 2**63:
+        raise ValueError(f"--seed {cfg.seed}: must be between 0 and 2^63 - 1")
     for flag in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio", "target_loss", "target_gap"):
         v = getattr(cfg, flag)
         if not math.isfinite(v) or v < 0:
@@ -139,10 +191,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.min_lr_ratio > 1:
         raise ValueError(f"--min-lr-ratio {cfg.min_lr_ratio}: must be between 0 and 1 (a fraction of --lr)")
     _check_training_schedule(cfg)
-    if cfg.data is not None and not os.path.isfile(cfg.data):
-        raise ValueError(f"--data: no such file {cfg.data!r}; pass an existing text file or omit --data")
-
     m = cfg.model_config
+    _check_init_and_data(cfg, m)
     if cfg.seq_len > m.block_size:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the {cfg.preset} preset's {m.block_size} positions; "
                          f"use --seq-len {m.block_size} or less")
@@ -175,6 +225,29 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ValueError("--engine accelerate --precision fp16: Accelerate applies fp16 on GPUs only (on CPU it "
                              "silently trains in fp32); use --precision bf16 or --engine native")
     return cfg.resolved()
+
+
+def _check_init_and_data(cfg: TrainConfig, m: GPTConfig) -> None:
+    if cfg.init is not None:
+        if cfg.preset != CHECKPOINT:
+            p = PRESETS[cfg.preset]
+            shape = lambda c: (c.n_layer, c.n_head, c.n_embd)  # noqa: E731
+            if shape(p) != shape(m):
+                raise ValueError(f"--preset {cfg.preset} {shape(p)} disagrees with --init {cfg.init} "
+                                 f"(layers, heads, width {shape(m)}); drop --preset: the checkpoint sets the shape")
+        if cfg.data is not None and data_vocab_size(cfg.data, cfg.tokenizer) != m.vocab_size:
+            raise ValueError(f"--init {cfg.init} has a vocabulary of {m.vocab_size} but --data {cfg.data} has "
+                             f"{data_vocab_size(cfg.data, cfg.tokenizer)}; prepare the data with the checkpoint's "
+                             f"tokenizer (--tokenizer {cfg.init[3:]})")
+    elif cfg.data is not None:
+        data_vocab_size(cfg.data, cfg.tokenizer)  # raises on a missing or malformed --data
+    if cfg.data is not None and os.path.isfile(cfg.data) and cfg.tokenizer == "bytes":
+        size = os.path.getsize(cfg.data)
+        val = int(size * 0.1)  # llmopt.data.TextFileSource.val_fraction
+        if min(size - val, val if cfg.eval_every else size) < cfg.seq_len + 2:
+            raise ValueError(f"--data {cfg.data!r} has {size} bytes: too short for --seq-len {cfg.seq_len} "
+                             f"(each split needs seq_len + 2 bytes; 10% is held out); use a longer file or a "
+                             f"smaller --seq-len")
 
 
 def _check_training_schedule(cfg: TrainConfig) -> None:

@@ -9,7 +9,9 @@ that training never sees (a disjoint seed stream for generated data, the tail of
 from __future__ import annotations
 
 import os
+import sys
 
+import numpy as np
 import torch
 
 SPLITS = ("train", "val")
@@ -141,10 +143,82 @@ class TextFileSource:
         return f"bytes({self.path}, {self.size} tokens, last {self.val_fraction:.0%} held out)"
 
 
-def build_source(data: str | None, vocab_size: int, seed: int):
+class PreparedSource:
+    """Token windows from a prepared directory (``python -m llmopt.data prepare``): train.bin / val.bin read
+    as memmaps, windows at seeded random offsets, the held-out split from val.bin."""
+
+    entropy_rate = None  # unknown for real text
+
+    def __init__(self, path: str, seed: int = 0):
+        import numpy as np
+
+        self.meta = read_meta(path)
+        self.path, self.seed, self.vocab_size = path, seed, self.meta["vocab_size"]
+        self.splits = {s: np.memmap(os.path.join(path, f"{s}.bin"), dtype=self.meta["dtype"], mode="r")
+                       for s in SPLITS}
+
+    def batch(self, step: int, batch_size: int, seq_len: int, rows=None,
+              split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.splits[split]
+        n = data.shape[0] - seq_len - 1
+        if n < 1:
+            raise ValueError(f"--data: {self.path}/{split}.bin has {data.shape[0]} tokens, fewer than --seq-len + 2 "
+                             f"({seq_len + 2}); prepare more text or use a smaller --seq-len")
+        step, rows = _flat_val(step, batch_size, rows, split)
+        starts = (row_uniforms(self.seed, split, step, rows, 1)[:, 0] * n).long().numpy()
+        tokens = torch.from_numpy(data[starts[:, None] + np.arange(seq_len + 1)].astype("int64"))
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def describe(self) -> str:
+        m = self.meta
+        return f"{m['source']} ({m['tokenizer']}, vocab {m['vocab_size']}, {m['train_tokens']:,} train tokens)"
+
+
+def read_meta(path: str) -> dict:
+    """meta.json of a prepared directory, checked against its files: a truncated, mismatched or incomplete
+    directory is one ValueError naming what is wrong."""
+    import json
+
+    import numpy as np
+
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        vocab, dtype = int(meta["vocab_size"]), str(meta["dtype"])
+        counts = {s: int(meta[f"{s}_tokens"]) for s in SPLITS}
+    except FileNotFoundError:
+        raise ValueError(f"--data {path}: no meta.json; prepare it with python -m llmopt.data prepare") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--data {path}: meta.json is malformed ({e}); prepare the directory again") from None
+    if dtype not in ("uint8", "uint16", "uint32") or np.iinfo(dtype).max + 1 < vocab:
+        raise ValueError(f"--data {path}: dtype {dtype!r} cannot hold a vocabulary of {vocab}; prepare it again")
+    for s in SPLITS:
+        f = os.path.join(path, f"{s}.bin")
+        if not os.path.isfile(f):
+            raise ValueError(f"--data {path}: {s}.bin is missing; prepare the directory again")
+        size = os.path.getsize(f)
+        if size != counts[s] * np.dtype(dtype).itemsize:
+            raise ValueError(f"--data {path}: {s}.bin holds {size} bytes, meta.json says {counts[s]} {dtype} "
+                             f"tokens ({counts[s] * np.dtype(dtype).itemsize} bytes): truncated or mismatched; "
+                             f"prepare it again")
+    return meta
+
+
+def is_prepared(data: str | None) -> bool:
+    return data is not None and os.path.isfile(os.path.join(data, "meta.json"))
+
+
+def build_source(data: str | None, vocab_size: int, seed: int, tokenizer: str = "bytes"):
+    """The generated chain; a text file as bytes; else a prepared directory (raw text and built-in corpora
+    are prepared once into the cache, see llmopt.prepare.ensure_prepared)."""
     if data is None:
         return MarkovSource(vocab_size, seed=seed)
-    return TextFileSource(data, seed=seed)
+    if os.path.isfile(data) and tokenizer == "bytes":
+        return TextFileSource(data, seed=seed)
+    from llmopt.prepare import ensure_prepared
+
+    return PreparedSource(ensure_prepared(data, tokenizer), seed=seed)
 
 
 def shard_rows(n: int, index: int, parts: int) -> range:
@@ -157,3 +231,12 @@ def shard(t: torch.Tensor, index: int, parts: int) -> torch.Tensor:
     """Rows ``index``-th of ``parts`` equal slices of the batch dimension."""
     r = shard_rows(t.size(0), index, parts)
     return t[r.start : r.stop]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] != "prepare":
+        print("usage: python -m llmopt.data prepare INPUT --tokenizer T --out DIR (see --help)", file=sys.stderr)
+        sys.exit(2)
+    from llmopt.prepare import main
+
+    sys.exit(main(sys.argv[2:]))

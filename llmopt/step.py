@@ -52,7 +52,7 @@ def build(cfg, device: torch.device) -> TrainState:
         return accelerate_engine.build(cfg, device)
     layout = parallelize(cfg, device)
     optimizer = build_optimizer(cfg.optimizer, layout.model, cfg.lr, cfg.weight_decay, cfg.optimizer_impl)
-    source = build_source(cfg.data, cfg.model_config.vocab_size, cfg.seed)
+    source = build_source(cfg.data, cfg.model_config.vocab_size, cfg.seed, cfg.tokenizer)
     noise = NoiseScale(cfg.micro_batch, cfg.global_batch) if cfg.gns else None
     return TrainState(cfg, device, layout, optimizer, grad_scaler(cfg.precision, device.type), source,
                       build_scheduler(optimizer, cfg), noise)

@@ -7,6 +7,7 @@ is given, so multi-node runs need nothing but torchrun's own flags (see the READ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = _Parser(prog="python -m llmopt.train", description="Train a GPT for a few steps with one configuration.")
     a = p.add_argument
-    a("--preset", default=d.preset, choices=list(PRESETS), help="model size (default: %(default)s)")
+    a("--preset", default=None, choices=list(PRESETS),
+      help=f"model size (default: {d.preset}, or the checkpoint's shape with --init)")
     a("--model-impl", default=d.model_impl, choices=MODEL_IMPLS, help="llmopt's GPT or HF's GPT2LMHeadModel")
     a("--dp", type=int, default=d.dp, help="data-parallel degree")
     a("--dp-mode", default=d.dp_mode, choices=DP_MODES, help="ddp or fsdp (FSDP2)")
@@ -66,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--engine", default=d.engine, choices=ENGINES, help="native step or accelerate.Accelerator's loop")
     a("--compile", action="store_true", help="torch.compile each transformer block")
     a("--activation-checkpointing", action="store_true", help="recompute each block's activations in backward")
-    a("--data", default=None, help="a text file to train on (byte tokens); default: generated Markov data")
+    a("--data", default=None, help="a text file (bytes), a directory prepared by python -m llmopt.data prepare, a "
+                                   "text directory or python-stdlib; default: generated Markov data")
+    a("--tokenizer", default=d.tokenizer, help="for raw text: bytes, a Hugging Face name/path, or train:N")
+    a("--init", default=None, metavar="hf:NAME_OR_PATH", help="start from GPT2LMHeadModel.from_pretrained weights")
+    a("--save", default=None, metavar="DIR", help="write the trained model (and tokenizer) here, Hugging Face format")
     a("--metrics-out", default=None, metavar="FILE.json", help="write the metrics JSON here")
     a("--timing-warmup", type=int, default=1,
       help="steps left out of the tokens/s figure (default: 1); not the learning-rate warm-up (--lr-warmup)")
@@ -77,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{k: getattr(args, k) for k in TrainConfig.field_names()})
+    from llmopt.config import CHECKPOINT
+
+    kw = {k: getattr(args, k) for k in TrainConfig.field_names()}
+    kw["preset"] = args.preset or (CHECKPOINT if args.init else TrainConfig.preset)
+    return TrainConfig(**kw)
 
 
 def _under_launcher() -> bool:
@@ -91,8 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = validate(config_from_args(args))
         if args.timing_warmup < 0:
             raise ValueError(f"--timing-warmup {args.timing_warmup}: must be 0 or more")
-        if args.metrics_out and not os.path.isdir(os.path.dirname(os.path.abspath(args.metrics_out))):
-            raise ValueError(f"--metrics-out: directory of {args.metrics_out!r} does not exist; create it first")
+        if args.metrics_out and int(os.environ.get("RANK", "0")) == 0:  # once: the launcher's parent, or rank 0
+            check_output_file(args.metrics_out, "--metrics-out", [cfg.data, cfg.init and cfg.init[3:]])
+        if args.save and not _under_launcher():
+            from llmopt.checkpoint import check_save_dir
+
+            check_save_dir(args.save)
+        if cfg.data is not None and not _under_launcher() and not (os.path.isfile(cfg.data) and cfg.tokenizer == "bytes"):
+            from llmopt.prepare import ensure_prepared
+
+            ensure_prepared(cfg.data, cfg.tokenizer)  # once, before any rank starts (cached for the next run)
         if cfg.device == "cuda":
             import torch
 
@@ -121,21 +139,65 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def check_output_file(path: str, flag: str, inputs) -> None:
+    """Before any training: the output can be written, is a regular file (or new), and is not an input."""
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise ValueError(f"{flag} {path!r} is a directory; pass a file name")
+    if os.path.exists(full) and not os.path.isfile(full):
+        raise ValueError(f"{flag} {path!r} is not a regular file (a FIFO or device); pass a file name")
+    parent = os.path.dirname(full)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag}: directory of {path!r} does not exist; create it first")
+    for other in inputs:
+        if other and os.path.exists(other) and os.path.exists(full) and os.path.samefile(other, full):
+            raise ValueError(f"{flag} {path!r} is the input {other!r}; write the output somewhere else")
+    existed = os.path.exists(full)
+    try:  # a real open: permissions alone do not tell (root, /proc, a read-only mount)
+        open(full, "a").close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path!r} cannot be written ({e.strerror}); choose another place") from None
+    if not existed:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(full)
+
+
+def _die_with_parent() -> None:
+    """A rank exits when its launcher does, even one killed by SIGKILL (the elastic agent starts ranks in
+    sessions of their own, outside the process group a harness kills): Linux's PR_SET_PDEATHSIG."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """Start ``nproc`` local ranks of this same command with torch's elastic launcher (c10d rendezvous on a
     free port). If a rank fails, the agent stops the others; its error is printed as the last line."""
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    logs = tempfile.TemporaryDirectory(prefix="llmopt-ranks-")  # the agent's files, removed afterwards
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"llmopt-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+                          logs_specs=DefaultLogsSpecs(log_dir=logs.name))
     try:
         elastic_launch(config, sys.executable)("-m", "llmopt.train", *argv)
     except ChildFailedError as e:
         rank, line, code = root_cause(e.failures)
         print(f"error: rank {rank} failed: {line}", file=sys.stderr)
         return code
+    finally:
+        logs.cleanup()
     return 0
 
 
@@ -192,6 +254,8 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
     from llmopt.step import build
 
     distributed = _under_launcher() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if _under_launcher():
+        _die_with_parent()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.device == "cuda":
         device = torch.device("cuda", local_rank)
@@ -210,6 +274,12 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
                   f"[dp={cfg.dp}/{cfg.dp_mode} tp={cfg.tp} pp={cfg.pp}/{cfg.pp_schedule}] {cfg.precision} "
                   f"{cfg.optimizer} grad_accum={cfg.grad_accum} data={state.source.describe()}", flush=True)
         metrics = run_steps(state, rank, local_rank, args.timing_warmup, args.memory_breakdown, log)
+        if args.save and metrics["diverged_at_step"] is None:
+            from llmopt.checkpoint import save_pretrained
+
+            save_pretrained(state, args.save)
+            if log:
+                print(f"saved: {args.save} (Hugging Face format; python -m llmopt.sample {args.save})", flush=True)
         if rank == 0:
             if args.metrics_out:
                 with open(args.metrics_out, "w") as f:
@@ -226,8 +296,17 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
                 print(f"error: diverged at step {metrics['diverged_at_step']}: {metrics['diverged_reason']}; "
                       f"lower --lr (or use fp32)", file=sys.stderr)
             return EXIT_DIVERGED
-    except torch.OutOfMemoryError as e:
-        print(f"error: out of memory on rank {rank}: {str(e).splitlines()[0]}", file=sys.stderr)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        print(f"error: out of memory on rank {rank}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
+        return EXIT_OOM
+    except ValueError as e:  # a problem only found once the data is read (e.g. a split shorter than a sequence)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "allocate" not in str(e):
+            raise
+        print(f"error: out of memory on rank {rank}: {str(e).splitlines()[0]}", file=sys.stderr)  # CPU allocator
         return EXIT_OOM
     finally:
         if distributed and dist.is_initialized():
@@ -335,6 +414,7 @@ def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: 
         "gpu_util_mean": mean_of("gpu_util"),
         "gpu_power_w_mean": mean_of("gpu_power"),
         "entropy_floor_nats": state.source.entropy_rate,
+        "data_description": state.source.describe(),
         "num_params": param_count(cfg.model_config),
         "flops_per_token": flops_per_token(cfg.model_config, cfg.seq_len),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -178,7 +178,7 @@ def test_failures_become_rows_and_leave_no_process(tmp_path):
     m = write_toml(tmp_path / "m.toml", "[base]\nsteps = 4\nseq_len = 16\nglobal_batch = 2\nmax_grad_norm = 0.0\n"
                                         "optimizer = 'sgd'\n[matrix]\nlr = [1e4, 0.1]\ndp = [1, 2]\n")
     r = bench("--matrix", m, "--out", str(tmp_path / "o"), "--no-report", env={"LLMOPT_FAIL_AT": "1:1:raise"})
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 1, r.stderr[-2000:]  # a config failed: the sweep says so
     rows = {(row["lr"], row["dp"]): row for row in read_csv(tmp_path / "o" / "results.csv")}
     assert rows[("10000", "1")]["status"] == "diverged" and "diverged" in rows[("10000", "1")]["error"]
     assert rows[("0.1", "2")]["status"] == "failed"
@@ -195,7 +195,7 @@ def test_failures_become_rows_and_leave_no_process(tmp_path):
 def test_timeout_kills_the_config(tmp_path):
     m = write_toml(tmp_path / "m.toml", "[base]\nsteps = 200\n[matrix]\ndp = [2]\n")
     r = bench("--matrix", m, "--out", str(tmp_path / "o"), "--no-report", "--timeout", "3")
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 1 and r.stdout.strip().splitlines()[-1] == "bench: timeout 2", r.stdout[-1000:]
     rows = read_csv(tmp_path / "o" / "results.csv")
     assert {row["status"] for row in rows} == {"timeout"} and "--timeout" in rows[0]["error"]
     out = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout

@@ -46,12 +46,25 @@ class HFCausalLM(nn.Module):
 
 
 def build_model(cfg) -> nn.Module:
-    """The full single-device model, initialised from ``cfg.seed`` alone (identical on every rank). The HF
-    model gets llmopt's initial weights (``to_hf``), so the two implementations start from the same point
-    and their loss curves can be compared step by step."""
+    """The full single-device model, initialised from ``cfg.seed`` alone (identical on every rank), or from
+    ``--init hf:...`` weights. The HF model gets llmopt's initial weights (``to_hf``), so the two
+    implementations start from the same point and their loss curves can be compared step by step."""
     torch.manual_seed(cfg.seed)
+    if cfg.init is not None:
+        hf = load_pretrained(cfg.init)
+        return HFCausalLM(hf) if cfg.model_impl == "hf" else GPT.from_hf(hf)
     model = GPT(cfg.model_config)
     return HFCausalLM(model.to_hf()) if cfg.model_impl == "hf" else model
+
+
+def load_pretrained(init: str) -> nn.Module:
+    """``GPT2LMHeadModel.from_pretrained`` for ``hf:NAME_OR_PATH``, in fp32 with dropout off (llmopt's GPT has
+    none, so both implementations compute the same function). The config was already checked by
+    ``llmopt.config.checkpoint_config``."""
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(init[3:], dtype=torch.float32, resid_pdrop=0.0, embd_pdrop=0.0,
+                                           attn_pdrop=0.0)
 
 
 class Layout:

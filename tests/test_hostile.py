@@ -1,0 +1,278 @@
+"""Nothing lost, nothing left behind: the harness and the CLI under faults, races and hostile input. Each
+test reproduces a case that once lost data, left a process behind or printed a traceback."""
+import csv
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+TINY = "[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n"
+
+
+def bench(*args, cwd=ROOT, timeout=300):
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=cwd, env=e, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def one_error_line(r, code=2):
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def done_sweep(tmp_path_factory):
+    d = tmp_path_factory.mktemp("done")
+    (d / "m.toml").write_text(TINY + "[matrix]\noptimizer = ['adamw', 'sgd']\n")
+    r = bench("--matrix", str(d / "m.toml"), "--out", str(d / "out"), "--no-report")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return d / "out"
+
+
+def copy_sweep(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+def test_resume_never_deletes_what_it_cannot_read(done_sweep, tmp_path):
+    out = copy_sweep(done_sweep, tmp_path / "out")
+    text = (out / "results.csv").read_text()
+    header, *rows = text.splitlines(keepends=True)
+    (out / "results.csv").write_text(header.replace("error,", "", 1) + "".join(rows))  # a hand edit lost a column
+    before = {p: (out / p).read_bytes() for p in ("results.csv", "steps.csv")}
+    line = one_error_line(bench("--resume", "--out", str(out), "--no-report"))
+    assert "--repair" in line and "field count" in line
+    assert {p: (out / p).read_bytes() for p in before} == before  # nothing changed
+    r = bench("--resume", "--repair", "--out", str(out), "--no-report")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len((out / "results.csv.rejected").read_text().splitlines()) == 2  # the two rows, kept aside
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid(done_sweep, tmp_path):
+    out = copy_sweep(done_sweep, tmp_path / "out")
+    with open(out / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write("4242")
+        f.flush()
+        line = one_error_line(bench("--resume", "--out", str(out), "--no-report"))
+    assert "PID 4242" in line
+
+
+def test_config_ids_do_not_collide_and_huge_matrices_are_refused(tmp_path):
+    from bench.matrix import MatrixError, expand
+
+    (tmp_path / "m.toml").write_text("[matrix]\nseed = " + str(list(range(100))) + "\nlr = "
+                                     + str([round(0.001 * (i + 1), 6) for i in range(100)]) + "\n")
+    plan = expand(str(tmp_path / "m.toml"), "cpu", 4)
+    assert len({e["config_id"] for e in plan}) == len(plan) == 10_000
+    (tmp_path / "big.toml").write_text("[matrix]\n" + "".join(f"{k} = {list(range(1, 1001))}\n"
+                                                              for k in ("seed", "steps", "seq_len", "global_batch")))
+    with pytest.raises(MatrixError, match="1,000,000,000,000 combinations"):
+        expand(str(tmp_path / "big.toml"), "cpu", 4)
+    r = bench("--matrix", str(tmp_path / "big.toml"), "--out", str(tmp_path / "o"))
+    assert "--max-configs" in one_error_line(r)
+
+
+def test_divergence_before_the_first_timed_step_is_diverged(tmp_path):
+    (tmp_path / "m.toml").write_text("[base]\nsteps = 6\nseq_len = 16\nglobal_batch = 4\noptimizer = 'sgd'\n"
+                                     "max_grad_norm = 0.0\n[matrix]\nlr = [1000.0]\n")
+    r = bench("--matrix", str(tmp_path / "m.toml"), "--out", str(tmp_path / "o"), "--no-report")
+    assert r.returncode == 0, r.stderr  # diverged is a finding, not breakage
+    (row,) = list(csv.DictReader(open(tmp_path / "o" / "results.csv")))
+    assert row["status"] == "diverged" and int(row["diverged_at_step"]) < 2, row
+
+
+def test_outputs_are_checked_before_training(tmp_path, cli):
+    data = tmp_path / "d.txt"
+    data.write_text("some text " * 100)
+    os.mkfifo(tmp_path / "fifo")
+    cases = [["--data", str(data), "--metrics-out", str(data)], ["--metrics-out", str(tmp_path)],
+             ["--metrics-out", "/proc/version"], ["--metrics-out", str(tmp_path / "fifo")]]
+    for extra in cases:
+        r = cli("-m", "llmopt.train", "--steps", "1", "--seq-len", "16", *extra, timeout=60)
+        one_error_line(r)
+    assert data.read_text() == "some text " * 100  # the input was never overwritten
+
+
+@pytest.mark.parametrize("flags", [
+    ["--lr", "nan"], ["--lr", "inf"], ["--weight-decay", "nan"], ["--weight-decay", "inf"], ["--max-grad-norm", "nan"],
+    ["--seed", str(2**70)], ["--data", "EMPTY"], ["--data", "SHORT"], ["--data", "FIFO"],
+], ids=str)
+def test_bad_values_are_one_line(tmp_path, cli, flags):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("abc")
+    if "FIFO" in flags:
+        os.mkfifo(tmp_path / "fifo")
+    subst = {"EMPTY": str(tmp_path / "empty.txt"), "SHORT": str(tmp_path / "short.txt"), "FIFO": str(tmp_path / "fifo")}
+    r = cli("-m", "llmopt.train", "--steps", "1", *[subst.get(f, f) for f in flags], timeout=60)
+    one_error_line(r)
+
+
+def test_an_allocation_failure_is_oom(cli):
+    r = cli("-m", "llmopt.train", "--steps", "1", "--global-batch", "99999999999", "--seq-len", "16", timeout=120)
+    assert r.returncode == 4 and "out of memory" in r.stderr.strip().splitlines()[-1], r.stderr[-1000:]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("base = 5\n[matrix]\ndp = [1]\n", "base must be a table"),
+    ("[matrix]\ndp = ['²']\n", "not an integer"),
+], ids=["base-5", "superscript"])
+def test_hostile_toml_is_one_line(tmp_path, text, match):
+    (tmp_path / "m.toml").write_text(text)
+    assert match in one_error_line(bench("--matrix", str(tmp_path / "m.toml"), "--out", str(tmp_path / "o")))
+
+
+def test_hostile_flags_and_files_are_one_line(done_sweep, tmp_path):
+    (tmp_path / "file").write_text("x")
+    one_error_line(bench("--filter", "dp=²", "--out", str(tmp_path / "a")))
+    one_error_line(bench("--timeout", "nan", "--out", str(tmp_path / "b")))
+    assert "is a file" in one_error_line(bench("--matrix", "smoke", "--out", str(tmp_path / "file")))
+    assert "plan.json" in one_error_line(bench("--resume", "--matrix", "smoke", "--out", str(done_sweep)))
+    for name, damage in (("plan.json", "{oops"), ("peak_flops.json", "[1, 2")):
+        out = copy_sweep(done_sweep, tmp_path / name)
+        (out / name).write_text(damage)
+        assert name in one_error_line(bench("--resume", "--out", str(out), "--no-report"))
+
+
+def test_a_huge_csv_field_is_read(done_sweep, tmp_path):
+    from bench.report import load
+
+    out = copy_sweep(done_sweep, tmp_path / "out")
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    rows[0]["error"] = "x" * 300_000
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert len(load(str(out))[0]) == 2
+    assert bench("--resume", "--out", str(out), "--no-report").returncode == 0
+
+
+def test_relative_paths_are_taken_from_where_the_command_ran(tmp_path):
+    (tmp_path / "corpus.txt").write_text("hello relative world. " * 200)
+    (tmp_path / "m.toml").write_text(TINY + "data = 'corpus.txt'\n[matrix]\noptimizer = ['adamw']\n")
+    r = bench("--matrix", "m.toml", "--out", "rel-out", "--no-report", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = list(csv.DictReader(open(tmp_path / "rel-out" / "results.csv")))
+    assert row["status"] == "ok" and row["data"] == str(tmp_path / "corpus.txt")
+
+
+def test_exit_status_is_1_when_a_config_failed_and_the_error_is_not_the_command(tmp_path):
+    (tmp_path / "m.toml").write_text(TINY + "[matrix]\noptimizer = ['adamw']\n")
+    e = dict(os.environ, OMP_NUM_THREADS="1", LLMOPT_FAIL_AT="0:1:exit", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-m", "bench.run", "--matrix", str(tmp_path / "m.toml"), "--out",
+                        str(tmp_path / "o"), "--no-report"], cwd=ROOT, env=e, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout.strip().splitlines()[-1] == "bench: failed 1", r.stdout[-500:]
+    (row,) = list(csv.DictReader(open(tmp_path / "o" / "results.csv")))
+    assert row["status"] == "failed" and not row["error"].startswith("$") and "llmopt.train" not in row["error"]
+
+
+def _descendants(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split("\n")
+    children: dict[int, list[int]] = {}
+    for line in out:
+        if line.strip():
+            p, pp = map(int, line.split())
+            children.setdefault(pp, []).append(p)
+    todo, seen = [pid], set()
+    while todo:
+        for c in children.get(todo.pop(), []):
+            seen.add(c)
+            todo.append(c)
+    return seen
+
+
+def _alive(pids) -> set[int]:
+    alive = set()
+    for p in pids:
+        try:
+            os.kill(p, 0)
+            with open(f"/proc/{p}/stat") as f:
+                if f.read().split()[2] != "Z":
+                    alive.add(p)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+    return alive
+
+
+def _wait_for(pred, timeout=60.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("sig, dp", [(signal.SIGHUP, 1), (signal.SIGTERM, 2)])
+def test_terminating_the_sweep_stops_the_running_config(tmp_path, sig, dp):
+    """SIGHUP while a single-process config runs; SIGTERM while a 2-rank config runs (its baseline, run
+    first, is cut by --timeout): either way the config's whole tree is gone and the sweep exits 128 + sig."""
+    (tmp_path / "m.toml").write_text(f"[base]\nsteps = 100000\nseq_len = 16\nglobal_batch = 4\n[matrix]\ndp = [{dp}]\n")
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    p = subprocess.Popen([sys.executable, "-m", "bench.run", "--matrix", str(tmp_path / "m.toml"), "--out",
+                          str(tmp_path / "o"), "--no-report", "--timeout", "15"], cwd=ROOT, env=e,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    want = 1 if dp == 1 else 3  # the config's process, or its launcher and two ranks
+    _wait_for(lambda: len(_descendants(p.pid)) >= want or None, timeout=60)
+    time.sleep(2)
+    tree = _descendants(p.pid)
+    p.send_signal(sig)
+    p.wait(timeout=60)
+    assert p.returncode == 128 + sig, p.stderr.read()[-2000:]
+    _wait_for(lambda: not _alive(tree) or None, timeout=30)
+
+
+@pytest.mark.multiprocess
+def test_ranks_die_with_a_killed_launcher(tmp_path):
+    import glob
+
+    before = set(glob.glob("/tmp/torchelastic_*"))
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    p = subprocess.Popen([sys.executable, "-m", "llmopt.train", "--dp", "2", "--steps", "100000", "--seq-len", "16",
+                          "--global-batch", "4", "--quiet"], cwd=ROOT, env=e, start_new_session=True)
+    ranks = _wait_for(lambda: _descendants(p.pid) if len(_descendants(p.pid)) >= 2 else None)
+    time.sleep(3)  # the ranks are training
+    ranks = _descendants(p.pid)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    _wait_for(lambda: not _alive(ranks) or None, timeout=30)
+    r = subprocess.run([sys.executable, "-m", "llmopt.train", "--dp", "2", "--steps", "1", "--seq-len", "16",
+                        "--quiet"], cwd=ROOT, env=e, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert set(glob.glob("/tmp/torchelastic_*")) == before  # the launcher's temporary files are gone
+
+
+def test_write_json_leaves_no_tmp_on_a_failed_write(tmp_path, monkeypatch):
+    from bench import hardware
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hardware.json, "dump", full)
+    with pytest.raises(OSError):
+        hardware.write_json(str(tmp_path / "x.json"), {"a": 1})
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_empty_metrics_file_fails_the_config_not_the_sweep(tmp_path):
+    from bench.run import read_metrics
+
+    (tmp_path / "m.json").write_text("")
+    metrics, error = read_metrics(str(tmp_path / "m.json"))
+    assert metrics is None and "unreadable" in error
+    (tmp_path / "ok.json").write_text(json.dumps({"a": 1}))
+    assert read_metrics(str(tmp_path / "ok.json")) == ({"a": 1}, "")

@@ -1,0 +1,190 @@
+"""The workflow people run, all offline: prepare a corpus with a tokenizer, train from pretrained GPT-2
+weights under a parallel layout, save in Hugging Face format, generate."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from llmopt.config import TrainConfig, validate
+from llmopt.prepare import prepare
+from llmopt.step import build, train_step
+
+CPU = torch.device("cpu")
+PARAGRAPHS = [f"Paragraph {i}: the quick brown fox jumps over {i} lazy dogs.\nA second line, é and ü.\n"
+              for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """A small GPT-2 made here and saved with save_pretrained (vocabulary 256: it trains on bytes)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=256, n_positions=128,
+                                           bos_token_id=255, eos_token_id=255)).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "corpus.txt"
+    p.write_text("\n".join(PARAGRAPHS), encoding="utf-8")
+    return str(p)
+
+
+def decode_split(out, split, decode):
+    meta = json.loads((out / "meta.json").read_text())
+    ids = np.fromfile(out / f"{split}.bin", dtype=meta["dtype"])
+    assert len(ids) == meta[f"{split}_tokens"]
+    return decode(ids.tolist())
+
+
+def test_prepare_bytes_gives_the_text_back(tmp_path, text_file):
+    from llmopt.prepare import ByteTokenizer
+
+    out = tmp_path / "bytes"
+    meta = prepare(text_file, "bytes", str(out), val_fraction=0.1, quiet=True)
+    assert meta["dtype"] == "uint8" and meta["vocab_size"] == 256 and meta["documents"]["val"] >= 1
+    text = decode_split(out, "train", ByteTokenizer().decode) + decode_split(out, "val", ByteTokenizer().decode)
+    assert sorted("Paragraph " + p for p in text.split("Paragraph ") if p) == sorted(PARAGRAPHS)
+    assert not os.path.exists(str(out) + ".tmp-" + str(os.getpid()))
+
+
+def test_prepare_trained_bpe_gives_the_text_back(tmp_path, text_file):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "bpe"
+    meta = prepare(text_file, "train:300", str(out), val_fraction=0.1, quiet=True)
+    assert meta["vocab_size"] <= 300 and meta["dtype"] == "uint16" and meta["tokenizer_dir"] == "tokenizer"
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")  # saved in Hugging Face format
+    docs = []
+    for split in ("train", "val"):
+        docs += [d for d in decode_split(out, split, tok.decode).split("<|endoftext|>") if d]
+    assert sorted(docs) == sorted(PARAGRAPHS)
+
+
+def test_prepare_refuses_an_existing_directory_and_a_missing_input(tmp_path, cli):
+    r = cli("-m", "llmopt.data", "prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    r = cli("-m", "llmopt.data", "prepare", str(tmp_path), "--out", str(tmp_path))
+    assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_trains_on_a_prepared_directory_and_reads_val_bin(tmp_path, text_file):
+    out = tmp_path / "p"
+    prepare(text_file, "train:300", str(out), val_fraction=0.1, quiet=True)
+    cfg = validate(TrainConfig(data=str(out), global_batch=4, seq_len=16, steps=3, eval_every=3, eval_batches=1))
+    assert cfg.model_config.vocab_size == json.loads((out / "meta.json").read_text())["vocab_size"]
+    state = build(cfg, CPU)
+    x, y = state.source.batch(0, 4, 16, split="val")
+    val = np.fromfile(out / "val.bin", dtype="uint16")
+    assert all(any((val[i:i + 16] == row.numpy()).all() for i in range(len(val) - 15)) for row in x)
+    assert torch.isfinite(train_step(state, 0).loss)
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("truncate", "truncated"), ("no-val", "val.bin is missing"), ("dtype", "cannot hold"),
+    ("meta", "malformed"), ("vocab", "vocabulary of 256"),
+])
+def test_a_broken_data_directory_is_one_error_line(tmp_path, text_file, tiny_hf, cli, damage, match):
+    out = tmp_path / "p"
+    prepare(text_file, "train:300", str(out), val_fraction=0.1, quiet=True)
+    meta = json.loads((out / "meta.json").read_text())
+    extra = []
+    if damage == "truncate":
+        with open(out / "train.bin", "r+b") as f:
+            f.truncate(os.path.getsize(out / "train.bin") - 1)
+    elif damage == "no-val":
+        os.remove(out / "val.bin")
+    elif damage == "dtype":
+        (out / "meta.json").write_text(json.dumps(dict(meta, dtype="uint8")))
+    elif damage == "meta":
+        (out / "meta.json").write_text("{not json")
+    else:  # a checkpoint of vocabulary 256 against data of vocabulary ~300
+        extra = ["--init", f"hf:{tiny_hf}"]
+    r = cli("-m", "llmopt.train", "--data", str(out), "--steps", "1", "--seq-len", "16", *extra)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error:") and match in r.stderr, r.stderr
+
+
+def test_init_loads_the_pretrained_weights(tiny_hf, text_file):
+    """The first loss from --init equals GPT2LMHeadModel's own loss on the same batch (an independent
+    forward through transformers)."""
+    from transformers import GPT2LMHeadModel
+
+    cfg = validate(TrainConfig(init=f"hf:{tiny_hf}", preset="checkpoint", data=text_file, global_batch=4,
+                               seq_len=32, steps=1))
+    assert (cfg.model_config.n_layer, cfg.model_config.n_embd) == (2, 64)
+    state = build(cfg, CPU)
+    x, y = state.source.batch(0, 4, 32)
+    hf = GPT2LMHeadModel.from_pretrained(tiny_hf).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=x).logits
+        want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+    assert abs(train_step(state, 0).loss.item() - want) < 1e-5
+    with pytest.raises(ValueError, match="disagrees"):
+        validate(TrainConfig(init=f"hf:{tiny_hf}", preset="tiny", data=text_file))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--dp", "2", "--dp-mode", "fsdp"], ["--pp", "2"]], ids=str)
+def test_init_trains_under_a_layout_and_save_round_trips(tmp_path, tiny_hf, text_file, cli, layout):
+    """--init under TP, FSDP2 and PP reproduces the single-process loss curve; --save gathers the shards into
+    a directory that GPT2LMHeadModel.from_pretrained loads with the same logits as the single-process model."""
+    from transformers import GPT2LMHeadModel
+
+    from llmopt.checkpoint import save_pretrained
+
+    common = dict(init=f"hf:{tiny_hf}", preset="checkpoint", data=text_file, global_batch=4, seq_len=32, steps=3)
+    state = build(validate(TrainConfig(**common)), CPU)
+    ref = [train_step(state, s).loss.item() for s in range(3)]
+    save_pretrained(state, str(tmp_path / "single"))
+    args = ["-m", "llmopt.train", "--quiet", "--init", f"hf:{tiny_hf}", "--data", text_file, "--global-batch", "4",
+            "--seq-len", "32", "--steps", "3", "--metrics-out", str(tmp_path / "m.json"), "--save",
+            str(tmp_path / "layout"), *layout]
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = json.loads((tmp_path / "m.json").read_text())["losses"]
+    assert max(abs(a - b) for a, b in zip(losses, ref)) < 1e-4 and abs(ref[-1] - ref[0]) > 1e-3
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mine = state.model(x)
+        single = GPT2LMHeadModel.from_pretrained(tmp_path / "single").eval()(input_ids=x).logits
+        gathered = GPT2LMHeadModel.from_pretrained(tmp_path / "layout").eval()(input_ids=x).logits
+    assert (single - mine).abs().max().item() < 1e-4
+    assert (gathered - mine).abs().max().item() < 1e-4
+    assert sorted(os.listdir(tmp_path)) == ["layout", "m.json", "single"]  # no half-written directory left
+
+
+def test_offline_init_is_one_error_line(cli):
+    r = cli("-m", "llmopt.train", "--init", "hf:no-such-org/no-such-model", "--steps", "1",
+            env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "local copy" in r.stderr, r.stderr
+
+
+def test_sample_is_deterministic_under_a_seed(tmp_path, tiny_hf, text_file, cli):
+    from llmopt.checkpoint import save_pretrained
+
+    state = build(validate(TrainConfig(init=f"hf:{tiny_hf}", preset="checkpoint", data=text_file, global_batch=4,
+                                       seq_len=32, steps=2)), CPU)
+    train_step(state, 0)
+    save_pretrained(state, str(tmp_path / "m"))
+    runs = [cli("-m", "llmopt.sample", str(tmp_path / "m"), "--prompt", "The quick", "--max-new-tokens", "20",
+                "--seed", str(seed)) for seed in (3, 3, 4)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.startswith("The quick")
+    assert len(runs[0].stdout) > len("The quick") and runs[0].stdout != runs[2].stdout
+
+
+def test_python_stdlib_corpus_trains_without_downloading(tmp_path, cli):
+    r = cli("-m", "llmopt.train", "--data", "python-stdlib", "--steps", "2", "--seq-len", "32", "--quiet",
+            "--metrics-out", str(tmp_path / "m.json"), env={"LLMOPT_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["entropy_floor_nats"] is None and m["config"]["data"] == "python-stdlib"
+    (prepared,) = os.listdir(tmp_path / "cache" / "prepared")
+    meta = json.loads((tmp_path / "cache" / "prepared" / prepared / "meta.json").read_text())
+    assert meta["source"] == "python-stdlib" and meta["train_tokens"] > 1_000_000
