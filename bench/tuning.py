@@ -103,6 +103,21 @@ def followups(matrix: str, plan: list[dict], rows: list[dict]) -> list[dict]:
         add(dict(by_id[end["config_id"]], lr=lr), "widen")
     if new:
         return new
-    for batch, win in winners(rows).items():
+    wins = winners(rows)
+    for batch, win in wins.items():
         add(dict(by_id[win["config_id"]], precision="bf16"), "precision")
+    if new or not wins:
+        return new
+    # Last, the fastest winner's shape as throughput rows on each 2-rank layout (and single-process), so the
+    # report can estimate seconds to target per layout: its steps to target x the layout's step time.
+    best_win = min(wins.values(), key=lambda r: (rank_key(r)[0], _num(r.get("seconds_to_target")) or math.inf,
+                                                 rank_key(r)[2]))
+    cfg = dict(by_id[best_win["config_id"]], eval_every=0, target_loss=0.0, target_gap=0.0, gns=False,
+               max_tokens=0, steps=LAYOUT_STEPS, lr_warmup=0)
+    for layout in LAYOUTS:
+        add(dict(cfg, **layout), "layouts")
     return new
+
+
+LAYOUT_STEPS = 8
+LAYOUTS = (dict(), dict(dp=2), dict(dp=2, dp_mode="fsdp"), dict(tp=2), dict(pp=2))

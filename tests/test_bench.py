@@ -309,7 +309,8 @@ def test_convergence_matrix_tunes_widens_and_reports(tmp_path, monkeypatch, caps
     import bench.matrix as bm
     from bench.run import main
 
-    monkeypatch.setitem(bm.CONVERGENCE_BASE, "cpu", dict(bm.CONVERGENCE_BASE["cpu"], seq_len=16, max_tokens=2048))
+    monkeypatch.setitem(bm.CONVERGENCE_BASE, "cpu", dict(bm.CONVERGENCE_BASE["cpu"], seq_len=16, max_tokens=2048,
+                                                                   target_gap=4.8))
     monkeypatch.setitem(bm.CONVERGENCE_BATCHES, "convergence", (4, 16))
     monkeypatch.setitem(bm.LR_MULTIPLES, "convergence", (1 / 3, 1))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -317,12 +318,14 @@ def test_convergence_matrix_tunes_widens_and_reports(tmp_path, monkeypatch, caps
     assert main(["--matrix", "convergence", "--device", "cpu", "--filter", "optimizer=adamw", "--out", str(out)]) == 0
     plan = json.loads((out / "plan.json").read_text())["plan"]
     phases = [e["phase"] for e in plan]
-    assert phases[:4] == ["grid"] * 4 and phases.count("precision") == 2
+    assert phases[:4] == ["grid"] * 4 and phases.count("precision") == 2 and phases.count("layouts") == 5
     rows = read_csv(out / "results.csv")
     assert len(rows) == len(plan) and {r["status"] for r in rows} == {"ok"}
     report = (out / "report.md").read_text()
     assert "## Time to quality" in report and "### Global batch 16 sequences" in report
     assert "**(winner)**" in report and (out / "plots" / "tuning.png").exists()
+    reached = any(r["tokens_to_target"] for r in rows if r["precision"] == "fp32" and r["target_loss"])
+    assert ("### Seconds to target per layout" in report) == reached
     # every fp32 grid whose best lr sat at an edge got exactly one more lr beyond it
     from bench import tuning
     for key, g in tuning.groups([r for r in rows if r["precision"] == "fp32"]).items():

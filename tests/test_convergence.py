@@ -151,3 +151,10 @@ def test_tuning_picks_by_tokens_then_loss_and_widens_edges_once():
     more = tuning.followups("convergence", plan, rows)
     assert [(e["phase"], e["config"]["precision"], e["config"]["lr"]) for e in more] == [("precision", "bf16", 9e-3 * LR_STEP)]
     assert tuning.followups("default", plan, rows) == []
+    # then the winner's shape as throughput rows on each layout (no target, no evals)
+    plan += more
+    rows.append(dict(_row("adamw", 4, 9e-3 * LR_STEP, tokens=200, precision="bf16"), config_id=more[0]["config_id"]))
+    more = tuning.followups("convergence", plan, rows)
+    assert {e["phase"] for e in more} == {"layouts"} and len(more) == len(tuning.LAYOUTS)
+    assert all(e["config"]["target_gap"] == 0 and e["config"]["eval_every"] == 0 for e in more)
+    assert {(e["config"]["dp"], e["config"]["tp"], e["config"]["pp"]) for e in more} == {(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)}
