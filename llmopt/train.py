@@ -18,7 +18,8 @@ from llmopt.config import (DEVICES, DP_MODES, ENGINES, LR_SCHEDULES, MODEL_IMPLS
                            PP_SCHEDULES, PRECISIONS, TrainConfig, validate)
 from llmopt.model import PRESETS
 
-# Test hook for fault handling: LLMOPT_FAIL_AT="RANK:STEP:raise" or "RANK:STEP:exit" makes that rank fail.
+# Test hook for fault handling: LLMOPT_FAIL_AT="RANK:STEP:raise", "RANK:STEP:exit" or "RANK:STEP:kill" makes that
+# rank fail.
 FAIL_ENV = "LLMOPT_FAIL_AT"
 # Exit codes the harness maps to row statuses (2 is a user error, 1 any other failure).
 EXIT_DIVERGED = 3
@@ -221,6 +222,8 @@ def root_cause(failures: dict) -> tuple[int, str, int]:
         return (any(s in last_line(f) for s in _SECONDARY), f.timestamp, rank)
 
     rank, f = min(failures.items(), key=key)
+    if f.exitcode == -9:  # SIGKILL that nobody here sent: the kernel's OOM killer, as for a single process
+        return rank, f"killed by SIGKILL (the kernel's OOM killer?): {last_line(f)}", EXIT_OOM
     return rank, last_line(f), (f.exitcode if f.exitcode > 0 else 1)
 
 
@@ -232,6 +235,8 @@ def _maybe_fail(rank: int, step: int) -> None:
     if int(r) == rank and int(s) == step:
         if mode == "exit":
             os._exit(17)
+        if mode == "kill":  # as the kernel's OOM killer would
+            os.kill(os.getpid(), 9)
         raise RuntimeError(f"injected failure on rank {rank} at step {step} ({FAIL_ENV})")
 
 

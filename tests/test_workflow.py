@@ -125,6 +125,10 @@ def test_init_loads_the_pretrained_weights(tiny_hf, text_file):
         logits = hf(input_ids=x).logits
         want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
     assert abs(train_step(state, 0).loss.item() - want) < 1e-5
+    # --model-impl hf loads GPT2LMHeadModel directly, from the same weights
+    hf_state = build(validate(TrainConfig(**{**cfg.__dict__, "model_impl": "hf"})), CPU)
+    assert type(hf_state.model).__name__ == "HFCausalLM"
+    assert abs(train_step(hf_state, 0).loss.item() - want) < 1e-5
     with pytest.raises(ValueError, match="disagrees"):
         validate(TrainConfig(init=f"hf:{tiny_hf}", preset="tiny", data=text_file))
 
