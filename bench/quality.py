@@ -11,6 +11,7 @@ import os
 import pandas as pd
 
 from bench import tuning
+from bench.markdown import md_table
 from bench.matrix import layout_name
 
 
@@ -39,8 +40,6 @@ def best_runs(conv: pd.DataFrame) -> pd.DataFrame:
 
 
 def _batch_table(best: pd.DataFrame, batch: int) -> str:
-    from bench.report import _md_table
-
     d = best[(best.global_batch == batch) & (best.precision == "fp32")].copy()
     d["_key"] = [tuning.rank_key(r) for r in _records(d)]
     d = d.sort_values("_key")
@@ -53,7 +52,7 @@ def _batch_table(best: pd.DataFrame, batch: int) -> str:
                      "seconds to target": _fmt(r.seconds_to_target, ".1f", "—"),
                      "final eval loss": _fmt(r.final_eval_loss, ".4f"),
                      "B_simple": _fmt(r.gns_b_simple, ".1f"), "status": r.status})
-    return _md_table(pd.DataFrame(rows))
+    return md_table(pd.DataFrame(rows))
 
 
 def scaling_sentences(best: pd.DataFrame) -> list[str]:
@@ -93,8 +92,6 @@ def scaling_sentences(best: pd.DataFrame) -> list[str]:
 
 
 def precision_table(best: pd.DataFrame) -> str:
-    from bench.report import _md_table
-
     rows = []
     for (opt, batch), g in best.groupby(["optimizer", "global_batch"]):
         if set(g.precision) >= {"fp32", "bf16"}:
@@ -106,14 +103,12 @@ def precision_table(best: pd.DataFrame) -> str:
                          "bf16 s to target": _fmt(b16.seconds_to_target, ".1f", "—"),
                          "fp32 final eval": _fmt(f32.final_eval_loss, ".4f"),
                          "bf16 final eval": _fmt(b16.final_eval_loss, ".4f")})
-    return _md_table(pd.DataFrame(rows))
+    return md_table(pd.DataFrame(rows))
 
 
 def layout_estimates(results: pd.DataFrame, best: pd.DataFrame) -> str | None:
     """Seconds to target with layout L = the winner's steps to target x L's p50 step time, for throughput
     rows of the same model, data, batch and sequence length as the winner."""
-    from bench.report import _md_table
-
     thr = results[(results.status == "ok") & results.target_loss.isna()]
     rows = []
     for b, w in tuning.winners(_records(best)).items():
@@ -128,7 +123,7 @@ def layout_estimates(results: pd.DataFrame, best: pd.DataFrame) -> str | None:
         return None
     d = pd.DataFrame(rows).sort_values(["batch", "est. seconds to target"])
     d["est. seconds to target"] = d["est. seconds to target"].map(lambda v: f"{v:.1f}")
-    return _md_table(d)
+    return md_table(d)
 
 
 def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[str]:

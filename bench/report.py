@@ -8,6 +8,7 @@ import sys
 
 import pandas as pd
 
+from bench.markdown import md_table
 from bench.results import DETAILS, RESULT_COLUMNS, TEXT_COLUMNS
 
 MIB = 2**20
@@ -34,16 +35,6 @@ def load(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return r, d["steps"]
 
 
-def _md_table(df: pd.DataFrame) -> str:
-    if df.empty:
-        return "_none_\n"
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, row in df.iterrows():
-        lines.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in row.values) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def _fmt(v, spec):
     return "" if pd.isna(v) else format(v, spec)
 
@@ -65,7 +56,7 @@ def peers_section(ok: pd.DataFrame) -> list[str]:
                      "eager tokens/s": "" if eager.empty else f"{eager.tokens_per_s.max():,.0f}",
                      "best tokens/s": f"{best.tokens_per_s:,.0f}", "best config": best.config_id,
                      "best parity verdict": best.parity_verdict})
-    L.append(_md_table(pd.DataFrame(rows)))
+    L.append(md_table(pd.DataFrame(rows)))
     ours, hf = ok[ok.model_impl == "llmopt"], ok[ok.model_impl == "hf"]
     if not ours.empty and not hf.empty:
         r = ours.tokens_per_s.max() / hf.tokens_per_s.max()
@@ -124,7 +115,7 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
             "verdict": ok.parity_verdict,
             "J/token": ok.energy_j_per_token.map(lambda v: _fmt(v, ".3g")),
         }).sort_values("config_id")
-        L.append(_md_table(t))
+        L.append(md_table(t))
         src = ok.peak_flops_source.dropna().unique()
         L.append(f"Peak FLOP/s used for MFU: {', '.join(src) if len(src) else 'none'} "
                  "(on CPU, measured once per sweep per dtype with all cores: the ranks of a config share them).")
@@ -153,7 +144,7 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
             rows.append({"budget MiB": f"{b / MIB:.1f}", "fastest config": "" if best is None else best.config_id,
                          "tokens/s": "" if best is None else f"{best.tokens_per_s:,.0f}",
                          "peak MiB": "" if best is None else f"{best.peak_memory_bytes / MIB:.1f}"})
-        L.append(_md_table(pd.DataFrame(rows)))
+        L.append(md_table(pd.DataFrame(rows)))
         front = pareto_front(ok)
         L.append("Pareto front (no other config is both faster and smaller): "
                  + ", ".join(f"`{c}`" for c in front.sort_values("peak_memory_bytes").config_id))
@@ -164,7 +155,7 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
     bad = results[results.status != "ok"]
     if not bad.empty:
         L.append("## Not ok")
-        L.append(_md_table(bad[["config_id", "status", "error"]].sort_values("config_id")))
+        L.append(md_table(bad[["config_id", "status", "error"]].sort_values("config_id")))
     if plots:
         L.append("## Plots")
         for title, path in plots.items():

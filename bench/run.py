@@ -391,9 +391,6 @@ def _lock(out: str):
 
 
 def sweep(args, argv) -> int:
-    from bench.hardware import environment, write_json
-    from bench.tuning import followups
-
     retry = _check_args(args)
     out, saved = _resolve_out(args)
     if saved is not None:
@@ -403,7 +400,13 @@ def sweep(args, argv) -> int:
         plan, device, matrix, warmup = _new_plan(args)
     for sub in ("logs", "metrics"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
-    lock = _lock(out)  # noqa: F841 (held until the process ends)
+    with _lock(out):  # held for the whole sweep; closing the file releases it
+        return _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup)
+
+
+def _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup) -> int:
+    from bench.hardware import environment, write_json
+    from bench.tuning import followups
 
     def save_plan():
         write_json(os.path.join(out, "plan.json"), {"matrix": matrix, "device": device, "timing_warmup": warmup,

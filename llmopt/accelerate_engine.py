@@ -1,8 +1,9 @@
 """A peer to measure against: the same model and data trained through Hugging Face Accelerate, written the
 way its documentation teaches (``Accelerator`` owning mixed precision, gradient accumulation and DDP).
 
-``build``/``train_step`` mirror ``llmopt.step`` so the CLI, the harness and the benchmarks treat both alike;
-nothing here is llmopt's own machinery except the data slicing, so that both see the same tokens.
+``AccelerateEngine`` implements ``llmopt.engine.Engine`` (build, step) like llmopt's own step, so the CLI, the
+harness and the benchmarks treat both alike; nothing here is llmopt's own machinery except the data slicing,
+so that both see the same tokens.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from llmopt.data import build_source
 from llmopt.distributed.parallelize import build_model, gather_object
 from llmopt.distributed.speed import apply_speed_toggles
 from llmopt.optim import build_optimizer, build_scheduler
-from llmopt.step import StepStats, TrainState
+from llmopt.engine import StepStats, TrainState, micro_batches
 
 MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -47,6 +48,14 @@ class AccelerateLayout:
         return local / dist.get_world_size()
 
 
+class AccelerateEngine:
+    def build(self, cfg, device: torch.device) -> TrainState:
+        return build(cfg, device)
+
+    def step(self, state: TrainState, step: int, batches=None) -> StepStats:
+        return train_step(state, step, batches)
+
+
 def build(cfg, device: torch.device) -> TrainState:
     from accelerate import Accelerator
 
@@ -68,8 +77,6 @@ def build(cfg, device: torch.device) -> TrainState:
 
 
 def train_step(state: TrainState, step: int, batches=None) -> StepStats:
-    from llmopt.step import micro_batches
-
     cfg, acc, model, opt = state.cfg, state.accelerator, state.layout.model, state.optimizer
     batches = micro_batches(state, step) if batches is None else batches
     total = torch.zeros((), device=acc.device)

@@ -132,16 +132,14 @@ def _step_tracker():
     return StepMemTracker()
 
 
-def tracked_memory_step(state, step: int) -> dict[str, int]:
-    """Run one extra, untimed training step under torch's MemTracker and return the tensor memory by
-    category at the step's peak, plus "total". MemTracker slows the step down, so it never runs inside the
-    timed steps."""
-    from llmopt.step import train_step
-
+def tracked_memory_step(state, run_step) -> dict[str, int]:
+    """Run one extra, untimed training step (``run_step()``) under torch's MemTracker and return the tensor
+    memory by category at the step's peak, plus "total". MemTracker slows the step down, so it never runs
+    inside the timed steps."""
     tracker = _step_tracker()
     tracker.track_external(state.layout.module, state.optimizer)
     with tracker:
-        train_step(state, step)
+        run_step()
     dev = state.device
     snap = next((v for k, v in tracker.get_tracker_snapshot("peak").items()
                  if k.type == dev.type and (dev.type != "cuda" or k.index == dev.index)), {})

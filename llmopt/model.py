@@ -17,7 +17,7 @@ wrappers possible without the model asking whether it is wrapped:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -128,10 +128,6 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.reset_parameters()
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GPT":
-        return cls(replace(PRESETS[name], **overrides))
-
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -192,9 +188,6 @@ class GPT(nn.Module):
         """Parameters of the full model (the tied head counted once). ``non_embedding`` leaves out the
         token and position embeddings, the N of Kaplan et al. 2020."""
         return param_count(self.config, non_embedding)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        return flops_per_token(self.config, seq_len)
 
 
 # Rows of logits the fused head holds at once (256 was the fastest of 128-1024 on the `mini` shape in bf16).

@@ -7,73 +7,38 @@ when to read numbers. ``evaluate(state)`` is the held-out loss, forward only, un
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch.distributed.tensor import DTensor
 
-from llmopt.data import build_source, shard_rows
-from llmopt.distributed.parallelize import Layout, parallelize
+from llmopt.data import build_source
+from llmopt.distributed.parallelize import parallelize
+from llmopt.engine import Engine, StepStats, TrainState, micro_batches  # noqa: F401 (micro_batches: re-exported)
 from llmopt.metrics import NoiseScale
 from llmopt.optim import build_optimizer, build_scheduler
 from llmopt.precision import autocast, check_precision, grad_scaler
 
 
-@dataclass
-class StepStats:
-    loss: torch.Tensor        # global-batch mean loss, a 0-dim tensor (same value on every rank)
-    grad_norm: torch.Tensor   # global gradient norm before clipping
-    tokens: int               # tokens in the global batch
-    fp16_skipped: bool        # fp16: the scaler found inf/NaN gradients and skipped the update
+def engine_for(name: str) -> Engine:
+    """The engine of ``--engine``; the Accelerate peer is imported only when asked for."""
+    if name == "accelerate":
+        from llmopt.accelerate_engine import AccelerateEngine
 
-
-@dataclass
-class TrainState:
-    cfg: object
-    device: torch.device
-    layout: Layout
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None
-    source: object
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-    noise_scale: NoiseScale | None = None  # --gns: running estimate of the gradient noise scale
-
-    @property
-    def model(self):
-        return self.layout.model
+        return AccelerateEngine()
+    return NativeEngine()
 
 
 def build(cfg, device: torch.device) -> TrainState:
     """``cfg`` must be validated (llmopt.config.validate). Collective when distributed."""
     check_precision(cfg.precision, device.type)
-    if cfg.engine == "accelerate":  # the peer engine builds its own loop (llmopt/accelerate_engine.py)
-        from llmopt import accelerate_engine
-
-        return accelerate_engine.build(cfg, device)
-    layout = parallelize(cfg, device)
-    optimizer = build_optimizer(cfg.optimizer, layout.model, cfg.lr, cfg.weight_decay, cfg.optimizer_impl)
-    source = build_source(cfg.data, cfg.model_config.vocab_size, cfg.seed, cfg.tokenizer)
-    noise = NoiseScale(cfg.micro_batch, cfg.global_batch) if cfg.gns else None
-    return TrainState(cfg, device, layout, optimizer, grad_scaler(cfg.precision, device.type), source,
-                      build_scheduler(optimizer, cfg), noise)
+    engine = engine_for(cfg.engine)
+    state = engine.build(cfg, device)
+    state.engine = engine
+    return state
 
 
-def micro_batches(state: TrainState, step: int, split: str = "train") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's accumulation micro-batches of the global batch of ``step``: only its data-parallel rows
-    are built, split ``grad_accum`` ways. Each row depends on (seed, split, step, row) alone. On CUDA the
-    batch is pinned and copied without blocking the host."""
-    cfg = state.cfg
-    rows = shard_rows(cfg.global_batch, state.layout.coord["dp"], cfg.dp)
-    x, y = state.source.batch(step, cfg.global_batch, cfg.seq_len, rows=rows, split=split)
-    cuda = state.device.type == "cuda"
-    out = []
-    for i in range(cfg.grad_accum):
-        r = shard_rows(len(rows), i, cfg.grad_accum)
-        xs, ys = x[r.start : r.stop], y[r.start : r.stop]
-        if cuda:
-            xs, ys = xs.pin_memory(), ys.pin_memory()
-        out.append((xs.to(state.device, non_blocking=cuda), ys.to(state.device, non_blocking=cuda)))
-    return out
+def train_step(state: TrainState, step: int, batches=None) -> StepStats:
+    """One optimizer step on the global batch of ``step`` (or the given micro-batches), by the state's engine."""
+    return state.engine.step(state, step, batches)
 
 
 @torch.no_grad()
@@ -95,12 +60,23 @@ def clip_grads_(params, grad_norm: torch.Tensor, max_norm: float) -> None:
     torch._foreach_mul_(grads, coef.to(grads[0].dtype))
 
 
-def train_step(state: TrainState, step: int, batches=None) -> StepStats:
-    cfg, layout, opt, scaler = state.cfg, state.layout, state.optimizer, state.scaler
-    if cfg.engine == "accelerate":
-        from llmopt import accelerate_engine
+class NativeEngine:
+    """llmopt's own step: the layout-wrapped model, global-norm clipping, fused optimizer kernels."""
 
-        return accelerate_engine.train_step(state, step, batches)
+    def build(self, cfg, device: torch.device) -> TrainState:
+        layout = parallelize(cfg, device)
+        optimizer = build_optimizer(cfg.optimizer, layout.model, cfg.lr, cfg.weight_decay, cfg.optimizer_impl)
+        source = build_source(cfg.data, cfg.model_config.vocab_size, cfg.seed, cfg.tokenizer)
+        noise = NoiseScale(cfg.micro_batch, cfg.global_batch) if cfg.gns else None
+        return TrainState(cfg, device, layout, optimizer, grad_scaler(cfg.precision, device.type), source,
+                          build_scheduler(optimizer, cfg), noise)
+
+    def step(self, state: TrainState, step: int, batches=None) -> StepStats:
+        return _native_step(state, step, batches)
+
+
+def _native_step(state: TrainState, step: int, batches=None) -> StepStats:
+    cfg, layout, opt, scaler = state.cfg, state.layout, state.optimizer, state.scaler
     batches = micro_batches(state, step) if batches is None else batches
     opt.zero_grad(set_to_none=True)
     small = []  # --gns: the squared norm of the first micro-batch's gradient, taken before the next adds to it

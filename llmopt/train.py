@@ -331,8 +331,6 @@ def _target_line(m: dict) -> str:
 def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: bool, log: bool) -> dict:
     """The timed steps, then (optionally) one untimed step under MemTracker. Returns the metrics dict
     (meaningful on rank 0; collectives make every rank take part)."""
-    import math
-
     import torch
 
     from llmopt.convergence import Convergence
@@ -378,7 +376,8 @@ def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: 
                       + (" | target reached" if stop else ""), flush=True)
     power = energy.stop()
     peak = peak_memory_bytes(device)
-    breakdown = tracked_memory_step(state, cfg.steps) if memory_breakdown and diverged is None else None
+    breakdown = (tracked_memory_step(state, lambda: train_step(state, cfg.steps))
+                 if memory_breakdown and diverged is None else None)
     kind = "cuda_allocator" if device.type == "cuda" else "process_rss"
     if breakdown is not None and device.type != "cuda":
         peak, kind = breakdown["total"], "tracked_tensors"

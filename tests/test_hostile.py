@@ -1,7 +1,6 @@
 """Nothing lost, nothing left behind: the harness and the CLI under faults, races and hostile input. Each
 test reproduces a case that once lost data, left a process behind or printed a traceback."""
 import csv
-import fcntl
 import json
 import os
 import signal
@@ -59,14 +58,20 @@ def test_resume_never_deletes_what_it_cannot_read(done_sweep, tmp_path):
     assert len((out / "results.csv.rejected").read_text().splitlines()) == 2  # the two rows, kept aside
 
 
-def test_a_second_writer_is_refused_with_the_holders_pid(done_sweep, tmp_path):
-    out = copy_sweep(done_sweep, tmp_path / "out")
-    with open(out / ".lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        f.write("4242")
-        f.flush()
-        line = one_error_line(bench("--resume", "--out", str(out), "--no-report"))
-    assert "PID 4242" in line
+def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
+    """A sweep holds its directory's lock for as long as it runs: a resume started beside it is refused."""
+    (tmp_path / "m.toml").write_text("[base]\nsteps = 100000\nseq_len = 16\nglobal_batch = 4\n[matrix]\ndp = [1]\n")
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    first = subprocess.Popen([sys.executable, "-m", "bench.run", "--matrix", str(tmp_path / "m.toml"), "--out",
+                              str(tmp_path / "o"), "--no-report"], cwd=ROOT, env=e, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: (tmp_path / "o" / "logs").is_dir() and any((tmp_path / "o" / "logs").iterdir()) or None)
+        line = one_error_line(bench("--resume", "--out", str(tmp_path / "o"), "--no-report"))
+        assert f"PID {first.pid}" in line
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
 
 
 def test_config_ids_do_not_collide_and_huge_matrices_are_refused(tmp_path):
@@ -276,3 +281,30 @@ def test_an_empty_metrics_file_fails_the_config_not_the_sweep(tmp_path):
     assert metrics is None and "unreadable" in error
     (tmp_path / "ok.json").write_text(json.dumps({"a": 1}))
     assert read_metrics(str(tmp_path / "ok.json")) == ({"a": 1}, "")
+
+
+def test_a_failed_resume_rewrite_keeps_the_original(done_sweep, tmp_path, monkeypatch):
+    from bench import results
+
+    out = copy_sweep(done_sweep, tmp_path / "out")
+    before = (out / "results.csv").read_bytes()
+
+    class FullDisk:
+        def __init__(self, *a, **k):
+            pass
+
+        def writeheader(self):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results.csv, "DictWriter", FullDisk)
+    with pytest.raises(OSError):
+        results.ResultFiles(str(out)).load(repair=True)
+    assert (out / "results.csv").read_bytes() == before and not (out / "results.csv.tmp").exists()
+
+
+def test_timing_warmup_reports_what_happened(tmp_path, cli):
+    r = cli("-m", "llmopt.train", "--steps", "2", "--timing-warmup", "5", "--seq-len", "16", "--quiet",
+            "--metrics-out", str(tmp_path / "m.json"), timeout=120)
+    assert r.returncode == 0, r.stderr[-1000:]
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["timing_warmup"] == 1 and len(m["step_time_ms"]) == 2  # one step left out, one timed

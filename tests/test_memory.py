@@ -16,7 +16,7 @@ def test_prediction_matches_tracked_memory(kw):
     cfg = validate(TrainConfig(**kw))
     state = build(cfg, torch.device("cpu"))
     train_step(state, 0)  # optimizer state exists from the first step on
-    measured = tracked_memory_step(state, 1)
+    measured = tracked_memory_step(state, lambda: train_step(state, 1))
     predicted = predict_memory(cfg)
     assert abs(predicted.total / measured["total"] - 1) < 0.15, (measured, predicted)
     # categories that are exact by construction

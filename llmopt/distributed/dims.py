@@ -30,10 +30,6 @@ class ParallelDims:
         return self.dp * self.tp * self.pp
 
     @property
-    def dp_enabled(self) -> bool:
-        return self.dp > 1
-
-    @property
     def fsdp_enabled(self) -> bool:
         return self.dp > 1 and self.dp_mode == "fsdp"
 

@@ -93,7 +93,6 @@ class Layout:
                                      cfg.pp_microbatches, cfg.grad_accum, mesh, device)
         # Ranks whose loss is the global batch's: one per data-parallel replica (last stage, TP rank 0).
         self.loss_owner = coord["pp"] == dims.pp - 1 and coord["tp"] == 0
-        self.logging_rank = not dist.is_initialized() or dist.get_rank() == 0
 
     def parameters(self):
         return self.model.parameters()

@@ -62,7 +62,7 @@ def test_step(benchmark, family, overrides):
     if benchmark.stats is not None:  # timed run (--benchmark-only)
         tokens = cfg.global_batch * cfg.seq_len
         _record(benchmark, cfg, tokens / benchmark.stats.stats.mean,
-                tracked_memory_step(state, next(steps))["total"])
+                tracked_memory_step(state, lambda: train_step(state, next(steps)))["total"])
 
 
 def test_layout_ddp2(benchmark, cli, tmp_path):

@@ -1,0 +1,66 @@
+"""What every engine shares: the state a step works on, the stats it returns, the batches it reads, and the
+two-call protocol (``build``, ``step``) that llmopt's own step (``llmopt.step.NativeEngine``) and the Accelerate
+peer (``llmopt.accelerate_engine.AccelerateEngine``) implement. ``llmopt.step`` picks one per config, once, in
+``build``; nothing else asks which engine runs. Neither engine module imports the other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from llmopt.data import shard_rows
+
+if TYPE_CHECKING:
+    from llmopt.config import TrainConfig
+    from llmopt.metrics import NoiseScale
+
+
+@dataclass
+class StepStats:
+    loss: torch.Tensor        # global-batch mean loss, a 0-dim tensor (same value on every rank)
+    grad_norm: torch.Tensor   # global gradient norm before clipping
+    tokens: int               # tokens in the global batch
+    fp16_skipped: bool        # fp16: the scaler found inf/NaN gradients and skipped the update
+
+
+@dataclass
+class TrainState:
+    cfg: TrainConfig
+    device: torch.device
+    layout: object            # llmopt.distributed.parallelize.Layout, or the Accelerate peer's stand-in
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    source: object            # llmopt.data: MarkovSource, TextFileSource or PreparedSource
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    noise_scale: NoiseScale | None = None  # --gns: running estimate of the gradient noise scale
+    engine: Engine | None = None           # the engine that built this state; steps it
+
+    @property
+    def model(self):
+        return self.layout.model
+
+
+class Engine(Protocol):
+    def build(self, cfg: TrainConfig, device: torch.device) -> TrainState: ...
+
+    def step(self, state: TrainState, step: int, batches=None) -> StepStats: ...
+
+
+def micro_batches(state: TrainState, step: int, split: str = "train") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's accumulation micro-batches of the global batch of ``step``: only its data-parallel rows
+    are built, split ``grad_accum`` ways. Each row depends on (seed, split, step, row) alone. On CUDA the
+    batch is pinned and copied without blocking the host."""
+    cfg = state.cfg
+    rows = shard_rows(cfg.global_batch, state.layout.coord["dp"], cfg.dp)
+    x, y = state.source.batch(step, cfg.global_batch, cfg.seq_len, rows=rows, split=split)
+    cuda = state.device.type == "cuda"
+    out = []
+    for i in range(cfg.grad_accum):
+        r = shard_rows(len(rows), i, cfg.grad_accum)
+        xs, ys = x[r.start : r.stop], y[r.start : r.stop]
+        if cuda:
+            xs, ys = xs.pin_memory(), ys.pin_memory()
+        out.append((xs.to(state.device, non_blocking=cuda), ys.to(state.device, non_blocking=cuda)))
+    return out

@@ -1,0 +1,70 @@
+"""The code's shape: every module imports on its own, and no two modules import each other (directly or
+through others, counting imports inside functions, which is where such cycles hide)."""
+import ast
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def modules() -> dict[str, str]:
+    out = {}
+    for pkg in ("llmopt", "bench"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, pkg)):
+            for f in files:
+                if f.endswith(".py"):
+                    path = os.path.join(dirpath, f)
+                    name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+                    out[name] = path
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = modules()
+    graph = {}
+    for name, path in mods.items():
+        deps = set()
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps |= {n for n in [node.module] + [f"{node.module}.{a.name}" for a in node.names] if n in mods}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in mods}
+        graph[name] = deps - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(n, path):
+        state[n] = 1
+        for d in sorted(graph[n]):
+            if state.get(d) == 1:
+                return path[path.index(d):] + [d]
+            if d not in state and (c := visit(d, path + [d])):
+                return c
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (c := visit(n, [n])):
+            return c
+    return None
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert "llmopt.step" in graph and "llmopt.engine" in graph["llmopt.step"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+    # the checker itself finds a cycle when there is one
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    names = sorted(n for n in modules() if not n.endswith("__main__"))
+    code = "import importlib\nfor n in %r:\n    importlib.import_module(n)\n" % names
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
