@@ -41,7 +41,7 @@ class GPTConfig:
 # Named presets. `tiny` is the CPU default: layers and heads divisible by 2 and 4 so every layout fits.
 PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=1024, block_size=256),
-    # `tiny` over a 256-token vocabulary: the convergence matrices' model (learns the generated chain ~4x sooner)
+    # `tiny` over 256 tokens: the convergence matrices' model (a quarter of the transitions to learn)
     "tiny-v256": GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=256, block_size=256),
     # the CPU speed target's shape: 4 layers, 4 heads, width 256, vocabulary 8192, sequences of 256
     "mini": GPTConfig(n_layer=4, n_head=4, n_embd=256, vocab_size=8192, block_size=256),
