@@ -82,7 +82,7 @@ def followups(matrix: str, plan: list[dict], rows: list[dict]) -> list[dict]:
         return []
     phases = {e["config_id"]: e.get("phase") for e in plan}
     by_id = {e["config_id"]: e["config"] for e in plan}
-    rows = [r for r in rows if r["config_id"] in by_id]
+    rows = [r for r in rows if phases.get(r["config_id"]) in ("grid", "widen", "precision")]  # not throughput rows
     device = by_id[plan[0]["config_id"]]["device"]
     budget = rank_budget(device)
     widened = {tuple(str(by_id[cid][k]) for k in GROUP) for cid, ph in phases.items() if ph == "widen"}
