@@ -1,4 +1,4 @@
-"""Markdown tables for the reports."""
+"""Markdown tables and cell formatting for the reports."""
 from __future__ import annotations
 
 import pandas as pd
@@ -13,3 +13,8 @@ def md_table(df: pd.DataFrame) -> str:
     for _, row in df.iterrows():
         lines.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in row.values) + " |")
     return "\n".join(lines) + "\n"
+
+
+def fmt(v, spec: str, none: str = "") -> str:
+    """``format(v, spec)``, or ``none`` for a missing value (None or NaN)."""
+    return none if v is None or pd.isna(v) else format(v, spec)

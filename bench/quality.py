@@ -11,7 +11,7 @@ import os
 import pandas as pd
 
 from bench import tuning
-from bench.markdown import md_table
+from bench.markdown import fmt, md_table
 from bench.matrix import layout_name
 
 
@@ -22,10 +22,6 @@ def convergence_rows(results: pd.DataFrame) -> pd.DataFrame:
 
 def _records(df: pd.DataFrame) -> list[dict]:
     return df.astype(object).where(df.notna(), None).to_dict("records")
-
-
-def _fmt(v, spec: str, none: str = "") -> str:
-    return none if v is None or pd.isna(v) else format(v, spec)
 
 
 def best_runs(conv: pd.DataFrame) -> pd.DataFrame:
@@ -47,11 +43,11 @@ def _batch_table(best: pd.DataFrame, batch: int) -> str:
     for i, (_, r) in enumerate(d.iterrows()):
         rows.append({"optimizer": r.optimizer + (" **(winner)**" if i == 0 and r.status == "ok" else ""),
                      "best lr": f"{r.lr:.3g}" + {"low": " (grid's lowest)", "high": " (grid's highest)"}.get(r.edge, ""),
-                     "steps to target": _fmt(r.steps_to_target, ".0f", "not reached"),
-                     "tokens to target": _fmt(r.tokens_to_target, ",.0f", "—"),
-                     "seconds to target": _fmt(r.seconds_to_target, ".1f", "—"),
-                     "final eval loss": _fmt(r.final_eval_loss, ".4f"),
-                     "B_simple": _fmt(r.gns_b_simple, ".1f"), "status": r.status})
+                     "steps to target": fmt(r.steps_to_target, ".0f", "not reached"),
+                     "tokens to target": fmt(r.tokens_to_target, ",.0f", "—"),
+                     "seconds to target": fmt(r.seconds_to_target, ".1f", "—"),
+                     "final eval loss": fmt(r.final_eval_loss, ".4f"),
+                     "B_simple": fmt(r.gns_b_simple, ".1f"), "status": r.status})
     return md_table(pd.DataFrame(rows))
 
 
@@ -97,12 +93,12 @@ def precision_table(best: pd.DataFrame) -> str:
         if set(g.precision) >= {"fp32", "bf16"}:
             f32, b16 = g[g.precision == "fp32"].iloc[0], g[g.precision == "bf16"].iloc[0]
             rows.append({"optimizer": opt, "batch": batch, "lr": f"{b16.lr:.3g}",
-                         "fp32 tokens to target": _fmt(f32.tokens_to_target, ",.0f", "not reached"),
-                         "bf16 tokens to target": _fmt(b16.tokens_to_target, ",.0f", "not reached"),
-                         "fp32 s to target": _fmt(f32.seconds_to_target, ".1f", "—"),
-                         "bf16 s to target": _fmt(b16.seconds_to_target, ".1f", "—"),
-                         "fp32 final eval": _fmt(f32.final_eval_loss, ".4f"),
-                         "bf16 final eval": _fmt(b16.final_eval_loss, ".4f")})
+                         "fp32 tokens to target": fmt(f32.tokens_to_target, ",.0f", "not reached"),
+                         "bf16 tokens to target": fmt(b16.tokens_to_target, ",.0f", "not reached"),
+                         "fp32 s to target": fmt(f32.seconds_to_target, ".1f", "—"),
+                         "bf16 s to target": fmt(b16.seconds_to_target, ".1f", "—"),
+                         "fp32 final eval": fmt(f32.final_eval_loss, ".4f"),
+                         "bf16 final eval": fmt(b16.final_eval_loss, ".4f")})
     return md_table(pd.DataFrame(rows))
 
 

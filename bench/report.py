@@ -8,7 +8,7 @@ import sys
 
 import pandas as pd
 
-from bench.markdown import md_table
+from bench.markdown import fmt, md_table
 from bench.results import DETAILS, RESULT_COLUMNS, TEXT_COLUMNS
 
 MIB = 2**20
@@ -33,10 +33,6 @@ def load_all(out_dir: str) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
 def load(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     r, d = load_all(out_dir)
     return r, d["steps"]
-
-
-def _fmt(v, spec):
-    return "" if pd.isna(v) else format(v, spec)
 
 
 def fastest_under(ok: pd.DataFrame, budget_bytes: float) -> pd.Series | None:
@@ -103,17 +99,17 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
         L.append("## Summary")
         t = pd.DataFrame({
             "config_id": ok.config_id,
-            "tokens/s": ok.tokens_per_s.map(lambda v: _fmt(v, ",.0f")),
-            "p50 ms": ok.step_time_ms_p50.map(lambda v: _fmt(v, ".1f")),
-            "p90 ms": ok.step_time_ms_p90.map(lambda v: _fmt(v, ".1f")),
-            "peak MiB": (ok.peak_memory_bytes / MIB).map(lambda v: _fmt(v, ".1f")),
-            "pred MiB": (ok.predicted_memory_bytes / MIB).map(lambda v: _fmt(v, ".1f")),
-            "pred err": ok.memory_prediction_error.map(lambda v: _fmt(v, "+.1%")),
-            "MFU": ok.mfu.map(lambda v: _fmt(v, ".2%")),
-            "final loss": ok.final_loss.map(lambda v: _fmt(v, ".4f")),
-            "parity |Δ|max": ok.loss_parity_max_abs.map(lambda v: _fmt(v, ".1e")),
+            "tokens/s": ok.tokens_per_s.map(lambda v: fmt(v, ",.0f")),
+            "p50 ms": ok.step_time_ms_p50.map(lambda v: fmt(v, ".1f")),
+            "p90 ms": ok.step_time_ms_p90.map(lambda v: fmt(v, ".1f")),
+            "peak MiB": (ok.peak_memory_bytes / MIB).map(lambda v: fmt(v, ".1f")),
+            "pred MiB": (ok.predicted_memory_bytes / MIB).map(lambda v: fmt(v, ".1f")),
+            "pred err": ok.memory_prediction_error.map(lambda v: fmt(v, "+.1%")),
+            "MFU": ok.mfu.map(lambda v: fmt(v, ".2%")),
+            "final loss": ok.final_loss.map(lambda v: fmt(v, ".4f")),
+            "parity |Δ|max": ok.loss_parity_max_abs.map(lambda v: fmt(v, ".1e")),
             "verdict": ok.parity_verdict,
-            "J/token": ok.energy_j_per_token.map(lambda v: _fmt(v, ".3g")),
+            "J/token": ok.energy_j_per_token.map(lambda v: fmt(v, ".3g")),
         }).sort_values("config_id")
         L.append(md_table(t))
         src = ok.peak_flops_source.dropna().unique()

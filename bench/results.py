@@ -78,16 +78,10 @@ def _read(path: str) -> tuple[list[str], list[dict], list[list[str]]]:
     return header, rows, rejected
 
 
-def _complete_rows(path: str) -> tuple[list[str], list[dict]]:
-    header, rows, _ = _read(path)
-    return header, rows
-
-
 class ResultFiles:
     def __init__(self, out_dir: str):
         self.results_path = os.path.join(out_dir, "results.csv")
         self.paths = {name: os.path.join(out_dir, f"{name}.csv") for name in DETAILS}
-        self.steps_path = self.paths["steps"]
 
     def load(self, repair: bool = False, reject: bool = False) -> tuple[list[dict], dict[str, list[dict]]]:
         """Finished rows and their detail rows by file (one row per config; torn last lines and details of

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+from bench.hardware import environment, peak_flops, write_json
 from bench.matrix import NAMED, MatrixError, baseline_of, config_id, expand, parse_filter, rank_budget
 from bench.results import STATUSES, ResultFiles
 
@@ -176,7 +177,6 @@ def parity_verdict(max_abs: float | None, precision: str, is_baseline: bool) -> 
 
 def build_row(entry, status, error, metrics, wall, warmup, baselines, peak_cache) -> tuple[dict, dict]:
     """The results row and the per-config detail rows ({"steps": [...], "evals": [...]}) of one config."""
-    from bench.hardware import peak_flops
     from llmopt.config import TrainConfig
     from llmopt.metrics import mfu
 
@@ -405,7 +405,6 @@ def sweep(args, argv) -> int:
 
 
 def _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup) -> int:
-    from bench.hardware import environment, write_json
     from bench.tuning import followups
 
     def save_plan():
@@ -473,8 +472,6 @@ class _Runner:
 
     def __init__(self, out: str, files: ResultFiles, warmup: int, timeout: float, done_rows: list[dict],
                  done_steps: list[dict]):
-        from bench.hardware import write_json
-
         self.out, self.files, self.warmup, self.timeout = out, files, warmup, timeout
         self.rows = list(done_rows)
         self.baselines: dict[str, list[float]] = {}
@@ -490,7 +487,6 @@ class _Runner:
                     self.peak_cache = dict(json.load(f))
             except (ValueError, TypeError) as e:
                 raise MatrixError(f"{self.peak_cache_path} is corrupt ({e}); delete it (the peak is measured again)") from None
-        self._write_json = write_json
         self.t_start, self.ran = time.monotonic(), 0
 
     def run(self, plan: list[dict]) -> None:
@@ -512,7 +508,7 @@ class _Runner:
                 self.ran += 1
             self.files.append(row, details)
             self.rows.append(row)
-            self._write_json(self.peak_cache_path, self.peak_cache)
+            write_json(self.peak_cache_path, self.peak_cache)
             n_done = total - len(todo) + i + 1
             elapsed = time.monotonic() - self.t_start
             runnable_left = sum(1 for e in todo[i + 1:] if e["skipped"] is None)

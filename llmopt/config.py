@@ -242,8 +242,10 @@ def _check_init_and_data(cfg: TrainConfig, m: GPTConfig) -> None:
     elif cfg.data is not None:
         data_vocab_size(cfg.data, cfg.tokenizer)  # raises on a missing or malformed --data
     if cfg.data is not None and os.path.isfile(cfg.data) and cfg.tokenizer == "bytes":
+        from llmopt.data import TextFileSource
+
         size = os.path.getsize(cfg.data)
-        val = int(size * 0.1)  # llmopt.data.TextFileSource.val_fraction
+        val = int(size * TextFileSource.val_fraction)
         if min(size - val, val if cfg.eval_every else size) < cfg.seq_len + 2:
             raise ValueError(f"--data {cfg.data!r} has {size} bytes: too short for --seq-len {cfg.seq_len} "
                              f"(each split needs seq_len + 2 bytes; 10% is held out); use a longer file or a "

@@ -109,65 +109,56 @@ class MarkovSource:
         return f"markov(vocab={self.vocab_size}, entropy={self.entropy_rate:.4f} nats/token)"
 
 
-class TextFileSource:
-    """Byte-level tokens (vocabulary 256) from a user's file; windows drawn at seeded random offsets. The
-    last ``val_fraction`` of the file is the validation split, never drawn for training."""
-
-    vocab_size = 256
-    entropy_rate = None  # unknown for real text
-    val_fraction = 0.1
-
-    def __init__(self, path: str, seed: int = 0):
-        if not os.path.isfile(path):
-            raise ValueError(f"--data: no such file {path!r}; pass an existing text file or omit --data")
-        with open(path, "rb") as f:
-            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-        cut = data.numel() - int(data.numel() * self.val_fraction)
-        self.splits = {"train": data[:cut], "val": data[cut:]}
-        self.path, self.seed, self.size = path, seed, data.numel()
-
-    def batch(self, step: int, batch_size: int, seq_len: int, rows=None,
-              split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-        data = self.splits[split]
-        n = data.numel() - seq_len - 1
-        if n < 1:
-            raise ValueError(f"--data: the {split} split of {self.path!r} has {data.numel()} bytes, fewer than "
-                             f"--seq-len + 2 ({seq_len + 2}); use a longer file or a smaller --seq-len")
-        step, rows = _flat_val(step, batch_size, rows, split)
-        starts = (row_uniforms(self.seed, split, step, rows, 1)[:, 0] * n).long()
-        idx = starts[:, None] + torch.arange(seq_len + 1)
-        tokens = data[idx].long()
-        return tokens[:, :-1], tokens[:, 1:]
-
-    def describe(self) -> str:
-        return f"bytes({self.path}, {self.size} tokens, last {self.val_fraction:.0%} held out)"
-
-
-class PreparedSource:
-    """Token windows from a prepared directory (``python -m llmopt.data prepare``): train.bin / val.bin read
-    as memmaps, windows at seeded random offsets, the held-out split from val.bin."""
+class _Windows:
+    """Token windows at seeded random offsets of a split (``self.splits``: 1-D arrays or memmaps)."""
 
     entropy_rate = None  # unknown for real text
-
-    def __init__(self, path: str, seed: int = 0):
-        import numpy as np
-
-        self.meta = read_meta(path)
-        self.path, self.seed, self.vocab_size = path, seed, self.meta["vocab_size"]
-        self.splits = {s: np.memmap(os.path.join(path, f"{s}.bin"), dtype=self.meta["dtype"], mode="r")
-                       for s in SPLITS}
+    splits: dict
+    path: str
+    seed: int
 
     def batch(self, step: int, batch_size: int, seq_len: int, rows=None,
               split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         data = self.splits[split]
         n = data.shape[0] - seq_len - 1
         if n < 1:
-            raise ValueError(f"--data: {self.path}/{split}.bin has {data.shape[0]} tokens, fewer than --seq-len + 2 "
-                             f"({seq_len + 2}); prepare more text or use a smaller --seq-len")
+            raise ValueError(f"--data: the {split} split of {self.path!r} has {data.shape[0]} tokens, fewer than "
+                             f"--seq-len + 2 ({seq_len + 2}); use more text or a smaller --seq-len")
         step, rows = _flat_val(step, batch_size, rows, split)
         starts = (row_uniforms(self.seed, split, step, rows, 1)[:, 0] * n).long().numpy()
         tokens = torch.from_numpy(data[starts[:, None] + np.arange(seq_len + 1)].astype("int64"))
         return tokens[:, :-1], tokens[:, 1:]
+
+
+class TextFileSource(_Windows):
+    """Byte-level tokens (vocabulary 256) from a user's file. The last ``val_fraction`` of the file is the
+    validation split, never drawn for training."""
+
+    vocab_size = 256
+    val_fraction = 0.1
+
+    def __init__(self, path: str, seed: int = 0):
+        if not os.path.isfile(path):
+            raise ValueError(f"--data: no such file {path!r}; pass an existing text file or omit --data")
+        with open(path, "rb") as f:
+            data = np.frombuffer(f.read(), dtype=np.uint8)
+        cut = data.shape[0] - int(data.shape[0] * self.val_fraction)
+        self.splits = {"train": data[:cut], "val": data[cut:]}
+        self.path, self.seed, self.size = path, seed, data.shape[0]
+
+    def describe(self) -> str:
+        return f"bytes({self.path}, {self.size} tokens, last {self.val_fraction:.0%} held out)"
+
+
+class PreparedSource(_Windows):
+    """Token windows from a prepared directory (``python -m llmopt.data prepare``): train.bin / val.bin read
+    as memmaps, the held-out split from val.bin."""
+
+    def __init__(self, path: str, seed: int = 0):
+        self.meta = read_meta(path)
+        self.path, self.seed, self.vocab_size = path, seed, self.meta["vocab_size"]
+        self.splits = {s: np.memmap(os.path.join(path, f"{s}.bin"), dtype=self.meta["dtype"], mode="r")
+                       for s in SPLITS}
 
     def describe(self) -> str:
         m = self.meta
@@ -178,8 +169,6 @@ def read_meta(path: str) -> dict:
     """meta.json of a prepared directory, checked against its files: a truncated, mismatched or incomplete
     directory is one ValueError naming what is wrong."""
     import json
-
-    import numpy as np
 
     meta_path = os.path.join(path, "meta.json")
     try:
