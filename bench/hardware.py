@@ -33,33 +33,58 @@ def datasheet_peak(device_name: str, precision: str) -> float | None:
     return None
 
 
-def measure_matmul_peak(device: str, precision: str, seconds: float = 1.0) -> float:
-    """Best FLOP/s of square matmuls over a few sizes, after a warm-up, with the device synchronised."""
+# On CPU the token dimension of the measured GEMMs stops here: a larger M adds time, not FLOP/s.
+CPU_GEMM_TOKENS = 2048
+
+
+def gemm_shapes(n_embd: int, vocab_size: int, tokens: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every matrix product a step runs on a block and the head: the forward x @ W and the
+    backward's grad-input (dY @ W^T) and grad-weight (X^T @ dY) products, for qkv, the attention
+    projection, both MLP layers and the output head."""
+    C = n_embd
+    shapes = []
+    for k, n in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C), (C, vocab_size)):
+        shapes += [(tokens, k, n), (tokens, n, k), (k, tokens, n)]
+    return sorted(set(shapes))
+
+
+def measure_matmul_peak(device: str, precision: str, shapes: list[tuple[int, int, int]] = (),
+                        seconds: float = 1.0) -> float:
+    """Best FLOP/s over square matmuls and the given (m, k, n) shapes (the model's own GEMMs), after a
+    warm-up, with the device synchronised. Taking the best over the shapes the step really runs is what
+    makes the figure an upper bound for the step: a square-only peak can sit below the step's own GEMMs
+    (a CPU whose kernels for a dtype are tuned for some shapes and fall back for others)."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    squares = (4096, 8192) if device == "cuda" else (256, 512, 1024, 2048)
+    all_shapes = [(n, n, n) for n in squares] + list(shapes)
     best = 0.0
-    sizes = (512, 1024, 2048) if device == "cpu" and precision == "fp32" else (256, 512, 1024)
-    if device == "cuda":
-        sizes = (4096, 8192)
-    for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
+    for m, k, n in all_shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
         a @ b  # warm-up
         if device == "cuda":
             torch.cuda.synchronize()
         reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / len(sizes):
+        while reps == 0 or time.perf_counter() - t0 < seconds / len(all_shapes):
             a @ b
             reps += 1
         if device == "cuda":
             torch.cuda.synchronize()
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0))
     return best
 
 
-def peak_flops(device: str, precision: str, cache: dict) -> tuple[float | None, str]:
-    """(peak FLOP/s of one device for this dtype, source). ``cache`` holds measurements of this sweep."""
+def peak_flops(device: str, precision: str, cache: dict, n_embd: int, vocab_size: int,
+               tokens: int) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device for this dtype, source). ``cache`` holds measurements of this sweep,
+    keyed by device, dtype and GEMM shape set.
+
+    On GPUs in the datasheet table, the datasheet's dense figure. Elsewhere a measurement over square
+    sizes and the model's own GEMMs (``gemm_shapes``); for bf16/fp16 the peak is the best of that dtype
+    and fp32, because under autocast a product the dtype runs slowly on this CPU is no faster than fp32
+    can do, and some ops stay in fp32: the step can reach either, so MFU stays at or under 100%."""
     if device == "cuda":
         import torch
 
@@ -67,10 +92,17 @@ def peak_flops(device: str, precision: str, cache: dict) -> tuple[float | None, 
         value = datasheet_peak(name, precision)
         if value is not None:
             return value, f"datasheet:{name}"
-    key = f"{device}:{precision}"
-    if key not in cache:
-        cache[key] = measure_matmul_peak(device, precision)
-    return cache[key], f"measured:{device} {precision} matmul"
+    if device == "cpu":
+        tokens = min(tokens, CPU_GEMM_TOKENS)
+    shapes = gemm_shapes(n_embd, vocab_size, tokens)
+    best = 0.0
+    for dtype in dict.fromkeys((precision, "fp32")):
+        key = f"{device}:{dtype}:C{n_embd}:V{vocab_size}:M{tokens}"
+        if key not in cache:
+            cache[key] = measure_matmul_peak(device, dtype, shapes)
+        best = max(best, cache[key])
+    dtypes = precision if precision == "fp32" else f"best of {precision} and fp32"
+    return best, f"measured:{device} matmul, {dtypes}, square and model GEMMs"
 
 
 def _git_commit() -> str | None:
@@ -93,6 +125,24 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# lscpu flags that decide how fast bf16 (and fp16) matrix products run on an x86 CPU
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's low-precision matrix features (of NATIVE_BF16_FLAGS) from /proc/cpuinfo; [] when it has
+    none (or on a machine without /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [f for f in NATIVE_BF16_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def environment(argv: list[str]) -> dict:
     import torch
 
@@ -105,6 +155,7 @@ def environment(argv: list[str]) -> dict:
         "cuda": torch.version.cuda,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
         "cpu_model": _cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

@@ -8,6 +8,7 @@ import sys
 
 import pandas as pd
 
+from bench.hardware import NATIVE_BF16_FLAGS
 from bench.markdown import fmt, md_table
 from bench.results import DETAILS, RESULT_COLUMNS, TEXT_COLUMNS
 
@@ -38,6 +39,30 @@ def load(out_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 def fastest_under(ok: pd.DataFrame, budget_bytes: float) -> pd.Series | None:
     fit = ok[ok.peak_memory_bytes <= budget_bytes]
     return None if fit.empty else fit.loc[fit.tokens_per_s.idxmax()]
+
+
+def amp_speed(ok: pd.DataFrame, cpu_flags: str = "") -> list[str]:
+    """One sentence per AMP precision: its median tokens/s over fp32's, over the pairs of ok configs that
+    differ only in precision, and plainly whether AMP is slower than fp32 on this machine."""
+    from dataclasses import fields
+
+    from llmopt.config import TrainConfig
+
+    keys = [f.name for f in fields(TrainConfig) if f.name not in ("precision", "lr") and f.name in ok.columns]
+    key = ok[keys].apply(lambda col: col.map(str)).agg("|".join, axis=1)  # NaN-safe: "nan" == "nan"
+    base = ok.tokens_per_s[ok.precision == "fp32"].groupby(key).max()
+    lines = []
+    for prec in sorted(set(ok.precision) - {"fp32"}):
+        amp = ok.tokens_per_s[ok.precision == prec].groupby(key).max()
+        ratio = (amp / base).dropna()
+        if ratio.empty:
+            continue
+        r = ratio.median()
+        verdict = "slower than fp32 on this machine" if r < 1 else "faster than fp32 on this machine"
+        lines.append(f"{prec} is {verdict}: median {r:.2f}x fp32's tokens/s over {len(ratio)} configs that "
+                     f"differ only in precision (range {ratio.min():.2f}x to {ratio.max():.2f}x)"
+                     + (f"; CPU bf16 features: {cpu_flags}" if cpu_flags else "") + ".")
+    return lines
 
 
 def peers_section(ok: pd.DataFrame) -> list[str]:
@@ -115,6 +140,9 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
         src = ok.peak_flops_source.dropna().unique()
         L.append(f"Peak FLOP/s used for MFU: {', '.join(src) if len(src) else 'none'} "
                  "(on CPU, measured once per sweep per dtype with all cores: the ranks of a config share them).")
+        flags = " ".join(env.get("cpu_flags") or []) or ("none of " + ", ".join(NATIVE_BF16_FLAGS)
+                                                           if "cpu_flags" in env else "")
+        L.extend(amp_speed(ok, flags))
         kinds = ok.peak_memory_kind.dropna().unique()
         L.append(f"Peak memory kind: {', '.join(kinds)} (`tracked_tensors`: torch's MemTracker over one extra "
                  "untimed step, plus DDP's gradient buckets; `cuda_allocator`: the caching allocator's peak).")

@@ -17,10 +17,11 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 from bench.hardware import environment, peak_flops, write_json
 from bench.matrix import NAMED, MatrixError, baseline_of, config_id, expand, parse_filter, rank_budget
-from bench.results import STATUSES, ResultFiles
+from bench.results import OK_METRIC_COLUMNS, RUN_METRIC_COLUMNS, STATUSES, ResultFiles
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(REPO, "results", "runs")
@@ -175,8 +176,20 @@ def parity_verdict(max_abs: float | None, precision: str, is_baseline: bool) -> 
     return "drifted"
 
 
-def build_row(entry, status, error, metrics, wall, warmup, baselines, peak_cache) -> tuple[dict, dict]:
-    """The results row and the per-config detail rows ({"steps": [...], "evals": [...]}) of one config."""
+@dataclass(frozen=True)
+class RowContext:
+    """What a row needs beyond the config's own metrics: the sweep's timing warm-up, the loss curve of the
+    config's baseline when it has run (None otherwise) and the peak FLOP/s of one device for its dtype
+    (value, source), or None when there is none."""
+    timing_warmup: int
+    baseline_losses: tuple[float, ...] | None = None
+    peak: tuple[float, str] | None = None
+
+
+def build_row(entry: dict, status: str, error: str, metrics: dict | None, wall: float,
+              ctx: RowContext) -> tuple[dict, dict]:
+    """The results row and the per-config detail rows ({"steps": [...], "evals": [...]}) of one config: a
+    pure function of the config's entry, its outcome and metrics, and ``ctx``."""
     from llmopt.config import TrainConfig
     from llmopt.metrics import mfu
 
@@ -184,65 +197,65 @@ def build_row(entry, status, error, metrics, wall, warmup, baselines, peak_cache
     tc = TrainConfig(**cfg)
     row = dict(cfg)
     row.update(config_id=entry["config_id"], status=status, error=error, engine=cfg.get("engine", "native"),
-               world_size=tc.world_size, micro_batch=tc.micro_batch, timing_warmup=warmup,
+               world_size=tc.world_size, micro_batch=tc.micro_batch, timing_warmup=ctx.timing_warmup,
                added_as_baseline=entry["added_as_baseline"], wall_s=round(wall, 2))
     details = {"steps": [], "evals": []}
     if metrics is None:
         return row, details
     resolved = metrics["config"]
     cid = entry["config_id"]
-    row.update(lr=resolved["lr"], pp_microbatches=resolved["pp_microbatches"], device=resolved["device"],
-               steps=resolved["steps"], timing_warmup=metrics["timing_warmup"])
+    row.update({k: resolved[k] for k in ("lr", "pp_microbatches", "device", "steps")})
     losses = metrics["losses"]
     details["steps"] = [{"config_id": cid, "step": i, "loss": l, "step_time_ms": t}
                         for i, (l, t) in enumerate(zip(losses, metrics["step_time_ms"]))]
     details["evals"] = [{"config_id": cid, **e} for e in metrics.get("evals", [])]
-    row.update({k: metrics.get(k) for k in ("target_loss", "steps_to_target", "tokens_to_target",
-                                            "seconds_to_target", "final_eval_loss", "best_eval_loss",
-                                            "gns_b_simple", "eval_seconds", "diverged_at_step")})
-    row.update(data_description=metrics.get("data_description"))
+    row.update({k: metrics.get(k) for k in RUN_METRIC_COLUMNS})
     row.update(steps_run=len(losses), tokens_seen=len(losses) * tc.tokens_per_step,
                train_seconds=sum(metrics["step_time_ms"]) / 1e3)
     if status != "ok":
         row["final_loss"] = losses[-1] if losses else None
         return row, details
-    peak = metrics["peak_memory_bytes"]
-    pred = metrics["predicted_memory"]
+    row.update({k: metrics[k] for k in OK_METRIC_COLUMNS})
+    peak, pred = metrics["peak_memory_bytes"], metrics["predicted_memory"]
     breakdown = metrics.get("memory_breakdown") or {}
-    row.update(
-        tokens_per_s=metrics["tokens_per_s"], step_time_ms_p50=metrics["step_time_ms_p50"],
-        step_time_ms_p90=metrics["step_time_ms_p90"], peak_memory_bytes=peak,
-        peak_memory_kind=metrics["peak_memory_kind"], predicted_memory_bytes=pred["total"],
-        memory_prediction_error=(pred["total"] - peak) / peak if peak else None,
-        peak_rss_bytes=metrics["peak_rss_bytes"], final_loss=losses[-1],
-        entropy_floor_nats=metrics["entropy_floor_nats"], fp16_skipped_steps=metrics["fp16_skipped_steps"],
-        energy_j_per_token=metrics["energy_j_per_token"], gpu_util_mean=metrics["gpu_util_mean"],
-        gpu_power_w_mean=metrics["gpu_power_w_mean"], flops_per_token=metrics["flops_per_token"],
-    )
+    row.update(predicted_memory_bytes=pred["total"], final_loss=losses[-1],
+               memory_prediction_error=(pred["total"] - peak) / peak if peak else None)
     for cat in ("parameters", "gradients", "optimizer_state", "activations", "other"):
         row[f"memory_{cat}_bytes"] = breakdown.get(cat)
         if cat != "other":
             row[f"predicted_{cat}_bytes"] = pred[cat]
-    peak_value, source = peak_flops(resolved["device"], cfg["precision"], peak_cache)
-    n_devices = tc.world_size if resolved["device"] == "cuda" else 1  # CPU ranks share one CPU
-    if peak_value:
-        row.update(peak_flops=peak_value * n_devices, peak_flops_source=source,
-                   mfu=mfu(metrics["tokens_per_s"], metrics["flops_per_token"], peak_value * n_devices))
+    if ctx.peak is not None:
+        n_devices = tc.world_size if resolved["device"] == "cuda" else 1  # CPU ranks share one CPU
+        value, source = ctx.peak
+        row.update(peak_flops=value * n_devices, peak_flops_source=source,
+                   mfu=mfu(metrics["tokens_per_s"], metrics["flops_per_token"], value * n_devices))
     if entry.get("compare_with_baseline", True):
-        _parity(row, entry, cfg, losses, baselines)
+        row.update(_parity(entry, cfg, losses, ctx.baseline_losses))
     return row, details
 
 
-def _parity(row: dict, entry: dict, cfg: dict, losses: list[float], baselines: dict) -> None:
+def _parity(entry: dict, cfg: dict, losses: list[float], baseline_losses) -> dict:
     base_id = config_id(baseline_of(cfg))
     is_baseline = base_id == entry["config_id"]
-    row["baseline_id"] = base_id
-    if is_baseline:
-        baselines[base_id] = losses
-    ref = baselines.get(base_id)
+    ref = losses if is_baseline else baseline_losses
+    out = {"baseline_id": base_id}
     if ref is not None and len(ref) == len(losses):
-        row["loss_parity_max_abs"] = 0.0 if is_baseline else max(abs(a - b) for a, b in zip(losses, ref))
-    row["parity_verdict"] = parity_verdict(row.get("loss_parity_max_abs"), cfg["precision"], is_baseline)
+        out["loss_parity_max_abs"] = max((abs(a - b) for a, b in zip(losses, ref)), default=0.0)
+    out["parity_verdict"] = parity_verdict(out.get("loss_parity_max_abs"), cfg["precision"], is_baseline)
+    return out
+
+
+def row_peak(entry: dict, metrics: dict | None, cache: dict) -> tuple[float, str] | None:
+    """The peak FLOP/s a finished config's MFU is stated against (measured on first use, kept in ``cache``)."""
+    if metrics is None or "flops_per_token" not in metrics:
+        return None
+    from llmopt.config import TrainConfig
+
+    tc, resolved = TrainConfig(**entry["config"]), metrics["config"]
+    mc = tc.model_config
+    value, source = peak_flops(resolved["device"], tc.precision, cache, mc.n_embd, mc.vocab_size,
+                               tc.micro_batch * tc.seq_len // resolved["pp_microbatches"])
+    return (value, source) if value else None
 
 
 def _bar(done: int, total: int, width: int = 24) -> str:
@@ -499,13 +512,16 @@ class _Runner:
               + (f" ({len(done)} already done)" if done else ""), flush=True)
         for i, entry in enumerate(todo):
             if entry["skipped"] is not None:
-                row, details = build_row(entry, "skipped", entry["skipped"], None, 0.0, self.warmup,
-                                         self.baselines, self.peak_cache)
+                status, error, metrics, wall = "skipped", entry["skipped"], None, 0.0
             else:
                 status, error, metrics, wall = run_config(entry, self.out, self.timeout, self.warmup)
-                row, details = build_row(entry, status, error, metrics, wall, self.warmup, self.baselines,
-                                         self.peak_cache)
                 self.ran += 1
+            base = self.baselines.get(config_id(baseline_of(entry["config"])))
+            ctx = RowContext(self.warmup, None if base is None else tuple(base),
+                             row_peak(entry, metrics, self.peak_cache) if status == "ok" else None)
+            row, details = build_row(entry, status, error, metrics, wall, ctx)
+            if status == "ok" and row.get("baseline_id") == entry["config_id"]:
+                self.baselines[entry["config_id"]] = [d["loss"] for d in details["steps"]]
             self.files.append(row, details)
             self.rows.append(row)
             write_json(self.peak_cache_path, self.peak_cache)

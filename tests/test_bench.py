@@ -255,9 +255,21 @@ def test_peak_flops_sources():
     assert datasheet_peak("NVIDIA A100-SXM4-80GB", "fp32") == 19.5e12
     assert datasheet_peak("Some Future GPU", "bf16") is None  # -> measured instead
     cache = {}
-    value, source = peak_flops("cpu", "fp32", cache)
-    assert value > 1e8 and source == "measured:cpu fp32 matmul" and cache == {"cpu:fp32": value}
-    assert peak_flops("cpu", "fp32", cache) == (value, source)  # measured once per sweep
+    value, source = peak_flops("cpu", "fp32", cache, n_embd=64, vocab_size=256, tokens=128)
+    assert value > 1e8 and source.startswith("measured:cpu") and list(cache) == ["cpu:fp32:C64:V256:M128"]
+    assert peak_flops("cpu", "fp32", cache, 64, 256, 128) == (value, source)  # measured once per sweep
+    # An AMP dtype's peak is the best of that dtype and fp32 (autocast can run either), so never below fp32's.
+    bf16, _ = peak_flops("cpu", "bf16", cache, 64, 256, 128)
+    assert bf16 >= value and len(cache) == 2
+
+
+def test_gemm_shapes_cover_forward_and_backward():
+    from bench.hardware import gemm_shapes
+
+    shapes = gemm_shapes(n_embd=8, vocab_size=100, tokens=32)
+    # the MLP's first layer: forward (M,C)@(C,4C), grad-input (M,4C)@(4C,C), grad-weight (C,M)@(M,4C)
+    assert {(32, 8, 32), (32, 32, 8), (8, 32, 32)} <= set(shapes)
+    assert (32, 8, 100) in shapes and (8, 32, 100) in shapes  # the head, forward and grad-weight
 
 
 def test_energy_meter_reports_none_without_counters():
@@ -331,3 +343,17 @@ def test_convergence_matrix_tunes_widens_and_reports(tmp_path, monkeypatch, caps
     for key, g in tuning.groups([r for r in rows if r["precision"] == "fp32"]).items():
         widened = [e for e in plan if e["phase"] == "widen" and str(e["config"]["global_batch"]) == key[1]]
         assert len(widened) <= 1
+
+
+def test_report_says_when_amp_is_slower_than_fp32():
+    import pandas as pd
+
+    from bench.report import amp_speed
+
+    rows = pd.DataFrame({"config_id": list("abcd"), "precision": ["fp32", "bf16", "fp32", "bf16"],
+                         "dp": [1, 1, 2, 2], "lr": [1e-3, 1e-3, 1e-3, 1e-3], "target_loss": [float("nan")] * 4,
+                         "tokens_per_s": [100.0, 25.0, 200.0, 60.0]})
+    (line,) = amp_speed(rows, "none")
+    assert line.startswith("bf16 is slower than fp32 on this machine: median 0.28x") and "over 2 configs" in line
+    rows.loc[rows.precision == "bf16", "tokens_per_s"] *= 8
+    assert amp_speed(rows)[0].startswith("bf16 is faster than fp32")
