@@ -12,6 +12,9 @@ Custom file (TOML):
     [matrix]               # each field -> a list of values; the sweep is their product
     precision = ["fp32", "bf16"]
     optimizer = ["adamw", "lamb"]
+    [[config]]             # optional, repeatable: one more config, listed field by field
+    dp = 2
+    dp_mode = "fsdp"
 """
 from __future__ import annotations
 
@@ -156,23 +159,31 @@ def load_toml(path: str, max_configs: int = 10_000) -> tuple[dict, list[dict]]:
             doc = tomllib.load(f)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise MatrixError(f"--matrix {path}: not valid TOML ({e})") from None
-    extra = set(doc) - {"base", "matrix"}
+    extra = set(doc) - {"base", "matrix", "config"}
     if extra:
-        raise MatrixError(f"--matrix {path}: unknown table(s) {sorted(extra)}; use [base] and [matrix]")
-    if not isinstance(doc.get("matrix"), dict) or not doc["matrix"]:
-        raise MatrixError(f"--matrix {path}: needs a [matrix] table mapping config fields to lists of values")
+        raise MatrixError(f"--matrix {path}: unknown table(s) {sorted(extra)}; use [base], [matrix] and [[config]]")
+    listed = doc.get("config", [])
+    if not isinstance(listed, list) or not all(isinstance(c, dict) for c in listed):
+        raise MatrixError(f"--matrix {path}: config must be an array of tables ([[config]] with field = value lines)")
+    if "matrix" in doc and (not isinstance(doc["matrix"], dict) or not doc["matrix"]):
+        raise MatrixError(f"--matrix {path}: [matrix] must map config fields to lists of values")
+    if not doc.get("matrix") and not listed:
+        raise MatrixError(f"--matrix {path}: needs a [matrix] table mapping config fields to lists of values, "
+                          f"or [[config]] tables, one per config")
     if not isinstance(doc.get("base", {}), dict):
         raise MatrixError(f"--matrix {path}: base must be a table ([base] with field = value lines)")
     base = {k: _coerce(k, v, f"{path} [base]") for k, v in doc.get("base", {}).items()}
-    for k, v in doc["matrix"].items():
+    grid = doc.get("matrix", {})
+    for k, v in grid.items():
         if not isinstance(v, list) or not v:
             raise MatrixError(f"--matrix {path}: [matrix] {k} must be a non-empty list, e.g. {k} = [...]")
-    count = math.prod(len(v) for v in doc["matrix"].values())  # counted before anything is expanded
+    count = (math.prod(len(v) for v in grid.values()) if grid else 0) + len(listed)  # before expanding
     if count > max_configs:
         raise MatrixError(f"--matrix {path}: {count:,} combinations, more than --max-configs {max_configs:,}; "
                           f"shrink the matrix or raise --max-configs")
-    axes = {k: [_coerce(k, x, f"{path} [matrix]") for x in v] for k, v in doc["matrix"].items()}
-    combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    axes = {k: [_coerce(k, x, f"{path} [matrix]") for x in v] for k, v in grid.items()}
+    combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] if grid else []
+    combos += [{k: _coerce(k, v, f"{path} [[config]] {i + 1}") for k, v in c.items()} for i, c in enumerate(listed)]
     return base, combos
 
 

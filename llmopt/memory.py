@@ -59,7 +59,7 @@ class MemoryPrediction:
         return {**asdict(self), "total": self.total}
 
 
-def _stage_params(cfg, stage: int) -> int:
+def stage_params(cfg, stage: int) -> int:
     """Parameter values held by one rank of pipeline stage ``stage`` (TP shards counted per rank)."""
     m, tp = cfg.model_config, cfg.tp
     C, V = m.n_embd, m.vocab_size
@@ -75,7 +75,7 @@ def _stage_params(cfg, stage: int) -> int:
 
 def one_block_params(cfg) -> int:
     """Parameter values of one transformer block on one rank (TP shards counted per rank)."""
-    return _stage_params(replace(cfg, pp=cfg.model_config.n_layer), 1)
+    return stage_params(replace(cfg, pp=cfg.model_config.n_layer), 1)
 
 
 def _act_bytes_per_token(cfg, stage: int, dtype_bytes: int) -> float:
@@ -110,7 +110,7 @@ def predict_memory(cfg) -> MemoryPrediction:
     m = cfg.model_config
     fsdp = cfg.dp > 1 and cfg.dp_mode == "fsdp"
     for stage in range(cfg.pp):
-        full = _stage_params(cfg, stage)
+        full = stage_params(cfg, stage)
         n = -(-full // cfg.dp) if fsdp else full  # FSDP shards over dp (rounded up)
         params = 4 * n
         grads = 0

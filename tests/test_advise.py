@@ -1,0 +1,115 @@
+"""The layout advisor: its memory is the harness's, its communication volumes are the hand-computed ones,
+impossible requests are one-line errors, and the matrix it emits runs through the harness unchanged."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench import advise
+from bench.costmodel import GPUS, Hardware, Link, comm_bytes, predict_step, wire_bytes
+from llmopt.config import TrainConfig, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_memory_side_is_the_harness_prediction_on_every_reference_row():
+    rows = advise.reference_rows()
+    assert len(rows) > 300 and set(rows.reference) >= {"cpu", "cpu-peers", "cpu-extras", "cpu-convergence"}
+    for _, r in rows.iterrows():
+        pred, low, high = advise.layout_memory(advise.row_config(r))
+        assert pred == r.predicted_memory_bytes, (r.reference, r.config_id, pred, r.predicted_memory_bytes)
+        assert low <= r.peak_memory_bytes <= high  # the band is the one measured on these rows
+
+
+def test_communication_volume_matches_hand_computed_bytes():
+    # tiny: L=4, C=128, V=1024, 256 positions. Parameters: wte 131,072 + wpe 32,768 + 4 blocks x
+    # (12 C^2 + 13 C = 198,272) + ln_f 256 = 957,184, i.e. 3,828,736 fp32 bytes.
+    P = 3_828_736
+    tiny = dict(preset="tiny", global_batch=8, seq_len=64)
+    ddp = validate(TrainConfig(**tiny, dp=2))
+    assert wire_bytes(ddp) == {"dp": P}  # ring all-reduce: 2 (n-1)/n = 1 buffer per rank
+    fsdp = validate(TrainConfig(**tiny, dp=2, dp_mode="fsdp"))
+    assert wire_bytes(fsdp) == pytest.approx({"dp": 3 * P / 2})  # gather fwd + gather bwd + reduce-scatter, half each
+    assert sum(c[-1] for c in comm_bytes(fsdp)) == 3 * 5  # per unit: 4 blocks and the root
+    fsdp_ga2 = validate(TrainConfig(**tiny, dp=2, dp_mode="fsdp", grad_accum=2))
+    assert wire_bytes(fsdp_ga2) == pytest.approx({"dp": 5 * P / 2})  # the gathers repeat per micro-batch
+    act = 8 * 64 * 128 * 4  # B·T·C fp32 of one micro-batch
+    tp = validate(TrainConfig(**tiny, tp=2))
+    assert wire_bytes(tp) == {"tp": 16 * act}  # 4 all-reduces per block x 4 blocks, 1 buffer each
+    assert wire_bytes(validate(TrainConfig(**tiny, tp=2, precision="bf16"))) == {"tp": 16 * act / 2}
+    pp = validate(TrainConfig(**tiny, pp=2))
+    assert wire_bytes(pp) == {"pp": 2 * act}  # activations forward, gradients back, over 2 chunks
+
+
+def test_time_model_prices_what_it_should():
+    h100 = Hardware("H100", {"bf16": 989e12}, {"bf16": 0.5}, 80e9, 8, 2, GPUS["H100"][1], GPUS["H100"][2])
+    base = dict(preset="gpt2", global_batch=64, seq_len=1024, precision="bf16", device="cuda")
+    one = predict_step(validate(TrainConfig(**base, dp=8)), h100)
+    assert one.bottleneck == "compute" and 0.45 < one.mfu <= 0.5  # DDP's all-reduce hides behind backward
+    gpipe = predict_step(validate(TrainConfig(**base, dp=4, pp=2, pp_schedule="gpipe")), h100)
+    assert gpipe.bubble_s == pytest.approx(gpipe.compute_s / 2)  # (p-1)/m with p=2 stages, m=2 chunks
+    inside = predict_step(validate(TrainConfig(**base, dp=4, tp=4)), h100)  # tp=4 within an 8-GPU node
+    small = Hardware("H100", {"bf16": 989e12}, {"bf16": 0.5}, 80e9, 2, 8, GPUS["H100"][1], GPUS["H100"][2])
+    across = predict_step(validate(TrainConfig(**base, dp=4, tp=4)), small)  # tp=4 over two 2-GPU nodes
+    assert across.comm_s > 5 * inside.comm_s
+
+
+def _advise(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "bench.advise", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--devices", "0"], "--devices 0"),
+    (["--device", "B200"], "--device-memory and --peak-tflops"),
+    (["--preset", "gpt2-xl", "--device", "H100", "--devices", "1", "--device-memory", "4GiB"], "fits in no layout"),
+    (["--device", "H100", "--device-memory", "lots"], "--device-memory 'lots'"),
+    (["--devices", "3", "--global-batch", "16", "--preset", "tiny"], None),  # dp=3 divides nothing: odd but valid
+])
+def test_impossible_requests_are_one_line_errors(args, needle, tmp_path):
+    r = _advise(*args, "--out", str(tmp_path / "o"))
+    if needle is None:
+        assert r.returncode in (0, 2) and "Traceback" not in r.stderr
+        return
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+
+
+def test_gpt2_xl_on_eight_h100_names_a_layout_that_fits(tmp_path):
+    r = _advise("--preset", "gpt2-xl", "--device", "H100", "--devices", "8", "--global-batch", "64",
+                "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    t = pd.read_csv(tmp_path / "advise.csv")
+    assert (t.tp == 1).all()  # 25 heads: no tensor-parallel degree of 2, 4 or 8 divides them
+    best = t.iloc[0]
+    assert best.fits == "yes" and best.pred_memory_high_gib <= 78
+    assert f"the fastest predicted is {best.layout}" in (tmp_path / "advise.md").read_text()
+    assert (tmp_path / "plots" / "advise.png").stat().st_size > 0
+
+
+def test_emitted_matrix_runs_through_the_harness_unchanged(tmp_path):
+    env = dict(os.environ, LLMOPT_CACHE=str(tmp_path / "cache"))
+    matrix = tmp_path / "top.toml"
+    r = _advise("--preset", "tiny", "--device", "cpu", "--devices", "2", "--global-batch", "8", "--seq-len", "64",
+                "--emit-matrix", str(matrix), "--measure-steps", "3", "--out", str(tmp_path / "a"), env=env)
+    assert r.returncode == 0, r.stderr
+    top = pd.read_csv(tmp_path / "a" / "advise.csv")
+    assert top.iloc[0].fits == "yes" and matrix.read_text().count("[[config]]") == 5
+    run = subprocess.run([sys.executable, "-m", "bench.run", "--matrix", str(matrix), "--out", str(tmp_path / "run"),
+                          "--no-report"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = pd.read_csv(tmp_path / "run" / "results.csv")
+    emitted = rows[rows.added_as_baseline.astype(str) == "False"]
+    assert len(emitted) == 5 and (emitted.status == "ok").all() and (emitted.steps == 3).all()
+    assert set(emitted.precision) <= {"fp32", "bf16"} and (emitted.world_size == 2).all()
+
+
+def test_check_against_a_reference_reports_rank_correlation():
+    t, stats = advise.check_reference(str(ROOT / "results" / "reference" / "cpu-extras"),
+                                      link=Link(1e9, 3e-4, "fixed for the test"))
+    assert stats["rows"] == len(t) == 18 and stats["call_overhead_source"].endswith("reference/cpu")
+    assert -1 <= stats["spearman"] <= 1 and stats["median_abs_error"] >= 0
+    assert (t.pred_tokens_per_s > 0).all()
