@@ -54,7 +54,7 @@ def test_time_model_prices_what_it_should():
     inside = predict_step(validate(TrainConfig(**base, dp=4, tp=4)), h100)  # tp=4 within an 8-GPU node
     small = Hardware("H100", {"bf16": 989e12}, {"bf16": 0.5}, 80e9, 2, 8, GPUS["H100"][1], GPUS["H100"][2])
     across = predict_step(validate(TrainConfig(**base, dp=4, tp=4)), small)  # tp=4 over two 2-GPU nodes
-    assert across.comm_s > 5 * inside.comm_s
+    assert across.comm_s > 3 * inside.comm_s  # NVLink 360 GB/s against InfiniBand 40 GB/s for the tp traffic
 
 
 def _advise(*args, env=None):
