@@ -110,20 +110,40 @@ def memory_band() -> tuple[float, float, int]:
     return (min(errs), max(errs), len(errs)) if errs else (-0.15, 0.15, 0)
 
 
-def calibrated_fraction(device: str, rows=None) -> dict:
-    """precision -> (achievable fraction of the peak, source): the median MFU of single-process llmopt rows
-    measured on ``device`` in the committed references, else the ACHIEVABLE assumption."""
+def calibrate(device: str, rows=None) -> dict:
+    """precision -> (achievable fraction of the peak, framework seconds per micro-batch, source), fitted on
+    the single-process llmopt rows measured on ``device`` in the committed references (or ``rows``): step time
+    = executed FLOPs / (peak x fraction) + micro-batches x overhead, by least squares. Where the rows cannot
+    separate the two terms (one shape, no accumulation), the overhead is 0 and the fraction the median MFU;
+    where there are no rows, the ACHIEVABLE assumption."""
+    import numpy as np
+
+    from bench.costmodel import executed_flops
+
     rows = reference_rows() if rows is None else rows
-    out = {p: (f, "assumed (no measured rows)") for p, f in ACHIEVABLE.items()}
+    out = {p: (f, 0.0, "assumed (no measured rows)") for p, f in ACHIEVABLE.items()}
     if rows.empty:
         return out
-    is_cpu = device == "cpu"
-    mine = rows[rows.peak_flops_source.astype(str).str.contains("measured:cpu" if is_cpu else device, regex=False)]
+    mine = rows[rows.peak_flops_source.astype(str).str.contains("measured:cpu" if device == "cpu" else device,
+                                                                regex=False)]
     mine = mine[(mine.dp == 1) & (mine.tp == 1) & (mine.pp == 1) & (mine.model_impl == "llmopt")
                 & (mine.engine == "native")]
     for prec, group in mine.groupby("precision"):
-        out[prec] = (float(group.mfu.median()), f"median MFU of {len(group)} measured single-process rows")
+        cfgs = [row_config(r) for _, r in group.iterrows()]
+        x = np.array([[executed_flops(c) / r.peak_flops, c.grad_accum] for c, (_, r) in zip(cfgs, group.iterrows())])
+        y = np.array([c.global_batch * c.seq_len / r.tokens_per_s for c, (_, r) in zip(cfgs, group.iterrows())])
+        (a, b), *_ = np.linalg.lstsq(x, y, rcond=None)
+        if np.linalg.matrix_rank(x) < 2 or a <= 0 or b < 0:
+            a, b = float(np.median(y / x[:, 0])), 0.0
+        out[prec] = (1 / float(a), float(b), f"fitted on {len(group)} measured single-process rows")
     return out
+
+
+def _hw_calibration(cal: dict) -> dict:
+    """Hardware keyword arguments from ``calibrate``'s result."""
+    return dict(achievable={p: f for p, (f, _, _) in cal.items()},
+                micro_batch_overhead={p: b for p, (_, b, _) in cal.items()},
+                calibration={p: s for p, (_, _, s) in cal.items()})
 
 
 # ---------------------------------------------------------------------------------- this machine's probe
@@ -202,13 +222,13 @@ def cpu_hardware(model, tokens: int, devices: int, memory: float | None, refresh
     c = cache[key]
     link = Link(c["bandwidth"], c["latency"], f"gloo on this machine ({c['bandwidth'] / 1e9:.2f} GB/s, "
                                               f"{c['latency'] * 1e6:.0f} us, probed)")
-    frac = calibrated_fraction("cpu")
+    kw = _hw_calibration(calibrate("cpu"))
     overhead, source = cpu_call_overhead(link)
+    kw["calibration"]["call_overhead"] = source
     if memory is None:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(devices, 1)
-    return Hardware("cpu", c["peaks"], {p: f for p, (f, _) in frac.items()}, memory, devices, 1, link, link,
-                    shared=True, call_overhead=overhead,
-                    calibration={**{p: s for p, (_, s) in frac.items()}, "call_overhead": source})
+    return Hardware("cpu", c["peaks"], memory_bytes=memory, devices_per_node=devices, nodes=1, intra=link,
+                    inter=link, shared=True, call_overhead=overhead, **kw)
 
 
 def gpu_hardware(name: str, devices: int, nodes: int, memory: float | None, peak_tflops: float | None) -> Hardware:
@@ -229,9 +249,8 @@ def gpu_hardware(name: str, devices: int, nodes: int, memory: float | None, peak
             mem = memory
         if peak_tflops is not None:
             peaks.update(bf16=peak_tflops * 1e12, fp16=peak_tflops * 1e12)
-    frac = calibrated_fraction(key or name)
-    return Hardware(key or name, peaks, {p: f for p, (f, _) in frac.items()}, mem - GPU_RESERVE_BYTES,
-                    devices, nodes, intra, inter, calibration={p: s for p, (_, s) in frac.items()})
+    return Hardware(key or name, peaks, memory_bytes=mem - GPU_RESERVE_BYTES, devices_per_node=devices,
+                    nodes=nodes, intra=intra, inter=inter, **_hw_calibration(calibrate(key or name)))
 
 
 # ------------------------------------------------------------------------------------------ candidates
@@ -416,21 +435,21 @@ def _native_cpu_rows(path: Path) -> "pd.DataFrame":
     return rows
 
 
-def _row_prediction(r, frac: dict, link: Link, overhead: float):
+def _row_prediction(r, cal: dict, link: Link, overhead: float):
     cfg = row_config(r)
-    hw = Hardware("cpu", {cfg.precision: r.peak_flops}, frac, float("inf"), os.cpu_count() or 1, 1, link, link,
-                  shared=True, call_overhead=overhead)
+    hw = Hardware("cpu", {cfg.precision: r.peak_flops}, memory_bytes=float("inf"), devices_per_node=os.cpu_count() or 1,
+                  nodes=1, intra=link, inter=link, shared=True, call_overhead=overhead, **_hw_calibration(cal))
     return cfg, predict_step(cfg, hw)
 
 
-def calibrate_call_overhead(rows, frac: dict, link: Link) -> float:
+def calibrate_call_overhead(rows, cal: dict, link: Link) -> float:
     """Seconds per collective call that the compute and wire model leave unexplained: the median over the
     multi-rank rows of (measured step - predicted step) / calls, at least 0."""
     from bench.costmodel import comm_bytes
 
     per_call = []
     for _, r in rows.iterrows():
-        cfg, p = _row_prediction(r, frac, link, 0.0)
+        cfg, p = _row_prediction(r, cal, link, 0.0)
         calls = sum(c[-1] for c in comm_bytes(cfg))
         if calls:
             measured = cfg.global_batch * cfg.seq_len / r.tokens_per_s
@@ -447,8 +466,7 @@ def cpu_call_overhead(link: Link, exclude: str | None = None) -> tuple[float, st
     if not (path / "results.csv").exists():
         return 0.0, "none (no calibration sweep committed)"
     rows = _native_cpu_rows(path)
-    frac = {p: f for p, (f, _) in calibrated_fraction("cpu", rows).items()}
-    return calibrate_call_overhead(rows, frac, link), f"fitted on results/reference/{name}"
+    return calibrate_call_overhead(rows, calibrate("cpu", rows), link), f"fitted on results/reference/{name}"
 
 
 def check_reference(ref_dir: str, link: Link | None = None) -> tuple["pd.DataFrame", dict]:
@@ -460,7 +478,7 @@ def check_reference(ref_dir: str, link: Link | None = None) -> tuple["pd.DataFra
 
     path = Path(ref_dir)
     rows = _native_cpu_rows(path)
-    frac = {p: f for p, (f, _) in calibrated_fraction("cpu", rows).items()}
+    frac = calibrate("cpu", rows)
     if link is None:
         link = allreduce_probe()
     overhead, source = cpu_call_overhead(link, exclude=path.resolve().name)
@@ -621,8 +639,9 @@ def write_outputs(out: Path, t, hw: Hardware, text: str, measured, a) -> None:
          f"Command: `python -m bench.advise {' '.join(sys.argv[1:])}`", "", text, "",
          "Every figure below is **predicted** (bench/costmodel.py), except the columns marked measured.", "",
          f"- Peak FLOP/s per device: " + ", ".join(f"{p} {v / 1e12:.3g} TFLOP/s" for p, v in hw.peak_flops.items()),
-         f"- Achievable fraction: " + ", ".join(f"{p} {f:.2f} ({hw.calibration.get(p, 'assumed')})"
-                                               for p, f in hw.achievable.items()),
+         f"- Achievable fraction of the peak, and framework time per micro-batch: "
+         + ", ".join(f"{p} {f:.2f} and {hw.micro_batch_overhead.get(p, 0) * 1e3:.2f} ms "
+                     f"({hw.calibration.get(p, 'assumed')})" for p, f in hw.achievable.items()),
          f"- Links: intra-node {hw.intra.name or hw.intra}; inter-node {hw.inter.name or hw.inter}",
          f"- Usable memory per rank: {hw.memory_bytes / GIB:.1f} GiB"
          + (f" (device memory less {GPU_RESERVE_BYTES / GIB:.0f} GiB for the CUDA context and NCCL)" if hw.name != "cpu" else ""),

@@ -3,13 +3,14 @@
 Everything here *predicts*; ``bench.advise`` labels each figure as predicted, and ``measured_check`` compares
 the predictions with the committed references. Sources and assumptions:
 
-* **Compute**: model FLOPs per token from ``llmopt.model.flops_per_token`` (PaLM's 6N + 12·L·H·Q·T);
+* **Compute**: a framework cost per accumulation micro-batch (kernel launches, Python; fitted with the
+  fraction below on CPU, 0 on GPUs where launches are asynchronous), plus model FLOPs per token from ``llmopt.model.flops_per_token`` (PaLM's 6N + 12·L·H·Q·T);
   activation checkpointing runs the forward twice, so it executes 8/6 of them (Chowdhery et al. 2022, app. B,
   count the recomputation as hardware, not model, FLOPs). Time = executed FLOPs of one rank over
   peak × achievable fraction. The peak is the datasheet's dense figure for known GPUs
   (``bench.hardware.DATASHEET``), or on CPU the matmul peak measured on this machine. The achievable fraction
-  per precision is calibrated from measured MFU where the committed references hold rows for the device
-  (median over single-process rows), else the ``ACHIEVABLE`` assumptions below. On CPU the ranks of a config
+  per precision and the per-micro-batch cost are fitted (least squares of step time) on the single-process
+  rows the committed references hold for the device, else the ``ACHIEVABLE`` assumptions below. On CPU the ranks of a config
   share one CPU (the harness gives each cores / world threads), so the device peak is split among them.
   Smaller per-rank GEMMs under tensor parallelism are assumed as efficient as the full ones.
 * **Collectives**: ring algorithms in the alpha-beta model (Patarasuk and Yuan 2009; NCCL's "bus bandwidth"
@@ -33,8 +34,7 @@ the predictions with the committed references. Sources and assumptions:
 * **Bubble**: GPipe and 1F1B idle (p-1)/(m+p-1) of the time with p stages and m chunks (Narayanan et al. 2021,
   section 2.2): 1F1B saves memory, not time.
 
-Not modelled: kernel launch and Python overhead per step (dominant for tiny models on CPU: see the check in
-results/README.md), memory-bandwidth-bound ops (LayerNorm, GELU, the optimizer step), congestion of several
+Not modelled: memory-bandwidth-bound ops (LayerNorm, GELU, the optimizer step), congestion of several
 groups sharing one link, and the compile or AMP casts' own cost.
 """
 from __future__ import annotations
@@ -78,15 +78,16 @@ GPU_RESERVE_BYTES = 2 * GIB
 class Hardware:
     name: str                        # "H100", "cpu", ...
     peak_flops: dict                 # precision -> dense peak FLOP/s of one device
-    achievable: dict                 # precision -> fraction of the peak a training step reaches
     memory_bytes: float              # usable memory per device (rank)
     devices_per_node: int
     nodes: int
     intra: Link
     inter: Link
+    achievable: dict = field(default_factory=lambda: dict(ACHIEVABLE))  # precision -> fraction of the peak
+    micro_batch_overhead: dict = field(default_factory=dict)  # precision -> framework seconds per micro-batch
     shared: bool = False             # CPU: every rank of a node shares one peak
     call_overhead: float = 0.0       # seconds of framework work per collective call (calibrated on CPU)
-    calibration: dict = field(default_factory=dict)  # precision -> where its achievable fraction comes from
+    calibration: dict = field(default_factory=dict)  # what each calibrated figure comes from
 
     @property
     def world(self) -> int:
@@ -164,14 +165,23 @@ def _link(cfg, hw: Hardware, dim: str) -> Link:
     return hw.inter if stride * size > hw.devices_per_node else hw.intra
 
 
+def model_flops(cfg) -> float:
+    """Model FLOPs of one optimizer step (PaLM's convention)."""
+    return flops_per_token(cfg.model_config, cfg.seq_len) * cfg.global_batch * cfg.seq_len
+
+
+def executed_flops(cfg) -> float:
+    """FLOPs the hardware executes in one step: checkpointing runs each block's forward twice."""
+    return model_flops(cfg) * (8 / 6 if cfg.activation_checkpointing else 1)
+
+
 def predict_step(cfg, hw: Hardware) -> StepPrediction:
     """Predicted time of one optimizer step of a validated, resolved config on ``hw``."""
     world = cfg.dp * cfg.tp * cfg.pp
-    model_flops = flops_per_token(cfg.model_config, cfg.seq_len) * cfg.global_batch * cfg.seq_len
-    executed = model_flops * (8 / 6 if cfg.activation_checkpointing else 1)
     rate = hw.peak_flops[cfg.precision] * hw.achievable[cfg.precision]
     per_rank_rate = rate / world if hw.shared else rate
-    compute = executed / world / per_rank_rate
+    compute = executed_flops(cfg) / world / per_rank_rate
+    compute += cfg.grad_accum * hw.micro_batch_overhead.get(cfg.precision, 0.0)
     chunks = cfg.pp_microbatches or cfg.pp
     m = chunks * cfg.grad_accum if cfg.pp > 1 else 1
     bubble = compute * (cfg.pp - 1) / m if cfg.pp > 1 else 0.0
@@ -192,7 +202,7 @@ def predict_step(cfg, hw: Hardware) -> StepPrediction:
     step = compute + bubble + exposed
     tokens = cfg.global_batch * cfg.seq_len
     devices = 1 if hw.shared else world
-    mfu = model_flops / step / (hw.peak_flops[cfg.precision] * devices)
+    mfu = model_flops(cfg) / step / (hw.peak_flops[cfg.precision] * devices)
     parts = {"compute": compute, "communication": exposed, "bubble": bubble}
     return StepPrediction(compute, bubble, exposed, total, step, tokens / step, mfu, max(parts, key=parts.get))
 

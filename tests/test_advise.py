@@ -45,14 +45,14 @@ def test_communication_volume_matches_hand_computed_bytes():
 
 
 def test_time_model_prices_what_it_should():
-    h100 = Hardware("H100", {"bf16": 989e12}, {"bf16": 0.5}, 80e9, 8, 2, GPUS["H100"][1], GPUS["H100"][2])
+    h100 = Hardware("H100", {"bf16": 989e12}, 80e9, 8, 2, GPUS["H100"][1], GPUS["H100"][2], achievable={"bf16": 0.5})
     base = dict(preset="gpt2", global_batch=64, seq_len=1024, precision="bf16", device="cuda")
     one = predict_step(validate(TrainConfig(**base, dp=8)), h100)
     assert one.bottleneck == "compute" and 0.45 < one.mfu <= 0.5  # DDP's all-reduce hides behind backward
     gpipe = predict_step(validate(TrainConfig(**base, dp=4, pp=2, pp_schedule="gpipe")), h100)
     assert gpipe.bubble_s == pytest.approx(gpipe.compute_s / 2)  # (p-1)/m with p=2 stages, m=2 chunks
     inside = predict_step(validate(TrainConfig(**base, dp=4, tp=4)), h100)  # tp=4 within an 8-GPU node
-    small = Hardware("H100", {"bf16": 989e12}, {"bf16": 0.5}, 80e9, 2, 8, GPUS["H100"][1], GPUS["H100"][2])
+    small = Hardware("H100", {"bf16": 989e12}, 80e9, 2, 8, GPUS["H100"][1], GPUS["H100"][2], achievable={"bf16": 0.5})
     across = predict_step(validate(TrainConfig(**base, dp=4, tp=4)), small)  # tp=4 over two 2-GPU nodes
     assert across.comm_s > 3 * inside.comm_s  # NVLink 360 GB/s against InfiniBand 40 GB/s for the tp traffic
 
