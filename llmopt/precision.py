@@ -66,6 +66,10 @@ class GradScaler(torch.amp.GradScaler):
         with torch.no_grad():
             for (device, _), grads in by_device.items():
                 f = found.setdefault(device, found_inf.to(device))
+                # the same private kernel torch's own GradScaler and ShardedGradScaler call; kept because
+                # neither unscales a list that mixes DTensor and plain gradients (TP's replicated parameters)
+                # nor, for GradScaler, agrees on the inf across ranks. Pinned by tests/test_toggles.py
+                # (an inf on one rank: every rank skips, the scale halves) and tests/test_step.py.
                 torch._amp_foreach_non_finite_check_and_unscale_(grads, f, inv_scale.to(device))
             if not found:
                 found[found_inf.device] = found_inf

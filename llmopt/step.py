@@ -8,10 +8,9 @@ when to read numbers. ``evaluate(state)`` is the held-out loss, forward only, un
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from llmopt.data import build_source
-from llmopt.distributed.parallelize import parallelize
+from llmopt.distributed.parallelize import by_mesh, parallelize
 from llmopt.engine import Engine, StepStats, TrainState, micro_batches  # noqa: F401 (micro_batches: re-exported)
 from llmopt.metrics import NoiseScale
 from llmopt.optim import build_optimizer, build_scheduler
@@ -54,10 +53,10 @@ def evaluate(state: TrainState) -> torch.Tensor:
 
 
 def clip_grads_(params, grad_norm: torch.Tensor, max_norm: float) -> None:
-    """Scale every gradient by min(1, max_norm / ||g||), on local shards (the norm is already global)."""
-    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
-    coef = (max_norm / (grad_norm + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    """Scale every gradient by min(1, max_norm / ||g||) with torch's ``clip_grads_with_norm_`` (the norm is
+    already global: ``Layout.grad_norm``), once per kind of gradient (see ``by_mesh``)."""
+    for group in by_mesh([p for p in params if p.grad is not None], lambda p: p.grad):
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, grad_norm)
 
 
 class NativeEngine:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 
 import torch.nn as nn
-from torch.distributed._composable.replicate_with_fsdp import replicate
+from torch.distributed._composable.replicate_with_fsdp import replicate  # private module: see the docstring;
+# its behaviour (DDP semantics under TP and PP) is pinned by tests/test_parity.py's dp2xtp2 and dp2xpp2 cases
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from llmopt.distributed.data_parallel import apply_ddp, apply_fsdp, apply_replicate, grad_sync
 from llmopt.distributed.dims import ParallelDims
@@ -20,7 +21,6 @@ from llmopt.distributed.pipeline import Pipeline, split_stage
 from llmopt.distributed.speed import apply_speed_toggles
 from llmopt.distributed.tensor_parallel import apply_tp
 from llmopt.model import GPT
-from llmopt.optim import full_norm
 
 
 class HFCausalLM(nn.Module):
@@ -130,13 +130,15 @@ class Layout:
             self.pipeline.finish_grads()
 
     def grad_sq_norm(self) -> torch.Tensor:
-        """The squared 2-norm of this replica's gradient: DTensor shards reduced over their mesh, pipeline
-        stages summed, the tied head counted once."""
+        """The squared 2-norm of this replica's gradient: torch's ``get_total_norm`` once per kind of
+        gradient (one reduction per device mesh for DTensor shards, none for plain tensors), pipeline stages
+        summed, the tied head counted once."""
         skip = self.pipeline.excluded_from_norm() if self.pipeline is not None else set()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None and p not in skip]
         sq = torch.zeros((), device=self.device, dtype=torch.float32)
-        for p in self.model.parameters():
-            if p.grad is not None and p not in skip:
-                sq += full_norm(p.grad).float() ** 2
+        for group in by_mesh(grads, lambda g: g):
+            n = torch.nn.utils.get_total_norm(group, 2.0)
+            sq += (n.full_tensor() if isinstance(n, DTensor) else n).float() ** 2
         if self.pipeline is not None:
             dist.all_reduce(sq, group=self.mesh["pp"].get_group())
         return sq
@@ -163,6 +165,18 @@ class Layout:
 
     def gather_object(self, local) -> list:
         return gather_object(local)
+
+
+def by_mesh(items, tensor_of) -> list[list]:
+    """``items`` grouped by the device mesh of ``tensor_of(item)`` (plain tensors in a group of their own).
+    Under tensor parallelism sharded (DTensor) and replicated (plain) parameters sit side by side, and under
+    FSDP2 x TP the root's parameters live on the dp mesh while the blocks' live on (dp, tp); torch's
+    foreach-based norm and clipping take one kind of tensor on one mesh at a time."""
+    groups: dict = {}
+    for item in items:
+        t = tensor_of(item)
+        groups.setdefault(id(t.device_mesh) if isinstance(t, DTensor) else None, []).append(item)
+    return list(groups.values())
 
 
 def gather_object(local) -> list:

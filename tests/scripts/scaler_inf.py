@@ -1,0 +1,62 @@
+"""Run under torchrun: fp16 steps where one rank's gradient holds an inf after the data-parallel sync.
+
+argv: OUT_DIR DP_MODE. Writes OUT_DIR/rank<N>.json with each step's skip flag and scale, and a checksum of
+the parameters before and after the poisoned step (test_toggles.py reads them)."""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from llmopt.config import TrainConfig, validate
+from llmopt.step import build, train_step
+
+POISONED_STEP = 1
+
+
+def checksum(model) -> float:
+    total = 0.0
+    for p in model.parameters():
+        t = p.full_tensor() if isinstance(p, DTensor) else p
+        total += float(t.double().sum())
+    return total
+
+
+def main(out: str, dp_mode: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    cfg = validate(TrainConfig(preset="tiny", global_batch=8, seq_len=32, dp=2, dp_mode=dp_mode, device="cpu",
+                               precision="fp16"))
+    state = build(cfg, torch.device("cpu"))
+    layout, finish = state.layout, state.layout.finish_grads
+
+    def poisoned_finish():
+        finish()
+        if rank == 1:  # after the sync: only this rank's (local shard of the) gradient holds the inf
+            p = next(q for q in layout.parameters() if q.grad is not None)
+            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            g.view(-1)[0] = float("inf")
+
+    record = {"steps": []}
+    for step in range(3):
+        layout.finish_grads = poisoned_finish if step == POISONED_STEP else finish
+        scale = state.scaler.get_scale()
+        if step == POISONED_STEP:
+            record["before"] = checksum(layout.model)
+        stats = train_step(state, step)
+        if step == POISONED_STEP:
+            record["after"] = checksum(layout.model)
+        record["steps"].append({"skipped": bool(stats.fp16_skipped), "scale_before": scale,
+                                "scale_after": state.scaler.get_scale()})
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)  # as llmopt.train: skip gloo's teardown
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
