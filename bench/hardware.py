@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from llmopt.cpu import NATIVE_BF16_FLAGS, cpu_flags  # noqa: F401 (re-exported for the report)
+
 # Dense peak FLOP/s per GPU from NVIDIA's datasheets (SXM parts). fp32 is the non-tensor-core figure:
 # llmopt leaves torch's fp32 matmul precision at "highest" (no TF32).
 DATASHEET = {
@@ -125,24 +127,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-# lscpu flags that decide how fast bf16 (and fp16) matrix products run on an x86 CPU
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16")
-
-
-def cpu_flags() -> list[str]:
-    """The CPU's low-precision matrix features (of NATIVE_BF16_FLAGS) from /proc/cpuinfo; [] when it has
-    none (or on a machine without /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [f for f in NATIVE_BF16_FLAGS if f in have]
-    except OSError:
-        pass
-    return []
-
-
 def environment(argv: list[str]) -> dict:
     import torch
 
@@ -155,7 +139,7 @@ def environment(argv: list[str]) -> dict:
         "cuda": torch.version.cuda,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
         "cpu_model": _cpu_model(),
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": list(cpu_flags()),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

@@ -124,7 +124,10 @@ def write(out_dir: str, results: dict) -> str:
     with open(os.path.join(out_dir, "targets.json"), "w") as f:
         json.dump(results, f, indent=1)
     p, o = results["llmopt_vs_hf"], results["harness_overhead"]
+    flags = ", ".join(results.get("cpu_flags") or []) or "none (bf16 matmuls emulated)"
     md = ["# Speed targets", "",
+          f"CPU: {results.get('cpu_model', '?')}; native low-precision flags: {flags}. The peers ratio depends on "
+          "them (llmopt's bf16 paths pay only with native bf16), so it is stated per CPU kind.", "",
           f"- llmopt eager step vs `GPT2LMHeadModel` as its users write it ({p['shape']}, {p['threads']} threads, "
           f"median of {p['steps_each']} interleaved steps each): {p['llmopt_tokens_per_s']:,.0f} vs "
           f"{p['hf_user_loop_tokens_per_s']:,.0f} tokens/s = **{p['speedup']:.2f}x** (target {p['target']}x: "
@@ -145,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.targets", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(REPO, "results", "latest"))
     args = p.parse_args(argv)
-    results = {"llmopt_vs_hf": llmopt_vs_hf(), "harness_overhead": harness_overhead()}
+    from bench.hardware import _cpu_model
+    from llmopt.cpu import cpu_flags
+
+    results = {"cpu_model": _cpu_model(), "cpu_flags": list(cpu_flags()),
+               "llmopt_vs_hf": llmopt_vs_hf(), "harness_overhead": harness_overhead()}
     path = write(args.out, results)
     print(open(path).read())
     return 0

@@ -11,7 +11,8 @@ matrix is kept, except on the explicit bf16 CPU path of ``model.causal_attention
   fused QKV output (3C), the attention output and its (B, T, C) copy for c_proj (2C), the MLP's hidden
   pre-activation and GELU output (8C): 17C values, of which the 13C after a column-parallel projection are
   split over TP ranks. Under autocast the matmul inputs/outputs are 16-bit, LayerNorm inputs stay fp32.
-  Where ``model.causal_attention`` takes its explicit path (llmopt's model, bf16 on CPU, T <= 512) each
+  Where ``model.causal_attention`` takes its explicit path (``model.explicit_attention``: llmopt's model,
+  bf16 on a CPU with native bf16, T <= 512) each
   block also keeps its attention probabilities: n_head / tp * T bf16 values per token.
 * llmopt's fused head (``model.LinearCrossEntropy``) keeps the final LayerNorm's input (C) and the
   gradient of its output (C) per token, the head's weight gradient (V x C) and, while it runs, one chunk's
@@ -38,7 +39,9 @@ from dataclasses import asdict, dataclass, replace
 
 from llmopt.config import resolve_device
 from llmopt.distributed.pipeline import stage_layers
-from llmopt.model import EXPLICIT_ATTENTION_MAX_T, HEAD_CHUNK_ROWS
+import torch
+
+from llmopt.model import HEAD_CHUNK_ROWS, explicit_attention
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
 OPT_STATES = {"sgd": 1, "adam": 2, "adamw": 2, "lamb": 2}  # fp32 tensors of parameter size per parameter
@@ -84,8 +87,8 @@ def _act_bytes_per_token(cfg, stage: int, dtype_bytes: int) -> float:
     half = dtype_bytes  # 4 in fp32, 2 under autocast
     per_layer = 4 * C * 4 if half == 4 else (2 * C * 4 + 2 * C * 2)  # LN inputs fp32, LN outputs cast
     per_layer += 13 * C / tp * half
-    if (cfg.model_impl == "llmopt" and resolve_device(cfg.device) == "cpu" and cfg.precision == "bf16"
-            and cfg.seq_len <= EXPLICIT_ATTENTION_MAX_T):
+    if cfg.model_impl == "llmopt" and cfg.precision == "bf16" and explicit_attention(
+            resolve_device(cfg.device), torch.bfloat16, cfg.seq_len):
         per_layer += m.n_head / tp * cfg.seq_len * 2  # the explicit attention's probabilities
     if cfg.model_impl == "hf":
         # transformers' gelu_new is Python ops: backward keeps tanh(.), 1 + tanh(.) and 0.5 * x, 4C each

@@ -71,22 +71,33 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
-# Longest sequence for which the explicit attention below beats torch's CPU flash kernel in bf16.
+# Longest sequence for which the explicit attention below is used: it keeps the (B, nh, T, T) scores.
 EXPLICIT_ATTENTION_MAX_T = 512
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def explicit_attention(device_type: str, dtype: torch.dtype, T: int) -> bool:
+    """Whether ``causal_attention`` takes its explicit path: bf16 on a CPU with native bf16 matrix kernels
+    (AVX512-BF16 or AMX), T <= EXPLICIT_ATTENTION_MAX_T. The measurement behind the rule is
+    ``python -m bench.kernels`` (committed in results/reference/cpu-kernels/): on such a CPU torch's CPU flash
+    kernel is the slower one in bf16 up to T = 512; without native bf16 the explicit path's bf16 matmuls are
+    emulated, so SDPA is kept."""
+    from llmopt.cpu import cpu_has_native_bf16
+
+    return (device_type == "cpu" and dtype == torch.bfloat16 and T <= EXPLICIT_ATTENTION_MAX_T
+            and cpu_has_native_bf16())
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, explicit: bool | None = None) -> torch.Tensor:
     """Causal softmax(q k^T / sqrt(hs)) v over (B, nh, T, hs) tensors.
 
-    ``F.scaled_dot_product_attention`` everywhere except bf16 on CPU with T <= 512, where torch 2.13's CPU
-    flash kernel is the slow one: there three plain bf16 ops (batched matmul, scaled add of a -inf upper
-    triangle, softmax) then a matmul take, forward plus backward at (8, 4, 256, 64), ~11 ms against ~18 ms
-    for the flash kernel on this project's 2-core reference machine; at T = 1024 the flash kernel wins, and in
-    fp32 and fp16 it wins or ties at every length measured. The (B, nh, T, T) scores are materialised, which is
-    why this path stops at 512.
+    ``F.scaled_dot_product_attention`` unless ``explicit_attention`` says otherwise (``explicit`` forces the
+    choice, for tests and measurements): then three plain ops (batched matmul, scaled add of a -inf upper
+    triangle, softmax) and a matmul, with the (B, nh, T, T) scores materialised.
     """
     T = q.size(-2)
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or T > EXPLICIT_ATTENTION_MAX_T:
+    if explicit is None:
+        explicit = explicit_attention(q.device.type, q.dtype, T)
+    if not explicit:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
     scores = torch.add(future, q @ k.transpose(-1, -2), alpha=q.size(-1) ** -0.5)
@@ -190,7 +201,8 @@ class GPT(nn.Module):
         return param_count(self.config, non_embedding)
 
 
-# Rows of logits the fused head holds at once (256 was the fastest of 128-1024 on the `mini` shape in bf16).
+# Rows of logits the fused head holds at once: small enough to stay in cache, large enough for efficient
+# matmuls (``python -m bench.kernels`` measures 128-1024; results/reference/cpu-kernels/).
 HEAD_CHUNK_ROWS = 256
 
 
@@ -208,8 +220,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     1 / sum(exp(z - m)), so logsumexp(z) = max(z) - log(max(p)) (max(p) >= 1/V never underflows) and the
     row's loss is that minus z[target]. In fp32 this is the log-softmax loss to rounding; under bf16 autocast
     max(p) is rounded to bf16 (relative error <= 2^-9), which moves a token's loss by at most 0.002 nats,
-    against the 0.05-nat AMP tolerance of the parity checks. On the ``mini`` shape this cut the head from
-    ~113 to ~93 ms a step in bf16 against log_softmax + exp + cast.
+    against the 0.05-nat AMP tolerance of the parity checks. ``python -m bench.kernels`` measures this head
+    against the plain one (results/reference/cpu-kernels/).
     """
 
     @staticmethod

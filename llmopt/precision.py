@@ -10,7 +10,6 @@ from torch.distributed.tensor import DTensor
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
 def check_precision(precision: str, device: str) -> None:
     """Refuse up front a precision the device cannot run (ValueError naming the flag and the fix)."""
     if precision == "fp32":

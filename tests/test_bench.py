@@ -357,3 +357,18 @@ def test_report_says_when_amp_is_slower_than_fp32():
     assert line.startswith("bf16 is slower than fp32 on this machine: median 0.28x") and "over 2 configs" in line
     rows.loc[rows.precision == "bf16", "tokens_per_s"] *= 8
     assert amp_speed(rows)[0].startswith("bf16 is faster than fp32")
+
+
+def test_targets_report_states_the_cpu_flags(tmp_path):
+    from bench.targets import write
+
+    p = {"shape": {}, "threads": 2, "steps_each": 4, "llmopt_tokens_per_s": 130.0, "hf_user_loop_tokens_per_s": 100.0,
+         "speedup": 1.3, "target": 1.15}
+    o = {"shape": {}, "steps": 3, "warmup": 1, "pairs": 2, "recorded_tokens_per_s": [99.0],
+         "bare_loop_tokens_per_s": [100.0], "overhead": 0.01, "target": 0.03}
+    text = open(write(str(tmp_path), {"cpu_model": "Xeon", "cpu_flags": ["avx512_bf16"], "llmopt_vs_hf": p,
+                                      "harness_overhead": o})).read()
+    assert "native low-precision flags: avx512_bf16" in text and "**1.30x**" in text
+    text = open(write(str(tmp_path), {"cpu_model": "Xeon", "cpu_flags": [], "llmopt_vs_hf": p,
+                                      "harness_overhead": o})).read()
+    assert "none (bf16 matmuls emulated)" in text

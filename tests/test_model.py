@@ -119,7 +119,8 @@ def test_fused_head_fp32_loss_far_below_the_row_maximum():
 
 @pytest.mark.parametrize("T", [5, 64])
 def test_causal_attention_bf16_cpu_path_matches_fp32_sdpa(T):
-    """bf16 on CPU takes llmopt's explicit attention (see causal_attention); it must compute causal SDPA."""
+    """bf16 on a CPU with native bf16 takes llmopt's explicit attention (see explicit_attention); forced here
+    on every CPU, it must compute causal SDPA."""
     from llmopt.model import EXPLICIT_ATTENTION_MAX_T, causal_attention
 
     assert T <= EXPLICIT_ATTENTION_MAX_T
@@ -127,7 +128,7 @@ def test_causal_attention_bf16_cpu_path_matches_fp32_sdpa(T):
     q, k, v = (torch.randn(2, 3, T, 16) for _ in range(3))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     low = [x.bfloat16().requires_grad_() for x in (q, k, v)]
-    out = causal_attention(*low)
+    out = causal_attention(*low, explicit=True)
     assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.05
     # gradients too, against fp32 SDPA's
     ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -152,3 +153,14 @@ def test_fused_head_under_autocast_tracks_fp32():
     gh, gw = torch.autograd.grad(loss, (h, w))
     assert loss.dtype == torch.float32 and gh.dtype == h.dtype and gw.dtype == w.dtype
     assert abs(loss.item() - ref.item()) < 0.05 * abs(ref.item())
+
+
+def test_explicit_attention_follows_the_cpu_flags(monkeypatch):
+    from llmopt import cpu as precision
+    from llmopt.model import explicit_attention
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: ("avx512_bf16",))
+    assert explicit_attention("cpu", torch.bfloat16, 256) and not explicit_attention("cpu", torch.bfloat16, 1024)
+    assert not explicit_attention("cpu", torch.float32, 256) and not explicit_attention("cuda", torch.bfloat16, 256)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: ())  # no native bf16: emulated matmuls, keep SDPA
+    assert not explicit_attention("cpu", torch.bfloat16, 256)
