@@ -12,7 +12,7 @@ matrix is kept, except on the explicit bf16 CPU path of ``model.causal_attention
   pre-activation and GELU output (8C): 17C values, of which the 13C after a column-parallel projection are
   split over TP ranks. Under autocast the matmul inputs/outputs are 16-bit, LayerNorm inputs stay fp32.
   Where ``model.causal_attention`` takes its explicit path (``model.explicit_attention``: llmopt's model,
-  bf16 on a CPU with native bf16, T <= 512) each
+  bf16 on a CPU with native bf16, T <= 256) each
   block also keeps its attention probabilities: n_head / tp * T bf16 values per token.
 * llmopt's fused head (``model.LinearCrossEntropy``) keeps the final LayerNorm's input (C) and the
   gradient of its output (C) per token, the head's weight gradient (V x C) and, while it runs, one chunk's

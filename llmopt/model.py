@@ -71,16 +71,18 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
-# Longest sequence for which the explicit attention below is used: it keeps the (B, nh, T, T) scores.
-EXPLICIT_ATTENTION_MAX_T = 512
+# Longest sequence for which the explicit attention below is used: it keeps the (B, nh, T, T) scores, and
+# past this its cost grows faster than the flash kernel's (results/reference/cpu-kernels/kernels.md).
+EXPLICIT_ATTENTION_MAX_T = 256
 
 
 def explicit_attention(device_type: str, dtype: torch.dtype, T: int) -> bool:
     """Whether ``causal_attention`` takes its explicit path: bf16 on a CPU with native bf16 matrix kernels
     (AVX512-BF16 or AMX), T <= EXPLICIT_ATTENTION_MAX_T. The measurement behind the rule is
     ``python -m bench.kernels`` (committed in results/reference/cpu-kernels/): on such a CPU torch's CPU flash
-    kernel is the slower one in bf16 up to T = 512; without native bf16 the explicit path's bf16 matmuls are
-    emulated, so SDPA is kept."""
+    kernel is the slower one in bf16 at short sequences, the explicit path at long ones; without native bf16
+    the explicit path's bf16 matmuls are emulated, so SDPA is kept (not measured on such a CPU yet: the
+    rule errs towards torch's kernel)."""
     from llmopt.cpu import cpu_has_native_bf16
 
     return (device_type == "cpu" and dtype == torch.bfloat16 and T <= EXPLICIT_ATTENTION_MAX_T

@@ -372,3 +372,22 @@ def test_targets_report_states_the_cpu_flags(tmp_path):
     text = open(write(str(tmp_path), {"cpu_model": "Xeon", "cpu_flags": [], "llmopt_vs_hf": p,
                                       "harness_overhead": o})).read()
     assert "none (bf16 matmuls emulated)" in text
+
+
+def test_kernels_measures_the_choices_llmopt_makes(tmp_path, cli):
+    import pandas as pd
+    import torch
+
+    from llmopt.model import explicit_attention
+
+    r = cli("-m", "bench.kernels", "--reps", "1", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = pd.read_csv(tmp_path / "kernels.csv")
+    att = rows[rows.kernel == "attention"]
+    assert len(att) == 10 and (att.explicit_ms > 0).all() and (att.sdpa_ms > 0).all()
+    for _, a in att.iterrows():
+        dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+        assert (a.llmopt_uses == "explicit") == explicit_attention("cpu", dtype, int(a["T"]))
+    assert (rows[rows.kernel == "head"].fused_ms > 0).all()
+    assert "native low-precision flags" in (tmp_path / "kernels.md").read_text()
+    assert cli("-m", "bench.kernels", "--reps", "0").returncode == 2
