@@ -386,7 +386,7 @@ def test_kernels_measures_the_choices_llmopt_makes(tmp_path, cli):
     att = rows[rows.kernel == "attention"]
     assert len(att) == 10 and (att.explicit_ms > 0).all() and (att.sdpa_ms > 0).all()
     for _, a in att.iterrows():
-        dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+        dtype = torch.bfloat16 if a["dtype"] == "bf16" else torch.float32
         assert (a.llmopt_uses == "explicit") == explicit_attention("cpu", dtype, int(a["T"]))
     assert (rows[rows.kernel == "head"].fused_ms > 0).all()
     assert "native low-precision flags" in (tmp_path / "kernels.md").read_text()
