@@ -72,3 +72,17 @@ def test_grad_scaler_skips_the_same_step_on_every_rank(cli, tmp_path, dp_mode):
         assert poisoned["scale_after"] == poisoned["scale_before"] / 2  # torch's backoff factor 0.5
         assert rec["after"] == rec["before"]  # the update was skipped
     assert ranks[0]["before"] == ranks[1]["before"] and ranks[0]["after"] == ranks[1]["after"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout", [["tp=2"], ["dp=2", "dp_mode=fsdp"]], ids=["tp2", "fsdp2"])
+def test_gradient_norm_is_one_reduction_not_one_per_tensor(cli, tmp_path, layout):
+    """torch's get_total_norm over DTensor gradients: one all-reduce for the whole model on its mesh (the
+    per-tensor full_tensor() it replaced made one per parameter)."""
+    script = os.path.join(os.path.dirname(__file__), "scripts", "norm_collectives.py")
+    out = tmp_path / "n.json"
+    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, str(out), *layout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["parameters"] > 20 and got["collectives"] == 1, got
+    assert got["norm"] > 0

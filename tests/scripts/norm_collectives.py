@@ -1,0 +1,33 @@
+"""Run under torchrun: count the collectives of one gradient-norm computation (Layout.grad_norm) with
+DTensor's CommDebugMode. argv: OUT_FILE and the layout as key=value pairs, e.g. tp=2 or dp=2 dp_mode=fsdp."""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor.debug import CommDebugMode
+
+from llmopt.config import TrainConfig, validate
+from llmopt.step import build, train_step
+
+
+def main(out: str, pairs: list[str]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    kw = {k: (int(v) if v.isdigit() else v) for k, v in (p.split("=") for p in pairs)}
+    cfg = validate(TrainConfig(preset="tiny", global_batch=8, seq_len=32, device="cpu", **kw))
+    state = build(cfg, torch.device("cpu"))
+    train_step(state, 0)
+    with CommDebugMode() as comm:
+        norm = state.layout.grad_norm()
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump({"collectives": comm.get_total_counts(), "norm": float(norm),
+                       "parameters": sum(1 for _ in state.layout.parameters())}, f)
+    dist.barrier()
+    os._exit(0)  # as llmopt.train: skip gloo's teardown
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
