@@ -503,6 +503,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.advise", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt2", choices=sorted(PRESETS), help="model shape (default gpt2)")
+    p.add_argument("--shape", metavar="LAYERS,HEADS,WIDTH[,VOCAB]",
+                   help="a model shape instead of a preset, e.g. 32,32,4096,50257 (advice only: the harness "
+                        "runs presets, so --measure and --emit-matrix need --preset)")
     p.add_argument("--device", default="H100", help=f"a GPU of the datasheet table ({', '.join(GPUS)}) or cpu")
     p.add_argument("--devices", type=int, default=8, help="devices (ranks) per node (default 8)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
@@ -528,9 +531,33 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def _custom_preset(text: str, seq_len: int) -> str:
+    """Register ``--shape`` as a preset of this process and return its name."""
+    from llmopt.model import PRESETS, GPTConfig
+
+    try:
+        parts = [int(x) for x in text.split(",")]
+        if len(parts) not in (3, 4) or min(parts) < 1:
+            raise ValueError
+    except ValueError:
+        raise AdviseError(f"--shape {text!r}: write LAYERS,HEADS,WIDTH[,VOCAB] with positive integers, "
+                          "e.g. --shape 32,32,4096,50257") from None
+    L, H, C, V = (parts + [50257])[:4]
+    if C % H:
+        raise AdviseError(f"--shape {text}: the width {C} is not a multiple of the {H} heads")
+    name = f"shape-{L}x{H}x{C}x{V}"
+    PRESETS[name] = GPTConfig(n_layer=L, n_head=H, n_embd=C, vocab_size=V, block_size=max(1024, seq_len))
+    return name
+
+
 def _request(a):
     from llmopt.config import PRECISIONS, TrainConfig, validate
 
+    if a.shape:
+        if a.measure or a.emit_matrix:
+            raise AdviseError("--shape with --measure or --emit-matrix: the harness runs presets only; pick the "
+                              "nearest --preset to measure, or drop --measure/--emit-matrix for advice alone")
+        a.preset = _custom_preset(a.shape, a.seq_len)
     if a.devices < 1 or a.nodes < 1:
         raise AdviseError(f"--devices {a.devices} --nodes {a.nodes}: need at least one device on one node")
     precisions = [x.strip() for x in a.precisions.split(",") if x.strip()]

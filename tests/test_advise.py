@@ -67,6 +67,9 @@ def _advise(*args, env=None):
     (["--device", "B200"], "--device-memory and --peak-tflops"),
     (["--preset", "gpt2-xl", "--device", "H100", "--devices", "1", "--device-memory", "4GiB"], "fits in no layout"),
     (["--device", "H100", "--device-memory", "lots"], "--device-memory 'lots'"),
+    (["--shape", "3,x"], "--shape '3,x'"),
+    (["--shape", "4,3,256"], "not a multiple of the 3 heads"),
+    (["--shape", "4,4,256", "--emit-matrix", "x.toml"], "the harness runs presets only"),
     (["--devices", "3", "--global-batch", "16", "--preset", "tiny"], None),  # dp=3 divides nothing: odd but valid
 ])
 def test_impossible_requests_are_one_line_errors(args, needle, tmp_path):
@@ -113,3 +116,12 @@ def test_check_against_a_reference_reports_rank_correlation():
     assert stats["rows"] == len(t) == 18 and stats["call_overhead_source"].endswith("reference/cpu")
     assert -1 <= stats["spearman"] <= 1 and stats["median_abs_error"] >= 0
     assert (t.pred_tokens_per_s > 0).all()
+
+
+def test_a_model_shape_instead_of_a_preset(tmp_path):
+    r = _advise("--shape", "32,32,4096", "--device", "H100", "--devices", "8", "--nodes", "2", "--global-batch", "64",
+                "--seq-len", "2048", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    t = pd.read_csv(tmp_path / "advise.csv")
+    assert (t.fits == "yes").any() and (t.dp * t.tp * t.pp == 16).all()
+    assert "shape-32x32x4096x50257" in (tmp_path / "advise.md").read_text()
