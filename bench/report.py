@@ -86,8 +86,68 @@ def peers_section(ok: pd.DataFrame) -> list[str]:
     return L
 
 
+def summary_sections(ok: pd.DataFrame, env: dict, memory_budget_mib: float | None) -> list[str]:
+    """The summary table, the parity verdicts and the fastest config per memory budget, of the ok rows."""
+    from bench.plots import pareto_front
+
+    L = []
+    L.append("## Summary")
+    t = pd.DataFrame({
+        "config_id": ok.config_id,
+        "tokens/s": ok.tokens_per_s.map(lambda v: fmt(v, ",.0f")),
+        "p50 ms": ok.step_time_ms_p50.map(lambda v: fmt(v, ".1f")),
+        "p90 ms": ok.step_time_ms_p90.map(lambda v: fmt(v, ".1f")),
+        "peak MiB": (ok.peak_memory_bytes / MIB).map(lambda v: fmt(v, ".1f")),
+        "pred MiB": (ok.predicted_memory_bytes / MIB).map(lambda v: fmt(v, ".1f")),
+        "pred err": ok.memory_prediction_error.map(lambda v: fmt(v, "+.1%")),
+        "MFU": ok.mfu.map(lambda v: fmt(v, ".2%")),
+        "final loss": ok.final_loss.map(lambda v: fmt(v, ".4f")),
+        "parity |Δ|max": ok.loss_parity_max_abs.map(lambda v: fmt(v, ".1e")),
+        "verdict": ok.parity_verdict,
+        "J/token": ok.energy_j_per_token.map(lambda v: fmt(v, ".3g")),
+    }).sort_values("config_id")
+    L.append(md_table(t))
+    src = ok.peak_flops_source.dropna().unique()
+    L.append(f"Peak FLOP/s used for MFU: {', '.join(src) if len(src) else 'none'} "
+             "(on CPU, measured once per sweep per dtype with all cores: the ranks of a config share them).")
+    flags = " ".join(env.get("cpu_flags") or []) or ("none of " + ", ".join(NATIVE_BF16_FLAGS)
+                                                       if "cpu_flags" in env else "")
+    L.extend(amp_speed(ok, flags))
+    kinds = ok.peak_memory_kind.dropna().unique()
+    L.append(f"Peak memory kind: {', '.join(kinds)} (`tracked_tensors`: torch's MemTracker over one extra "
+             "untimed step, plus DDP's gradient buckets; `cuda_allocator`: the caching allocator's peak).")
+    if ok.energy_j_per_token.isna().all():
+        L.append("Energy per token: not available on this machine (no NVML energy counter, no readable RAPL).")
+    L.append("")
+    L.append("## Loss parity verdicts")
+    v = ok.parity_verdict.value_counts().to_dict()
+    L.append("Exact: |Δ| ≤ 1e-4 nats at every step; within AMP tolerance: bf16/fp16 with |Δ| ≤ 0.05 nats; "
+             "drifted: anything else. " + ", ".join(f"{k}: {n}" for k, n in sorted(v.items()) if k))
+    drifted = ok[ok.parity_verdict == "drifted"]
+    if not drifted.empty:
+        L.append("")
+        L.append("Drifted configs: " + ", ".join(f"`{c}` ({d:.2g})" for c, d in
+                                                  zip(drifted.config_id, drifted.loss_parity_max_abs)))
+    L.append("")
+    L.append("## Fastest config that fits a memory budget")
+    budgets = [memory_budget_mib * MIB] if memory_budget_mib else \
+        sorted(set(ok.peak_memory_bytes.quantile([0.25, 0.5, 1.0]).round()))
+    rows = []
+    for b in budgets:
+        best = fastest_under(ok, b)
+        rows.append({"budget MiB": f"{b / MIB:.1f}", "fastest config": "" if best is None else best.config_id,
+                     "tokens/s": "" if best is None else f"{best.tokens_per_s:,.0f}",
+                     "peak MiB": "" if best is None else f"{best.peak_memory_bytes / MIB:.1f}"})
+    L.append(md_table(pd.DataFrame(rows)))
+    front = pareto_front(ok)
+    L.append("Pareto front (no other config is both faster and smaller): "
+             + ", ".join(f"`{c}`" for c in front.sort_values("peak_memory_bytes").config_id))
+    L.append("")
+    return L
+
+
 def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
-    from bench.plots import all_plots, pareto_front
+    from bench.plots import all_plots
     from bench.quality import section as quality_section
 
     results, details = load_all(out_dir)
@@ -121,58 +181,7 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
              "curve with its single-process fp32 baseline.")
     L.append("")
     if not ok.empty:
-        L.append("## Summary")
-        t = pd.DataFrame({
-            "config_id": ok.config_id,
-            "tokens/s": ok.tokens_per_s.map(lambda v: fmt(v, ",.0f")),
-            "p50 ms": ok.step_time_ms_p50.map(lambda v: fmt(v, ".1f")),
-            "p90 ms": ok.step_time_ms_p90.map(lambda v: fmt(v, ".1f")),
-            "peak MiB": (ok.peak_memory_bytes / MIB).map(lambda v: fmt(v, ".1f")),
-            "pred MiB": (ok.predicted_memory_bytes / MIB).map(lambda v: fmt(v, ".1f")),
-            "pred err": ok.memory_prediction_error.map(lambda v: fmt(v, "+.1%")),
-            "MFU": ok.mfu.map(lambda v: fmt(v, ".2%")),
-            "final loss": ok.final_loss.map(lambda v: fmt(v, ".4f")),
-            "parity |Δ|max": ok.loss_parity_max_abs.map(lambda v: fmt(v, ".1e")),
-            "verdict": ok.parity_verdict,
-            "J/token": ok.energy_j_per_token.map(lambda v: fmt(v, ".3g")),
-        }).sort_values("config_id")
-        L.append(md_table(t))
-        src = ok.peak_flops_source.dropna().unique()
-        L.append(f"Peak FLOP/s used for MFU: {', '.join(src) if len(src) else 'none'} "
-                 "(on CPU, measured once per sweep per dtype with all cores: the ranks of a config share them).")
-        flags = " ".join(env.get("cpu_flags") or []) or ("none of " + ", ".join(NATIVE_BF16_FLAGS)
-                                                           if "cpu_flags" in env else "")
-        L.extend(amp_speed(ok, flags))
-        kinds = ok.peak_memory_kind.dropna().unique()
-        L.append(f"Peak memory kind: {', '.join(kinds)} (`tracked_tensors`: torch's MemTracker over one extra "
-                 "untimed step, plus DDP's gradient buckets; `cuda_allocator`: the caching allocator's peak).")
-        if ok.energy_j_per_token.isna().all():
-            L.append("Energy per token: not available on this machine (no NVML energy counter, no readable RAPL).")
-        L.append("")
-        L.append("## Loss parity verdicts")
-        v = ok.parity_verdict.value_counts().to_dict()
-        L.append("Exact: |Δ| ≤ 1e-4 nats at every step; within AMP tolerance: bf16/fp16 with |Δ| ≤ 0.05 nats; "
-                 "drifted: anything else. " + ", ".join(f"{k}: {n}" for k, n in sorted(v.items()) if k))
-        drifted = ok[ok.parity_verdict == "drifted"]
-        if not drifted.empty:
-            L.append("")
-            L.append("Drifted configs: " + ", ".join(f"`{c}` ({d:.2g})" for c, d in
-                                                      zip(drifted.config_id, drifted.loss_parity_max_abs)))
-        L.append("")
-        L.append("## Fastest config that fits a memory budget")
-        budgets = [memory_budget_mib * MIB] if memory_budget_mib else \
-            sorted(set(ok.peak_memory_bytes.quantile([0.25, 0.5, 1.0]).round()))
-        rows = []
-        for b in budgets:
-            best = fastest_under(ok, b)
-            rows.append({"budget MiB": f"{b / MIB:.1f}", "fastest config": "" if best is None else best.config_id,
-                         "tokens/s": "" if best is None else f"{best.tokens_per_s:,.0f}",
-                         "peak MiB": "" if best is None else f"{best.peak_memory_bytes / MIB:.1f}"})
-        L.append(md_table(pd.DataFrame(rows)))
-        front = pareto_front(ok)
-        L.append("Pareto front (no other config is both faster and smaller): "
-                 + ", ".join(f"`{c}`" for c in front.sort_values("peak_memory_bytes").config_id))
-        L.append("")
+        L += summary_sections(ok, env, memory_budget_mib)
     if not ok.empty and ok.groupby(["engine", "model_impl"]).ngroups > 1:
         L += peers_section(ok)
     L += quality_section(results, details["evals"], os.path.join(out_dir, "plots"))
