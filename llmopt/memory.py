@@ -136,7 +136,7 @@ def predict_memory(cfg) -> MemoryPrediction:
             # checkpointed blocks are small, so the peak moves into backward, while a block is recomputed:
             # the head's weight gradient and the gradients of the blocks after it already exist (bounded
             # here by all blocks but the first)
-            later = full - one_block_params(cfg) * (1 + (m.n_layer > 1)) + one_block_params(cfg)
+            later = full - (one_block_params(cfg) if m.n_layer > 1 else 0)
             grads += 4 * (-(-later // cfg.dp) if fsdp else later)
         ddp = cfg.dp > 1 and cfg.dp_mode == "ddp"
         if ddp and cfg.tp == 1 and cfg.pp == 1:
