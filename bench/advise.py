@@ -22,12 +22,14 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from bench.costmodel import ACHIEVABLE, GIB, GPU_RESERVE_BYTES, GPUS, Hardware, Link, predict_step, with_links
-from bench.hardware import DATASHEET, cpu_flags, measure_matmul_peak, write_json
+from bench.hardware import DATASHEET, peak_flops, write_json
+from llmopt.cpu import cpu_flags, cpu_model
 from bench.markdown import fmt, md_table
+from bench.results import row_config
 
 REFERENCES = Path(__file__).resolve().parent.parent / "results" / "reference"
 LAYOUT_FIELDS = ("dp", "dp_mode", "tp", "pp", "pp_schedule", "pp_microbatches", "precision", "grad_accum",
@@ -86,19 +88,6 @@ def reference_rows() -> "pd.DataFrame":
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def row_config(row) -> "TrainConfig":
-    """The validated config of a results row."""
-    import pandas as pd
-
-    from llmopt.config import TrainConfig, validate
-
-    kw = {f: (row[f].item() if hasattr(row[f], "item") else row[f]) for f in TrainConfig.field_names()
-          if f in row and not pd.isna(row[f])}
-    if "target_gap" in kw:
-        kw.pop("target_loss", None)  # the row records the target the gap resolved to
-    return validate(TrainConfig(**kw))
-
-
 @functools.lru_cache(maxsize=None)
 def memory_band() -> tuple[float, float, int]:
     """(lowest, highest) of predicted / measured - 1 over the committed references' rows, and the row count:
@@ -129,9 +118,12 @@ def calibrate(device: str, rows=None) -> dict:
     mine = mine[(mine.dp == 1) & (mine.tp == 1) & (mine.pp == 1) & (mine.model_impl == "llmopt")
                 & (mine.engine == "native")]
     for prec, group in mine.groupby("precision"):
-        cfgs = [row_config(r) for _, r in group.iterrows()]
-        x = np.array([[executed_flops(c) / r.peak_flops, c.grad_accum] for c, (_, r) in zip(cfgs, group.iterrows())])
-        y = np.array([c.global_batch * c.seq_len / r.tokens_per_s for c, (_, r) in zip(cfgs, group.iterrows())])
+        x, y = [], []
+        for _, r in group.iterrows():
+            c = row_config(r)
+            x.append([executed_flops(c) / r.peak_flops, c.grad_accum])  # seconds at the peak, micro-batches
+            y.append(c.tokens_per_step / r.tokens_per_s)                 # measured step seconds
+        x, y = np.array(x), np.array(y)
         (a, b), *_ = np.linalg.lstsq(x, y, rcond=None)
         if np.linalg.matrix_rank(x) < 2 or a <= 0 or b < 0:
             a, b = float(np.median(y / x[:, 0])), 0.0
@@ -199,10 +191,10 @@ def cpu_hardware(model, tokens: int, devices: int, memory: float | None, refresh
     CPU model, flags, torch version and model width."""
     import torch
 
-    from bench.hardware import CPU_GEMM_TOKENS, _cpu_model, gemm_shapes
+    from bench.hardware import CPU_GEMM_TOKENS
 
     tokens = min(tokens, CPU_GEMM_TOKENS)
-    key = f"{_cpu_model()}|{','.join(cpu_flags())}|{os.cpu_count()}|torch {torch.__version__}|C{model.n_embd}|V{model.vocab_size}|M{tokens}"
+    key = f"{cpu_model()}|{','.join(cpu_flags())}|{os.cpu_count()}|torch {torch.__version__}|C{model.n_embd}|V{model.vocab_size}|M{tokens}"
     path = probe_cache_path()
     cache = {}
     if path.exists():
@@ -212,9 +204,9 @@ def cpu_hardware(model, tokens: int, devices: int, memory: float | None, refresh
             cache = {}
     if refresh or key not in cache:
         log(f"advise: probing this CPU (matmul peaks, gloo all-reduce); cached in {path}")
-        shapes = gemm_shapes(model.n_embd, model.vocab_size, tokens)
-        peaks = {p: measure_matmul_peak("cpu", p, shapes) for p in ("fp32", "bf16", "fp16")}
-        peaks = {p: max(v, peaks["fp32"]) for p, v in peaks.items()}  # as bench.hardware.peak_flops
+        measured: dict = {}  # the sweep's rule, and fp32 measured once for all three
+        peaks = {p: peak_flops("cpu", p, measured, model.n_embd, model.vocab_size, tokens)[0]
+                 for p in ("fp32", "bf16", "fp16")}
         link = allreduce_probe()
         cache[key] = {"peaks": peaks, "bandwidth": link.bandwidth, "latency": link.latency}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -452,7 +444,7 @@ def calibrate_call_overhead(rows, cal: dict, link: Link) -> float:
         cfg, p = _row_prediction(r, cal, link, 0.0)
         calls = sum(c[-1] for c in comm_bytes(cfg))
         if calls:
-            measured = cfg.global_batch * cfg.seq_len / r.tokens_per_s
+            measured = cfg.tokens_per_step / r.tokens_per_s
             per_call.append((measured - p.step_s) / calls)
     per_call.sort()
     return max(0.0, per_call[len(per_call) // 2]) if per_call else 0.0
@@ -478,13 +470,13 @@ def check_reference(ref_dir: str, link: Link | None = None) -> tuple["pd.DataFra
 
     path = Path(ref_dir)
     rows = _native_cpu_rows(path)
-    frac = calibrate("cpu", rows)
+    cal = calibrate("cpu", rows)
     if link is None:
         link = allreduce_probe()
     overhead, source = cpu_call_overhead(link, exclude=path.resolve().name)
     out = []
     for _, r in rows.iterrows():
-        _, p = _row_prediction(r, frac, link, overhead)
+        _, p = _row_prediction(r, cal, link, overhead)
         out.append({"config_id": r.config_id, "measured_tokens_per_s": r.tokens_per_s,
                     "pred_tokens_per_s": p.tokens_per_s, "bottleneck": p.bottleneck})
     t = pd.DataFrame(out)
@@ -583,8 +575,6 @@ def _request(a):
 
 
 def run(a) -> int:
-    import pandas as pd
-
     if a.check:
         t, stats = check_reference(a.check)
         print(f"time model against {a.check}: {stats['rows']} rows, Spearman {stats['spearman']:.2f} between predicted "
@@ -665,8 +655,8 @@ def write_outputs(out: Path, t, hw: Hardware, text: str, measured, a) -> None:
     L = [f"# Layout advice: {a.preset} on {hw.nodes} x {hw.devices_per_node} {hw.name}", "",
          f"Command: `python -m bench.advise {' '.join(sys.argv[1:])}`", "", text, "",
          "Every figure below is **predicted** (bench/costmodel.py), except the columns marked measured.", "",
-         f"- Peak FLOP/s per device: " + ", ".join(f"{p} {v / 1e12:.3g} TFLOP/s" for p, v in hw.peak_flops.items()),
-         f"- Achievable fraction of the peak, and framework time per micro-batch: "
+         "- Peak FLOP/s per device: " + ", ".join(f"{p} {v / 1e12:.3g} TFLOP/s" for p, v in hw.peak_flops.items()),
+         "- Achievable fraction of the peak, and framework time per micro-batch: "
          + ", ".join(f"{p} {f:.2f} and {hw.micro_batch_overhead.get(p, 0) * 1e3:.2f} ms "
                      f"({hw.calibration.get(p, 'assumed')})" for p, f in hw.achievable.items()),
          f"- Links: intra-node {hw.intra.name or hw.intra}; inter-node {hw.inter.name or hw.inter}",

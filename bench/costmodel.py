@@ -177,7 +177,7 @@ def executed_flops(cfg) -> float:
 
 def predict_step(cfg, hw: Hardware) -> StepPrediction:
     """Predicted time of one optimizer step of a validated, resolved config on ``hw``."""
-    world = cfg.dp * cfg.tp * cfg.pp
+    world = cfg.world_size
     rate = hw.peak_flops[cfg.precision] * hw.achievable[cfg.precision]
     per_rank_rate = rate / world if hw.shared else rate
     compute = executed_flops(cfg) / world / per_rank_rate

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from llmopt.cpu import NATIVE_BF16_FLAGS, cpu_flags  # noqa: F401 (re-exported for the report)
+from llmopt.cpu import NATIVE_BF16_FLAGS, cpu_flags, cpu_model  # noqa: F401 (re-exported for the report)
 
 # Dense peak FLOP/s per GPU from NVIDIA's datasheets (SXM parts). fp32 is the non-tensor-core figure:
 # llmopt leaves torch's fp32 matmul precision at "highest" (no TF32).
@@ -116,17 +116,6 @@ def _git_commit() -> str | None:
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(argv: list[str]) -> dict:
     import torch
 
@@ -138,7 +127,7 @@ def environment(argv: list[str]) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_flags": list(cpu_flags()),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -63,6 +63,19 @@ RENAMED = {"warmup_steps": "timing_warmup"}
 csv.field_size_limit(2**31 - 1)  # an error message or a path can be long; never fail on a field's size
 
 
+def row_config(row) -> "TrainConfig":
+    """The validated config of a results row (a pandas Series of results.csv)."""
+    import pandas as pd
+
+    from llmopt.config import TrainConfig, validate
+
+    kw = {f: (row[f].item() if hasattr(row[f], "item") else row[f]) for f in TrainConfig.field_names()
+          if f in row and not pd.isna(row[f])}
+    if "target_gap" in kw:
+        kw.pop("target_loss", None)  # the row records the target the gap resolved to
+    return validate(TrainConfig(**kw))
+
+
 class Unreadable(ValueError):
     """Lines of a sweep's CSV that cannot be read; nothing was changed on disk."""
 

@@ -148,10 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.targets", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(REPO, "results", "latest"))
     args = p.parse_args(argv)
-    from bench.hardware import _cpu_model
-    from llmopt.cpu import cpu_flags
+    from llmopt.cpu import cpu_flags, cpu_model
 
-    results = {"cpu_model": _cpu_model(), "cpu_flags": list(cpu_flags()),
+    results = {"cpu_model": cpu_model(), "cpu_flags": list(cpu_flags()),
                "llmopt_vs_hf": llmopt_vs_hf(), "harness_overhead": harness_overhead()}
     path = write(args.out, results)
     print(open(path).read())

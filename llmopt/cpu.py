@@ -25,5 +25,20 @@ def cpu_flags() -> tuple[str, ...]:
     return ()
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def cpu_has_native_bf16() -> bool:
     return any(f in cpu_flags() for f in ("avx512_bf16", "amx_bf16"))

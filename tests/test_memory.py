@@ -41,21 +41,15 @@ def test_prediction_matches_the_committed_reference_runs(reference):
     """Every ok row of a committed reference sweep (multi-rank layouts, AMP, accumulation, checkpointing,
     compile, the HF peers): the prediction, recomputed from the row's config by the current model, within
     15% of what was measured."""
-    import dataclasses
-
     import pandas as pd
 
-    path = REFERENCE_DIR / reference / "results.csv"
-    rows = pd.read_csv(path)
+    from bench.results import row_config
+
+    rows = pd.read_csv(REFERENCE_DIR / reference / "results.csv")
     rows = rows[rows.status == "ok"]
-    fields = [f.name for f in dataclasses.fields(TrainConfig)]
     misses = []
     for _, row in rows.iterrows():
-        kw = {f: row[f].item() if hasattr(row[f], "item") else row[f] for f in fields
-              if f in row and not pd.isna(row[f])}
-        if "target_gap" in kw:
-            kw.pop("target_loss", None)  # the row records the target the gap resolved to
-        cfg = validate(TrainConfig(**kw)).resolved()
+        cfg = row_config(row)
         err = predict_memory(cfg).total / row.peak_memory_bytes - 1
         if abs(err) > 0.15:
             misses.append(f"{row.config_id}: {err:+.1%}")

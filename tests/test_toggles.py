@@ -2,7 +2,6 @@
 AMP under sharded layouts, and llmopt's GradScaler when one rank overflows."""
 import json
 import os
-import sys
 from dataclasses import replace
 
 import pytest
