@@ -15,6 +15,12 @@ Custom file (TOML):
     [[config]]             # optional, repeatable: one more config, listed field by field
     dp = 2
     dp_mode = "fsdp"
+    [slurm]                # optional: for --executor slurm (flags of the same names win)
+    partition = "gpu"
+    account = "my-project"
+    gpus_per_node = 8
+    cpus_per_node = 64
+    options = { constraint = "h100", qos = "high" }   # extra sbatch options
 """
 from __future__ import annotations
 
@@ -159,9 +165,10 @@ def load_toml(path: str, max_configs: int = 10_000) -> tuple[dict, list[dict]]:
             doc = tomllib.load(f)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise MatrixError(f"--matrix {path}: not valid TOML ({e})") from None
-    extra = set(doc) - {"base", "matrix", "config"}
+    extra = set(doc) - {"base", "matrix", "config", "slurm"}
     if extra:
-        raise MatrixError(f"--matrix {path}: unknown table(s) {sorted(extra)}; use [base], [matrix] and [[config]]")
+        raise MatrixError(f"--matrix {path}: unknown table(s) {sorted(extra)}; use [base], [matrix], [[config]] "
+                          f"and [slurm]")
     listed = doc.get("config", [])
     if not isinstance(listed, list) or not all(isinstance(c, dict) for c in listed):
         raise MatrixError(f"--matrix {path}: config must be an array of tables ([[config]] with field = value lines)")
@@ -185,6 +192,28 @@ def load_toml(path: str, max_configs: int = 10_000) -> tuple[dict, list[dict]]:
     combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] if grid else []
     combos += [{k: _coerce(k, v, f"{path} [[config]] {i + 1}") for k, v in c.items()} for i, c in enumerate(listed)]
     return base, combos
+
+
+SLURM_KEYS = {"partition": str, "account": str, "gpus_per_node": int, "cpus_per_node": int, "options": dict}
+
+
+def slurm_table(path: str) -> dict:
+    """The matrix file's [slurm] table (see the module docstring), checked key by key."""
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f).get("slurm", {})
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise MatrixError(f"--matrix {path}: cannot read its [slurm] table ({e})") from None
+    if not isinstance(table, dict):
+        raise MatrixError(f"--matrix {path}: slurm must be a table ([slurm] with key = value lines)")
+    for key, value in table.items():
+        kind = SLURM_KEYS.get(key)
+        if kind is None:
+            raise MatrixError(f"--matrix {path}: [slurm] {key} is not a setting; use {', '.join(SLURM_KEYS)}")
+        if not isinstance(value, kind) or (kind is int and value < 1):
+            raise MatrixError(f"--matrix {path}: [slurm] {key} = {value!r} must be a {kind.__name__}"
+                              + (" of at least 1" if kind is int else ""))
+    return {k: ({str(a): str(b) for a, b in v.items()} if k == "options" else v) for k, v in table.items()}
 
 
 def parse_filter(text: str | None) -> dict:

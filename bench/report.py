@@ -174,6 +174,12 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
     L.append(f"- Configs: {len(results)} (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
     L.append(f"- Sweep wall time: {env['sweep_seconds'] / 60:.1f} min (configs themselves: {wall / 60:.1f} min)"
              if "sweep_seconds" in env else f"- Wall time of the configs: {wall / 60:.1f} min")
+    if env.get("executor", "local") != "local" or env.get("jobs", 1) > 1:
+        L.append(f"- Executor: {env.get('executor', 'local')}, up to {env.get('jobs', 1)} configs at once")
+    if env.get("concurrent_cpu"):
+        L.append(f"- **Figures taken concurrently**: up to {env['jobs']} CPU configs ran side by side, each pinned to "
+                 f"its own share of the cores (MFU against that share of the peak). They shared memory bandwidth "
+                 f"and caches: compare these figures with each other, not with a one-at-a-time sweep.")
     L.append("")
     L.append("How to read this: see `results/README.md`. Throughput is global tokens/s over the timed steps "
              "(warm-up excluded); memory is the rank with the largest peak; MFU is model FLOPs "

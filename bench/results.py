@@ -31,14 +31,14 @@ RESULT_COLUMNS = [
     "mfu", "peak_flops", "peak_flops_source", "flops_per_token",
     "final_loss", "entropy_floor_nats", "baseline_id", "loss_parity_max_abs", "parity_verdict",
     "fp16_skipped_steps", "energy_j_per_token", "gpu_util_mean", "gpu_power_w_mean",
-    "added_as_baseline", "wall_s",
+    "startup_s", "build_s", "memory_step_s", "added_as_baseline", "wall_s",
 ]
 # Scalars of a run's metrics JSON (llmopt.train) copied into its row unchanged: RUN_ for every run that
 # produced metrics (a diverged run included), OK_ for finished ones. The rest of a row is the config, the
 # harness's own columns and what build_row derives.
 RUN_METRIC_COLUMNS = ("timing_warmup", "target_loss", "steps_to_target", "tokens_to_target", "seconds_to_target",
                       "final_eval_loss", "best_eval_loss", "gns_b_simple", "eval_seconds", "diverged_at_step",
-                      "data_description")
+                      "data_description", "startup_s", "build_s", "memory_step_s")
 OK_METRIC_COLUMNS = ("tokens_per_s", "step_time_ms_p50", "step_time_ms_p90", "peak_memory_bytes",
                      "peak_memory_kind", "peak_rss_bytes", "entropy_floor_nats", "fp16_skipped_steps",
                      "energy_j_per_token", "gpu_util_mean", "gpu_power_w_mean", "flops_per_token")

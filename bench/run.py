@@ -1,12 +1,15 @@
 """``python -m bench.run``: sweep a matrix, each config in its own processes, into a results directory.
 
     python -m bench.run [--matrix NAME|FILE.toml] [--device auto|cpu|cuda] [--out DIR] [--resume]
-                        [--filter key=value,...] [--steps N] [--timeout S]
+                        [--filter key=value,...] [--steps N] [--timeout S] [--jobs N|auto]
+                        [--executor local|submitit-local|slurm]
 
-Each config runs as ``python -m llmopt.train`` (which starts its own ranks), with a timeout, its output in
-DIR/logs/<config_id>.log and its figures in DIR/metrics/<config_id>.json; the row is built from that JSON,
-never from log text (only a failure's last ``error:`` line is read from the log). Whatever one config does,
-its processes are gone afterwards and the sweep goes on.
+Each config runs ``llmopt.train``'s main in processes of its own (bench.executors: forked from a pre-imported
+launcher, or a submitit job), with a timeout, its output in DIR/logs/<config_id>.log and its figures in
+DIR/metrics/<config_id>.json; the row is built from that JSON, never from log text (only a failure's last
+``error:`` line is read from the log). Whatever one config does, its processes are gone afterwards and the
+sweep goes on. With ``--jobs`` above 1, configs run concurrently on disjoint devices; rows are still written
+in plan order, so the CSVs and ``--resume`` are those of a one-at-a-time sweep.
 """
 from __future__ import annotations
 
@@ -14,14 +17,15 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-from bench.hardware import environment, peak_flops, write_json
+from bench.executors import EXECUTORS, ExecutorError, Outcome, Pool, signals_held
+from bench.hardware import datasheet_peak, environment, peak_flops, write_json
 from bench.matrix import NAMED, MatrixError, baseline_of, config_id, expand, parse_filter, rank_budget
 from bench.results import OK_METRIC_COLUMNS, RUN_METRIC_COLUMNS, STATUSES, ResultFiles
+from llmopt.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(REPO, "results", "runs")
@@ -52,116 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="steps per config (default: the device's)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per config before it is killed")
     p.add_argument("--no-report", action="store_true", help="skip report.md and plots at the end")
+    p.add_argument("--jobs", default="auto", metavar="N|auto",
+                   help="configs at once on disjoint devices (default auto: 1 on CPU, every GPU busy on CUDA)")
+    p.add_argument("--executor", default=None, choices=EXECUTORS,
+                   help="local (default), submitit-local (the same jobs through submitit), slurm (one job per config)")
+    s = p.add_argument_group("slurm (also from the matrix TOML's [slurm] table; flags win)")
+    s.add_argument("--slurm-partition", default=None)
+    s.add_argument("--slurm-account", default=None)
+    s.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per SLURM node (default: 8)")
+    s.add_argument("--cpus-per-node", type=int, default=None, help="CPUs a config's job asks for per node")
+    s.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra sbatch option, repeatable (e.g. constraint=h100, qos=high)")
     return p
-
-
-def status_of(rc: int, timed_out: bool) -> str:
-    from llmopt.train import EXIT_DIVERGED, EXIT_OOM
-
-    if timed_out:
-        return "timeout"
-    if rc == 0:
-        return "ok"
-    if rc == EXIT_DIVERGED:
-        return "diverged"
-    if rc in (EXIT_OOM, -signal.SIGKILL, 128 + signal.SIGKILL):
-        return "oom"  # a SIGKILL the harness did not send is the kernel's OOM killer
-    return "failed"
-
-
-def last_error_line(log_path: str) -> str:
-    try:
-        with open(log_path, errors="replace") as f:
-            lines = [l.strip() for l in f.read().splitlines() if l.strip()]
-    except OSError:
-        return ""
-    lines = [l for l in lines if not l.startswith("$ ")]  # the harness's own command line is never the error
-    errors = [l for l in lines if l.startswith("error:")]
-    return (errors or lines or [""])[-1][:500]
-
-
-def run_config(entry: dict, out_dir: str, timeout: float, warmup: int) -> tuple[str, str, dict | None, float]:
-    """Run one config in its own process group; returns (status, error, metrics or None, wall seconds)."""
-    cfg, cid = entry["config"], entry["config_id"]
-    metrics_path = os.path.join(out_dir, "metrics", f"{cid}.json")
-    log_path = os.path.join(out_dir, "logs", f"{cid}.log")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a rerun after resume must not read a stale file
-    argv = [sys.executable, "-m", "llmopt.train", "--quiet", "--memory-breakdown",
-            "--timing-warmup", str(warmup), "--metrics-out", metrics_path]
-    for k, v in cfg.items():
-        flag = f"--{k.replace('_', '-')}"
-        if isinstance(v, bool):
-            argv += [flag] if v else []
-        elif v is not None:
-            argv += [flag, str(v)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if cfg["dp"] * cfg["tp"] * cfg["pp"] > 1:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (cfg["dp"] * cfg["tp"] * cfg["pp"])))
-    t0 = time.monotonic()
-    timed_out = False
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(argv[1:]) + "\n")
-        log.flush()
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            rc = None
-        except BaseException:  # Ctrl-C: take the config's processes down with us
-            _kill_group(proc)
-            raise
-        _kill_group(proc)
-        rc = proc.wait() if rc is None else rc
-    wall = time.monotonic() - t0
-    status = status_of(rc, timed_out)
-    metrics, unreadable = read_metrics(metrics_path)
-    if status == "ok" and metrics is None:
-        status = "failed"
-    error = unreadable
-    if status == "timeout":
-        error = f"killed after {timeout:.0f} s (--timeout)"
-    elif status != "ok":
-        error = error or last_error_line(log_path) or f"exit code {rc}"
-        if status == "oom" and rc in (-signal.SIGKILL, 128 + signal.SIGKILL):
-            error = f"killed by SIGKILL (the kernel's OOM killer?); {error}"
-    return status, error, metrics, wall
-
-
-def read_metrics(path: str) -> tuple[dict | None, str]:
-    """(metrics, "") or (None, why): a full disk can leave an empty file, which fails this config, not the sweep."""
-    if not os.path.exists(path):
-        return None, ""
-    try:
-        with open(path) as f:
-            return json.load(f), ""
-    except (OSError, ValueError) as e:
-        return None, f"metrics JSON unreadable ({e}); is the disk full?"
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Every process of the config (launcher agent, ranks, their children) is gone after this."""
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the leader: an unreaped (zombie) leader still counts as a member of its group
-            if not _group_alive(proc.pid):
-                return
-            time.sleep(0.05)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def parity_verdict(max_abs: float | None, precision: str, is_baseline: bool) -> str:
@@ -190,7 +96,6 @@ def build_row(entry: dict, status: str, error: str, metrics: dict | None, wall: 
               ctx: RowContext) -> tuple[dict, dict]:
     """The results row and the per-config detail rows ({"steps": [...], "evals": [...]}) of one config: a
     pure function of the config's entry, its outcome and metrics, and ``ctx``."""
-    from llmopt.config import TrainConfig
     from llmopt.metrics import mfu
 
     cfg = entry["config"]
@@ -245,13 +150,22 @@ def _parity(entry: dict, cfg: dict, losses: list[float], baseline_losses) -> dic
     return out
 
 
-def row_peak(entry: dict, metrics: dict | None, cache: dict) -> tuple[float, str] | None:
-    """The peak FLOP/s a finished config's MFU is stated against (measured on first use, kept in ``cache``)."""
-    if metrics is None or "flops_per_token" not in metrics:
+def row_peak(entry: dict, metrics: dict | None, cache: dict, measure: bool = True) -> tuple[float, str] | None:
+    """The peak FLOP/s a config's MFU is stated against (measured on first use, kept in ``cache``); from the
+    finished config's resolved fields, or before it runs (``metrics`` None) from its own. A GPU's datasheet
+    figure is looked up by the name the config's rank saw; ``measure`` False (the configs ran elsewhere, on
+    SLURM) gives None rather than a measurement of this machine."""
+    if metrics is not None and "flops_per_token" not in metrics:
         return None
-    from llmopt.config import TrainConfig
-
-    tc, resolved = TrainConfig(**entry["config"]), metrics["config"]
+    tc = TrainConfig(**entry["config"])
+    resolved = metrics["config"] if metrics is not None else {"device": tc.device,
+                                                              "pp_microbatches": tc.pp_microbatches or tc.pp}
+    if resolved["device"] == "cuda" and metrics is not None:
+        value = datasheet_peak(metrics.get("device_name", ""), tc.precision)
+        if value is not None:
+            return value, f"datasheet:{metrics['device_name']}"
+    if not measure:
+        return None
     mc = tc.model_config
     value, source = peak_flops(resolved["device"], tc.precision, cache, mc.n_embd, mc.vocab_size,
                                tc.micro_batch * tc.seq_len // resolved["pp_microbatches"])
@@ -301,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return sweep(args, argv)
-    except MatrixError as e:
+    except (MatrixError, ExecutorError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk or a vanished directory while writing the sweep's own files
@@ -403,6 +317,42 @@ def _lock(out: str):
     return f
 
 
+def _slurm_settings(args, matrix: str) -> dict:
+    """SLURM settings: the matrix TOML's [slurm] table, overridden by the flags."""
+    from bench.matrix import slurm_table
+
+    settings = slurm_table(matrix) if matrix.endswith(".toml") else {}
+    for key in ("partition", "account"):
+        if getattr(args, f"slurm_{key}"):
+            settings[key] = getattr(args, f"slurm_{key}")
+    for key in ("gpus_per_node", "cpus_per_node"):
+        if getattr(args, key) is not None:
+            if getattr(args, key) < 1:
+                raise MatrixError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be at least 1")
+            settings[key] = getattr(args, key)
+    options = dict(settings.get("options") or {})
+    for opt in args.slurm_option:
+        key, sep, value = opt.partition("=")
+        if not sep or not key:
+            raise MatrixError(f"--slurm-option {opt!r}: use KEY=VALUE, e.g. --slurm-option constraint=h100")
+        options[key] = value
+    settings["options"] = options
+    if (args.executor or "local") != "slurm" and any(settings.get(k) for k in ("partition", "account", "options")):
+        if args.slurm_partition or args.slurm_account or args.slurm_option:
+            raise MatrixError("--slurm-partition/--slurm-account/--slurm-option: use with --executor slurm")
+    return settings
+
+
+def _note_concurrency(out: str, pool) -> None:
+    """env.json says how the figures were taken: the report warns when CPU configs ran side by side."""
+    env_path = os.path.join(out, "env.json")
+    with open(env_path) as f:
+        env = json.load(f)
+    env.update(executor=pool.executor, jobs=max(pool.jobs, env.get("jobs", 1)),  # over resumes: any concurrency
+               concurrent_cpu=pool.concurrent_cpu or env.get("concurrent_cpu", False))
+    write_json(env_path, env)
+
+
 def sweep(args, argv) -> int:
     retry = _check_args(args)
     out, saved = _resolve_out(args)
@@ -411,13 +361,15 @@ def sweep(args, argv) -> int:
         warmup = saved.get("timing_warmup", saved.get("warmup_steps"))
     else:
         plan, device, matrix, warmup = _new_plan(args)
+    # the executor's choices are checked before anything is written
+    pool = Pool(args.executor or "local", args.jobs, device, out, args.timeout, warmup, _slurm_settings(args, matrix))
     for sub in ("logs", "metrics"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
     with _lock(out):  # held for the whole sweep; closing the file releases it
-        return _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup)
+        return _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup, pool)
 
 
-def _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup) -> int:
+def _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup, pool) -> int:
     from bench.tuning import followups
 
     def save_plan():
@@ -438,7 +390,8 @@ def _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup) -> i
         files.drop({r["config_id"] for r in done_rows if r["status"] in retry})
         done_rows, details = files.load()
     t_start = time.monotonic()
-    runner = _Runner(out, files, warmup, args.timeout, done_rows, details["steps"])
+    _note_concurrency(out, pool)
+    runner = _Runner(out, files, warmup, pool, done_rows, details["steps"])
     try:
         while True:
             runner.run(plan)
@@ -481,11 +434,12 @@ def _summary(rows: list[dict]) -> int:
 
 
 class _Runner:
-    """Runs the plan's entries that have no row yet, appending each row as it ends, with progress lines."""
+    """Runs the plan's entries that have no row yet, up to ``pool.jobs`` at once, and appends each row in plan
+    order as soon as it and every row before it are known, with progress lines."""
 
-    def __init__(self, out: str, files: ResultFiles, warmup: int, timeout: float, done_rows: list[dict],
+    def __init__(self, out: str, files: ResultFiles, warmup: int, pool: "Pool", done_rows: list[dict],
                  done_steps: list[dict]):
-        self.out, self.files, self.warmup, self.timeout = out, files, warmup, timeout
+        self.out, self.files, self.warmup, self.pool = out, files, warmup, pool
         self.rows = list(done_rows)
         self.baselines: dict[str, list[float]] = {}
         for r in done_rows:
@@ -505,32 +459,80 @@ class _Runner:
     def run(self, plan: list[dict]) -> None:
         done = {r["config_id"] for r in self.rows}
         todo = [e for e in plan if e["config_id"] not in done]
-        total = len(plan)
         if not todo:
             return
-        print(f"bench: {len(todo)} of {total} configs to run -> {self.out}"
-              + (f" ({len(done)} already done)" if done else ""), flush=True)
-        for i, entry in enumerate(todo):
-            if entry["skipped"] is not None:
-                status, error, metrics, wall = "skipped", entry["skipped"], None, 0.0
-            else:
-                status, error, metrics, wall = run_config(entry, self.out, self.timeout, self.warmup)
-                self.ran += 1
-            base = self.baselines.get(config_id(baseline_of(entry["config"])))
-            ctx = RowContext(self.warmup, None if base is None else tuple(base),
-                             row_peak(entry, metrics, self.peak_cache) if status == "ok" else None)
-            row, details = build_row(entry, status, error, metrics, wall, ctx)
-            if status == "ok" and row.get("baseline_id") == entry["config_id"]:
-                self.baselines[entry["config_id"]] = [d["loss"] for d in details["steps"]]
-            self.files.append(row, details)
-            self.rows.append(row)
-            write_json(self.peak_cache_path, self.peak_cache)
-            n_done = total - len(todo) + i + 1
-            elapsed = time.monotonic() - self.t_start
-            runnable_left = sum(1 for e in todo[i + 1:] if e["skipped"] is None)
-            eta = elapsed / self.ran * runnable_left if self.ran else 0.0
-            print(f"{_bar(n_done, total)} {n_done:>4}/{total} {_fmt_s(elapsed)} ETA {_fmt_s(eta)}  "
-                  f"{row['status']:<8} {entry['config_id']:<42} {headline(row)}", flush=True)
+        print(f"bench: {len(todo)} of {len(plan)} configs to run -> {self.out}"
+              + (f" ({len(done)} already done)" if done else "") + self.pool.describe(), flush=True)
+        if self.pool.jobs > 1 and self.pool.local:  # measured now, alone: beside running configs it would be low
+            for entry in todo:
+                if entry["skipped"] is None:
+                    row_peak(entry, None, self.peak_cache)
+        outcomes: dict[int, tuple[Outcome, object]] = {}
+        running: dict[int, object] = {}
+        start, emitted = 0, 0
+        try:
+            while emitted < len(todo):
+                start = self._start_what_fits(todo, start, running, outcomes)
+                for k, job in list(running.items()):
+                    outcome = job.poll()
+                    if outcome is not None:
+                        outcomes[k] = (outcome, job.slot)
+                        self.pool.slots.give(job.slot)
+                        del running[k]
+                        self.ran += 1
+                progressed = emitted in outcomes
+                while emitted in outcomes:
+                    self._emit(todo, emitted, *outcomes.pop(emitted), len(plan) - len(todo))
+                    emitted += 1
+                if not progressed:
+                    time.sleep(0.05)
+        finally:  # Ctrl-C, SIGTERM or an error here: no config's processes or jobs outlive the sweep
+            for job in running.values():
+                job.cancel()
+
+    def _start_what_fits(self, todo, start, running, outcomes) -> int:
+        """Start, in plan order, every config that fits on the free devices (a later, smaller config may start
+        before an earlier one that waits for more GPUs). Returns the first index not yet started."""
+        for k in range(start, len(todo)):
+            if k in running or k in outcomes:
+                continue
+            entry = todo[k]
+            reason = entry["skipped"] or self.pool.slots.too_big(TrainConfig(**entry["config"]).world_size)
+            if reason is not None:
+                outcomes[k] = (Outcome("skipped", reason, None, 0.0), None)
+                continue
+            slot = self.pool.slots.take(TrainConfig(**entry["config"]).world_size, len(running))
+            if slot is None:
+                if self.pool.slots.device != "cuda":
+                    break  # equal slots: nothing later fits either
+                continue
+            with signals_held():  # a stop signal lands after the handle is held, so the config is cancelled
+                running[k] = self.pool.start(entry, slot)
+        while start < len(todo) and (start in running or start in outcomes):
+            start += 1
+        return start
+
+    def _emit(self, todo: list[dict], k: int, outcome: Outcome, slot, n_before: int) -> None:
+        entry = todo[k]
+        base = self.baselines.get(config_id(baseline_of(entry["config"])))
+        peak = (row_peak(entry, outcome.metrics, self.peak_cache, measure=self.pool.local)
+                if outcome.status == "ok" else None)
+        if peak is not None and slot is not None and slot.cpus:
+            share = len(slot.cpus) / (os.cpu_count() or 1)  # the config had these cores, not the whole CPU
+            peak = (peak[0] * share, f"{peak[1]} x {len(slot.cpus)}/{os.cpu_count()} cores (--jobs)")
+        ctx = RowContext(self.warmup, None if base is None else tuple(base), peak)
+        row, details = build_row(entry, outcome.status, outcome.error, outcome.metrics, outcome.wall, ctx)
+        if outcome.status == "ok" and row.get("baseline_id") == entry["config_id"]:
+            self.baselines[entry["config_id"]] = [d["loss"] for d in details["steps"]]
+        self.files.append(row, details)
+        self.rows.append(row)
+        write_json(self.peak_cache_path, self.peak_cache)
+        total, n_done = n_before + len(todo), n_before + k + 1
+        elapsed = time.monotonic() - self.t_start
+        runnable_left = sum(1 for e in todo[k + 1:] if e["skipped"] is None)
+        eta = elapsed / self.ran * runnable_left if self.ran else 0.0  # ran counts completions: concurrency included
+        print(f"{_bar(n_done, total)} {n_done:>4}/{total} {_fmt_s(elapsed)} ETA {_fmt_s(eta)}  "
+              f"{row['status']:<8} {entry['config_id']:<42} {headline(row)}", flush=True)
 
 
 def _point_latest(out: str) -> None:

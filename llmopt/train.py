@@ -1,8 +1,7 @@
 """``python -m llmopt.train``: flags -> config -> (launch ranks) -> steps -> metrics JSON.
 
-Run with more than one rank (``--dp/--tp/--pp``) and no launcher, it starts the ranks itself through torch's
-elastic launcher (the machinery behind ``torchrun --standalone``). Run under ``torchrun`` it uses the world it
-is given, so multi-node runs need nothing but torchrun's own flags (see the README and scripts/).
+Run with more than one rank (``--dp/--tp/--pp``) and no launcher, it starts the ranks itself (llmopt.launch:
+forked on CPU, torch's elastic launcher on CUDA). Run under ``torchrun`` it uses the world it is given, so multi-node runs need nothing but torchrun's own flags (see the README and scripts/).
 """
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import datetime
 import json
 import os
 import sys
-import uuid
+import time
 
 from llmopt.config import (DEVICES, DP_MODES, ENGINES, LR_SCHEDULES, MODEL_IMPLS, OPTIMIZER_IMPLS, OPTIMIZERS,
                            PP_SCHEDULES, PRECISIONS, TrainConfig, validate)
@@ -21,6 +20,9 @@ from llmopt.model import PRESETS
 # Test hook for fault handling: LLMOPT_FAIL_AT="RANK:STEP:raise", "RANK:STEP:exit" or "RANK:STEP:kill" makes that
 # rank fail.
 FAIL_ENV = "LLMOPT_FAIL_AT"
+# Epoch seconds when the config was started (set by the harness, else at main's entry): start-up is measured
+# from it to the rank's first line of work, so it covers imports and rank start-up.
+LAUNCH_T0_ENV = "LLMOPT_LAUNCH_T0"
 # Exit codes the harness maps to row statuses (2 is a user error, 1 any other failure).
 EXIT_DIVERGED = 3
 EXIT_OOM = 4
@@ -97,6 +99,7 @@ def _under_launcher() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault(LAUNCH_T0_ENV, repr(time.time()))
     args = build_parser().parse_args(argv)
     try:
         cfg = validate(config_from_args(args))
@@ -128,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if cfg.world_size > 1 and not _under_launcher():
-        return launch(cfg.world_size, argv)
+        from llmopt.launch import launch
+
+        return launch(cfg.world_size, argv, cfg.device, main, EXIT_OOM)
     rc = run(cfg, args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A rank's work is done and written; leave without interpreter finalization, where gloo's worker
@@ -163,79 +168,30 @@ def check_output_file(path: str, flag: str, inputs) -> None:
             os.remove(full)
 
 
-def _die_with_parent() -> None:
-    """A rank exits when its launcher does, even one killed by SIGKILL (the elastic agent starts ranks in
-    sessions of their own, outside the process group a harness kills): Linux's PR_SET_PDEATHSIG."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def launch(nproc: int, argv: list[str]) -> int:
-    """Start ``nproc`` local ranks of this same command with torch's elastic launcher (c10d rendezvous on a
-    free port). If a rank fails, the agent stops the others; its error is printed as the last line."""
-    import tempfile
-
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    logs = tempfile.TemporaryDirectory(prefix="llmopt-ranks-")  # the agent's files, removed afterwards
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"llmopt-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
-                          logs_specs=DefaultLogsSpecs(log_dir=logs.name))
-    try:
-        elastic_launch(config, sys.executable)("-m", "llmopt.train", *argv)
-    except ChildFailedError as e:
-        rank, line, code = root_cause(e.failures)
-        print(f"error: rank {rank} failed: {line}", file=sys.stderr)
-        return code
-    finally:
-        logs.cleanup()
-    return 0
-
-
-# Errors a rank raises because *another* rank went away: never the root cause when a real error exists.
-_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",
-              "Socket Timeout", "SIGTERM")
-
-
-def root_cause(failures: dict) -> tuple[int, str, int]:
-    """(rank, last error line, exit code) of the rank that failed first for a reason of its own."""
-
-    def last_line(f) -> str:
-        msg = f.message.get("message", "") if isinstance(f.message, dict) else str(f.message or "")
-        line = (msg.strip().splitlines() or [""])[-1]
-        if not line or "To enable traceback" in line:  # no Python error recorded: it died
-            line = f"exit code {f.exitcode}" + (f" ({f.signal_name()})" if f.exitcode < 0 else "")
-        return line
-
-    def key(item):
-        rank, f = item
-        return (any(s in last_line(f) for s in _SECONDARY), f.timestamp, rank)
-
-    rank, f = min(failures.items(), key=key)
-    if f.exitcode == -9:  # SIGKILL that nobody here sent: the kernel's OOM killer, as for a single process
-        return rank, f"killed by SIGKILL (the kernel's OOM killer?): {last_line(f)}", EXIT_OOM
-    return rank, last_line(f), (f.exitcode if f.exitcode > 0 else 1)
-
-
-def _maybe_fail(rank: int, step: int) -> None:
-    spec = os.environ.get(FAIL_ENV)
-    if not spec:
-        return
-    r, s, mode = spec.split(":")
-    if int(r) == rank and int(s) == step:
+def _maybe_fail(rank: int, step: int, seed: int) -> None:
+    """The fault-injection hook (tests only): LLMOPT_FAIL_AT="RANK:STEP:MODE[:SEED],...", a spec with SEED
+    applying only to configs of that seed (so one sweep can hold healthy and faulty configs)."""
+    for spec in filter(None, os.environ.get(FAIL_ENV, "").split(",")):
+        r, s, mode, *only = spec.split(":")
+        if int(r) != rank or int(s) != step or (only and int(only[0]) != seed):
+            continue
         if mode == "exit":
             os._exit(17)
         if mode == "kill":  # as the kernel's OOM killer would
+            os.kill(os.getpid(), 9)
+        if mode == "segv":  # a real segmentation fault: read address 0
+            import ctypes
+
+            ctypes.string_at(0)
+        if mode == "hang":
+            import time
+
+            while True:
+                time.sleep(1)
+        if mode == "alloc":  # allocate until killed: 1 GiB in 64 MiB chunks, then SIGKILL as the OOM killer would
+            hoard: list[bytearray] = []
+            while len(hoard) < 16:
+                hoard.append(bytearray(64 << 20))
             os.kill(os.getpid(), 9)
         raise RuntimeError(f"injected failure on rank {rank} at step {step} ({FAIL_ENV})")
 
@@ -260,7 +216,9 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
 
     distributed = _under_launcher() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if _under_launcher():
-        _die_with_parent()
+        from llmopt.launch import die_with_parent
+
+        die_with_parent()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.device == "cuda":
         device = torch.device("cuda", local_rank)
@@ -272,13 +230,17 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
                                 timeout=datetime.timedelta(minutes=10))
     rank = dist.get_rank() if distributed else 0
     try:
+        t_build = time.time()
+        startup = t_build - float(os.environ.get(LAUNCH_T0_ENV, t_build))
         state = build(cfg, device)
+        build_s = time.time() - t_build
         log = rank == 0 and not args.quiet
         if log:
             print(f"llmopt: {cfg.preset} ({param_count(cfg.model_config):,} params) on {device.type} x{cfg.world_size} "
                   f"[dp={cfg.dp}/{cfg.dp_mode} tp={cfg.tp} pp={cfg.pp}/{cfg.pp_schedule}] {cfg.precision} "
                   f"{cfg.optimizer} grad_accum={cfg.grad_accum} data={state.source.describe()}", flush=True)
         metrics = run_steps(state, rank, local_rank, args.timing_warmup, args.memory_breakdown, log)
+        metrics.update(startup_s=startup, build_s=build_s)  # rank 0's: where a config's wall time goes
         if args.save and metrics["diverged_at_step"] is None:
             from llmopt.checkpoint import save_pretrained
 
@@ -350,7 +312,7 @@ def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: 
     for step in range(cfg.steps):
         if stop and step > 0:  # at least one step, even when the target is met before training
             break
-        _maybe_fail(rank, step)
+        _maybe_fail(rank, step, cfg.seed)
         if step == warmup:
             energy.start()
         with timer:
@@ -376,8 +338,10 @@ def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: 
                       + (" | target reached" if stop else ""), flush=True)
     power = energy.stop()
     peak = peak_memory_bytes(device)
+    t_memory = time.time()
     breakdown = (tracked_memory_step(state, lambda: train_step(state, cfg.steps))
                  if memory_breakdown and diverged is None else None)
+    memory_step_s = time.time() - t_memory
     kind = "cuda_allocator" if device.type == "cuda" else "process_rss"
     if breakdown is not None and device.type != "cuda":
         peak, kind = breakdown["total"], "tracked_tensors"
@@ -410,6 +374,7 @@ def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: 
         "memory_breakdown": worst["breakdown"],
         "memory_breakdown_per_rank": [r["breakdown"] for r in per_rank],
         "predicted_memory": predicted.to_dict(),
+        "memory_step_s": memory_step_s if breakdown is not None else None,
         "fp16_skipped_steps": skipped,
         "diverged_at_step": diverged,
         "diverged_reason": why,

@@ -1,22 +1,11 @@
 """A rank that raises or dies ends the whole run: non-zero exit, its error on the last line, nothing left."""
-import os
 import uuid
 
 import pytest
 
+from conftest import processes_with
+
 pytestmark = pytest.mark.multiprocess
-
-
-def processes_with(token: str) -> list[int]:
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if token.encode() in f.read():
-                    pids.append(int(pid))
-        except OSError:
-            pass
-    return pids
 
 
 @pytest.mark.parametrize("mode,expect", [("raise", "injected failure on rank 1 at step 2"), ("exit", "exit code 17"),

@@ -1,0 +1,513 @@
+"""Where and how bench.run runs a config: ``--executor local`` (this machine, forked from a pre-imported
+launcher), ``submitit-local`` (the same jobs through submitit's local executor) or ``slurm`` (one SLURM job
+per config through ``submitit.AutoExecutor``), and ``--jobs``: how many configs run at once, on which devices.
+
+Every executor gives the harness the same thing: a handle it polls until it yields the config's
+``Outcome`` (status, error, metrics, wall seconds), and ``cancel()``. Whatever a config does (segfault, hang,
+allocate until killed), its processes are its own and are gone when its outcome is known.
+
+Why a pre-imported launcher: a config's wall time on 2 CPU cores was mostly imports (torch, DTensor,
+pipelining, dynamo), paid by the config's process and again by each rank. ``local`` starts one
+``multiprocessing`` forkserver per sweep that imports them once (``llmopt.launch.RANK_MODULES``, before any
+torch op, so no thread pool exists to be copied), and forks each config's process from it; that process forks
+its ranks in turn (``llmopt.launch``). Each config still gets a session (process group) of its own, so a
+timeout still kills all of it, and dies with the launcher, which dies with the sweep.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+EXECUTORS = ("local", "submitit-local", "slurm")
+SLURM_IN_FLIGHT = 256  # --jobs auto under slurm: the scheduler queues; this bounds what one sweep submits
+
+
+class ExecutorError(ValueError):
+    """A bad --executor/--jobs choice or a missing scheduler: one line for the user, exit 2."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str
+    error: str
+    metrics: dict | None
+    wall: float
+
+
+@dataclass(frozen=True)
+class Slot:
+    """The devices one running config may use: CPU cores (None: all) and GPU indices (None: as visible)."""
+    cpus: tuple[int, ...] | None = None
+    gpus: tuple[int, ...] | None = None
+
+
+class Slots:
+    """Disjoint device sets for concurrent configs. CPU: ``jobs`` equal groups of the cores this process may
+    use, one per config whatever its world size (its ranks share the group). CUDA: a config of world size w
+    takes w free GPUs. ``jobs`` = 1 on CPU is one slot with no pinning: today's behaviour exactly."""
+
+    def __init__(self, device: str, jobs: int, n_gpus: int = 0):
+        self.device, self.jobs = device, jobs
+        if device == "cuda":
+            self.free_gpus = list(range(n_gpus))
+            self.total = n_gpus
+        elif jobs == 1:
+            self.free = [Slot()]
+        else:
+            cores = sorted(os.sched_getaffinity(0))
+            if jobs > len(cores):
+                raise ExecutorError(f"--jobs {jobs}: only {len(cores)} CPU cores here; use --jobs {len(cores)} or fewer")
+            per = len(cores) // jobs
+            self.free = [Slot(cpus=tuple(cores[i * per:(i + 1) * per])) for i in range(jobs)]
+
+    def too_big(self, world_size: int) -> str | None:
+        """Why a config can never run here (a skip reason), or None."""
+        if self.device == "cuda" and world_size > self.total:
+            return f"needs {world_size} GPUs, this machine has {self.total}"
+        return None
+
+    def take(self, world_size: int, running: int) -> Slot | None:
+        if self.device == "cuda":
+            if running >= self.jobs or len(self.free_gpus) < world_size:
+                return None
+            gpus, self.free_gpus = self.free_gpus[:world_size], self.free_gpus[world_size:]
+            return Slot(gpus=tuple(gpus))
+        return self.free.pop(0) if self.free else None
+
+    def give(self, slot: Slot) -> None:
+        if self.device == "cuda":
+            self.free_gpus = sorted(self.free_gpus + list(slot.gpus))
+        else:
+            self.free.append(slot)
+
+
+def resolve_jobs(jobs: str, executor: str, device: str) -> tuple[int, int]:
+    """(concurrent configs, GPUs on this machine) from --jobs N|auto. auto: one at a time on CPU (concurrent
+    configs share memory bandwidth and would distort each other's figures), every GPU busy on CUDA, up to
+    SLURM_IN_FLIGHT jobs queued on SLURM."""
+    n_gpus = 0
+    if device == "cuda" and executor != "slurm":
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+    if jobs == "auto":
+        if executor == "slurm":
+            return SLURM_IN_FLIGHT, n_gpus
+        return (max(1, n_gpus) if device == "cuda" else 1), n_gpus
+    try:
+        n = int(jobs)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ExecutorError(f"--jobs {jobs!r}: use a positive number or auto")
+    return n, n_gpus
+
+
+def config_argv(entry: dict, metrics_path: str, warmup: int) -> list[str]:
+    """``llmopt.train``'s arguments for one config (after ``python -m llmopt.train``)."""
+    argv = ["--quiet", "--memory-breakdown", "--timing-warmup", str(warmup), "--metrics-out", metrics_path]
+    for k, v in entry["config"].items():
+        flag = f"--{k.replace('_', '-')}"
+        if isinstance(v, bool):
+            argv += [flag] if v else []
+        elif v is not None:
+            argv += [flag, str(v)]
+    return argv
+
+
+def config_env(cfg: dict, slot: Slot) -> dict:
+    """The config's environment: its ranks split the slot's cores (or the machine's) between them."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    world = cfg["dp"] * cfg["tp"] * cfg["pp"]
+    cores = len(slot.cpus) if slot.cpus else (os.cpu_count() or 1)
+    if world > 1 or slot.cpus:
+        env["OMP_NUM_THREADS"] = str(max(1, cores // world))
+    if slot.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot.gpus))
+    return env
+
+
+def status_of(rc: int, timed_out: bool) -> str:
+    from llmopt.train import EXIT_DIVERGED, EXIT_OOM
+
+    if timed_out:
+        return "timeout"
+    if rc == 0:
+        return "ok"
+    if rc == EXIT_DIVERGED:
+        return "diverged"
+    if rc in (EXIT_OOM, -signal.SIGKILL, 128 + signal.SIGKILL):
+        return "oom"  # a SIGKILL the harness did not send is the kernel's OOM killer
+    return "failed"
+
+
+def last_error_line(log_path: str) -> str:
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [l.strip() for l in f.read().splitlines() if l.strip()]
+    except OSError:
+        return ""
+    lines = [l for l in lines if not l.startswith("$ ")]  # the harness's own command line is never the error
+    errors = [l for l in lines if l.startswith("error:")]
+    return (errors or lines or [""])[-1][:500]
+
+
+def read_metrics(path: str) -> tuple[dict | None, str]:
+    """(metrics, "") or (None, why): a full disk can leave an empty file, which fails this config, not the sweep."""
+    if not os.path.exists(path):
+        return None, ""
+    try:
+        with open(path) as f:
+            return json.load(f), ""
+    except (OSError, ValueError) as e:
+        return None, f"metrics JSON unreadable ({e}); is the disk full?"
+
+
+def outcome_of(rc: int | None, timed_out: bool, timeout: float, metrics_path: str, log_path: str, wall: float,
+               reason: str = "") -> Outcome:
+    """The config's status and error from its exit code and files (``reason``: a scheduler's own word)."""
+    status = status_of(rc if rc is not None else 1, timed_out)
+    metrics, unreadable = read_metrics(metrics_path)
+    if status == "ok" and metrics is None:
+        status = "failed"
+    error = unreadable
+    if status == "timeout":
+        error = reason or f"killed after {timeout:.0f} s (--timeout)"
+    elif status != "ok":
+        line = last_error_line(log_path)
+        if rc is not None and rc < 0:  # a signal: the log's last line is a crash dump, not an error message
+            line = line if line.startswith("error:") else ""
+        error = reason or error or line
+        if status == "oom" and rc in (-signal.SIGKILL, 128 + signal.SIGKILL):
+            error = "killed by SIGKILL (the kernel's OOM killer?)" + (f"; {error}" if error else "")
+        elif not error:
+            error = f"killed by {signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"exit code {rc}"
+    return Outcome(status, error, metrics, wall)
+
+
+class _Job:
+    """What every executor shares: the config's files (fresh ones: a process left over from an earlier
+    attempt writes into the unlinked old inode, never into this attempt's), its clock and its timeout."""
+
+    def __init__(self, entry: dict, out_dir: str, timeout: float, warmup: int, slot: Slot):
+        cid = entry["config_id"]
+        self.entry, self.slot, self.timeout = entry, slot, timeout
+        self.metrics_path = os.path.join(out_dir, "metrics", f"{cid}.json")
+        self.log_path = os.path.join(out_dir, "logs", f"{cid}.log")
+        for path in (self.metrics_path, self.log_path):
+            if os.path.exists(path):
+                os.remove(path)  # a rerun after resume must not read (or share) a stale file
+        self.argv = config_argv(entry, self.metrics_path, warmup)
+        self.env = config_env(entry["config"], slot)
+        self.env["LLMOPT_LAUNCH_T0"] = repr(time.time())  # start-up is measured from here (llmopt.train)
+        with open(self.log_path, "w") as log:
+            log.write("$ llmopt.train " + " ".join(self.argv) + "\n")
+        self.t0 = time.monotonic()
+
+
+class LocalJob(_Job):
+    """One config as a process forked from the sweep's pre-imported launcher, in a session of its own.
+    Create it with the stop signals blocked (``signals_held``): a SIGTERM between the fork and the caller
+    holding this handle would leave a config nobody kills."""
+
+    def __init__(self, launcher, *args):
+        super().__init__(*args)
+        self.proc = launcher.Process(target=config_process, daemon=False,
+                                     args=(self.argv, self.env, self.log_path, os.getcwd(), self.slot.cpus))
+        self.proc.start()
+
+    def poll(self) -> Outcome | None:
+        self.proc.join(0)
+        timed_out = self.proc.exitcode is None and time.monotonic() - self.t0 > self.timeout
+        if self.proc.exitcode is None and not timed_out:
+            return None
+        kill_group(self.proc.pid, lambda: self.proc.join(0))
+        self.proc.join()
+        return outcome_of(self.proc.exitcode, timed_out, self.timeout, self.metrics_path, self.log_path,
+                          time.monotonic() - self.t0)
+
+    def cancel(self) -> None:
+        kill_group(self.proc.pid, lambda: self.proc.join(0))
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+class signals_held:
+    """Block the stop signals for the body; they are delivered (and raise) as soon as it ends."""
+
+    def __enter__(self):
+        self.old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    def __exit__(self, *exc):
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+
+
+def config_process(argv: list[str], env: dict, log_path: str, cwd: str, cpus) -> None:
+    """A config's own process (forked from the launcher): its session, environment, cores and log, then
+    ``llmopt.train``'s main, which forks the ranks on CPU."""
+    code = 1
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())  # forked while the sweep held its stop signals
+        os.setsid()
+        from llmopt.launch import die_with_parent
+
+        die_with_parent()  # the launcher dies with the sweep, even a SIGKILLed one; so does this config
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        sys.stdout.reconfigure(line_buffering=True)
+        import torch
+
+        # OMP_NUM_THREADS was read when torch loaded in the launcher: apply this config's figure here.
+        torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0))))
+        from llmopt.train import main
+
+        sys.argv = ["llmopt.train", *argv]
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def kill_group(pgid: int, reap) -> None:
+    """Every process of the config (its leader, ranks, their children) is gone after this."""
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            reap()  # an unreaped (zombie) leader still counts as a member of its group
+            if not _group_alive(pgid):
+                return
+            time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def start_launcher():
+    """The sweep's pre-imported launcher: a forkserver that has imported what a config's ranks need."""
+    import multiprocessing
+
+    from bench.launcher_init import SWEEP_PID_ENV
+
+    os.environ[SWEEP_PID_ENV] = str(os.getpid())  # read by bench.launcher_init in the forkserver
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["bench.launcher_init", "llmopt.train", "bench.executors"])
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()  # now, with no signal blocked (an exec'd process keeps its parent's mask)
+    return ctx
+
+
+# ----------------------------------------------------------------------------------------------- submitit
+class SubmititJob(_Job):
+    """One config as one submitit job (local processes or SLURM). The job runs ``llmopt.train`` (or, across
+    nodes, torchrun on every node with c10d rendezvous on the first host) and returns its exit code; the
+    metrics come back through the sweep directory, which a cluster must share between nodes."""
+
+    def __init__(self, executor, sweep_pid: int | None, nproc_per_node: int, *args):
+        super().__init__(*args)
+        self.job = executor.submit(run_in_job, self.argv, _job_env(self.env), self.log_path, os.getcwd(), sweep_pid,
+                                   nproc_per_node)
+        with open(self.log_path, "a") as log:
+            log.write(f"# submitit job {self.job.job_id} ({type(executor).__name__})\n")
+
+    def poll(self) -> Outcome | None:
+        timed_out = time.monotonic() - self.t0 > self.timeout
+        if not self.job.done() and not timed_out:
+            return None
+        wall = time.monotonic() - self.t0
+        if not self.job.done():
+            self.cancel()
+            return outcome_of(None, True, self.timeout, self.metrics_path, self.log_path, wall)
+        state = str(self.job.state).upper()
+        if "TIMEOUT" in state:
+            return outcome_of(None, True, self.timeout, self.metrics_path, self.log_path, wall,
+                              f"SLURM {state} (job {self.job.job_id}): the --slurm-time limit was reached")
+        exc = self.job.exception()
+        if exc is None:
+            return outcome_of(self.job.result(), False, self.timeout, self.metrics_path, self.log_path, wall)
+        rc = 128 + signal.SIGKILL if "OUT_OF_MEMORY" in state else 1
+        reason = f"job {self.job.job_id} ended {state}: {(str(exc).strip().splitlines() or [''])[-1][:300]}"
+        return outcome_of(rc, False, self.timeout, self.metrics_path, self.log_path, wall, reason)
+
+    def cancel(self) -> None:
+        try:
+            self.job.cancel(check=False)
+        except Exception as e:  # the job may have ended meanwhile; say so, never hide a left-over job
+            print(f"bench: could not cancel job {self.job.job_id}: {e}", file=sys.stderr)
+
+
+def _job_env(env: dict) -> dict:
+    """Only what differs from the submitting shell (SLURM nodes have their own environment)."""
+    return {k: v for k, v in env.items() if os.environ.get(k) != v}
+
+
+def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: int | None,
+               nproc_per_node: int = 1) -> int:
+    """Inside a submitit job: run the config, its output into the config's log, and return its exit code.
+    ``sweep_pid`` (submitit-local only): stop when the sweep is gone, as a local config does."""
+    import subprocess
+    import threading
+
+    import submitit
+
+    job_env = submitit.JobEnvironment()
+    cmd = [sys.executable, "-m", "llmopt.train", *argv]
+    if job_env.num_nodes > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={job_env.num_nodes}",
+               f"--node-rank={job_env.node}", f"--nproc-per-node={nproc_per_node}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint={job_env.hostnames[0]}:29500",
+               f"--rdzv-id={job_env.job_id}", "-m", "llmopt.train", *argv]
+    from llmopt.launch import die_with_parent
+
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=dict(os.environ, **env), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        if sweep_pid:
+            def watch():
+                while proc.poll() is None:
+                    try:
+                        os.kill(sweep_pid, 0)
+                    except ProcessLookupError:
+                        proc.kill()
+                        return
+                    time.sleep(1.0)
+
+            threading.Thread(target=watch, daemon=True).start()
+        try:
+            return proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def slurm_parameters(cfg: dict, device: str, timeout: float, gpus_per_node: int, cpus_per_node: int | None,
+                     partition: str | None, account: str | None, extra: dict) -> dict:
+    """submitit parameters for one config: nodes and GPUs from its world size, one task per node (llmopt's
+    launcher or torchrun starts the ranks), a time limit just above the harness's own timeout."""
+    world = cfg["dp"] * cfg["tp"] * cfg["pp"]
+    params = {"timeout_min": int(math.ceil(timeout / 60)) + 1, "tasks_per_node": 1}
+    if device == "cuda":
+        per_node = min(world, gpus_per_node)
+        if world % per_node:
+            raise ExecutorError(f"config of {world} ranks does not fill nodes of {gpus_per_node} GPUs; "
+                                f"use --gpus-per-node that divides it")
+        params.update(nodes=world // per_node, gpus_per_node=per_node)
+    else:
+        params.update(nodes=1)
+    if cpus_per_node:
+        params["cpus_per_task"] = cpus_per_node
+    if partition:
+        params["slurm_partition"] = partition
+    if account:
+        params["slurm_account"] = account
+    if extra:
+        params["slurm_additional_parameters"] = dict(extra)
+    return params
+
+
+def make_submitit_executor(kind: str, folder: str):
+    try:
+        import submitit
+    except ImportError:
+        raise ExecutorError(f"--executor {kind}: submitit is not installed; pip install submitit") from None
+    if kind == "slurm":
+        if shutil.which("sbatch") is None:
+            raise ExecutorError("--executor slurm: no sbatch on PATH (not a SLURM login node?); run from one, or "
+                                "use --executor submitit-local to run the same jobs here")
+        return submitit.AutoExecutor(folder=folder, cluster="slurm")
+    return submitit.LocalExecutor(folder=folder)
+
+
+class Pool:
+    """The sweep's executor and device slots: ``start(entry, slot)`` gives a polled job handle."""
+
+    def __init__(self, executor: str, jobs: str, device: str, out_dir: str, timeout: float, warmup: int,
+                 slurm: dict | None = None):
+        self.executor, self.device, self.out_dir, self.timeout, self.warmup = executor, device, out_dir, timeout, warmup
+        self.jobs, n_gpus = resolve_jobs(jobs, executor, device)
+        self.slurm = slurm or {}
+        if executor == "slurm":  # the cluster places jobs; here only a bound on how many are in flight
+            self.slots = Slots("cpu", 1)
+            self.slots.free = [Slot() for _ in range(self.jobs)]
+        else:
+            self.slots = Slots(device, self.jobs, n_gpus)
+        self.local = executor != "slurm"  # the configs run on this machine (peaks can be measured here)
+        # CPU configs sharing the machine: the report says so, and MFU is against each one's share of the cores
+        self.concurrent_cpu = device == "cpu" and self.local and self.jobs > 1
+        self._launcher = self._submitit = None
+        if executor != "local":  # a missing submitit or sbatch is said now, before the sweep writes anything
+            self._submitit = make_submitit_executor(executor, os.path.join(out_dir, "submitit"))
+        self.jobs_file = os.path.join(out_dir, "submitit", "jobs.jsonl")
+        if executor == "slurm":
+            cancel_leftovers(self.jobs_file)
+
+    def describe(self) -> str:
+        how = {"local": "", "submitit-local": " through submitit's local executor",
+               "slurm": " as SLURM jobs"}[self.executor]
+        return how + (f", {self.jobs} at once" if self.jobs > 1 else "")
+
+    def start(self, entry: dict, slot: Slot):
+        args = (entry, self.out_dir, self.timeout, self.warmup, slot)
+        if self.executor == "local":
+            if self._launcher is None:
+                self._launcher = start_launcher()
+            return LocalJob(self._launcher, *args)
+        params = slurm_parameters(entry["config"], self.device, self.timeout, self.slurm.get("gpus_per_node") or 8,
+                                  self.slurm.get("cpus_per_node"), self.slurm.get("partition"),
+                                  self.slurm.get("account"), self.slurm.get("options") or {})
+        if self.executor == "submitit-local":
+            params = {"timeout_min": params["timeout_min"]}
+            if slot.gpus:
+                params.update(gpus_per_node=len(slot.gpus), visible_gpus=list(slot.gpus))
+        self._submitit.update_parameters(**params)
+        job = SubmititJob(self._submitit, os.getpid() if self.executor == "submitit-local" else None,
+                          params.get("gpus_per_node", 1), *args)
+        with open(self.jobs_file, "a") as f:  # what a resume after a SIGKILLed sweep must cancel
+            f.write(json.dumps({"config_id": entry["config_id"], "job_id": str(job.job.job_id)}) + "\n")
+        return job
+
+
+def cancel_leftovers(jobs_file: str) -> None:
+    """SLURM jobs an earlier, killed run of this sweep left queued or running: cancelled before the resume
+    submits their configs again (one would otherwise write its metrics over the new attempt's)."""
+    if not os.path.exists(jobs_file):
+        return
+    import subprocess
+
+    with open(jobs_file) as f:
+        ids = [json.loads(line)["job_id"] for line in f if line.strip()]
+    if ids:  # scancel ignores jobs that have ended
+        subprocess.run(["scancel", *ids], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        print(f"bench: scancel sent for the {len(ids)} job(s) an earlier run of this sweep submitted", flush=True)
+    os.remove(jobs_file)

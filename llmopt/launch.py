@@ -1,0 +1,231 @@
+"""Starting a config's local ranks: forked from this process on CPU, torch's elastic launcher on CUDA.
+
+``python -m llmopt.train --dp 2`` (no torchrun) starts its own ranks here. Each rank of an exec'd launcher
+imports torch, DTensor, pipelining and dynamo again (seconds a rank; on 2 cores with 4 ranks, the imports of a
+small config cost more than its steps). On CPU the ranks are instead ``os.fork()``-ed from this process after
+it has imported the modules a rank needs and before it has run a single torch op (so no OpenMP pool or other
+thread exists to be copied half-way). On CUDA forking is unsafe once the driver has been touched, and the
+import cost is small beside a GPU step, so CUDA ranks keep torch's elastic launcher, as under ``torchrun``.
+
+Both paths give a rank the same environment torchrun does (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT),
+rendezvous through a c10d TCPStore this process hosts on a free port, stop every rank when one fails, and
+report the rank that failed first for a reason of its own (``root_cause``).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+
+# Modules every rank imports: loaded once in the forking process so that forked ranks start with them.
+RANK_MODULES = ("torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.tensor.parallel",
+                "torch.distributed.pipelining", "torch.distributed.fsdp", "torch._dynamo",
+                "torch.distributed._tools.mem_tracker", "llmopt.step", "llmopt.metrics", "llmopt.memory",
+                "llmopt.convergence", "llmopt.distributed.parallelize")
+# Environment variable a harness may set to choose the launcher: "fork" or "elastic" (default: by device).
+LAUNCHER_ENV = "LLMOPT_LAUNCHER"
+# Errors a rank raises because *another* rank went away: never the root cause when a real error exists.
+_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",
+              "Socket Timeout", "SIGTERM")
+GRACE_S = 1.0  # after the first failure, how long the other ranks get to fail (and say why) on their own
+
+
+def preload() -> None:
+    """Import what a rank needs; never runs a torch op (a forked child must not inherit a thread pool)."""
+    import importlib
+
+    for name in RANK_MODULES:
+        importlib.import_module(name)
+
+
+def launch(nproc: int, argv: list[str], device: str, rank_main, oom_exit: int) -> int:
+    """Run ``rank_main(argv)`` on ``nproc`` local ranks; returns the exit code the launcher should give
+    (``oom_exit`` when a rank was SIGKILLed: nobody here sent it, so it was the kernel's OOM killer)."""
+    how = os.environ.get(LAUNCHER_ENV) or ("fork" if device == "cpu" else "elastic")
+    if how not in ("fork", "elastic"):
+        print(f"error: {LAUNCHER_ENV}={how!r}: use fork or elastic", file=sys.stderr)
+        return 2
+    if how == "fork" and device != "cpu":
+        print(f"error: {LAUNCHER_ENV}=fork: CUDA ranks cannot be forked safely; use elastic", file=sys.stderr)
+        return 2
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    code = _forked(nproc, argv, rank_main) if how == "fork" else _elastic(nproc, argv)
+    return oom_exit if code == -9 else code
+
+
+def _elastic(nproc: int, argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logs = tempfile.TemporaryDirectory(prefix="llmopt-ranks-")  # the agent's files, removed afterwards
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"llmopt-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+                          logs_specs=DefaultLogsSpecs(log_dir=logs.name))
+    try:
+        elastic_launch(config, sys.executable)("-m", "llmopt.train", *argv)
+    except ChildFailedError as e:
+        return _report(e.failures)
+    finally:
+        logs.cleanup()
+    return 0
+
+
+def _forked(nproc: int, argv: list[str], rank_main) -> int:
+    """Fork the ranks, then host their rendezvous store (created after the fork: its server thread stays here),
+    hand each rank the store's port through a pipe, and wait, stopping all ranks when one fails."""
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    preload()
+    errors = tempfile.TemporaryDirectory(prefix="llmopt-ranks-")  # each rank's error file (torch elastic's @record)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pids, pipes = {}, {}
+    for rank in range(nproc):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the rank
+            os.close(w)
+            _rank(rank, nproc, r, os.path.join(errors.name, f"{rank}.json"), argv, rank_main)
+        os.close(r)
+        pids[pid], pipes[rank] = rank, w
+    try:
+        store = TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False)
+        for w in pipes.values():
+            os.write(w, f"{store.port}\n".encode())
+            os.close(w)
+        failures = _wait(pids)
+    except BaseException:  # Ctrl-C or SIGTERM of the launcher: no rank outlives it
+        _stop(pids)
+        raise
+    finally:
+        for w in pipes.values():
+            try:
+                os.close(w)
+            except OSError:
+                pass
+    try:
+        if not failures:
+            return 0
+        return _report({rank: ProcessFailure(rank, pid, code, os.path.join(errors.name, f"{rank}.json"))
+                        for pid, (rank, code) in failures.items()})
+    finally:
+        errors.cleanup()
+
+
+def _rank(rank: int, nproc: int, port_fd: int, error_file: str, argv: list[str], rank_main) -> None:
+    """A forked rank: torchrun's environment, one OpenMP thread pool of its own size, then the rank's main."""
+    code = 1
+    try:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                          MASTER_ADDR="127.0.0.1", TORCHELASTIC_USE_AGENT_STORE="True",
+                          TORCHELASTIC_ERROR_FILE=error_file)
+        with os.fdopen(port_fd) as f:
+            port = f.readline().strip()
+        if not port:  # the launcher died before the store existed
+            os._exit(1)
+        os.environ["MASTER_PORT"] = port
+        import torch
+
+        # OMP_NUM_THREADS is read when torch loads, which was before the fork: apply it to this rank's pool.
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        code = rank_main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _wait(pids: dict[int, int]) -> dict[int, tuple[int, int]]:
+    """Reap the ranks; at the first failure give the others GRACE_S to fail on their own, then stop them.
+    Returns {pid: (rank, exit code)} of the ranks that failed by themselves (signals as negative codes)."""
+    alive, failures, deadline = dict(pids), {}, None
+    while alive:
+        pid, status = os.waitpid(-1, os.WNOHANG) if deadline else os.waitpid(-1, 0)
+        if pid == 0:
+            if time.monotonic() > deadline:
+                _stop(alive)
+                break
+            time.sleep(0.02)
+            continue
+        if pid not in alive:
+            continue
+        rank = alive.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            failures[pid] = (rank, code)
+            deadline = deadline or time.monotonic() + GRACE_S
+    return failures
+
+
+def _stop(alive: dict[int, int]) -> None:
+    """SIGTERM, then SIGKILL after a few seconds, and reap: no rank is left behind."""
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        for pid in alive:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + grace
+        while alive and time.monotonic() < end:
+            for pid in list(alive):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    alive.pop(pid)
+            time.sleep(0.02)
+        if not alive:
+            return
+
+
+def _report(failures: dict) -> int:
+    rank, line, code = root_cause(failures)
+    if code == -9:
+        line = f"killed by SIGKILL (the kernel's OOM killer?): {line}"
+    print(f"error: rank {rank} failed: {line}", file=sys.stderr)
+    return code
+
+
+def root_cause(failures: dict) -> tuple[int, str, int]:
+    """(rank, last error line, exit code) of the rank that failed first for a reason of its own; ``failures``
+    maps rank -> torch elastic's ProcessFailure. A code of -9 is a SIGKILL nobody here sent."""
+
+    def last_line(f) -> str:
+        msg = f.message.get("message", "") if isinstance(f.message, dict) else str(f.message or "")
+        line = (msg.strip().splitlines() or [""])[-1]
+        if not line or "To enable traceback" in line:  # no Python error recorded: it died
+            line = f"exit code {f.exitcode}" + (f" ({f.signal_name()})" if f.exitcode < 0 else "")
+        return line
+
+    def key(item):
+        rank, f = item
+        return (any(s in last_line(f) for s in _SECONDARY), f.timestamp, rank)
+
+    rank, f = min(failures.items(), key=key)
+    return rank, last_line(f), (f.exitcode if f.exitcode > 0 or f.exitcode == -9 else 1)
+
+
+def die_with_parent() -> None:
+    """A rank exits when its launcher does, even one killed by SIGKILL (the elastic agent starts ranks in
+    sessions of their own, outside the process group a harness kills): Linux's PR_SET_PDEATHSIG."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,180 @@
+"""The sweep's launchers and executors: a config forked from the pre-imported launcher is as isolated as one
+exec'd (segfault, hang, allocation until killed), --jobs keeps the plan's rows, submitit's local executor runs
+the same path as SLURM would, and a SIGKILLed sweep resumes without losing or duplicating a row."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from bench.executors import ExecutorError, Slot, Slots, config_env, resolve_jobs, slurm_parameters
+from bench.results import RESULT_COLUMNS
+from conftest import ROOT, processes_with
+
+pytestmark = pytest.mark.multiprocess
+
+# Five configs told apart by seed: seeds 1-3 carry a fault (LLMOPT_FAIL_AT's fourth field), 0 and 4 are healthy.
+FAULTS = "0:1:segv:1,0:1:hang:2,0:1:alloc:3"
+MATRIX = "[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0, 1, 2, 3, 4]\n"
+HEALTHY = "[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0, 4]\n"
+
+
+def bench(*args, env=None, timeout=600):
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "bench.run", "--no-report", *args], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def rows(out) -> list[dict]:
+    with open(os.path.join(out, "results.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def losses(out) -> dict[str, list[float]]:
+    with open(os.path.join(out, "steps.csv")) as f:
+        by: dict[str, list[float]] = {}
+        for s in csv.DictReader(f):
+            by.setdefault(s["config_id"], []).append(float(s["loss"]))
+        return by
+
+
+def test_faulty_configs_touch_no_healthy_one(tmp_path):
+    """A segfault, a hang past --timeout and an allocation until SIGKILL, between two healthy configs: the
+    healthy rows are those of a sweep without the faulty ones, each fault has its status, nothing is left."""
+    (tmp_path / "all.toml").write_text(MATRIX)
+    (tmp_path / "healthy.toml").write_text(HEALTHY)
+    token = uuid.uuid4().hex
+    r = bench("--matrix", str(tmp_path / "all.toml"), "--out", str(tmp_path / "all"), "--timeout", "20",
+              env={"LLMOPT_FAIL_AT": FAULTS, "LLMOPT_TEST_TOKEN": token})
+    assert r.returncode == 1, r.stderr[-2000:]  # failed and timeout rows: the sweep says so
+    assert processes_with(token) == []
+    clean = bench("--matrix", str(tmp_path / "healthy.toml"), "--out", str(tmp_path / "healthy"))
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    got = {row["seed"]: row for row in rows(tmp_path / "all")}
+    assert [row["seed"] for row in rows(tmp_path / "all")] == ["0", "1", "2", "3", "4"]  # plan order kept
+    assert got["1"]["status"] == "failed" and got["1"]["error"] == "killed by SIGSEGV", got["1"]
+    assert got["2"]["status"] == "timeout" and "--timeout" in got["2"]["error"]
+    assert got["3"]["status"] == "oom" and "SIGKILL" in got["3"]["error"]
+    ref, seen = losses(tmp_path / "healthy"), losses(tmp_path / "all")
+    for row in rows(tmp_path / "healthy"):
+        assert got[row["seed"]]["status"] == row["status"] == "ok"
+        assert seen[row["config_id"]] == ref[row["config_id"]]  # bit for bit: same process path, same seed
+
+
+def test_jobs_two_gives_the_rows_of_jobs_one(tmp_path):
+    m = tmp_path / "m.toml"
+    m.write_text("[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\noptimizer = ['sgd', 'adamw']\n"
+                 "dp = [1, 2]\n")
+    one, two = bench("--matrix", str(m), "--out", str(tmp_path / "one")), \
+        bench("--matrix", str(m), "--out", str(tmp_path / "two"), "--jobs", "2")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert [r["config_id"] for r in a] == [r["config_id"] for r in b]  # same rows, same order
+    assert [r["status"] for r in a] == [r["status"] for r in b] == ["ok"] * len(a)
+    la, lb = losses(tmp_path / "one"), losses(tmp_path / "two")
+    for cid, curve in la.items():  # fewer threads per config: reductions may round differently, nothing more
+        assert lb[cid] == pytest.approx(curve, abs=1e-5)
+    env = json.loads((tmp_path / "two" / "env.json").read_text())
+    assert env["jobs"] == 2 and env["concurrent_cpu"] is True
+    assert all("cores (--jobs)" in r["peak_flops_source"] for r in b)  # MFU against the config's share
+    from bench.report import write_report
+
+    assert "Figures taken concurrently" in open(write_report(str(tmp_path / "two"))).read()
+
+
+def test_submitit_local_runs_the_smoke_matrix(tmp_path):
+    pytest.importorskip("submitit")
+    r = bench("--matrix", "smoke", "--out", str(tmp_path / "o"), "--executor", "submitit-local")
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "o" / "results.csv") as f:
+        assert next(csv.reader(f)) == RESULT_COLUMNS
+    got = rows(tmp_path / "o")
+    assert len(got) == 5 and {row["status"] for row in got} == {"ok"}
+    assert all(float(row["tokens_per_s"]) > 0 and 0 < float(row["mfu"]) <= 1 for row in got)
+    assert {row["parity_verdict"] for row in got} <= {"baseline", "exact"}
+    for row in got:  # the job id is in the config's log, and the job's own files under the sweep
+        assert "# submitit job " in (tmp_path / "o" / "logs" / f"{row['config_id']}.log").read_text()
+    assert (tmp_path / "o" / "submitit").is_dir()
+
+
+@pytest.mark.parametrize("executor", ["local", "submitit-local"])
+def test_resume_after_sigkill_under_each_executor(tmp_path, executor):
+    """SIGKILL of the sweep alone while its second config hangs: that config's processes must still go (the
+    forkserver, the config and its ranks die with the sweep; a submitit job watches the sweep), and --resume
+    then finishes the plan with every row once."""
+    if executor != "local":
+        pytest.importorskip("submitit")
+    m = tmp_path / "m.toml"
+    m.write_text("[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0, 1, 2, 3]\n")
+    out, token = tmp_path / "o", uuid.uuid4().hex
+    e = dict(os.environ, OMP_NUM_THREADS="1", LLMOPT_TEST_TOKEN=token, LLMOPT_FAIL_AT="0:1:hang:1")
+    proc = subprocess.Popen([sys.executable, "-m", "bench.run", "--matrix", str(m), "--out", str(out), "--no-report",
+                             "--executor", executor], cwd=ROOT, env=e, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    results, deadline = out / "results.csv", time.time() + 180
+    while time.time() < deadline and len(rows(out) if results.exists() else []) < 1:
+        time.sleep(0.1)
+    time.sleep(2)  # the seed-1 config is hanging now
+    proc.send_signal(signal.SIGKILL)  # the sweep alone: its configs must notice and go
+    proc.wait()
+    before = rows(out)
+    assert len(before) == 1
+    deadline = time.time() + 30
+    while processes_with(token) and time.time() < deadline:
+        time.sleep(0.2)
+    assert processes_with(token) == []  # nothing left running from the killed sweep
+    r = bench("--resume", "--out", str(out), "--executor", executor)
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = rows(out)
+    assert len(after) == 4 and len({row["config_id"] for row in after}) == 4
+    assert {row["status"] for row in after} == {"ok"} and after[:1] == before
+    assert sorted(len(c) for c in losses(out).values()) == [3] * 4  # no steps duplicated either
+
+
+def test_slots_pack_gpus_and_split_cores():
+    gpus = Slots("cuda", jobs=8, n_gpus=4)
+    a, b = gpus.take(2, running=0), gpus.take(2, running=1)
+    assert a.gpus == (0, 1) and b.gpus == (2, 3) and gpus.take(1, running=2) is None
+    gpus.give(a)
+    assert gpus.take(1, running=1).gpus == (0,)
+    assert gpus.too_big(8) == "needs 8 GPUs, this machine has 4" and gpus.too_big(4) is None
+    env = config_env({"dp": 2, "tp": 1, "pp": 1}, Slot(gpus=(2, 3)))
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= 2:
+        cpu = Slots("cpu", jobs=2)
+        x, y = cpu.take(1, 0), cpu.take(4, 1)
+        assert set(x.cpus).isdisjoint(y.cpus) and cpu.take(1, 2) is None
+        assert config_env({"dp": 1, "tp": 1, "pp": 1}, x)["OMP_NUM_THREADS"] == str(len(x.cpus))
+    with pytest.raises(ExecutorError, match="--jobs"):
+        Slots("cpu", jobs=len(cores) + 1)
+    assert resolve_jobs("auto", "local", "cpu") == (1, 0)  # one at a time on CPU unless asked
+    with pytest.raises(ExecutorError, match="--jobs"):
+        resolve_jobs("zero", "local", "cpu")
+
+
+def test_slurm_parameters_follow_the_world_size():
+    cfg = {"dp": 4, "tp": 4, "pp": 1}
+    p = slurm_parameters(cfg, "cuda", 900, 8, 64, "gpu", "proj", {"constraint": "h100"})
+    assert p == {"timeout_min": 16, "tasks_per_node": 1, "nodes": 2, "gpus_per_node": 8, "cpus_per_task": 64,
+                 "slurm_partition": "gpu", "slurm_account": "proj",
+                 "slurm_additional_parameters": {"constraint": "h100"}}
+    assert slurm_parameters({"dp": 2, "tp": 1, "pp": 1}, "cuda", 60, 8, None, None, None, {})["gpus_per_node"] == 2
+    with pytest.raises(ExecutorError, match="--gpus-per-node"):
+        slurm_parameters({"dp": 12, "tp": 1, "pp": 1}, "cuda", 60, 8, None, None, None, {})
+
+
+def test_slurm_without_a_cluster_is_one_line(tmp_path):
+    r = bench("--matrix", "smoke", "--out", str(tmp_path / "o"), "--executor", "slurm",
+              env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and r.stderr.startswith("error: --executor slurm: no sbatch"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    for args in (["--jobs", "0"], ["--slurm-option", "novalue", "--executor", "slurm"],
+                 ["--slurm-partition", "gpu"]):
+        r = bench("--matrix", "smoke", "--out", str(tmp_path / "p"), *args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, args
