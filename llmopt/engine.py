@@ -5,7 +5,7 @@ peer (``llmopt.accelerate_engine.AccelerateEngine``) implement. ``llmopt.step`` 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -36,6 +36,10 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     noise_scale: NoiseScale | None = None  # --gns: running estimate of the gradient noise scale
     engine: Engine | None = None           # the engine that built this state; steps it
+    # The next step's micro-batches, built while the device runs this step's kernels (CUDA: the host is
+    # otherwise idle until the loss is read; on CPU the work is the same either way, so it is off there).
+    prefetch: bool = False
+    prefetched: dict[int, list] = field(default_factory=dict)
 
     @property
     def model(self):
@@ -46,6 +50,18 @@ class Engine(Protocol):
     def build(self, cfg: TrainConfig, device: torch.device) -> TrainState: ...
 
     def step(self, state: TrainState, step: int, batches=None) -> StepStats: ...
+
+
+def step_batches(state: TrainState, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The micro-batches of ``step``: prefetched by the previous step when ``state.prefetch``, else built now."""
+    batches = state.prefetched.pop(step, None)
+    state.prefetched.clear()  # a batch for another step (a run that jumped) is never used
+    return micro_batches(state, step) if batches is None else batches
+
+
+def prefetch_next(state: TrainState, step: int) -> None:
+    if state.prefetch:
+        state.prefetched[step + 1] = micro_batches(state, step + 1)
 
 
 def micro_batches(state: TrainState, step: int, split: str = "train") -> list[tuple[torch.Tensor, torch.Tensor]]:

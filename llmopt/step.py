@@ -11,7 +11,8 @@ import torch
 
 from llmopt.data import build_source
 from llmopt.distributed.parallelize import by_mesh, parallelize
-from llmopt.engine import Engine, StepStats, TrainState, micro_batches  # noqa: F401 (micro_batches: re-exported)
+from llmopt.engine import (Engine, StepStats, TrainState, micro_batches,  # noqa: F401 (micro_batches: re-exported)
+                           prefetch_next, step_batches)
 from llmopt.metrics import NoiseScale
 from llmopt.optim import build_optimizer, build_scheduler
 from llmopt.precision import autocast, check_precision, grad_scaler
@@ -68,7 +69,7 @@ class NativeEngine:
         source = build_source(cfg.data, cfg.model_config.vocab_size, cfg.seed, cfg.tokenizer)
         noise = NoiseScale(cfg.micro_batch, cfg.global_batch) if cfg.gns else None
         return TrainState(cfg, device, layout, optimizer, grad_scaler(cfg.precision, device.type), source,
-                          build_scheduler(optimizer, cfg), noise)
+                          build_scheduler(optimizer, cfg), noise, prefetch=device.type == "cuda")
 
     def step(self, state: TrainState, step: int, batches=None) -> StepStats:
         return _native_step(state, step, batches)
@@ -76,11 +77,14 @@ class NativeEngine:
 
 def _native_step(state: TrainState, step: int, batches=None) -> StepStats:
     cfg, layout, opt, scaler = state.cfg, state.layout, state.optimizer, state.scaler
-    batches = micro_batches(state, step) if batches is None else batches
+    given = batches is not None
+    batches = batches if given else step_batches(state, step)
     opt.zero_grad(set_to_none=True)
     small = []  # --gns: the squared norm of the first micro-batch's gradient, taken before the next adds to it
     probe = (lambda: small.append(layout.grad_sq_norm() * len(batches) ** 2)) if state.noise_scale else None
     local_loss = layout.forward_backward(batches, autocast(cfg.precision, state.device.type), scaler, probe)
+    if not given:
+        prefetch_next(state, step)  # while the device works through the backward pass
     layout.finish_grads()
     if scaler is not None:
         scaler.unscale_(opt)  # the inf check is global: see llmopt.precision.GradScaler

@@ -77,3 +77,20 @@ def test_hf_model_impl_trains_through_the_same_step():
     ls, state = losses(TrainConfig(global_batch=8, seq_len=64, steps=30, model_impl="hf"))
     assert type(state.model).__name__ == "HFCausalLM"
     assert_falls(ls, state)
+
+
+def test_prefetched_batches_are_the_batches_of_their_step():
+    """The CUDA prefetch (the next step's batch built while the device runs this one), exercised on CPU: the
+    same losses as building each batch when its step starts, and a skipped step never reads a stale batch."""
+    cfg = validate(TrainConfig(global_batch=4, seq_len=32, steps=4, grad_accum=2))
+    plain, _ = losses(cfg)
+    state = build(cfg, CPU)
+    state.prefetch = True
+    ahead = [train_step(state, s).loss.item() for s in range(cfg.steps)]
+    assert ahead == plain and list(state.prefetched) == [cfg.steps]
+    jumped = build(cfg, CPU)
+    jumped.prefetch = True
+    train_step(jumped, 0)
+    fresh = build(cfg, CPU)
+    train_step(fresh, 0)
+    assert train_step(jumped, 2).loss.item() == train_step(fresh, 2).loss.item()
