@@ -335,8 +335,11 @@ class SubmititJob(_Job):
 
     def __init__(self, executor, sweep_pid: int | None, nproc_per_node: int, *args):
         super().__init__(*args)
+        self.cancel_path = self.metrics_path + ".cancel"
+        if os.path.exists(self.cancel_path):
+            os.remove(self.cancel_path)
         self.job = executor.submit(run_in_job, self.argv, _job_env(self.env), self.log_path, os.getcwd(), sweep_pid,
-                                   nproc_per_node)
+                                   nproc_per_node, self.cancel_path)
         with open(self.log_path, "a") as log:
             log.write(f"# submitit job {self.job.job_id} ({type(executor).__name__})\n")
 
@@ -347,6 +350,10 @@ class SubmititJob(_Job):
         wall = time.monotonic() - self.t0
         if not self.job.done():
             self.cancel()
+            end = time.monotonic() + 15.0  # the job's processes are gone before the next config starts
+            while not self.job.done() and time.monotonic() < end:
+                time.sleep(0.1)
+            os.remove(self.cancel_path)
             return outcome_of(None, True, self.timeout, self.metrics_path, self.log_path, wall)
         state = str(self.job.state).upper()
         if "TIMEOUT" in state:
@@ -360,6 +367,10 @@ class SubmititJob(_Job):
         return outcome_of(rc, False, self.timeout, self.metrics_path, self.log_path, wall, reason)
 
     def cancel(self) -> None:
+        """The cancel file stops the config within a second wherever it runs (a signal to submitit's local
+        controller is lost when the sweep was started with SIGINT ignored); then the scheduler's cancel."""
+        with open(self.cancel_path, "w"):
+            pass
         try:
             self.job.cancel(check=False)
         except Exception as e:  # the job may have ended meanwhile; say so, never hide a left-over job
@@ -372,9 +383,10 @@ def _job_env(env: dict) -> dict:
 
 
 def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: int | None,
-               nproc_per_node: int = 1) -> int:
+               nproc_per_node: int = 1, cancel_path: str | None = None) -> int:
     """Inside a submitit job: run the config, its output into the config's log, and return its exit code.
-    ``sweep_pid`` (submitit-local only): stop when the sweep is gone, as a local config does."""
+    It stops when ``cancel_path`` appears (the sweep cancelled it) or, with ``sweep_pid`` (submitit-local),
+    when the sweep is gone, as a local config does."""
     import subprocess
     import threading
 
@@ -392,17 +404,20 @@ def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: i
     with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=dict(os.environ, **env), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
-        if sweep_pid:
-            def watch():
-                while proc.poll() is None:
+        def watch():
+            while proc.poll() is None:
+                if cancel_path and os.path.exists(cancel_path):
+                    proc.kill()  # its ranks follow (PR_SET_PDEATHSIG)
+                    return
+                if sweep_pid:
                     try:
                         os.kill(sweep_pid, 0)
                     except ProcessLookupError:
                         proc.kill()
                         return
-                    time.sleep(1.0)
+                time.sleep(0.5)
 
-            threading.Thread(target=watch, daemon=True).start()
+        threading.Thread(target=watch, daemon=True).start()
         try:
             return proc.wait()
         finally:

@@ -6,13 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 import torch
 
 from bench.matrix import MatrixError, config_id, expand, layouts, load_toml, parse_filter
 from bench.results import RESULT_COLUMNS, STEP_COLUMNS
-from conftest import ROOT
+from conftest import ROOT, processes_with
 
 REQUIRED = ["config_id", "status", "error", "model_impl", "preset", "device", "world_size", "dp", "dp_mode", "tp",
             "pp", "pp_schedule", "precision", "grad_accum", "micro_batch", "global_batch", "seq_len", "optimizer",
@@ -194,12 +195,13 @@ def test_failures_become_rows_and_leave_no_process(tmp_path):
 
 def test_timeout_kills_the_config(tmp_path):
     m = write_toml(tmp_path / "m.toml", "[base]\nsteps = 200\n[matrix]\ndp = [2]\n")
-    r = bench("--matrix", m, "--out", str(tmp_path / "o"), "--no-report", "--timeout", "3")
+    token = uuid.uuid4().hex  # forked configs carry the sweep's environment, not a command line of their own
+    r = bench("--matrix", m, "--out", str(tmp_path / "o"), "--no-report", "--timeout", "3",
+              env={"LLMOPT_TEST_TOKEN": token})
     assert r.returncode == 1 and r.stdout.strip().splitlines()[-1] == "bench: timeout 2", r.stdout[-1000:]
     rows = read_csv(tmp_path / "o" / "results.csv")
     assert {row["status"] for row in rows} == {"timeout"} and "--timeout" in rows[0]["error"]
-    out = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout
-    assert out.strip() == ""
+    assert processes_with(token) == []
 
 
 def test_resume_after_sigkill(tmp_path):

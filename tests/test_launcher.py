@@ -102,6 +102,19 @@ def test_submitit_local_runs_the_smoke_matrix(tmp_path):
     assert (tmp_path / "o" / "submitit").is_dir()
 
 
+def test_submitit_local_timeout_leaves_nothing(tmp_path):
+    pytest.importorskip("submitit")
+    m = tmp_path / "m.toml"
+    m.write_text("[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0, 1]\n")
+    token = uuid.uuid4().hex
+    r = bench("--matrix", str(m), "--out", str(tmp_path / "o"), "--executor", "submitit-local", "--timeout", "15",
+              env={"LLMOPT_FAIL_AT": "0:1:hang:1", "LLMOPT_TEST_TOKEN": token})
+    assert r.returncode == 1, r.stderr[-2000:]
+    got = {row["seed"]: row for row in rows(tmp_path / "o")}
+    assert got["0"]["status"] == "ok" and got["1"]["status"] == "timeout" and "--timeout" in got["1"]["error"]
+    assert processes_with(token) == []
+
+
 @pytest.mark.parametrize("executor", ["local", "submitit-local"])
 def test_resume_after_sigkill_under_each_executor(tmp_path, executor):
     """SIGKILL of the sweep alone while its second config hangs: that config's processes must still go (the
