@@ -16,8 +16,9 @@ matrix is kept, except on the explicit bf16 CPU path of ``model.causal_attention
   block also keeps its attention probabilities: n_head / tp * T bf16 values per token.
 * llmopt's fused head (``model.LinearCrossEntropy``) keeps the final LayerNorm's input (C) and the
   gradient of its output (C) per token, the head's weight gradient (V x C) and, while it runs, one chunk's
-  logits and softmax (in the matmul dtype). Where logits are materialised (HF's model, a pipeline's last
-  stage) the head keeps the LayerNorm input and output (2C) and the log-probabilities (V) per token, and the
+  logits and softmax (in the matmul dtype); a pipeline's last stage computes the same fused loss (the targets
+  travel through the stages) and keeps one weight gradient per chunk in flight. Where logits are materialised
+  (HF's model) the head keeps the LayerNorm input and output (2C) and the log-probabilities (V) per token, and the
   backward of the loss two more V-sized temporaries. HF's ``gelu_new`` is written in Python ops and keeps
   three more 4C tensors per block.
 * with activation checkpointing a block keeps only its input (C, fp32) and backward recomputes one block
@@ -96,7 +97,7 @@ def _act_bytes_per_token(cfg, stage: int, dtype_bytes: int) -> float:
     n_layers = len(stage_layers(m.n_layer, cfg.pp, stage))
     head = 0
     if stage == cfg.pp - 1:
-        if cfg.model_impl == "hf" or cfg.pp > 1:  # logits -> cross-entropy: log-probs, two backward temps
+        if cfg.model_impl == "hf":  # logits -> cross-entropy: log-probs, two backward temps
             head = 2 * C * 4 + 3 * V * 4
         else:  # llmopt's fused linear + cross-entropy: LN input and the stored gradient of h
             head = 2 * C * 4
@@ -131,20 +132,20 @@ def predict_memory(cfg) -> MemoryPrediction:
             # all-gathered while in use: the root's parameters (not resharded after forward) and one block's
             one_block = one_block_params(cfg)
             params += 4 * (full - len(stage_layers(m.n_layer, cfg.pp, stage)) * one_block + one_block)
-        fused_head = stage == cfg.pp - 1 and cfg.model_impl == "llmopt" and cfg.pp == 1
+        fused_head = stage == cfg.pp - 1 and cfg.model_impl == "llmopt"
         if cfg.activation_checkpointing and fused_head and cfg.tp == 1:
             # checkpointed blocks are small, so the peak moves into backward, while a block is recomputed:
             # the head's weight gradient and the gradients of the blocks after it already exist (bounded
             # here by all blocks but the first)
             later = full - (one_block_params(cfg) if m.n_layer > 1 else 0)
-            grads += 4 * (-(-later // cfg.dp) if fsdp else later)
+            grads = max(grads, 4 * (-(-later // cfg.dp) if fsdp else later))  # not on top of kept ones
         ddp = cfg.dp > 1 and cfg.dp_mode == "ddp"
         if ddp and cfg.tp == 1 and cfg.pp == 1:
             grads += params  # DistributedDataParallel's gradient buckets
         opt = OPT_STATES[cfg.optimizer] * 4 * n
         if ddp and (cfg.tp > 1 or cfg.pp > 1):
             params *= 2  # composable replicate keeps an unsharded copy beside each (replicated) parameter
-        tokens = cfg.micro_batch * cfg.seq_len
+        tokens, in_flight = cfg.micro_batch * cfg.seq_len, 1
         if cfg.pp > 1:
             chunk = tokens // cfg.pp_microbatches
             in_flight = cfg.pp_microbatches if cfg.pp_schedule == "gpipe" else min(cfg.pp_microbatches, cfg.pp - stage)
@@ -152,10 +153,11 @@ def predict_memory(cfg) -> MemoryPrediction:
         dtype_bytes = 4 if cfg.precision == "fp32" else 2
         act = _act_bytes_per_token(cfg, stage, dtype_bytes) * tokens
         if fused_head:
-            # the fused head's stored weight gradient (counted as a gradient above under checkpointing,
-            # where it has become one by the peak) and one chunk's logits and softmax
+            # the fused head's stored weight gradient, one per pipeline chunk in flight (counted as a gradient
+            # above under checkpointing, where it has become one by the peak), and one chunk's logits and softmax
             head_chunk = min(HEAD_CHUNK_ROWS, tokens) * m.vocab_size
-            act += 4 * m.vocab_size * m.n_embd * (not cfg.activation_checkpointing) + 2 * dtype_bytes * head_chunk
+            act += (4 * m.vocab_size * m.n_embd * in_flight * (not cfg.activation_checkpointing)
+                    + 2 * dtype_bytes * head_chunk)
         if cfg.precision != "fp32":
             # autocast's 16-bit copies of the weights (under FSDP, of the gathered ones), kept to its exit
             act += 2 * (full - (m.vocab_size + m.block_size) * m.n_embd * (stage == 0))

@@ -161,7 +161,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (B, T) token ids (or, on a later pipeline stage, (B, T, C) hidden states).
 
-        Returns logits (B, T, vocab) or, with ``targets``, the mean cross-entropy as a scalar tensor.
+        Returns logits (B, T, vocab) or, with ``targets``, the mean cross-entropy as a scalar tensor (fused
+        with the head: no (B, T, vocab) logits); an inner pipeline stage returns its hidden states, with the
+        targets beside them when it was given some, so that the last stage computes the same fused loss.
         """
         if self.wte is not None:
             T = idx.size(1)
@@ -171,10 +173,14 @@ class GPT(nn.Module):
             x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         else:
             x = idx
+            if targets is not None:
+                # A later pipeline stage: torch.distributed.pipelining infers its output shapes by running it
+                # once on uninitialised tensors, targets included; in range, real targets are unchanged.
+                targets = targets.clamp(0, self.config.vocab_size - 1)
         for block in self.h.values():
             x = block(x)
-        if self.ln_f is None:
-            return x  # an inner pipeline stage hands on hidden states
+        if self.ln_f is None:  # an inner pipeline stage hands on hidden states (and the targets, for the last)
+            return x if targets is None else (x, targets)
         h = self.ln_f(x)
         if targets is None:
             return F.linear(h, self.lm_head_weight)  # (B, T, V); tied head, no bias

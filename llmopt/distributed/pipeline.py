@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.tensor import DTensor
@@ -89,8 +88,10 @@ class Pipeline:
         self.schedule = SCHEDULES[schedule](self.stage, n_chunks, loss_fn=self._loss_fn, scale_grads=False)
         self.tied = TiedHead(mesh, stage, n_stages, unwrapped)
 
-    def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / self.loss_divisor
+    def _loss_fn(self, chunk_loss: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The last stage's output already is the chunk's mean loss: the model's fused head computed it from
+        the targets the stages handed on (``GPT.forward``), as it does without a pipeline."""
+        loss = chunk_loss / self.loss_divisor
         self._chunk_losses.append(loss.detach())
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
@@ -117,7 +118,7 @@ class Pipeline:
         with amp:
             # return_outputs=False: the last stage would otherwise keep every chunk's logits to merge them
             if self.first:
-                run(x, target=y if self.last else None, return_outputs=False)
+                run(x, y.contiguous(), target=y if self.last else None, return_outputs=False)  # y is sent on
             elif self.last:
                 run(target=y, return_outputs=False)
             else:
