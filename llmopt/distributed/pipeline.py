@@ -6,6 +6,11 @@ A stage is the model itself with the blocks of other stages deleted (``split_sta
 the embeddings, the last keeps the final LayerNorm and the output head. The head is tied to the token
 embedding, which lives on the first stage, so the last stage holds a copy (``lm_head``) and the two
 gradients are summed after backward (``TiedHead.sync_grads``): both copies then take the same update.
+
+The loss is the same fused linear + cross-entropy as without a pipeline (no (B, T, vocab) logits): the first
+stage receives each chunk's targets beside its tokens and every stage hands them on beside the hidden states
+(int64, a few KiB a chunk), so the last stage's forward returns the chunk's loss and the schedule's
+``loss_fn`` only scales it.
 """
 from __future__ import annotations
 
