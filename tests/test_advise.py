@@ -21,7 +21,8 @@ def test_memory_side_is_the_harness_prediction_on_every_reference_row():
     for _, r in rows.iterrows():
         pred, low, high = advise.layout_memory(advise.row_config(r))
         assert pred == r.predicted_memory_bytes, (r.reference, r.config_id, pred, r.predicted_memory_bytes)
-        assert low <= r.peak_memory_bytes <= high  # the band is the one measured on these rows
+        # the band is the one measured on these rows (the extreme rows sit on its edges, up to rounding)
+        assert low * (1 - 1e-12) <= r.peak_memory_bytes <= high * (1 + 1e-12)
 
 
 def test_communication_volume_matches_hand_computed_bytes():
