@@ -218,7 +218,9 @@ class LocalJob(_Job):
 
     def __init__(self, launcher, *args):
         super().__init__(*args)
-        self.proc = launcher.Process(target=config_process, daemon=False,
+        # daemon: should the sweep ever exit with a config still running, multiprocessing terminates it
+        # instead of waiting for it at interpreter exit
+        self.proc = launcher.Process(target=config_process, daemon=True,
                                      args=(self.argv, self.env, self.log_path, os.getcwd(), self.slot.cpus))
         self.proc.start()
 
@@ -227,13 +229,17 @@ class LocalJob(_Job):
         timed_out = self.proc.exitcode is None and time.monotonic() - self.t0 > self.timeout
         if self.proc.exitcode is None and not timed_out:
             return None
-        kill_group(self.proc.pid, lambda: self.proc.join(0))
+        kill_group(self.proc.pid, self._running)
         self.proc.join()
         return outcome_of(self.proc.exitcode, timed_out, self.timeout, self.metrics_path, self.log_path,
                           time.monotonic() - self.t0)
 
     def cancel(self) -> None:
-        kill_group(self.proc.pid, lambda: self.proc.join(0))
+        kill_group(self.proc.pid, self._running)
+
+    def _running(self) -> bool:
+        self.proc.join(0)
+        return self.proc.exitcode is None
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
@@ -289,17 +295,21 @@ def config_process(argv: list[str], env: dict, log_path: str, cwd: str, cpus) ->
         os._exit(code)
 
 
-def kill_group(pgid: int, reap) -> None:
-    """Every process of the config (its leader, ranks, their children) is gone after this."""
+def kill_group(pgid: int, leader_running) -> None:
+    """Every process of the config (its leader, ranks, their children) is gone after this. A leader not yet
+    past its ``setsid`` (a cancel right after the fork) leads no group and has no children yet: it is signalled
+    alone. ``leader_running()`` reaps the leader where this process can, and says whether it still runs."""
     for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
-            return
+            try:
+                os.kill(pgid, sig)
+            except ProcessLookupError:
+                return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            reap()  # an unreaped (zombie) leader still counts as a member of its group
-            if not _group_alive(pgid):
+            if not leader_running() and not _group_alive(pgid):
                 return
             time.sleep(0.05)
 
@@ -492,11 +502,16 @@ class Pool:
                "slurm": " as SLURM jobs"}[self.executor]
         return how + (f", {self.jobs} at once" if self.jobs > 1 else "")
 
+    def ready(self) -> None:
+        """Start the local launcher, if it is needed and not running: outside ``signals_held``, since an exec'd
+        process keeps the signal mask it was started with."""
+        if self.executor == "local" and self._launcher is None:
+            self._launcher = start_launcher()
+
     def start(self, entry: dict, slot: Slot):
         args = (entry, self.out_dir, self.timeout, self.warmup, slot)
         if self.executor == "local":
-            if self._launcher is None:
-                self._launcher = start_launcher()
+            self.ready()
             return LocalJob(self._launcher, *args)
         params = slurm_parameters(entry["config"], self.device, self.timeout, self.slurm.get("gpus_per_node") or 8,
                                   self.slurm.get("cpus_per_node"), self.slurm.get("partition"),

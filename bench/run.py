@@ -506,6 +506,7 @@ class _Runner:
                 if self.pool.slots.device != "cuda":
                     break  # equal slots: nothing later fits either
                 continue
+            self.pool.ready()
             with signals_held():  # a stop signal lands after the handle is held, so the config is cancelled
                 running[k] = self.pool.start(entry, slot)
         while start < len(todo) and (start in running or start in outcomes):

@@ -191,3 +191,21 @@ def test_slurm_without_a_cluster_is_one_line(tmp_path):
                  ["--slurm-partition", "gpu"]):
         r = bench("--matrix", "smoke", "--out", str(tmp_path / "p"), *args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, args
+
+
+def test_a_config_cancelled_right_after_its_fork_is_gone(tmp_path):
+    """Cancel as soon as the launcher has forked the config, before it can have made its own process group
+    (the race a SIGTERM to the sweep can hit): the config must still go, not run on unowned."""
+    from bench.executors import Pool
+    from bench.matrix import expand
+
+    (tmp_path / "m.toml").write_text("[base]\nsteps = 100000\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0]\n")
+    os.makedirs(tmp_path / "o" / "logs")
+    os.makedirs(tmp_path / "o" / "metrics")
+    entry = expand(str(tmp_path / "m.toml"), "cpu", 4)[0]
+    pool = Pool("local", "1", "cpu", str(tmp_path / "o"), 60.0, 1)
+    for _ in range(3):
+        job = pool.start(entry, pool.slots.take(1, 0))
+        job.cancel()
+        assert job.proc.exitcode is not None  # gone, and reaped by its forkserver
+        pool.slots.give(job.slot)
