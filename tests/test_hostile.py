@@ -231,7 +231,7 @@ def test_terminating_the_sweep_stops_the_running_config(tmp_path, sig, dp):
     p = subprocess.Popen([sys.executable, "-m", "bench.run", "--matrix", str(tmp_path / "m.toml"), "--out",
                           str(tmp_path / "o"), "--no-report", "--timeout", "15"], cwd=ROOT, env=e,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    want = 1 if dp == 1 else 3  # the config's process, or its launcher and two ranks
+    want = 2 if dp == 1 else 4  # the sweep's launcher and the config's process (and its two ranks)
     _wait_for(lambda: len(_descendants(p.pid)) >= want or None, timeout=60)
     time.sleep(2)
     tree = _descendants(p.pid)
