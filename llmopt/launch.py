@@ -88,8 +88,9 @@ def _forked(nproc: int, argv: list[str], rank_main) -> int:
     for rank in range(nproc):
         r, w = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the rank
-            os.close(w)
+        if pid == 0:  # the rank: only its own pipe's read end, so a launcher's death is EOF to every rank
+            for fd in (w, *pipes.values()):
+                os.close(fd)
             _rank(rank, nproc, r, os.path.join(errors.name, f"{rank}.json"), argv, rank_main)
         os.close(r)
         pids[pid], pipes[rank] = rank, w
