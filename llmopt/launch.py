@@ -122,6 +122,9 @@ def _rank(rank: int, nproc: int, port_fd: int, error_file: str, argv: list[str],
     """A forked rank: torchrun's environment, one OpenMP thread pool of its own size, then the rank's main."""
     code = 1
     try:
+        # TORCHELASTIC_USE_AGENT_STORE: torch's env:// rendezvous then connects every rank, rank 0 included, as
+        # a client of the store the launcher hosts (torch elastic's own contract with its ranks; an environment
+        # variable rather than a documented API, so every multi-rank CPU test depends on it)
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                           MASTER_ADDR="127.0.0.1", TORCHELASTIC_USE_AGENT_STORE="True",
                           TORCHELASTIC_ERROR_FILE=error_file)
