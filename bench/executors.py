@@ -24,6 +24,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from llmopt.config import TrainConfig
+
 EXECUTORS = ("local", "submitit-local", "slurm")
 SLURM_IN_FLIGHT = 256  # --jobs auto under slurm: the scheduler queues; this bounds what one sweep submits
 
@@ -47,18 +49,24 @@ class Slot:
     gpus: tuple[int, ...] | None = None
 
 
+def world_size(cfg: dict) -> int:
+    """Ranks of a plan entry's config (``TrainConfig.world_size``: one definition)."""
+    return TrainConfig(**cfg).world_size
+
+
 class Slots:
     """Disjoint device sets for concurrent configs. CPU: ``jobs`` equal groups of the cores this process may
     use, one per config whatever its world size (its ranks share the group). CUDA: a config of world size w
-    takes w free GPUs. ``jobs`` = 1 on CPU is one slot with no pinning: today's behaviour exactly."""
+    takes w free GPUs. ``jobs`` = 1 on CPU is one slot with no pinning: today's behaviour exactly; ``pin``
+    False gives ``jobs`` unpinned slots (SLURM: the configs run elsewhere, the slots only bound how many)."""
 
-    def __init__(self, device: str, jobs: int, n_gpus: int = 0):
+    def __init__(self, device: str, jobs: int, n_gpus: int = 0, pin: bool = True):
         self.device, self.jobs = device, jobs
         if device == "cuda":
             self.free_gpus = list(range(n_gpus))
             self.total = n_gpus
-        elif jobs == 1:
-            self.free = [Slot()]
+        elif jobs == 1 or not pin:
+            self.free = [Slot() for _ in range(jobs)]
         else:
             cores = sorted(os.sched_getaffinity(0))
             if jobs > len(cores):
@@ -124,7 +132,7 @@ def config_argv(entry: dict, metrics_path: str, warmup: int) -> list[str]:
 def config_env(cfg: dict, slot: Slot) -> dict:
     """The config's environment: its ranks split the slot's cores (or the machine's) between them."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    world = cfg["dp"] * cfg["tp"] * cfg["pp"]
+    world = world_size(cfg)
     cores = len(slot.cpus) if slot.cpus else (os.cpu_count() or 1)
     if world > 1 or slot.cpus:
         env["OMP_NUM_THREADS"] = str(max(1, cores // world))
@@ -258,12 +266,11 @@ class signals_held:
 def config_process(argv: list[str], env: dict, log_path: str, cwd: str, cpus) -> None:
     """A config's own process (forked from the launcher): its session, environment, cores and log, then
     ``llmopt.train``'s main, which forks the ranks on CPU."""
-    code = 1
-    try:
+    from llmopt.launch import die_with_parent, exit_after, forked_threads
+
+    def body() -> int:
         signal.pthread_sigmask(signal.SIG_SETMASK, set())  # forked while the sweep held its stop signals
         os.setsid()
-        from llmopt.launch import die_with_parent
-
         die_with_parent()  # the launcher dies with the sweep, even a SIGKILLed one; so does this config
         os.chdir(cwd)
         os.environ.clear()
@@ -275,24 +282,13 @@ def config_process(argv: list[str], env: dict, log_path: str, cwd: str, cpus) ->
         os.dup2(fd, 2)
         os.close(fd)
         sys.stdout.reconfigure(line_buffering=True)
-        import torch
-
-        # OMP_NUM_THREADS was read when torch loaded in the launcher: apply this config's figure here.
-        torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0))))
+        forked_threads()
         from llmopt.train import main
 
         sys.argv = ["llmopt.train", *argv]
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
-        import traceback
+        return main(argv)
 
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    exit_after(body)
 
 
 def kill_group(pgid: int, leader_running) -> None:
@@ -440,7 +436,7 @@ def slurm_parameters(cfg: dict, device: str, timeout: float, gpus_per_node: int,
                      partition: str | None, account: str | None, extra: dict) -> dict:
     """submitit parameters for one config: nodes and GPUs from its world size, one task per node (llmopt's
     launcher or torchrun starts the ranks), a time limit just above the harness's own timeout."""
-    world = cfg["dp"] * cfg["tp"] * cfg["pp"]
+    world = world_size(cfg)
     params = {"timeout_min": int(math.ceil(timeout / 60)) + 1, "tasks_per_node": 1}
     if device == "cuda":
         per_node = min(world, gpus_per_node)
@@ -483,8 +479,7 @@ class Pool:
         self.jobs, n_gpus = resolve_jobs(jobs, executor, device)
         self.slurm = slurm or {}
         if executor == "slurm":  # the cluster places jobs; here only a bound on how many are in flight
-            self.slots = Slots("cpu", 1)
-            self.slots.free = [Slot() for _ in range(self.jobs)]
+            self.slots = Slots("cpu", self.jobs, pin=False)
         else:
             self.slots = Slots(device, self.jobs, n_gpus)
         self.local = executor != "slurm"  # the configs run on this machine (peaks can be measured here)

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench.executors import EXECUTORS, ExecutorError, Outcome, Pool, signals_held
+from bench.executors import EXECUTORS, ExecutorError, Outcome, Pool, signals_held, world_size
 from bench.hardware import datasheet_peak, environment, peak_flops, write_json
 from bench.matrix import NAMED, MatrixError, baseline_of, config_id, expand, parse_filter, rank_budget
 from bench.results import OK_METRIC_COLUMNS, RUN_METRIC_COLUMNS, STATUSES, ResultFiles
@@ -467,12 +467,13 @@ class _Runner:
             for entry in todo:
                 if entry["skipped"] is None:
                     row_peak(entry, None, self.peak_cache)
+        worlds = [world_size(e["config"]) for e in todo]
         outcomes: dict[int, tuple[Outcome, object]] = {}
         running: dict[int, object] = {}
         start, emitted = 0, 0
         try:
             while emitted < len(todo):
-                start = self._start_what_fits(todo, start, running, outcomes)
+                start = self._start_what_fits(todo, worlds, start, running, outcomes)
                 for k, job in list(running.items()):
                     outcome = job.poll()
                     if outcome is not None:
@@ -490,18 +491,18 @@ class _Runner:
             for job in running.values():
                 job.cancel()
 
-    def _start_what_fits(self, todo, start, running, outcomes) -> int:
+    def _start_what_fits(self, todo, worlds, start, running, outcomes) -> int:
         """Start, in plan order, every config that fits on the free devices (a later, smaller config may start
         before an earlier one that waits for more GPUs). Returns the first index not yet started."""
         for k in range(start, len(todo)):
             if k in running or k in outcomes:
                 continue
             entry = todo[k]
-            reason = entry["skipped"] or self.pool.slots.too_big(TrainConfig(**entry["config"]).world_size)
+            reason = entry["skipped"] or self.pool.slots.too_big(worlds[k])
             if reason is not None:
                 outcomes[k] = (Outcome("skipped", reason, None, 0.0), None)
                 continue
-            slot = self.pool.slots.take(TrainConfig(**entry["config"]).world_size, len(running))
+            slot = self.pool.slots.take(worlds[k], len(running))
             if slot is None:
                 if self.pool.slots.device != "cuda":
                     break  # equal slots: nothing later fits either

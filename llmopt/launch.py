@@ -120,8 +120,8 @@ def _forked(nproc: int, argv: list[str], rank_main) -> int:
 
 def _rank(rank: int, nproc: int, port_fd: int, error_file: str, argv: list[str], rank_main) -> None:
     """A forked rank: torchrun's environment, one OpenMP thread pool of its own size, then the rank's main."""
-    code = 1
-    try:
+
+    def body() -> int:
         # TORCHELASTIC_USE_AGENT_STORE: torch's env:// rendezvous then connects every rank, rank 0 included, as
         # a client of the store the launcher hosts (torch elastic's own contract with its ranks; an environment
         # variable rather than a documented API, so every multi-rank CPU test depends on it)
@@ -131,13 +131,28 @@ def _rank(rank: int, nproc: int, port_fd: int, error_file: str, argv: list[str],
         with os.fdopen(port_fd) as f:
             port = f.readline().strip()
         if not port:  # the launcher died before the store existed
-            os._exit(1)
+            return 1
         os.environ["MASTER_PORT"] = port
-        import torch
+        forked_threads()
+        return rank_main(argv)
 
-        # OMP_NUM_THREADS is read when torch loads, which was before the fork: apply it to this rank's pool.
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        code = rank_main(argv)
+    exit_after(body)
+
+
+def forked_threads() -> None:
+    """Size this process's OpenMP pool from OMP_NUM_THREADS (or the cores it may use): torch read the variable
+    when it loaded, which in a forked process was before the fork."""
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))))
+
+
+def exit_after(body) -> None:
+    """Run a forked child's ``body()`` (it returns the exit code) and leave with ``os._exit`` whatever it
+    raises: a child never returns into its parent's frames."""
+    code = 1
+    try:
+        code = body()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:
