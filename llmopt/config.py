@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 
 from llmopt.model import PRESETS, GPTConfig
+from llmopt.precision import fused_optimizer_ok
 
 MODEL_IMPLS = ("llmopt", "hf")
 ENGINES = ("native", "accelerate")
@@ -215,6 +216,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.optimizer_impl in ("foreach", "fused") and cfg.optimizer == "lamb":
         raise ValueError(f"--optimizer-impl {cfg.optimizer_impl}: llmopt's LAMB is a for-loop; "
                          f"use --optimizer-impl auto or for-loop with --optimizer lamb")
+    if cfg.optimizer_impl == "fused" and not fused_optimizer_ok(cfg.precision, cfg.world_size):
+        raise ValueError("--optimizer-impl fused --precision fp16 on several ranks: torch's ShardedGradScaler "
+                         "cannot drive fused optimizer kernels (pytorch/pytorch#140514); use --optimizer-impl "
+                         "foreach or auto")
     if cfg.engine == "accelerate":
         if cfg.tp > 1 or cfg.pp > 1 or cfg.dp_mode != "ddp":
             raise ValueError("--engine accelerate runs data parallelism (DDP) only; drop --tp/--pp/--dp-mode fsdp "

@@ -182,9 +182,10 @@ class GPT(nn.Module):
         if self.ln_f is None:  # an inner pipeline stage hands on hidden states (and the targets, for the last)
             return x if targets is None else (x, targets)
         h = self.ln_f(x)
+        weight = local_tensor(self.lm_head_weight)
         if targets is None:
-            return F.linear(h, self.lm_head_weight)  # (B, T, V); tied head, no bias
-        return linear_cross_entropy(h.flatten(0, 1), self.lm_head_weight, targets.reshape(-1))
+            return F.linear(h, weight)  # (B, T, V); tied head, no bias
+        return linear_cross_entropy(h.flatten(0, 1), weight, targets.reshape(-1))
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -207,6 +208,16 @@ class GPT(nn.Module):
         """Parameters of the full model (the tied head counted once). ``non_embedding`` leaves out the
         token and position embeddings, the N of Kaplan et al. 2020."""
         return param_count(self.config, non_embedding)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor's local copy, any other tensor as it is. Under tensor parallelism the tied head's
+    weight is a DTensor replicated on the TP mesh (``llmopt.distributed.tensor_parallel``) while the final
+    hidden states are plain, so the head runs on the local copy; ``to_local``'s backward hands the gradient back
+    as a replicated DTensor, which it is: every TP rank computes the same one. Duck-typed, so the single-device
+    model does not import torch.distributed. (A module boundary around the head, where a TP input hook could do
+    this, makes MemTracker count part of the head's saved gradients as parameter gradients.)"""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 # Rows of logits the fused head holds at once: small enough to stay in cache, large enough for efficient

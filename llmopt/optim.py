@@ -70,39 +70,37 @@ class Lamb(torch.optim.Optimizer):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and embeddings (2+ dims) only; never on biases or LayerNorm gains.
-
-    Under tensor parallelism some parameters are DTensors and the replicated rest plain tensors; torch's
-    foreach kernels cannot mix the two in one list, so each kind gets its own groups."""
-    groups: dict[tuple[bool, bool], list] = {}
+    """Weight decay on matrices and embeddings (2+ dims) only; never on biases or LayerNorm gains."""
+    groups: dict[bool, list] = {}
     for p in model.parameters():  # deduplicated: a tied weight appears once
         if p.requires_grad:
-            groups.setdefault((p.dim() >= 2, isinstance(p, DTensor)), []).append(p)
+            groups.setdefault(p.dim() >= 2, []).append(p)
     return [{"params": ps, "weight_decay": weight_decay if decay else 0.0}
-            for (decay, _), ps in sorted(groups.items(), key=lambda kv: kv[0], reverse=True)]
+            for decay, ps in sorted(groups.items(), reverse=True)]
 
 
-def _impl_kwargs(impl: str, params: list[torch.Tensor]) -> dict:
+def _impl_kwargs(impl: str, params: list[torch.Tensor], fused_ok: bool) -> dict:
     if impl == "for-loop":
         return {"foreach": False}
     if impl == "foreach":
         return {"foreach": True}
     if impl == "fused":
         return {"fused": True}
-    # auto: fused kernels for plain tensors on CPU/CUDA, foreach where DTensors are involved
-    if any(isinstance(p, DTensor) for p in params):
+    # auto: fused kernels for plain tensors on CPU/CUDA, foreach where DTensors are involved or fused is ruled out
+    if not fused_ok or any(isinstance(p, DTensor) for p in params):
         return {"foreach": True}
     return {"fused": True}
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float = 0.0,
-                    impl: str = "auto") -> torch.optim.Optimizer:
-    """sgd (momentum 0.9, L2 decay), adam (L2 decay, coupled), adamw (decoupled decay), lamb."""
+                    impl: str = "auto", fused_ok: bool = True) -> torch.optim.Optimizer:
+    """sgd (momentum 0.9, L2 decay), adam (L2 decay, coupled), adamw (decoupled decay), lamb.
+    ``fused_ok=False`` keeps ``auto`` off the fused kernels (see ``llmopt.precision.fused_optimizer_ok``)."""
     groups = param_groups(model, weight_decay)
     params = [p for g in groups for p in g["params"]]
     if name == "lamb":
         return Lamb(groups, lr=lr)
-    kw = _impl_kwargs(impl, params)
+    kw = _impl_kwargs(impl, params, fused_ok)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, **kw)
     if name == "adam":

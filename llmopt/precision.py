@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
-
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,50 +32,34 @@ def autocast(precision: str, device: str):
     return torch.autocast(device_type=device, dtype=DTYPES[precision])
 
 
-class GradScaler(torch.amp.GradScaler):
-    """torch's GradScaler, made correct for sharded layouts, as torch's own ShardedGradScaler does for FSDP1:
-
-    * gradients are unscaled on their local shards, so DTensor (TP, FSDP2) and plain gradients can share one
-      optimizer;
-    * the inf/NaN finding is all-reduced over the whole world, so every rank skips the same steps (a shard or
-      a pipeline stage can overflow where others do not, and replicas must never drift apart);
-    * the scale exists from the start, on ranks that never call ``scale`` (early pipeline stages, whose
-      gradients arrive already scaled from the last stage's loss).
-    """
-
-    def __init__(self, device: str, **kw):
-        super().__init__(device, **kw)
-        if self._enabled:
-            self._lazy_init_scale_growth_tracker(torch.device(device, torch.cuda.current_device())
-                                                 if device == "cuda" else torch.device(device))
-
-    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
-        by_device: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                if not allow_fp16 and g.dtype == torch.float16:
-                    raise ValueError("Attempting to unscale FP16 gradients.")
-                by_device[(g.device, g.dtype)].append(g)
-        found = {}
-        with torch.no_grad():
-            for (device, _), grads in by_device.items():
-                f = found.setdefault(device, found_inf.to(device))
-                # the same private kernel torch's own GradScaler and ShardedGradScaler call; kept because
-                # neither unscales a list that mixes DTensor and plain gradients (TP's replicated parameters)
-                # nor, for GradScaler, agrees on the inf across ranks. Pinned by tests/test_toggles.py
-                # (an inf on one rank: every rank skips, the scale halves) and tests/test_step.py.
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, f, inv_scale.to(device))
-            if not found:
-                found[found_inf.device] = found_inf
-            if dist.is_initialized():
-                for f in found.values():
-                    dist.all_reduce(f, op=dist.ReduceOp.MAX)
-        return found
+def sharded_scaler(precision: str, world_size: int) -> bool:
+    """Whether the step's loss scaler is torch's ``ShardedGradScaler`` (see ``grad_scaler``)."""
+    return precision == "fp16" and world_size > 1
 
 
-def grad_scaler(precision: str, device: str) -> GradScaler | None:
-    """fp16 needs loss scaling (Micikevicius et al. 2018); bf16 has fp32's exponent range and does not."""
-    return GradScaler(device) if precision == "fp16" else None
+def fused_optimizer_ok(precision: str, world_size: int) -> bool:
+    """Whether torch's fused optimizer kernels can run under this step's loss scaler. ``ShardedGradScaler``
+    hands the optimizer a found-inf flag of shape (1,), which the fused Adam kernels refuse (they need the
+    shape () of their step counters: pytorch/pytorch#140514, still so in torch 2.13), so under it the
+    optimizer takes torch's foreach kernels."""
+    return not sharded_scaler(precision, world_size)
+
+
+def grad_scaler(precision: str, device: str) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling (Micikevicius et al. 2018); bf16 has fp32's exponent range and does not.
+
+    torch's own scalers: with several ranks ``ShardedGradScaler``, which unscales DTensor gradients (FSDP2 and
+    TP shards, TP's replicated parameters) on their local shards and all-reduces the inf/NaN finding over the
+    world, so every rank skips the same steps (a shard or a pipeline stage can overflow where others do not, and
+    replicas must never drift apart); in one process ``torch.amp.GradScaler``. The scale is created at once on
+    every rank by scaling a scalar: pipeline stages before the last never scale a loss (their gradients arrive
+    already scaled), yet they unscale and update."""
+    if precision != "fp16":
+        return None
+    if sharded_scaler(precision, dist.get_world_size() if dist.is_initialized() else 1):
+        scaler = ShardedGradScaler(device)
+    else:
+        scaler = torch.amp.GradScaler(device)
+    on = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+    scaler.scale(torch.ones((), device=on))
+    return scaler

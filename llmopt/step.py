@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 
 from llmopt.data import build_source
-from llmopt.distributed.parallelize import by_mesh, parallelize
+from llmopt.distributed.parallelize import parallelize
 from llmopt.engine import (Engine, StepStats, TrainState, micro_batches,  # noqa: F401 (micro_batches: re-exported)
                            prefetch_next, step_batches)
 from llmopt.metrics import NoiseScale
 from llmopt.optim import build_optimizer, build_scheduler
-from llmopt.precision import autocast, check_precision, grad_scaler
+from llmopt.precision import autocast, check_precision, fused_optimizer_ok, grad_scaler
 
 
 def engine_for(name: str) -> Engine:
@@ -55,9 +55,8 @@ def evaluate(state: TrainState) -> torch.Tensor:
 
 def clip_grads_(params, grad_norm: torch.Tensor, max_norm: float) -> None:
     """Scale every gradient by min(1, max_norm / ||g||) with torch's ``clip_grads_with_norm_`` (the norm is
-    already global: ``Layout.grad_norm``), once per kind of gradient (see ``by_mesh``)."""
-    for group in by_mesh([p for p in params if p.grad is not None], lambda p: p.grad):
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, grad_norm)
+    already global: ``Layout.grad_norm``)."""
+    torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, grad_norm)
 
 
 class NativeEngine:
@@ -65,7 +64,8 @@ class NativeEngine:
 
     def build(self, cfg, device: torch.device) -> TrainState:
         layout = parallelize(cfg, device)
-        optimizer = build_optimizer(cfg.optimizer, layout.model, cfg.lr, cfg.weight_decay, cfg.optimizer_impl)
+        optimizer = build_optimizer(cfg.optimizer, layout.model, cfg.lr, cfg.weight_decay, cfg.optimizer_impl,
+                                    fused_optimizer_ok(cfg.precision, cfg.world_size))
         source = build_source(cfg.data, cfg.model_config.vocab_size, cfg.seed, cfg.tokenizer)
         noise = NoiseScale(cfg.micro_batch, cfg.global_batch) if cfg.gns else None
         return TrainState(cfg, device, layout, optimizer, grad_scaler(cfg.precision, device.type), source,
@@ -87,7 +87,7 @@ def _native_step(state: TrainState, step: int, batches=None) -> StepStats:
         prefetch_next(state, step)  # while the device works through the backward pass
     layout.finish_grads()
     if scaler is not None:
-        scaler.unscale_(opt)  # the inf check is global: see llmopt.precision.GradScaler
+        scaler.unscale_(opt)  # the inf check is global: see llmopt.precision.grad_scaler
     grad_norm = layout.grad_norm()
     if state.noise_scale is not None:
         state.noise_scale.update(layout.dp_mean(small[0]), grad_norm**2)

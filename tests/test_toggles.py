@@ -1,5 +1,5 @@
 """Toggles that must not change what is computed: compile, activation checkpointing, the Accelerate engine,
-AMP under sharded layouts, and llmopt's GradScaler when one rank overflows."""
+AMP under sharded layouts, and the loss scaler when one rank overflows."""
 import json
 import os
 from dataclasses import replace
@@ -57,12 +57,14 @@ def test_bf16_under_sharded_layouts_tracks_fp32(cli, tmp_path, layout, eager):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("dp_mode", ["ddp", "fsdp"])
-def test_grad_scaler_skips_the_same_step_on_every_rank(cli, tmp_path, dp_mode):
-    """An inf in one rank's gradient (after the data-parallel sync, so no collective spreads it): every rank
-    skips that step and halves its scale, and the replicas stay identical."""
+@pytest.mark.parametrize("layout", [["dp=2"], ["dp=2", "dp_mode=fsdp"], ["tp=2"], ["pp=2"]],
+                         ids=["ddp2", "fsdp2", "tp2", "pp2"])
+def test_grad_scaler_skips_the_same_step_on_every_rank(cli, tmp_path, layout):
+    """An inf in one rank's gradient (after the data-parallel sync, so no collective spreads it; under TP in one
+    rank's shard, under PP in one stage): every rank skips that step and halves its scale, and the replicas stay
+    identical. Under PP the first stage never scales a loss, yet it unscales and updates with the same scale."""
     script = os.path.join(os.path.dirname(__file__), "scripts", "scaler_inf.py")
-    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, str(tmp_path), dp_mode)
+    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, str(tmp_path), *layout)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     for rec in ranks:
@@ -70,18 +72,27 @@ def test_grad_scaler_skips_the_same_step_on_every_rank(cli, tmp_path, dp_mode):
         assert not clean["skipped"] and poisoned["skipped"] and not after["skipped"], rec
         assert poisoned["scale_after"] == poisoned["scale_before"] / 2  # torch's backoff factor 0.5
         assert rec["after"] == rec["before"]  # the update was skipped
-    assert ranks[0]["before"] == ranks[1]["before"] and ranks[0]["after"] == ranks[1]["after"]
+    assert ranks[0]["steps"] == ranks[1]["steps"]  # one scale on every rank, stages included
+    if "pp=2" not in layout:  # replicas (DP) or one model seen through its shards (TP): the same weights
+        assert ranks[0]["before"] == ranks[1]["before"] and ranks[0]["after"] == ranks[1]["after"]
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("layout", [["tp=2"], ["dp=2", "dp_mode=fsdp"]], ids=["tp2", "fsdp2"])
-def test_gradient_norm_is_one_reduction_not_one_per_tensor(cli, tmp_path, layout):
-    """torch's get_total_norm over DTensor gradients: one all-reduce for the whole model on its mesh (the
-    per-tensor full_tensor() it replaced made one per parameter)."""
+@pytest.mark.parametrize("layout,dims", [(["tp=2"], 1), (["dp=2", "dp_mode=fsdp"], 1),
+                                         (["dp=2", "dp_mode=fsdp", "tp=2"], 2), (["tp=2", "pp=2"], 2)],
+                         ids=["tp2", "fsdp2", "fsdp2xtp2", "tp2xpp2"])
+def test_gradient_norm_is_one_reduction_per_mesh_dimension(cli, tmp_path, layout, dims):
+    """torch's get_total_norm over the whole model's gradients, replicated TP parameters included (DTensors on
+    the TP mesh, as torchtitan's NoParallel): one all-reduce per mesh dimension the gradients are spread over
+    (PP's stage sum counted), not one per tensor (the per-tensor full_tensor() it replaced made one per
+    parameter)."""
     script = os.path.join(os.path.dirname(__file__), "scripts", "norm_collectives.py")
     out = tmp_path / "n.json"
-    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, str(out), *layout)
+    nproc = 1
+    for kv in layout:
+        nproc *= int(kv.split("=")[1]) if kv[:3] in ("dp=", "tp=", "pp=") else 1
+    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), script, str(out), *layout)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(out.read_text())
-    assert got["parameters"] > 20 and got["collectives"] == 1, got
+    assert got["parameters"] > 20 and got["collectives"] == dims, got
     assert got["norm"] > 0

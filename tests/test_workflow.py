@@ -134,10 +134,12 @@ def test_init_loads_the_pretrained_weights(tiny_hf, text_file):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--dp", "2", "--dp-mode", "fsdp"], ["--pp", "2"]], ids=str)
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--dp", "2", "--dp-mode", "fsdp"], ["--pp", "2"],
+                                    ["--dp", "2", "--dp-mode", "fsdp", "--activation-checkpointing"]], ids=str)
 def test_init_trains_under_a_layout_and_save_round_trips(tmp_path, tiny_hf, text_file, cli, layout):
     """--init under TP, FSDP2 and PP reproduces the single-process loss curve; --save gathers the shards into
-    a directory that GPT2LMHeadModel.from_pretrained loads with the same logits as the single-process model."""
+    a directory that GPT2LMHeadModel.from_pretrained loads with the same logits as the single-process model
+    (with activation checkpointing too: torch's state-dict API strips its wrapper's prefix)."""
     from transformers import GPT2LMHeadModel
 
     from llmopt.checkpoint import save_pretrained

@@ -130,15 +130,14 @@ class Layout:
             self.pipeline.finish_grads()
 
     def grad_sq_norm(self) -> torch.Tensor:
-        """The squared 2-norm of this replica's gradient: torch's ``get_total_norm`` once per kind of
-        gradient (one reduction per device mesh for DTensor shards, none for plain tensors), pipeline stages
-        summed, the tied head counted once."""
+        """The squared 2-norm of this replica's gradient: torch's ``get_total_norm``, pipeline stages summed,
+        the tied head counted once. Every layout's gradients are one kind of tensor on one mesh (plain under
+        DDP and PP, DTensors under FSDP2 and TP, replicated TP parameters included), so this is one reduction
+        per mesh dimension, not one per tensor."""
         skip = self.pipeline.excluded_from_norm() if self.pipeline is not None else set()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None and p not in skip]
-        sq = torch.zeros((), device=self.device, dtype=torch.float32)
-        for group in by_mesh(grads, lambda g: g):
-            n = torch.nn.utils.get_total_norm(group, 2.0)
-            sq += (n.full_tensor() if isinstance(n, DTensor) else n).float() ** 2
+        n = torch.nn.utils.get_total_norm(grads, 2.0)
+        sq = (n.full_tensor() if isinstance(n, DTensor) else n).float() ** 2
         if self.pipeline is not None:
             dist.all_reduce(sq, group=self.mesh["pp"].get_group())
         return sq
@@ -165,18 +164,6 @@ class Layout:
 
     def gather_object(self, local) -> list:
         return gather_object(local)
-
-
-def by_mesh(items, tensor_of) -> list[list]:
-    """``items`` grouped by the device mesh of ``tensor_of(item)`` (plain tensors in a group of their own).
-    Under tensor parallelism sharded (DTensor) and replicated (plain) parameters sit side by side, and under
-    FSDP2 x TP the root's parameters live on the dp mesh while the blocks' live on (dp, tp); torch's
-    foreach-based norm and clipping take one kind of tensor on one mesh at a time."""
-    groups: dict = {}
-    for item in items:
-        t = tensor_of(item)
-        groups.setdefault(id(t.device_mesh) if isinstance(t, DTensor) else None, []).append(item)
-    return list(groups.values())
 
 
 def gather_object(local) -> list:

@@ -1,6 +1,6 @@
 """Run under torchrun: fp16 steps where one rank's gradient holds an inf after the data-parallel sync.
 
-argv: OUT_DIR DP_MODE. Writes OUT_DIR/rank<N>.json with each step's skip flag and scale, and a checksum of
+argv: OUT_DIR and the layout as key=value pairs (dp=2 dp_mode=fsdp, tp=2, pp=2). Writes OUT_DIR/rank<N>.json with each step's skip flag and scale, and a checksum of
 the parameters before and after the poisoned step (test_toggles.py reads them)."""
 import json
 import os
@@ -24,12 +24,12 @@ def checksum(model) -> float:
     return total
 
 
-def main(out: str, dp_mode: str) -> None:
+def main(out: str, pairs: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    cfg = validate(TrainConfig(preset="tiny", global_batch=8, seq_len=32, dp=2, dp_mode=dp_mode, device="cpu",
-                               precision="fp16"))
+    kw = {k: (int(v) if v.isdigit() else v) for k, v in (p.split("=") for p in pairs)}
+    cfg = validate(TrainConfig(preset="tiny", global_batch=8, seq_len=32, device="cpu", precision="fp16", **kw))
     state = build(cfg, torch.device("cpu"))
     layout, finish = state.layout, state.layout.finish_grads
 
@@ -59,4 +59,4 @@ def main(out: str, dp_mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2:])
