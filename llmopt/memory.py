@@ -16,8 +16,8 @@ matrix is kept, except on the explicit bf16 CPU path of ``model.causal_attention
   block also keeps its attention probabilities: n_head / tp * T bf16 values per token.
 * llmopt's fused head (``model.LinearCrossEntropy``) keeps the final LayerNorm's input (C) and the
   gradient of its output (C) per token, the head's weight gradient (V x C) and, while it runs, one chunk's
-  logits and softmax (in the matmul dtype); a pipeline's last stage computes the same fused loss (the targets
-  travel through the stages) and keeps one weight gradient per chunk in flight. Where logits are materialised
+  logits and softmax (in the matmul dtype); a pipeline's last stage computes the same fused loss (its targets
+  come through its schedule) and keeps one weight gradient per chunk in flight. Where logits are materialised
   (HF's model) the head keeps the LayerNorm input and output (2C) and the log-probabilities (V) per token, and the
   backward of the loss two more V-sized temporaries. HF's ``gelu_new`` is written in Python ops and keeps
   three more 4C tensors per block.

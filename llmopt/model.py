@@ -162,8 +162,7 @@ class GPT(nn.Module):
         """idx: (B, T) token ids (or, on a later pipeline stage, (B, T, C) hidden states).
 
         Returns logits (B, T, vocab) or, with ``targets``, the mean cross-entropy as a scalar tensor (fused
-        with the head: no (B, T, vocab) logits); an inner pipeline stage returns its hidden states, with the
-        targets beside them when it was given some, so that the last stage computes the same fused loss.
+        with the head: no (B, T, vocab) logits); a pipeline stage without the head returns its hidden states.
         """
         if self.wte is not None:
             T = idx.size(1)
@@ -173,14 +172,10 @@ class GPT(nn.Module):
             x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         else:
             x = idx
-            if targets is not None:
-                # A later pipeline stage: torch.distributed.pipelining infers its output shapes by running it
-                # once on uninitialised tensors, targets included; in range, real targets are unchanged.
-                targets = targets.clamp(0, self.config.vocab_size - 1)
         for block in self.h.values():
             x = block(x)
-        if self.ln_f is None:  # an inner pipeline stage hands on hidden states (and the targets, for the last)
-            return x if targets is None else (x, targets)
+        if self.ln_f is None:  # a pipeline stage before the last hands on its hidden states
+            return x
         h = self.ln_f(x)
         weight = local_tensor(self.lm_head_weight)
         if targets is None:

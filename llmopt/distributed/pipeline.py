@@ -7,10 +7,11 @@ the embeddings, the last keeps the final LayerNorm and the output head. The head
 embedding, which lives on the first stage, so the last stage holds a copy (``lm_head``) and the two
 gradients are summed after backward (``TiedHead.sync_grads``): both copies then take the same update.
 
-The loss is the same fused linear + cross-entropy as without a pipeline (no (B, T, vocab) logits): the first
-stage receives each chunk's targets beside its tokens and every stage hands them on beside the hidden states
-(int64, a few KiB a chunk), so the last stage's forward returns the chunk's loss and the schedule's
-``loss_fn`` only scales it.
+The loss is the same fused linear + cross-entropy as without a pipeline (no (B, T, vocab) logits): the last
+stage's rank hands the targets to its schedule as a keyword argument, which the schedule splits into chunks
+and passes to that stage's forward beside the hidden states it receives, so the last stage's forward returns
+the chunk's loss and the schedule's ``loss_fn`` only scales it. (Sending the targets down the pipeline beside
+the hidden states instead fails on torch 2.11, whose stages send a gradient back for every received tensor.)
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ class Pipeline:
                  n_chunks: int, grad_accum: int, mesh: DeviceMesh, device: torch.device):
         self.stage_index, self.n_stages = stage, n_stages
         self.first, self.last = stage == 0, stage == n_stages - 1
-        self.stage = PipelineStage(module, stage, n_stages, device, group=mesh["pp"].get_group())
+        group = mesh["pp"].get_group()
+        self.stage = PipelineStage(module, stage, n_stages, device, group=group)
         # The loss of one chunk is its token mean over (chunks x accumulation micro-batches), so gradients add
         # up to the global-batch mean; torch's own rescaling (scale_grads) would also rescale gradients kept
         # from earlier accumulation micro-batches, so it is off.
@@ -91,6 +93,11 @@ class Pipeline:
         self.scaler = None
         self._chunk_losses: list[torch.Tensor] = []
         self.schedule = SCHEDULES[schedule](self.stage, n_chunks, loss_fn=self._loss_fn, scale_grads=False)
+        # Evals run through a stage of their own: a stage set up by a forward-only first call (an eval before
+        # the first step) has receive buffers that never require grad, and on torch 2.11 its later training
+        # backward then fails. Forward only, so GPipe whatever the training schedule.
+        self.eval_schedule = ScheduleGPipe(PipelineStage(module, stage, n_stages, device, group=group), n_chunks,
+                                           loss_fn=self._loss_fn, scale_grads=False)
         self.tied = TiedHead(mesh, stage, n_stages, unwrapped)
 
     def _loss_fn(self, chunk_loss: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -115,17 +122,18 @@ class Pipeline:
         self.scaler = None
         total = torch.zeros((), device=self.stage.device)
         for x, y in micro_batches:
-            total += self._run(self.schedule.eval, x, y, amp)
+            total += self._run(self.eval_schedule.eval, x, y, amp)
         return total * (self.loss_divisor / (self.n_chunks * len(micro_batches)))
 
     def _run(self, run, x, y, amp) -> torch.Tensor:
         self._chunk_losses.clear()
         with amp:
             # return_outputs=False: the last stage would otherwise keep every chunk's logits to merge them
+            # x and y are views of one (B, T + 1) buffer: made whole (torch 2.11's schedules check strides)
             if self.first:
-                run(x, y.contiguous(), target=y if self.last else None, return_outputs=False)  # y is sent on
-            elif self.last:
-                run(target=y, return_outputs=False)
+                run(x.contiguous(), return_outputs=False)
+            elif self.last:  # kwargs reach the stage's own forward, split into chunks as the args are
+                run(targets=y.contiguous(), target=y, return_outputs=False)
             else:
                 run(return_outputs=False)
         if not self.last:
