@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
