@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,7 +45,7 @@ def fused_optimizer_ok(precision: str, world_size: int) -> bool:
     return not sharded_scaler(precision, world_size)
 
 
-def grad_scaler(precision: str, device: str) -> torch.amp.GradScaler | None:
+def grad_scaler(precision: str, device: str, world_size: int) -> torch.amp.GradScaler | None:
     """fp16 needs loss scaling (Micikevicius et al. 2018); bf16 has fp32's exponent range and does not.
 
     torch's own scalers: with several ranks ``ShardedGradScaler``, which unscales DTensor gradients (FSDP2 and
@@ -57,7 +56,7 @@ def grad_scaler(precision: str, device: str) -> torch.amp.GradScaler | None:
     already scaled), yet they unscale and update."""
     if precision != "fp16":
         return None
-    if sharded_scaler(precision, dist.get_world_size() if dist.is_initialized() else 1):
+    if sharded_scaler(precision, world_size):
         scaler = ShardedGradScaler(device)
     else:
         scaler = torch.amp.GradScaler(device)

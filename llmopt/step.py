@@ -68,8 +68,9 @@ class NativeEngine:
                                     fused_optimizer_ok(cfg.precision, cfg.world_size))
         source = build_source(cfg.data, cfg.model_config.vocab_size, cfg.seed, cfg.tokenizer)
         noise = NoiseScale(cfg.micro_batch, cfg.global_batch) if cfg.gns else None
-        return TrainState(cfg, device, layout, optimizer, grad_scaler(cfg.precision, device.type), source,
-                          build_scheduler(optimizer, cfg), noise, prefetch=device.type == "cuda")
+        scaler = grad_scaler(cfg.precision, device.type, cfg.world_size)
+        return TrainState(cfg, device, layout, optimizer, scaler, source, build_scheduler(optimizer, cfg), noise,
+                          prefetch=device.type == "cuda")
 
     def step(self, state: TrainState, step: int, batches=None) -> StepStats:
         return _native_step(state, step, batches)

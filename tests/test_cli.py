@@ -20,6 +20,7 @@ BAD = [
     (["--lr", "-0.1"], "--lr"),
     (["--dp", "two"], "--dp"),
     (["--metrics-out", "/no/such/dir/m.json"], "--metrics-out"),
+    (["--optimizer-impl", "fused", "--precision", "fp16", "--dp", "2"], "--optimizer-impl fused"),
 ]
 
 

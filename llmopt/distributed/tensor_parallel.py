@@ -9,7 +9,7 @@ replicated head keeps the loss a plain tensor on every rank.
 Replicated is still DTensor (torchtitan's ``NoParallel``): those parameters become DTensors with a
 ``Replicate`` placement on the TP mesh, so every parameter of the model is one kind of tensor on one mesh and
 gradient norms, clipping and loss scaling are torch's own (``get_total_norm``, ``clip_grads_with_norm_``,
-``ShardedGradScaler``) in one reduction, with no per-tensor collective and no private API. Their modules take
+``ShardedGradScaler``) with one reduction per mesh dimension, no per-tensor collective and no private API. Their modules take
 plain tensors in and hand plain tensors out (the residual stream between blocks stays plain, as before), and
 their gradients need no collective: every TP rank computes the same one, because the column-wise ``f``
 operator has already all-reduced the gradient flowing into them.
@@ -64,4 +64,3 @@ def _replicated_inputs(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tu
 
 def _local_output(module: nn.Module, output: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     return output.to_local()
-
