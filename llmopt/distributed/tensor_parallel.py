@@ -7,9 +7,10 @@ LayerNorms and the tied head stay replicated: on the presets they are a small sh
 replicated head keeps the loss a plain tensor on every rank.
 
 Replicated is still DTensor (torchtitan's ``NoParallel``): those parameters become DTensors with a
-``Replicate`` placement on the TP mesh, so every parameter of the model is one kind of tensor on one mesh and
-gradient norms, clipping and loss scaling are torch's own (``get_total_norm``, ``clip_grads_with_norm_``,
-``ShardedGradScaler``) with one reduction per mesh dimension, no per-tensor collective and no private API. Their modules take
+``Replicate`` placement on the TP mesh, so every parameter of the model is one kind of tensor on one mesh
+and gradient norms, clipping and loss scaling are torch's own (``get_total_norm``,
+``clip_grads_with_norm_``, ``ShardedGradScaler``) with one reduction per mesh dimension, no per-tensor
+collective and no private API. Their modules take
 plain tensors in and hand plain tensors out (the residual stream between blocks stays plain, as before), and
 their gradients need no collective: every TP rank computes the same one, because the column-wise ``f``
 operator has already all-reduced the gradient flowing into them.
