@@ -78,19 +78,16 @@ def test_grad_scaler_skips_the_same_step_on_every_rank(cli, tmp_path, layout):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("layout,dims", [(["tp=2"], 1), (["dp=2", "dp_mode=fsdp"], 1),
-                                         (["dp=2", "dp_mode=fsdp", "tp=2"], 2), (["tp=2", "pp=2"], 2)],
+@pytest.mark.parametrize("layout,nproc,dims", [(["tp=2"], 2, 1), (["dp=2", "dp_mode=fsdp"], 2, 1),
+                                               (["dp=2", "dp_mode=fsdp", "tp=2"], 4, 2), (["tp=2", "pp=2"], 4, 2)],
                          ids=["tp2", "fsdp2", "fsdp2xtp2", "tp2xpp2"])
-def test_gradient_norm_is_one_reduction_per_mesh_dimension(cli, tmp_path, layout, dims):
+def test_gradient_norm_is_one_reduction_per_mesh_dimension(cli, tmp_path, layout, nproc, dims):
     """torch's get_total_norm over the whole model's gradients, replicated TP parameters included (DTensors on
     the TP mesh, as torchtitan's NoParallel): one all-reduce per mesh dimension the gradients are spread over
     (PP's stage sum counted), not one per tensor (the per-tensor full_tensor() it replaced made one per
     parameter)."""
     script = os.path.join(os.path.dirname(__file__), "scripts", "norm_collectives.py")
     out = tmp_path / "n.json"
-    nproc = 1
-    for kv in layout:
-        nproc *= int(kv.split("=")[1]) if kv[:3] in ("dp=", "tp=", "pp=") else 1
     r = cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), script, str(out), *layout)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(out.read_text())

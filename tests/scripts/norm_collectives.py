@@ -4,20 +4,15 @@ import json
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 from torch.distributed.tensor.debug import CommDebugMode
 
-from llmopt.config import TrainConfig, validate
-from llmopt.step import build, train_step
+from layouts import build_layout  # tests/scripts: the script's own directory is on sys.path
+from llmopt.step import train_step
 
 
 def main(out: str, pairs: list[str]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    kw = {k: (int(v) if v.isdigit() else v) for k, v in (p.split("=") for p in pairs)}
-    cfg = validate(TrainConfig(preset="tiny", global_batch=8, seq_len=32, device="cpu", **kw))
-    state = build(cfg, torch.device("cpu"))
+    state = build_layout(pairs)
     train_step(state, 0)
     with CommDebugMode() as comm:
         norm = state.layout.grad_norm()

@@ -6,12 +6,11 @@ import json
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from llmopt.config import TrainConfig, validate
-from llmopt.step import build, train_step
+from layouts import build_layout  # tests/scripts: the script's own directory is on sys.path
+from llmopt.step import train_step
 
 POISONED_STEP = 1
 
@@ -25,12 +24,8 @@ def checksum(model) -> float:
 
 
 def main(out: str, pairs: list[str]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    state = build_layout(pairs, precision="fp16")
     rank = dist.get_rank()
-    kw = {k: (int(v) if v.isdigit() else v) for k, v in (p.split("=") for p in pairs)}
-    cfg = validate(TrainConfig(preset="tiny", global_batch=8, seq_len=32, device="cpu", precision="fp16", **kw))
-    state = build(cfg, torch.device("cpu"))
     layout, finish = state.layout, state.layout.finish_grads
 
     def poisoned_finish():
