@@ -1,6 +1,7 @@
 """Measurements: a device-synchronised step timer, peak memory, FLOPs and MFU."""
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -162,6 +163,40 @@ def tracked_memory_step(state, run_step) -> dict[str, int]:
         out["gradients"] += buckets
         out["total"] += buckets
     return out
+
+
+def check_profile_dir(path: str) -> None:
+    """``--profile DIR``: refused before training if it cannot become a directory of this run's traces."""
+    full = os.path.abspath(path)
+    if os.path.exists(full) and not os.path.isdir(full):
+        raise ValueError(f"--profile {path!r} is a file; pass a directory (it is created if missing)")
+    if not os.path.isdir(os.path.dirname(full)):
+        raise ValueError(f"--profile: the parent of {path!r} does not exist; create it first")
+
+
+def profiled_steps(state, run_step, out_dir: str, rank: int, first_step: int, steps: int = 2) -> str:
+    """Run ``steps`` extra, untimed training steps (``run_step(i)``) under torch.profiler, after one more to
+    leave the profiler's own start-up out, and write this rank's Chrome trace (``rank{r}.trace.json``, for
+    Perfetto or chrome://tracing) and its operator table sorted by self time (``rank{r}.ops.txt``). The
+    profiler adds per-op overhead, so these steps never run inside the timed ones. Returns the table's path."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = state.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    os.makedirs(out_dir, exist_ok=True)
+    with profile(activities=activities, record_shapes=True,
+                 schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
+        for i in range(first_step, first_step + 1 + steps):
+            run_step(i)
+            synchronize(state.device)
+            prof.step()
+    prof.export_chrome_trace(os.path.join(out_dir, f"rank{rank}.trace.json"))
+    table = os.path.join(out_dir, f"rank{rank}.ops.txt")
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    with open(table, "w") as f:
+        f.write(f"# {steps} training steps of {state.cfg.preset} on {state.device}, rank {rank}; sorted by {sort}\n")
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=70) + "\n")
+    return table
 
 
 class EnergyMeter:

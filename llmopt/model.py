@@ -65,7 +65,9 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.c_attn(x).view(B, T, -1, 3, self.head_dim)  # (B, T, nh, 3, hs); nh is local under TP
-        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)          # each (B, nh, T, hs)
+        # Unbound on the q/k/v axis itself, so backward stacks dq, dk, dv straight into c_attn's output layout
+        # (permuting first made backward stack, then copy once more to undo the permute).
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))    # each (B, nh, T, hs)
         y = causal_attention(q, k, v)                           # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, -1)                 # (B, T, nh*hs)
         return self.c_proj(y)

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="steps left out of the tokens/s figure (default: 1); not the learning-rate warm-up (--lr-warmup)")
     a("--memory-breakdown", action="store_true",
       help="after the timed steps, one untimed step under torch's MemTracker: memory by category")
+    a("--profile", default=None, metavar="DIR",
+      help="after training, profile 2 more untimed steps: each rank's Chrome trace and operator table in DIR")
     a("--quiet", action="store_true", help="no per-step lines")
     return p
 
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--timing-warmup {args.timing_warmup}: must be 0 or more")
         if args.metrics_out and int(os.environ.get("RANK", "0")) == 0:  # once: the launcher's parent, or rank 0
             check_output_file(args.metrics_out, "--metrics-out", [cfg.data, cfg.init and cfg.init[3:]])
+        if args.profile:
+            from llmopt.metrics import check_profile_dir
+
+            check_profile_dir(args.profile)
         if args.save and not _under_launcher():
             from llmopt.checkpoint import check_save_dir
 
@@ -258,6 +264,14 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
                       f"final loss {metrics['losses'][-1]:.4f}"
                       + (f", fp16 skipped {metrics['fp16_skipped_steps']}" if cfg.precision == "fp16" else "")
                       + _target_line(metrics), flush=True)
+        if args.profile and metrics["diverged_at_step"] is None:  # last: these steps change the saved model
+            from llmopt.metrics import profiled_steps
+            from llmopt.step import train_step
+
+            table = profiled_steps(state, lambda i: train_step(state, i), args.profile, rank, cfg.steps + 1)
+            if log:
+                print(f"profile: {table} (each rank's operator table and trace.json are in {args.profile})",
+                      flush=True)
         if metrics["diverged_at_step"] is not None:
             if rank == 0:
                 print(f"error: diverged at step {metrics['diverged_at_step']}: {metrics['diverged_reason']}; "

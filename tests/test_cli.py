@@ -21,6 +21,8 @@ BAD = [
     (["--dp", "two"], "--dp"),
     (["--metrics-out", "/no/such/dir/m.json"], "--metrics-out"),
     (["--optimizer-impl", "fused", "--precision", "fp16", "--dp", "2"], "--optimizer-impl fused"),
+    (["--profile", __file__], "--profile"),
+    (["--profile", "/no/such/dir/profile"], "--profile"),
 ]
 
 
@@ -58,6 +60,23 @@ def test_cli_writes_metrics(cli, tmp_path):
     assert len(m["losses"]) == len(m["step_time_ms"]) == 3
     assert m["config"]["optimizer"] == "adamw" and m["config"]["lr"] > 0  # resolved, not the 0 sentinel
     assert m["tokens_per_s"] > 0 and m["peak_memory_bytes"] > 0
+
+
+@pytest.mark.multiprocess
+def test_profile_writes_each_ranks_trace_and_operator_table(cli, tmp_path):
+    """--profile: after the timed steps, every rank profiles two more and writes its table and trace; the
+    timed figures are those of a run without it."""
+    out, m = tmp_path / "prof", tmp_path / "m.json"
+    r = cli("-m", "llmopt.train", "--preset", "tiny", "--tp", "2", "--steps", "2", "--global-batch", "4",
+            "--seq-len", "16", "--profile", str(out), "--metrics-out", str(m))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(json.loads(m.read_text())["step_time_ms"]) == 2  # the profiled steps are not timed ones
+    for rank in (0, 1):
+        table = (out / f"rank{rank}.ops.txt").read_text()
+        assert "2 training steps of tiny" in table and "aten::mm" in table, table[:500]
+        trace = json.loads((out / f"rank{rank}.trace.json").read_text())
+        assert any(e.get("name") == "ProfilerStep#1" for e in trace["traceEvents"])
+    assert f"profile: {out}" in r.stdout
 
 
 def test_torchrun_world_mismatch_is_refused(cli):

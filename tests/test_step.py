@@ -94,3 +94,24 @@ def test_prefetched_batches_are_the_batches_of_their_step():
     fresh = build(cfg, CPU)
     train_step(fresh, 0)
     assert train_step(jumped, 2).loss.item() == train_step(fresh, 2).loss.item()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_step_makes_one_kernel_call_per_pass_over_the_parameters(optimizer):
+    """Issue 14's lean step, as a profile sees it: the norm, the clip and the update (per param group) are one
+    call each over all the gradients (torch's foreach/fused kernels), not a Python loop of per-tensor ops.
+    Torch's default norm and clip (foreach=None) loop over the tensors on CPU, which this catches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    state = build(validate(TrainConfig(preset="tiny", global_batch=4, seq_len=16, optimizer=optimizer)), CPU)
+    n_params = len(list(state.layout.parameters()))
+    train_step(state, 0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_step(state, 1).loss.item()
+    top = [e.name for e in prof.events() if e.cpu_parent is None or e.cpu_parent.name.startswith("Optimizer.step")]
+    assert n_params > 20
+    assert top.count("aten::_foreach_norm") == 1 and top.count("aten::_foreach_mul_") == 1, sorted(set(top))
+    for per_tensor in ("aten::linalg_vector_norm", "aten::mul_", "aten::add_", "aten::addcmul_", "aten::lerp_"):
+        assert top.count(per_tensor) <= 2, (per_tensor, top.count(per_tensor))  # get_total_norm's own total: 1
+    update = {"sgd": "aten::_fused_sgd_", "adamw": "aten::_fused_adamw_"}[optimizer]
+    assert top.count(update) == len(state.optimizer.param_groups) == 2, sorted(set(top))  # decay / no decay
