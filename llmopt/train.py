@@ -245,14 +245,16 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
             print(f"llmopt: {cfg.preset} ({param_count(cfg.model_config):,} params) on {device.type} x{cfg.world_size} "
                   f"[dp={cfg.dp}/{cfg.dp_mode} tp={cfg.tp} pp={cfg.pp}/{cfg.pp_schedule}] {cfg.precision} "
                   f"{cfg.optimizer} grad_accum={cfg.grad_accum} data={state.source.describe()}", flush=True)
-        metrics = run_steps(state, rank, local_rank, args.timing_warmup, args.memory_breakdown, log)
-        metrics.update(startup_s=startup, build_s=build_s)  # rank 0's: where a config's wall time goes
-        if args.save and metrics["diverged_at_step"] is None:
+        def save():  # before any extra step (the memory breakdown's, the profile's): the model the losses describe
             from llmopt.checkpoint import save_pretrained
 
             save_pretrained(state, args.save)
             if log:
                 print(f"saved: {args.save} (Hugging Face format; python -m llmopt.sample {args.save})", flush=True)
+
+        metrics = run_steps(state, rank, local_rank, args.timing_warmup, args.memory_breakdown, log,
+                            trained=save if args.save else None)
+        metrics.update(startup_s=startup, build_s=build_s)  # rank 0's: where a config's wall time goes
         if rank == 0:
             if args.metrics_out:
                 with open(args.metrics_out, "w") as f:
@@ -264,7 +266,7 @@ def _run(cfg: TrainConfig, args: argparse.Namespace) -> int:
                       f"final loss {metrics['losses'][-1]:.4f}"
                       + (f", fp16 skipped {metrics['fp16_skipped_steps']}" if cfg.precision == "fp16" else "")
                       + _target_line(metrics), flush=True)
-        if args.profile and metrics["diverged_at_step"] is None:  # last: these steps change the saved model
+        if args.profile and metrics["diverged_at_step"] is None:  # untimed steps, after --save
             from llmopt.metrics import profiled_steps
             from llmopt.step import train_step
 
@@ -304,9 +306,10 @@ def _target_line(m: dict) -> str:
             f"{m['tokens_to_target']:,} tokens, {m['seconds_to_target']:.1f} s")
 
 
-def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: bool, log: bool) -> dict:
-    """The timed steps, then (optionally) one untimed step under MemTracker. Returns the metrics dict
-    (meaningful on rank 0; collectives make every rank take part)."""
+def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: bool, log: bool,
+              trained=None) -> dict:
+    """The timed steps, then ``trained()`` if they ended without diverging, then (optionally) one untimed step
+    under MemTracker. Returns the metrics dict (meaningful on rank 0; collectives make every rank take part)."""
     import torch
 
     from llmopt.convergence import Convergence
@@ -352,6 +355,8 @@ def run_steps(state, rank: int, local_rank: int, warmup: int, memory_breakdown: 
                       + (" | target reached" if stop else ""), flush=True)
     power = energy.stop()
     peak = peak_memory_bytes(device)
+    if trained is not None and diverged is None:
+        trained()
     t_memory = time.time()
     breakdown = (tracked_memory_step(state, lambda: train_step(state, cfg.steps))
                  if memory_breakdown and diverged is None else None)

@@ -139,7 +139,8 @@ def test_init_loads_the_pretrained_weights(tiny_hf, text_file):
 def test_init_trains_under_a_layout_and_save_round_trips(tmp_path, tiny_hf, text_file, cli, layout):
     """--init under TP, FSDP2 and PP reproduces the single-process loss curve; --save gathers the shards into
     a directory that GPT2LMHeadModel.from_pretrained loads with the same logits as the single-process model
-    (with activation checkpointing too: torch's state-dict API strips its wrapper's prefix)."""
+    (with activation checkpointing too: torch's state-dict API strips its wrapper's prefix), the model of the
+    three trained steps even when --memory-breakdown runs one more."""
     from transformers import GPT2LMHeadModel
 
     from llmopt.checkpoint import save_pretrained
@@ -150,7 +151,7 @@ def test_init_trains_under_a_layout_and_save_round_trips(tmp_path, tiny_hf, text
     save_pretrained(state, str(tmp_path / "single"))
     args = ["-m", "llmopt.train", "--quiet", "--init", f"hf:{tiny_hf}", "--data", text_file, "--global-batch", "4",
             "--seq-len", "32", "--steps", "3", "--metrics-out", str(tmp_path / "m.json"), "--save",
-            str(tmp_path / "layout"), *layout]
+            str(tmp_path / "layout"), "--memory-breakdown", *layout]  # saved before the breakdown's extra step
     r = cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     losses = json.loads((tmp_path / "m.json").read_text())["losses"]
