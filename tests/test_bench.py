@@ -22,6 +22,21 @@ REQUIRED = ["config_id", "status", "error", "model_impl", "preset", "device", "w
             "loss_parity_max_abs", "energy_j_per_token", "engine"]
 
 
+def test_results_schema_holds_every_config_field_with_its_kind():
+    """results.csv's columns are listed by hand (in a reading order); every TrainConfig field (the flags) must
+    be among them, read back as text exactly when it is a string or a switch, so that a new flag cannot be
+    silently dropped from the rows or misread."""
+    from dataclasses import fields
+
+    from bench.results import TEXT_COLUMNS
+    from llmopt.config import TrainConfig
+
+    config = {f.name: f.type for f in fields(TrainConfig)}
+    assert set(config) | {"world_size", "micro_batch"} <= set(RESULT_COLUMNS)
+    text = {name for name, kind in config.items() if "str" in kind or "bool" in kind}
+    assert text == TEXT_COLUMNS & set(config), (text ^ (TEXT_COLUMNS & set(config)))
+
+
 def write_toml(path, text):
     path.write_text(text)
     return str(path)
