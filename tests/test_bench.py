@@ -386,9 +386,31 @@ def test_targets_report_states_the_cpu_flags(tmp_path):
     text = open(write(str(tmp_path), {"cpu_model": "Xeon", "cpu_flags": ["avx512_bf16"], "llmopt_vs_hf": p,
                                       "harness_overhead": o})).read()
     assert "native low-precision flags: avx512_bf16" in text and "**1.30x**" in text
+    assert "Peers" not in text  # --peers-rounds 0
+    q = {"rounds": 3, "round_ratios": [1.2, 1.25, 1.4], "ratio": 1.25, "target": 1.3, "best_llmopt": "native/llmopt/fp32",
+         "best_hf": "accelerate/hf/fp32/compile", "best_tokens_per_s": {"llmopt": 125.0, "hf": 100.0}}
     text = open(write(str(tmp_path), {"cpu_model": "Xeon", "cpu_flags": [], "llmopt_vs_hf": p,
-                                      "harness_overhead": o})).read()
+                                      "harness_overhead": o, "peers": q})).read()
     assert "none (bf16 matmuls emulated)" in text
+    assert "1.20, 1.25, 1.40x, median **1.25x** (target 1.3x on this CPU kind: NOT met)" in text
+    assert "`accelerate/hf/fp32/compile` 100" in text
+
+
+def test_peers_rounds_run_each_config_in_its_own_process_in_alternating_order(tmp_path):
+    """bench.targets' peers ratio: one llmopt-over-HF ratio per round, the median of them, every config's
+    tokens/s from its own llmopt.train process (here a two-config matrix at the tiny shape)."""
+    from bench.targets import peers_rounds
+
+    m = write_toml(tmp_path / "m.toml", '[base]\npreset = "tiny"\nsteps = 2\nseq_len = 16\nglobal_batch = 4\n'
+                                        '[matrix]\nmodel_impl = ["llmopt", "hf"]\n')
+    lines = []
+    q = peers_rounds(2, matrix=m, log=lambda line, **_: lines.append(line))
+    assert list(q["tokens_per_s"]) == ["native/llmopt/fp32", "native/hf/fp32"]
+    assert all(len(v) == 2 and min(v) > 0 for v in q["tokens_per_s"].values())
+    ratios = [a / b for a, b in zip(*q["tokens_per_s"].values())]
+    assert q["round_ratios"] == pytest.approx(ratios) and q["ratio"] == pytest.approx(sum(ratios) / 2)
+    assert [line.split()[3] for line in lines] == ["native/llmopt/fp32", "native/hf/fp32", "native/hf/fp32",
+                                                   "native/llmopt/fp32"]  # the second round runs backwards
 
 
 def test_kernels_measures_the_choices_llmopt_makes(tmp_path, cli):
