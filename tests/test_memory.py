@@ -53,7 +53,7 @@ def test_prediction_matches_the_committed_reference_runs(reference):
         err = predict_memory(cfg).total / row.peak_memory_bytes - 1
         if abs(err) > 0.15:
             misses.append(f"{row.config_id}: {err:+.1%}")
-    assert len(rows) >= 12 and not misses, misses
+    assert len(rows) >= 3 and not misses, misses  # the smallest reference (h200-mfu) has 3 rows
 
 
 def test_memtracker_private_hook_is_still_there():
