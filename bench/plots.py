@@ -186,7 +186,7 @@ def tuning_curves(conv: pd.DataFrame, path: str) -> str:
         sns.lineplot(data=g[g.status == "ok"], x="lr", y="final_eval_loss", hue="optimizer", marker="o", ax=ax)
         bad = g[g.status != "ok"]
         if not bad.empty:
-            ax.scatter(bad.lr, [d.final_eval_loss.max()] * len(bad), marker="x", color="red", label="diverged")
+            ax.scatter(bad.lr, [d.final_eval_loss.max()] * len(bad), marker="x", color="red", label="not ok")
         _floor(ax, conv)
         ax.set(xscale="log", title=f"batch {int(b)}", xlabel="learning rate", ylabel="final eval loss")
         ax.legend(fontsize=7)

@@ -15,9 +15,15 @@ from bench.markdown import fmt, md_table
 from bench.matrix import layout_name
 
 
+def has_target(results: pd.DataFrame) -> pd.Series:
+    """Rows of runs given a target (a loss, or a gap above the entropy floor): convergence runs, whether they
+    finished or not. A target of 0 means none (rows of older sweeps carry it on failed runs)."""
+    return (results.target_loss > 0) | (results.target_gap > 0)
+
+
 def convergence_rows(results: pd.DataFrame) -> pd.DataFrame:
-    """Rows of runs with a target loss (convergence runs), skipped ones left out."""
-    return results[results.target_loss.notna() & (results.status != "skipped")].copy()
+    """Rows of convergence runs, skipped ones left out."""
+    return results[has_target(results) & (results.status != "skipped")].copy()
 
 
 def _records(df: pd.DataFrame) -> list[dict]:
@@ -59,7 +65,10 @@ def scaling_sentences(best: pd.DataFrame) -> list[str]:
     batches = sorted(wins, key=float)
     for b in batches:
         w = wins[b]
-        if w.get("tokens_to_target") is None:
+        if w.get("status") != "ok":
+            out.append(f"At batch {b} no run finished (the best-ranked ended {w.get('status')}: "
+                       f"{w.get('error') or 'no error recorded'}); see \"Not ok\".")
+        elif w.get("tokens_to_target") is None:
             out.append(f"At batch {b} no optimizer reached the target within the budget; the lowest final eval "
                        f"loss was {w['optimizer']}'s {float(w['final_eval_loss']):.4f} (lr {float(w['lr']):.3g}).")
         else:
@@ -68,7 +77,7 @@ def scaling_sentences(best: pd.DataFrame) -> list[str]:
                        f"(lr {float(w['lr']):.3g}).")
     for small, big in zip(batches, batches[1:]):
         s, g = wins[small], wins[big]
-        if s.get("steps_to_target") is None:
+        if s.get("steps_to_target") is None or g.get("status") != "ok":
             continue
         factor = float(big) / float(small)
         if g.get("steps_to_target") is None:
@@ -105,7 +114,7 @@ def precision_table(best: pd.DataFrame) -> str:
 def layout_estimates(results: pd.DataFrame, best: pd.DataFrame) -> str | None:
     """Seconds to target with layout L = the winner's steps to target x L's p50 step time, for throughput
     rows of the same model, data, batch and sequence length as the winner."""
-    thr = results[(results.status == "ok") & results.target_loss.isna()]
+    thr = results[(results.status == "ok") & ~has_target(results)]
     rows = []
     for b, w in tuning.winners(_records(best)).items():
         if w.get("steps_to_target") is None:
@@ -129,10 +138,15 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
     best = best_runs(conv)
     floor = conv.entropy_floor_nats.dropna()
     L = ["## Time to quality", ""]
-    target = conv.target_loss.dropna().iloc[0]
-    L.append(f"Target: eval loss ≤ {target:.4f} nats"
-             + (f" (the data's entropy floor {floor.iloc[0]:.4f} + {target - floor.iloc[0]:.2f})" if len(floor) else
-                " (no entropy floor is known for this data)")
+    targets = conv.target_loss.dropna()
+    if targets.empty:  # no run got far enough to resolve its target
+        target_text = "none resolved (no run finished)"
+    else:
+        target = targets.iloc[0]
+        target_text = (f"eval loss ≤ {target:.4f} nats"
+                       + (f" (the data's entropy floor {floor.iloc[0]:.4f} + {target - floor.iloc[0]:.2f})"
+                          if len(floor) else " (no entropy floor is known for this data)"))
+    L.append(f"Target: {target_text}"
              + f"; token budget {int(conv.max_tokens.max()):,} per run; learning rate warm-up then "
              f"{conv.lr_schedule.iloc[0]} decay. Best learning rate per optimizer and batch size: first by tokens to "
              "target, then by final eval loss. Seconds are training steps only (evals excluded).")

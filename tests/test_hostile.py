@@ -15,8 +15,8 @@ from conftest import ROOT
 TINY = "[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n"
 
 
-def bench(*args, cwd=ROOT, timeout=300):
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
+def bench(*args, cwd=ROOT, timeout=300, env=None):
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT, **(env or {}))
     return subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=cwd, env=e, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -308,3 +308,59 @@ def test_timing_warmup_reports_what_happened(tmp_path, cli):
     assert r.returncode == 0, r.stderr[-1000:]
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["timing_warmup"] == 1 and len(m["step_time_ms"]) == 2  # one step left out, one timed
+
+
+def test_a_sweep_with_failed_oom_and_timeout_rows_still_gets_its_report(tmp_path):
+    """Rows without metrics once crashed the report (their config's target_loss 0 read as a convergence run):
+    no report.md, no counts line, exit 1 even for oom. Now every such sweep, its resume and bench.report
+    render, listing those rows under "Not ok"."""
+    (tmp_path / "m.toml").write_text(TINY + "[matrix]\nseed = [0, 1, 2, 3]\n")
+    out = tmp_path / "o"
+    faults = {"LLMOPT_FAIL_AT": "0:1:raise:1,0:1:alloc:2,0:1:hang:3"}
+    r = bench("--matrix", str(tmp_path / "m.toml"), "--out", str(out), "--timeout", "15", env=faults)
+    assert r.returncode == 1, r.stderr[-2000:]  # failed and timeout rows: 1 (README's rule)
+    assert r.stdout.strip().splitlines()[-1] == "bench: ok 1, failed 1, timeout 1, oom 1", r.stdout[-800:]
+    report = (out / "report.md").read_text()
+    not_ok = report.split("## Not ok", 1)[1]
+    assert [s in not_ok for s in ("| failed |", "| oom |", "| timeout |")] == [True] * 3
+    assert "## Time to quality" not in report  # no run here had a target
+    os.remove(out / "report.md")
+    r = bench("--resume", "--out", str(out))
+    assert r.returncode == 1 and (out / "report.md").read_text() == report, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "bench.report", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and (out / "report.md").read_text() == report, r.stderr[-2000:]
+
+
+def test_an_oom_alone_exits_0_and_a_failure_1():
+    from bench.run import _summary
+
+    assert _summary([{"status": "ok"}, {"status": "oom"}, {"status": "diverged"}, {"status": "skipped"}]) == 0
+    assert _summary([{"status": "ok"}, {"status": "timeout"}]) == 1
+    assert _summary([{"status": "failed"}]) == 1
+
+
+def test_a_convergence_report_survives_a_batch_where_every_run_failed(tmp_path):
+    """The committed convergence reference with every batch-64 run turned into a failed row, the way older
+    versions wrote it (no metrics, the config's target_loss 0): the report renders, says so, lists them."""
+    import shutil
+
+    from bench.report import write_report
+    from bench.results import RESULT_COLUMNS
+
+    ref = tmp_path / "conv"
+    shutil.copytree(os.path.join(ROOT, "results", "reference", "cpu-convergence"), ref,
+                    ignore=shutil.ignore_patterns("plots", ".lock"))
+    config_cols = set(json.load(open(ref / "plan.json"))["plan"][0]["config"]) | {"config_id", "world_size",
+                                                                                   "micro_batch", "wall_s"}
+    with open(ref / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        if row["global_batch"] == "64":
+            row.update({k: "" for k in row if k not in config_cols}, status="failed", error="boom", target_loss="0.0")
+    with open(ref / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    report = open(write_report(str(ref))).read()
+    assert "At batch 64 no run finished" in report and "| failed | boom |" in report
+    assert "At batch 16, " in report  # the other batches are still reported
