@@ -119,9 +119,13 @@ def resolve_jobs(jobs: str, executor: str, device: str) -> tuple[int, int]:
 
 def config_argv(entry: dict, metrics_path: str, warmup: int) -> list[str]:
     """``llmopt.train``'s arguments for one config (after ``python -m llmopt.train``)."""
+    from llmopt.config import CHECKPOINT
+
     argv = ["--quiet", "--memory-breakdown", "--timing-warmup", str(warmup), "--metrics-out", metrics_path]
     for k, v in entry["config"].items():
         flag = f"--{k.replace('_', '-')}"
+        if k == "preset" and v == CHECKPOINT:
+            continue  # the shape comes from --init: llmopt.train takes no --preset then
         if isinstance(v, bool):
             argv += [flag] if v else []
         elif v is not None:

@@ -166,6 +166,15 @@ def test_init_trains_under_a_layout_and_save_round_trips(tmp_path, tiny_hf, text
     assert sorted(os.listdir(tmp_path)) == ["layout", "m.json", "single"]  # no half-written directory left
 
 
+def test_a_matrix_with_init_and_no_preset_runs(tmp_path, tiny_hf, text_file, cli):
+    """The README's matrix use of init: the shape comes from the checkpoint (the harness once passed
+    --preset checkpoint, which llmopt.train refuses, and every config failed)."""
+    (tmp_path / "m.toml").write_text(f"[base]\ninit = 'hf:{tiny_hf}'\ndata = '{text_file}'\nsteps = 2\n"
+                                     "seq_len = 32\nglobal_batch = 4\n[matrix]\noptimizer = ['adamw']\n")
+    r = cli("-m", "bench.run", "--matrix", str(tmp_path / "m.toml"), "--out", str(tmp_path / "o"), "--no-report")
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "bench: ok 1", r.stdout[-2000:]
+
+
 def test_offline_init_is_one_error_line(cli):
     r = cli("-m", "llmopt.train", "--init", "hf:no-such-org/no-such-model", "--steps", "1",
             env={"HF_HUB_OFFLINE": "1"})
