@@ -19,14 +19,15 @@ import torch.distributed as dist
 SAVE_INFO = "llmopt.json"  # what llmopt adds beside the HF files: the tokenizer spec when there is no HF tokenizer
 
 
-def check_save_dir(path: str) -> None:
-    """Refuse before training what would fail after it."""
-    path = os.path.abspath(path)
-    if os.path.exists(path):
-        raise ValueError(f"--save {path!r} already exists; remove it or choose another directory")
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ValueError(f"--save: cannot write into {parent!r}; create it or choose another directory")
+def check_save_dir(path: str, source_tokenizer: str | None = None) -> None:
+    """Refuse before training what would fail after it: a target that exists or cannot be created (tried for
+    real), or the data's tokenizer directory missing (``--save`` copies it beside the model)."""
+    from llmopt.scratch import check_writable_dir
+
+    check_writable_dir(path, "--save", may_exist=False)
+    if source_tokenizer is not None and not os.path.isdir(source_tokenizer):
+        raise ValueError(f"--save: the data's tokenizer {source_tokenizer!r} is missing (--save writes it beside the "
+                         f"model); prepare the data again, or drop --save")
 
 
 def full_state_dict(layout) -> dict[str, torch.Tensor] | None:
@@ -69,9 +70,10 @@ def save_pretrained(state, out_dir: str) -> None:
         model = GPT(cfg.model_config)
         model.load_state_dict(sd)
         hf = model.to_hf()
+    from llmopt.scratch import sibling_tmp
+
     out_dir = os.path.abspath(out_dir)
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = sibling_tmp(out_dir)  # a killed earlier --save of this directory leaves DIR.tmp-PID: removed here
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

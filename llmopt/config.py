@@ -132,12 +132,12 @@ def checkpoint_config(init: str) -> GPTConfig:
     return config_from_hf(hf)
 
 
-@functools.lru_cache(maxsize=None)
 def data_vocab_size(data: str, tokenizer: str) -> int:
-    """The vocabulary of ``--data`` (read from a prepared directory's meta.json, else what the tokenizer
-    gives), without tokenizing anything."""
+    """The vocabulary of ``--data``, without tokenizing anything: a prepared directory's (its meta.json), or
+    the cache's prepared copy of raw text; raw text not prepared yet gets the tokenizer's (for ``train:N`` an
+    upper bound: ``llmopt.train`` prepares before it validates, so a run always sees the prepared vocabulary)."""
     from llmopt.data import is_prepared, read_meta
-    from llmopt.prepare import BUILTIN, tokenizer_vocab_size
+    from llmopt.prepare import BUILTIN, cached_path, tokenizer_vocab_size
 
     if is_prepared(data):
         return int(read_meta(data)["vocab_size"])
@@ -146,6 +146,10 @@ def data_vocab_size(data: str, tokenizer: str) -> int:
                          f"directory, python-stdlib, or omit --data")
     if os.path.exists(data) and not (os.path.isfile(data) or os.path.isdir(data)):
         raise ValueError(f"--data {data!r} is not a regular file or directory; pass a text file or a directory")
+    if not (os.path.isfile(data) and tokenizer == "bytes"):
+        cached = cached_path(data, tokenizer)
+        if is_prepared(cached):
+            return int(read_meta(cached)["vocab_size"])
     return tokenizer_vocab_size(tokenizer)
 
 

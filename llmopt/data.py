@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zlib
 
 import numpy as np
 import torch
@@ -182,6 +183,14 @@ def read_meta(path: str) -> dict:
         raise ValueError(f"--data {path}: meta.json is malformed ({e}); prepare the directory again") from None
     if dtype not in ("uint8", "uint16", "uint32") or np.iinfo(dtype).max + 1 < vocab:
         raise ValueError(f"--data {path}: dtype {dtype!r} cannot hold a vocabulary of {vocab}; prepare it again")
+    if vocab < 2:
+        raise ValueError(f"--data {path}: a vocabulary of {vocab} (every token the same: a model's loss would be 0); "
+                         f"prepare it again with a real tokenizer")
+    tok_dir = meta.get("tokenizer_dir")
+    if tok_dir is not None and (not isinstance(tok_dir, str) or os.path.isabs(tok_dir)
+                                or os.path.normpath(tok_dir) != tok_dir or tok_dir.startswith("..")):
+        raise ValueError(f"--data {path}: meta.json's tokenizer_dir {tok_dir!r} is not a directory inside it "
+                         f"(--save copies it beside the model); prepare it again")
     for s in SPLITS:
         f = os.path.join(path, f"{s}.bin")
         if not os.path.isfile(f):
@@ -191,6 +200,36 @@ def read_meta(path: str) -> dict:
             raise ValueError(f"--data {path}: {s}.bin holds {size} bytes, meta.json says {counts[s]} {dtype} "
                              f"tokens ({counts[s] * np.dtype(dtype).itemsize} bytes): truncated or mismatched; "
                              f"prepare it again")
+    return meta
+
+
+def token_seal(path: str, meta: dict, split: str) -> int:
+    """CRC-32 of what a split's token file means: the meta.json fields that say how to read it (format,
+    dtype, vocabulary, token count), then its bytes. Written by prepare; a meta.json edited afterwards, or
+    token files from another preparation, no longer match it."""
+    crc = zlib.crc32(f"{meta.get('format')}|{meta['dtype']}|{meta['vocab_size']}|{meta[f'{split}_tokens']}|".encode())
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def check_tokens(path: str) -> dict:
+    """read_meta, and the token files read once against it: the seal prepare wrote (``token_seal``) and every
+    id below the vocabulary (a larger one would index past the embedding). One ValueError otherwise. Reads
+    each file once (about a second a GB): run it once per run, before training. Returns the meta dict."""
+    meta = read_meta(path)
+    for s in SPLITS:
+        f = os.path.join(path, f"{s}.bin")
+        seal = (meta.get("seal") or {}).get(s)
+        if seal is not None and token_seal(f, meta, s) != seal:
+            raise ValueError(f"--data {path}: meta.json does not describe {s}.bin (its dtype, vocabulary or counts "
+                             f"were edited, or the file comes from another preparation); prepare it again")
+        ids = np.memmap(f, dtype=meta["dtype"], mode="r")
+        top = int(ids.max()) if len(ids) else 0
+        if top >= int(meta["vocab_size"]):
+            raise ValueError(f"--data {path}: {s}.bin holds token id {top}, not below the vocabulary of "
+                             f"{meta['vocab_size']} in meta.json: the two disagree; prepare the directory again")
     return meta
 
 

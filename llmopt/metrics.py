@@ -167,11 +167,9 @@ def tracked_memory_step(state, run_step) -> dict[str, int]:
 
 def check_profile_dir(path: str) -> None:
     """``--profile DIR``: refused before training if it cannot become a directory of this run's traces."""
-    full = os.path.abspath(path)
-    if os.path.exists(full) and not os.path.isdir(full):
-        raise ValueError(f"--profile {path!r} is a file; pass a directory (it is created if missing)")
-    if not os.path.isdir(os.path.dirname(full)):
-        raise ValueError(f"--profile: the parent of {path!r} does not exist; create it first")
+    from llmopt.scratch import check_writable_dir
+
+    check_writable_dir(path, "--profile", may_exist=True)
 
 
 def profiled_steps(state, run_step, out_dir: str, rank: int, first_step: int, steps: int = 2) -> str:

@@ -17,10 +17,15 @@ it has one.
 from __future__ import annotations
 
 import argparse
+import codecs
+import errno
+import fcntl
+import functools
 import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
 import sysconfig
 import time
@@ -48,6 +53,8 @@ def stdlib_files() -> list[str]:
 
 
 def input_files(source: str, extensions=DEFAULT_EXTENSIONS) -> list[str]:
+    """The files a corpus is read from, in a stable order. Every one must be a regular file: a FIFO, socket or
+    device could block the read forever, and a dangling or looping symbolic link cannot be read at all."""
     if source == "python-stdlib":
         return stdlib_files()
     if os.path.isdir(source):
@@ -57,34 +64,101 @@ def input_files(source: str, extensions=DEFAULT_EXTENSIONS) -> list[str]:
             out += [os.path.join(root, f) for f in sorted(files) if f.endswith(tuple(extensions))]
         if not out:
             raise ValueError(f"{source!r}: no files ending in {', '.join(extensions)}; pass --ext to choose others")
+        for path in out:
+            _check_readable(path)
         return out
-    if os.path.isfile(source):
+    if os.path.lexists(source):
+        _check_readable(source)
         return [source]
     raise ValueError(f"no such file or directory {source!r}; pass a text file, a directory or one of "
                      f"{', '.join(BUILTIN)}")
 
 
-def documents(source: str, extensions=DEFAULT_EXTENSIONS) -> Iterator[tuple[str, str]]:
-    """(name, text) per document, read one at a time. A single file's documents are its paragraphs."""
+def _check_readable(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        what = "a symbolic link loop" if e.errno == errno.ELOOP else (
+            "a dangling symbolic link" if os.path.islink(path) else f"unreadable ({e.strerror})")
+        raise ValueError(f"{path!r} is {what}; remove it, or leave it out with --ext") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path!r} is not a regular file (a FIFO, socket or device, whose read can block "
+                         f"forever); remove it, or leave it out with --ext")
+
+
+_replaced_bytes = 0
+
+
+def _count_and_replace(e: UnicodeDecodeError) -> tuple[str, int]:
+    """The "replace" error handler (one U+FFFD per invalid sequence), counting the bytes it replaces."""
+    global _replaced_bytes
+    _replaced_bytes += e.end - e.start
+    return "\ufffd", e.end
+
+
+codecs.register_error("llmopt-count-replace", _count_and_replace)
+
+
+class Utf8Count:
+    """Decodes UTF-8 with invalid bytes replaced by U+FFFD, as Python's "replace" does, and counts them
+    (``replaced`` bytes in ``files``) so that prepare says how much of the input was not text rather than
+    change it silently."""
+
+    def __init__(self):
+        self.replaced, self.files = 0, set()
+
+    def decode(self, data: bytes, name: str) -> str:
+        before = _replaced_bytes
+        text = data.decode("utf-8", errors="llmopt-count-replace")
+        if _replaced_bytes != before:
+            self.replaced += _replaced_bytes - before
+            self.files.add(name.split("#")[0])
+        return text
+
+
+def documents(source: str, extensions=DEFAULT_EXTENSIONS, utf8: Utf8Count | None = None) -> Iterator[tuple[str, str]]:
+    """(name, text) per document, read one at a time. A single file's documents are its paragraphs. Invalid
+    UTF-8 becomes U+FFFD, counted in ``utf8``."""
+    utf8 = utf8 or Utf8Count()
     files = input_files(source, extensions)
     single = len(files) == 1 and source not in BUILTIN and not os.path.isdir(source)
     root = sysconfig.get_paths()["stdlib"] if source in BUILTIN else source
     for path in files:
         name = os.path.basename(path) if single else os.path.relpath(path, root)  # stable across machines
         if not single:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield name, f.read()
+            with open(path, "rb") as f:
+                yield name, utf8.decode(f.read(), name)
             continue
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, "rb") as f:
             para, i = [], 0
             for line in f:
                 if line.strip():
                     para.append(line)
                 elif para:
-                    yield f"{name}#{i}", "".join(para)
+                    yield f"{name}#{i}", utf8.decode(b"".join(para), name)
                     para, i = [], i + 1
             if para:
-                yield f"{name}#{i}", "".join(para)
+                yield f"{name}#{i}", utf8.decode(b"".join(para), name)
+
+
+# A document longer than this many characters is tokenized (and the BPE trained) a piece at a time, cut
+# before a space that starts a word: byte-level BPE's pre-tokenizer never joins across such a point, so the
+# tokens are those of the whole document, and memory stays bounded (a 47 MB single line once took 9.1 GB to
+# train a BPE on). Only where no such point exists within a piece is it cut at the limit.
+MAX_PIECE_CHARS = 1 << 20
+
+
+def pieces(text: str, limit: int = MAX_PIECE_CHARS) -> Iterator[str]:
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = text.rfind(" ", start + 1, end)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 # ---------------------------------------------------------------------- tokenizers
@@ -101,8 +175,11 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
+@functools.lru_cache(maxsize=None)
 def tokenizer_vocab_size(spec: str) -> int:
-    """The vocabulary a tokenizer spec gives, without tokenizing anything (for planning and validation)."""
+    """The vocabulary a tokenizer spec gives, without tokenizing anything (for planning and validation). For
+    ``train:N`` it is N, an upper bound: a corpus may yield fewer merges, and the prepared data's meta.json
+    then holds the vocabulary the model gets (``llmopt.config.data_vocab_size`` reads it)."""
     if spec == "bytes":
         return 256
     if spec.startswith("train:"):
@@ -117,28 +194,41 @@ def _train_size(spec: str) -> int:
     return int(n)
 
 
+PROBE_TEXT = "def read_config(path):\n    return open(path).read()  # The quick brown fox, 42 times.\n"
+
+
 def load_hf_tokenizer(name_or_path: str):
-    """``AutoTokenizer.from_pretrained``; offline and not cached is one clear error."""
+    """``AutoTokenizer.from_pretrained`` (offline first, see llmopt.hub), refused unless it is a real
+    tokenizer: AutoTokenizer on a model directory without tokenizer files returns one of vocabulary 1, which
+    once turned a corpus into all-zero tokens and a model whose loss is 0."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--tokenizer {name_or_path}: cannot load it ({str(e).splitlines()[0][:160]}); offline, "
-                         f"point at a local copy (a directory saved with save_pretrained), or use bytes or "
-                         f"train:N") from None
+    from llmopt import hub
+
+    tok = hub.load(AutoTokenizer.from_pretrained, name_or_path, "--tokenizer")
+    ids = tok.encode(PROBE_TEXT, add_special_tokens=False)
+    if len(tok) < 2 or len(set(ids)) < 2:
+        raise ValueError(f"--tokenizer {name_or_path}: not a usable tokenizer (vocabulary {len(tok)}, text encodes "
+                         f"to {len(set(ids))} distinct token(s)); a model directory without its tokenizer files? "
+                         f"Pass a tokenizer's directory or name, bytes, or train:N")
+    return tok
 
 
 def train_bpe(spec: str, source: str, extensions, out_dir: str):
-    """A byte-level BPE of N tokens (the end-of-text token included) trained on the corpus, saved in Hugging
-    Face format (``PreTrainedTokenizerFast.save_pretrained``) in ``out_dir``."""
-    from tokenizers import ByteLevelBPETokenizer
+    """A byte-level BPE of at most N tokens (the end-of-text token included), as GPT-2's: bytes as the initial
+    alphabet, GPT-2's pre-tokenizer. Trained on the corpus a bounded piece at a time (``pieces``) and saved in
+    Hugging Face format (``PreTrainedTokenizerFast.save_pretrained``) in ``out_dir``. A small corpus may learn
+    fewer than N tokens: the tokenizer's length is the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator((text for _, text in documents(source, extensions)), vocab_size=_train_size(spec),
-                            min_frequency=2, special_tokens=[EOT], show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOT, bos_token=EOT, unk_token=EOT)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=_train_size(spec), min_frequency=2, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator((p for _, text in documents(source, extensions) for p in pieces(text)), trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOT, bos_token=EOT, unk_token=EOT)
     tok.save_pretrained(out_dir)
     return tok
 
@@ -152,6 +242,19 @@ def build_tokenizer(spec: str, source: str, extensions, out_dir: str):
     if not spec.startswith("train:"):
         tok.save_pretrained(tok_dir)  # the run directory carries the tokenizer it was made with
     return tok, "tokenizer"
+
+
+def encode(tok, text: str, eos: int | None, dtype: str) -> np.ndarray:
+    """A document's token ids (then ``eos``, if given) as an array of ``dtype``, a bounded piece at a time (see
+    ``pieces``): a Python list of a large document's ids would take about 30 bytes a token. Special tokens as
+    the tokenizer adds them to a whole text, once."""
+    if isinstance(tok, ByteTokenizer):
+        parts = [np.frombuffer(text.encode("utf-8"), dtype=np.uint8)]
+    else:
+        parts = [np.asarray(tok.encode(piece, add_special_tokens=i == 0), dtype=np.int64)
+                 for i, piece in enumerate(pieces(text))]
+    parts.append(np.asarray([] if eos is None else [eos], dtype=np.int64))
+    return np.concatenate(parts).astype(dtype)
 
 
 def dtype_for(vocab_size: int) -> str:
@@ -187,25 +290,38 @@ def prepare(source: str, tokenizer: str, out_dir: str, val_fraction: float = 0.0
             extensions=DEFAULT_EXTENSIONS, quiet: bool = False) -> dict:
     """Write train.bin, val.bin, meta.json (and tokenizer/) into ``out_dir``, which must not exist yet; the
     files are made in a temporary sibling directory and renamed into place, so ``out_dir`` is either
-    complete or absent. Returns the meta dict."""
+    complete or absent (a leftover of a killed earlier attempt is removed: ``llmopt.scratch``). Another
+    process that finishes the same ``out_dir`` first wins: its complete directory is used. Returns the meta
+    dict."""
+    from llmopt import scratch
+
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction {val_fraction}: must be between 0 and 1")
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
+    if os.path.lexists(out_dir):
         raise ValueError(f"--out {out_dir!r} already exists; remove it or choose another directory")
-    input_files(source, extensions)  # fail early on a missing input
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    input_files(source, extensions)  # fail early on a missing or unreadable input
+    tmp = _make_dir(scratch.sibling_tmp(out_dir), out_dir)
     try:
         meta = _write(source, tokenizer, tmp, val_fraction, extensions, quiet)
-        os.rename(tmp, out_dir)
-    except BaseException:
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if not os.path.isfile(os.path.join(out_dir, META)):
+                raise
+            meta = json.load(open(os.path.join(out_dir, META)))  # lost the race: the winner's copy is complete
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
+
+
+def _make_dir(path: str, out_dir: str) -> str:
+    """Create ``path`` (and its parents): a file in the way, /proc or a read-only mount is one ValueError."""
+    try:
+        os.makedirs(path)
+    except OSError as e:
+        raise ValueError(f"--out {out_dir!r}: cannot create a directory there ({e.strerror}); choose another place") from None
+    return path
 
 
 def _write(source, spec, tmp, val_fraction, extensions, quiet) -> dict:
@@ -215,19 +331,20 @@ def _write(source, spec, tmp, val_fraction, extensions, quiet) -> dict:
     eos = tok.eos_token_id
     counts, docs, digest, sources = {"train": 0, "val": 0}, {"train": 0, "val": 0}, hashlib.sha256(), set()
     progress = None if quiet else _Progress()
+    utf8 = Utf8Count()
     files = {s: open(os.path.join(tmp, f"{s}.bin"), "wb") for s in ("train", "val")}
     pending = None  # the last document is held back so that the validation split is never empty
 
     def flush(split, ids):
-        np.asarray(ids, dtype=dtype).tofile(files[split])
+        ids.tofile(files[split])
         counts[split] += len(ids)
         docs[split] += 1
 
     try:
-        for i, (name, text) in enumerate(documents(source, extensions)):
+        for i, (name, text) in enumerate(documents(source, extensions, utf8)):
             digest.update(name.encode() + b"\0" + text.encode("utf-8", errors="replace"))
             sources.add(name.split("#")[0])
-            ids = tok.encode(text) + ([eos] if eos is not None else [])
+            ids = encode(tok, text, eos, dtype)
             if pending is not None:
                 flush(*pending)
             pending = ("val" if in_val(name, i, val_fraction) else "train", ids)
@@ -247,7 +364,11 @@ def _write(source, spec, tmp, val_fraction, extensions, quiet) -> dict:
     meta = {"format": FORMAT, "source": source, "tokenizer": spec, "tokenizer_dir": tok_dir, "vocab_size": vocab,
             "dtype": dtype, "eos_token_id": eos, "val_fraction": val_fraction,
             "train_tokens": counts["train"], "val_tokens": counts["val"], "documents": docs,
-            "sources": sorted(sources)[:1000], "source_count": len(sources), "content_sha256": digest.hexdigest()}
+            "sources": sorted(sources)[:1000], "source_count": len(sources), "content_sha256": digest.hexdigest(),
+            "replaced_bytes": utf8.replaced, "files_with_replaced_bytes": sorted(utf8.files)[:100]}
+    from llmopt.data import token_seal
+
+    meta["seal"] = {s: token_seal(os.path.join(tmp, f"{s}.bin"), meta, s) for s in ("train", "val")}
     with open(os.path.join(tmp, META), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
@@ -257,27 +378,55 @@ def cache_dir() -> str:
     return os.environ.get("LLMOPT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llmopt")
 
 
-def ensure_prepared(source: str, tokenizer: str) -> str:
-    """A prepared directory for ``--data SOURCE --tokenizer T``: SOURCE itself when it is one, else a copy
-    prepared once into the cache (keyed by the input's files, sizes and modification times, and T)."""
-    if os.path.isfile(os.path.join(source, META)):
-        return source
+@functools.lru_cache(maxsize=None)
+def cached_path(source: str, tokenizer: str) -> str:
+    """Where ``--data SOURCE --tokenizer T`` is prepared in the cache: keyed by the input's files, their sizes
+    and modification times, and T."""
     files = input_files(source)
     key = hashlib.sha256(json.dumps([tokenizer, source] + [(f, os.path.getsize(f), os.path.getmtime(f))
                                                            for f in files]).encode()).hexdigest()[:16]
     name = os.path.basename(os.path.normpath(source)) or "data"
-    out = os.path.join(cache_dir(), "prepared", f"{name}-{tokenizer.replace(':', '')}-{key}")
-    if not os.path.isfile(os.path.join(out, META)):
+    return os.path.join(cache_dir(), "prepared", f"{name}-{tokenizer.replace(':', '')}-{key}")
+
+
+def ensure_prepared(source: str, tokenizer: str) -> str:
+    """A prepared directory for ``--data SOURCE --tokenizer T``: SOURCE itself when it is one, else a copy
+    prepared once into the cache. Runs preparing the same copy at once (``bench.run --jobs 2``) take turns on
+    a lock in the cache's ``locks/``: the first prepares, the others wait and use its directory."""
+    if os.path.isfile(os.path.join(source, META)):
+        return source
+    out = cached_path(source, tokenizer)
+    if os.path.isfile(os.path.join(out, META)):
+        return out
+    locks = os.path.join(cache_dir(), "locks")
+    if not os.path.isdir(locks):
+        _make_dir(locks, out)
+    with open(os.path.join(locks, os.path.basename(out) + ".lock"), "a") as lock:
         try:
-            prepare(source, tokenizer, out)
-        except ValueError:
-            if not os.path.isfile(os.path.join(out, META)):  # another process won the race: use its copy
-                raise
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"prepare: another run is preparing {out}; waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(out, META)):
+            report(prepare(source, tokenizer, out), out)
     return out
 
 
+def report(meta: dict, out: str) -> None:
+    """The prepared directory in one line, and (on stderr) the invalid UTF-8 that was replaced, if any."""
+    print(f"{out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, vocabulary "
+          f"{meta['vocab_size']:,} ({meta['tokenizer']}), {meta['dtype']}", flush=True)
+    if meta.get("replaced_bytes"):
+        files = meta["files_with_replaced_bytes"]
+        print(f"prepare: {meta['replaced_bytes']:,} invalid UTF-8 byte(s) replaced with U+FFFD, in "
+              f"{len(files)}{'+' if len(files) == 100 else ''} file(s) (first: {files[0]}); meta.json records "
+              f"them", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llmopt.data prepare", description=__doc__.split("\n\n")[0])
+    from llmopt import cli
+
+    p = cli.parser("python -m llmopt.data prepare", __doc__.split("\n\n")[0])
     p.add_argument("input", help=f"a text file, a directory, or {', '.join(BUILTIN)}")
     p.add_argument("--tokenizer", default="bytes", help="bytes, a Hugging Face name or path, or train:N")
     p.add_argument("--out", required=True, help="the directory to write (must not exist)")
@@ -285,12 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ext", default=",".join(DEFAULT_EXTENSIONS), help="file extensions read from a directory")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    try:
-        meta = prepare(args.input, args.tokenizer, args.out, args.val_fraction,
-                       tuple(e if e.startswith(".") else "." + e for e in args.ext.split(",") if e), args.quiet)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, vocabulary "
-          f"{meta['vocab_size']:,} ({meta['tokenizer']}), {meta['dtype']}")
-    return 0
+
+    def body() -> int:
+        ext = tuple(e if e.startswith(".") else "." + e for e in args.ext.split(",") if e)
+        meta = prepare(args.input, args.tokenizer, args.out, args.val_fraction, ext, args.quiet)
+        report(meta, args.out)
+        return 0
+
+    return cli.main(body)

@@ -107,20 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = validate(config_from_args(args))
         if args.timing_warmup < 0:
             raise ValueError(f"--timing-warmup {args.timing_warmup}: must be 0 or more")
-        if args.metrics_out and int(os.environ.get("RANK", "0")) == 0:  # once: the launcher's parent, or rank 0
-            check_output_file(args.metrics_out, "--metrics-out", [cfg.data, cfg.init and cfg.init[3:]])
-        if args.profile:
-            from llmopt.metrics import check_profile_dir
-
-            check_profile_dir(args.profile)
-        if args.save and not _under_launcher():
-            from llmopt.checkpoint import check_save_dir
-
-            check_save_dir(args.save)
-        if cfg.data is not None and not _under_launcher() and not (os.path.isfile(cfg.data) and cfg.tokenizer == "bytes"):
-            from llmopt.prepare import ensure_prepared
-
-            ensure_prepared(cfg.data, cfg.tokenizer)  # once, before any rank starts (cached for the next run)
+        tokenizer_dir = None
+        if cfg.data is not None:
+            cfg, tokenizer_dir = _check_data(cfg, args)
+        if int(os.environ.get("RANK", "0")) == 0:  # once: the launcher's parent, or rank 0 under torchrun
+            _check_outputs(cfg, args, tokenizer_dir)
         if cfg.device == "cuda":
             import torch
 
@@ -149,6 +140,38 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(rc)
     return rc
+
+
+def _check_data(cfg: TrainConfig, args) -> tuple[TrainConfig, str | None]:
+    """Raw text is prepared once, before any rank starts (cached for the next run), and the config validated
+    again: its vocabulary is now the prepared data's (a trained BPE may learn fewer tokens than train:N asks
+    for). The token files are read once against their meta.json. Returns the config and the data's tokenizer
+    directory (None for bytes)."""
+    from llmopt.data import check_tokens, is_prepared
+    from llmopt.prepare import cached_path, ensure_prepared
+
+    if os.path.isfile(cfg.data) and cfg.tokenizer == "bytes":
+        return cfg, None
+    if not _under_launcher():
+        ensure_prepared(cfg.data, cfg.tokenizer)
+        cfg = validate(config_from_args(args))
+    path = cfg.data if is_prepared(cfg.data) else cached_path(cfg.data, cfg.tokenizer)
+    meta = check_tokens(path) if int(os.environ.get("RANK", "0")) == 0 else {}
+    return cfg, meta.get("tokenizer_dir") and os.path.join(path, meta["tokenizer_dir"])
+
+
+def _check_outputs(cfg: TrainConfig, args, tokenizer_dir: str | None) -> None:
+    """Every output the run will write, tried before any training: a failure after it would lose the run."""
+    if args.metrics_out:
+        check_output_file(args.metrics_out, "--metrics-out", [cfg.data, cfg.init and cfg.init[3:]])
+    if args.profile:
+        from llmopt.metrics import check_profile_dir
+
+        check_profile_dir(args.profile)
+    if args.save:
+        from llmopt.checkpoint import check_save_dir
+
+        check_save_dir(args.save, tokenizer_dir)
 
 
 def check_output_file(path: str, flag: str, inputs) -> None:

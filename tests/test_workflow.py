@@ -73,6 +73,143 @@ def test_prepare_refuses_an_existing_directory_and_a_missing_input(tmp_path, cli
     assert r.returncode == 2 and "already exists" in r.stderr
 
 
+def test_a_model_directory_is_not_a_tokenizer(tmp_path, tiny_hf, text_file, cli):
+    """AutoTokenizer on a model directory without tokenizer files gives a vocabulary of 1: it once made an
+    all-zero train.bin and a model with loss 0.0000, exit 0."""
+    r = cli("-m", "llmopt.data", "prepare", text_file, "--tokenizer", tiny_hf, "--out", str(tmp_path / "p"),
+            env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a usable tokenizer" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "p")
+
+
+def test_train_n_gives_the_vocabulary_the_bpe_learned(tmp_path, cli):
+    """Raw text with --tokenizer train:4000 on a corpus that yields far fewer merges: the model's vocabulary,
+    the saved config's and the saved tokenizer's are the prepared data's (no padding rows, once N)."""
+    from transformers import AutoTokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"d{i}.txt").write_text(f"document {i}: the quick brown fox jumps over the lazy dog {i}.\n")
+    r = cli("-m", "llmopt.train", "--data", str(corpus), "--tokenizer", "train:4000", "--steps", "1", "--seq-len",
+            "16", "--global-batch", "2", "--quiet", "--save", str(tmp_path / "m"),
+            env={"LLMOPT_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    (prepared,) = (tmp_path / "cache" / "prepared").glob("corpus-*")
+    vocab = json.loads((prepared / "meta.json").read_text())["vocab_size"]
+    assert vocab < 4000
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["vocab_size"] == vocab
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "m")) == vocab
+
+
+def test_preparing_runs_that_race_use_the_winners_directory(tmp_path, text_file, monkeypatch):
+    """Two runs preparing the same cache entry at once: the one that renames second once crashed with
+    "Directory not empty". Here the other run finishes while this one writes; this one uses its copy."""
+    import shutil
+
+    from llmopt import prepare as prep
+
+    out = tmp_path / "cache-entry"
+    real_write = prep._write
+
+    def write_while_another_finishes(source, spec, tmp, *args):
+        meta = real_write(source, spec, tmp, *args)
+        shutil.copytree(tmp, out)  # the winner's complete directory appears first
+        (out / "winner").write_text("")
+        return meta
+
+    monkeypatch.setattr(prep, "_write", write_while_another_finishes)
+    meta = prep.prepare(text_file, "bytes", str(out), val_fraction=0.1, quiet=True)
+    assert (out / "winner").exists() and meta == json.loads((out / "meta.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache-entry"]  # no .tmp-PID left beside it
+
+
+def test_two_runs_on_one_raw_corpus_at_once_both_train(tmp_path):
+    """End to end: two llmopt.train processes preparing the same raw corpus into one cache, started together:
+    one prepares, the other waits on the lock and trains on its copy."""
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(200):
+        (corpus / f"d{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 20)
+    env = dict(os.environ, LLMOPT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "llmopt.train", "--data", str(corpus), "--tokenizer", "train:500", "--steps", "1",
+           "--seq-len", "16", "--global-batch", "2", "--quiet"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert [rc for rc, _ in results] == [0, 0], results
+    assert len(list((tmp_path / "cache" / "prepared").glob("corpus-*"))) == 1
+
+
+def test_invalid_utf8_is_counted_not_silently_replaced(tmp_path, cli):
+    (tmp_path / "c.txt").write_bytes(b"first paragraph \xff\xfe ok\n\nsecond \xe2\x82 one\n\n" + b"more text\n\n" * 30)
+    r = cli("-m", "llmopt.data", "prepare", str(tmp_path / "c.txt"), "--out", str(tmp_path / "p"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "4 invalid UTF-8 byte(s) replaced with U+FFFD" in r.stderr, r.stderr  # ff fe, and a cut e2 82
+    meta = json.loads((tmp_path / "p" / "meta.json").read_text())
+    assert meta["replaced_bytes"] == 4 and meta["files_with_replaced_bytes"] == ["c.txt"]
+
+
+def test_a_huge_single_line_trains_its_bpe_in_bounded_memory(tmp_path):
+    """A single 6 MB line once took about 230 bytes of memory per character to train a BPE on (9.1 GB for
+    47 MB); pieces of a bounded size keep the whole prepare near a constant."""
+    import random
+    import resource
+    import subprocess
+    import sys
+
+    rng = random.Random(0)
+    words = [f"{w}{i}" for w in ("alpha", "beta", "gamma", "value", "self", "print") for i in range(50)]
+    line = " ".join(rng.choice(words) for _ in range(900_000))
+    (tmp_path / "big.txt").write_text(line + "\n\nA second paragraph.\n")
+    r = subprocess.run([sys.executable, "-c", "import resource, sys; from llmopt.prepare import main; rc = main(sys.argv[1:]); "
+                        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)",
+                        str(tmp_path / "big.txt"), "--tokenizer", "train:512", "--out", str(tmp_path / "p"), "--quiet",
+                        "--val-fraction", "0.5"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak_mib = int(r.stdout.strip().splitlines()[-1]) / 1024
+    assert len(line) > 6e6 and peak_mib < 1024, peak_mib
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dangling", "loop"])
+def test_unreadable_input_files_are_one_error_line(tmp_path, cli, kind):
+    """A FIFO among the input files once blocked prepare forever; a dangling link or a link loop raised."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("some text\n")
+    if kind == "fifo":
+        os.mkfifo(corpus / "b.txt")
+    elif kind == "dangling":
+        os.symlink(tmp_path / "gone.txt", corpus / "b.txt")
+    else:
+        os.symlink(corpus / "c.txt", corpus / "b.txt")
+        os.symlink(corpus / "b.txt", corpus / "c.txt")
+    r = cli("-m", "llmopt.data", "prepare", str(corpus), "--out", str(tmp_path / "p"), timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "b.txt" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_prepare_out_that_cannot_be_created_is_one_error_line(tmp_path, text_file, cli, where):
+    (tmp_path / "f").write_text("")
+    out = {"under-a-file": tmp_path / "f" / "p", "proc": "/proc/llmopt-test/p"}[where]
+    r = cli("-m", "llmopt.data", "prepare", text_file, "--out", str(out))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot create" in r.stderr, r.stderr
+
+
+def test_a_killed_prepares_leftover_is_removed(tmp_path, text_file):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f"p.tmp-{int(dead.stdout)}"
+    leftover.mkdir()
+    (leftover / "train.bin").write_bytes(b"\0" * 1000)
+    prepare(text_file, "bytes", str(tmp_path / "p"), val_fraction=0.1, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
+
+
 def test_trains_on_a_prepared_directory_and_reads_val_bin(tmp_path, text_file):
     out = tmp_path / "p"
     prepare(text_file, "train:300", str(out), val_fraction=0.1, quiet=True)
@@ -88,6 +225,9 @@ def test_trains_on_a_prepared_directory_and_reads_val_bin(tmp_path, text_file):
 @pytest.mark.parametrize("damage, match", [
     ("truncate", "truncated"), ("no-val", "val.bin is missing"), ("dtype", "cannot hold"),
     ("meta", "malformed"), ("vocab", "vocabulary of 256"),
+    # edits whose sizes still agree with the files: caught by prepare's seal, before any step
+    ("uint32", "does not describe train.bin"), ("vocab-below-ids", "does not describe train.bin"),
+    ("absolute-tokenizer-dir", "not a directory inside it"),
 ])
 def test_a_broken_data_directory_is_one_error_line(tmp_path, text_file, tiny_hf, cli, damage, match):
     out = tmp_path / "p"
@@ -103,6 +243,18 @@ def test_a_broken_data_directory_is_one_error_line(tmp_path, text_file, tiny_hf,
         (out / "meta.json").write_text(json.dumps(dict(meta, dtype="uint8")))
     elif damage == "meta":
         (out / "meta.json").write_text("{not json")
+    elif damage == "uint32":  # two uint16 tokens read as one uint32: the byte sizes still agree
+        half = {s: meta[f"{s}_tokens"] // 2 for s in ("train", "val")}
+        for split, n in half.items():
+            with open(out / f"{split}.bin", "r+b") as f:
+                f.truncate(4 * n)
+        (out / "meta.json").write_text(json.dumps(dict(meta, dtype="uint32", train_tokens=half["train"],
+                                                       val_tokens=half["val"])))
+    elif damage == "vocab-below-ids":  # once an IndexError in the embedding
+        (out / "meta.json").write_text(json.dumps(dict(meta, vocab_size=200)))
+    elif damage == "absolute-tokenizer-dir":  # --save would copy an arbitrary directory
+        (out / "meta.json").write_text(json.dumps(dict(meta, tokenizer_dir="/etc")))
+        extra = ["--save", str(tmp_path / "saved")]
     else:  # a checkpoint of vocabulary 256 against data of vocabulary ~300
         extra = ["--init", f"hf:{tiny_hf}"]
     r = cli("-m", "llmopt.train", "--data", str(out), "--steps", "1", "--seq-len", "16", *extra)
