@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 
 import torch
@@ -28,6 +29,124 @@ def check_save_dir(path: str, source_tokenizer: str | None = None) -> None:
     if source_tokenizer is not None and not os.path.isdir(source_tokenizer):
         raise ValueError(f"--save: the data's tokenizer {source_tokenizer!r} is missing (--save writes it beside the "
                          f"model); prepare the data again, or drop --save")
+
+
+# Buffers transformers keeps in a GPT-2 state dict in some versions (the causal mask); not weights
+_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+def expected_weights(hf_config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight a GPT2LMHeadModel of this config holds (built on the meta device: no
+    memory), the tied head left out."""
+    from transformers import GPT2LMHeadModel
+
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(hf_config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if not k.endswith(_BUFFERS) and k != "lm_head.weight"}
+
+
+def weight_problems(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a checkpoint's weights (name -> shape, HF's ``transformer.`` prefix optional) are not those of the
+    GPT-2 its config describes, or None."""
+    found = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v for k, v in found.items()
+             if not k.endswith(_BUFFERS)}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected) - {"lm_head.weight"})
+    shapes = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
+    if not (missing or unexpected or shapes):
+        return None
+    parts = [f"{len(v)} {what} (e.g. {v[0]})" for v, what in ((missing, "missing"), (unexpected, "unexpected"),
+                                                              (shapes, "of another shape")) if v]
+    return "its weights are not those of the GPT-2 in its config.json: " + ", ".join(parts)
+
+
+def check_weights(path: str, hf_config) -> None:
+    """A local checkpoint directory's weight file(s) against its config, from their headers alone (safetensors)
+    or a memory-mapped load (a pickled ``pytorch_model.bin``): one ValueError when a file is missing,
+    unreadable, truncated or holds another model's weights. Cheap, so it runs before any rank starts."""
+    import json as _json
+
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    files = [os.path.join(path, "model.safetensors")] if os.path.isfile(os.path.join(path, "model.safetensors")) else []
+    if not files and os.path.isfile(index):
+        with open(index) as f:
+            files = sorted({os.path.join(path, v) for v in _json.load(f).get("weight_map", {}).values()})
+    found: dict[str, tuple[int, ...]] = {}
+    try:
+        if files:
+            for file in files:
+                with safe_open(file, framework="pt") as f:
+                    found.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+            sd = _load_pickled(os.path.join(path, "pytorch_model.bin"))
+            if not isinstance(sd, dict):
+                raise ValueError(f"holds a {type(sd).__name__}, not a state dict")
+            found = {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        else:
+            raise ValueError("no weights file (model.safetensors, its index, or pytorch_model.bin)")
+    except pickle.UnpicklingError:
+        raise ValueError("its pytorch_model.bin is a pickle that is not a state dict of tensors (torch loads "
+                         "only those, weights_only); save the model again with save_pretrained") from None
+    except Exception as e:  # noqa: BLE001 -- safetensors' own error type, torch's: the user's file
+        raise ValueError(f"its weights cannot be read ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:160]})") from None
+    problem = weight_problems(found, expected_weights(hf_config))
+    if problem:
+        raise ValueError(problem)
+
+
+def _load_pickled(path: str):
+    """A pickled state dict, tensors only (``weights_only``): memory-mapped when it is in torch's zip format,
+    read whole when it is the legacy one (which cannot be mapped)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's advice on pickle protocols: the error, if any, says enough
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_gpt2(name_or_path: str, what: str):
+    """``GPT2LMHeadModel.from_pretrained`` in fp32 with dropout off (llmopt's GPT has none, so both compute the
+    same function), offline first (``llmopt.hub``); refused (one ValueError starting with ``what``) when its config is
+    not a GPT-2 llmopt computes exactly or any weight is missing or left over: transformers would initialise the
+    missing ones at random and train on (a config.json beside another model's weights once loaded with every
+    weight missing)."""
+    from transformers import AutoConfig, GPT2LMHeadModel
+
+    from llmopt import hub
+    from llmopt.model import config_from_hf
+
+    if os.path.isdir(name_or_path):  # the config and the weights' headers first: a clearer error, and cheaper
+        config = hub.load(AutoConfig.from_pretrained, name_or_path, what)
+        try:
+            if getattr(config, "model_type", None) != "gpt2":
+                raise ValueError(f"a {getattr(config, 'model_type', '?')} checkpoint; llmopt trains GPT-2 models")
+            config_from_hf(config)
+            check_weights(name_or_path, config)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+    model, info = hub.load(GPT2LMHeadModel.from_pretrained, name_or_path, what, dtype=torch.float32,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, output_loading_info=True)
+    try:
+        config_from_hf(model.config)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    missing = {k for k in info.get("missing_keys", ()) if not k.endswith(_BUFFERS) and k != "lm_head.weight"}
+    unexpected = {k for k in info.get("unexpected_keys", ()) if not k.endswith(_BUFFERS)}
+    if missing or unexpected or info.get("mismatched_keys"):
+        found = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in missing}
+        found.update({k: (0,) for k in unexpected})
+        problem = weight_problems(found, expected_weights(model.config)) or "its weights do not match its config"
+        raise ValueError(f"{what}: {problem}")
+    return model
 
 
 def full_state_dict(layout) -> dict[str, torch.Tensor] | None:

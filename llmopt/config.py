@@ -121,15 +121,20 @@ def checkpoint_config(init: str) -> GPTConfig:
 
     if not init.startswith("hf:") or len(init) == 3:
         raise ValueError(f"--init {init!r}: use hf:NAME_OR_PATH (a Hugging Face GPT-2 name or a local directory)")
+    from llmopt import hub
+    from llmopt.checkpoint import check_weights
+
     name = init[3:]
-    try:
-        hf = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--init {init}: cannot load its config ({str(e).splitlines()[0][:160]}); offline, point at "
-                         f"a local copy: --init hf:/path/to/dir (a directory saved with save_pretrained)") from None
+    hf = hub.load(AutoConfig.from_pretrained, name, f"--init {init}")
     if getattr(hf, "model_type", None) != "gpt2":
         raise ValueError(f"--init {init}: a {getattr(hf, 'model_type', '?')} checkpoint; llmopt trains GPT-2 models")
-    return config_from_hf(hf)
+    try:
+        cfg = config_from_hf(hf)
+        if os.path.isdir(name):  # a local directory's weights are checked now, from their headers; a hub name's
+            check_weights(name, hf)  # when they are loaded (llmopt.checkpoint.load_gpt2)
+    except ValueError as e:
+        raise ValueError(f"--init {init}: {e}") from None
+    return cfg
 
 
 def data_vocab_size(data: str, tokenizer: str) -> int:

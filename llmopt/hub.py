@@ -35,24 +35,30 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def load(loader, name_or_path: str, flag: str, **kw):
-    """``loader(name_or_path, **kw)`` (a ``from_pretrained``), offline first; errors as one ValueError."""
+def load(loader, name_or_path: str, what: str, **kw):
+    """``loader(name_or_path, **kw)`` (a ``from_pretrained``), offline first; errors as one ValueError that
+    starts with ``what`` (the flag and value the user gave, e.g. "--init hf:gpt2").
+
+    Any exception the loader raises is the user's file or name (a truncated or random safetensors file is
+    safetensors' own ``SafetensorError``, a pickle that is no state dict an ``UnpicklingError``): it becomes one
+    line with its type, not a traceback."""
     quiet_transformers()
     local = os.path.isdir(name_or_path)
     try:
         return loader(name_or_path, local_files_only=True, **kw)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 -- see the docstring
         first = e
     if not local:
         why = hub_reachable()
         if why is None:
             try:
                 return loader(name_or_path, **kw)
-            except (OSError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001
                 first = e
         else:
-            raise ValueError(f"{flag} {name_or_path}: not in the local cache and {why}; point at a local copy "
+            raise ValueError(f"{what}: not in the local cache and {why}; point at a local copy "
                              f"(a directory saved with save_pretrained)") from None
-    detail = (str(first).strip().splitlines() or [type(first).__name__])[0][:200]
-    raise ValueError(f"{flag} {name_or_path}: cannot load it ({detail}); point at a local copy (a directory saved "
-                     f"with save_pretrained)") from None
+    detail = f"{type(first).__name__}: " + (str(first).strip().splitlines() or [""])[0][:200]
+    fix = ("check that it is a directory written by save_pretrained, whole" if local else
+           "point at a local copy (a directory saved with save_pretrained)")
+    raise ValueError(f"{what}: cannot load it ({detail}); {fix}") from None

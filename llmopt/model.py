@@ -311,8 +311,26 @@ def _qkv_perm(cfg: GPTConfig) -> torch.Tensor:
 
 
 def config_from_hf(hf_config) -> GPTConfig:
-    if getattr(hf_config, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"unsupported activation {hf_config.activation_function!r}: llmopt uses tanh-GELU")
+    """The GPTConfig of a transformers GPT2Config, refused (one ValueError naming the setting) unless llmopt's
+    GPT computes exactly that model: tanh-GELU, a head tied to the token embedding, attention scaled by
+    1/sqrt(head size) alone, an MLP of width 4C, no cross-attention."""
+    h = hf_config
+    C = h.n_embd
+    refused = [(getattr(h, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
+                f"activation_function={getattr(h, 'activation_function', None)!r} (llmopt uses tanh-GELU)"),
+               (not getattr(h, "tie_word_embeddings", True),
+                "tie_word_embeddings=False (llmopt's head is the token embedding; its own lm_head would be dropped)"),
+               (not getattr(h, "scale_attn_weights", True),
+                "scale_attn_weights=False (llmopt scales attention scores by 1/sqrt(head size))"),
+               (getattr(h, "scale_attn_by_inverse_layer_idx", False),
+                "scale_attn_by_inverse_layer_idx=True (llmopt does not scale by layer)"),
+               (getattr(h, "add_cross_attention", False), "add_cross_attention=True (llmopt has none)"),
+               (getattr(h, "n_inner", None) not in (None, 4 * C), f"n_inner={getattr(h, 'n_inner', None)} (llmopt's "
+                                                                 f"MLP is 4 x n_embd = {4 * C})"),
+               (C % h.n_head != 0, f"n_embd={C} not a multiple of n_head={h.n_head}")]
+    for bad, what in refused:
+        if bad:
+            raise ValueError(f"unsupported GPT-2 setting {what}; llmopt trains only the GPT-2 it computes exactly")
     return GPTConfig(n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
                      vocab_size=hf_config.vocab_size, block_size=hf_config.n_positions,
                      layer_norm_epsilon=hf_config.layer_norm_epsilon)

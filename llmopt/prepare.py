@@ -205,7 +205,7 @@ def load_hf_tokenizer(name_or_path: str):
 
     from llmopt import hub
 
-    tok = hub.load(AutoTokenizer.from_pretrained, name_or_path, "--tokenizer")
+    tok = hub.load(AutoTokenizer.from_pretrained, name_or_path, f"--tokenizer {name_or_path}")
     ids = tok.encode(PROBE_TEXT, add_special_tokens=False)
     if len(tok) < 2 or len(set(ids)) < 2:
         raise ValueError(f"--tokenizer {name_or_path}: not a usable tokenizer (vocabulary {len(tok)}, text encodes "

@@ -327,6 +327,103 @@ def test_a_matrix_with_init_and_no_preset_runs(tmp_path, tiny_hf, text_file, cli
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "bench: ok 1", r.stdout[-2000:]
 
 
+def _damaged_checkpoint(src: str, dst, damage: str) -> str:
+    """A copy of the tiny GPT-2 with one thing wrong that once loaded silently or raised a traceback."""
+    import shutil
+
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    config = json.loads((dst / "config.json").read_text())
+    if damage == "another-models-weights":  # a GPT-2 config.json beside BERT's weights: every weight missing
+        BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                             vocab_size=256)).save_pretrained(dst / "bert")
+        shutil.move(dst / "bert" / "model.safetensors", weights)
+    elif damage in ("untied", "unscaled", "scaled-by-layer"):
+        kw = {"untied": dict(tie_word_embeddings=False), "unscaled": dict(scale_attn_weights=False),
+              "scaled-by-layer": dict(scale_attn_by_inverse_layer_idx=True)}[damage]
+        shutil.rmtree(dst)
+        GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=256, n_positions=128,
+                                   **kw)).save_pretrained(dst)
+    elif damage == "truncated":
+        with open(weights, "r+b") as f:
+            f.truncate(os.path.getsize(weights) // 2)
+    elif damage == "random":
+        weights.write_bytes(os.urandom(4096))
+    elif damage == "no-weights":
+        weights.unlink()
+    elif damage == "pickled":
+        import pickle
+
+        weights.unlink()
+        with open(dst / "pytorch_model.bin", "wb") as f:
+            pickle.dump({"not": "a state dict"}, f)
+    assert config["model_type"] == "gpt2"
+    return str(dst)
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("another-models-weights", "missing"), ("untied", "tie_word_embeddings=False"),
+    ("unscaled", "scale_attn_weights=False"), ("scaled-by-layer", "scale_attn_by_inverse_layer_idx=True"),
+    ("truncated", "cannot be read"), ("random", "cannot be read"), ("no-weights", "no weights file"),
+    ("pickled", "not a state dict"),
+])
+def test_a_checkpoint_llmopt_cannot_honour_is_one_error_line(tmp_path, tiny_hf, text_file, capsys, damage, match):
+    """--init and llmopt.sample refuse, before any step, what llmopt's GPT would not compute exactly or could
+    not read: random weights in place of missing ones, a dropped lm_head, other attention scaling. (In this
+    process: the entry points' mains, as the command line calls them.)"""
+    from llmopt import sample, train
+
+    ck = _damaged_checkpoint(tiny_hf, tmp_path / "ck", damage)
+    capsys.readouterr()  # the test's own save_pretrained output
+    for main, argv in ((train.main, ["--init", f"hf:{ck}", "--data", text_file, "--steps", "1", "--seq-len", "16"]),
+                       (sample.main, [ck, "--max-new-tokens", "2"])):
+        rc = main(argv)
+        out, err = capsys.readouterr()
+        assert rc == 2 and err.count("\n") == 1 and err.startswith("error:") and match in err, err[-2000:]
+        assert "step" not in out
+
+
+@pytest.mark.parametrize("case", ["save-proc", "save-sys", "profile-proc", "save-without-tokenizer"])
+def test_outputs_that_would_fail_after_training_are_refused_before(tmp_path, text_file, capsys, case):
+    """--save /proc/x and /sys/x passed the permission check and failed after every step had trained; a prepared
+    directory without its tokenizer failed at --save; --profile /proc/x raised. Each is one line, no step."""
+    from llmopt import train
+
+    data = tmp_path / "p"
+    prepare(text_file, "train:300", str(data), val_fraction=0.1, quiet=True)
+    argv = ["--data", str(data), "--steps", "1", "--seq-len", "16", "--global-batch", "2"]
+    if case == "save-without-tokenizer":
+        import shutil
+
+        shutil.rmtree(data / "tokenizer")
+        argv += ["--save", str(tmp_path / "m")]
+    else:
+        flag, where = case.split("-")
+        argv += [f"--{flag}", f"/{where}/llmopt-test"]
+    capsys.readouterr()
+    rc = train.main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error:") and "step" not in out, err
+    assert not os.path.exists(tmp_path / "m")
+
+
+def test_sample_streams_and_prints_only_text(tmp_path, tiny_hf, cli):
+    """No progress bars from transformers; the text is written as it is made (a run cut short keeps it)."""
+    import subprocess
+    import sys
+
+    r = cli("-m", "llmopt.sample", tiny_hf, "--prompt", "ab", "--max-new-tokens", "5", "--seed", "1")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("ab"), r.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "llmopt.sample", tiny_hf, "--max-new-tokens", "1000000000",
+                             "--temperature", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.read(64)  # arrives long before the run would end
+    proc.kill()
+    proc.wait()
+    assert len(first) == 64
+
+
 def test_offline_init_is_one_error_line(cli):
     r = cli("-m", "llmopt.train", "--init", "hf:no-such-org/no-such-model", "--steps", "1",
             env={"HF_HUB_OFFLINE": "1"})

@@ -58,13 +58,10 @@ def build_model(cfg) -> nn.Module:
 
 
 def load_pretrained(init: str) -> nn.Module:
-    """``GPT2LMHeadModel.from_pretrained`` for ``hf:NAME_OR_PATH``, in fp32 with dropout off (llmopt's GPT has
-    none, so both implementations compute the same function). The config was already checked by
-    ``llmopt.config.checkpoint_config``."""
-    from transformers import GPT2LMHeadModel
+    """``hf:NAME_OR_PATH`` loaded and checked by ``llmopt.checkpoint.load_gpt2``."""
+    from llmopt.checkpoint import load_gpt2
 
-    return GPT2LMHeadModel.from_pretrained(init[3:], dtype=torch.float32, resid_pdrop=0.0, embd_pdrop=0.0,
-                                           attn_pdrop=0.0)
+    return load_gpt2(init[3:], f"--init {init}")
 
 
 class Layout:
