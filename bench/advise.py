@@ -61,7 +61,7 @@ def parse_link(text: str, flag: str) -> Link:
     try:
         parts = [float(x) for x in text.split(",")]
         bw, lat = parts[0], (parts[1] if len(parts) > 1 else 10.0)
-        if len(parts) > 2 or bw <= 0 or lat < 0:
+        if len(parts) > 2 or not (math.isfinite(bw) and math.isfinite(lat)) or bw <= 0 or lat < 0:
             raise ValueError
     except ValueError:
         raise AdviseError(f"{flag} {text!r}: write GB/s[,latency in microseconds], e.g. {flag} 400,10") from None
@@ -247,7 +247,10 @@ def gpu_hardware(name: str, devices: int, nodes: int, memory: float | None, peak
 
 # ------------------------------------------------------------------------------------------ candidates
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of n in increasing order, by trial division up to sqrt(n) (a global batch of 10^12 once
+    took minutes, counting to n)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def candidates(base: dict, world: int, precisions, allow_ac: bool = True) -> tuple[list, int]:
@@ -495,8 +498,10 @@ def parse_args(argv):
     from llmopt.config import OPTIMIZERS, PRECISIONS
     from llmopt.model import PRESETS
 
-    p = argparse.ArgumentParser(prog="python -m bench.advise", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from llmopt import cli
+
+    p = cli.parser("python -m bench.advise", __doc__.split("\n\n")[0],
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt2", choices=sorted(PRESETS), help="model shape (default gpt2)")
     p.add_argument("--shape", metavar="LAYERS,HEADS,WIDTH[,VOCAB]",
                    help="a model shape instead of a preset, e.g. 32,32,4096,50257 (advice only: the harness "
@@ -546,8 +551,22 @@ def _custom_preset(text: str, seq_len: int) -> str:
 
 
 def _request(a):
+    """(base config, precisions) from the flags, every one checked; no probe, no hardware yet."""
     from llmopt.config import PRECISIONS, TrainConfig, validate
 
+    if a.peak_tflops is not None and not (math.isfinite(a.peak_tflops) and a.peak_tflops > 0):
+        raise AdviseError(f"--peak-tflops {a.peak_tflops}: must be a positive, finite number of TFLOP/s")
+    if a.emit_matrix:
+        from llmopt.scratch import check_writable_file
+
+        check_writable_file(a.emit_matrix, "--emit-matrix")
+    if a.out:
+        from llmopt.scratch import check_writable_dir
+
+        check_writable_dir(a.out, "--out", may_exist=True)
+    for flag in ("intra", "inter"):
+        if getattr(a, flag):
+            parse_link(getattr(a, flag), f"--{flag}")
     if a.shape:
         if a.measure or a.emit_matrix:
             raise AdviseError("--shape with --measure or --emit-matrix: the harness runs presets only; pick the "
@@ -560,12 +579,21 @@ def _request(a):
     if bad or not precisions:
         raise AdviseError(f"--precisions {a.precisions!r}: use a comma-separated list of {', '.join(PRECISIONS)}")
     device = "cpu" if a.device.lower() == "cpu" else "cuda"
+    if device == "cpu" and a.nodes > 1:
+        raise AdviseError("--device cpu --nodes: the CPU model describes this machine; use --nodes 1")
     base = dict(preset=a.preset, global_batch=a.global_batch, seq_len=a.seq_len, optimizer=a.optimizer, device=device)
     validate(TrainConfig(**base))  # a bad batch or sequence length: its own one-line error
+    if a.device_memory:
+        parse_bytes(a.device_memory)
+    return base, precisions
+
+
+def _hardware(a, base: dict):
+    """The hardware the flags name: a GPU of the datasheet table (or given), or this CPU (probed once)."""
+    from llmopt.config import TrainConfig
+
     memory = parse_bytes(a.device_memory) if a.device_memory else None
-    if device == "cpu":
-        if a.nodes > 1:
-            raise AdviseError("--device cpu --nodes: the CPU model describes this machine; use --nodes 1")
+    if base["device"] == "cpu":
         model = TrainConfig(preset=a.preset).model_config
         hw = cpu_hardware(model, a.global_batch * a.seq_len, a.devices, memory, a.refresh_probe)
     else:
@@ -574,7 +602,7 @@ def _request(a):
     if hw.memory_bytes <= 0:
         raise AdviseError(f"--device-memory {a.device_memory}: less than the {GPU_RESERVE_BYTES / GIB:.0f} GiB kept "
                           "back per GPU for the CUDA context and NCCL; give the device's real memory")
-    return base, precisions, hw
+    return hw
 
 
 def run(a) -> int:
@@ -587,12 +615,14 @@ def run(a) -> int:
             os.makedirs(a.out, exist_ok=True)
             t.to_csv(os.path.join(a.out, "check.csv"), index=False)
         return 0
-    base, precisions, hw = _request(a)
-    cands, refused = candidates(base, hw.world, precisions)
+    base, precisions = _request(a)
+    world = a.devices * a.nodes
+    cands, refused = candidates(base, world, precisions)  # before any probe of this machine: it takes a while
     if not cands:
-        raise AdviseError(f"no layout of {a.preset} runs on {hw.world} ranks ({refused} refused by llmopt's checks: "
+        raise AdviseError(f"no layout of {a.preset} runs on {world} ranks ({refused} refused by llmopt's checks: "
                           f"e.g. tp must divide the heads, pp at most the layers, dp x grad_accum must divide "
                           f"--global-batch {a.global_batch}); change --devices or --global-batch")
+    hw = _hardware(a, base)
     t = advise_table(cands, hw)
     out = Path(a.out or os.path.join("results", "runs", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-advise"))
     out.mkdir(parents=True, exist_ok=True)
@@ -675,12 +705,10 @@ def write_outputs(out: Path, t, hw: Hardware, text: str, measured, a) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llmopt import cli
+
     a = parse_args(argv)
-    try:
-        return run(a)
-    except (AdviseError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.main(lambda: run(a))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ another process's files would be worse than a stale directory.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -88,3 +89,27 @@ def check_writable_dir(path: str, flag: str, may_exist: bool) -> None:
         os.rmdir(full)
     except OSError as e:
         raise ValueError(f"{flag} {path!r} cannot be created ({e.strerror}); choose another place") from None
+
+
+def check_writable_file(path: str, flag: str, inputs=()) -> None:
+    """Before any work: the output file can be written (tried for real), is a regular file (or new), and is
+    none of ``inputs``. One ValueError naming ``flag`` otherwise."""
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise ValueError(f"{flag} {path!r} is a directory; pass a file name")
+    if os.path.exists(full) and not os.path.isfile(full):
+        raise ValueError(f"{flag} {path!r} is not a regular file (a FIFO or device); pass a file name")
+    parent = os.path.dirname(full)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag}: directory of {path!r} does not exist; create it first")
+    for other in inputs:
+        if other and os.path.exists(other) and os.path.exists(full) and os.path.samefile(other, full):
+            raise ValueError(f"{flag} {path!r} is the input {other!r}; write the output somewhere else")
+    existed = os.path.exists(full)
+    try:  # a real open: permissions alone do not tell (root, /proc, a read-only mount)
+        open(full, "a").close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path!r} cannot be written ({e.strerror}); choose another place") from None
+    if not existed:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(full)

@@ -6,7 +6,6 @@ forked on CPU, torch's elastic launcher on CUDA). Run under ``torchrun`` it uses
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -163,7 +162,9 @@ def _check_data(cfg: TrainConfig, args) -> tuple[TrainConfig, str | None]:
 def _check_outputs(cfg: TrainConfig, args, tokenizer_dir: str | None) -> None:
     """Every output the run will write, tried before any training: a failure after it would lose the run."""
     if args.metrics_out:
-        check_output_file(args.metrics_out, "--metrics-out", [cfg.data, cfg.init and cfg.init[3:]])
+        from llmopt.scratch import check_writable_file
+
+        check_writable_file(args.metrics_out, "--metrics-out", [cfg.data, cfg.init and cfg.init[3:]])
     if args.profile:
         from llmopt.metrics import check_profile_dir
 
@@ -172,29 +173,6 @@ def _check_outputs(cfg: TrainConfig, args, tokenizer_dir: str | None) -> None:
         from llmopt.checkpoint import check_save_dir
 
         check_save_dir(args.save, tokenizer_dir)
-
-
-def check_output_file(path: str, flag: str, inputs) -> None:
-    """Before any training: the output can be written, is a regular file (or new), and is not an input."""
-    full = os.path.abspath(path)
-    if os.path.isdir(full):
-        raise ValueError(f"{flag} {path!r} is a directory; pass a file name")
-    if os.path.exists(full) and not os.path.isfile(full):
-        raise ValueError(f"{flag} {path!r} is not a regular file (a FIFO or device); pass a file name")
-    parent = os.path.dirname(full)
-    if not os.path.isdir(parent):
-        raise ValueError(f"{flag}: directory of {path!r} does not exist; create it first")
-    for other in inputs:
-        if other and os.path.exists(other) and os.path.exists(full) and os.path.samefile(other, full):
-            raise ValueError(f"{flag} {path!r} is the input {other!r}; write the output somewhere else")
-    existed = os.path.exists(full)
-    try:  # a real open: permissions alone do not tell (root, /proc, a read-only mount)
-        open(full, "a").close()
-    except OSError as e:
-        raise ValueError(f"{flag} {path!r} cannot be written ({e.strerror}); choose another place") from None
-    if not existed:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(full)
 
 
 def _maybe_fail(rank: int, step: int, seed: int) -> None:

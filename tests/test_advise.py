@@ -72,14 +72,37 @@ def _advise(*args, env=None):
     (["--shape", "4,3,256"], "not a multiple of the 3 heads"),
     (["--shape", "4,4,256", "--emit-matrix", "x.toml"], "the harness runs presets only"),
     (["--devices", "3", "--global-batch", "16", "--preset", "tiny"], None),  # dp=3 divides nothing: odd but valid
+    # nonsense that once produced a figure or a traceback
+    *[(["--peak-tflops", v], f"--peak-tflops {v}") for v in ("0", "nan", "-5", "inf")],
+    *[([f"--{k}", v], f"--{k} '{v}'") for k in ("intra", "inter") for v in ("nan", "inf,10", "400,nan")],
+    (["--emit-matrix", "/proc/llmopt-test.toml"], "--emit-matrix '/proc/llmopt-test.toml' cannot be written"),
+    (["--bad-flag"], "unrecognized arguments"),
+    # no layout exists: said before this CPU is probed (the probe once ran 100 s first)
+    (["--device", "cpu", "--devices", "3", "--preset", "tiny", "--global-batch", "7", "--seq-len", "64"],
+     "no layout of tiny runs on 3 ranks"),
 ])
-def test_impossible_requests_are_one_line_errors(args, needle, tmp_path):
-    r = _advise(*args, "--out", str(tmp_path / "o"))
+def test_impossible_requests_are_one_line_errors(args, needle, tmp_path, capsys, monkeypatch):
+    def no_probe(*a, **k):
+        raise AssertionError("this CPU was probed for a request that has no answer")
+
+    monkeypatch.setattr(advise, "cpu_hardware", no_probe)
+    try:
+        rc = advise.main([*args, "--out", str(tmp_path / "o")])
+    except SystemExit as e:  # argparse's own exit, as on the command line
+        rc = e.code
+    err = capsys.readouterr().err
     if needle is None:
-        assert r.returncode in (0, 2) and "Traceback" not in r.stderr
+        assert rc in (0, 2) and "Traceback" not in err
         return
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+    assert rc == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+
+
+def test_divisors_of_a_huge_batch_come_from_its_square_root():
+    """A global batch of 10^12 once took minutes (counting to n)."""
+    d = advise._divisors(10**12)
+    assert len(d) == 169 and d == sorted(d) and all(10**12 % x == 0 for x in d) and d[-1] == 10**12
+    assert advise._divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36] and advise._divisors(1) == [1]
 
 
 def test_gpt2_xl_on_eight_h100_names_a_layout_that_fits(tmp_path):
