@@ -23,11 +23,15 @@ def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
     return d
 
 
-def load_all(out_dir: str) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
-    """results.csv and the detail files (steps, evals) as data frames, read-only."""
+def load_all(out_dir: str, unreadable: dict | None = None) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """results.csv and the detail files (steps, evals) as data frames, read-only. Lines that cannot be read
+    are left out; ``unreadable`` (if given) receives their count per file."""
     from bench.results import ResultFiles
 
-    results, details = ResultFiles(out_dir).load()
+    files = ResultFiles(out_dir)
+    results, details = files.load()
+    if unreadable is not None:
+        unreadable.update({os.path.basename(k): v for k, v in files.unreadable.items() if v})
     return _frame(results, RESULT_COLUMNS), {k: _frame(v, DETAILS[k][0]) for k, v in details.items()}
 
 
@@ -150,7 +154,8 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
     from bench.plots import all_plots
     from bench.quality import section as quality_section
 
-    results, details = load_all(out_dir)
+    unreadable: dict[str, int] = {}
+    results, details = load_all(out_dir, unreadable)
     steps = details["steps"]
     env = {}
     if os.path.exists(os.path.join(out_dir, "env.json")):
@@ -174,6 +179,11 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
     L.append(f"- Configs: {len(results)} (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
     L.append(f"- Sweep wall time: {env['sweep_seconds'] / 60:.1f} min (configs themselves: {wall / 60:.1f} min)"
              if "sweep_seconds" in env else f"- Wall time of the configs: {wall / 60:.1f} min")
+    if unreadable:
+        note = ", ".join(f"{n} in {f}" for f, n in unreadable.items())
+        L.append(f"- **Unreadable lines left out**: {note} (a field count other than the header's; "
+                 f"`python -m bench.run --resume --repair --out DIR` moves them to `<file>.rejected`)")
+        print(f"report: unreadable lines left out ({note}); --resume --repair moves them aside", file=sys.stderr)
     if env.get("executor", "local") != "local" or env.get("jobs", 1) > 1:
         L.append(f"- Executor: {env.get('executor', 'local')}, up to {env.get('jobs', 1)} configs at once")
     if env.get("concurrent_cpu"):

@@ -91,7 +91,9 @@ def _read(path: str) -> tuple[list[str], list[dict], list[list[str]]]:
         text = f.read()
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]  # the last line was cut mid-write
-    lines = list(csv.reader(io.StringIO(text)))
+    # newline="": quoted fields keep their line breaks, and a stray carriage return (a hand edit, a Windows
+    # tool) ends a record as a newline would, so its pieces are rejected by their field count, not a crash
+    lines = list(csv.reader(io.StringIO(text, newline="")))
     if not lines:
         return [], [], []
     header = [RENAMED.get(c, c) for c in lines[0]]
@@ -113,6 +115,7 @@ class ResultFiles:
         line with the wrong field count stops it (``Unreadable``, nothing changed) unless ``reject``, which
         first moves those lines into ``<file>.rejected`` beside the CSV."""
         header, raw, bad = _read(self.results_path)
+        self.unreadable = {self.results_path: len(bad)}
         results, seen = [], set()
         for row in raw:
             if row.get("config_id") and row["config_id"] not in seen and row.get("status") in STATUSES:
@@ -122,6 +125,7 @@ class ResultFiles:
         for name, (_, key) in DETAILS.items():
             headers[name], rows, bad = _read(self.paths[name])
             rejected[self.paths[name]] = (headers[name], bad)
+            self.unreadable[self.paths[name]] = len(bad)
             kept, seen_keys = [], set()
             for row in rows:
                 k = (row.get("config_id"), row.get(key))

@@ -164,6 +164,23 @@ def test_a_huge_csv_field_is_read(done_sweep, tmp_path):
     assert bench("--resume", "--out", str(out), "--no-report").returncode == 0
 
 
+def test_a_stray_carriage_return_is_an_unreadable_line_not_a_traceback(done_sweep, tmp_path):
+    """A \\r inside a row (a hand edit, a Windows tool) once raised csv.Error in --resume, --repair and
+    bench.report. Now it is a line of the wrong field count: resume refuses, --repair moves it aside, the report
+    leaves it out and says so."""
+    from bench.report import write_report
+
+    out = copy_sweep(done_sweep, tmp_path / "out")
+    header, first, *rest = (out / "results.csv").read_text().splitlines(keepends=True)
+    (out / "results.csv").write_text(header + first.replace(",ok,", ",ok\r,", 1) + "".join(rest))
+    assert "--repair" in one_error_line(bench("--resume", "--out", str(out), "--no-report"))
+    report = open(write_report(str(out))).read()
+    assert "Unreadable lines left out**: 2 in results.csv" in report and "Configs: 1 (" in report
+    r = bench("--resume", "--repair", "--out", str(out), "--no-report")
+    assert r.returncode == 0 and (out / "results.csv.rejected").exists(), r.stderr[-2000:]
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == 2  # the damaged config ran again
+
+
 def test_relative_paths_are_taken_from_where_the_command_ran(tmp_path):
     (tmp_path / "corpus.txt").write_text("hello relative world. " * 200)
     (tmp_path / "m.toml").write_text(TINY + "data = 'corpus.txt'\n[matrix]\noptimizer = ['adamw']\n")
