@@ -31,14 +31,15 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
-from llmopt.config import PRECISIONS, TrainConfig, validate
+from llmopt.config import PRECISIONS, TrainConfig, check_field, validate
 
 FIELDS = TrainConfig.field_names()
-INT_FIELDS = {f for f, v in asdict(TrainConfig()).items() if isinstance(v, int) and not isinstance(v, bool)}
-BOOL_FIELDS = {f for f, v in asdict(TrainConfig()).items() if isinstance(v, bool)}
-FLOAT_FIELDS = {f for f, v in asdict(TrainConfig()).items() if isinstance(v, float)}
+_TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}
+INT_FIELDS = {f for f, t in _TYPES.items() if t == "int"}
+BOOL_FIELDS = {f for f, t in _TYPES.items() if t == "bool"}
+FLOAT_FIELDS = {f for f, t in _TYPES.items() if t == "float"}
 
 # Shapes per device: small enough on a 2-core CPU that bf16/fp16 rows (slow there) still finish.
 DEVICE_BASE = {
@@ -137,6 +138,19 @@ class MatrixError(ValueError):
 
 
 def _coerce(field: str, value, where: str):
+    """``value`` as the field's type, and valid on its own (``llmopt.config.check_field``): a value that is wrong
+    whatever the other fields (seed = -1, global_batch = [0], lr = [nan], a missing data path, an unknown
+    preset) is the user's mistake, refused before any config is built; a bad *combination* of valid values
+    stays a skipped row."""
+    value = _as_type(field, value, where)
+    try:
+        check_field(field, value)
+    except ValueError as e:
+        raise MatrixError(f"{where}: {field} = {value!r}: {str(e).split(': ', 1)[-1]}") from None
+    return value
+
+
+def _as_type(field: str, value, where: str):
     if field not in FIELDS:
         raise MatrixError(f"{where}: unknown field {field!r}; known fields: {', '.join(FIELDS)}")
     if field in BOOL_FIELDS:

@@ -12,14 +12,18 @@ import csv
 import io
 import os
 
+from dataclasses import fields as _fields
+
+from llmopt.config import TrainConfig
+
+# The config part of a row: every TrainConfig field, in the dataclass's order (so a new flag is a new column
+# with no edit here), then the two the config derives. Read as text when the field is a string or a switch.
+CONFIG_COLUMNS = [f.name for f in _fields(TrainConfig)] + ["world_size", "micro_batch"]
+CONFIG_TEXT_COLUMNS = {f.name for f in _fields(TrainConfig) if str(f.type) in ("str", "bool", "str | None")}
 RESULT_COLUMNS = [
     "config_id", "status", "error",
-    "engine", "model_impl", "preset", "device", "world_size", "dp", "dp_mode", "tp", "pp", "pp_schedule",
-    "pp_microbatches", "precision", "grad_accum", "micro_batch", "global_batch", "seq_len", "optimizer",
-    "optimizer_impl", "compile", "activation_checkpointing", "lr", "lr_schedule", "lr_warmup", "min_lr_ratio",
-    "weight_decay", "max_grad_norm", "steps", "max_tokens", "timing_warmup", "seed", "data",
-    "tokenizer", "init", "data_description",
-    "eval_every", "eval_batches", "target_loss", "target_gap", "gns",
+    *CONFIG_COLUMNS,
+    "timing_warmup", "data_description",
     "steps_run", "tokens_seen", "steps_to_target", "tokens_to_target", "seconds_to_target", "final_eval_loss",
     "best_eval_loss", "gns_b_simple", "train_seconds", "eval_seconds", "diverged_at_step",
     "tokens_per_s", "step_time_ms_p50", "step_time_ms_p90",
@@ -43,12 +47,10 @@ OK_METRIC_COLUMNS = ("tokens_per_s", "step_time_ms_p50", "step_time_ms_p90", "pe
                      "peak_memory_kind", "peak_rss_bytes", "entropy_floor_nats", "fp16_skipped_steps",
                      "energy_j_per_token", "gpu_util_mean", "gpu_power_w_mean", "flops_per_token")
 assert set(RUN_METRIC_COLUMNS + OK_METRIC_COLUMNS) <= set(RESULT_COLUMNS)
+assert len(set(RESULT_COLUMNS)) == len(RESULT_COLUMNS), "a column is listed twice"
 # Columns read as text; every other column is a number (or empty).
-TEXT_COLUMNS = {"config_id", "status", "error", "engine", "model_impl", "preset", "device", "dp_mode", "pp_schedule",
-                "precision", "optimizer", "optimizer_impl", "compile", "activation_checkpointing", "data",
-                "tokenizer", "init", "data_description",
-                "lr_schedule", "gns", "peak_memory_kind", "peak_flops_source", "baseline_id", "parity_verdict",
-                "added_as_baseline"}
+TEXT_COLUMNS = CONFIG_TEXT_COLUMNS | {"config_id", "status", "error", "data_description", "peak_memory_kind",
+                                      "peak_flops_source", "baseline_id", "parity_verdict", "added_as_baseline"}
 STEP_COLUMNS = ["config_id", "step", "loss", "step_time_ms"]
 EVAL_COLUMNS = ["config_id", "step", "tokens", "train_seconds", "loss", "lr", "gns_b_simple"]
 # Per-config detail files: name -> (columns, the columns that identify a row within a config)

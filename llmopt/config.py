@@ -1,15 +1,19 @@
 """The training configuration: one frozen dataclass, and ``validate`` that refuses every bad combination.
 
-Field names are the CLI flags with ``-`` -> ``_`` and the CSV columns of the harness: one name per thing.
-Every check raises ``ValueError`` with one line that names the flag and the fix; the CLI prints that line
-and exits 2 (see ``llmopt.train``).
+Each field is one option in one place: its type and default (the dataclass), its help, choices and range
+(``option``'s metadata). The ``llmopt.train`` flags (``--`` + name with ``-`` for ``_``), the config columns
+of the harness's results.csv, the matrix TOML keys and the README's flag table all come from these fields:
+adding a flag is one edit here plus its behaviour. ``check_field`` refuses a value that is wrong on its own
+(a matrix file's values are checked with it before any config is built); ``validate`` then refuses bad
+combinations. Every check raises ``ValueError`` with one line that names the flag and the fix; the command
+line prints that line and exits 2 (``llmopt.cli``).
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from llmopt.model import PRESETS, GPTConfig
 from llmopt.precision import fused_optimizer_ok
@@ -23,49 +27,86 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "lamb")
 OPTIMIZER_IMPLS = ("auto", "for-loop", "foreach", "fused")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+CHECKPOINT = "checkpoint"  # the preset of a run whose shape comes from --init
 
 # Learning rates that make each optimizer's loss fall quickly on the tiny preset; --lr overrides.
 DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3, "lamb": 1e-2}
 
 
+def option(default, help: str, *, choices=None, low=None, high=None, check=None, metavar: str | None = None):
+    """A config field: its default, the help line of its flag, and what a single value must be: one of
+    ``choices``, a number in [``low``, ``high``] (floats also finite), or whatever ``check(value)`` accepts."""
+    return field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high, check=check,
+                                                metavar=metavar))
+
+
+def _check_data(value) -> None:
+    from llmopt.prepare import BUILTIN
+
+    if value is not None and value not in BUILTIN and not os.path.exists(value):
+        raise ValueError(f"--data: no such file or directory {value!r}; pass a text file, a directory, a prepared "
+                         f"directory, python-stdlib, or omit --data")
+
+
+def _check_tokenizer(value) -> None:
+    if isinstance(value, str) and value.startswith("train:"):
+        from llmopt.prepare import tokenizer_vocab_size
+
+        tokenizer_vocab_size(value)  # N must be a number in range
+
+
+def _check_init(value) -> None:
+    if value is not None and (not str(value).startswith("hf:") or len(value) == 3):
+        raise ValueError(f"--init {value!r}: use hf:NAME_OR_PATH (a Hugging Face GPT-2 name or a local directory)")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    preset: str = "tiny"             # model size, a key of llmopt.model.PRESETS
-    model_impl: str = "llmopt"       # llmopt's GPT, or transformers' GPT2LMHeadModel of the same shape
-    dp: int = 1                      # data-parallel degree
-    dp_mode: str = "ddp"             # ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard)
-    tp: int = 1                      # tensor-parallel degree (Megatron split of attention and MLP)
-    pp: int = 1                      # pipeline-parallel degree (stages of consecutive blocks)
-    pp_schedule: str = "1f1b"        # gpipe or 1f1b
-    pp_microbatches: int = 0         # pipeline chunks per accumulation micro-batch; 0 -> pp
-    precision: str = "fp32"          # fp32, bf16 (autocast) or fp16 (autocast + GradScaler)
-    grad_accum: int = 1              # accumulation micro-batches per step (global batch fixed)
-    global_batch: int = 8            # sequences per optimizer step, over all ranks
-    seq_len: int = 128               # tokens per sequence
-    optimizer: str = "adamw"         # sgd, adam, adamw or lamb
-    optimizer_impl: str = "auto"     # torch's for-loop, foreach or fused kernels (auto: the fastest that applies)
-    lr: float = 0.0                  # learning rate; 0 -> DEFAULT_LR[optimizer]
-    weight_decay: float = 0.01       # on tensors of 2+ dimensions only
-    max_grad_norm: float = 1.0       # clip the global gradient norm; 0 disables
-    steps: int = 10                  # optimizer steps
-    seed: int = 0                    # model init and data
-    device: str = "auto"             # auto, cpu or cuda
-    data: str | None = None          # None: the generated Markov source; a text file (bytes), a prepared
-                                     # directory, a text directory or python-stdlib (prepared on first use)
-    tokenizer: str = "bytes"         # for raw text: bytes, a Hugging Face tokenizer name/path, or train:N
-    init: str | None = None          # hf:NAME_OR_PATH: start from GPT2LMHeadModel.from_pretrained weights
-    engine: str = "native"           # native (llmopt's step) or accelerate (accelerate.Accelerator's loop)
-    compile: bool = False            # torch.compile each transformer block
-    activation_checkpointing: bool = False  # recompute each block's activations in backward
-    lr_schedule: str = "constant"    # constant, cosine or linear decay after the warm-up (llmopt.optim.lr_factor)
-    lr_warmup: int = 0               # steps of linear learning-rate warm-up
-    min_lr_ratio: float = 0.1        # floor of the cosine/linear decay, as a fraction of --lr
-    max_tokens: int = 0              # budget in tokens instead of --steps (steps = ceil(max_tokens / tokens per step))
-    eval_every: int = 0              # held-out eval every N steps (and before the first and after the last); 0: none
-    eval_batches: int = 4            # global batches of the held-out split in each eval
-    target_loss: float = 0.0         # stop at the first eval at or below this loss (nats); 0: no target
-    target_gap: float = 0.0          # ... or this far above the generated data's entropy floor; 0: no target
-    gns: bool = False                # estimate the gradient noise scale (McCandlish et al. 2018); needs grad_accum >= 2
+    engine: str = option("native", "native (llmopt's step) or accelerate (accelerate.Accelerator's loop)",
+                         choices=ENGINES)
+    model_impl: str = option("llmopt", "llmopt's GPT, or transformers' GPT2LMHeadModel of the same shape",
+                             choices=MODEL_IMPLS)
+    preset: str = option("tiny", "model size, a key of llmopt.model.PRESETS", choices=(*PRESETS, CHECKPOINT))
+    device: str = option("auto", "auto (cuda when visible), cpu or cuda", choices=DEVICES)
+    dp: int = option(1, "data-parallel degree", low=1)
+    dp_mode: str = option("ddp", "ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard)", choices=DP_MODES)
+    tp: int = option(1, "tensor-parallel degree (Megatron split of attention and MLP)", low=1)
+    pp: int = option(1, "pipeline-parallel degree (stages of consecutive blocks)", low=1)
+    pp_schedule: str = option("1f1b", "pipeline schedule: gpipe or 1f1b", choices=PP_SCHEDULES)
+    pp_microbatches: int = option(0, "pipeline chunks per accumulation micro-batch (0: --pp)", low=0)
+    precision: str = option("fp32", "fp32, bf16 (autocast) or fp16 (autocast + loss scaling)", choices=PRECISIONS)
+    grad_accum: int = option(1, "accumulation micro-batches per step (the global batch is fixed)", low=1)
+    global_batch: int = option(8, "sequences per optimizer step, over all ranks", low=1)
+    seq_len: int = option(128, "tokens per sequence", low=1)
+    optimizer: str = option("adamw", "sgd, adam, adamw or lamb", choices=OPTIMIZERS)
+    optimizer_impl: str = option("auto", "torch's for-loop, foreach or fused kernels (auto: the fastest that applies)",
+                                 choices=OPTIMIZER_IMPLS)
+    compile: bool = option(False, "torch.compile each transformer block")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward")
+    lr: float = option(0.0, "learning rate (0: the optimizer's default, llmopt.config.DEFAULT_LR)", low=0.0)
+    lr_schedule: str = option("constant", "decay after the warm-up: constant, cosine or linear", choices=LR_SCHEDULES)
+    lr_warmup: int = option(0, "steps of linear learning-rate warm-up", low=0)
+    min_lr_ratio: float = option(0.1, "floor of the cosine/linear decay, a fraction of --lr", low=0.0, high=1.0)
+    weight_decay: float = option(0.01, "weight decay, on tensors of 2+ dimensions only", low=0.0)
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)", low=0.0)
+    steps: int = option(10, "optimizer steps", low=1)
+    max_tokens: int = option(0, "budget in tokens instead of --steps (steps = ceil(N / tokens per step); 0: --steps)",
+                             low=0)
+    seed: int = option(0, "model initialisation and data order", low=0, high=2**63 - 1)
+    data: str | None = option(None, "a text file (byte tokens), a prepared directory, a text directory or "
+                                    "python-stdlib (prepared on first use); default: generated Markov data",
+                              check=_check_data)
+    tokenizer: str = option("bytes", "for raw text: bytes, a Hugging Face tokenizer name or path, or train:N",
+                            check=_check_tokenizer)
+    init: str | None = option(None, "hf:NAME_OR_PATH: start from GPT2LMHeadModel.from_pretrained weights",
+                              check=_check_init, metavar="hf:NAME_OR_PATH")
+    eval_every: int = option(0, "held-out eval every N steps (and before the first and after the last; 0: none)",
+                             low=0)
+    eval_batches: int = option(4, "global batches of the held-out split in each eval", low=1)
+    target_loss: float = option(0.0, "stop at the first eval at or below this loss, in nats (0: no target)", low=0.0)
+    target_gap: float = option(0.0, "... or this far above the generated data's entropy floor (0: no target)",
+                               low=0.0)
+    gns: bool = option(False, "estimate the gradient noise scale (McCandlish et al. 2018); needs --grad-accum 2+")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -107,9 +148,6 @@ class TrainConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
-
-
-CHECKPOINT = "checkpoint"  # the preset of a run whose shape comes from --init
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,40 +204,33 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _choice(flag: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"--{flag}: unknown value {value!r}; choose one of {', '.join(map(str, allowed))}")
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_field(name: str, value) -> None:
+    """Refuse a value that is wrong on its own (whatever the other fields): one ValueError naming the flag."""
+    meta = TrainConfig.__dataclass_fields__[name].metadata
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ValueError(f"{flag(name)}: unknown value {value!r}; choose one of {', '.join(map(str, meta['choices']))}")
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None or high is not None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag(name)} {value}: must be a finite number")
+        if (low is not None and value < low) or (high is not None and value > high):
+            top = "2^63 - 1" if high == 2**63 - 1 else high
+            span = f"between {low} and {top}" if high is not None else f"at least {low}"
+            raise ValueError(f"{flag(name)} {value}: must be {span}")
+    if meta.get("check") is not None:
+        meta["check"](value)
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Return the resolved config, or raise ValueError naming the flag and the fix. Does no heavy work."""
+    for f in fields(cfg):
+        check_field(f.name, getattr(cfg, f.name))
     if cfg.preset == CHECKPOINT and cfg.init is None:
         raise ValueError(f"--preset {CHECKPOINT} takes its shape from --init; pass --init hf:NAME_OR_PATH or a preset")
-    if cfg.preset != CHECKPOINT:
-        _choice("preset", cfg.preset, PRESETS)
-    _choice("model-impl", cfg.model_impl, MODEL_IMPLS)
-    _choice("dp-mode", cfg.dp_mode, DP_MODES)
-    _choice("pp-schedule", cfg.pp_schedule, PP_SCHEDULES)
-    _choice("precision", cfg.precision, PRECISIONS)
-    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    _choice("optimizer-impl", cfg.optimizer_impl, OPTIMIZER_IMPLS)
-    _choice("device", cfg.device, DEVICES)
-    _choice("engine", cfg.engine, ENGINES)
-    _choice("lr-schedule", cfg.lr_schedule, LR_SCHEDULES)
-    for flag in ("dp", "tp", "pp", "grad_accum", "global_batch", "seq_len", "steps", "eval_batches"):
-        if getattr(cfg, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must be at least 1")
-    for flag in ("pp_microbatches", "lr_warmup", "max_tokens", "eval_every"):
-        if getattr(cfg, flag) < 0:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must be 0 or more")
-    if not 0 <= cfg.seed < 2**63:
-        raise ValueError(f"--seed {cfg.seed}: must be between 0 and 2^63 - 1")
-    for flag in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio", "target_loss", "target_gap"):
-        v = getattr(cfg, flag)
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"--{flag.replace('_', '-')} {v}: must be a finite number, 0 or more")
-    if cfg.min_lr_ratio > 1:
-        raise ValueError(f"--min-lr-ratio {cfg.min_lr_ratio}: must be between 0 and 1 (a fraction of --lr)")
     _check_training_schedule(cfg)
     m = cfg.model_config
     _check_init_and_data(cfg, m)

@@ -12,9 +12,7 @@ import os
 import sys
 import time
 
-from llmopt.config import (DEVICES, DP_MODES, ENGINES, LR_SCHEDULES, MODEL_IMPLS, OPTIMIZER_IMPLS, OPTIMIZERS,
-                           PP_SCHEDULES, PRECISIONS, TrainConfig, validate)
-from llmopt.model import PRESETS
+from llmopt.config import CHECKPOINT, TrainConfig, validate
 
 # Test hook for fault handling: LLMOPT_FAIL_AT="RANK:STEP:raise", "RANK:STEP:exit" or "RANK:STEP:kill" makes that
 # rank fail.
@@ -27,53 +25,27 @@ EXIT_DIVERGED = 3
 EXIT_OOM = 4
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage block
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = _Parser(prog="python -m llmopt.train", description="Train a GPT for a few steps with one configuration.")
+    """The flags: one per TrainConfig field (its type, default, choices and help come from the field), then the
+    run's own (outputs, the timing warm-up, quiet)."""
+    from dataclasses import fields
+
+    from llmopt import cli
+
+    p = cli.parser("python -m llmopt.train", "Train a GPT for a few steps with one configuration.")
+    for f in fields(TrainConfig):
+        meta, name = f.metadata, "--" + f.name.replace("_", "-")
+        kind = {"bool": bool, "int": int, "float": float}.get(str(f.type))
+        extra = f"{meta['help']} (default: {f.default})" if f.default not in (None, False) else meta["help"]
+        if f.name == "preset":  # with --init the shape is the checkpoint's, so its default is decided later
+            p.add_argument(name, default=None, choices=[c for c in meta["choices"] if c != CHECKPOINT],
+                           help=f"{meta['help']} (default: {f.default}, or the checkpoint's shape with --init)")
+        elif kind is bool:
+            p.add_argument(name, action="store_true", help=meta["help"])
+        else:
+            p.add_argument(name, type=kind or str, default=f.default, choices=meta.get("choices"),
+                           metavar=meta.get("metavar"), help=extra)
     a = p.add_argument
-    a("--preset", default=None, choices=list(PRESETS),
-      help=f"model size (default: {d.preset}, or the checkpoint's shape with --init)")
-    a("--model-impl", default=d.model_impl, choices=MODEL_IMPLS, help="llmopt's GPT or HF's GPT2LMHeadModel")
-    a("--dp", type=int, default=d.dp, help="data-parallel degree")
-    a("--dp-mode", default=d.dp_mode, choices=DP_MODES, help="ddp or fsdp (FSDP2)")
-    a("--tp", type=int, default=d.tp, help="tensor-parallel degree")
-    a("--pp", type=int, default=d.pp, help="pipeline-parallel degree")
-    a("--pp-schedule", default=d.pp_schedule, choices=PP_SCHEDULES, help="pipeline schedule")
-    a("--pp-microbatches", type=int, default=d.pp_microbatches,
-      help="pipeline chunks per accumulation micro-batch (default: --pp)")
-    a("--precision", default=d.precision, choices=PRECISIONS, help="fp32, bf16 or fp16 (with loss scaling)")
-    a("--grad-accum", type=int, default=d.grad_accum, help="accumulation micro-batches per step")
-    a("--global-batch", type=int, default=d.global_batch, help="sequences per step over all ranks")
-    a("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
-    a("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
-    a("--optimizer-impl", default=d.optimizer_impl, choices=OPTIMIZER_IMPLS, help="torch kernel family")
-    a("--lr", type=float, default=d.lr, help="learning rate (default: per optimizer)")
-    a("--weight-decay", type=float, default=d.weight_decay, help="on 2-D+ tensors only")
-    a("--max-grad-norm", type=float, default=d.max_grad_norm, help="global-norm clipping; 0 disables")
-    a("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES, help="decay after the warm-up (default: %(default)s)")
-    a("--lr-warmup", type=int, default=d.lr_warmup, help="steps of linear learning-rate warm-up (default: 0)")
-    a("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="floor of the decay, a fraction of --lr (0.1)")
-    a("--steps", type=int, default=d.steps)
-    a("--max-tokens", type=int, default=d.max_tokens, help="token budget instead of --steps (0: use --steps)")
-    a("--eval-every", type=int, default=d.eval_every, help="held-out eval every N steps (0: none)")
-    a("--eval-batches", type=int, default=d.eval_batches, help="global batches of held-out data per eval (4)")
-    a("--target-loss", type=float, default=d.target_loss, help="stop at the first eval at or below this (nats)")
-    a("--target-gap", type=float, default=d.target_gap, help="... or this far above the entropy floor (nats)")
-    a("--gns", action="store_true", help="estimate the gradient noise scale (needs --grad-accum 2 or more)")
-    a("--seed", type=int, default=d.seed)
-    a("--device", default=d.device, choices=DEVICES)
-    a("--engine", default=d.engine, choices=ENGINES, help="native step or accelerate.Accelerator's loop")
-    a("--compile", action="store_true", help="torch.compile each transformer block")
-    a("--activation-checkpointing", action="store_true", help="recompute each block's activations in backward")
-    a("--data", default=None, help="a text file (bytes), a directory prepared by python -m llmopt.data prepare, a "
-                                   "text directory or python-stdlib; default: generated Markov data")
-    a("--tokenizer", default=d.tokenizer, help="for raw text: bytes, a Hugging Face name/path, or train:N")
-    a("--init", default=None, metavar="hf:NAME_OR_PATH", help="start from GPT2LMHeadModel.from_pretrained weights")
     a("--save", default=None, metavar="DIR", help="write the trained model (and tokenizer) here, Hugging Face format")
     a("--metrics-out", default=None, metavar="FILE.json", help="write the metrics JSON here")
     a("--timing-warmup", type=int, default=1,
@@ -87,8 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from llmopt.config import CHECKPOINT
-
     kw = {k: getattr(args, k) for k in TrainConfig.field_names()}
     kw["preset"] = args.preset or (CHECKPOINT if args.init else TrainConfig.preset)
     return TrainConfig(**kw)

@@ -23,9 +23,9 @@ REQUIRED = ["config_id", "status", "error", "model_impl", "preset", "device", "w
 
 
 def test_results_schema_holds_every_config_field_with_its_kind():
-    """results.csv's columns are listed by hand (in a reading order); every TrainConfig field (the flags) must
-    be among them, read back as text exactly when it is a string or a switch, so that a new flag cannot be
-    silently dropped from the rows or misread."""
+    """results.csv's config columns are derived from TrainConfig's fields: every field (the flags) is among
+    them, read back as text exactly when it is a string or a switch, so that a new flag cannot be silently
+    dropped from the rows or misread."""
     from dataclasses import fields
 
     from bench.results import TEXT_COLUMNS

@@ -84,3 +84,19 @@ def test_torchrun_world_mismatch_is_refused(cli):
             "--dp", "2", "--steps", "1")
     assert r.returncode != 0
     assert "the launcher started 1 ranks but --dp x --tp x --pp = 2" in r.stderr
+
+
+def test_the_readme_flag_table_names_every_flag():
+    """The flags come from TrainConfig's fields (llmopt.train.build_parser); the README's table must name each,
+    so a new field is also a new line there. The failure names what is missing."""
+    import os
+    import re
+
+    from llmopt.train import build_parser
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    table = readme.split("| flag | meaning (default) |", 1)[1].split("\n\n", 1)[0]
+    documented = set(re.findall(r"--[a-z][a-z0-9-]*", table))
+    flags = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    assert flags <= documented, f"README's flag table lacks {sorted(flags - documented)}"
+    assert documented <= flags, f"README's flag table names flags that do not exist: {sorted(documented - flags)}"

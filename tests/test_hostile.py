@@ -132,10 +132,31 @@ def test_an_allocation_failure_is_oom(cli):
 @pytest.mark.parametrize("text, match", [
     ("base = 5\n[matrix]\ndp = [1]\n", "base must be a table"),
     ("[matrix]\ndp = ['²']\n", "not an integer"),
-], ids=["base-5", "superscript"])
-def test_hostile_toml_is_one_line(tmp_path, text, match):
+    # values wrong on their own are the user's mistake (they were skipped rows, or tracebacks)
+    ("[base]\nseed = -1\n[matrix]\ndp = [1]\n", "seed = -1: must be between 0 and 2^63 - 1"),
+    ("[matrix]\nglobal_batch = [0]\n", "global_batch = 0: must be at least 1"),
+    ("[matrix]\nlr = [nan]\n", "lr = nan: must be a finite number"),
+    ("[base]\ndata = 'no-such-corpus.txt'\n[matrix]\ndp = [1]\n", "no such file or directory"),
+    ("[matrix]\npreset = ['tiny', 'huge']\n", "preset = 'huge': unknown value"),
+], ids=["base-5", "superscript", "seed", "batch-0", "lr-nan", "missing-data", "unknown-preset"])
+def test_hostile_toml_is_one_line(tmp_path, text, match, capsys):
+    """In this process (bench.run's main, as the command line calls it): one error line, exit 2, nothing run."""
+    from bench.run import main
+
     (tmp_path / "m.toml").write_text(text)
-    assert match in one_error_line(bench("--matrix", str(tmp_path / "m.toml"), "--out", str(tmp_path / "o")))
+    assert main(["--matrix", str(tmp_path / "m.toml"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and match in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bad_combination_of_valid_values_stays_a_skipped_row(tmp_path):
+    from bench.matrix import expand
+
+    (tmp_path / "m.toml").write_text("[matrix]\ntp = [1, 3]\n")
+    plan = expand(str(tmp_path / "m.toml"), "cpu", 4)
+    skipped = [e["skipped"] for e in plan if e["skipped"]]
+    assert len(plan) == 2 and len(skipped) == 1 and "--tp 3 does not divide" in skipped[0]
 
 
 def test_hostile_flags_and_files_are_one_line(done_sweep, tmp_path):
