@@ -334,7 +334,36 @@ def start_launcher():
     from multiprocessing import forkserver
 
     forkserver.ensure_running()  # now, with no signal blocked (an exec'd process keeps its parent's mask)
+    _mark_launcher_dir()
     return ctx
+
+
+# multiprocessing keeps the launcher's socket in a directory of its own (<tmp>/pymp-*), removed at a clean exit
+# only. This file, written into it, names the sweep that owns it, so the next sweep removes it after a SIGKILL.
+LAUNCHER_MARK = "llmopt-sweep.pid"
+
+
+def _mark_launcher_dir() -> None:
+    from multiprocessing import util
+
+    with open(os.path.join(util.get_temp_dir(), LAUNCHER_MARK), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def remove_dead_launcher_dirs() -> list[str]:
+    """Launcher directories of sweeps that are gone (killed before multiprocessing could remove them)."""
+    import tempfile
+
+    from llmopt.scratch import remove_dead
+
+    def owner(path: str) -> int | None:
+        try:
+            with open(os.path.join(path, LAUNCHER_MARK)) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None  # not a sweep's: left alone
+
+    return remove_dead(os.path.join(tempfile.gettempdir(), "pymp-*"), owner)
 
 
 # ----------------------------------------------------------------------------------------------- submitit

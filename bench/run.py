@@ -35,13 +35,10 @@ EXACT = 1e-4         # nats: "exact" parity (fp32 layouts agree to ~1e-6; this l
 AMP_TOLERANCE = 5e-2  # nats: a bf16/fp16 curve within this of the fp32 baseline is "within AMP tolerance"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    from llmopt import cli
+
+    p = cli.parser("python -m bench.run", __doc__.split("\n\n")[0])
     p.add_argument("--matrix", default=None, help=f"{', '.join(NAMED)}, or a .toml file (default: default)")
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="(default: auto)")
     p.add_argument("--out", default=None, help="results directory (default: results/runs/<UTC time>-<matrix>)")
@@ -213,18 +210,19 @@ def _raise_stopped(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.executors import remove_dead_launcher_dirs
+    from llmopt import cli
+
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    remove_dead_launcher_dirs()
     try:
         return sweep(args, argv)
     except (MatrixError, ExecutorError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.error(str(e))
     except OSError as e:  # a full disk or a vanished directory while writing the sweep's own files
-        print(f"error: cannot write the sweep's files ({e}); free space or fix the directory, then --resume",
-              file=sys.stderr)
-        return 2
+        return cli.error(f"cannot write the sweep's files ({e}); free space or fix the directory, then --resume")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -14,11 +14,13 @@ report the rank that failed first for a reason of its own (``root_cause``).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
-import tempfile
 import time
 import uuid
+
+from llmopt.scratch import private_dir
 
 # Modules every rank imports: loaded once in the forking process so that forked ranks start with them.
 RANK_MODULES = ("torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.tensor.parallel",
@@ -30,6 +32,7 @@ LAUNCHER_ENV = "LLMOPT_LAUNCHER"
 # Errors a rank raises because *another* rank went away: never the root cause when a real error exists.
 _SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",
               "Socket Timeout", "SIGTERM")
+RANKS_DIR = "llmopt-ranks-"  # <tmp>/llmopt-ranks-<launcher pid>-...: the ranks' error files or the agent's logs
 GRACE_S = 1.0  # after the first failure, how long the other ranks get to fail (and say why) on their own
 
 
@@ -52,8 +55,19 @@ def launch(nproc: int, argv: list[str], device: str, rank_main, oom_exit: int) -
         print(f"error: {LAUNCHER_ENV}=fork: CUDA ranks cannot be forked safely; use elastic", file=sys.stderr)
         return 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    code = _forked(nproc, argv, rank_main) if how == "fork" else _elastic(nproc, argv)
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so the ranks are stopped and the launcher's files removed on the
+    # way out (by default they end the process at once and leave both behind)
+    previous = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = _forked(nproc, argv, rank_main) if how == "fork" else _elastic(nproc, argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return oom_exit if code == -9 else code
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _elastic(nproc: int, argv: list[str]) -> int:
@@ -61,27 +75,39 @@ def _elastic(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logs = tempfile.TemporaryDirectory(prefix="llmopt-ranks-")  # the agent's files, removed afterwards
+    logs = private_dir(RANKS_DIR)  # the agent's files, removed afterwards (or by the next run, after a SIGKILL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"llmopt-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
-                          logs_specs=DefaultLogsSpecs(log_dir=logs.name))
+                          logs_specs=DefaultLogsSpecs(log_dir=logs))
     try:
         elastic_launch(config, sys.executable)("-m", "llmopt.train", *argv)
     except ChildFailedError as e:
         return _report(e.failures)
     finally:
-        logs.cleanup()
+        shutil.rmtree(logs, ignore_errors=True)
     return 0
 
 
 def _forked(nproc: int, argv: list[str], rank_main) -> int:
     """Fork the ranks, then host their rendezvous store (created after the fork: its server thread stays here),
     hand each rank the store's port through a pipe, and wait, stopping all ranks when one fails."""
-    from torch.distributed import TCPStore
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
     preload()
-    errors = tempfile.TemporaryDirectory(prefix="llmopt-ranks-")  # each rank's error file (torch elastic's @record)
+    errors = private_dir(RANKS_DIR)  # each rank's error file (torch elastic's @record)
+    try:
+        failures = _fork_and_wait(nproc, argv, rank_main, errors)
+        if not failures:
+            return 0
+        return _report({rank: ProcessFailure(rank, pid, code, os.path.join(errors, f"{rank}.json"))
+                        for pid, (rank, code) in failures.items()})
+    finally:
+        shutil.rmtree(errors, ignore_errors=True)
+
+
+def _fork_and_wait(nproc: int, argv: list[str], rank_main, errors: str) -> dict[int, tuple[int, int]]:
+    from torch.distributed import TCPStore
+
     sys.stdout.flush()
     sys.stderr.flush()
     pids, pipes = {}, {}
@@ -91,7 +117,9 @@ def _forked(nproc: int, argv: list[str], rank_main) -> int:
         if pid == 0:  # the rank: only its own pipe's read end, so a launcher's death is EOF to every rank
             for fd in (w, *pipes.values()):
                 os.close(fd)
-            _rank(rank, nproc, r, os.path.join(errors.name, f"{rank}.json"), argv, rank_main)
+            for sig in (signal.SIGTERM, signal.SIGHUP):  # a rank stops at once, as before (see launch)
+                signal.signal(sig, signal.SIG_DFL)
+            _rank(rank, nproc, r, os.path.join(errors, f"{rank}.json"), argv, rank_main)
         os.close(r)
         pids[pid], pipes[rank] = rank, w
     try:
@@ -99,7 +127,7 @@ def _forked(nproc: int, argv: list[str], rank_main) -> int:
         for w in pipes.values():
             os.write(w, f"{store.port}\n".encode())
             os.close(w)
-        failures = _wait(pids)
+        return _wait(pids)
     except BaseException:  # Ctrl-C or SIGTERM of the launcher: no rank outlives it
         _stop(pids)
         raise
@@ -109,13 +137,6 @@ def _forked(nproc: int, argv: list[str], rank_main) -> int:
                 os.close(w)
             except OSError:
                 pass
-    try:
-        if not failures:
-            return 0
-        return _report({rank: ProcessFailure(rank, pid, code, os.path.join(errors.name, f"{rank}.json"))
-                        for pid, (rank, code) in failures.items()})
-    finally:
-        errors.cleanup()
 
 
 def _rank(rank: int, nproc: int, port_fd: int, error_file: str, argv: list[str], rank_main) -> None:

@@ -280,23 +280,46 @@ def test_terminating_the_sweep_stops_the_running_config(tmp_path, sig, dp):
 
 
 @pytest.mark.multiprocess
-def test_ranks_die_with_a_killed_launcher(tmp_path):
-    import glob
-
-    before = set(glob.glob("/tmp/torchelastic_*"))
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_ranks_die_with_a_stopped_launcher_and_leave_nothing(tmp_path, sig):
+    """The ranks die with their launcher; its temporary directory goes with a SIGTERM (it was left behind)
+    and, after a SIGKILL, with the next run's start."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
     p = subprocess.Popen([sys.executable, "-m", "llmopt.train", "--dp", "2", "--steps", "100000", "--seq-len", "16",
                           "--global-batch", "4", "--quiet"], cwd=ROOT, env=e, start_new_session=True)
     ranks = _wait_for(lambda: _descendants(p.pid) if len(_descendants(p.pid)) >= 2 else None)
     time.sleep(3)  # the ranks are training
     ranks = _descendants(p.pid)
-    os.kill(p.pid, signal.SIGKILL)
+    os.kill(p.pid, sig)
     p.wait()
     _wait_for(lambda: not _alive(ranks) or None, timeout=30)
+    left = sorted(x.name for x in tmp_path.iterdir() if x.name.startswith("llmopt-ranks-"))
+    if sig == signal.SIGTERM:
+        assert p.returncode == 128 + signal.SIGTERM and left == [], left
+        return
+    assert len(left) == 1 and left[0].startswith(f"llmopt-ranks-{p.pid}-")
     r = subprocess.run([sys.executable, "-m", "llmopt.train", "--dp", "2", "--steps", "1", "--seq-len", "16",
                         "--quiet"], cwd=ROOT, env=e, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert set(glob.glob("/tmp/torchelastic_*")) == before  # the launcher's temporary files are gone
+    assert not any(x.name.startswith("llmopt-ranks-") for x in tmp_path.iterdir())  # the dead one's is gone
+
+
+def test_a_killed_sweeps_launcher_directory_is_removed_by_the_next(tmp_path):
+    """multiprocessing removes its launcher's directory (<tmp>/pymp-*) only at a clean exit: a SIGKILLed sweep
+    left one behind for good."""
+    (tmp_path / "m.toml").write_text("[base]\nsteps = 100000\nseq_len = 16\nglobal_batch = 4\n[matrix]\ndp = [1]\n")
+    tmp = tmp_path / "t"
+    tmp.mkdir()
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TMPDIR=str(tmp))
+    p = subprocess.Popen([sys.executable, "-m", "bench.run", "--matrix", str(tmp_path / "m.toml"), "--out",
+                          str(tmp_path / "o"), "--no-report"], cwd=ROOT, env=e, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for(lambda: any(tmp.glob("pymp-*/llmopt-sweep.pid")) or None)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert any(tmp.glob("pymp-*"))
+    r = bench("--matrix", "smoke", "--filter", "dp=9", "--out", str(tmp_path / "o2"), env={"TMPDIR": str(tmp)})
+    assert r.returncode == 2 and not any(tmp.glob("pymp-*")), (r.stderr, list(tmp.iterdir()))
 
 
 def test_write_json_leaves_no_tmp_on_a_failed_write(tmp_path, monkeypatch):

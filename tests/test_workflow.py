@@ -430,6 +430,23 @@ def test_offline_init_is_one_error_line(cli):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "local copy" in r.stderr, r.stderr
 
 
+def test_a_killed_saves_leftover_is_removed_by_the_next_save(tmp_path, tiny_hf, text_file):
+    """A SIGKILLed --save leaves DIR.tmp-PID (100 MB for gpt2), which nothing reused or removed."""
+    import subprocess
+    import sys
+
+    from llmopt.checkpoint import save_pretrained
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    (tmp_path / f"m.tmp-{dead}").mkdir()
+    (tmp_path / f"m.tmp-{dead}" / "model.safetensors").write_bytes(b"\0" * 4096)
+    state = build(validate(TrainConfig(init=f"hf:{tiny_hf}", preset="checkpoint", data=text_file, global_batch=4,
+                                       seq_len=32, steps=1)), CPU)
+    save_pretrained(state, str(tmp_path / "m"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 def test_sample_is_deterministic_under_a_seed(tmp_path, tiny_hf, text_file, cli):
     from llmopt.checkpoint import save_pretrained
 
