@@ -42,3 +42,13 @@ def cpu_model() -> str:
 
 def cpu_has_native_bf16() -> bool:
     return any(f in cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def cpu_has_native_fp16() -> bool:
+    return any(f in cpu_flags() for f in ("avx512_fp16", "amx_fp16"))
+
+
+def cpu_has_native(precision: str) -> bool:
+    """Whether this CPU multiplies matrices of ``precision`` natively (fp32 always); without, oneDNN emulates
+    them through fp32, which is slower than fp32 itself (0.08x for fp16 on an AMD EPYC with AVX512-BF16)."""
+    return {"fp32": True, "bf16": cpu_has_native_bf16(), "fp16": cpu_has_native_fp16()}[precision]

@@ -424,6 +424,31 @@ def test_sample_streams_and_prints_only_text(tmp_path, tiny_hf, cli):
     assert len(first) == 64
 
 
+@pytest.mark.parametrize("argv, match", [
+    (["--seed", "99999999999999999999"], "--seed"),
+    (["--prompt", "caf\udcff"], "--prompt holds a byte that is not UTF-8"),  # argv's surrogate escape of byte ff
+    (["--max-new-tokens", "-1"], "--max-new-tokens"),
+])
+def test_sample_refuses_bad_arguments_in_one_line(tiny_hf, capsys, argv, match):
+    from llmopt import sample
+
+    rc = sample.main([tiny_hf, *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and match in err, err
+
+
+@pytest.mark.parametrize("argv", [["--init", "hf:gpt2"], ["--data", "python-stdlib", "--tokenizer", "gpt2"]],
+                         ids=["init", "tokenizer"])
+def test_a_hub_name_that_cannot_be_fetched_fails_in_seconds(cli, tmp_path, argv):
+    """Not cached and the Hub unreachable: one line from llmopt's quick probe of the Hub's host ("cannot be
+    reached"), not transformers' half-minute of retries and their warnings. The Hub is a closed local port
+    here, so the test never tries the network."""
+    r = cli("-m", "llmopt.train", *argv, "--steps", "1",
+            env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+                 "LLMOPT_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot be reached" in r.stderr, r.stderr
+
+
 def test_offline_init_is_one_error_line(cli):
     r = cli("-m", "llmopt.train", "--init", "hf:no-such-org/no-such-model", "--steps", "1",
             env={"HF_HUB_OFFLINE": "1"})
