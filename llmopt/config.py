@@ -35,7 +35,8 @@ DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3, "lamb": 1e-2}
 
 def option(default, help: str, *, choices=None, low=None, high=None, check=None, metavar: str | None = None):
     """A config field: its default, the help line of its flag, and what a single value must be: one of
-    ``choices``, a number in [``low``, ``high``] (floats also finite), or whatever ``check(value)`` accepts."""
+    ``choices`` (a tuple, or a function giving one), a number in [``low``, ``high``] (floats also finite), or
+    whatever ``check(value)`` accepts."""
     return field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high, check=check,
                                                 metavar=metavar))
 
@@ -66,7 +67,8 @@ class TrainConfig:
                          choices=ENGINES)
     model_impl: str = option("llmopt", "llmopt's GPT, or transformers' GPT2LMHeadModel of the same shape",
                              choices=MODEL_IMPLS)
-    preset: str = option("tiny", "model size, a key of llmopt.model.PRESETS", choices=(*PRESETS, CHECKPOINT))
+    preset: str = option("tiny", "model size, a key of llmopt.model.PRESETS",
+                         choices=lambda: (*PRESETS, CHECKPOINT))  # read when checked: bench.advise adds shapes
     device: str = option("auto", "auto (cuda when visible), cpu or cuda", choices=DEVICES)
     dp: int = option(1, "data-parallel degree", low=1)
     dp_mode: str = option("ddp", "ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard)", choices=DP_MODES)
@@ -208,11 +210,18 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def choices(name: str) -> tuple | None:
+    """The values a field may take, or None where any value of its type may do."""
+    c = TrainConfig.__dataclass_fields__[name].metadata.get("choices")
+    return tuple(c()) if callable(c) else c
+
+
 def check_field(name: str, value) -> None:
     """Refuse a value that is wrong on its own (whatever the other fields): one ValueError naming the flag."""
     meta = TrainConfig.__dataclass_fields__[name].metadata
-    if meta.get("choices") is not None and value not in meta["choices"]:
-        raise ValueError(f"{flag(name)}: unknown value {value!r}; choose one of {', '.join(map(str, meta['choices']))}")
+    allowed = choices(name)
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"{flag(name)}: unknown value {value!r}; choose one of {', '.join(map(str, allowed))}")
     low, high = meta.get("low"), meta.get("high")
     if low is not None or high is not None:
         if isinstance(value, float) and not math.isfinite(value):

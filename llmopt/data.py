@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import zlib
 
 import numpy as np
 import torch
@@ -203,21 +202,12 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def token_seal(path: str, meta: dict, split: str) -> int:
-    """CRC-32 of what a split's token file means: the meta.json fields that say how to read it (format,
-    dtype, vocabulary, token count), then its bytes. Written by prepare; a meta.json edited afterwards, or
-    token files from another preparation, no longer match it."""
-    crc = zlib.crc32(f"{meta.get('format')}|{meta['dtype']}|{meta['vocab_size']}|{meta[f'{split}_tokens']}|".encode())
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
 def check_tokens(path: str) -> dict:
     """read_meta, and the token files read once against it: the seal prepare wrote (``token_seal``) and every
     id below the vocabulary (a larger one would index past the embedding). One ValueError otherwise. Reads
     each file once (about a second a GB): run it once per run, before training. Returns the meta dict."""
+    from llmopt.prepare import token_seal
+
     meta = read_meta(path)
     for s in SPLITS:
         f = os.path.join(path, f"{s}.bin")

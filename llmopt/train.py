@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dataclasses import fields
 
     from llmopt import cli
+    from llmopt.config import choices
 
     p = cli.parser("python -m llmopt.train", "Train a GPT for a few steps with one configuration.")
     for f in fields(TrainConfig):
@@ -38,12 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         kind = {"bool": bool, "int": int, "float": float}.get(str(f.type))
         extra = f"{meta['help']} (default: {f.default})" if f.default not in (None, False) else meta["help"]
         if f.name == "preset":  # with --init the shape is the checkpoint's, so its default is decided later
-            p.add_argument(name, default=None, choices=[c for c in meta["choices"] if c != CHECKPOINT],
+            p.add_argument(name, default=None, choices=[c for c in choices(f.name) if c != CHECKPOINT],
                            help=f"{meta['help']} (default: {f.default}, or the checkpoint's shape with --init)")
         elif kind is bool:
             p.add_argument(name, action="store_true", help=meta["help"])
         else:
-            p.add_argument(name, type=kind or str, default=f.default, choices=meta.get("choices"),
+            p.add_argument(name, type=kind or str, default=f.default, choices=choices(f.name),
                            metavar=meta.get("metavar"), help=extra)
     a = p.add_argument
     a("--save", default=None, metavar="DIR", help="write the trained model (and tokenizer) here, Hugging Face format")

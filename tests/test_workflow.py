@@ -154,7 +154,7 @@ def test_invalid_utf8_is_counted_not_silently_replaced(tmp_path, cli):
 
 def test_a_huge_single_line_trains_its_bpe_in_bounded_memory(tmp_path):
     """A single 6 MB line once took about 230 bytes of memory per character to train a BPE on (9.1 GB for
-    47 MB); pieces of a bounded size keep the whole prepare near a constant."""
+    47 MB, 1.7 GB here); pieces of a bounded size keep the whole prepare near a constant (about 300 MB)."""
     import random
     import resource
     import subprocess
@@ -170,7 +170,7 @@ def test_a_huge_single_line_trains_its_bpe_in_bounded_memory(tmp_path):
                         "--val-fraction", "0.5"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     peak_mib = int(r.stdout.strip().splitlines()[-1]) / 1024
-    assert len(line) > 6e6 and peak_mib < 1024, peak_mib
+    assert len(line) > 6e6 and peak_mib < 700, peak_mib
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dangling", "loop"])
