@@ -23,14 +23,16 @@ ENGINES = ("native", "accelerate")
 DP_MODES = ("ddp", "fsdp")
 PP_SCHEDULES = ("gpipe", "1f1b")
 PRECISIONS = ("fp32", "bf16", "fp16")
-OPTIMIZERS = ("sgd", "adam", "adamw", "lamb")
+OPTIMIZERS = ("sgd", "adam", "adamw", "lamb", "muon", "adafactor")
 OPTIMIZER_IMPLS = ("auto", "for-loop", "foreach", "fused")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 CHECKPOINT = "checkpoint"  # the preset of a run whose shape comes from --init
 
-# Learning rates that make each optimizer's loss fall quickly on the tiny preset; --lr overrides.
-DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3, "lamb": 1e-2}
+# Learning rates that make each optimizer's loss fall quickly on the tiny preset; --lr overrides. Muon's is
+# AdamW's (its update is scaled to AdamW's RMS: llmopt.optim); Adafactor's is torch's default, a cap on its
+# relative step.
+DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3, "lamb": 1e-2, "muon": 3e-3, "adafactor": 1e-2}
 
 
 def option(default, help: str, *, choices=None, low=None, high=None, check=None, metavar: str | None = None):
@@ -80,7 +82,8 @@ class TrainConfig:
     grad_accum: int = option(1, "accumulation micro-batches per step (the global batch is fixed)", low=1)
     global_batch: int = option(8, "sequences per optimizer step, over all ranks", low=1)
     seq_len: int = option(128, "tokens per sequence", low=1)
-    optimizer: str = option("adamw", "sgd, adam, adamw or lamb", choices=OPTIMIZERS)
+    optimizer: str = option("adamw", "sgd, adam, adamw, lamb, muon (with AdamW on non-matrices) or adafactor",
+                            choices=OPTIMIZERS)
     optimizer_impl: str = option("auto", "torch's for-loop, foreach or fused kernels (auto: the fastest that applies)",
                                  choices=OPTIMIZER_IMPLS)
     compile: bool = option(False, "torch.compile each transformer block")
@@ -262,9 +265,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                          f"sequences (--global-batch / --dp / --grad-accum); use a divisor of {cfg.micro_batch}")
     if cfg.model_impl == "hf" and (cfg.tp > 1 or cfg.pp > 1):
         raise ValueError("--model-impl hf supports data parallelism only; use --model-impl llmopt with --tp/--pp")
-    if cfg.optimizer_impl in ("foreach", "fused") and cfg.optimizer == "lamb":
-        raise ValueError(f"--optimizer-impl {cfg.optimizer_impl}: llmopt's LAMB is a for-loop; "
-                         f"use --optimizer-impl auto or for-loop with --optimizer lamb")
+    from llmopt.optim import IMPLS
+
+    if cfg.optimizer_impl != "auto" and cfg.optimizer_impl not in IMPLS[cfg.optimizer]:
+        raise ValueError(f"--optimizer-impl {cfg.optimizer_impl}: torch has no such kernels for --optimizer "
+                         f"{cfg.optimizer}; use --optimizer-impl auto or {' or '.join(IMPLS[cfg.optimizer])}")
     if cfg.optimizer_impl == "fused" and not fused_optimizer_ok(cfg.precision, cfg.world_size):
         raise ValueError("--optimizer-impl fused --precision fp16 on several ranks: torch's ShardedGradScaler "
                          "cannot drive fused optimizer kernels (pytorch/pytorch#140514); use --optimizer-impl "

@@ -45,7 +45,8 @@ import torch
 from llmopt.model import HEAD_CHUNK_ROWS, explicit_attention
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
-OPT_STATES = {"sgd": 1, "adam": 2, "adamw": 2, "lamb": 2}  # fp32 tensors of parameter size per parameter
+# fp32 tensors of a parameter's size kept per parameter (Muon and Adafactor: optimizer_state_bytes)
+OPT_STATES = {"sgd": 1, "adam": 2, "adamw": 2, "lamb": 2}
 
 
 @dataclass
@@ -75,6 +76,42 @@ def stage_params(cfg, stage: int) -> int:
     if stage == cfg.pp - 1:
         n += 2 * C + (V * C if cfg.pp > 1 else 0)  # ln_f, and the head's copy of the embedding
     return n
+
+
+def stage_tensors(cfg, stage: int) -> list[tuple[int, ...]]:
+    """The whole (unsharded) shape of every parameter tensor of pipeline stage ``stage`` (the tied head once)."""
+    m = cfg.model_config
+    C, V = m.n_embd, m.vocab_size
+    block = [(3 * C, C), (3 * C,), (C, C), (C,), (4 * C, C), (4 * C,), (C, 4 * C), (C,), (C,), (C,), (C,), (C,)]
+    shapes = block * len(stage_layers(m.n_layer, cfg.pp, stage))
+    if stage == 0:
+        shapes += [(V, C), (m.block_size, C)]
+    if stage == cfg.pp - 1:
+        shapes += [(C,), (C,)] + ([(V, C)] if cfg.pp > 1 else [])
+    return shapes
+
+
+def hidden_matrix_params(cfg, stage: int) -> int:
+    """Values of the attention and MLP weight matrices (what Muon updates) on one rank of ``stage`` (TP shards
+    counted per rank, FSDP shards not)."""
+    C = cfg.model_config.n_embd
+    return len(stage_layers(cfg.model_config.n_layer, cfg.pp, stage)) * 12 * C * C // cfg.tp
+
+
+def optimizer_state_bytes(cfg, stage: int, n: int) -> int:
+    """Optimizer state on one rank of ``stage`` holding ``n`` parameter values. SGD: momentum; Adam, AdamW,
+    LAMB: two moments; Muon: a momentum on the hidden matrices, AdamW's two moments on the rest (sharded as the
+    parameters are); Adafactor: per matrix a row and a column statistic, per vector a full second moment, of the
+    whole tensor on every rank (``llmopt.optim.ShardedAdafactor`` keeps the whole tensor's), and a step count
+    per tensor."""
+    if cfg.optimizer == "muon":
+        fsdp = cfg.dp > 1 and cfg.dp_mode == "fsdp"
+        matrices = hidden_matrix_params(cfg, stage)
+        matrices = -(-matrices // cfg.dp) if fsdp else matrices
+        return 4 * matrices + 8 * (n - matrices)
+    if cfg.optimizer == "adafactor":
+        return 4 * sum((sum(s) if len(s) == 2 else s[0]) + 1 for s in stage_tensors(cfg, stage))
+    return OPT_STATES[cfg.optimizer] * 4 * n
 
 
 def one_block_params(cfg) -> int:
@@ -151,7 +188,7 @@ def predict_memory(cfg) -> MemoryPrediction:
         ddp = cfg.dp > 1 and cfg.dp_mode == "ddp"
         if ddp and cfg.tp == 1 and cfg.pp == 1:
             grads += params  # DistributedDataParallel's gradient buckets
-        opt = OPT_STATES[cfg.optimizer] * 4 * n
+        opt = optimizer_state_bytes(cfg, stage, n)
         if ddp and (cfg.tp > 1 or cfg.pp > 1):
             params *= 2  # composable replicate keeps an unsharded copy beside each (replicated) parameter
         tokens, in_flight = cfg.micro_batch * cfg.seq_len, 1

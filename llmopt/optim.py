@@ -1,12 +1,48 @@
-"""Optimizers: torch's SGD, Adam and AdamW, and LAMB (You et al. 2019), behind one ``build_optimizer``; the
-learning-rate schedule (linear warm-up, then constant, cosine or linear decay) as torch's ``LambdaLR``."""
+"""Optimizers: torch's SGD, Adam, AdamW, Muon and Adafactor, and LAMB (You et al. 2019), behind one
+``build_optimizer``; the learning-rate schedule (linear warm-up, then constant, cosine or linear decay) as
+torch's ``LambdaLR``.
+
+Muon (Jordan et al. 2024; Liu et al. 2025, "Muon is Scalable for LLM Training") orthogonalises the momentum
+of each hidden weight matrix with a Newton-Schulz iteration; it is meant for those matrices only, so
+``--optimizer muon`` is torch's Muon on the attention and MLP projections and torch's AdamW on everything else
+(embeddings and the tied head, LayerNorm gains, biases), as one optimizer (``MuonAdamW``): one schedule, one
+loss scaler, one ``zero_grad``. Choices, and why:
+
+* the learning rate is adjusted by Moonlight's rule (``adjust_lr_fn="match_rms_adamw"``: 0.2 sqrt(max(A, B))),
+  which gives Muon's update the RMS of AdamW's, so one ``--lr`` (AdamW's) serves both sides; it is also
+  symmetric in the matrix's shape, so HF's transposed Conv1D weights get the same update as llmopt's Linear;
+* the fused QKV projection is orthogonalised as one (3C x C) matrix: it is one linear map in both models, and
+  every layout sees the same matrix (Moonlight and modded-nanogpt orthogonalise q, k and v separately; not
+  done here);
+* torch's defaults otherwise: momentum 0.95 with Nesterov, 5 Newton-Schulz steps in bf16; decoupled weight
+  decay ``--weight-decay`` on the matrices, AdamW's on the other 2-D tensors.
+
+Adafactor (Shazeer & Stern 2018) is torch's, with torch's defaults (``beta2_decay`` -0.8, ``eps`` (None, 1e-3),
+``d`` 1.0): factored second moments (a row and a column statistic per matrix), no first moment, and a step
+relative to the parameter's RMS, ``--lr`` capping it (torch's ``lr``, 1e-2 by default).
+
+Sharded parameters (FSDP2, TP: DTensors). Neither torch optimizer computes the whole tensor's update on shards
+(torch 2.13): Muon runs, but its Newton-Schulz then runs as DTensor matmuls whose bf16 partial products are
+reduced across ranks, and the update drifted 4e-3 from the whole matrix's within two steps at lr 0.1 (2 gloo
+ranks); Adafactor raises (an in-place ``pow_`` on a partial norm). So both are wrapped, not forked:
+``ShardedMuon`` keeps the momentum sharded, gathers each matrix's Nesterov momentum (``full_tensor``), has
+torch's Muon orthogonalise the whole matrix and keeps this rank's shard of the update; ``ShardedAdafactor``
+gathers each tensor and its gradient, steps torch's Adafactor on the whole tensor (its factored statistics are
+then the whole tensor's: a row and a column vector, kept on every rank) and keeps this rank's shard. One
+tensor at a time, so the transient memory is that of the largest tensor. Every rank does the whole work (the
+Newton-Schulz iteration is not split across ranks, as Moonlight's distributed Muon does).
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+# The hidden weight matrices Muon updates (names in llmopt's GPT and in HF's GPT2LMHeadModel alike)
+HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+MUON_ADJUST_LR = "match_rms_adamw"
 
 
 def full_norm(t: torch.Tensor) -> torch.Tensor:
@@ -69,14 +105,19 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, exclude=frozenset()) -> list[dict]:
     """Weight decay on matrices and embeddings (2+ dims) only; never on biases or LayerNorm gains."""
     groups: dict[bool, list] = {}
     for p in model.parameters():  # deduplicated: a tied weight appears once
-        if p.requires_grad:
+        if p.requires_grad and p not in exclude:
             groups.setdefault(p.dim() >= 2, []).append(p)
     return [{"params": ps, "weight_decay": weight_decay if decay else 0.0}
             for decay, ps in sorted(groups.items(), reverse=True)]
+
+
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The attention and MLP projection weights: what Muon updates."""
+    return [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and n.endswith(HIDDEN_MATRICES)]
 
 
 def _impl_kwargs(impl: str, params: list[torch.Tensor], fused_ok: bool) -> dict:
@@ -92,14 +133,28 @@ def _impl_kwargs(impl: str, params: list[torch.Tensor], fused_ok: bool) -> dict:
     return {"fused": True}
 
 
+# Kernel families torch has per optimizer (--optimizer-impl); auto picks among them
+IMPLS = {"sgd": ("for-loop", "foreach", "fused"), "adam": ("for-loop", "foreach", "fused"),
+         "adamw": ("for-loop", "foreach", "fused"), "lamb": ("for-loop",), "muon": ("for-loop",),
+         "adafactor": ("for-loop", "foreach")}
+
+
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float = 0.0,
                     impl: str = "auto", fused_ok: bool = True) -> torch.optim.Optimizer:
-    """sgd (momentum 0.9, L2 decay), adam (L2 decay, coupled), adamw (decoupled decay), lamb.
-    ``fused_ok=False`` keeps ``auto`` off the fused kernels (see ``llmopt.precision.fused_optimizer_ok``)."""
+    """sgd (momentum 0.9, L2 decay), adam (L2 decay, coupled), adamw (decoupled decay), lamb, muon (with AdamW
+    on the rest: ``MuonAdamW``), adafactor. ``fused_ok=False`` keeps ``auto`` off the fused kernels (see
+    ``llmopt.precision.fused_optimizer_ok``)."""
+    if name == "muon":
+        return MuonAdamW(model, lr, weight_decay, impl, fused_ok)
     groups = param_groups(model, weight_decay)
     params = [p for g in groups for p in g["params"]]
     if name == "lamb":
         return Lamb(groups, lr=lr)
+    if name == "adafactor":
+        kw = {} if impl == "auto" else {"foreach": impl == "foreach"}
+        if any(isinstance(p, DTensor) for p in params):
+            return ShardedAdafactor(groups, lr=lr, **kw)
+        return torch.optim.Adafactor(groups, lr=lr, **kw)
     kw = _impl_kwargs(impl, params, fused_ok)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, **kw)
@@ -107,7 +162,138 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float 
         return torch.optim.Adam(groups, lr=lr, **kw)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, **kw)
-    raise ValueError(f"--optimizer: unknown value {name!r}; choose one of sgd, adam, adamw, lamb")
+    raise ValueError(f"--optimizer: unknown value {name!r}; choose one of {', '.join(IMPLS)}")
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """torch's Muon on the hidden matrices and torch's AdamW on every other parameter, as one optimizer: its
+    param_groups are the two optimizers' own (the same dicts), so a learning-rate schedule, a loss scaler and
+    ``zero_grad`` reach both, and its ``state`` holds both optimizers' state (for memory accounting)."""
+
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float, impl: str = "auto", fused_ok: bool = True):
+        matrices = hidden_matrices(model)
+        if not matrices:
+            raise ValueError("--optimizer muon: the model has no hidden 2-D weight matrix for Muon to update; "
+                             "use another --optimizer")
+        rest = param_groups(model, weight_decay, exclude=set(matrices))
+        muon_cls = ShardedMuon if any(isinstance(p, DTensor) for p in matrices) else torch.optim.Muon
+        self.muon = muon_cls(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn=MUON_ADJUST_LR)
+        adamw_impl = "for-loop" if impl == "for-loop" else "auto"
+        rest_params = [p for g in rest for p in g["params"]]
+        self.adamw = torch.optim.AdamW(rest, lr=lr, **_impl_kwargs(adamw_impl, rest_params, fused_ok))
+        super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        self.state.update(self.muon.state)
+        self.state.update(self.adamw.state)
+        return loss
+
+
+def _shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a whole tensor, sharded as ``like`` (a DTensor) is, with no communication: every
+    rank holds ``full`` (``src_data_rank=None`` slices the local copy); a plain ``like`` takes it whole."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (all-gathered over the mesh); a plain tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class ShardedMuon(torch.optim.Optimizer):
+    """torch's Muon for matrices that are DTensors (FSDP2 and TP shards; see the module docstring for why the
+    wrapper). The momentum buffer stays sharded as the matrix is; per step and matrix:
+
+        buf = lerp(buf, g, 1 - momentum); m = lerp(g, buf, momentum) if nesterov else buf    (on the shard)
+        M = gather(m)                                    (the whole matrix, on every rank)
+        U = torch.optim.Muon's update of a zero matrix with gradient M (momentum 0, no decay): -lr' NS(M)
+        w = w (1 - lr wd) + shard(U)
+
+    which is torch's Muon step on the whole matrix (the same momentum lines, then its own Newton-Schulz and
+    learning-rate adjustment); tests/test_parity.py holds every sharded layout to the single-process curve of
+    torch's Muon, and fails without the gather."""
+
+    def __init__(self, params, lr: float, weight_decay: float, momentum: float = 0.95, nesterov: bool = True,
+                 adjust_lr_fn: str | None = MUON_ADJUST_LR):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      adjust_lr_fn=adjust_lr_fn))
+        self._proxy = nn.Parameter(torch.empty(1, 1))  # torch's Muon wants a 2-D parameter to exist
+        self._orthogonalise = torch.optim.Muon([self._proxy], lr=lr, weight_decay=0.0, momentum=0.0,
+                                               nesterov=False, adjust_lr_fn=adjust_lr_fn)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        inner = self._orthogonalise.param_groups[0]
+        for group in self.param_groups:
+            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            inner.update(lr=lr, adjust_lr_fn=group["adjust_lr_fn"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)
+                m = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                whole = _whole(m)                               # the gather
+                self._proxy.data = torch.zeros_like(whole)
+                self._proxy.grad = whole
+                self._orthogonalise.step()
+                self._orthogonalise.state.clear()               # its zero momentum buffer, for this matrix only
+                _local(p).mul_(1 - lr * wd).add_(_shard_of(self._proxy.data, p))
+                self._proxy.grad, self._proxy.data = None, torch.empty(1, 1)
+        return loss
+
+
+class ShardedAdafactor(torch.optim.Optimizer):
+    """torch's Adafactor for DTensor parameters (see the module docstring): per step and tensor, the whole
+    tensor and its gradient are gathered, torch's Adafactor steps the whole tensor (its state, the factored
+    row and column statistics of the whole tensor, lives here on every rank), and each rank keeps its shard."""
+
+    def __init__(self, params, lr: float, **kw):
+        super().__init__(params, dict(lr=lr, **kw))
+        self._proxies = {p: nn.Parameter(torch.empty(0)) for g in self.param_groups for p in g["params"]}
+        inner_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [self._proxies[p] for p in g["params"]]}
+                        for g in self.param_groups]
+        self._inner = torch.optim.Adafactor(inner_groups, lr=lr, **kw)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, inner in zip(self.param_groups, self._inner.param_groups):
+            inner["lr"], inner["weight_decay"] = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                proxy = self._proxies[p]
+                proxy.data = _whole(p).clone()                  # the gathers
+                proxy.grad = _whole(p.grad)
+                self._inner.step()                              # only this proxy has a gradient
+                _local(p).copy_(_shard_of(proxy.data, p))
+                proxy.grad, proxy.data = None, torch.empty(0)
+                self.state[p] = self._inner.state[proxy]
+        return loss
 
 
 def lr_factor(step: int, schedule: str, warmup: int, total: int, min_ratio: float) -> float:

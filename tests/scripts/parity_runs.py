@@ -1,0 +1,70 @@
+"""Run many (layout, optimizer) pairs of one world size in one set of ranks, and write what each computed.
+
+    python tests/scripts/parity_runs.py NPROC OUT_DIR LAYOUT:OPTIMIZER ...
+
+The ranks are forked by llmopt.launch (as ``llmopt.train --dp 2`` starts them): one process group for all
+pairs, each pair building its own meshes and model, so a test pays the ranks' start-up once per world size
+instead of once per pair. For each pair, rank 0 writes OUT_DIR/<layout>:<optimizer>.pt holding the training
+losses, the held-out losses (evals after 0, 2, 4 and 5 steps) and the whole trained model (llmopt.checkpoint's
+full state dict: FSDP2 and TP shards gathered, pipeline stages merged).
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from llmopt.checkpoint import full_state_dict
+from llmopt.config import TrainConfig, validate
+from llmopt.launch import launch
+from llmopt.step import build, evaluate, train_step
+
+COMMON = dict(preset="tiny", global_batch=8, seq_len=32, steps=5, seed=0, eval_every=2, eval_batches=2, device="cpu")
+LAYOUTS = {
+    "single": {},
+    "ddp2": dict(dp=2),
+    "fsdp2": dict(dp=2, dp_mode="fsdp"),
+    "tp2": dict(tp=2),
+    "pp2-gpipe": dict(pp=2, pp_schedule="gpipe"),
+    "pp2-1f1b": dict(pp=2, pp_schedule="1f1b"),
+    "ddp2xtp2": dict(dp=2, tp=2),
+    "fsdp2xtp2": dict(dp=2, tp=2, dp_mode="fsdp"),
+    "ddp2xpp2": dict(dp=2, pp=2),
+    "fsdp2xpp2": dict(dp=2, pp=2, dp_mode="fsdp"),
+    "tp2xpp2": dict(tp=2, pp=2),
+    "fsdp2xtp2xpp2": dict(dp=2, tp=2, pp=2, dp_mode="fsdp"),
+}
+LAYOUTS.update({f"{name}-accum2": dict(kw, grad_accum=2) for name, kw in list(LAYOUTS.items())})
+
+
+def config(layout: str, optimizer: str) -> TrainConfig:
+    return validate(TrainConfig(**COMMON, optimizer=optimizer, **LAYOUTS[layout]))
+
+
+def run(cfg: TrainConfig, evals: bool = True) -> dict:
+    """The pair's losses, evals and whole model (the model on rank 0 only; None elsewhere)."""
+    state = build(cfg, torch.device("cpu"))
+    out = {"losses": [], "evals": [evaluate(state).item()] if evals else []}
+    for s in range(cfg.steps):
+        out["losses"].append(train_step(state, s).loss.item())
+        if evals and ((s + 1) % cfg.eval_every == 0 or s + 1 == cfg.steps):
+            out["evals"].append(evaluate(state).item())
+    out["model"] = full_state_dict(state.layout)
+    return out
+
+
+def ranks(argv: list[str]) -> int:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    out_dir, pairs = argv[0], argv[1:]
+    for pair in pairs:
+        layout, optimizer = pair.split(":")
+        result = run(config(layout, optimizer), evals=optimizer == "adamw")  # evals are forward only: once
+        if dist.get_rank() == 0:
+            torch.save(result, os.path.join(out_dir, f"{pair}.pt"))
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(launch(int(sys.argv[1]), sys.argv[2:], "cpu", ranks, oom_exit=4))
