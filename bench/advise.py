@@ -440,12 +440,12 @@ def _row_prediction(r, cal: dict, link: Link, overhead: float):
 def calibrate_call_overhead(rows, cal: dict, link: Link) -> float:
     """Seconds per collective call that the compute and wire model leave unexplained: the median over the
     multi-rank rows of (measured step - predicted step) / calls, at least 0."""
-    from bench.costmodel import comm_bytes
+    from bench.costmodel import comm_bytes, optimizer_comm
 
     per_call = []
     for _, r in rows.iterrows():
         cfg, p = _row_prediction(r, cal, link, 0.0)
-        calls = sum(c[-1] for c in comm_bytes(cfg))
+        calls = sum(c[-1] for c in comm_bytes(cfg) + optimizer_comm(cfg))
         if calls:
             measured = cfg.tokens_per_step / r.tokens_per_s
             per_call.append((measured - p.step_s) / calls)

@@ -33,12 +33,19 @@ the predictions with the committed references. Sources and assumptions:
   the critical path and are exposed in full. On CPU nothing overlaps: the same cores compute and communicate.
 * **Bubble**: GPipe and 1F1B idle (p-1)/(m+p-1) of the time with p stages and m chunks (Narayanan et al. 2021,
   section 2.2): 1F1B saves memory, not time.
+* **The optimizer step** (``optimizer_flops``, ``optimizer_comm``): Muon's Newton-Schulz iteration, 5 steps of
+  X X^T, then (b A + c A A), then a X + B X on each hidden matrix with m <= n its two sides: 4 m^2 n + 2 m^3
+  FLOPs a step, in bf16 (Jordan et al. 2024), run on the whole matrix by every rank (``llmopt.optim``); under
+  FSDP2 and TP each matrix is first all-gathered (fp32), as is, for Adafactor, every tensor and its gradient.
+  Both sit after the backward, on the critical path. The elementwise updates of every optimizer are
+  memory-bound and not priced.
 
-Not modelled: memory-bandwidth-bound ops (LayerNorm, GELU, the optimizer step), congestion of several
-groups sharing one link, and the compile or AMP casts' own cost.
+Not modelled: memory-bandwidth-bound ops (LayerNorm, GELU, the optimizer's elementwise update), congestion of
+several groups sharing one link, and the compile or AMP casts' own cost.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from llmopt.model import flops_per_token
@@ -96,14 +103,14 @@ class Hardware:
 
 @dataclass(frozen=True)
 class StepPrediction:
-    compute_s: float
+    compute_s: float                 # forward and backward
     bubble_s: float
-    comm_s: float                    # exposed communication
-    comm_total_s: float              # all communication, overlapped or not
+    comm_s: float                    # exposed communication, the optimizer's gathers included
+    optimizer_s: float               # the optimizer's own compute (Muon's Newton-Schulz)
     step_s: float
     tokens_per_s: float
     mfu: float
-    bottleneck: str                  # compute, communication or bubble
+    bottleneck: str                  # compute, communication, bubble or optimizer
 
 
 def _bytes(precision: str) -> int:
@@ -138,6 +145,46 @@ def comm_bytes(cfg) -> list[tuple]:
         # each boundary: forward activations and backward gradients of every chunk
         chunks = cfg.pp_microbatches or cfg.pp
         out.append(("pp", "send_recv", 2, act / chunks, 2 * chunks * cfg.grad_accum))
+    return out
+
+
+NS_STEPS = 5  # torch.optim.Muon's default Newton-Schulz steps
+
+
+def _stage_matrices(cfg) -> list[tuple[int, int]]:
+    """The whole shapes of the hidden matrices of the most loaded pipeline stage (what Muon orthogonalises)."""
+    m = cfg.model_config
+    C = m.n_embd
+    return [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * -(-m.n_layer // cfg.pp)
+
+
+def optimizer_flops(cfg) -> float:
+    """FLOPs of one rank's optimizer step beyond the elementwise update: Muon's Newton-Schulz on every hidden
+    matrix of its stage, whole (see the module docstring); 0 for the others."""
+    if cfg.optimizer != "muon":
+        return 0.0
+    return sum(NS_STEPS * (4 * min(a, b) ** 2 * max(a, b) + 2 * min(a, b) ** 3) for a, b in _stage_matrices(cfg))
+
+
+def optimizer_comm(cfg) -> list[tuple]:
+    """The optimizer's gathers (as ``comm_bytes``' tuples): under FSDP2 (dp) and TP the whole of each tensor it
+    needs, fp32: Muon each hidden matrix's momentum, Adafactor each tensor and its gradient. A tensor sharded
+    over both is gathered over tp, then dp (its buffers are the shard of dp's, then the whole)."""
+    from llmopt.memory import stage_tensors
+
+    fsdp = cfg.dp > 1 and cfg.dp_mode == "fsdp"
+    if cfg.optimizer not in ("muon", "adafactor") or not (fsdp or cfg.tp > 1):
+        return []
+    worst = max(range(cfg.pp), key=lambda s: sum(math.prod(t) for t in stage_tensors(cfg, s)))
+    tensors = _stage_matrices(cfg) if cfg.optimizer == "muon" else stage_tensors(cfg, worst)
+    per_tensor = 1 if cfg.optimizer == "muon" else 2  # Adafactor: the tensor and its gradient
+    whole = 4 * sum(math.prod(t) for t in tensors)
+    out = []
+    if cfg.tp > 1:
+        out.append(("tp", "all_gather", cfg.tp, whole / len(tensors) / (cfg.dp if fsdp else 1),
+                    per_tensor * len(tensors)))
+    if fsdp:
+        out.append(("dp", "all_gather", cfg.dp, whole / len(tensors), per_tensor * len(tensors)))
     return out
 
 
@@ -185,12 +232,9 @@ def predict_step(cfg, hw: Hardware) -> StepPrediction:
     chunks = cfg.pp_microbatches or cfg.pp
     m = chunks * cfg.grad_accum if cfg.pp > 1 else 1
     bubble = compute * (cfg.pp - 1) / m if cfg.pp > 1 else 0.0
-    exposed = total = dp_time = 0.0
+    exposed = dp_time = 0.0
     for dim, kind, n, size, calls in comm_bytes(cfg):
-        frac, steps = ring_factor(kind, n)
-        link = _link(cfg, hw, dim)
-        t = calls * (frac * size / link.bandwidth + steps * link.latency + hw.call_overhead)
-        total += t
+        t = _comm_time(cfg, hw, dim, kind, n, size, calls)
         if dim == "dp":
             dp_time += t
         else:
@@ -199,12 +243,21 @@ def predict_step(cfg, hw: Hardware) -> StepPrediction:
     # on a CPU the same cores compute and communicate, so nothing overlaps
     overlappable = 0.0 if hw.shared else compute * (1.0 if cfg.dp_mode == "fsdp" else 2 / 3)
     exposed += max(0.0, dp_time - overlappable)
-    step = compute + bubble + exposed
+    exposed += sum(_comm_time(cfg, hw, *c) for c in optimizer_comm(cfg))  # after the backward: nothing to hide in
+    bf16 = hw.peak_flops.get("bf16", hw.peak_flops[cfg.precision]) * hw.achievable.get("bf16", ACHIEVABLE["bf16"])
+    optimizer = optimizer_flops(cfg) / (bf16 / world if hw.shared else bf16)
+    step = compute + bubble + exposed + optimizer
     tokens = cfg.global_batch * cfg.seq_len
     devices = 1 if hw.shared else world
     mfu = model_flops(cfg) / step / (hw.peak_flops[cfg.precision] * devices)
-    parts = {"compute": compute, "communication": exposed, "bubble": bubble}
-    return StepPrediction(compute, bubble, exposed, total, step, tokens / step, mfu, max(parts, key=parts.get))
+    parts = {"compute": compute, "communication": exposed, "bubble": bubble, "optimizer": optimizer}
+    return StepPrediction(compute, bubble, exposed, optimizer, step, tokens / step, mfu, max(parts, key=parts.get))
+
+
+def _comm_time(cfg, hw: Hardware, dim: str, kind: str, n: int, size: float, calls: int) -> float:
+    frac, steps = ring_factor(kind, n)
+    link = _link(cfg, hw, dim)
+    return calls * (frac * size / link.bandwidth + steps * link.latency + hw.call_overhead)
 
 
 def with_links(hw: Hardware, intra: Link | None = None, inter: Link | None = None) -> Hardware:

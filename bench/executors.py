@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 
 from llmopt.config import TrainConfig
+from llmopt.metrics import RunMetrics
+from llmopt.runner import LAUNCH_T0_ENV
 
 EXECUTORS = ("local", "submitit-local", "slurm")
 SLURM_IN_FLIGHT = 256  # --jobs auto under slurm: the scheduler queues; this bounds what one sweep submits
@@ -38,7 +40,7 @@ class ExecutorError(ValueError):
 class Outcome:
     status: str
     error: str
-    metrics: dict | None
+    metrics: RunMetrics | None
     wall: float
 
 
@@ -146,7 +148,7 @@ def config_env(cfg: dict, slot: Slot) -> dict:
 
 
 def status_of(rc: int, timed_out: bool) -> str:
-    from llmopt.train import EXIT_DIVERGED, EXIT_OOM
+    from llmopt.runner import EXIT_DIVERGED, EXIT_OOM
 
     if timed_out:
         return "timeout"
@@ -170,14 +172,14 @@ def last_error_line(log_path: str) -> str:
     return (errors or lines or [""])[-1][:500]
 
 
-def read_metrics(path: str) -> tuple[dict | None, str]:
+def read_metrics(path: str) -> tuple[RunMetrics | None, str]:
     """(metrics, "") or (None, why): a full disk can leave an empty file, which fails this config, not the sweep."""
     if not os.path.exists(path):
         return None, ""
     try:
         with open(path) as f:
-            return json.load(f), ""
-    except (OSError, ValueError) as e:
+            return RunMetrics.from_json(json.load(f)), ""
+    except (OSError, ValueError, TypeError) as e:
         return None, f"metrics JSON unreadable ({e}); is the disk full?"
 
 
@@ -217,7 +219,7 @@ class _Job:
                 os.remove(path)  # a rerun after resume must not read (or share) a stale file
         self.argv = config_argv(entry, self.metrics_path, warmup)
         self.env = config_env(entry["config"], slot)
-        self.env["LLMOPT_LAUNCH_T0"] = repr(time.time())  # start-up is measured from here (llmopt.train)
+        self.env[LAUNCH_T0_ENV] = repr(time.time())  # start-up is measured from here (llmopt.runner)
         with open(self.log_path, "w") as log:
             log.write("$ llmopt.train " + " ".join(self.argv) + "\n")
         self.t0 = time.monotonic()

@@ -15,6 +15,7 @@ import os
 from dataclasses import fields as _fields
 
 from llmopt.config import TrainConfig
+from llmopt.metrics import RunMetrics
 
 # The config part of a row: every TrainConfig field, in the dataclass's order (so a new flag is a new column
 # with no edit here), then the two the config derives. Read as text when the field is a string or a switch.
@@ -26,7 +27,7 @@ RESULT_COLUMNS = [
     "timing_warmup", "data_description",
     "steps_run", "tokens_seen", "steps_to_target", "tokens_to_target", "seconds_to_target", "final_eval_loss",
     "best_eval_loss", "gns_b_simple", "train_seconds", "eval_seconds", "diverged_at_step",
-    "tokens_per_s", "step_time_ms_p50", "step_time_ms_p90",
+    "tokens_per_s", "step_time_ms_p50", "step_time_ms_p90", "optimizer_ms_p50",
     "peak_memory_bytes", "peak_memory_kind", "predicted_memory_bytes", "memory_prediction_error",
     "memory_parameters_bytes", "memory_gradients_bytes", "memory_optimizer_state_bytes",
     "memory_activations_bytes", "memory_other_bytes",
@@ -37,21 +38,17 @@ RESULT_COLUMNS = [
     "fp16_skipped_steps", "energy_j_per_token", "gpu_util_mean", "gpu_power_w_mean",
     "startup_s", "build_s", "memory_step_s", "added_as_baseline", "wall_s",
 ]
-# Scalars of a run's metrics JSON (llmopt.train) copied into its row unchanged: RUN_ for every run that
-# produced metrics (a diverged run included), OK_ for finished ones. The rest of a row is the config, the
-# harness's own columns and what build_row derives.
-RUN_METRIC_COLUMNS = ("timing_warmup", "target_loss", "steps_to_target", "tokens_to_target", "seconds_to_target",
-                      "final_eval_loss", "best_eval_loss", "gns_b_simple", "eval_seconds", "diverged_at_step",
-                      "data_description", "startup_s", "build_s", "memory_step_s")
-OK_METRIC_COLUMNS = ("tokens_per_s", "step_time_ms_p50", "step_time_ms_p90", "peak_memory_bytes",
-                     "peak_memory_kind", "peak_rss_bytes", "entropy_floor_nats", "fp16_skipped_steps",
-                     "energy_j_per_token", "gpu_util_mean", "gpu_power_w_mean", "flops_per_token")
-assert set(RUN_METRIC_COLUMNS + OK_METRIC_COLUMNS) <= set(RESULT_COLUMNS)
+# Scalars of a run's metrics (llmopt.metrics.RunMetrics, the fields marked with a row) copied into its row
+# unchanged: RUN_ for every run that produced metrics (a diverged run included), OK_ for finished ones. The
+# rest of a row is the config, the harness's own columns and what build_row derives.
+RUN_METRIC_COLUMNS = RunMetrics.columns("run")
+OK_METRIC_COLUMNS = RunMetrics.columns("ok")
+assert set(RUN_METRIC_COLUMNS + OK_METRIC_COLUMNS) <= set(RESULT_COLUMNS), "a metric column has no place in the rows"
 assert len(set(RESULT_COLUMNS)) == len(RESULT_COLUMNS), "a column is listed twice"
 # Columns read as text; every other column is a number (or empty).
 TEXT_COLUMNS = CONFIG_TEXT_COLUMNS | {"config_id", "status", "error", "data_description", "peak_memory_kind",
                                       "peak_flops_source", "baseline_id", "parity_verdict", "added_as_baseline"}
-STEP_COLUMNS = ["config_id", "step", "loss", "step_time_ms"]
+STEP_COLUMNS = ["config_id", "step", "loss", "step_time_ms", "optimizer_ms"]
 EVAL_COLUMNS = ["config_id", "step", "tokens", "train_seconds", "loss", "lr", "gns_b_simple"]
 # Per-config detail files: name -> (columns, the columns that identify a row within a config)
 DETAILS = {"steps": (STEP_COLUMNS, "step"), "evals": (EVAL_COLUMNS, "step")}

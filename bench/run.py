@@ -26,6 +26,7 @@ from bench.hardware import datasheet_peak, environment, peak_flops, write_json
 from bench.matrix import NAMED, MatrixError, baseline_of, config_id, expand, parse_filter, rank_budget
 from bench.results import OK_METRIC_COLUMNS, RUN_METRIC_COLUMNS, STATUSES, ResultFiles
 from llmopt.config import TrainConfig
+from llmopt.metrics import RunMetrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(REPO, "results", "runs")
@@ -89,7 +90,7 @@ class RowContext:
     peak: tuple[float, str] | None = None
 
 
-def build_row(entry: dict, status: str, error: str, metrics: dict | None, wall: float,
+def build_row(entry: dict, status: str, error: str, metrics: RunMetrics | None, wall: float,
               ctx: RowContext) -> tuple[dict, dict]:
     """The results row and the per-config detail rows ({"steps": [...], "evals": [...]}) of one config: a
     pure function of the config's entry, its outcome and metrics, and ``ctx``."""
@@ -107,35 +108,35 @@ def build_row(entry: dict, status: str, error: str, metrics: dict | None, wall: 
     row["target_loss"] = cfg.get("target_loss") or None
     if metrics is None:
         return row, details
-    resolved = metrics["config"]
+    m = metrics
     cid = entry["config_id"]
-    row.update({k: resolved[k] for k in ("lr", "pp_microbatches", "device", "steps")})
-    losses = metrics["losses"]
-    details["steps"] = [{"config_id": cid, "step": i, "loss": l, "step_time_ms": t}
-                        for i, (l, t) in enumerate(zip(losses, metrics["step_time_ms"]))]
-    details["evals"] = [{"config_id": cid, **e} for e in metrics.get("evals", [])]
-    row.update({k: metrics.get(k) for k in RUN_METRIC_COLUMNS})
-    row.update(steps_run=len(losses), tokens_seen=len(losses) * tc.tokens_per_step,
-               train_seconds=sum(metrics["step_time_ms"]) / 1e3)
+    row.update({k: m.config[k] for k in ("lr", "pp_microbatches", "device", "steps")})
+    optimizer_ms = m.optimizer_ms or [None] * len(m.losses)
+    details["steps"] = [{"config_id": cid, "step": i, "loss": l, "step_time_ms": t, "optimizer_ms": o}
+                        for i, (l, t, o) in enumerate(zip(m.losses, m.step_time_ms, optimizer_ms))]
+    details["evals"] = [{"config_id": cid, **e} for e in m.evals or []]
+    row.update({k: getattr(m, k) for k in RUN_METRIC_COLUMNS})
+    row.update(steps_run=len(m.losses), tokens_seen=len(m.losses) * tc.tokens_per_step,
+               train_seconds=sum(m.step_time_ms) / 1e3)
     if status != "ok":
-        row["final_loss"] = losses[-1] if losses else None
+        row["final_loss"] = m.losses[-1] if m.losses else None
         return row, details
-    row.update({k: metrics[k] for k in OK_METRIC_COLUMNS})
-    peak, pred = metrics["peak_memory_bytes"], metrics["predicted_memory"]
-    breakdown = metrics.get("memory_breakdown") or {}
-    row.update(predicted_memory_bytes=pred["total"], final_loss=losses[-1],
+    row.update({k: getattr(m, k) for k in OK_METRIC_COLUMNS})
+    peak, pred = m.peak_memory_bytes, m.predicted_memory
+    breakdown = m.memory_breakdown or {}
+    row.update(predicted_memory_bytes=pred["total"], final_loss=m.losses[-1],
                memory_prediction_error=(pred["total"] - peak) / peak if peak else None)
     for cat in ("parameters", "gradients", "optimizer_state", "activations", "other"):
         row[f"memory_{cat}_bytes"] = breakdown.get(cat)
         if cat != "other":
             row[f"predicted_{cat}_bytes"] = pred[cat]
     if ctx.peak is not None:
-        n_devices = tc.world_size if resolved["device"] == "cuda" else 1  # CPU ranks share one CPU
+        n_devices = tc.world_size if m.config["device"] == "cuda" else 1  # CPU ranks share one CPU
         value, source = ctx.peak
         row.update(peak_flops=value * n_devices, peak_flops_source=source,
-                   mfu=mfu(metrics["tokens_per_s"], metrics["flops_per_token"], value * n_devices))
+                   mfu=mfu(m.tokens_per_s, m.flops_per_token, value * n_devices))
     if entry.get("compare_with_baseline", True):
-        row.update(_parity(entry, cfg, losses, ctx.baseline_losses))
+        row.update(_parity(entry, cfg, m.losses, ctx.baseline_losses))
     return row, details
 
 
@@ -150,20 +151,20 @@ def _parity(entry: dict, cfg: dict, losses: list[float], baseline_losses) -> dic
     return out
 
 
-def row_peak(entry: dict, metrics: dict | None, cache: dict, measure: bool = True) -> tuple[float, str] | None:
+def row_peak(entry: dict, metrics: RunMetrics | None, cache: dict, measure: bool = True) -> tuple[float, str] | None:
     """The peak FLOP/s a config's MFU is stated against (measured on first use, kept in ``cache``); from the
     finished config's resolved fields, or before it runs (``metrics`` None) from its own. A GPU's datasheet
     figure is looked up by the name the config's rank saw; ``measure`` False (the configs ran elsewhere, on
     SLURM) gives None rather than a measurement of this machine."""
-    if metrics is not None and "flops_per_token" not in metrics:
+    if metrics is not None and metrics.flops_per_token is None:
         return None
     tc = TrainConfig(**entry["config"])
-    resolved = metrics["config"] if metrics is not None else {"device": tc.device,
-                                                              "pp_microbatches": tc.pp_microbatches or tc.pp}
+    resolved = metrics.config if metrics is not None else {"device": tc.device,
+                                                           "pp_microbatches": tc.pp_microbatches or tc.pp}
     if resolved["device"] == "cuda" and metrics is not None:
-        value = datasheet_peak(metrics.get("device_name", ""), tc.precision)
+        value = datasheet_peak(metrics.device_name or "", tc.precision)
         if value is not None:
-            return value, f"datasheet:{metrics['device_name']}"
+            return value, f"datasheet:{metrics.device_name}"
     if not measure:
         return None
     mc = tc.model_config

@@ -99,11 +99,11 @@ def recorded(steps: int, warmup: int) -> float:
     reads), the code every bench.run config runs."""
     import torch
 
+    from llmopt.runner import measure
     from llmopt.step import build
-    from llmopt.train import run_steps
 
     state = build(_cfg(dict(OVERHEAD_SHAPE, steps=steps)), torch.device("cpu"))
-    return run_steps(state, rank=0, local_rank=0, warmup=warmup, memory_breakdown=False, log=False)["tokens_per_s"]
+    return measure(state, warmup).tokens_per_s
 
 
 def harness_overhead(pairs: int = 6, steps: int = 30, warmup: int = 5) -> dict:

@@ -14,6 +14,7 @@ from llmopt.data import build_source
 from llmopt.distributed.parallelize import build_model, gather_object
 from llmopt.distributed.speed import apply_speed_toggles
 from llmopt.optim import build_optimizer, build_scheduler
+from llmopt.metrics import Stopwatch
 from llmopt.engine import StepStats, TrainState, micro_batches
 
 MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -81,15 +82,19 @@ def train_step(state: TrainState, step: int, batches=None) -> StepStats:
     batches = micro_batches(state, step) if batches is None else batches
     total = torch.zeros((), device=acc.device)
     grad_norm = torch.zeros((), device=acc.device)
+    update = Stopwatch(acc.device)
     for x, y in batches:
         with acc.accumulate(model):  # no DDP sync, no optimizer step until the last micro-batch
             loss = model(x, y)
             acc.backward(loss)  # divides by gradient_accumulation_steps itself
             if acc.sync_gradients:
                 grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            opt.step()
+                with update:  # the micro-batches before the last have no update to time (Accelerate skips it)
+                    opt.step()
+            else:
+                opt.step()
             opt.zero_grad(set_to_none=True)
         total += loss.detach() / len(batches)
     state.scheduler.step()
-    return StepStats(state.layout.global_loss(total), torch.as_tensor(grad_norm, dtype=torch.float32), cfg.global_batch * cfg.seq_len,
-                     bool(acc.optimizer_step_was_skipped))
+    return StepStats(state.layout.global_loss(total), torch.as_tensor(grad_norm, dtype=torch.float32),
+                     cfg.global_batch * cfg.seq_len, bool(acc.optimizer_step_was_skipped), update)

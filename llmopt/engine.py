@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from llmopt.data import shard_rows
+from llmopt.metrics import Stopwatch
 
 if TYPE_CHECKING:
     from llmopt.config import TrainConfig
@@ -23,6 +24,7 @@ class StepStats:
     grad_norm: torch.Tensor   # global gradient norm before clipping
     tokens: int               # tokens in the global batch
     fp16_skipped: bool        # fp16: the scaler found inf/NaN gradients and skipped the update
+    optimizer_time: Stopwatch | None = None  # the optimizer's update alone; read its ms() after the step's sync
 
 
 @dataclass

@@ -38,11 +38,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from llmopt.config import resolve_device
-from llmopt.distributed.pipeline import stage_layers
 import torch
 
-from llmopt.model import HEAD_CHUNK_ROWS, explicit_attention
+from llmopt.config import resolve_device
+from llmopt.model import HEAD_CHUNK_ROWS, explicit_attention, stage_layers
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
 # fp32 tensors of a parameter's size kept per parameter (Muon and Adafactor: optimizer_state_bytes)

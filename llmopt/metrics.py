@@ -5,6 +5,7 @@ import os
 import resource
 import sys
 import time
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -268,3 +269,95 @@ class EnergyMeter:
         return {"energy_j": energy,
                 "gpu_util_mean": sum(util) / len(util) if util else None,
                 "gpu_power_w_mean": sum(power) / len(power) if power else None}
+
+
+class Stopwatch:
+    """Times one part of a step (the optimizer's update) without a host sync of its own: CUDA events on a GPU,
+    read once the step's own synchronisation has passed (``ms()`` then does not wait), the clock on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._ms = 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self._end.record()
+        else:
+            self._ms = (time.perf_counter() - self._t0) * 1e3
+        return False
+
+    def ms(self) -> float:
+        return self._start.elapsed_time(self._end) if self.cuda else self._ms
+
+
+def _m(row: str | None = None, default=None):
+    """A RunMetrics field; ``row`` says which results rows copy it as a column: "run" (every run that produced
+    metrics, a diverged one included), "ok" (finished runs), or None (lists and dicts a row derives from)."""
+    from dataclasses import field
+
+    return field(default=default, metadata={"row": row})
+
+
+@dataclass
+class RunMetrics:
+    """What one run measured: the metrics JSON of ``llmopt.train --metrics-out`` (its keys are these fields),
+    read by the harness by attribute (``RunMetrics.from_json``). Meaningful on rank 0."""
+    config: dict = _m()                           # the resolved TrainConfig, world_size and micro_batch added
+    losses: list = _m()                           # training loss per step
+    grad_norms: list = _m()                       # gradient norm before clipping, per step
+    step_time_ms: list = _m()                     # per step, warm-up included
+    optimizer_ms: list = _m()                     # the optimizer's update alone, per step
+    timing_warmup: int = _m("run", 0)             # steps left out of the figures below
+    step_time_ms_p50: float = _m("ok")
+    step_time_ms_p90: float = _m("ok")
+    optimizer_ms_p50: float = _m("ok")
+    tokens_per_s: float = _m("ok")
+    peak_memory_bytes: int = _m("ok")             # the rank with the largest peak
+    peak_memory_kind: str = _m("ok")              # cuda_allocator, tracked_tensors or process_rss
+    peak_memory_bytes_per_rank: list = _m()
+    peak_rss_bytes: int = _m("ok")
+    memory_breakdown: dict | None = _m()          # by category, of the rank with the largest peak
+    memory_breakdown_per_rank: list = _m()
+    predicted_memory: dict = _m()                 # llmopt.memory's prediction by category, and its total
+    memory_step_s: float | None = _m("run")
+    fp16_skipped_steps: int = _m("ok", 0)
+    diverged_at_step: int | None = _m("run")
+    diverged_reason: str | None = _m()
+    target_loss: float | None = _m("run")         # the target in nats (--target-gap resolved), None without one
+    steps_to_target: int | None = _m("run")
+    tokens_to_target: int | None = _m("run")
+    seconds_to_target: float | None = _m("run")
+    final_eval_loss: float | None = _m("run")
+    best_eval_loss: float | None = _m("run")
+    gns_b_simple: float | None = _m("run")
+    eval_seconds: float = _m("run", 0.0)
+    evals: list = _m()                            # llmopt.convergence.EvalPoint as dicts
+    energy_j_per_token: float | None = _m("ok")
+    gpu_util_mean: float | None = _m("ok")
+    gpu_power_w_mean: float | None = _m("ok")
+    entropy_floor_nats: float | None = _m("ok")
+    data_description: str = _m("run", "")
+    num_params: int = _m()
+    flops_per_token: float = _m("ok")
+    device_name: str = _m()
+    torch_version: str = _m()
+    startup_s: float | None = _m("run")           # from the harness's launch to the first line of rank 0's work
+    build_s: float | None = _m("run")             # building the model, layout, optimizer and data
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RunMetrics":
+        """From a metrics JSON (keys this version does not know are ignored; missing ones take defaults)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def columns(cls, row: str) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.metadata["row"] == row)

@@ -286,6 +286,13 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return LinearCrossEntropy.apply(h, weight, targets, chunk_rows)
 
 
+def stage_layers(n_layer: int, n_stages: int, stage: int) -> range:
+    """Consecutive blocks for ``stage``; earlier stages take the remainder (they also hold no head)."""
+    base, extra = divmod(n_layer, n_stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))
+
+
 def param_count(cfg: GPTConfig, non_embedding: bool = False) -> int:
     C, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
     per_block = (2 * 2 * C) + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)

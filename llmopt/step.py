@@ -13,7 +13,7 @@ from llmopt.data import build_source
 from llmopt.distributed.parallelize import parallelize
 from llmopt.engine import (Engine, StepStats, TrainState, micro_batches,  # noqa: F401 (micro_batches: re-exported)
                            prefetch_next, step_batches)
-from llmopt.metrics import NoiseScale
+from llmopt.metrics import NoiseScale, Stopwatch
 from llmopt.optim import build_optimizer, build_scheduler
 from llmopt.precision import autocast, check_precision, fused_optimizer_ok, grad_scaler
 
@@ -97,11 +97,13 @@ def _native_step(state: TrainState, step: int, batches=None) -> StepStats:
     skipped = False
     if scaler is not None:
         scale_before = scaler.get_scale()  # host sync, fp16 only: the skip count is a reported figure
-        scaler.step(opt)
+        with Stopwatch(state.device) as update:
+            scaler.step(opt)
         scaler.update()
         skipped = scaler.get_scale() < scale_before
     else:
-        opt.step()
+        with Stopwatch(state.device) as update:
+            opt.step()
     if state.scheduler is not None:
         state.scheduler.step()
-    return StepStats(layout.global_loss(local_loss), grad_norm, cfg.global_batch * cfg.seq_len, skipped)
+    return StepStats(layout.global_loss(local_loss), grad_norm, cfg.global_batch * cfg.seq_len, skipped, update)

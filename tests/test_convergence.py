@@ -9,7 +9,7 @@ import torch
 from llmopt.config import TrainConfig, validate
 from llmopt.metrics import NoiseScale, gradient_noise_scale
 from llmopt.step import build, train_step
-from llmopt.train import run_steps
+from llmopt.runner import measure
 
 CPU = torch.device("cpu")
 
@@ -72,28 +72,28 @@ def test_noise_scale_is_measured_in_training():
     cfg = validate(TrainConfig(global_batch=32, seq_len=16, steps=10, grad_accum=2, gns=True, eval_every=5,
                                eval_batches=1))
     state = build(cfg, CPU)
-    m = run_steps(state, 0, 0, 1, False, False)
-    assert m["gns_b_simple"] is not None and m["gns_b_simple"] > 0
-    assert [e["gns_b_simple"] is not None for e in m["evals"]] == [False, True, True]
+    m = measure(state)
+    assert m.gns_b_simple is not None and m.gns_b_simple > 0
+    assert [e["gns_b_simple"] is not None for e in m.evals] == [False, True, True]
 
 
 def test_run_stops_at_the_first_eval_at_or_below_the_target():
     base = TrainConfig(global_batch=8, seq_len=32, steps=60, eval_every=5, eval_batches=2)
-    free = run_steps(build(validate(base), CPU), 0, 0, 1, False, False)
-    curve = [(e["step"], e["loss"]) for e in free["evals"]]
+    free = measure(build(validate(base), CPU))
+    curve = [(e["step"], e["loss"]) for e in free.evals]
     target = curve[-3][1] + 1e-6  # reached late in the curve
     first = next(s for s, loss in curve if loss <= target)
     assert 0 < first < 60
-    m = run_steps(build(validate(replace(base, target_loss=target)), CPU), 0, 0, 1, False, False)
-    assert m["target_loss"] == target
-    assert m["steps_to_target"] == first and len(m["losses"]) == first
-    assert m["tokens_to_target"] == first * 8 * 32
-    assert m["seconds_to_target"] == pytest.approx(sum(m["step_time_ms"]) / 1e3)
-    assert [(e["step"], e["loss"]) for e in m["evals"]] == [c for c in curve if c[0] <= first]
-    assert m["best_eval_loss"] == min(loss for s, loss in curve if s <= first)
+    m = measure(build(validate(replace(base, target_loss=target)), CPU))
+    assert m.target_loss == target
+    assert m.steps_to_target == first and len(m.losses) == first
+    assert m.tokens_to_target == first * 8 * 32
+    assert m.seconds_to_target == pytest.approx(sum(m.step_time_ms) / 1e3)
+    assert [(e["step"], e["loss"]) for e in m.evals] == [c for c in curve if c[0] <= first]
+    assert m.best_eval_loss == min(loss for s, loss in curve if s <= first)
     # a target never reached: nulls, the whole budget spent
-    m = run_steps(build(validate(replace(base, steps=10, target_loss=0.01)), CPU), 0, 0, 1, False, False)
-    assert m["steps_to_target"] is None and m["seconds_to_target"] is None and len(m["losses"]) == 10
+    m = measure(build(validate(replace(base, steps=10, target_loss=0.01)), CPU))
+    assert m.steps_to_target is None and m.seconds_to_target is None and len(m.losses) == 10
 
 
 def test_a_huge_learning_rate_diverges_with_exit_3(cli):

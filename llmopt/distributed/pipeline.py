@@ -22,14 +22,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.tensor import DTensor
 
+from llmopt.model import stage_layers
+
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-
-
-def stage_layers(n_layer: int, n_stages: int, stage: int) -> range:
-    """Consecutive blocks for ``stage``; earlier stages take the remainder (they also hold no head)."""
-    base, extra = divmod(n_layer, n_stages)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (stage < extra))
 
 
 def split_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
@@ -81,7 +76,7 @@ class Pipeline:
 
     def __init__(self, module: nn.Module, unwrapped: nn.Module, stage: int, n_stages: int, schedule: str,
                  n_chunks: int, grad_accum: int, mesh: DeviceMesh, device: torch.device):
-        self.stage_index, self.n_stages = stage, n_stages
+        self.n_stages = n_stages
         self.first, self.last = stage == 0, stage == n_stages - 1
         group = mesh["pp"].get_group()
         self.stage = PipelineStage(module, stage, n_stages, device, group=group)

@@ -1,0 +1,39 @@
+"""Fault injection, for the tests of what the harness and the launcher do when a rank fails.
+
+``LLMOPT_FAIL_AT="RANK:STEP:MODE[:SEED],..."`` makes that rank fail at that step (of configs of that seed
+only, when SEED is given, so one sweep can hold healthy and faulty configs). MODE: raise (an exception),
+exit (exit code 17), kill (SIGKILL, as the kernel's OOM killer would), segv (a real segmentation fault), hang
+(never returns), alloc (allocate until SIGKILLed). Read by ``llmopt.runner.timed_steps`` before each step.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+FAIL_ENV = "LLMOPT_FAIL_AT"
+
+
+def maybe_fail(rank: int, step: int, seed: int) -> None:
+    """The fault-injection hook (tests only): LLMOPT_FAIL_AT="RANK:STEP:MODE[:SEED],...", a spec with SEED
+    applying only to configs of that seed (so one sweep can hold healthy and faulty configs)."""
+    for spec in filter(None, os.environ.get(FAIL_ENV, "").split(",")):
+        r, s, mode, *only = spec.split(":")
+        if int(r) != rank or int(s) != step or (only and int(only[0]) != seed):
+            continue
+        if mode == "exit":
+            os._exit(17)
+        if mode == "kill":  # as the kernel's OOM killer would
+            os.kill(os.getpid(), 9)
+        if mode == "segv":  # a real segmentation fault: read address 0
+            import ctypes
+
+            ctypes.string_at(0)
+        if mode == "hang":
+            while True:
+                time.sleep(1)
+        if mode == "alloc":  # allocate until killed: 1 GiB in 64 MiB chunks, then SIGKILL as the OOM killer would
+            hoard: list[bytearray] = []
+            while len(hoard) < 16:
+                hoard.append(bytearray(64 << 20))
+            os.kill(os.getpid(), 9)
+        raise RuntimeError(f"injected failure on rank {rank} at step {step} ({FAIL_ENV})")

@@ -1,0 +1,283 @@
+"""One run on this rank: build the step, run the timed steps, then measure what is measured after them.
+
+``llmopt.train`` (the command line: flags, checks, launching ranks) calls ``run``. The timed loop is
+``timed_steps``; what happens after it has a function each, in this order: ``--save`` (the model the losses
+describe), the memory step (``--memory-breakdown``: one more step under MemTracker), gathering every rank's
+figures into ``RunMetrics``, writing them, and ``--profile`` (two more steps under torch.profiler).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from llmopt.config import TrainConfig
+from llmopt.convergence import Convergence
+from llmopt.faults import maybe_fail
+from llmopt.metrics import (EnergyMeter, RunMetrics, StepTimer, measured_steps, peak_memory_bytes, peak_rss_bytes,
+                            percentile, reset_peak_memory)
+
+# Epoch seconds when the config was started (set by the harness, else at llmopt.train's entry): start-up is
+# measured from it to the rank's first line of work, so it covers imports and rank start-up.
+LAUNCH_T0_ENV = "LLMOPT_LAUNCH_T0"
+# Exit codes the harness maps to row statuses (2 is a user error, 1 any other failure).
+EXIT_DIVERGED = 3
+EXIT_OOM = 4
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a run does besides its steps (llmopt.train's flags of the same names)."""
+    timing_warmup: int = 1
+    memory_breakdown: bool = False
+    save: str | None = None
+    metrics_out: str | None = None
+    profile: str | None = None
+    quiet: bool = False
+
+
+@dataclass
+class Timed:
+    """What the timed loop saw on this rank."""
+    warmup: int
+    losses: list = field(default_factory=list)
+    grad_norms: list = field(default_factory=list)
+    step_ms: list = field(default_factory=list)
+    optimizer_ms: list = field(default_factory=list)
+    fp16_skipped: int = 0
+    diverged_at: int | None = None
+    diverged_why: str | None = None
+    conv: Convergence | None = None
+    power: dict = field(default_factory=dict)
+    peak: int = 0
+
+
+def under_launcher() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def run(cfg: TrainConfig, opts: RunOptions) -> int:
+    """The run on this rank; returns its exit code. torch elastic's ``record`` writes an exception where the
+    launcher reads which rank failed and why."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_run)(cfg, opts)
+
+
+def _run(cfg: TrainConfig, opts: RunOptions) -> int:
+    from llmopt.step import build
+
+    device, rank, local_rank, distributed = _join(cfg)
+    try:
+        t_build = time.time()
+        startup = t_build - float(os.environ.get(LAUNCH_T0_ENV, t_build))
+        state = build(cfg, device)
+        build_s = time.time() - t_build
+        log = rank == 0 and not opts.quiet
+        if log:
+            print(header_line(state), flush=True)
+        timed = timed_steps(state, rank, local_rank, opts.timing_warmup, log)
+        finished = timed.diverged_at is None
+        if opts.save and finished:  # before any extra step: the model the losses describe
+            save_model(state, opts.save, log)
+        breakdown, memory_step_s = memory_step(state) if opts.memory_breakdown and finished else (None, None)
+        metrics = summarize(state, timed, breakdown, memory_step_s, startup_s=startup, build_s=build_s)
+        if rank == 0:
+            if opts.metrics_out:
+                with open(opts.metrics_out, "w") as f:
+                    json.dump(asdict(metrics), f, indent=1)
+            if not opts.quiet:
+                print(done_line(metrics, cfg), flush=True)
+        if opts.profile and finished:  # untimed steps, after --save
+            profile_steps(state, opts.profile, rank, log)
+        if not finished:
+            if rank == 0:
+                print(f"error: diverged at step {timed.diverged_at}: {timed.diverged_why}; lower --lr (or use fp32)",
+                      file=sys.stderr)
+            return EXIT_DIVERGED
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        print(f"error: out of memory on rank {rank}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
+        return EXIT_OOM
+    except ValueError as e:  # a problem only found once the data is read (e.g. a split shorter than a sequence)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "allocate" not in str(e):
+            raise
+        print(f"error: out of memory on rank {rank}: {str(e).splitlines()[0]}", file=sys.stderr)  # CPU allocator
+        return EXIT_OOM
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _join(cfg: TrainConfig) -> tuple[torch.device, int, int, bool]:
+    """This rank's device, and the process group when there are several ranks: (device, rank, local rank,
+    distributed)."""
+    distributed = under_launcher() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if under_launcher():
+        from llmopt.launch import die_with_parent
+
+        die_with_parent()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cfg.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
+    return device, (dist.get_rank() if distributed else 0), local_rank, distributed
+
+
+def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool) -> Timed:
+    """The timed loop: one optimizer step at a time, one host sync a step (the loss, for the per-step line and
+    the divergence check), held-out evals where due (off the clock), until the steps, the target or a divergence
+    end it. Returns what it saw; figures are made from it afterwards (``summarize``)."""
+    from llmopt.step import train_step
+
+    cfg, device = state.cfg, state.device
+    timer, energy = StepTimer(device), EnergyMeter(device, local_rank)
+    t = Timed(warmup=min(warmup, cfg.steps - 1), conv=Convergence(cfg, state.source.entropy_rate))
+    reset_peak_memory(device)
+    stop = t.conv.due(0) and t.conv.evaluate(state, 0, 0.0)
+    for step in range(cfg.steps):
+        if stop and step > 0:  # at least one step, even when the target is met before training
+            break
+        maybe_fail(rank, step, cfg.seed)
+        if step == t.warmup:
+            energy.start()
+        with timer:
+            stats = train_step(state, step)
+            loss = stats.loss.item()
+        t.losses.append(loss)
+        t.grad_norms.append(stats.grad_norm.item())
+        t.step_ms.append(timer.times_ms[-1])
+        t.optimizer_ms.append(stats.optimizer_time.ms() if stats.optimizer_time is not None else 0.0)
+        t.fp16_skipped += int(stats.fp16_skipped)
+        if log:
+            print(step_line(step, loss, t.step_ms[-1], stats), flush=True)
+        t.diverged_why = t.conv.divergence(step, loss)
+        if t.diverged_why is not None:
+            t.diverged_at = step
+            break
+        if t.conv.due(step + 1):
+            stop = t.conv.evaluate(state, step + 1, sum(t.step_ms) / 1e3)
+            if log:
+                print(eval_line(t.conv.evals[-1], stop), flush=True)
+    t.power, t.peak = energy.stop(), peak_memory_bytes(device)
+    return t
+
+
+def measure(state, warmup: int = 1) -> RunMetrics:
+    """The timed steps of a built state and their figures, quietly, in this process (a library caller's run;
+    no save, memory step or profile)."""
+    return summarize(state, timed_steps(state, 0, 0, warmup, log=False), None, None)
+
+
+def save_model(state, path: str, log: bool) -> None:
+    from llmopt.checkpoint import save_pretrained
+
+    save_pretrained(state, path)
+    if log:
+        print(f"saved: {path} (Hugging Face format; python -m llmopt.sample {path})", flush=True)
+
+
+def memory_step(state) -> tuple[dict, float]:
+    """One extra, untimed step under MemTracker: (memory by category at its peak, seconds it took)."""
+    from llmopt.metrics import tracked_memory_step
+    from llmopt.step import train_step
+
+    t0 = time.time()
+    breakdown = tracked_memory_step(state, lambda: train_step(state, state.cfg.steps))
+    return breakdown, time.time() - t0
+
+
+def profile_steps(state, out_dir: str, rank: int, log: bool) -> None:
+    from llmopt.metrics import profiled_steps
+    from llmopt.step import train_step
+
+    table = profiled_steps(state, lambda i: train_step(state, i), out_dir, rank, state.cfg.steps + 1)
+    if log:
+        print(f"profile: {table} (each rank's operator table and trace.json are in {out_dir})", flush=True)
+
+
+def summarize(state, t: Timed, breakdown: dict | None, memory_step_s: float | None, **extra) -> RunMetrics:
+    """The run's figures from what the loop saw on every rank (collective: each rank's peak memory, breakdown
+    and energy are gathered)."""
+    from llmopt.memory import predict_memory
+    from llmopt.model import flops_per_token, param_count
+
+    cfg, device = state.cfg, state.device
+    peak, kind = t.peak, "cuda_allocator" if device.type == "cuda" else "process_rss"
+    if breakdown is not None and device.type != "cuda":
+        peak, kind = breakdown["total"], "tracked_tensors"
+    per_rank = state.layout.gather_object({"peak": peak, "rss": peak_rss_bytes(), "breakdown": breakdown,
+                                           "energy_j": t.power["energy_j"], "gpu_util": t.power["gpu_util_mean"],
+                                           "gpu_power": t.power["gpu_power_w_mean"]})
+    times = measured_steps(t.step_ms, t.warmup)
+    updates = measured_steps(t.optimizer_ms, t.warmup)
+    tokens = cfg.global_batch * cfg.seq_len
+    energies = [r["energy_j"] for r in per_rank if r["energy_j"] is not None]
+    worst = max(per_rank, key=lambda r: r["peak"])
+
+    def mean_of(key):
+        vals = [r[key] for r in per_rank if r[key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return RunMetrics(
+        config=cfg.to_dict(), losses=t.losses, grad_norms=t.grad_norms, step_time_ms=t.step_ms,
+        optimizer_ms=t.optimizer_ms, timing_warmup=t.warmup, step_time_ms_p50=percentile(times, 50),
+        step_time_ms_p90=percentile(times, 90), optimizer_ms_p50=percentile(updates, 50),
+        tokens_per_s=tokens * len(times) / (sum(times) / 1e3),
+        peak_memory_bytes=worst["peak"], peak_memory_kind=kind, peak_memory_bytes_per_rank=[r["peak"] for r in per_rank],
+        peak_rss_bytes=max(r["rss"] for r in per_rank), memory_breakdown=worst["breakdown"],
+        memory_breakdown_per_rank=[r["breakdown"] for r in per_rank], predicted_memory=predict_memory(cfg).to_dict(),
+        memory_step_s=memory_step_s, fp16_skipped_steps=t.fp16_skipped, diverged_at_step=t.diverged_at,
+        diverged_reason=t.diverged_why, **t.conv.to_metrics(),
+        energy_j_per_token=(sum(energies) / (tokens * len(times)) if energies and t.diverged_at is None else None),
+        gpu_util_mean=mean_of("gpu_util"), gpu_power_w_mean=mean_of("gpu_power"),
+        entropy_floor_nats=state.source.entropy_rate, data_description=state.source.describe(),
+        num_params=param_count(cfg.model_config), flops_per_token=flops_per_token(cfg.model_config, cfg.seq_len),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch_version=torch.__version__, **extra)
+
+
+# ------------------------------------------------------------------------------------------- the lines
+def header_line(state) -> str:
+    from llmopt.model import param_count
+
+    cfg = state.cfg
+    return (f"llmopt: {cfg.preset} ({param_count(cfg.model_config):,} params) on {state.device.type} x{cfg.world_size} "
+            f"[dp={cfg.dp}/{cfg.dp_mode} tp={cfg.tp} pp={cfg.pp}/{cfg.pp_schedule}] {cfg.precision} "
+            f"{cfg.optimizer} grad_accum={cfg.grad_accum} data={state.source.describe()}")
+
+
+def step_line(step: int, loss: float, ms: float, stats) -> str:
+    return (f"step {step:4d} | loss {loss:.4f} | {ms:8.1f} ms | {stats.tokens / ms * 1e3:10,.0f} tok/s"
+            + (" | fp16 skipped" if stats.fp16_skipped else ""))
+
+
+def eval_line(e, reached: bool) -> str:
+    return (f"eval after {e.step} steps | loss {e.loss:.4f} | lr {e.lr:.3g}"
+            + (f" | B_simple {e.gns_b_simple:.1f}" if e.gns_b_simple else "") + (" | target reached" if reached else ""))
+
+
+def done_line(m: RunMetrics, cfg: TrainConfig) -> str:
+    line = (f"done: {m.tokens_per_s:,.0f} tok/s (after {m.timing_warmup} warm-up steps), p50 {m.step_time_ms_p50:.1f} ms "
+            f"(optimizer {m.optimizer_ms_p50:.1f} ms), peak memory {m.peak_memory_bytes / 2**20:,.1f} MiB "
+            f"({m.peak_memory_kind}), final loss {m.losses[-1]:.4f}")
+    if cfg.precision == "fp16":
+        line += f", fp16 skipped {m.fp16_skipped_steps}"
+    if m.target_loss is None:
+        return line + (f", final eval loss {m.final_eval_loss:.4f}" if m.final_eval_loss is not None else "")
+    if m.steps_to_target is None:
+        return line + f", target {m.target_loss:.4f} not reached (best eval {m.best_eval_loss:.4f})"
+    return (line + f", target {m.target_loss:.4f} reached after {m.steps_to_target} steps, "
+            f"{m.tokens_to_target:,} tokens, {m.seconds_to_target:.1f} s")
