@@ -33,7 +33,7 @@ import re
 import tomllib
 from dataclasses import asdict, fields
 
-from llmopt.config import PRECISIONS, TrainConfig, check_field, validate
+from llmopt.config import OPTIMIZERS, PRECISIONS, TrainConfig, check_field, validate
 
 FIELDS = TrainConfig.field_names()
 _TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}
@@ -71,6 +71,12 @@ LR_CENTRE = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3, "lamb": 1e-2}
 EVAL_EVERY_TOKENS = 2**14
 EVAL_SEQUENCES = 64
 CONVERGENCE = tuple(CONVERGENCE_BATCHES)
+
+
+# The layouts every optimizer and speed toggle is shown on: one process, and each 2-rank layout once
+BASE_LAYOUTS = (dict(), dict(dp=2), dict(dp=2, dp_mode="fsdp"), dict(tp=2), dict(pp=2))
+# The optimizers llmopt.optim wraps under sharded layouts (the whole tensor's update from its gathered shards)
+WRAPPED_OPTIMIZERS = ("muon", "adafactor")
 
 
 def convergence_run(device: str, batch: int, **fields) -> dict:
@@ -114,23 +120,27 @@ def _named(name: str, device: str, max_ranks: int) -> list[dict]:
                  dict(engine="accelerate", model_impl="hf")]
         toggles = [dict(), dict(precision="bf16"), dict(compile=True), dict(compile=True, precision="bf16")]
         return [dict(p, **t, **PEERS_SHAPE[device]) for p in peers for t in toggles]
-    if name == "extras":  # speed toggles on the baseline layouts
+    if name == "extras":  # speed toggles on the baseline layouts, and the optimizers of llmopt.optim's wrappers
         toggles = [dict(compile=True), dict(activation_checkpointing=True)]
         toggles += [dict(optimizer_impl=i) for i in ("for-loop", "foreach", "fused")]
-        base_layouts = [dict(), dict(dp=2), dict(dp=2, dp_mode="fsdp"), dict(tp=2), dict(pp=2)]
-        return [dict(l, **t) for l in base_layouts for t in [dict(), *toggles]
+        toggles += [dict(optimizer=o) for o in WRAPPED_OPTIMIZERS]
+        return [dict(l, **t) for l in BASE_LAYOUTS for t in [dict(), *toggles]
                 if not (t.get("optimizer_impl") and l)]  # optimizer kernels: single process is enough
+    if name == "optimizers":  # every optimizer on every baseline layout: its step's share, memory, parity
+        return [dict(l, optimizer=o) for l in BASE_LAYOUTS for o in OPTIMIZERS]
     if name in CONVERGENCE:
         return [convergence_run(device, b, optimizer=o, lr=LR_CENTRE[o] * m)
                 for o in ("sgd", "adam", "adamw", "lamb") for b in CONVERGENCE_BATCHES[name] for m in LR_MULTIPLES[name]]
     if name == "full":
-        return [dict(l, precision=p, grad_accum=g, optimizer=o)
-                for l in layouts(max_ranks) for p in PRECISIONS for g in (1, 2)
-                for o in ("sgd", "adam", "adamw", "lamb")]
+        return ([dict(l, precision=p, grad_accum=g, optimizer=o)
+                 for l in layouts(max_ranks) for p in PRECISIONS for g in (1, 2)
+                 for o in ("sgd", "adam", "adamw", "lamb")]
+                + [dict(l, precision=p, grad_accum=g, optimizer=o)  # Muon and Adafactor on the baseline layouts
+                   for l in BASE_LAYOUTS for p in PRECISIONS for g in (1, 2) for o in WRAPPED_OPTIMIZERS])
     raise KeyError(name)
 
 
-NAMED = ("smoke", "default", "parity", "full", "peers", "extras", *CONVERGENCE)
+NAMED = ("smoke", "default", "parity", "full", "peers", "extras", "optimizers", *CONVERGENCE)
 
 
 class MatrixError(ValueError):

@@ -90,6 +90,35 @@ def peers_section(ok: pd.DataFrame) -> list[str]:
     return L
 
 
+def optimizer_section(ok: pd.DataFrame) -> list[str]:
+    """What each optimizer's update costs per layout: its own time (optimizer_ms_p50, the update alone) and its
+    share of the step, the median over the sweep's configs of that optimizer and layout; then each optimizer's
+    update time over AdamW's, per layout, where both ran."""
+    from bench.matrix import layout_name
+
+    d = ok[ok.optimizer_ms_p50.notna()].copy()
+    if d.empty or d.optimizer.nunique() < 2:
+        return []
+    d["layout"] = d.apply(layout_name, axis=1)
+    d["share"] = d.optimizer_ms_p50 / d.step_time_ms_p50
+    g = d.groupby(["optimizer", "layout"]).agg(ms=("optimizer_ms_p50", "median"), share=("share", "median"),
+                                                n=("config_id", "size")).reset_index()
+    layouts = sorted(d.layout.unique(), key=lambda l: (l != "single", l))
+    order = [o for o in ("sgd", "adam", "adamw", "lamb", "muon", "adafactor") if o in set(g.optimizer)]
+    cell = {(r.optimizer, r.layout): r for r in g.itertuples()}
+    rows = [{"optimizer": o, **{l: (f"{cell[o, l].ms:.2f} ms ({cell[o, l].share:.0%})" if (o, l) in cell else "")
+                                for l in layouts}} for o in order]
+    L = ["## The optimizer's step", "",
+         "The update alone (`optimizer_ms_p50`: CUDA events on GPU, the clock on CPU), and its share of the p50 "
+         "step, median over this sweep's configs of each optimizer and layout:", md_table(pd.DataFrame(rows))]
+    if "adamw" in order:
+        ratio = [{"optimizer": o, **{l: (f"{cell[o, l].ms / cell['adamw', l].ms:.2f}x"
+                                        if (o, l) in cell and ("adamw", l) in cell else "") for l in layouts}}
+                 for o in order if o != "adamw"]
+        L += ["Update time over AdamW's, per layout:", md_table(pd.DataFrame(ratio))]
+    return L + [""]
+
+
 def summary_sections(ok: pd.DataFrame, env: dict, memory_budget_mib: float | None) -> list[str]:
     """The summary table, the parity verdicts and the fastest config per memory budget, of the ok rows."""
     from bench.plots import pareto_front
@@ -198,6 +227,8 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
     L.append("")
     if not ok.empty:
         L += summary_sections(ok, env, memory_budget_mib)
+    if not ok.empty:
+        L += optimizer_section(ok)
     if not ok.empty and ok.groupby(["engine", "model_impl"]).ngroups > 1:
         L += peers_section(ok)
     L += quality_section(results, details["evals"], os.path.join(out_dir, "plots"))

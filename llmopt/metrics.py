@@ -354,7 +354,10 @@ class RunMetrics:
 
     @classmethod
     def from_json(cls, d: dict) -> "RunMetrics":
-        """From a metrics JSON (keys this version does not know are ignored; missing ones take defaults)."""
+        """From a metrics JSON (keys this version does not know are ignored; missing ones take defaults). A
+        ValueError when it is not a run's metrics (no config or losses)."""
+        if not isinstance(d, dict) or not isinstance(d.get("config"), dict) or not isinstance(d.get("losses"), list):
+            raise ValueError("not a run's metrics (no config or losses)")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

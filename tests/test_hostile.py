@@ -340,8 +340,12 @@ def test_an_empty_metrics_file_fails_the_config_not_the_sweep(tmp_path):
     (tmp_path / "m.json").write_text("")
     metrics, error = read_metrics(str(tmp_path / "m.json"))
     assert metrics is None and "unreadable" in error
-    (tmp_path / "ok.json").write_text(json.dumps({"a": 1}))
-    assert read_metrics(str(tmp_path / "ok.json")) == ({"a": 1}, "")
+    (tmp_path / "other.json").write_text(json.dumps({"a": 1}))  # JSON, but not a run's metrics
+    metrics, error = read_metrics(str(tmp_path / "other.json"))
+    assert metrics is None and "unreadable" in error
+    (tmp_path / "ok.json").write_text(json.dumps({"config": {"device": "cpu"}, "losses": [1.0], "tokens_per_s": 5.0}))
+    metrics, error = read_metrics(str(tmp_path / "ok.json"))
+    assert error == "" and metrics.losses == [1.0] and metrics.tokens_per_s == 5.0
 
 
 def test_a_failed_resume_rewrite_keeps_the_original(done_sweep, tmp_path, monkeypatch):
