@@ -33,7 +33,7 @@ import re
 import tomllib
 from dataclasses import asdict, fields
 
-from llmopt.config import OPTIMIZERS, PRECISIONS, TrainConfig, check_field, validate
+from llmopt.config import OPTIMIZERS, PRECISIONS, TrainConfig, check_given, validate
 
 FIELDS = TrainConfig.field_names()
 _TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}
@@ -154,7 +154,7 @@ def _coerce(field: str, value, where: str):
     stays a skipped row."""
     value = _as_type(field, value, where)
     try:
-        check_field(field, value)
+        check_given(field, value)
     except ValueError as e:
         raise MatrixError(f"{where}: {field} = {value!r}: {str(e).split(': ', 1)[-1]}") from None
     return value

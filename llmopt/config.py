@@ -35,12 +35,14 @@ CHECKPOINT = "checkpoint"  # the preset of a run whose shape comes from --init
 DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3, "lamb": 1e-2, "muon": 3e-3, "adafactor": 1e-2}
 
 
-def option(default, help: str, *, choices=None, low=None, high=None, check=None, metavar: str | None = None):
+def option(default, help: str, *, choices=None, low=None, high=None, check=None, metavar: str | None = None,
+           given_positive: bool = False):
     """A config field: its default, the help line of its flag, and what a single value must be: one of
     ``choices`` (a tuple, or a function giving one), a number in [``low``, ``high``] (floats also finite), or
-    whatever ``check(value)`` accepts."""
+    whatever ``check(value)`` accepts. ``given_positive``: the default 0 stands for "the default", so a value the
+    user gives (a flag, a matrix file) must be above 0."""
     return field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high, check=check,
-                                                metavar=metavar))
+                                                metavar=metavar, given_positive=given_positive))
 
 
 def _check_data(value) -> None:
@@ -88,7 +90,8 @@ class TrainConfig:
                                  choices=OPTIMIZER_IMPLS)
     compile: bool = option(False, "torch.compile each transformer block")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward")
-    lr: float = option(0.0, "learning rate (0: the optimizer's default, llmopt.config.DEFAULT_LR)", low=0.0)
+    lr: float = option(0.0, "learning rate (default: the optimizer's, llmopt.config.DEFAULT_LR)", low=0.0,
+                       given_positive=True)
     lr_schedule: str = option("constant", "decay after the warm-up: constant, cosine or linear", choices=LR_SCHEDULES)
     lr_warmup: int = option(0, "steps of linear learning-rate warm-up", low=0)
     min_lr_ratio: float = option(0.1, "floor of the cosine/linear decay, a fraction of --lr", low=0.0, high=1.0)
@@ -235,6 +238,13 @@ def check_field(name: str, value) -> None:
             raise ValueError(f"{flag(name)} {value}: must be {span}")
     if meta.get("check") is not None:
         meta["check"](value)
+
+
+def check_given(name: str, value) -> None:
+    """``check_field`` for a value the user gave (a flag, a matrix file's value), not a default."""
+    check_field(name, value)
+    if TrainConfig.__dataclass_fields__[name].metadata.get("given_positive") and not value > 0:
+        raise ValueError(f"{flag(name)} {value}: must be above 0 (leave it out for the default)")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:

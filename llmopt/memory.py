@@ -207,6 +207,27 @@ def predict_memory(cfg) -> MemoryPrediction:
             # autocast's 16-bit copies of the weights (under FSDP, of the gathered ones), kept to its exit
             act += 2 * (full - (m.vocab_size + m.block_size) * m.n_embd * (stage == 0))
         pred = MemoryPrediction(params, grads, opt, int(act))
-        if best is None or pred.total > best.total:
-            best = pred
+        update = update_peak(cfg, stage, n, opt)  # the optimizer's step: activations gone, gradients all there
+        for candidate in (pred, update):
+            if best is None or candidate.total > best.total:
+                best = candidate
     return best
+
+
+def update_peak(cfg, stage: int, n: int, opt: int) -> MemoryPrediction:
+    """Memory while the optimizer steps (the other candidate for the peak, where gradients outweigh the
+    activations freed by then): the parameters, every gradient (sharded as the parameters) and the optimizer
+    state, which here also counts the step's transient buffers. Muon: the whole largest hidden matrix's momentum
+    (gathered under FSDP2/TP), the update torch's Muon writes into and its zero momentum, fp32, and the
+    Newton-Schulz iterates in bf16 (about 4 more of its size in bf16); Adafactor under FSDP2/TP: the largest tensor
+    and its gradient, gathered whole (``llmopt.optim``)."""
+    import math
+
+    fsdp = cfg.dp > 1 and cfg.dp_mode == "fsdp"
+    transient = 0
+    if cfg.optimizer == "muon":
+        C = cfg.model_config.n_embd
+        transient = (3 * 4 + 4 * 2) * 4 * C * C  # the (4C x C) MLP matrices are the largest
+    elif cfg.optimizer == "adafactor" and (fsdp or cfg.tp > 1):
+        transient = 2 * 4 * max(math.prod(t) for t in stage_tensors(cfg, stage))
+    return MemoryPrediction(4 * n, 4 * n, opt + transient, 0)

@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif kind is bool:
             p.add_argument(name, action="store_true", help=meta["help"])
         else:
-            p.add_argument(name, type=kind or str, default=f.default, choices=choices(f.name),
-                           metavar=meta.get("metavar"), help=extra)
+            p.add_argument(name, type=kind or str, default=None if meta["given_positive"] else f.default,
+                           choices=choices(f.name), metavar=meta.get("metavar"), help=extra)
     a = p.add_argument
     a("--save", default=None, metavar="DIR", help="write the trained model (and tokenizer) here, Hugging Face format")
     a("--metrics-out", default=None, metavar="FILE.json", help="write the metrics JSON here")
@@ -54,7 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config of the flags; a flag whose default stands for "the default" is checked only when given."""
+    from llmopt.config import check_given
+
     kw = {k: getattr(args, k) for k in TrainConfig.field_names()}
+    for k, v in list(kw.items()):
+        if v is None and TrainConfig.__dataclass_fields__[k].metadata["given_positive"]:
+            kw[k] = TrainConfig.__dataclass_fields__[k].default
+        elif TrainConfig.__dataclass_fields__[k].metadata["given_positive"]:
+            check_given(k, v)
     kw["preset"] = args.preset or (CHECKPOINT if args.init else TrainConfig.preset)
     return TrainConfig(**kw)
 

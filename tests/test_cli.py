@@ -23,6 +23,11 @@ BAD = [
     (["--optimizer-impl", "fused", "--precision", "fp16", "--dp", "2"], "--optimizer-impl fused"),
     (["--profile", __file__], "--profile"),
     (["--profile", "/no/such/dir/profile"], "--profile"),
+    (["--optimizer", "muon", "--optimizer-impl", "fused"], "--optimizer-impl fused"),
+    (["--optimizer", "muon", "--optimizer-impl", "foreach"], "--optimizer-impl foreach"),
+    (["--optimizer", "adafactor", "--optimizer-impl", "fused"], "--optimizer-impl fused"),
+    (["--lr", "0"], "--lr 0.0: must be above 0"),
+    (["--optimizer", "muon", "--lr", "nan"], "--lr nan"),
 ]
 
 

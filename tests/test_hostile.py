@@ -138,7 +138,8 @@ def test_an_allocation_failure_is_oom(cli):
     ("[matrix]\nlr = [nan]\n", "lr = nan: must be a finite number"),
     ("[base]\ndata = 'no-such-corpus.txt'\n[matrix]\ndp = [1]\n", "no such file or directory"),
     ("[matrix]\npreset = ['tiny', 'huge']\n", "preset = 'huge': unknown value"),
-], ids=["base-5", "superscript", "seed", "batch-0", "lr-nan", "missing-data", "unknown-preset"])
+    ("[matrix]\nlr = [0.001, 0]\n", "lr = 0.0: must be above 0"),
+], ids=["base-5", "superscript", "seed", "batch-0", "lr-nan", "missing-data", "unknown-preset", "lr-0"])
 def test_hostile_toml_is_one_line(tmp_path, text, match, capsys):
     """In this process (bench.run's main, as the command line calls it): one error line, exit 2, nothing run."""
     from bench.run import main

@@ -57,3 +57,28 @@ def test_torch_optimizers_are_the_expected_classes():
     assert type(build_optimizer("adam", model, lr=1e-3)) is torch.optim.Adam
     assert type(build_optimizer("adamw", model, lr=1e-3)) is torch.optim.AdamW
     assert build_optimizer("adamw", model, lr=1e-3, impl="foreach").param_groups[0]["foreach"] is True
+
+
+def test_muon_needs_a_hidden_matrix():
+    """Muon updates the attention and MLP matrices; a model without any is refused in one line."""
+    import torch.nn as nn
+
+    from llmopt.optim import build_optimizer
+
+    with pytest.raises(ValueError, match="no hidden 2-D weight matrix"):
+        build_optimizer("muon", nn.Sequential(nn.Linear(4, 4)), lr=1e-3)
+
+
+def test_muon_takes_the_matrices_and_adamw_the_rest():
+    from llmopt.model import GPT, PRESETS
+    from llmopt.optim import HIDDEN_MATRICES, MuonAdamW, build_optimizer
+
+    model = GPT(PRESETS["tiny"])
+    opt = build_optimizer("muon", model, lr=3e-3, weight_decay=0.01)
+    assert isinstance(opt, MuonAdamW)
+    muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in muon}
+    assert names == {n for n, p in model.named_parameters() if n.endswith(HIDDEN_MATRICES)} and len(names) == 16
+    assert opt.param_groups[0] is opt.muon.param_groups[0]  # one schedule reaches both
+    everything = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert everything == {id(p) for p in model.parameters()}
