@@ -7,7 +7,6 @@ jitter of these two runs would very rarely produce by chance.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -58,25 +57,30 @@ def compare(dir_a: str, dir_b: str) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("dir_a")
-    p.add_argument("dir_b")
+    from llmopt import cli
+
+    p = cli.parser("python -m bench.compare", __doc__.split("\n\n")[0])
+    p.add_argument("dir_a", help="a sweep's results directory (the before)")
+    p.add_argument("dir_b", help="another sweep's results directory (the after: ratios are B over A)")
     args = p.parse_args(argv)
-    for d in (args.dir_a, args.dir_b):
-        if not os.path.exists(os.path.join(d, "results.csv")):
-            print(f"error: {d!r} holds no results.csv; pass two directories written by python -m bench.run",
-                  file=sys.stderr)
-            return 2
-    df = compare(args.dir_a, args.dir_b)
-    if df.empty:
-        print("no config finished ok in both sweeps (config_id includes every setting, steps too)")
+
+    def body() -> int:
+        for d in (args.dir_a, args.dir_b):
+            if not os.path.exists(os.path.join(d, "results.csv")):
+                raise ValueError(f"{d!r} holds no results.csv; pass two directories written by python -m bench.run")
+        df = compare(args.dir_a, args.dir_b)
+        if df.empty:
+            print("no config finished ok in both sweeps (config_id includes every setting, steps too)")
+            return 0
+        with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_columns", None):
+            print(df.to_string(index=False))
+        flagged = df[df.changed != ""]
+        print(f"\n{len(df)} configs compared; {len(flagged)} changed beyond {SIGMAS:g} sigma of the measured "
+              f"step-time noise" + (f"; {len(df.attrs['unmatched'])} configs in only one sweep"
+                                    if df.attrs["unmatched"] else ""))
         return 0
-    with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_columns", None):
-        print(df.to_string(index=False))
-    flagged = df[df.changed != ""]
-    print(f"\n{len(df)} configs compared; {len(flagged)} changed beyond {SIGMAS:g} sigma of the measured step-time noise"
-          + (f"; {len(df.attrs['unmatched'])} configs in only one sweep" if df.attrs["unmatched"] else ""))
-    return 0
+
+    return cli.main(body)
 
 
 if __name__ == "__main__":

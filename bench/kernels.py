@@ -11,7 +11,6 @@ medians of repeated runs after a warm-up, comparable only within one run.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -78,13 +77,21 @@ def head_rows(reps: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
+    from llmopt import cli
+
+    p = cli.parser("python -m bench.kernels", __doc__.split("\n\n")[0])
     p.add_argument("--out", help="output directory (default results/runs/<UTC>-kernels)")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per kernel (default 10)")
     a = p.parse_args(argv)
     if a.reps < 1:
-        print(f"error: --reps {a.reps}: must be at least 1", file=sys.stderr)
-        return 2
+        return cli.error(f"--reps {a.reps}: must be at least 1")
+    if a.out:
+        from llmopt.scratch import check_writable_dir
+
+        try:
+            check_writable_dir(a.out, "--out", may_exist=True)
+        except ValueError as e:
+            return cli.error(str(e))
     import pandas as pd
 
     from bench.hardware import environment, write_json

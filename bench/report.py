@@ -1,7 +1,6 @@
 """``python -m bench.report DIR``: (re)write DIR/report.md and DIR/plots/ from DIR's CSVs alone."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -249,17 +248,23 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
+    from llmopt import cli
+
+    p = cli.parser("python -m bench.report", __doc__)
     p.add_argument("dir", help="a sweep's results directory")
     p.add_argument("--memory-budget", type=float, default=None, metavar="MiB",
                    help="report the fastest config within this much memory (default: three budgets)")
     args = p.parse_args(argv)
-    if not os.path.exists(os.path.join(args.dir, "results.csv")):
-        print(f"error: {args.dir!r} holds no results.csv; pass a directory written by python -m bench.run",
-              file=sys.stderr)
-        return 2
-    print(write_report(args.dir, args.memory_budget))
-    return 0
+
+    def body() -> int:
+        if not os.path.exists(os.path.join(args.dir, "results.csv")):
+            raise ValueError(f"{args.dir!r} holds no results.csv; pass a directory written by python -m bench.run")
+        if args.memory_budget is not None and not 0 < args.memory_budget < float("inf"):
+            raise ValueError(f"--memory-budget {args.memory_budget}: must be a positive number of MiB")
+        print(write_report(args.dir, args.memory_budget))
+        return 0
+
+    return cli.main(body)
 
 
 if __name__ == "__main__":

@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", default=None, choices=EXECUTORS,
                    help="local (default), submitit-local (the same jobs through submitit), slurm (one job per config)")
     s = p.add_argument_group("slurm (also from the matrix TOML's [slurm] table; flags win)")
-    s.add_argument("--slurm-partition", default=None)
-    s.add_argument("--slurm-account", default=None)
+    s.add_argument("--slurm-partition", default=None, help="the partition each config's job is submitted to")
+    s.add_argument("--slurm-account", default=None, help="the account each config's job is charged to")
     s.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per SLURM node (default: 8)")
     s.add_argument("--cpus-per-node", type=int, default=None, help="CPUs a config's job asks for per node")
     s.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",

@@ -16,7 +16,6 @@ Writes DIR/targets.json and DIR/targets.md (default DIR: results/latest).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -200,15 +199,24 @@ def write(out_dir: str, results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llmopt import cli
+
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m bench.targets", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join(REPO, "results", "latest"))
+    p = cli.parser("python -m bench.targets", __doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(REPO, "results", "latest"),
+                   help="directory of targets.md and targets.json (default: results/latest)")
     p.add_argument("--peers-rounds", type=int, default=3,
                    help="rounds of the peers matrix, each config in its own process (about 2 min a round on "
                         "2 CPU cores; 0 skips it)")
     args = p.parse_args(argv)
     if args.peers_rounds < 0:
-        p.error(f"--peers-rounds {args.peers_rounds}: must be 0 or more")
+        return cli.error(f"--peers-rounds {args.peers_rounds}: must be 0 or more")
+    try:
+        from llmopt.scratch import check_writable_dir
+
+        check_writable_dir(args.out, "--out", may_exist=True)
+    except ValueError as e:
+        return cli.error(str(e))
     from llmopt.cpu import cpu_flags, cpu_model
 
     results = {"cpu_model": cpu_model(), "cpu_flags": list(cpu_flags()),

@@ -252,9 +252,15 @@ def shard(t: torch.Tensor, index: int, parts: int) -> torch.Tensor:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help"):
+        print("usage: python -m llmopt.data prepare INPUT --tokenizer T --out DIR\n\n"
+              "prepare: tokenize a corpus once into train.bin / val.bin memmaps (python -m llmopt.data prepare -h)")
+        sys.exit(0)
     if len(sys.argv) < 2 or sys.argv[1] != "prepare":
-        print("usage: python -m llmopt.data prepare INPUT --tokenizer T --out DIR (see --help)", file=sys.stderr)
-        sys.exit(2)
+        from llmopt import cli
+
+        sys.exit(cli.error("python -m llmopt.data takes the command prepare: python -m llmopt.data prepare INPUT "
+                           "--tokenizer T --out DIR (see python -m llmopt.data prepare --help)"))
     from llmopt.prepare import main
 
     sys.exit(main(sys.argv[2:]))

@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the directory to write (must not exist)")
     p.add_argument("--val-fraction", type=float, default=0.005, help="documents held out (default: %(default)s)")
     p.add_argument("--ext", default=",".join(DEFAULT_EXTENSIONS), help="file extensions read from a directory")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
 
     def body() -> int:

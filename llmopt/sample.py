@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m llmopt.sample", __doc__.split("\n\n")[0])
     p.add_argument("dir", help="a directory written by python -m llmopt.train --save")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=0, help="0 to 2^63 - 1")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default: auto)")
     args = p.parse_args(argv)
 
     def body() -> int:

@@ -8,7 +8,6 @@ machine one run's noise is 5-10%.
 
     python scripts/compile_bare_loop.py {plain,fused} {eager,blocks,whole}
 """
-import sys
 import time
 
 import torch
@@ -49,4 +48,10 @@ def main(head: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    from llmopt import cli
+
+    p = cli.parser("python scripts/compile_bare_loop.py", __doc__.split("\n\n")[0])
+    p.add_argument("head", choices=("plain", "fused"), help="logits then F.cross_entropy, or llmopt's fused head")
+    p.add_argument("mode", choices=("eager", "blocks", "whole"), help="no compile, per block, or one graph")
+    a = p.parse_args()
+    main(a.head, a.mode)

@@ -105,3 +105,37 @@ def test_the_readme_flag_table_names_every_flag():
     flags = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
     assert flags <= documented, f"README's flag table lacks {sorted(flags - documented)}"
     assert documented <= flags, f"README's flag table names flags that do not exist: {sorted(documented - flags)}"
+
+
+ENTRY_POINTS = ["llmopt.train", "llmopt.sample", "llmopt.prepare", "bench.run", "bench.report", "bench.compare",
+                "bench.advise", "bench.kernels", "bench.targets"]
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_every_entry_point_says_a_bad_flag_in_one_line(module, capsys, monkeypatch):
+    """One convention for every `python -m` entry point (llmopt.cli): a user's mistake is one `error:` line and
+    exit 2, no usage block, no traceback; every option's --help line says what it is. (In this process: each
+    module's main, as its `python -m` calls it; llmopt.prepare's is `python -m llmopt.data prepare`.)"""
+    import importlib
+
+    from llmopt import cli
+
+    made = []
+    real = cli.parser
+    monkeypatch.setattr(cli, "parser", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    mod = importlib.import_module(module)
+    try:
+        rc = mod.main(["--no-such-flag"])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error:") and "usage" not in err, err
+    assert len(made) == 1, "the entry point builds its parser with llmopt.cli.parser"
+    assert all(a.help for a in made[0]._actions), [a.dest for a in made[0]._actions if not a.help]
+
+
+@pytest.mark.parametrize("argv", [["-m", "llmopt.data"], ["-m", "llmopt.data", "prepare", "--no-such-flag"],
+                                  ["scripts/compile_bare_loop.py"], ["scripts/compile_bare_loop.py", "plain", "x"]])
+def test_the_other_command_lines_say_a_mistake_in_one_line(cli, argv):
+    r = cli(*argv)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
