@@ -128,6 +128,9 @@ def config_argv(entry: dict, metrics_path: str, warmup: int) -> list[str]:
         flag = f"--{k.replace('_', '-')}"
         if k == "preset" and v == CHECKPOINT:
             continue  # the shape comes from --init: llmopt.train takes no --preset then
+        field = TrainConfig.__dataclass_fields__[k]
+        if field.metadata["given_positive"] and v == field.default:
+            continue  # 0 stands for the default (the optimizer's learning rate): given, it would be refused
         if isinstance(v, bool):
             argv += [flag] if v else []
         elif v is not None:

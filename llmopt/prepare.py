@@ -16,7 +16,6 @@ it has one.
 """
 from __future__ import annotations
 
-import argparse
 import codecs
 import errno
 import fcntl

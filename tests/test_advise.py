@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 
 from bench import advise
+from bench.advisor import layouts, probe
+from bench.results import row_config
 from bench.costmodel import GPUS, Hardware, Link, comm_bytes, predict_step, wire_bytes
 from llmopt.config import TrainConfig, validate
 
@@ -16,10 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_memory_side_is_the_harness_prediction_on_every_reference_row():
-    rows = advise.reference_rows()
+    rows = probe.reference_rows()
     assert len(rows) > 300 and set(rows.reference) >= {"cpu", "cpu-peers", "cpu-extras", "cpu-convergence"}
     for _, r in rows.iterrows():
-        pred, low, high = advise.layout_memory(advise.row_config(r))
+        pred, low, high = layouts.layout_memory(row_config(r))
         assert pred == r.predicted_memory_bytes, (r.reference, r.config_id, pred, r.predicted_memory_bytes)
         # the band is the one measured on these rows (the extreme rows sit on its edges, up to rounding)
         assert low * (1 - 1e-12) <= r.peak_memory_bytes <= high * (1 + 1e-12)
@@ -100,9 +102,9 @@ def test_impossible_requests_are_one_line_errors(args, needle, tmp_path, capsys,
 
 def test_divisors_of_a_huge_batch_come_from_its_square_root():
     """A global batch of 10^12 once took minutes (counting to n)."""
-    d = advise._divisors(10**12)
+    d = layouts._divisors(10**12)
     assert len(d) == 169 and d == sorted(d) and all(10**12 % x == 0 for x in d) and d[-1] == 10**12
-    assert advise._divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36] and advise._divisors(1) == [1]
+    assert layouts._divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36] and layouts._divisors(1) == [1]
 
 
 def test_gpt2_xl_on_eight_h100_names_a_layout_that_fits(tmp_path):
@@ -135,7 +137,7 @@ def test_emitted_matrix_runs_through_the_harness_unchanged(tmp_path):
 
 
 def test_check_against_a_reference_reports_rank_correlation():
-    t, stats = advise.check_reference(str(ROOT / "results" / "reference" / "cpu-extras"),
+    t, stats = probe.check_reference(str(ROOT / "results" / "reference" / "cpu-extras"),
                                       link=Link(1e9, 3e-4, "fixed for the test"))
     assert stats["rows"] == len(t) == 18 and stats["call_overhead_source"].endswith("reference/cpu")
     assert -1 <= stats["spearman"] <= 1 and stats["median_abs_error"] >= 0

@@ -13,6 +13,7 @@ import torch
 
 from bench.matrix import MatrixError, config_id, expand, layouts, load_toml, parse_filter
 from bench.results import RESULT_COLUMNS, STEP_COLUMNS
+from llmopt.config import TrainConfig
 from conftest import ROOT, processes_with
 
 REQUIRED = ["config_id", "status", "error", "model_impl", "preset", "device", "world_size", "dp", "dp_mode", "tp",
@@ -445,3 +446,16 @@ def test_kernels_measures_the_choices_llmopt_makes(tmp_path, cli):
     assert (rows[rows.kernel == "head"].fused_ms > 0).all()
     assert "native low-precision flags" in (tmp_path / "kernels.md").read_text()
     assert cli("-m", "bench.kernels", "--reps", "0").returncode == 2
+
+
+def test_the_argv_a_config_runs_with_parses_back_to_the_config():
+    """What the harness hands llmopt.train for a config is that config again (the optimizer's default learning
+    rate, 0 in the config, is left out: given, it would be refused), for every config of the named matrices."""
+    from bench.executors import config_argv
+    from llmopt.train import build_parser, config_from_args
+
+    entries = [e for name in ("default", "extras", "optimizers", "convergence") for e in expand(name, "cpu", 4)]
+    assert any(e["config"]["lr"] == 0.0 for e in entries) and any(e["config"]["lr"] > 0 for e in entries)
+    for e in entries:
+        argv = config_argv(e, "/tmp/m.json", 1)
+        assert config_from_args(build_parser().parse_args(argv)) == TrainConfig(**e["config"]), argv

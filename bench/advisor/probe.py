@@ -1,0 +1,286 @@
+"""This machine and the committed references: the CPU's matmul peaks and gloo link (probed once, cached), the
+GPU datasheet figures, the achievable fractions and per-call overhead fitted on measured sweeps, and the time
+model checked against a sweep (``check_reference``)."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bench.advisor import AdviseError
+from bench.costmodel import (
+    ACHIEVABLE,
+    GPU_RESERVE_BYTES,
+    GPUS,
+    Hardware,
+    Link,
+    predict_step,
+)
+from bench.hardware import DATASHEET, peak_flops, write_json
+from bench.results import row_config
+from llmopt.cpu import cpu_flags, cpu_model
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+REFERENCES = Path(__file__).resolve().parent.parent.parent / "results" / "reference"
+
+
+def _gpu_key(name: str) -> str | None:
+    for key in GPUS:
+        if key.lower() in name.lower():
+            return key
+    return None
+
+
+# ------------------------------------------------------------------------------------- calibration data
+@functools.lru_cache(maxsize=None)
+def reference_rows() -> "pd.DataFrame":
+    """Every ok row of every committed reference, with the reference's name."""
+    import pandas as pd
+
+    frames = []
+    for path in sorted(REFERENCES.glob("*/results.csv")):
+        d = pd.read_csv(path)
+        frames.append(d[d.status == "ok"].assign(reference=path.parent.name))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+@functools.lru_cache(maxsize=None)
+def memory_band() -> tuple[float, float, int]:
+    """(lowest, highest) of predicted / measured - 1 over the committed references' rows, and the row count:
+    the measured peak of a layout is expected within predicted / (1 + highest) .. predicted / (1 + lowest)."""
+    from llmopt.memory import predict_memory
+
+    rows = reference_rows()
+    errs = [predict_memory(row_config(r)).total / r.peak_memory_bytes - 1 for _, r in rows.iterrows()]
+    return (min(errs), max(errs), len(errs)) if errs else (-0.15, 0.15, 0)
+
+
+def calibrate(device: str, rows=None) -> dict:
+    """precision -> (achievable fraction of the peak, framework seconds per micro-batch, source), fitted on
+    the single-process llmopt rows measured on ``device`` in the committed references (or ``rows``): step time
+    = executed FLOPs / (peak x fraction) + micro-batches x overhead, by least squares. Where the rows cannot
+    separate the two terms (one shape, no accumulation), the overhead is 0 and the fraction the median MFU;
+    where there are no rows, the ACHIEVABLE assumption."""
+    import numpy as np
+
+    from bench.costmodel import executed_flops
+
+    rows = reference_rows() if rows is None else rows
+    out = {p: (f, 0.0, "assumed (no measured rows)") for p, f in ACHIEVABLE.items()}
+    if rows.empty:
+        return out
+    mine = rows[rows.peak_flops_source.astype(str).str.contains("measured:cpu" if device == "cpu" else device,
+                                                                regex=False)]
+    mine = mine[(mine.dp == 1) & (mine.tp == 1) & (mine.pp == 1) & (mine.model_impl == "llmopt")
+                & (mine.engine == "native")]
+    for prec, group in mine.groupby("precision"):
+        x, y = [], []
+        for _, r in group.iterrows():
+            c = row_config(r)
+            x.append([executed_flops(c) / r.peak_flops, c.grad_accum])  # seconds at the peak, micro-batches
+            y.append(c.tokens_per_step / r.tokens_per_s)                 # measured step seconds
+        x, y = np.array(x), np.array(y)
+        (a, b), *_ = np.linalg.lstsq(x, y, rcond=None)
+        if np.linalg.matrix_rank(x) < 2 or a <= 0 or b < 0:
+            a, b = float(np.median(y / x[:, 0])), 0.0
+        out[prec] = (1 / float(a), float(b), f"fitted on {len(group)} measured single-process rows")
+    return out
+
+
+def _hw_calibration(cal: dict) -> dict:
+    """Hardware keyword arguments from ``calibrate``'s result."""
+    return dict(achievable={p: f for p, (f, _, _) in cal.items()},
+                micro_batch_overhead={p: b for p, (_, b, _) in cal.items()},
+                calibration={p: s for p, (_, _, s) in cal.items()})
+
+
+# ---------------------------------------------------------------------------------- this machine's probe
+def probe_cache_path() -> Path:
+    from llmopt.prepare import cache_dir
+
+    return Path(cache_dir()) / "advise-probe.json"
+
+
+def _allreduce_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    times = {}
+    for size, reps in ((256, 50), (4 * 2**20, 10)):  # 1 KiB (latency) and 16 MiB (bandwidth) of fp32
+        t = torch.ones(size)
+        dist.all_reduce(t)
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(reps):  # a fixed count: every rank must make the same calls
+            dist.all_reduce(t)
+        times[size * 4] = (time.perf_counter() - t0) / reps
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(times, f)
+    dist.barrier()
+    os._exit(0)  # as llmopt.train's ranks: skip gloo's teardown, whose threads can abort the process
+
+
+def allreduce_probe(world: int = 2) -> Link:
+    """gloo all-reduce between ``world`` local processes: latency from 1 KiB, bus bandwidth from 16 MiB."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "t.json")
+        mp.start_processes(_allreduce_worker, args=(world, f"file://{tmp}/store", out), nprocs=world,
+                           start_method="spawn")
+        with open(out) as f:
+            t = {int(k): v for k, v in json.load(f).items()}
+    small, big = min(t), max(t)
+    steps, frac = 2 * (world - 1), 2 * (world - 1) / world
+    latency = t[small] / steps
+    bandwidth = frac * big / max(t[big] - steps * latency, 1e-9)
+    return Link(bandwidth, latency, f"gloo on this machine (probed: {bandwidth / 1e9:.2f} GB/s, {latency * 1e6:.0f} us)")
+
+
+def cpu_hardware(model, tokens: int, devices: int, memory: float | None, refresh: bool = False,
+                 log=print) -> Hardware:
+    """This CPU: the matmul peak per precision over the model's GEMMs and an all-reduce probe, cached per
+    CPU model, flags, torch version and model width."""
+    import torch
+
+    from bench.hardware import CPU_GEMM_TOKENS
+
+    tokens = min(tokens, CPU_GEMM_TOKENS)
+    key = f"{cpu_model()}|{','.join(cpu_flags())}|{os.cpu_count()}|torch {torch.__version__}|C{model.n_embd}|V{model.vocab_size}|M{tokens}"
+    path = probe_cache_path()
+    cache = {}
+    if path.exists():
+        try:
+            cache = json.loads(path.read_text())
+        except ValueError:
+            cache = {}
+    if refresh or key not in cache:
+        log(f"advise: probing this CPU (matmul peaks, gloo all-reduce); cached in {path}")
+        measured: dict = {}  # the sweep's rule, and fp32 measured once for all three
+        peaks = {p: peak_flops("cpu", p, measured, model.n_embd, model.vocab_size, tokens)[0]
+                 for p in ("fp32", "bf16", "fp16")}
+        link = allreduce_probe()
+        cache[key] = {"peaks": peaks, "bandwidth": link.bandwidth, "latency": link.latency}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(str(path), cache)
+    c = cache[key]
+    link = Link(c["bandwidth"], c["latency"], f"gloo on this machine ({c['bandwidth'] / 1e9:.2f} GB/s, "
+                                              f"{c['latency'] * 1e6:.0f} us, probed)")
+    kw = _hw_calibration(calibrate("cpu"))
+    overhead, source = cpu_call_overhead(link)
+    kw["calibration"]["call_overhead"] = source
+    if memory is None:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(devices, 1)
+    return Hardware("cpu", c["peaks"], memory_bytes=memory, devices_per_node=devices, nodes=1, intra=link,
+                    inter=link, shared=True, call_overhead=overhead, **kw)
+
+
+def gpu_hardware(name: str, devices: int, nodes: int, memory: float | None, peak_tflops: float | None) -> Hardware:
+    """A GPU of the datasheet table, or any GPU given its memory and bf16 dense peak (links then default to
+    PCIe within a node and 100 GbE between nodes, and the fp32 peak to an eighth of bf16's)."""
+    key = _gpu_key(name)
+    if key is None and (memory is None or peak_tflops is None):
+        raise AdviseError(f"--device {name}: not in the datasheet table ({', '.join(GPUS)}); pick one of them, "
+                          f"or give --device-memory and --peak-tflops for it")
+    if key is None:
+        _, intra, inter = GPUS["L40S"]
+        peaks = {"bf16": peak_tflops * 1e12, "fp16": peak_tflops * 1e12, "fp32": peak_tflops * 1e12 / 8}
+        mem = memory
+    else:
+        mem, intra, inter = GPUS[key]
+        peaks = dict(DATASHEET[key])
+        if memory is not None:
+            mem = memory
+        if peak_tflops is not None:
+            peaks.update(bf16=peak_tflops * 1e12, fp16=peak_tflops * 1e12)
+    return Hardware(key or name, peaks, memory_bytes=mem - GPU_RESERVE_BYTES, devices_per_node=devices,
+                    nodes=nodes, intra=intra, inter=inter, **_hw_calibration(calibrate(key or name)))
+
+
+# ------------------------------------------------------------------------- the model against references
+CALIBRATION_REFERENCE = "cpu-extras"  # the sweep the CPU's per-call overhead is fitted on
+
+
+def _native_cpu_rows(path: Path) -> "pd.DataFrame":
+    import pandas as pd
+
+    if not (path / "results.csv").exists():
+        raise AdviseError(f"{path}: no results.csv there; pass a sweep directory, e.g. results/reference/cpu")
+    rows = pd.read_csv(path / "results.csv")
+    rows = rows[(rows.status == "ok") & (rows.engine == "native") & (rows.model_impl == "llmopt")]
+    if rows.empty or not rows.device.eq("cpu").all():
+        raise AdviseError(f"{path}: needs ok native rows of a CPU sweep")
+    return rows
+
+
+def _row_prediction(r, cal: dict, link: Link, overhead: float):
+    cfg = row_config(r)
+    hw = Hardware("cpu", {cfg.precision: r.peak_flops}, memory_bytes=float("inf"), devices_per_node=os.cpu_count() or 1,
+                  nodes=1, intra=link, inter=link, shared=True, call_overhead=overhead, **_hw_calibration(cal))
+    return cfg, predict_step(cfg, hw)
+
+
+def calibrate_call_overhead(rows, cal: dict, link: Link) -> float:
+    """Seconds per collective call that the compute and wire model leave unexplained: the median over the
+    multi-rank rows of (measured step - predicted step) / calls, at least 0."""
+    from bench.costmodel import comm_bytes, optimizer_comm
+
+    per_call = []
+    for _, r in rows.iterrows():
+        cfg, p = _row_prediction(r, cal, link, 0.0)
+        calls = sum(c[-1] for c in comm_bytes(cfg) + optimizer_comm(cfg))
+        if calls:
+            measured = cfg.tokens_per_step / r.tokens_per_s
+            per_call.append((measured - p.step_s) / calls)
+    per_call.sort()
+    return max(0.0, per_call[len(per_call) // 2]) if per_call else 0.0
+
+
+def cpu_call_overhead(link: Link, exclude: str | None = None) -> tuple[float, str]:
+    """(per-call overhead, where it comes from), fitted on CALIBRATION_REFERENCE (or ``cpu`` when that is the
+    sweep being checked), so a check is never scored on the sweep it was fitted on."""
+    name = CALIBRATION_REFERENCE if exclude != CALIBRATION_REFERENCE else "cpu"
+    path = REFERENCES / name
+    if not (path / "results.csv").exists():
+        return 0.0, "none (no calibration sweep committed)"
+    rows = _native_cpu_rows(path)
+    return calibrate_call_overhead(rows, calibrate("cpu", rows), link), f"fitted on results/reference/{name}"
+
+
+def check_reference(ref_dir: str, link: Link | None = None) -> tuple["pd.DataFrame", dict]:
+    """Predicted against measured tokens/s for every ok native llmopt row of a committed CPU sweep: the
+    per-row table and {spearman, median_abs_error, rows, ...}. Each row is predicted with its own sweep's
+    measured peak for its dtype, the achievable fraction of the sweep's single-process rows, the link probed
+    on this machine (or ``link``) and the per-call overhead fitted on another sweep."""
+    import pandas as pd
+
+    path = Path(ref_dir)
+    rows = _native_cpu_rows(path)
+    cal = calibrate("cpu", rows)
+    if link is None:
+        link = allreduce_probe()
+    overhead, source = cpu_call_overhead(link, exclude=path.resolve().name)
+    out = []
+    for _, r in rows.iterrows():
+        _, p = _row_prediction(r, cal, link, overhead)
+        out.append({"config_id": r.config_id, "measured_tokens_per_s": r.tokens_per_s,
+                    "pred_tokens_per_s": p.tokens_per_s, "bottleneck": p.bottleneck})
+    t = pd.DataFrame(out)
+    t["error"] = t.pred_tokens_per_s / t.measured_tokens_per_s - 1
+    # Spearman's rho as the Pearson correlation of the (average) ranks: pandas' method="spearman" needs scipy,
+    # which is not a dependency (a clean install failed here on the torch 2.11 check)
+    rho = t.pred_tokens_per_s.rank().corr(t.measured_tokens_per_s.rank())
+    stats = {"rows": len(t), "spearman": float(rho),
+             "median_abs_error": float(t.error.abs().median()), "call_overhead_s": overhead,
+             "call_overhead_source": source}
+    return t, stats
