@@ -233,7 +233,8 @@ def _shown(t):
         "layout": t.layout, "pred GiB/rank": [f"{m:.3g} ({lo:.3g}-{hi:.3g})" for m, lo, hi in
                                               zip(t.pred_memory_gib, t.pred_memory_low_gib, t.pred_memory_high_gib)],
         "fits": t.fits, "pred tokens/s": t.pred_tokens_per_s.map(lambda v: fmt(v, ",.0f")),
-        "pred MFU": t.pred_mfu.map(lambda v: fmt(v, ".0%")), "pred step ms": t.pred_step_ms.map(lambda v: fmt(v, ".1f")),
+        "pred MFU": t.pred_mfu.map(lambda v: fmt(v, ".0%")),
+        "pred step ms": t.pred_step_ms.map(lambda v: fmt(v, ".1f")),
         "bottleneck": t.bottleneck})
 
 
@@ -262,7 +263,8 @@ def write_outputs(out: Path, t, hw: Hardware, text: str, measured, a) -> None:
                      f"({hw.calibration.get(p, 'assumed')})" for p, f in hw.achievable.items()),
          f"- Links: intra-node {hw.intra.name or hw.intra}; inter-node {hw.inter.name or hw.inter}",
          f"- Usable memory per rank: {hw.memory_bytes / GIB:.1f} GiB"
-         + (f" (device memory less {GPU_RESERVE_BYTES / GIB:.0f} GiB for the CUDA context and NCCL)" if hw.name != "cpu" else ""),
+         + (f" (device memory less {GPU_RESERVE_BYTES / GIB:.0f} GiB for the CUDA context and NCCL)"
+            if hw.name != "cpu" else ""),
          f"- Memory band: measured peaks on the {n} committed reference rows were {lo:+.0%} to {hi:+.0%} off the "
          "prediction; 'fits' = yes when even the high end fits, marginal when only the prediction does.", "",
          md_table(_shown(t)), ""]

@@ -4,14 +4,16 @@ Everything here *predicts*; ``bench.advise`` labels each figure as predicted, an
 the predictions with the committed references. Sources and assumptions:
 
 * **Compute**: a framework cost per accumulation micro-batch (kernel launches, Python; fitted with the
-  fraction below on CPU, 0 on GPUs where launches are asynchronous), plus model FLOPs per token from ``llmopt.model.flops_per_token`` (PaLM's 6N + 12·L·H·Q·T);
+  fraction below on CPU, 0 on GPUs where launches are asynchronous), plus model FLOPs per token from
+  ``llmopt.model.flops_per_token`` (PaLM's 6N + 12·L·H·Q·T);
   activation checkpointing runs the forward twice, so it executes 8/6 of them (Chowdhery et al. 2022, app. B,
   count the recomputation as hardware, not model, FLOPs). Time = executed FLOPs of one rank over
   peak × achievable fraction. The peak is the datasheet's dense figure for known GPUs
   (``bench.hardware.DATASHEET``), or on CPU the matmul peak measured on this machine. The achievable fraction
   per precision and the per-micro-batch cost are fitted (least squares of step time) on the single-process
-  rows the committed references hold for the device, else the ``ACHIEVABLE`` assumptions below. On CPU the ranks of a config
-  share one CPU (the harness gives each cores / world threads), so the device peak is split among them.
+  rows the committed references hold for the device, else the ``ACHIEVABLE`` assumptions below. On CPU the
+  ranks of a config share one CPU (the harness gives each cores / world threads), so the device peak is split
+  among them.
   Smaller per-rank GEMMs under tensor parallelism are assumed as efficient as the full ones.
 * **Collectives**: ring algorithms in the alpha-beta model (Patarasuk and Yuan 2009; NCCL's "bus bandwidth"
   notes): all-reduce moves 2(n-1)/n of the buffer per rank in 2(n-1) latency steps, all-gather and
@@ -71,8 +73,10 @@ class Link:
 # ring step times, order of magnitude only.
 GPUS = {
     "H200": (141e9, Link(360e9, 10e-6, "NVLink 4 (450 GB/s)"), Link(40e9, 20e-6, "InfiniBand NDR (400 Gb/s per GPU)")),
-    "H100": (80 * GIB, Link(360e9, 10e-6, "NVLink 4 (450 GB/s)"), Link(40e9, 20e-6, "InfiniBand NDR (400 Gb/s per GPU)")),
-    "A100": (80 * GIB, Link(240e9, 10e-6, "NVLink 3 (300 GB/s)"), Link(20e9, 20e-6, "InfiniBand HDR (200 Gb/s per GPU)")),
+    "H100": (80 * GIB, Link(360e9, 10e-6, "NVLink 4 (450 GB/s)"),
+             Link(40e9, 20e-6, "InfiniBand NDR (400 Gb/s per GPU)")),
+    "A100": (80 * GIB, Link(240e9, 10e-6, "NVLink 3 (300 GB/s)"),
+             Link(20e9, 20e-6, "InfiniBand HDR (200 Gb/s per GPU)")),
     "L40S": (48e9, Link(25e9, 15e-6, "PCIe 4 x16 (32 GB/s)"), Link(10e9, 30e-6, "100 GbE")),
     "A10G": (24 * GIB, Link(25e9, 15e-6, "PCIe 4 x16 (32 GB/s)"), Link(10e9, 30e-6, "100 GbE")),
     "L4": (24 * GIB, Link(25e9, 15e-6, "PCIe 4 x16 (32 GB/s)"), Link(10e9, 30e-6, "100 GbE")),

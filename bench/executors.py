@@ -72,7 +72,8 @@ class Slots:
         else:
             cores = sorted(os.sched_getaffinity(0))
             if jobs > len(cores):
-                raise ExecutorError(f"--jobs {jobs}: only {len(cores)} CPU cores here; use --jobs {len(cores)} or fewer")
+                raise ExecutorError(f"--jobs {jobs}: only {len(cores)} CPU cores here; use --jobs {len(cores)} "
+                                    f"or fewer")
             per = len(cores) // jobs
             self.free = [Slot(cpus=tuple(cores[i * per:(i + 1) * per])) for i in range(jobs)]
 

@@ -109,8 +109,8 @@ def peak_flops(device: str, precision: str, cache: dict, n_embd: int, vocab_size
         if key not in cache:
             cache[key] = measure_matmul_peak(device, dtype, shapes)
         best = max(best, cache[key])
-    dtypes = (precision if precision == "fp32" else
-              f"fp32 ({precision} is emulated through fp32 on this CPU)" if emulated else f"best of {precision} and fp32")
+    dtypes = (precision if precision == "fp32" else f"fp32 ({precision} is emulated through fp32 on this CPU)"
+              if emulated else f"best of {precision} and fp32")
     return best, f"measured:{device} matmul, {dtypes}, square and model GEMMs"
 
 

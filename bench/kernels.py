@@ -42,7 +42,7 @@ def attention_rows(reps: int) -> list[dict]:
             w = torch.randn(B, NH, T, HS, dtype=dtype)
             ms = {}
             for name, explicit in (("explicit", True), ("sdpa", False)):
-                ms[name] = _time(lambda: causal_attention(*qkv, explicit=explicit).backward(w), reps)
+                ms[name] = _time(lambda qkv=qkv, e=explicit, w=w: causal_attention(*qkv, explicit=e).backward(w), reps)
             rows.append({"kernel": "attention", "dtype": dtype_name, "T": T, "explicit_ms": ms["explicit"],
                          "sdpa_ms": ms["sdpa"], "explicit_over_sdpa": ms["explicit"] / ms["sdpa"],
                          "llmopt_uses": "explicit" if explicit_attention("cpu", dtype, T) else "sdpa"})
@@ -60,13 +60,13 @@ def head_rows(reps: int) -> list[dict]:
     wt = (torch.randn(HEAD_V, HEAD_C) * 0.02).requires_grad_()
     t = torch.randint(0, HEAD_V, (HEAD_ROWS,))
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        def plain():
+        def plain(dtype=dtype):
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 F.cross_entropy(F.linear(h, wt).float(), t).backward()
 
         base = _time(plain, reps)
         for chunk in (128, 256, 512, 1024):
-            def fused():
+            def fused(dtype=dtype, chunk=chunk):
                 with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                     linear_cross_entropy(h, wt, t, chunk_rows=chunk).backward()
 
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
          f"{env['cpu_model']}, {env['cpu_count']} CPUs, native low-precision flags: {flags}; torch {env['torch']}.",
          f"Median of {a.reps} runs after a warm-up, forward + backward, milliseconds.", "",
          f"## Attention (B={B}, heads={NH}, head size={HS})", "",
-         md_table(att.round(3)), "", f"## Head ({HEAD_ROWS} rows, C={HEAD_C}, V={HEAD_V})", "", md_table(head.round(3)), ""]
+         md_table(att.round(3)), "", f"## Head ({HEAD_ROWS} rows, C={HEAD_C}, V={HEAD_V})", "",
+         md_table(head.round(3)), ""]
     with open(os.path.join(out, "kernels.md"), "w") as f:
         f.write("\n".join(L))
     print("\n".join(L))

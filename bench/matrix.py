@@ -130,7 +130,8 @@ def _named(name: str, device: str, max_ranks: int) -> list[dict]:
         return [dict(l, optimizer=o) for l in BASE_LAYOUTS for o in OPTIMIZERS]
     if name in CONVERGENCE:
         return [convergence_run(device, b, optimizer=o, lr=LR_CENTRE[o] * m)
-                for o in ("sgd", "adam", "adamw", "lamb") for b in CONVERGENCE_BATCHES[name] for m in LR_MULTIPLES[name]]
+                for o in ("sgd", "adam", "adamw", "lamb") for b in CONVERGENCE_BATCHES[name]
+                for m in LR_MULTIPLES[name]]
     if name == "full":
         return ([dict(l, precision=p, grad_accum=g, optimizer=o)
                  for l in layouts(max_ranks) for p in PRECISIONS for g in (1, 2)

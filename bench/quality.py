@@ -33,12 +33,15 @@ def _records(df: pd.DataFrame) -> list[dict]:
 def best_runs(conv: pd.DataFrame) -> pd.DataFrame:
     """The best run of each (optimizer, global batch, precision), with its grid's edge status."""
     out = []
-    for key, g in tuning.groups(_records(conv)).items():
+    for g in tuning.groups(_records(conv)).values():
         b = dict(tuning.best(g))
         b["edge"] = tuning.edge(g)
         b["lrs_tried"] = len(g)
         out.append(b)
     return pd.DataFrame(out)
+
+
+EDGE_NOTE = {"low": " (grid's lowest)", "high": " (grid's highest)"}
 
 
 def _batch_table(best: pd.DataFrame, batch: int) -> str:
@@ -48,7 +51,7 @@ def _batch_table(best: pd.DataFrame, batch: int) -> str:
     rows = []
     for i, (_, r) in enumerate(d.iterrows()):
         rows.append({"optimizer": r.optimizer + (" **(winner)**" if i == 0 and r.status == "ok" else ""),
-                     "best lr": f"{r.lr:.3g}" + {"low": " (grid's lowest)", "high": " (grid's highest)"}.get(r.edge, ""),
+                     "best lr": f"{r.lr:.3g}" + EDGE_NOTE.get(r.edge, ""),
                      "steps to target": fmt(r.steps_to_target, ".0f", "not reached"),
                      "tokens to target": fmt(r.tokens_to_target, ",.0f", "—"),
                      "seconds to target": fmt(r.seconds_to_target, ".1f", "—"),

@@ -84,7 +84,8 @@ def peers_section(ok: pd.DataFrame) -> list[str]:
     ours, hf = ok[ok.model_impl == "llmopt"], ok[ok.model_impl == "hf"]
     if not ours.empty and not hf.empty:
         r = ours.tokens_per_s.max() / hf.tokens_per_s.max()
-        L.append(f"llmopt's best / HF's best (any engine): **{r:.2f}x** (target 1.3x: {'met' if r >= 1.3 else 'not met'}).")
+        L.append(f"llmopt's best / HF's best (any engine): **{r:.2f}x** "
+                 f"(target 1.3x: {'met' if r >= 1.3 else 'not met'}).")
         L.append("")
     return L
 
@@ -197,7 +198,8 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
     L.append(f"- Command: `{env.get('command', '?')}`  (started {env.get('started_utc', '?')})")
     L.append(f"- Machine: {env.get('cpu_model', '?')}, {env.get('cpu_count', '?')} CPUs"
              + (f", GPUs: {', '.join(env['gpus'])}" if env.get("gpus") else "")
-             + f"; torch {env.get('torch', '?')}, CUDA {env.get('cuda')}, NCCL {env.get('nccl')}; git {str(env.get('git_commit'))[:10]}")
+             + f"; torch {env.get('torch', '?')}, CUDA {env.get('cuda')}, NCCL {env.get('nccl')}; "
+             f"git {str(env.get('git_commit'))[:10]}")
     data = results.data_description.dropna().unique()
     if len(data):
         floor = results.entropy_floor_nats.dropna()

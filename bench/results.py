@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-
 from dataclasses import fields as _fields
 
 from llmopt.config import TrainConfig

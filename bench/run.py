@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix", default=None, help=f"{', '.join(NAMED)}, or a .toml file (default: default)")
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="(default: auto)")
     p.add_argument("--out", default=None, help="results directory (default: results/runs/<UTC time>-<matrix>)")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted sweep in --out (default: results/latest)")
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted sweep in --out (default: results/latest)")
     p.add_argument("--retry", default="", metavar="STATUS,...",
                    help="with --resume: run again the configs that ended with these statuses (e.g. failed,timeout)")
     p.add_argument("--repair", action="store_true",
@@ -191,7 +192,8 @@ def headline(row: dict) -> str:
         return (f"lr {float(row['lr']):.3g}  eval {float(row['final_eval_loss']):.4f}  "
                 + (f"target after {int(float(row['tokens_to_target'])):,} tokens" if reached else "target not reached"))
     parts = [f"{float(row['tokens_per_s']):>9,.0f} tok/s", f"p50 {float(row['step_time_ms_p50']):7.1f} ms",
-             f"mem {float(row['peak_memory_bytes']) / 2**20:6.1f} MiB (pred {float(row['predicted_memory_bytes']) / 2**20:.1f})",
+             f"mem {float(row['peak_memory_bytes']) / 2**20:6.1f} MiB "
+             f"(pred {float(row['predicted_memory_bytes']) / 2**20:.1f})",
              f"loss {float(row['final_loss']):.4f}"]
     if row.get("parity_verdict"):
         parts.append(str(row["parity_verdict"]))
@@ -241,14 +243,16 @@ def _resolve_out(args) -> tuple[str, dict | None]:
                 saved = json.load(f)
             saved["plan"], saved["device"], saved["matrix"]
         except (ValueError, KeyError, TypeError) as e:
-            raise MatrixError(f"--resume: {plan_path} is corrupt ({e}); it cannot be finished, start a new sweep") from None
+            raise MatrixError(f"--resume: {plan_path} is corrupt ({e}); it cannot be finished, start a new "
+                              f"sweep") from None
         return os.path.realpath(out), saved
     if args.out:
         out = os.path.abspath(args.out)
         if os.path.exists(out) and not os.path.isdir(out):
             raise MatrixError(f"--out {args.out!r} is a file; pass a directory")
         if os.path.exists(os.path.join(out, "results.csv")):
-            raise MatrixError(f"--out {args.out!r} already holds results; add --resume to finish it or pick a new --out")
+            raise MatrixError(f"--out {args.out!r} already holds results; add --resume to finish it or pick a "
+                              f"new --out")
     else:
         name = os.path.splitext(os.path.basename(args.matrix or "default"))[0]
         out = os.path.join(RUNS, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{name}")
@@ -455,7 +459,8 @@ class _Runner:
                 with open(self.peak_cache_path) as f:
                     self.peak_cache = dict(json.load(f))
             except (ValueError, TypeError) as e:
-                raise MatrixError(f"{self.peak_cache_path} is corrupt ({e}); delete it (the peak is measured again)") from None
+                raise MatrixError(f"{self.peak_cache_path} is corrupt ({e}); delete it (the peak is measured "
+                                  f"again)") from None
         self.t_start, self.ran = time.monotonic(), 0
 
     def run(self, plan: list[dict]) -> None:

@@ -33,25 +33,39 @@ def _cfg(shape):
     return validate(TrainConfig(**shape))
 
 
-def llmopt_vs_hf(blocks: int = 4, steps_per_block: int = 4) -> dict:
+def hf_user_loop(cfg):
+    """GPT2LMHeadModel trained the way its users write it: torch's AdamW with its defaults,
+    ``model(input_ids=x, labels=x).loss``, backward, step; from llmopt's initial weights, on llmopt's tokens.
+    Returns ``step(i)``, which runs step i and returns its loss."""
     import torch
 
     from llmopt import GPT
-    from llmopt.step import build, micro_batches, train_step
+    from llmopt.step import build, micro_batches
+
+    state = build(cfg, torch.device("cpu"))  # only for the data source
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model_config).to_hf().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def step(i: int) -> float:
+        (x, _), = micro_batches(state, i)
+        opt.zero_grad()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def llmopt_vs_hf(blocks: int = 4, steps_per_block: int = 4) -> dict:
+    import torch
+
+    from llmopt.step import build, train_step
 
     cfg = _cfg(PEER_SHAPE)
     state = build(cfg, torch.device("cpu"))
-    torch.manual_seed(cfg.seed)
-    hf = GPT(cfg.model_config).to_hf().train()
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def hf_step(step):
-        (x, _), = micro_batches(state, step)
-        hf_opt.zero_grad()
-        loss = hf(input_ids=x, labels=x).loss
-        loss.backward()
-        hf_opt.step()
-        return loss.item()
+    hf_step = hf_user_loop(cfg)
 
     def ours(step):
         return train_step(state, step).loss.item()

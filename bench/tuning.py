@@ -65,7 +65,7 @@ def edge(rows: list[dict]) -> str | None:
 def winners(rows: list[dict], precision: str = "fp32") -> dict[str, dict]:
     """Per global batch (as a string): the best run over every optimizer and learning rate."""
     out: dict[str, dict] = {}
-    for (opt, batch, prec), g in groups(rows).items():
+    for (_, batch, prec), g in groups(rows).items():
         if prec != precision:
             continue
         b = best(g)
@@ -104,7 +104,7 @@ def followups(matrix: str, plan: list[dict], rows: list[dict]) -> list[dict]:
     if new:
         return new
     wins = winners(rows)
-    for batch, win in wins.items():
+    for win in wins.values():
         add(dict(by_id[win["config_id"]], precision="bf16"), "precision")
     if new or not wins:
         return new

@@ -13,15 +13,16 @@ import torch.distributed as dist
 from llmopt.data import build_source
 from llmopt.distributed.parallelize import build_model, gather_object
 from llmopt.distributed.speed import apply_speed_toggles
-from llmopt.optim import build_optimizer, build_scheduler
-from llmopt.metrics import Stopwatch
 from llmopt.engine import StepStats, TrainState, micro_batches
+from llmopt.metrics import Stopwatch
+from llmopt.optim import build_optimizer, build_scheduler
 
 MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 class AccelerateLayout:
-    """Just enough of llmopt's Layout for the CLI's bookkeeping (rank coordinates, gathering metrics)."""
+    """``llmopt.engine.Layout`` over Accelerate's prepared model: what the shared code needs (rank coordinates,
+    evals, the global loss, gathering metrics), nothing of the native step's."""
 
     def __init__(self, accelerator, model):
         self.accelerator, self.model = accelerator, model

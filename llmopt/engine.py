@@ -27,11 +27,29 @@ class StepStats:
     optimizer_time: Stopwatch | None = None  # the optimizer's update alone; read its ms() after the step's sync
 
 
+class Layout(Protocol):
+    """What the code every engine shares (the run loop, evals, ``--save``, the metrics) asks of a layout:
+    ``llmopt.distributed.parallelize.Layout`` (llmopt's step; it adds what the native step needs: forward and
+    backward over micro-batches, the gradient norm) and ``llmopt.accelerate_engine.AccelerateLayout``."""
+
+    model: torch.nn.Module    # what is trained (wrapped for the layout)
+    module: torch.nn.Module   # the unwrapped model
+    coord: dict               # this rank's coordinate per mesh dimension: {"pp": i, "dp": j, "tp": k}
+
+    def parameters(self): ...
+
+    def eval_loss(self, micro_batches, amp) -> torch.Tensor: ...
+
+    def global_loss(self, local: torch.Tensor) -> torch.Tensor: ...
+
+    def gather_object(self, local) -> list: ...
+
+
 @dataclass
 class TrainState:
     cfg: TrainConfig
     device: torch.device
-    layout: object            # llmopt.distributed.parallelize.Layout, or the Accelerate peer's stand-in
+    layout: Layout
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     source: object            # llmopt.data: MarkovSource, TextFileSource or PreparedSource
@@ -42,6 +60,7 @@ class TrainState:
     # otherwise idle until the loss is read; on CPU the work is the same either way, so it is off there).
     prefetch: bool = False
     prefetched: dict[int, list] = field(default_factory=dict)
+    accelerator: object | None = None      # the Accelerate peer's accelerate.Accelerator (None for llmopt's step)
 
     @property
     def model(self):

@@ -271,8 +271,8 @@ class ShardedAdafactor(torch.optim.Optimizer):
     def __init__(self, params, lr: float, **kw):
         super().__init__(params, dict(lr=lr, **kw))
         self._proxies = {p: nn.Parameter(torch.empty(0)) for g in self.param_groups for p in g["params"]}
-        inner_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [self._proxies[p] for p in g["params"]]}
-                        for g in self.param_groups]
+        inner_groups = [{**{k: v for k, v in g.items() if k != "params"},
+                         "params": [self._proxies[p] for p in g["params"]]} for g in self.param_groups]
         self._inner = torch.optim.Adafactor(inner_groups, lr=lr, **kw)
 
     @torch.no_grad()

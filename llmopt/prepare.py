@@ -322,7 +322,8 @@ def _make_dir(path: str, out_dir: str) -> str:
     try:
         os.makedirs(path)
     except OSError as e:
-        raise ValueError(f"--out {out_dir!r}: cannot create a directory there ({e.strerror}); choose another place") from None
+        raise ValueError(f"--out {out_dir!r}: cannot create a directory there ({e.strerror}); choose another "
+                         f"place") from None
     return path
 
 

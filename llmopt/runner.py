@@ -20,8 +20,16 @@ import torch.distributed as dist
 from llmopt.config import TrainConfig
 from llmopt.convergence import Convergence
 from llmopt.faults import maybe_fail
-from llmopt.metrics import (EnergyMeter, RunMetrics, StepTimer, measured_steps, peak_memory_bytes, peak_rss_bytes,
-                            percentile, reset_peak_memory)
+from llmopt.metrics import (
+    EnergyMeter,
+    RunMetrics,
+    StepTimer,
+    measured_steps,
+    peak_memory_bytes,
+    peak_rss_bytes,
+    percentile,
+    reset_peak_memory,
+)
 
 # Epoch seconds when the config was started (set by the harness, else at llmopt.train's entry): start-up is
 # measured from it to the rank's first line of work, so it covers imports and rank start-up.
@@ -236,7 +244,8 @@ def summarize(state, t: Timed, breakdown: dict | None, memory_step_s: float | No
         optimizer_ms=t.optimizer_ms, timing_warmup=t.warmup, step_time_ms_p50=percentile(times, 50),
         step_time_ms_p90=percentile(times, 90), optimizer_ms_p50=percentile(updates, 50),
         tokens_per_s=tokens * len(times) / (sum(times) / 1e3),
-        peak_memory_bytes=worst["peak"], peak_memory_kind=kind, peak_memory_bytes_per_rank=[r["peak"] for r in per_rank],
+        peak_memory_bytes=worst["peak"], peak_memory_kind=kind,
+        peak_memory_bytes_per_rank=[r["peak"] for r in per_rank],
         peak_rss_bytes=max(r["rss"] for r in per_rank), memory_breakdown=worst["breakdown"],
         memory_breakdown_per_rank=[r["breakdown"] for r in per_rank], predicted_memory=predict_memory(cfg).to_dict(),
         memory_step_s=memory_step_s, fp16_skipped_steps=t.fp16_skipped, diverged_at_step=t.diverged_at,
@@ -266,12 +275,14 @@ def step_line(step: int, loss: float, ms: float, stats) -> str:
 
 def eval_line(e, reached: bool) -> str:
     return (f"eval after {e.step} steps | loss {e.loss:.4f} | lr {e.lr:.3g}"
-            + (f" | B_simple {e.gns_b_simple:.1f}" if e.gns_b_simple else "") + (" | target reached" if reached else ""))
+            + (f" | B_simple {e.gns_b_simple:.1f}" if e.gns_b_simple else "")
+            + (" | target reached" if reached else ""))
 
 
 def done_line(m: RunMetrics, cfg: TrainConfig) -> str:
-    line = (f"done: {m.tokens_per_s:,.0f} tok/s (after {m.timing_warmup} warm-up steps), p50 {m.step_time_ms_p50:.1f} ms "
-            f"(optimizer {m.optimizer_ms_p50:.1f} ms), peak memory {m.peak_memory_bytes / 2**20:,.1f} MiB "
+    line = (f"done: {m.tokens_per_s:,.0f} tok/s (after {m.timing_warmup} warm-up steps), "
+            f"p50 {m.step_time_ms_p50:.1f} ms (optimizer {m.optimizer_ms_p50:.1f} ms), "
+            f"peak memory {m.peak_memory_bytes / 2**20:,.1f} MiB "
             f"({m.peak_memory_kind}), final loss {m.losses[-1]:.4f}")
     if cfg.precision == "fp16":
         line += f", fp16 skipped {m.fp16_skipped_steps}"

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args.prompt.encode("utf-8")
         except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach Python as lone surrogates
-            raise ValueError(f"--prompt holds a byte that is not UTF-8 text (at character {e.start}); pass text")
+            raise ValueError(f"--prompt holds a byte that is not UTF-8 text (at character {e.start}); "
+                             f"pass text") from None
         from llmopt.config import resolve_device
 
         device = torch.device(resolve_device(args.device))

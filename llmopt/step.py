@@ -11,8 +11,7 @@ import torch
 
 from llmopt.data import build_source
 from llmopt.distributed.parallelize import parallelize
-from llmopt.engine import (Engine, StepStats, TrainState, micro_batches,  # noqa: F401 (micro_batches: re-exported)
-                           prefetch_next, step_batches)
+from llmopt.engine import Engine, StepStats, TrainState, micro_batches, prefetch_next, step_batches  # noqa: F401 (micro_batches: re-exported)
 from llmopt.metrics import NoiseScale, Stopwatch
 from llmopt.optim import build_optimizer, build_scheduler
 from llmopt.precision import autocast, check_precision, fused_optimizer_ok, grad_scaler

@@ -15,7 +15,6 @@ import sys
 import time
 
 from llmopt.config import CHECKPOINT, TrainConfig, validate
-
 from llmopt.runner import EXIT_DIVERGED, EXIT_OOM, LAUNCH_T0_ENV, RunOptions, under_launcher  # noqa: F401
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from bench import advise
 from bench.advisor import layouts, probe
-from bench.results import row_config
 from bench.costmodel import GPUS, Hardware, Link, comm_bytes, predict_step, wire_bytes
+from bench.results import row_config
 from llmopt.config import TrainConfig, validate
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,8 +13,8 @@ import torch
 
 from bench.matrix import MatrixError, config_id, expand, layouts, load_toml, parse_filter
 from bench.results import RESULT_COLUMNS, STEP_COLUMNS
-from llmopt.config import TrainConfig
 from conftest import ROOT, processes_with
+from llmopt.config import TrainConfig
 
 REQUIRED = ["config_id", "status", "error", "model_impl", "preset", "device", "world_size", "dp", "dp_mode", "tp",
             "pp", "pp_schedule", "precision", "grad_accum", "micro_batch", "global_batch", "seq_len", "optimizer",
@@ -221,7 +221,8 @@ def test_timeout_kills_the_config(tmp_path):
 
 
 def test_resume_after_sigkill(tmp_path):
-    m = write_toml(tmp_path / "m.toml", "[base]\nsteps = 3\nseq_len = 16\n[matrix]\noptimizer = ['sgd', 'adam', 'adamw']\n")
+    m = write_toml(tmp_path / "m.toml",
+                   "[base]\nsteps = 3\nseq_len = 16\n[matrix]\noptimizer = ['sgd', 'adam', 'adamw']\n")
     out = tmp_path / "o"
     e = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "bench.run", "--matrix", m, "--out", str(out), "--no-report"],
@@ -373,7 +374,7 @@ def test_convergence_matrix_tunes_widens_and_reports(tmp_path, monkeypatch, caps
     assert ("### Seconds to target per layout" in report) == reached
     # every fp32 grid whose best lr sat at an edge got exactly one more lr beyond it
     from bench import tuning
-    for key, g in tuning.groups([r for r in rows if r["precision"] == "fp32"]).items():
+    for key in tuning.groups([r for r in rows if r["precision"] == "fp32"]):
         widened = [e for e in plan if e["phase"] == "widen" and str(e["config"]["global_batch"]) == key[1]]
         assert len(widened) <= 1
 
@@ -403,8 +404,9 @@ def test_targets_report_states_the_cpu_flags(tmp_path):
                                       "harness_overhead": o})).read()
     assert "native low-precision flags: avx512_bf16" in text and "**1.30x**" in text
     assert "Peers" not in text  # --peers-rounds 0
-    q = {"rounds": 3, "round_ratios": [1.2, 1.25, 1.4], "ratio": 1.25, "target": 1.3, "best_llmopt": "native/llmopt/fp32",
-         "best_hf": "accelerate/hf/fp32/compile", "best_tokens_per_s": {"llmopt": 125.0, "hf": 100.0}}
+    q = {"rounds": 3, "round_ratios": [1.2, 1.25, 1.4], "ratio": 1.25, "target": 1.3,
+         "best_llmopt": "native/llmopt/fp32", "best_hf": "accelerate/hf/fp32/compile",
+         "best_tokens_per_s": {"llmopt": 125.0, "hf": 100.0}}
     text = open(write(str(tmp_path), {"cpu_model": "Xeon", "cpu_flags": [], "llmopt_vs_hf": p,
                                       "harness_overhead": o, "peers": q})).read()
     assert "none (bf16 matmuls emulated)" in text

@@ -8,8 +8,8 @@ import torch
 
 from llmopt.config import TrainConfig, validate
 from llmopt.metrics import NoiseScale, gradient_noise_scale
-from llmopt.step import build, train_step
 from llmopt.runner import measure
+from llmopt.step import build, train_step
 
 CPU = torch.device("cpu")
 
@@ -143,13 +143,15 @@ def test_tuning_picks_by_tokens_then_loss_and_widens_edges_once():
     plan = [{"config_id": r["config_id"], "config": dict(base, optimizer=r["optimizer"], global_batch=r["global_batch"],
                                                          lr=r["lr"]), "phase": "grid"} for r in rows]
     more = tuning.followups("convergence", plan, rows)
-    assert [(e["phase"], e["config"]["optimizer"], e["config"]["lr"]) for e in more] == [("widen", "adamw", 9e-3 * LR_STEP)]
+    got = [(e["phase"], e["config"]["optimizer"], e["config"]["lr"]) for e in more]
+    assert got == [("widen", "adamw", 9e-3 * LR_STEP)]
     # once widened, the group is settled even if the new lr wins again; then the winner runs in bf16
     plan += more
     rows.append(_row("adamw", 4, 9e-3 * LR_STEP, tokens=200, final=0.9))
     rows[-1]["config_id"] = more[0]["config_id"]
     more = tuning.followups("convergence", plan, rows)
-    assert [(e["phase"], e["config"]["precision"], e["config"]["lr"]) for e in more] == [("precision", "bf16", 9e-3 * LR_STEP)]
+    got = [(e["phase"], e["config"]["precision"], e["config"]["lr"]) for e in more]
+    assert got == [("precision", "bf16", 9e-3 * LR_STEP)]
     assert tuning.followups("default", plan, rows) == []
     # then the winner's shape as throughput rows on each layout (no target, no evals)
     plan += more
@@ -157,4 +159,5 @@ def test_tuning_picks_by_tokens_then_loss_and_widens_edges_once():
     more = tuning.followups("convergence", plan, rows)
     assert {e["phase"] for e in more} == {"layouts"} and len(more) == len(tuning.LAYOUTS)
     assert all(e["config"]["target_gap"] == 0 and e["config"]["eval_every"] == 0 for e in more)
-    assert {(e["config"]["dp"], e["config"]["tp"], e["config"]["pp"]) for e in more} == {(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)}
+    layouts = {(e["config"]["dp"], e["config"]["tp"], e["config"]["pp"]) for e in more}
+    assert layouts == {(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)}

@@ -137,7 +137,8 @@ def test_two_runs_on_one_raw_corpus_at_once_both_train(tmp_path):
     env = dict(os.environ, LLMOPT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "llmopt.train", "--data", str(corpus), "--tokenizer", "train:500", "--steps", "1",
            "--seq-len", "16", "--global-batch", "2", "--quiet"]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     assert [rc for rc, _ in results] == [0, 0], results
     assert len(list((tmp_path / "cache" / "prepared").glob("corpus-*"))) == 1
@@ -156,7 +157,6 @@ def test_a_huge_single_line_trains_its_bpe_in_bounded_memory(tmp_path):
     """A single 6 MB line once took about 230 bytes of memory per character to train a BPE on (9.1 GB for
     47 MB, 1.7 GB here); pieces of a bounded size keep the whole prepare near a constant (about 300 MB)."""
     import random
-    import resource
     import subprocess
     import sys
 
@@ -164,8 +164,9 @@ def test_a_huge_single_line_trains_its_bpe_in_bounded_memory(tmp_path):
     words = [f"{w}{i}" for w in ("alpha", "beta", "gamma", "value", "self", "print") for i in range(50)]
     line = " ".join(rng.choice(words) for _ in range(900_000))
     (tmp_path / "big.txt").write_text(line + "\n\nA second paragraph.\n")
-    r = subprocess.run([sys.executable, "-c", "import resource, sys; from llmopt.prepare import main; rc = main(sys.argv[1:]); "
-                        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)",
+    code = ("import resource, sys; from llmopt.prepare import main; rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code,
                         str(tmp_path / "big.txt"), "--tokenizer", "train:512", "--out", str(tmp_path / "p"), "--quiet",
                         "--val-fraction", "0.5"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -42,7 +42,8 @@ def candidates(base: dict, world: int, precisions, allow_ac: bool = True) -> tup
         pp = world // (dp * tp)
         for mode, sched, prec, ga, ac in itertools.product(
                 ("ddp", "fsdp") if dp > 1 else ("ddp",), ("gpipe", "1f1b") if pp > 1 else ("1f1b",), precisions,
-                [g for g in _divisors(base["global_batch"]) if g <= MAX_GRAD_ACCUM], (False, True) if allow_ac else (False,)):
+                [g for g in _divisors(base["global_batch"]) if g <= MAX_GRAD_ACCUM],
+                (False, True) if allow_ac else (False,)):
             micro = base["global_batch"] // ga
             if micro % dp:
                 continue
@@ -184,7 +185,8 @@ def measure(top, base: dict, out: Path, steps: int, log=print):
     got = pd.read_csv(results)
     got = got[got.added_as_baseline.astype(str) != "True"]
     keys = list(LAYOUT_FIELDS)
-    merged = top.merge(got[keys + ["status", "tokens_per_s", "peak_memory_bytes", "parity_verdict"]], on=keys, how="left")
+    merged = top.merge(got[keys + ["status", "tokens_per_s", "peak_memory_bytes", "parity_verdict"]], on=keys,
+                       how="left")
     merged = merged.rename(columns={"tokens_per_s": "measured_tokens_per_s", "status": "measured_status",
                                     "parity_verdict": "measured_parity"})
     merged["measured_memory_gib"] = merged.pop("peak_memory_bytes") / GIB

@@ -144,7 +144,8 @@ def allreduce_probe(world: int = 2) -> Link:
     steps, frac = 2 * (world - 1), 2 * (world - 1) / world
     latency = t[small] / steps
     bandwidth = frac * big / max(t[big] - steps * latency, 1e-9)
-    return Link(bandwidth, latency, f"gloo on this machine (probed: {bandwidth / 1e9:.2f} GB/s, {latency * 1e6:.0f} us)")
+    return Link(bandwidth, latency,
+                f"gloo on this machine (probed: {bandwidth / 1e9:.2f} GB/s, {latency * 1e6:.0f} us)")
 
 
 def cpu_hardware(model, tokens: int, devices: int, memory: float | None, refresh: bool = False,
@@ -156,7 +157,8 @@ def cpu_hardware(model, tokens: int, devices: int, memory: float | None, refresh
     from bench.hardware import CPU_GEMM_TOKENS
 
     tokens = min(tokens, CPU_GEMM_TOKENS)
-    key = f"{cpu_model()}|{','.join(cpu_flags())}|{os.cpu_count()}|torch {torch.__version__}|C{model.n_embd}|V{model.vocab_size}|M{tokens}"
+    key = (f"{cpu_model()}|{','.join(cpu_flags())}|{os.cpu_count()}|torch {torch.__version__}"
+           f"|C{model.n_embd}|V{model.vocab_size}|M{tokens}")
     path = probe_cache_path()
     cache = {}
     if path.exists():

@@ -14,6 +14,7 @@ import contextlib
 
 import torch.nn as nn
 from torch.distributed._composable.replicate_with_fsdp import replicate  # private module: see the docstring;
+
 # its behaviour (DDP semantics under TP and PP) is pinned by tests/test_parity.py's dp2xtp2 and dp2xpp2 cases
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard

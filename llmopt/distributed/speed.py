@@ -3,6 +3,7 @@ TP -> activation checkpointing -> compile -> FSDP/DDP), so each wrapper sees the
 from __future__ import annotations
 
 import torch.nn as nn
+
 # A private module path, as torchtitan uses it: torch's distributed state-dict API (``--save``) strips this
 # wrapper's parameter prefix and FSDP2 wraps it per block; a wrapper of our own around the public
 # torch.utils.checkpoint would need both taught. Pinned by tests/test_toggles.py (checkpointing = eager

@@ -80,7 +80,8 @@ def test_layout_ddp2(benchmark, cli, tmp_path):
     benchmark.group = "layout"
     out = tmp_path / "m.json"
     args = ["-m", "llmopt.train", "--dp", "2", "--steps", "6", "--timing-warmup", "2", "--quiet",
-            "--memory-breakdown", "--metrics-out", str(out)] + [f"--{k.replace('_', '-')}={v}" for k, v in SHAPE.items()]
+            "--memory-breakdown", "--metrics-out", str(out)]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in SHAPE.items()]
 
     def run():
         r = cli(*args)
@@ -98,36 +99,18 @@ def test_layout_ddp2(benchmark, cli, tmp_path):
 PEER_SHAPE = dict(preset="mini", global_batch=8, seq_len=256, optimizer="adamw", lr=1e-3)  # 3e-3 spikes early here
 
 
-def hf_user_loop(cfg):
-    """GPT2LMHeadModel trained the way its users write it: torch's AdamW with its defaults,
-    ``model(input_ids=x, labels=x).loss``, backward, step. Same weights and tokens as llmopt's step."""
-    from llmopt import GPT
-    from llmopt.step import micro_batches
-
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model_config).to_hf().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = build(cfg, torch.device("cpu"))  # only for the data source
-    steps = itertools.count()
-
-    def one_step():
-        (x, _), = micro_batches(state, next(steps))
-        opt.zero_grad()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    return one_step
-
-
 @pytest.mark.parametrize("impl", ["llmopt-step", "llmopt-step-compiled", "hf-user-loop"])
 def test_peer(benchmark, impl):
     """The compiled case times llmopt's step with --compile at the peers' shape (warm-up round = compile)."""
     benchmark.group = "peers (mini: 4 layers, width 256, seq 256, vocab 8192, batch 8, AdamW)"
     cfg = validate(TrainConfig(**PEER_SHAPE, compile=impl.endswith("compiled")))
     if impl == "hf-user-loop":
-        one_step = hf_user_loop(cfg)
+        from bench.targets import hf_user_loop
+
+        step, steps = hf_user_loop(cfg), itertools.count()
+
+        def one_step():
+            return step(next(steps))
     else:
         state = build(cfg, torch.device("cpu"))
         steps = itertools.count()

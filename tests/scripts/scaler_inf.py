@@ -1,7 +1,8 @@
 """Run under torchrun: fp16 steps where one rank's gradient holds an inf after the data-parallel sync.
 
-argv: OUT_DIR and the layout as key=value pairs (dp=2 dp_mode=fsdp, tp=2, pp=2). Writes OUT_DIR/rank<N>.json with each step's skip flag and scale, and a checksum of
-the parameters before and after the poisoned step (test_toggles.py reads them)."""
+argv: OUT_DIR and the layout as key=value pairs (dp=2 dp_mode=fsdp, tp=2, pp=2). Writes OUT_DIR/rank<N>.json
+with each step's skip flag and scale, and a checksum of the parameters before and after the poisoned step
+(test_toggles.py reads them)."""
 import json
 import os
 import sys
