@@ -50,7 +50,9 @@ def test_named_matrices_expand_and_validate():
     assert any(e["config"]["dp"] * e["config"]["tp"] * e["config"]["pp"] > 1 for e in smoke)
     full = expand("full", "cpu", 4)
     n_layouts = len(layouts(4))
-    assert len([e for e in full if not e["added_as_baseline"]]) == n_layouts * 3 * 2 * 4
+    # every layout x precision x accumulation x the four elementwise-or-norm optimizers, and Muon and Adafactor on
+    # the five baseline layouts
+    assert len([e for e in full if not e["added_as_baseline"]]) == n_layouts * 3 * 2 * 4 + 5 * 3 * 2 * 2
     assert all(e["config"]["dp"] * e["config"]["tp"] * e["config"]["pp"] <= 4 for e in full)
     ids = [e["config_id"] for e in full]
     assert len(ids) == len(set(ids))
