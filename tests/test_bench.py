@@ -252,13 +252,14 @@ def test_resume_after_sigkill(tmp_path):
     assert len(steps) == 3 * 3 and all(s["step"] != "99" for s in steps)
 
 
-def test_bench_cli_errors_are_one_line(tmp_path):
+def test_bench_cli_errors_are_one_line(tmp_path, capsys):
+    from bench.run import main
+
     for args in (["--matrix", "nosuch"], ["--filter", "nosuch=1"], ["--steps", "0"],
                  ["--matrix", str(tmp_path / "missing.toml")], ["--resume", "--out", str(tmp_path)]):
-        r = bench(*args)
-        assert r.returncode == 2, args
-        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:"), r.stderr
-        assert "Traceback" not in r.stderr
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
 
 
 def test_existing_results_are_never_overwritten(sweep):

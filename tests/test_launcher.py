@@ -24,10 +24,10 @@ MATRIX = "[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0
 HEALTHY = "[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0, 4]\n"
 
 
-def bench(*args, env=None, timeout=600):
+def bench(*args, env=None, timeout=600, report=False):
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "bench.run", "--no-report", *args], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "bench.run", *([] if report else ["--no-report"]), *args], cwd=ROOT,
+                          env=e, capture_output=True, text=True, timeout=timeout)
 
 
 def rows(out) -> list[dict]:
@@ -43,16 +43,31 @@ def losses(out) -> dict[str, list[float]]:
         return by
 
 
-def test_faulty_configs_touch_no_healthy_one(tmp_path):
+def test_faulty_configs_touch_no_healthy_one(tmp_path, capsys):
     """A segfault, a hang past --timeout and an allocation until SIGKILL, between two healthy configs: the
-    healthy rows are those of a sweep without the faulty ones, each fault has its status, nothing is left."""
+    healthy rows are those of a sweep without the faulty ones, each fault has its status, nothing is left. And
+    the sweep still gets its report: rows without metrics once crashed it (no report.md, no counts line, exit
+    1 even for oom); the resume and bench.report render it the same way."""
+    from bench.report import main as report_main
+    from bench.run import main as run_main
+
     (tmp_path / "all.toml").write_text(MATRIX)
     (tmp_path / "healthy.toml").write_text(HEALTHY)
     token = uuid.uuid4().hex
-    r = bench("--matrix", str(tmp_path / "all.toml"), "--out", str(tmp_path / "all"), "--timeout", "20",
-              env={"LLMOPT_FAIL_AT": FAULTS, "LLMOPT_TEST_TOKEN": token})
-    assert r.returncode == 1, r.stderr[-2000:]  # failed and timeout rows: the sweep says so
+    r = bench("--matrix", str(tmp_path / "all.toml"), "--out", str(tmp_path / "all"), "--timeout", "12",
+              env={"LLMOPT_FAIL_AT": FAULTS, "LLMOPT_TEST_TOKEN": token}, report=True)
+    assert r.returncode == 1, r.stderr[-2000:]  # failed and timeout rows: the sweep says so (README's rule)
+    assert r.stdout.strip().splitlines()[-1] == "bench: ok 2, failed 1, timeout 1, oom 1", r.stdout[-800:]
     assert processes_with(token) == []
+    report = (tmp_path / "all" / "report.md").read_text()
+    not_ok = report.split("## Not ok", 1)[1]
+    assert [s in not_ok for s in ("| failed |", "| oom |", "| timeout |")] == [True] * 3
+    assert "## Time to quality" not in report  # no run here had a target
+    os.remove(tmp_path / "all" / "report.md")
+    assert run_main(["--resume", "--out", str(tmp_path / "all")]) == 1  # in this process: nothing left to run
+    assert (tmp_path / "all" / "report.md").read_text() == report
+    assert report_main([str(tmp_path / "all")]) == 0 and (tmp_path / "all" / "report.md").read_text() == report
+    capsys.readouterr()
     clean = bench("--matrix", str(tmp_path / "healthy.toml"), "--out", str(tmp_path / "healthy"))
     assert clean.returncode == 0, clean.stderr[-2000:]
     got = {row["seed"]: row for row in rows(tmp_path / "all")}

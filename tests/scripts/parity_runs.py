@@ -57,9 +57,11 @@ def ranks(argv: list[str]) -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     out_dir, pairs = argv[0], argv[1:]
+    evaluated = set()
     for pair in pairs:
         layout, optimizer = pair.split(":")
-        result = run(config(layout, optimizer), evals=optimizer == "adamw")  # evals are forward only: once
+        result = run(config(layout, optimizer), evals=layout not in evaluated)  # forward only: once per layout
+        evaluated.add(layout)
         if dist.get_rank() == 0:
             torch.save(result, os.path.join(out_dir, f"{pair}.pt"))
     dist.barrier()
