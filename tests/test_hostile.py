@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, bench_here
 
 TINY = "[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n"
 
@@ -222,7 +222,7 @@ def test_a_stray_carriage_return_is_an_unreadable_line_not_a_traceback(done_swee
 def test_relative_paths_are_taken_from_where_the_command_ran(tmp_path):
     (tmp_path / "corpus.txt").write_text("hello relative world. " * 200)
     (tmp_path / "m.toml").write_text(TINY + "data = 'corpus.txt'\n[matrix]\noptimizer = ['adamw']\n")
-    r = bench("--matrix", "m.toml", "--out", "rel-out", "--no-report", cwd=tmp_path)
+    r = bench_here("--matrix", "m.toml", "--out", "rel-out", "--no-report", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     (row,) = list(csv.DictReader(open(tmp_path / "rel-out" / "results.csv")))
     assert row["status"] == "ok" and row["data"] == str(tmp_path / "corpus.txt")
@@ -230,9 +230,8 @@ def test_relative_paths_are_taken_from_where_the_command_ran(tmp_path):
 
 def test_exit_status_is_1_when_a_config_failed_and_the_error_is_not_the_command(tmp_path):
     (tmp_path / "m.toml").write_text(TINY + "[matrix]\noptimizer = ['adamw']\n")
-    e = dict(os.environ, OMP_NUM_THREADS="1", LLMOPT_FAIL_AT="0:1:exit", PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, "-m", "bench.run", "--matrix", str(tmp_path / "m.toml"), "--out",
-                        str(tmp_path / "o"), "--no-report"], cwd=ROOT, env=e, capture_output=True, text=True)
+    r = bench_here("--matrix", tmp_path / "m.toml", "--out", tmp_path / "o", "--no-report",
+                   env={"LLMOPT_FAIL_AT": "0:1:exit"})
     assert r.returncode == 1 and r.stdout.strip().splitlines()[-1] == "bench: failed 1", r.stdout[-500:]
     (row,) = list(csv.DictReader(open(tmp_path / "o" / "results.csv")))
     assert row["status"] == "failed" and not row["error"].startswith("$") and "llmopt.train" not in row["error"]
@@ -284,7 +283,7 @@ def test_terminating_the_sweep_stops_the_running_config(tmp_path, sig, dp):
     (tmp_path / "m.toml").write_text(f"[base]\nsteps = 100000\nseq_len = 16\nglobal_batch = 4\n[matrix]\ndp = [{dp}]\n")
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     p = subprocess.Popen([sys.executable, "-m", "bench.run", "--matrix", str(tmp_path / "m.toml"), "--out",
-                          str(tmp_path / "o"), "--no-report", "--timeout", "15"], cwd=ROOT, env=e,
+                          str(tmp_path / "o"), "--no-report", "--timeout", "6"], cwd=ROOT, env=e,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     want = 2 if dp == 1 else 4  # the sweep's launcher and the config's process (and its two ranks)
     _wait_for(lambda: len(_descendants(p.pid)) >= want or None, timeout=60)
