@@ -1,6 +1,5 @@
 """The layout advisor: its memory is the harness's, its communication volumes are the hand-computed ones,
 impossible requests are one-line errors, and the matrix it emits runs through the harness unchanged."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from bench import advise
 from bench.advisor import layouts, probe
 from bench.costmodel import GPUS, Hardware, Link, comm_bytes, predict_step, wire_bytes
 from bench.results import row_config
+from conftest import bench_here
 from llmopt.config import TrainConfig, validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,16 +119,18 @@ def test_gpt2_xl_on_eight_h100_names_a_layout_that_fits(tmp_path):
     assert (tmp_path / "plots" / "advise.png").stat().st_size > 0
 
 
-def test_emitted_matrix_runs_through_the_harness_unchanged(tmp_path):
-    env = dict(os.environ, LLMOPT_CACHE=str(tmp_path / "cache"))
+def test_emitted_matrix_runs_through_the_harness_unchanged(tmp_path, monkeypatch, capsys):
+    """In this process, with this CPU's probe replaced by fixed figures (what is under test is the matrix)."""
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(probe, "allreduce_probe", lambda world=2: Link(1e9, 1e-4, "fixed for the test"))
+    monkeypatch.setattr(probe, "peak_flops", lambda *a, **k: (1e11, "fixed for the test"))
     matrix = tmp_path / "top.toml"
-    r = _advise("--preset", "tiny", "--device", "cpu", "--devices", "2", "--global-batch", "8", "--seq-len", "64",
-                "--emit-matrix", str(matrix), "--measure-steps", "3", "--out", str(tmp_path / "a"), env=env)
-    assert r.returncode == 0, r.stderr
+    rc = advise.main(["--preset", "tiny", "--device", "cpu", "--devices", "2", "--global-batch", "8", "--seq-len",
+                      "64", "--emit-matrix", str(matrix), "--measure-steps", "3", "--out", str(tmp_path / "a")])
+    assert rc == 0, capsys.readouterr().err
     top = pd.read_csv(tmp_path / "a" / "advise.csv")
     assert top.iloc[0].fits == "yes" and matrix.read_text().count("[[config]]") == 5
-    run = subprocess.run([sys.executable, "-m", "bench.run", "--matrix", str(matrix), "--out", str(tmp_path / "run"),
-                          "--no-report"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    run = bench_here("--matrix", matrix, "--out", tmp_path / "run", "--no-report")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rows = pd.read_csv(tmp_path / "run" / "results.csv")
     emitted = rows[rows.added_as_baseline.astype(str) == "False"]

@@ -19,9 +19,12 @@ from conftest import ROOT, bench_here, processes_with
 pytestmark = pytest.mark.multiprocess
 
 # Five configs told apart by seed: seeds 1-3 carry a fault (LLMOPT_FAIL_AT's fourth field), 0 and 4 are healthy.
-FAULTS = "0:1:segv:1,0:1:hang:2,0:1:alloc:3"
-MATRIX = "[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0, 1, 2, 3, 4]\n"
-HEALTHY = "[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0, 4]\n"
+# The hanging one has two ranks and only rank 1 hangs (rank 0 then waits in its all-reduce): a timeout must take
+# both; its single-process baseline (added by the plan, seed 2, one rank) is healthy.
+FAULTS = "0:1:segv:1,1:1:hang:2,0:1:alloc:3"
+MATRIX = ("[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n" + "".join(
+    f"[[config]]\nseed = {s}\n" + ("dp = 2\n" if s == 2 else "") for s in range(5)))
+HEALTHY = "[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0, 2, 4]\n"
 
 
 def bench(*args, env=None, timeout=600, report=False):
@@ -57,7 +60,7 @@ def test_faulty_configs_touch_no_healthy_one(tmp_path, capsys):
     r = bench("--matrix", str(tmp_path / "all.toml"), "--out", str(tmp_path / "all"), "--timeout", "12",
               env={"LLMOPT_FAIL_AT": FAULTS, "LLMOPT_TEST_TOKEN": token}, report=True)
     assert r.returncode == 1, r.stderr[-2000:]  # failed and timeout rows: the sweep says so (README's rule)
-    assert r.stdout.strip().splitlines()[-1] == "bench: ok 2, failed 1, timeout 1, oom 1", r.stdout[-800:]
+    assert r.stdout.strip().splitlines()[-1] == "bench: ok 3, failed 1, timeout 1, oom 1", r.stdout[-800:]
     assert processes_with(token) == []
     report = (tmp_path / "all" / "report.md").read_text()
     not_ok = report.split("## Not ok", 1)[1]
@@ -70,14 +73,16 @@ def test_faulty_configs_touch_no_healthy_one(tmp_path, capsys):
     capsys.readouterr()
     clean = bench("--matrix", str(tmp_path / "healthy.toml"), "--out", str(tmp_path / "healthy"))
     assert clean.returncode == 0, clean.stderr[-2000:]
-    got = {row["seed"]: row for row in rows(tmp_path / "all")}
-    assert [row["seed"] for row in rows(tmp_path / "all")] == ["0", "1", "2", "3", "4"]  # plan order kept
-    assert got["1"]["status"] == "failed" and got["1"]["error"] == "killed by SIGSEGV", got["1"]
-    assert got["2"]["status"] == "timeout" and "--timeout" in got["2"]["error"]
-    assert got["3"]["status"] == "oom" and "SIGKILL" in got["3"]["error"]
+    got = {(row["seed"], row["world_size"]): row for row in rows(tmp_path / "all")}
+    plan = json.loads((tmp_path / "all" / "plan.json").read_text())["plan"]
+    assert [row["config_id"] for row in rows(tmp_path / "all")] == [e["config_id"] for e in plan]  # order kept
+    assert len(got) == 6 and ("2", "2") in got  # five configs and the two-rank one's baseline
+    assert got["1", "1"]["status"] == "failed" and got["1", "1"]["error"] == "killed by SIGSEGV", got["1", "1"]
+    assert got["2", "2"]["status"] == "timeout" and "--timeout" in got["2", "2"]["error"]
+    assert got["3", "1"]["status"] == "oom" and "SIGKILL" in got["3", "1"]["error"]
     ref, seen = losses(tmp_path / "healthy"), losses(tmp_path / "all")
     for row in rows(tmp_path / "healthy"):
-        assert got[row["seed"]]["status"] == row["status"] == "ok"
+        assert got[row["seed"], "1"]["status"] == row["status"] == "ok"
         assert seen[row["config_id"]] == ref[row["config_id"]]  # bit for bit: same process path, same seed
 
 
@@ -137,7 +142,7 @@ def test_resume_after_sigkill_under_each_executor(tmp_path, executor):
     if executor != "local":
         pytest.importorskip("submitit")
     m = tmp_path / "m.toml"
-    m.write_text("[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0, 1, 2, 3]\n")
+    m.write_text("[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0, 1, 2]\n")
     out, token = tmp_path / "o", uuid.uuid4().hex
     e = dict(os.environ, OMP_NUM_THREADS="1", LLMOPT_TEST_TOKEN=token, LLMOPT_FAIL_AT="0:1:hang:1")
     proc = subprocess.Popen([sys.executable, "-m", "bench.run", "--matrix", str(m), "--out", str(out), "--no-report",
@@ -155,12 +160,12 @@ def test_resume_after_sigkill_under_each_executor(tmp_path, executor):
     while processes_with(token) and time.time() < deadline:
         time.sleep(0.2)
     assert processes_with(token) == []  # nothing left running from the killed sweep
-    r = bench("--resume", "--out", str(out), "--executor", executor)
+    r = bench_here("--resume", "--out", out, "--executor", executor, "--no-report")
     assert r.returncode == 0, r.stderr[-2000:]
     after = rows(out)
-    assert len(after) == 4 and len({row["config_id"] for row in after}) == 4
+    assert len(after) == 3 and len({row["config_id"] for row in after}) == 3
     assert {row["status"] for row in after} == {"ok"} and after[:1] == before
-    assert sorted(len(c) for c in losses(out).values()) == [3] * 4  # no steps duplicated either
+    assert sorted(len(c) for c in losses(out).values()) == [3] * 3  # no steps duplicated either
 
 
 def test_slots_pack_gpus_and_split_cores():
@@ -197,13 +202,13 @@ def test_slurm_parameters_follow_the_world_size():
 
 
 def test_slurm_without_a_cluster_is_one_line(tmp_path):
-    r = bench("--matrix", "smoke", "--out", str(tmp_path / "o"), "--executor", "slurm",
-              env={"PATH": "/usr/bin:/bin"})
+    r = bench_here("--matrix", "smoke", "--out", tmp_path / "o", "--executor", "slurm",
+                   env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and r.stderr.startswith("error: --executor slurm: no sbatch"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     for args in (["--jobs", "0"], ["--slurm-option", "novalue", "--executor", "slurm"],
                  ["--slurm-partition", "gpu"]):
-        r = bench("--matrix", "smoke", "--out", str(tmp_path / "p"), *args)
+        r = bench_here("--matrix", "smoke", "--out", tmp_path / "p", *args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, args
 
 

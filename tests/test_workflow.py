@@ -326,7 +326,9 @@ def test_a_matrix_with_init_and_no_preset_runs(tmp_path, tiny_hf, text_file, cli
     --preset checkpoint, which llmopt.train refuses, and every config failed)."""
     (tmp_path / "m.toml").write_text(f"[base]\ninit = 'hf:{tiny_hf}'\ndata = '{text_file}'\nsteps = 2\n"
                                      "seq_len = 32\nglobal_batch = 4\n[matrix]\noptimizer = ['adamw']\n")
-    r = cli("-m", "bench.run", "--matrix", str(tmp_path / "m.toml"), "--out", str(tmp_path / "o"), "--no-report")
+    from conftest import bench_here
+
+    r = bench_here("--matrix", tmp_path / "m.toml", "--out", tmp_path / "o", "--no-report")
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "bench: ok 1", r.stdout[-2000:]
 
 
