@@ -17,7 +17,8 @@ work=$(mktemp -d)
 start=$SECONDS
 budget=${GPU_CHECK_SECONDS:-420}
 if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
-  device=cpu; gpu=dryrun; mfu=${GPU_CHECK_MFU_MATRIX:?}; grid=${GPU_CHECK_GRID_MATRIX:?}; peers=smoke; ngpu=0
+  device=cpu; gpu=dryrun; mfu=${GPU_CHECK_MFU_MATRIX:?}; grid=${GPU_CHECK_GRID_MATRIX:?}; ngpu=0
+  peers=${GPU_CHECK_PEERS_MATRIX:-smoke}
 else
   device=cuda; mfu=scripts/gpu_mfu.toml; grid=scripts/gpu_grid.toml; peers=peers
   gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).split()[-1].lower())")

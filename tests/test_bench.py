@@ -13,7 +13,7 @@ import torch
 
 from bench.matrix import MatrixError, config_id, expand, layouts, load_toml, parse_filter
 from bench.results import RESULT_COLUMNS, STEP_COLUMNS
-from conftest import ROOT, processes_with
+from conftest import ROOT, bench_here, processes_with
 from llmopt.config import TrainConfig
 
 REQUIRED = ["config_id", "status", "error", "model_impl", "preset", "device", "world_size", "dp", "dp_mode", "tp",
@@ -50,7 +50,9 @@ def test_named_matrices_expand_and_validate():
     assert any(e["config"]["dp"] * e["config"]["tp"] * e["config"]["pp"] > 1 for e in smoke)
     full = expand("full", "cpu", 4)
     n_layouts = len(layouts(4))
-    assert len([e for e in full if not e["added_as_baseline"]]) == n_layouts * 3 * 2 * 4
+    # every layout x precision x accumulation x the four elementwise-or-norm optimizers, and Muon and Adafactor on
+    # the five baseline layouts
+    assert len([e for e in full if not e["added_as_baseline"]]) == n_layouts * 3 * 2 * 4 + 5 * 3 * 2 * 2
     assert all(e["config"]["dp"] * e["config"]["tp"] * e["config"]["pp"] <= 4 for e in full)
     ids = [e["config_id"] for e in full]
     assert len(ids) == len(set(ids))
@@ -125,7 +127,7 @@ def sweep(tmp_path_factory):
     m = write_toml(d / "m.toml", "[base]\nsteps = 3\nseq_len = 32\n[matrix]\ndp = [1, 2]\n"
                                  "precision = ['fp32', 'bf16']\ntp = [1, 3]\n")
     out = d / "out"
-    r = bench("--matrix", m, "--out", str(out))
+    r = bench_here("--matrix", m, "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 
@@ -194,7 +196,7 @@ def test_compare_prints_ratios(sweep, cli):
 def test_failures_become_rows_and_leave_no_process(tmp_path):
     m = write_toml(tmp_path / "m.toml", "[base]\nsteps = 4\nseq_len = 16\nglobal_batch = 2\nmax_grad_norm = 0.0\n"
                                         "optimizer = 'sgd'\n[matrix]\nlr = [1e4, 0.1]\ndp = [1, 2]\n")
-    r = bench("--matrix", m, "--out", str(tmp_path / "o"), "--no-report", env={"LLMOPT_FAIL_AT": "1:1:raise"})
+    r = bench_here("--matrix", m, "--out", str(tmp_path / "o"), "--no-report", env={"LLMOPT_FAIL_AT": "1:1:raise"})
     assert r.returncode == 1, r.stderr[-2000:]  # a config failed: the sweep says so
     rows = {(row["lr"], row["dp"]): row for row in read_csv(tmp_path / "o" / "results.csv")}
     assert rows[("10000", "1")]["status"] == "diverged" and "diverged" in rows[("10000", "1")]["error"]
@@ -202,7 +204,7 @@ def test_failures_become_rows_and_leave_no_process(tmp_path):
     assert "injected failure on rank 1" in rows[("0.1", "2")]["error"]
     assert rows[("0.1", "1")]["status"] == "ok"
     # --retry failed runs the failed config again (now without the injected fault); nothing else changes
-    r = bench("--resume", "--out", str(tmp_path / "o"), "--no-report", "--retry", "failed")
+    r = bench_here("--resume", "--out", str(tmp_path / "o"), "--no-report", "--retry", "failed")
     assert r.returncode == 0, r.stderr[-2000:]
     after = {(row["lr"], row["dp"]): row for row in read_csv(tmp_path / "o" / "results.csv")}
     assert after.keys() == rows.keys() and after[("0.1", "2")]["status"] == "ok"
@@ -250,19 +252,20 @@ def test_resume_after_sigkill(tmp_path):
     assert len(steps) == 3 * 3 and all(s["step"] != "99" for s in steps)
 
 
-def test_bench_cli_errors_are_one_line(tmp_path):
+def test_bench_cli_errors_are_one_line(tmp_path, capsys):
+    from bench.run import main
+
     for args in (["--matrix", "nosuch"], ["--filter", "nosuch=1"], ["--steps", "0"],
                  ["--matrix", str(tmp_path / "missing.toml")], ["--resume", "--out", str(tmp_path)]):
-        r = bench(*args)
-        assert r.returncode == 2, args
-        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:"), r.stderr
-        assert "Traceback" not in r.stderr
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
 
 
 def test_existing_results_are_never_overwritten(sweep):
     out, _ = sweep
     before = (out / "results.csv").read_text()
-    r = bench("--matrix", "smoke", "--out", str(out))
+    r = bench_here("--matrix", "smoke", "--out", str(out))
     assert r.returncode == 2 and "--resume" in r.stderr
     assert (out / "results.csv").read_text() == before
 
@@ -338,7 +341,7 @@ def test_a_diverged_learning_rate_is_a_row_and_the_sweep_goes_on(tmp_path):
                                         "max_grad_norm = 0.0\neval_every = 3\neval_batches = 1\n"
                                         "[matrix]\nlr = [300.0, 0.1]\n")
     out = tmp_path / "out"
-    r = bench("--matrix", m, "--out", str(out), "--no-report")
+    r = bench_here("--matrix", m, "--out", str(out), "--no-report")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {float(x["lr"]): x for x in read_csv(out / "results.csv")}
     assert rows[300.0]["status"] == "diverged" and "diverged at step" in rows[300.0]["error"]
@@ -401,14 +404,14 @@ def test_peers_rounds_run_each_config_in_its_own_process_in_alternating_order(tm
                                                    "native/llmopt/fp32"]  # the second round runs backwards
 
 
-def test_kernels_measures_the_choices_llmopt_makes(tmp_path, cli):
+def test_kernels_measures_the_choices_llmopt_makes(tmp_path, capsys):
     import pandas as pd
     import torch
 
+    from bench.kernels import main
     from llmopt.model import explicit_attention
 
-    r = cli("-m", "bench.kernels", "--reps", "1", "--out", str(tmp_path))
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert main(["--reps", "1", "--out", str(tmp_path)]) == 0  # in this process, as its command line calls it
     rows = pd.read_csv(tmp_path / "kernels.csv")
     att = rows[rows.kernel == "attention"]
     assert len(att) == 10 and (att.explicit_ms > 0).all() and (att.sdpa_ms > 0).all()
@@ -417,7 +420,7 @@ def test_kernels_measures_the_choices_llmopt_makes(tmp_path, cli):
         assert (a.llmopt_uses == "explicit") == explicit_attention("cpu", dtype, int(a["T"]))
     assert (rows[rows.kernel == "head"].fused_ms > 0).all()
     assert "native low-precision flags" in (tmp_path / "kernels.md").read_text()
-    assert cli("-m", "bench.kernels", "--reps", "0").returncode == 2
+    assert main(["--reps", "0"]) == 2
 
 
 def test_the_argv_a_config_runs_with_parses_back_to_the_config():

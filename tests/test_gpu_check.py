@@ -21,7 +21,8 @@ def test_dry_run_packs_each_run_into_out(tmp_path):
     (tmp_path / "grid.toml").write_text(tiny.replace("precision = ['bf16']", "optimizer = ['adamw', 'sgd']"))
     out = tmp_path / "out"
     env = dict(os.environ, GPU_CHECK_DRY_RUN="1", OUT=str(out), OMP_NUM_THREADS="1",
-               GPU_CHECK_MFU_MATRIX=str(tmp_path / "mfu.toml"), GPU_CHECK_GRID_MATRIX=str(tmp_path / "grid.toml"))
+               GPU_CHECK_MFU_MATRIX=str(tmp_path / "mfu.toml"), GPU_CHECK_GRID_MATRIX=str(tmp_path / "grid.toml"),
+               GPU_CHECK_PEERS_MATRIX=str(tmp_path / "mfu.toml"))  # the peers' sweep path, on one config
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])

@@ -14,7 +14,7 @@ import pytest
 
 from bench.executors import ExecutorError, Slot, Slots, config_env, resolve_jobs, slurm_parameters
 from bench.results import RESULT_COLUMNS
-from conftest import ROOT, processes_with
+from conftest import ROOT, bench_here, processes_with
 
 pytestmark = pytest.mark.multiprocess
 
@@ -24,10 +24,10 @@ MATRIX = "[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0
 HEALTHY = "[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0, 4]\n"
 
 
-def bench(*args, env=None, timeout=600):
+def bench(*args, env=None, timeout=600, report=False):
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "bench.run", "--no-report", *args], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "bench.run", *([] if report else ["--no-report"]), *args], cwd=ROOT,
+                          env=e, capture_output=True, text=True, timeout=timeout)
 
 
 def rows(out) -> list[dict]:
@@ -43,16 +43,31 @@ def losses(out) -> dict[str, list[float]]:
         return by
 
 
-def test_faulty_configs_touch_no_healthy_one(tmp_path):
+def test_faulty_configs_touch_no_healthy_one(tmp_path, capsys):
     """A segfault, a hang past --timeout and an allocation until SIGKILL, between two healthy configs: the
-    healthy rows are those of a sweep without the faulty ones, each fault has its status, nothing is left."""
+    healthy rows are those of a sweep without the faulty ones, each fault has its status, nothing is left. And
+    the sweep still gets its report: rows without metrics once crashed it (no report.md, no counts line, exit
+    1 even for oom); the resume and bench.report render it the same way."""
+    from bench.report import main as report_main
+    from bench.run import main as run_main
+
     (tmp_path / "all.toml").write_text(MATRIX)
     (tmp_path / "healthy.toml").write_text(HEALTHY)
     token = uuid.uuid4().hex
-    r = bench("--matrix", str(tmp_path / "all.toml"), "--out", str(tmp_path / "all"), "--timeout", "20",
-              env={"LLMOPT_FAIL_AT": FAULTS, "LLMOPT_TEST_TOKEN": token})
-    assert r.returncode == 1, r.stderr[-2000:]  # failed and timeout rows: the sweep says so
+    r = bench("--matrix", str(tmp_path / "all.toml"), "--out", str(tmp_path / "all"), "--timeout", "12",
+              env={"LLMOPT_FAIL_AT": FAULTS, "LLMOPT_TEST_TOKEN": token}, report=True)
+    assert r.returncode == 1, r.stderr[-2000:]  # failed and timeout rows: the sweep says so (README's rule)
+    assert r.stdout.strip().splitlines()[-1] == "bench: ok 2, failed 1, timeout 1, oom 1", r.stdout[-800:]
     assert processes_with(token) == []
+    report = (tmp_path / "all" / "report.md").read_text()
+    not_ok = report.split("## Not ok", 1)[1]
+    assert [s in not_ok for s in ("| failed |", "| oom |", "| timeout |")] == [True] * 3
+    assert "## Time to quality" not in report  # no run here had a target
+    os.remove(tmp_path / "all" / "report.md")
+    assert run_main(["--resume", "--out", str(tmp_path / "all")]) == 1  # in this process: nothing left to run
+    assert (tmp_path / "all" / "report.md").read_text() == report
+    assert report_main([str(tmp_path / "all")]) == 0 and (tmp_path / "all" / "report.md").read_text() == report
+    capsys.readouterr()
     clean = bench("--matrix", str(tmp_path / "healthy.toml"), "--out", str(tmp_path / "healthy"))
     assert clean.returncode == 0, clean.stderr[-2000:]
     got = {row["seed"]: row for row in rows(tmp_path / "all")}
@@ -68,10 +83,10 @@ def test_faulty_configs_touch_no_healthy_one(tmp_path):
 
 def test_jobs_two_gives_the_rows_of_jobs_one(tmp_path):
     m = tmp_path / "m.toml"
-    m.write_text("[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\noptimizer = ['sgd', 'adamw']\n"
+    m.write_text("[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\noptimizer = ['adamw']\n"
                  "dp = [1, 2]\n")
-    one, two = bench("--matrix", str(m), "--out", str(tmp_path / "one")), \
-        bench("--matrix", str(m), "--out", str(tmp_path / "two"), "--jobs", "2")
+    one = bench_here("--matrix", m, "--out", tmp_path / "one", "--no-report")
+    two = bench_here("--matrix", m, "--out", tmp_path / "two", "--no-report", "--jobs", "2")
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert [r["config_id"] for r in a] == [r["config_id"] for r in b]  # same rows, same order
@@ -87,31 +102,30 @@ def test_jobs_two_gives_the_rows_of_jobs_one(tmp_path):
     assert "Figures taken concurrently" in open(write_report(str(tmp_path / "two"))).read()
 
 
-def test_submitit_local_runs_the_smoke_matrix(tmp_path):
-    pytest.importorskip("submitit")
-    r = bench("--matrix", "smoke", "--out", str(tmp_path / "o"), "--executor", "submitit-local")
-    assert r.returncode == 0, r.stderr[-3000:]
-    with open(tmp_path / "o" / "results.csv") as f:
-        assert next(csv.reader(f)) == RESULT_COLUMNS
-    got = rows(tmp_path / "o")
-    assert len(got) == 5 and {row["status"] for row in got} == {"ok"}
-    assert all(float(row["tokens_per_s"]) > 0 and 0 < float(row["mfu"]) <= 1 for row in got)
-    assert {row["parity_verdict"] for row in got} <= {"baseline", "exact"}
-    for row in got:  # the job id is in the config's log, and the job's own files under the sweep
-        assert "# submitit job " in (tmp_path / "o" / "logs" / f"{row['config_id']}.log").read_text()
-    assert (tmp_path / "o" / "submitit").is_dir()
-
-
-def test_submitit_local_timeout_leaves_nothing(tmp_path):
+def test_submitit_local_runs_configs_and_times_one_out_leaving_nothing(tmp_path):
+    """The SLURM path through submitit's local executor: a single-process config, 2-rank data and tensor
+    parallel ones (the smoke matrix's layouts) with the schema's columns and figures, and a config hanging past
+    --timeout: a timeout row, and no process left."""
     pytest.importorskip("submitit")
     m = tmp_path / "m.toml"
-    m.write_text("[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0, 1]\n")
+    m.write_text("[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[[config]]\nseed = 0\n[[config]]\ndp = 2\n"
+                 "[[config]]\ntp = 2\n[[config]]\nseed = 1\n")
     token = uuid.uuid4().hex
-    r = bench("--matrix", str(m), "--out", str(tmp_path / "o"), "--executor", "submitit-local", "--timeout", "15",
+    r = bench("--matrix", str(m), "--out", str(tmp_path / "o"), "--executor", "submitit-local", "--timeout", "12",
               env={"LLMOPT_FAIL_AT": "0:1:hang:1", "LLMOPT_TEST_TOKEN": token})
-    assert r.returncode == 1, r.stderr[-2000:]
-    got = {row["seed"]: row for row in rows(tmp_path / "o")}
-    assert got["0"]["status"] == "ok" and got["1"]["status"] == "timeout" and "--timeout" in got["1"]["error"]
+    assert r.returncode == 1, r.stderr[-3000:]  # the timeout: the sweep says so
+    with open(tmp_path / "o" / "results.csv") as f:
+        assert next(csv.reader(f)) == RESULT_COLUMNS
+    got = {(row["seed"], row["dp"], row["tp"]): row for row in rows(tmp_path / "o")}
+    hung = got[("1", "1", "1")]
+    assert len(got) == 4 and hung["status"] == "timeout" and "--timeout" in hung["error"]
+    ok = [row for key, row in got.items() if key != ("1", "1", "1")]
+    assert {row["status"] for row in ok} == {"ok"}
+    assert all(float(row["tokens_per_s"]) > 0 and 0 < float(row["mfu"]) <= 1 for row in ok)
+    assert {row["parity_verdict"] for row in ok} <= {"baseline", "exact"}
+    for row in got.values():  # the job id is in the config's log, and the job's own files under the sweep
+        assert "# submitit job " in (tmp_path / "o" / "logs" / f"{row['config_id']}.log").read_text()
+    assert (tmp_path / "o" / "submitit").is_dir()
     assert processes_with(token) == []
 
 

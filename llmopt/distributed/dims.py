@@ -51,8 +51,16 @@ class ParallelDims:
                              f"launch {self.world_size} ranks (torchrun --nproc-per-node) or change the degrees")
 
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
-        """The 3-D mesh over the current process group, or None for a single process."""
+        """The 3-D mesh over the current process group, or None for a single process. Built once per shape and
+        process group: each build creates a process group per mesh dimension (seconds with gloo on a busy
+        CPU), and a process that builds several layouts of one world (tests/scripts/parity_runs.py) reuses it."""
         if not dist.is_initialized():
             return None
         self.check_world(dist.get_world_size())
-        return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIMS)
+        key = (device_type, self.pp, self.dp, self.tp, id(dist.group.WORLD))
+        if key not in _MESHES:
+            _MESHES[key] = init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIMS)
+        return _MESHES[key]
+
+
+_MESHES: dict[tuple, DeviceMesh] = {}

@@ -79,6 +79,7 @@ def ranks(argv: list[str]) -> int:
         with open(argv[0], "w") as f:
             json.dump(out, f)
     dist.barrier()
+    dist.destroy_process_group()  # as llmopt.runner does: a rank that leaves first must not abort the others
     return 0
 
 
