@@ -280,4 +280,5 @@ def test_convergence_matrix_end_to_end_and_a_resumed_sweep_adds_the_same_runs(tm
            [(e["config_id"], e["phase"], e["config"]["seed"]) for e in plan]
     again = {r["config_id"]: r for r in csv.DictReader(open(cut / "results.csv"))}
     assert again.keys() == {r["config_id"] for r in rows}
-    assert all(again[r["config_id"]]["final_eval_loss"] == r["final_eval_loss"] for r in rows if r["phase"] != "layouts")
+    trained = [r for r in rows if r["phase"] != "layouts"]
+    assert all(again[r["config_id"]]["final_eval_loss"] == r["final_eval_loss"] for r in trained)
