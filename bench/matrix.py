@@ -53,24 +53,43 @@ PEERS_SHAPE = {"cpu": dict(preset="mini", seq_len=256, global_batch=8, optimizer
                "cuda": dict(preset="gpt2", seq_len=1024, global_batch=16, optimizer="adamw", steps=12)}
 
 
-# Convergence: time to a target loss on the generated data, whose floor is known. One token budget for every
-# run (bigger batches take fewer steps), warm-up then cosine decay, evals on the same 64 held-out sequences
-# every 16k tokens, and the gradient noise scale from two accumulation micro-batches. Sized so that
-# `convergence` finishes in about 20 minutes on a 2-core CPU; results/README.md says what was measured.
+# Convergence: which optimizer reaches a loss first, measured the way careful optimizer studies do (Wen et al.
+# 2025): every loss compared is measured at the end of a completed learning-rate schedule. A ladder of budgets
+# (LADDER, fractions of max_tokens), each its own run with its own full schedule: each point is an ordinary
+# run (no checkpoint or branch machinery), resumable and independent, for about 1.75x the longest run's tokens.
+# Phases (plan entries carry theirs; tuning.followups adds the later ones from the rows):
+#   grid     every optimizer x batch x learning rate (LR_MULTIPLES of LR_CENTRE) at the whole budget, seed 0,
+#            with evals every EVAL_EVERY_TOKENS (also the old method's first crossing, for comparison)
+#   widen    one more learning rate beyond a grid's edge where the best (lowest end-of-budget eval loss) sits
+#   ladder   the best learning rate of each optimizer and batch (a finalist) at every budget and seed
+#   precision, layouts   the winners in bf16, and their shape's step time per layout
+# The target loss is chosen in the report from these rows (AdamW's mean end-of-budget loss at the middle
+# budget), so runs never stop early. Sized so that `convergence` finishes in about 20 minutes on a 2-core CPU.
 CONVERGENCE_BASE = {
-    "cpu": dict(preset="tiny-v256", seq_len=64, max_tokens=2**18, lr_schedule="cosine", grad_accum=2, gns=True,
-                target_gap=0.3),
-    "cuda": dict(preset="mini", seq_len=256, max_tokens=2**22, lr_schedule="cosine", grad_accum=2, gns=True,
-                 target_gap=0.3),
+    "cpu": dict(preset="tiny-v256", seq_len=64, max_tokens=2**17, lr_schedule="cosine", grad_accum=2, gns=True),
+    "cuda": dict(preset="mini", seq_len=256, max_tokens=2**22, lr_schedule="cosine", grad_accum=2, gns=True),
 }
 CONVERGENCE_BATCHES = {"convergence": (4, 16, 64), "convergence-full": (2, 4, 8, 16, 32, 64, 128)}
+# Real text: the Python standard library's sources with a BPE trained on them (prepared once into the cache,
+# offline), at two model sizes 4x apart in non-embedding parameters (tiny: 0.79M, mini: 3.2M), one batch size.
+TEXT_BASE = {"cpu": dict(data="python-stdlib", tokenizer="train:4096", seq_len=128, max_tokens=2**19,
+                         lr_schedule="cosine", grad_accum=1),
+             "cuda": dict(data="python-stdlib", tokenizer="train:4096", seq_len=256, max_tokens=2**24,
+                          lr_schedule="cosine", grad_accum=1)}
+TEXT_SIZES = ("tiny", "mini")
+TEXT_BATCH = 16
 # The learning-rate grid: the same multiples of each optimizer's centre, log-spaced by LR_STEP.
 LR_STEP = 3.0
-LR_MULTIPLES = {"convergence": (1 / 9, 1 / 3, 1, 3), "convergence-full": (1 / 27, 1 / 9, 1 / 3, 1, 3, 9)}
-LR_CENTRE = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3, "lamb": 1e-2}
+LR_MULTIPLES = {"convergence": (1 / 3, 1, 3), "convergence-full": (1 / 9, 1 / 3, 1, 3, 9),
+                "convergence-text": (1 / 3, 1, 3)}
+# Each optimizer's centre, measured for it on the generated data (tiny-v256, batch 16, 2^18 tokens, cosine),
+# never borrowed from another: results/README.md, "Learning-rate centres"
+LR_CENTRE = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3, "lamb": 1e-2, "muon": 1e-2, "adafactor": 1e-1}
+LADDER = (1 / 4, 1 / 2, 1)     # budgets, as fractions of max_tokens
+SEEDS = (0, 1, 2)              # the finalists' seeds (each seed draws both the initial weights and the data)
 EVAL_EVERY_TOKENS = 2**14
 EVAL_SEQUENCES = 64
-CONVERGENCE = tuple(CONVERGENCE_BATCHES)
+CONVERGENCE = (*CONVERGENCE_BATCHES, "convergence-text")
 
 
 # The layouts every optimizer and speed toggle is shown on: one process, and each 2-rank layout once
@@ -79,14 +98,26 @@ BASE_LAYOUTS = (dict(), dict(dp=2), dict(dp=2, dp_mode="fsdp"), dict(tp=2), dict
 WRAPPED_OPTIMIZERS = ("muon", "adafactor")
 
 
-def convergence_run(device: str, batch: int, **fields) -> dict:
-    """One convergence config at global batch ``batch``: warm-up over the first 5% of its steps, evals every
-    EVAL_EVERY_TOKENS on the first EVAL_SEQUENCES held-out sequences (the same set at every batch size)."""
-    base = CONVERGENCE_BASE[device]
-    tokens = batch * base["seq_len"]
-    steps = -(-base["max_tokens"] // tokens)
-    return dict(base, global_batch=batch, steps=steps, lr_warmup=max(1, steps // 20),
-                eval_every=max(1, EVAL_EVERY_TOKENS // tokens), eval_batches=max(1, EVAL_SEQUENCES // batch), **fields)
+def convergence_run(device: str, batch: int, base: dict | None = None, **fields) -> dict:
+    """One tuning run at global batch ``batch`` over the whole budget (``base``'s max_tokens; by default the
+    device's CONVERGENCE_BASE), with its complete schedule (warm-up over its first 5% of steps, decay to its
+    last step) and an eval every EVAL_EVERY_TOKENS on the first EVAL_SEQUENCES held-out sequences (the same set
+    at every batch size)."""
+    base = dict(base or CONVERGENCE_BASE[device], global_batch=batch, **fields)
+    cfg = at_budget(base, 1, base.get("seed", 0))
+    return dict(cfg, eval_every=max(1, EVAL_EVERY_TOKENS // (batch * base["seq_len"])),
+                eval_batches=max(1, EVAL_SEQUENCES // batch))
+
+
+def at_budget(cfg: dict, fraction: float, seed: int) -> dict:
+    """``cfg`` (a whole-budget run) at ``fraction`` of its budget and with ``seed``: its own complete schedule
+    over fewer steps (warm-up over the first 5%), and an eval only before the first and after the last step:
+    the end-of-budget loss is all a ladder point needs."""
+    max_tokens = int(cfg["max_tokens"] * fraction)
+    steps = -(-max_tokens // (cfg["global_batch"] * cfg["seq_len"]))
+    every = cfg.get("eval_every") if fraction == 1 and seed == cfg.get("seed", 0) else steps
+    return dict(cfg, max_tokens=max_tokens, steps=steps, lr_warmup=max(1, steps // 20), eval_every=every or steps,
+                seed=seed)
 
 
 def layouts(max_ranks: int, degrees=(2,)) -> list[dict]:
@@ -128,10 +159,13 @@ def _named(name: str, device: str, max_ranks: int) -> list[dict]:
                 if not (t.get("optimizer_impl") and l)]  # optimizer kernels: single process is enough
     if name == "optimizers":  # every optimizer on every baseline layout: its step's share, memory, parity
         return [dict(l, optimizer=o) for l in BASE_LAYOUTS for o in OPTIMIZERS]
+    if name == "convergence-text":
+        return [convergence_run(device, TEXT_BATCH, base=dict(TEXT_BASE[device], preset=size), optimizer=o,
+                                lr=LR_CENTRE[o] * m)
+                for size in TEXT_SIZES for o in OPTIMIZERS for m in LR_MULTIPLES[name]]
     if name in CONVERGENCE:
         return [convergence_run(device, b, optimizer=o, lr=LR_CENTRE[o] * m)
-                for o in ("sgd", "adam", "adamw", "lamb") for b in CONVERGENCE_BATCHES[name]
-                for m in LR_MULTIPLES[name]]
+                for o in OPTIMIZERS for b in CONVERGENCE_BATCHES[name] for m in LR_MULTIPLES[name]]
     if name == "full":
         return ([dict(l, precision=p, grad_accum=g, optimizer=o)
                  for l in layouts(max_ranks) for p in PRECISIONS for g in (1, 2)

@@ -165,71 +165,94 @@ def _floor(ax, conv: pd.DataFrame) -> None:
         ax.axhline(float(floor.iloc[0]), color="black", linestyle="--", linewidth=1)
 
 
-def eval_curves(conv: pd.DataFrame, best: pd.DataFrame, evals: pd.DataFrame, x: str, path: str) -> str:
-    """Eval loss against tokens (or training seconds) of the best learning rate per optimizer, one panel per
-    global batch (fp32; dashed: the entropy floor)."""
-    ids = best[best.precision == "fp32"][["config_id", "optimizer", "global_batch"]]
-    d = evals.merge(ids, on="config_id")
-    batches = sorted(ids.global_batch.unique())
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.8), sharey=True, squeeze=False)
-    for ax, b in zip(axes[0], batches):
-        sns.lineplot(data=d[d.global_batch == b], x=x, y="loss", hue="optimizer", marker="o", markersize=3,
-                     ax=ax, linewidth=1.2)
-        _floor(ax, conv)
-        ax.set(title=f"batch {int(b)}", xlabel="tokens" if x == "tokens" else "training seconds",
-               ylabel="eval loss (nats/token)")
-        ax.legend(fontsize=7)
-    fig.suptitle("Eval loss of each optimizer's best learning rate (dashed: entropy floor)")
+def _panels(keys: list[tuple]) -> tuple:
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.9), sharey=False, squeeze=False)
+    return fig, axes[0]
+
+
+def budget_curves(lad: pd.DataFrame, target: dict, path: str) -> str:
+    """End-of-budget eval loss against the budget in tokens, per optimizer: the mean over seeds, with the band
+    between the lowest and highest seed; the target dashed. One panel per model and batch size."""
+    keys = sorted(target)
+    fig, axes = _panels(keys)
+    for ax, key in zip(axes, keys):
+        g = lad[(lad.preset == key[0]) & (lad.global_batch == key[1])]
+        for opt, o in g.groupby("optimizer"):
+            by = o.groupby("max_tokens").final_eval_loss
+            line, = ax.plot(by.mean().index, by.mean().values, marker="o", markersize=3, label=opt)
+            ax.fill_between(by.min().index, by.min().values, by.max().values, alpha=0.2, color=line.get_color())
+        ax.axhline(target[key], color="black", linestyle="--", linewidth=1, label="target")
+        ax.set(xscale="log", title=f"{key[0]}, batch {int(key[1])}", xlabel="budget (tokens)",
+               ylabel="end-of-budget eval loss")
+        ax.legend(fontsize=6)
+    fig.suptitle("End-of-budget loss vs budget (band: the seeds' range)")
     return _save(fig, path)
 
 
-def tokens_to_target(best: pd.DataFrame, path: str) -> str | None:
-    """Tokens to target against global batch, log-log, per optimizer; perfect scaling (tokens constant) from
-    the smallest batch's winner, and the measured B_simple marked."""
-    d = best[(best.precision == "fp32") & best.tokens_to_target.notna()]
-    if d.empty:
+def speedup_vs_size(fs: pd.DataFrame, sizes: dict, path: str) -> str | None:
+    """Each optimizer's speed-up over AdamW (AdamW's tokens to target over its own) against the model's
+    non-embedding parameters, with its standard deviation; one line per optimizer and batch size."""
+    from bench import stats
+
+    rows = []
+    for (preset, batch), g in fs.groupby(["preset", "global_batch"]):
+        adamw = g[g.optimizer == "adamw"]
+        if adamw.empty or not adamw.iloc[0].all_reached:
+            continue
+        for _, r in g[g.all_reached & (g.optimizer != "adamw")].iterrows():
+            v, sd = stats.ratio(stats.mean_std(adamw.iloc[0].tokens), stats.mean_std(r.tokens))
+            rows.append({"optimizer": f"{r.optimizer} (b{int(batch)})", "params": sizes[preset][1], "speedup": v,
+                         "sd": sd})
+    d = pd.DataFrame(rows)
+    if d.empty or d.params.nunique() < 2:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    sns.lineplot(data=d, x="global_batch", y="tokens_to_target", hue="optimizer", marker="o", ax=ax)
-    first = d[d.global_batch == d.global_batch.min()].tokens_to_target.min()
-    ax.axhline(first, color="grey", linestyle=":", linewidth=1, label="perfect scaling")
-    gns = pd.to_numeric(d.gns_b_simple, errors="coerce").dropna()
-    if len(gns):
-        ax.axvline(float(gns.median()), color="black", linestyle="--", linewidth=1,
-                   label=f"B_simple (median) {gns.median():.1f}")
-    ax.set(xscale="log", yscale="log", xlabel="global batch (sequences)", ylabel="tokens to target",
-           title="Tokens to target vs batch size (flat = perfect scaling)")
+    for name, o in d.groupby("optimizer"):
+        o = o.sort_values("params")
+        ax.errorbar(o.params, o.speedup, yerr=o.sd, marker="o", capsize=3, label=name)
+    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    ax.set(xscale="log", xlabel="non-embedding parameters", ylabel="speed-up over AdamW (tokens to target)",
+           title="Speed-up over AdamW vs model size (error bars: one standard deviation over seeds)")
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def tuning_curves(conv: pd.DataFrame, path: str) -> str:
-    """Final eval loss against learning rate, per optimizer, one panel per global batch (diverged: x)."""
-    d = conv[conv.precision == "fp32"].copy()
-    batches = sorted(d.global_batch.unique())
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.8), sharey=True, squeeze=False)
-    for ax, b in zip(axes[0], batches):
-        g = d[d.global_batch == b]
-        sns.lineplot(data=g[g.status == "ok"], x="lr", y="final_eval_loss", hue="optimizer", marker="o", ax=ax)
+def tuning_curves(conv: pd.DataFrame, lad: pd.DataFrame, target: dict, path: str) -> str:
+    """End-of-budget eval loss at the largest budget against the learning rate, per optimizer (seed 0), with
+    each finalist's mean and standard deviation over seeds as an error bar; not-ok runs as x. One panel per
+    model and batch size."""
+    keys = sorted(target)
+    fig, axes = _panels(keys)
+    top = conv.max_tokens.max()
+    for ax, key in zip(axes, keys):
+        g = conv[(conv.preset == key[0]) & (conv.global_batch == key[1]) & (conv.precision == "fp32")
+                 & conv.phase.isin(["grid", "widen"])]
+        for opt, o in g[g.status == "ok"].sort_values("lr").groupby("optimizer"):
+            line, = ax.plot(o.lr, o.final_eval_loss, marker="o", markersize=3, label=opt)
+            f = lad[(lad.preset == key[0]) & (lad.global_batch == key[1]) & (lad.optimizer == opt)
+                    & (lad.max_tokens == lad[(lad.preset == key[0]) & (lad.global_batch == key[1])].max_tokens.max())]
+            if len(f) > 1:
+                ax.errorbar([f.lr.iloc[0]], [f.final_eval_loss.mean()], yerr=[f.final_eval_loss.std()],
+                            color=line.get_color(), capsize=4, marker="s", markersize=5)
         bad = g[g.status != "ok"]
-        if not bad.empty:
-            ax.scatter(bad.lr, [d.final_eval_loss.max()] * len(bad), marker="x", color="red", label="not ok")
-        _floor(ax, conv)
-        ax.set(xscale="log", title=f"batch {int(b)}", xlabel="learning rate", ylabel="final eval loss")
-        ax.legend(fontsize=7)
-    fig.suptitle("Tuning curves: final eval loss vs learning rate")
+        if not bad.empty and g.final_eval_loss.notna().any():
+            ax.scatter(bad.lr, [g.final_eval_loss.max()] * len(bad), marker="x", color="red", label="not ok")
+        ax.set(xscale="log", title=f"{key[0]}, batch {int(key[1])}", xlabel="learning rate",
+               ylabel=f"end-of-budget loss ({int(top):,} tokens)")
+        ax.legend(fontsize=6)
+    fig.suptitle("Tuning curves (squares: the finalist's mean over seeds, one standard deviation)")
     return _save(fig, path)
 
 
-def quality_plots(conv: pd.DataFrame, best: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> dict[str, str]:
+def quality_plots(conv: pd.DataFrame, lad: pd.DataFrame, fs: pd.DataFrame, target: dict, sizes: dict,
+                  plot_dir: str) -> dict[str, str]:
     os.makedirs(plot_dir, exist_ok=True)
-    out = {"Eval loss vs tokens": eval_curves(conv, best, evals, "tokens", os.path.join(plot_dir, "eval_tokens.png")),
-           "Eval loss vs training seconds": eval_curves(conv, best, evals, "train_seconds",
-                                                        os.path.join(plot_dir, "eval_seconds.png")),
-           "Tuning curves": tuning_curves(conv, os.path.join(plot_dir, "tuning.png"))}
-    scaling = tokens_to_target(best, os.path.join(plot_dir, "tokens_to_target.png"))
-    if scaling:
-        out["Tokens to target vs batch size"] = scaling
+    out = {"End-of-budget loss vs budget, over seeds": budget_curves(lad, target,
+                                                                     os.path.join(plot_dir, "budgets.png")),
+           "Tuning curves": tuning_curves(conv, lad, target, os.path.join(plot_dir, "tuning.png"))}
+    speed = speedup_vs_size(fs, sizes, os.path.join(plot_dir, "speedup_vs_size.png"))
+    if speed:
+        out["Speed-up over AdamW vs model size"] = speed
     return out
 
 

@@ -1,6 +1,16 @@
-"""The report's "Time to quality" section: what each optimizer, batch size and precision buys in steps,
-tokens and seconds to a target loss, its learning-rate tuning, the batch-size scaling against the measured
-gradient noise scale, and, where the same directory holds throughput rows, seconds to target per layout.
+"""The report's "Time to quality" section: which optimizer reaches a loss first, answered as careful optimizer
+studies answer it (Wen et al. 2025; modded-nanogpt's record rules; AlgoPerf):
+
+* only losses measured at the end of a completed learning-rate schedule count: each finalist (the best
+  learning rate of a model, optimizer and batch size) runs at a ladder of budgets, each with its own full
+  schedule, and the tokens at which it would reach the target are interpolated between the two budgets whose
+  end-of-budget losses bracket it (``bench.stats.tokens_to_target``; never extrapolated);
+* over seeds (each seed draws the initial weights and the data order): mean and standard deviation, and a
+  winner only where Welch's t-test puts its lead at p < 0.05 against every other optimizer, else a tie;
+* the target: AdamW's mean end-of-budget loss at the middle budget, per model and batch size (so AdamW's
+  tokens to target sit near that budget by construction, and every speed-up is over AdamW's tokens);
+* the old method beside the new for every finalist: the first eval at or below the target during the
+  whole-budget run, whose cosine schedule is still high there.
 
 Every sentence is computed from the rows (results.csv, evals.csv); nothing is prewritten.
 """
@@ -10,20 +20,24 @@ import os
 
 import pandas as pd
 
-from bench import tuning
+from bench import stats, tuning
 from bench.markdown import fmt, md_table
 from bench.matrix import layout_name
 
+SIGNIFICANCE = 0.05  # Welch's two-sided p below which a lead counts
+
 
 def has_target(results: pd.DataFrame) -> pd.Series:
-    """Rows of runs given a target (a loss, or a gap above the entropy floor): convergence runs, whether they
-    finished or not. A target of 0 means none (rows of older sweeps carry it on failed runs)."""
+    """Rows of runs given a target (a loss, or a gap above the entropy floor): convergence runs of sweeps made
+    before the ladder, whether they finished or not. A target of 0 means none."""
     return (results.target_loss > 0) | (results.target_gap > 0)
 
 
 def convergence_rows(results: pd.DataFrame) -> pd.DataFrame:
-    """Rows of convergence runs, skipped ones left out."""
-    return results[has_target(results) & (results.status != "skipped")].copy()
+    """Rows of a convergence matrix (tuning, ladder and precision phases), skipped ones left out."""
+    phase = results.phase if "phase" in results else pd.Series("", index=results.index)
+    mask = phase.isin(["grid", "widen", "ladder", "precision"]) | (phase.fillna("").eq("") & has_target(results))
+    return results[mask & (results.status != "skipped")].copy()
 
 
 def _records(df: pd.DataFrame) -> list[dict]:
@@ -31,9 +45,10 @@ def _records(df: pd.DataFrame) -> list[dict]:
 
 
 def best_runs(conv: pd.DataFrame) -> pd.DataFrame:
-    """The best run of each (optimizer, global batch, precision), with its grid's edge status."""
+    """The best tuning run of each (preset, optimizer, global batch, precision), with its grid's edge status."""
+    tune = conv[conv.phase.isin(tuning.TUNING)] if "phase" in conv else conv
     out = []
-    for g in tuning.groups(_records(conv)).values():
+    for g in tuning.groups(_records(tune)).values():
         b = dict(tuning.best(g))
         b["edge"] = tuning.edge(g)
         b["lrs_tried"] = len(g)
@@ -41,151 +56,279 @@ def best_runs(conv: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-EDGE_NOTE = {"low": " (grid's lowest)", "high": " (grid's highest)"}
+def ladder(conv: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
+    """Every ok fp32 run of each finalist (its best learning rate), at every budget and seed: columns preset,
+    optimizer, global_batch, lr, max_tokens, seed, final_eval_loss."""
+    keys = ["preset", "optimizer", "global_batch", "lr"]
+    fin = best[(best.precision == "fp32") & (best.status == "ok")][keys]
+    runs = conv[(conv.precision == "fp32") & (conv.status == "ok")]
+    return runs.merge(fin, on=keys)[keys + ["max_tokens", "seed", "final_eval_loss", "config_id"]]
 
 
-def _batch_table(best: pd.DataFrame, batch: int) -> str:
-    d = best[(best.global_batch == batch) & (best.precision == "fp32")].copy()
-    d["_key"] = [tuning.rank_key(r) for r in _records(d)]
-    d = d.sort_values("_key")
-    rows = []
-    for i, (_, r) in enumerate(d.iterrows()):
-        rows.append({"optimizer": r.optimizer + (" **(winner)**" if i == 0 and r.status == "ok" else ""),
-                     "best lr": f"{r.lr:.3g}" + EDGE_NOTE.get(r.edge, ""),
-                     "steps to target": fmt(r.steps_to_target, ".0f", "not reached"),
-                     "tokens to target": fmt(r.tokens_to_target, ",.0f", "—"),
-                     "seconds to target": fmt(r.seconds_to_target, ".1f", "—"),
-                     "final eval loss": fmt(r.final_eval_loss, ".4f"),
-                     "B_simple": fmt(r.gns_b_simple, ".1f"), "status": r.status})
-    return md_table(pd.DataFrame(rows))
-
-
-def scaling_sentences(best: pd.DataFrame) -> list[str]:
-    """Per batch size, which optimizer reached the target first; between consecutive batch sizes, how much
-    of the perfect (linear) reduction in steps the winner kept."""
-    out = []
-    wins = tuning.winners(_records(best))
-    batches = sorted(wins, key=float)
-    for b in batches:
-        w = wins[b]
-        if w.get("status") != "ok":
-            out.append(f"At batch {b} no run finished (the best-ranked ended {w.get('status')}: "
-                       f"{w.get('error') or 'no error recorded'}); see \"Not ok\".")
-        elif w.get("tokens_to_target") is None:
-            out.append(f"At batch {b} no optimizer reached the target within the budget; the lowest final eval "
-                       f"loss was {w['optimizer']}'s {float(w['final_eval_loss']):.4f} (lr {float(w['lr']):.3g}).")
-        else:
-            out.append(f"At batch {b}, {w['optimizer']} reached the target first: {int(w['steps_to_target'])} "
-                       f"steps, {int(w['tokens_to_target']):,} tokens, {float(w['seconds_to_target']):.1f} s "
-                       f"(lr {float(w['lr']):.3g}).")
-    for small, big in zip(batches, batches[1:]):
-        s, g = wins[small], wins[big]
-        if s.get("steps_to_target") is None or g.get("status") != "ok":
-            continue
-        factor = float(big) / float(small)
-        if g.get("steps_to_target") is None:
-            out.append(f"From batch {small} to {big} scaling stopped paying: the larger batch did not reach the "
-                       f"target in the same token budget.")
-            continue
-        fell = float(s["steps_to_target"]) / float(g["steps_to_target"])
-        verdict = "scaling still paid" if fell >= 0.5 * factor else "scaling stopped paying"
-        out.append(f"From batch {small} to {big} ({factor:g}x) the steps to target fell {fell:.2f}x "
-                   f"({fell / factor:.0%} of perfect scaling): {verdict}.")
-    gns = pd.to_numeric(best[best.precision == "fp32"].gns_b_simple, errors="coerce").dropna()
-    if len(gns):
-        out.append(f"The measured gradient noise scale B_simple (McCandlish et al. 2018) of the best runs ranges "
-                   f"{gns.min():.1f}–{gns.max():.1f} sequences at their last eval: batches well above it waste "
-                   f"samples, well below it waste steps.")
+def targets(lad: pd.DataFrame) -> dict[tuple, float]:
+    """(preset, batch) -> the target: AdamW's mean end-of-budget loss at the middle budget of the ladder
+    (without AdamW, the median over the optimizers of their means there)."""
+    out = {}
+    for (preset, batch), g in lad.groupby(["preset", "global_batch"]):
+        budgets = sorted(g.max_tokens.unique())
+        middle = g[g.max_tokens == budgets[len(budgets) // 2]]
+        means = middle.groupby("optimizer").final_eval_loss.mean()
+        out[(preset, batch)] = float(means["adamw"]) if "adamw" in means else float(means.median())
     return out
 
 
-def precision_table(best: pd.DataFrame) -> str:
+def finalist_stats(lad: pd.DataFrame, target: dict) -> pd.DataFrame:
+    """Per finalist: its end-of-budget loss at the largest budget and its tokens to target, each seed's and
+    their mean and standard deviation."""
     rows = []
-    for (opt, batch), g in best.groupby(["optimizer", "global_batch"]):
-        if set(g.precision) >= {"fp32", "bf16"}:
-            f32, b16 = g[g.precision == "fp32"].iloc[0], g[g.precision == "bf16"].iloc[0]
-            rows.append({"optimizer": opt, "batch": batch, "lr": f"{b16.lr:.3g}",
-                         "fp32 tokens to target": fmt(f32.tokens_to_target, ",.0f", "not reached"),
-                         "bf16 tokens to target": fmt(b16.tokens_to_target, ",.0f", "not reached"),
-                         "fp32 s to target": fmt(f32.seconds_to_target, ".1f", "—"),
-                         "bf16 s to target": fmt(b16.seconds_to_target, ".1f", "—"),
-                         "fp32 final eval": fmt(f32.final_eval_loss, ".4f"),
-                         "bf16 final eval": fmt(b16.final_eval_loss, ".4f")})
+    for (preset, opt, batch, lr), g in lad.groupby(["preset", "optimizer", "global_batch", "lr"]):
+        top = g.max_tokens.max()
+        end = g[g.max_tokens == top].sort_values("seed")
+        crossings = {}
+        for seed, s in g.groupby("seed"):
+            crossings[seed] = stats.tokens_to_target(list(s.max_tokens), list(s.final_eval_loss),
+                                                     target[(preset, batch)])
+        reached = [c.tokens for c in crossings.values() if c.tokens is not None]
+        rows.append({"preset": preset, "optimizer": opt, "global_batch": batch, "lr": lr, "budget": top,
+                     "budgets": sorted(g.max_tokens.unique()), "seeds": len(crossings),
+                     "end_losses": list(end.final_eval_loss), "tokens": reached,
+                     "statuses": sorted({c.status for c in crossings.values()}),
+                     "all_reached": len(reached) == len(crossings) and all(c.status == stats.REACHED
+                                                                            for c in crossings.values())})
+    return pd.DataFrame(rows)
+
+
+def verdict(fs: pd.DataFrame) -> str:
+    """Who reached the target first at one (model, batch): the optimizer with the fewest mean tokens among
+    those that reached it on every seed, declared the winner only where Welch's test puts it ahead of every
+    other such optimizer at p < SIGNIFICANCE; otherwise the tie, named, with the numbers."""
+    ok = fs[fs.all_reached & (fs.tokens.map(len) >= 2)]
+    if ok.empty:
+        return "no optimizer reached the target on every seed by interpolation between budgets, so none is ranked"
+    mean = ok.tokens.map(lambda t: stats.mean_std(t)[0])
+    lead = ok.loc[mean.idxmin()]
+    tests = []
+    for _, other in ok.drop(index=mean.idxmin()).iterrows():
+        w = stats.welch(lead.tokens, other.tokens)
+        tests.append((other.optimizer, w))
+    tied = [name for name, w in tests if w.p >= SIGNIFICANCE]
+    numbers = "; ".join(f"vs {name}: t = {w.t:.2f}, df = {w.df:.1f}, p = {w.p:.3f}" for name, w in tests)
+    if not tests:
+        return f"{lead.optimizer} was the only optimizer to reach the target on every seed"
+    if tied:
+        return (f"tie within noise between {lead.optimizer} and {', '.join(tied)} (Welch's t-test on tokens to "
+                f"target over seeds, two-sided, p >= {SIGNIFICANCE}: {numbers})")
+    return (f"**{lead.optimizer}** reached the target first; Welch's t-test on tokens to target over seeds puts "
+            f"its lead at p < {SIGNIFICANCE} against every other ({numbers})")
+
+
+def _pm(xs: list[float], spec: str) -> str:
+    if not xs:
+        return "—"
+    m, s = stats.mean_std(xs)
+    return f"{m:{spec}} ± {s:{spec}}" + (f" (n={len(xs)})" if len(xs) != 3 else "")
+
+
+def _speedup(row, adamw) -> str:
+    if row.optimizer == "adamw":
+        return "1 (the reference)"
+    if adamw is None or not row.all_reached or not adamw.all_reached:
+        return "—"
+    r, sd = stats.ratio(stats.mean_std(adamw.tokens), stats.mean_std(row.tokens))
+    return f"{r:.2f} ± {sd:.2f}"
+
+
+def first_crossing(conv: pd.DataFrame, evals: pd.DataFrame, row, target: float) -> str:
+    """The old method: the first eval at or below the target during the finalist's whole-budget tuning run
+    (seed 0), whose schedule had not finished there."""
+    run = conv[(conv.preset == row.preset) & (conv.optimizer == row.optimizer) & (conv.global_batch == row.global_batch)
+               & (conv.lr == row.lr) & (conv.max_tokens == row.budget) & (conv.seed == 0) & (conv.precision == "fp32")]
+    if run.empty or evals.empty:
+        return "—"
+    e = evals[evals.config_id == run.config_id.iloc[0]].sort_values("step")
+    hit = e[(e.loss <= target) & (e.step > 0)]
+    return "not reached" if hit.empty else f"{int(hit.tokens.iloc[0]):,}"
+
+
+def batch_table(fs: pd.DataFrame, conv: pd.DataFrame, evals: pd.DataFrame, best: pd.DataFrame,
+                target: float) -> str:
+    adamw = fs[fs.optimizer == "adamw"]
+    adamw = None if adamw.empty else adamw.iloc[0]
+    rows = []
+    for _, r in fs.sort_values("optimizer").iterrows():
+        b = best[(best.preset == r.preset) & (best.optimizer == r.optimizer) & (best.global_batch == r.global_batch)
+                 & (best.precision == "fp32")]
+        edge = b.edge.iloc[0] if len(b) else None
+        reached = "" if r.all_reached else f" ({', '.join(r.statuses)})"
+        rows.append({"optimizer": r.optimizer,
+                     "best lr": f"{r.lr:.3g}" + {"low": " (grid's lowest)", "high": " (grid's highest)"}.get(edge, ""),
+                     f"end-of-budget loss at {int(r.budget):,} tokens": _pm(r.end_losses, ".4f"),
+                     "tokens to target": _pm(r.tokens, ",.0f") + reached,
+                     "speed-up over AdamW": _speedup(r, adamw),
+                     "old method: first crossing (seed 0)": first_crossing(conv, evals, r, target)})
     return md_table(pd.DataFrame(rows))
 
 
-def layout_estimates(results: pd.DataFrame, best: pd.DataFrame) -> str | None:
-    """Seconds to target with layout L = the winner's steps to target x L's p50 step time, for throughput
-    rows of the same model, data, batch and sequence length as the winner."""
-    thr = results[(results.status == "ok") & ~has_target(results)]
-    rows = []
-    for b, w in tuning.winners(_records(best)).items():
-        if w.get("steps_to_target") is None:
-            continue
-        same = thr[(thr.preset == w["preset"]) & (thr.global_batch == float(b)) & (thr.seq_len == float(w["seq_len"]))]
-        for _, r in same.iterrows():
-            rows.append({"batch": b, "layout": layout_name(r), "config_id": r.config_id,
-                         "p50 ms": f"{r.step_time_ms_p50:.1f}",
-                         "est. seconds to target": float(w["steps_to_target"]) * r.step_time_ms_p50 / 1e3})
-    if not rows:
-        return None
-    d = pd.DataFrame(rows).sort_values(["batch", "est. seconds to target"])
-    d["est. seconds to target"] = d["est. seconds to target"].map(lambda v: f"{v:.1f}")
-    return md_table(d)
+def scaling_sentences(fs: pd.DataFrame, preset: str) -> list[str]:
+    """Between consecutive batch sizes: how much of perfect (linear) scaling the fastest optimizer kept, in
+    tokens to target (perfect: the same tokens)."""
+    out = []
+    g = fs[(fs.preset == preset) & fs.all_reached]
+    fastest = {b: min(x.tokens.map(lambda t: stats.mean_std(t)[0])) for b, x in g.groupby("global_batch")}
+    batches = sorted(fastest)
+    for small, big in zip(batches, batches[1:]):
+        grew = fastest[big] / fastest[small]
+        out.append(f"From batch {int(small)} to {int(big)} the fewest tokens to target went from "
+                   f"{fastest[small]:,.0f} to {fastest[big]:,.0f} ({grew:.2f}x; perfect scaling keeps them equal): "
+                   + ("scaling still paid." if grew < 1.5 else "scaling stopped paying."))
+    return out
+
+
+def model_params(conv: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """preset -> (parameters, non-embedding parameters) of the model its rows trained (its data's vocabulary)."""
+    from bench.results import row_config
+    from llmopt.model import param_count
+
+    out = {}
+    for preset, g in conv.groupby("preset"):
+        m = row_config(g.iloc[0]).model_config
+        out[preset] = (param_count(m), param_count(m, non_embedding=True))
+    return out
+
+
+def size_sentences(fs: pd.DataFrame, sizes: dict) -> list[str]:
+    """Across model sizes (smallest first): whether the ranking (mean end-of-budget loss at the largest budget)
+    and the speed-ups over AdamW hold from the smaller model to the larger."""
+    presets = sorted(fs.preset.unique(), key=lambda p: sizes[p][1])
+    if len(presets) < 2:
+        return []
+    out, orders, speed = [], {}, {}
+    for p in presets:
+        g = fs[fs.preset == p]
+        orders[p] = list(g.assign(m=g.end_losses.map(lambda x: stats.mean_std(x)[0])).sort_values("m").optimizer)
+        adamw = g[g.optimizer == "adamw"]
+        for _, r in g.iterrows():
+            if len(adamw) and r.all_reached and adamw.iloc[0].all_reached and r.optimizer != "adamw":
+                speed.setdefault(r.optimizer, {})[p] = stats.ratio(stats.mean_std(adamw.iloc[0].tokens),
+                                                                   stats.mean_std(r.tokens))[0]
+    same = len({tuple(o) for o in orders.values()}) == 1
+    out.append("Ranking by mean end-of-budget loss at the largest budget (best first): "
+               + "; ".join(f"{p} ({sizes[p][1]:,} non-embedding parameters): {' < '.join(orders[p])}" for p in presets)
+               + (". The same at every size." if same else ". It changes with the model size."))
+    for opt, by in sorted(speed.items()):
+        if len(by) == len(presets):
+            vals = [by[p] for p in presets]
+            trend = ("holds (above 1 at every size)" if min(vals) > 1 else "holds (below 1 at every size)"
+                     if max(vals) < 1 else "does not hold (it crosses 1)")
+            out.append(f"{opt}'s speed-up over AdamW: " + ", ".join(f"{v:.2f}x at {p}" for p, v in zip(presets, vals))
+                       + f"; its sign {trend}.")
+    return out
 
 
 def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[str]:
     conv = convergence_rows(results)
     if conv.empty:
         return []
+    if "phase" not in conv or conv.phase.fillna("").eq("").all():
+        return ["## Time to quality", "", "These rows come from a sweep made before end-of-budget ladders (first "
+                "crossing of the target during one run); re-run the matrix for the end-of-budget comparison.", ""]
     best = best_runs(conv)
-    floor = conv.entropy_floor_nats.dropna()
+    lad = ladder(conv, best)
     L = ["## Time to quality", ""]
-    targets = conv.target_loss.dropna()
-    if targets.empty:  # no run got far enough to resolve its target
-        target_text = "none resolved (no run finished)"
-    else:
-        target = targets.iloc[0]
-        target_text = (f"eval loss ≤ {target:.4f} nats"
-                       + (f" (the data's entropy floor {floor.iloc[0]:.4f} + {target - floor.iloc[0]:.2f})"
-                          if len(floor) else " (no entropy floor is known for this data)"))
-    L.append(f"Target: {target_text}"
-             + f"; token budget {int(conv.max_tokens.max()):,} per run; learning rate warm-up then "
-             f"{conv.lr_schedule.iloc[0]} decay. Best learning rate per optimizer and batch size: first by tokens to "
-             "target, then by final eval loss. Seconds are training steps only (evals excluded).")
+    if lad.empty:
+        return L + ["No finalist finished its ladder of budgets; see \"Not ok\".", ""]
+    target = targets(lad)
+    fs = finalist_stats(lad, target)
+    budgets = sorted(lad.max_tokens.unique())
+    L.append(f"Method: every loss compared is an eval loss measured at the end of a completed "
+             f"{conv.lr_schedule.iloc[0]} schedule. Each optimizer's learning rate is tuned at the largest budget "
+             f"(seed 0; a grid whose best sits at an edge is widened once); its best (the finalist) then runs at "
+             f"budgets {', '.join(f'{int(b):,}' for b in budgets)} tokens, each with its own full schedule, with "
+             f"seeds {', '.join(str(int(s)) for s in sorted(lad.seed.unique()))} (a seed draws the initial weights "
+             f"and the data order). Tokens to target are interpolated log-linearly between the two budgets whose "
+             f"end-of-budget losses bracket the target, never extrapolated. The target, per model and batch size, "
+             f"is AdamW's mean end-of-budget loss at the middle budget. A winner is declared only where Welch's "
+             f"t-test on tokens to target over seeds gives p < {SIGNIFICANCE} against every other optimizer.")
     L.append("")
-    for b in sorted(best.global_batch.unique()):
-        L.append(f"### Global batch {int(b)} sequences")
-        L.append(_batch_table(best, b))
+    floor = conv.entropy_floor_nats.dropna()
+    for (preset, batch), g in fs.groupby(["preset", "global_batch"]):
+        t = target[(preset, batch)]
+        L.append(f"### {preset}, global batch {int(batch)} sequences: target {t:.4f} nats"
+                 + (f" ({t - floor.iloc[0]:.3f} above the entropy floor)" if len(floor) else ""))
+        L.append(batch_table(g, conv, evals, best, t))
+        L.append(f"Verdict: {verdict(g)}.")
+        L.append("")
     L.append("### What the runs say")
-    L += [f"- {s}" for s in scaling_sentences(best)]
+    for preset in sorted(fs.preset.unique()):
+        L += [f"- {preset}: {s}" for s in scaling_sentences(fs, preset)]
+    sizes = model_params(conv)
+    L += [f"- {s}" for s in size_sentences(fs, sizes)]
+    for preset in sorted(fs.preset.unique()):
+        n, non_embedding = sizes[preset]
+        L.append(f"- {preset} ({n:,} parameters, {non_embedding:,} without embeddings): the budgets are "
+                 + ", ".join(f"{b / n:.2g}" for b in budgets) + " tokens per parameter.")
     edges = best[best.edge.notna() & (best.precision == "fp32")]
     if not edges.empty:
-        L.append("- Grids whose best learning rate sits at an edge (widened once automatically; still at the "
-                 "edge means the grid may still be too narrow): "
-                 + ", ".join(f"{r.optimizer} at batch {int(r.global_batch)} ({r.edge}, lr {r.lr:.3g})"
-                             for _, r in edges.iterrows()) + ".")
-    if len(floor) and conv.best_eval_loss.notna().any():
-        gap = conv.best_eval_loss.min() - floor.iloc[0]
-        L.append(f"- The best eval loss of any run is {conv.best_eval_loss.min():.4f}, {gap:.3f} nats above the "
-                 f"entropy floor.")
+        where = [f"{r.preset} {r.optimizer} at batch {int(r.global_batch)} ({r.edge}, lr {r.lr:.3g})"
+                 for _, r in edges.iterrows()]
+        L.append("- Grids whose best learning rate sits at an edge (widened once automatically; still at the edge "
+                 "means the grid may still be too narrow): " + ", ".join(where) + ".")
     div = conv[conv.status == "diverged"]
     if not div.empty:
         L.append(f"- {len(div)} runs diverged (kept as rows): "
                  + ", ".join(f"{r.optimizer} b{int(r.global_batch)} lr {r.lr:.3g}" for _, r in div.iterrows()) + ".")
     L.append("")
-    prec = precision_table(best)
-    if not prec.startswith("_none_"):
-        L.append("### Precision as a convergence axis (the winner at each batch size)")
+    prec = precision_table(conv, best)
+    if prec is not None:
+        L.append("### Precision (each batch's winner in bf16, the largest budget, seed 0)")
         L.append(prec)
-    est = layout_estimates(results, best)
+    est = layout_estimates(results, fs)
     if est is not None:
-        L.append("### Seconds to target per layout (estimate: winner's steps to target × the layout's p50 step)")
+        L.append("### Seconds to target per layout (estimate: the fastest finalist's mean tokens to target / tokens "
+                 "per step × the layout's p50 step)")
         L.append(est)
     from bench.plots import quality_plots
 
-    for title, path in quality_plots(conv, best, evals, plot_dir).items():
+    for title, path in quality_plots(conv, lad, fs, target, sizes, plot_dir).items():
         L.append(f"### {title}")
         L.append(f"![{title}](plots/{os.path.basename(path)})")
         L.append("")
     return L
+
+
+def precision_table(conv: pd.DataFrame, best: pd.DataFrame) -> str | None:
+    bf16 = conv[(conv.precision == "bf16") & (conv.status == "ok")]
+    rows = []
+    for _, r in bf16.iterrows():
+        f32 = best[(best.preset == r.preset) & (best.optimizer == r.optimizer) & (best.global_batch == r.global_batch)
+                   & (best.precision == "fp32")]
+        if f32.empty:
+            continue
+        f = f32.iloc[0]
+        rows.append({"preset": r.preset, "optimizer": r.optimizer, "batch": int(r.global_batch), "lr": f"{r.lr:.3g}",
+                     "fp32 end-of-budget loss": fmt(f.final_eval_loss, ".4f"),
+                     "bf16 end-of-budget loss": fmt(r.final_eval_loss, ".4f"),
+                     "fp32 training s": fmt(f.train_seconds, ".1f"), "bf16 training s": fmt(r.train_seconds, ".1f")})
+    return md_table(pd.DataFrame(rows)) if rows else None
+
+
+def layout_estimates(results: pd.DataFrame, fs: pd.DataFrame) -> str | None:
+    """Seconds to target with layout L = the fastest finalist's mean tokens to target / its tokens per step x L's
+    p50 step time, for throughput rows (phase layouts) of the same model, batch and sequence length."""
+    if "phase" not in results:
+        return None
+    thr = results[(results.status == "ok") & (results.phase == "layouts")]
+    done = fs[fs.all_reached]
+    if thr.empty or done.empty:
+        return None
+    rows = []
+    for _, r in thr.iterrows():
+        g = done[(done.preset == r.preset) & (done.global_batch == r.global_batch)]
+        if g.empty:
+            continue
+        tokens = min(g.tokens.map(lambda t: stats.mean_std(t)[0]))
+        steps = tokens / (r.global_batch * r.seq_len)
+        rows.append({"batch": int(r.global_batch), "layout": layout_name(r), "config_id": r.config_id,
+                     "p50 ms": f"{r.step_time_ms_p50:.1f}",
+                     "est. seconds to target": f"{steps * r.step_time_ms_p50 / 1e3:.1f}"})
+    return md_table(pd.DataFrame(rows)) if rows else None

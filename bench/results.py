@@ -35,7 +35,7 @@ RESULT_COLUMNS = [
     "mfu", "peak_flops", "peak_flops_source", "flops_per_token",
     "final_loss", "entropy_floor_nats", "baseline_id", "loss_parity_max_abs", "parity_verdict",
     "fp16_skipped_steps", "energy_j_per_token", "gpu_util_mean", "gpu_power_w_mean",
-    "startup_s", "build_s", "memory_step_s", "added_as_baseline", "wall_s",
+    "startup_s", "build_s", "memory_step_s", "added_as_baseline", "phase", "wall_s",
 ]
 # Scalars of a run's metrics (llmopt.metrics.RunMetrics, the fields marked with a row) copied into its row
 # unchanged: RUN_ for every run that produced metrics (a diverged run included), OK_ for finished ones. The
@@ -46,7 +46,8 @@ assert set(RUN_METRIC_COLUMNS + OK_METRIC_COLUMNS) <= set(RESULT_COLUMNS), "a me
 assert len(set(RESULT_COLUMNS)) == len(RESULT_COLUMNS), "a column is listed twice"
 # Columns read as text; every other column is a number (or empty).
 TEXT_COLUMNS = CONFIG_TEXT_COLUMNS | {"config_id", "status", "error", "data_description", "peak_memory_kind",
-                                      "peak_flops_source", "baseline_id", "parity_verdict", "added_as_baseline"}
+                                      "peak_flops_source", "baseline_id", "parity_verdict", "added_as_baseline",
+                                      "phase"}
 STEP_COLUMNS = ["config_id", "step", "loss", "step_time_ms", "optimizer_ms"]
 EVAL_COLUMNS = ["config_id", "step", "tokens", "train_seconds", "loss", "lr", "gns_b_simple"]
 # Per-config detail files: name -> (columns, the columns that identify a row within a config)
@@ -68,7 +69,7 @@ def row_config(row) -> "TrainConfig":
     from llmopt.config import TrainConfig, validate
 
     kw = {f: (row[f].item() if hasattr(row[f], "item") else row[f]) for f in TrainConfig.field_names()
-          if f in row and not pd.isna(row[f])}
+          if f in row and not pd.isna(row[f]) and row[f] != ""}  # empty: the field's default
     if "target_gap" in kw:
         kw.pop("target_loss", None)  # the row records the target the gap resolved to
     return validate(TrainConfig(**kw))

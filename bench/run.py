@@ -102,7 +102,7 @@ def build_row(entry: dict, status: str, error: str, metrics: RunMetrics | None, 
     row = dict(cfg)
     row.update(config_id=entry["config_id"], status=status, error=error, engine=cfg.get("engine", "native"),
                world_size=tc.world_size, micro_batch=tc.micro_batch, timing_warmup=ctx.timing_warmup,
-               added_as_baseline=entry["added_as_baseline"], wall_s=round(wall, 2))
+               added_as_baseline=entry["added_as_baseline"], phase=entry.get("phase"), wall_s=round(wall, 2))
     details = {"steps": [], "evals": []}
     # The target the run was given, "" when none (the config's 0 means "no target"); a --target-gap resolves to
     # a loss only inside the run, so a row without metrics leaves it empty and keeps target_gap

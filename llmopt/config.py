@@ -26,7 +26,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adam", "adamw", "lamb", "muon", "adafactor")
 OPTIMIZER_IMPLS = ("auto", "for-loop", "foreach", "fused")
 DEVICES = ("auto", "cpu", "cuda")
-LR_SCHEDULES = ("constant", "cosine", "linear")
+LR_SCHEDULES = ("constant", "cosine", "linear", "wsd")
 CHECKPOINT = "checkpoint"  # the preset of a run whose shape comes from --init
 
 # Learning rates that make each optimizer's loss fall quickly on the tiny preset; --lr overrides. Muon's is
@@ -92,9 +92,13 @@ class TrainConfig:
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward")
     lr: float = option(0.0, "learning rate (default: the optimizer's, llmopt.config.DEFAULT_LR)", low=0.0,
                        given_positive=True)
-    lr_schedule: str = option("constant", "decay after the warm-up: constant, cosine or linear", choices=LR_SCHEDULES)
+    lr_schedule: str = option("constant", "after the warm-up: constant, cosine or linear decay, or wsd (stable, then a "
+                                          "linear decay over the last --lr-decay-fraction of the steps)",
+                              choices=LR_SCHEDULES)
     lr_warmup: int = option(0, "steps of linear learning-rate warm-up", low=0)
-    min_lr_ratio: float = option(0.1, "floor of the cosine/linear decay, a fraction of --lr", low=0.0, high=1.0)
+    min_lr_ratio: float = option(0.1, "floor of the cosine/linear/wsd decay, a fraction of --lr", low=0.0, high=1.0)
+    lr_decay_fraction: float = option(0.2, "wsd: the fraction of the steps its decay takes (Hagele et al. 2024)",
+                                      low=0.0, high=1.0)
     weight_decay: float = option(0.01, "weight decay, on tensors of 2+ dimensions only", low=0.0)
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)", low=0.0)
     steps: int = option(10, "optimizer steps", low=1)
@@ -327,6 +331,12 @@ def _check_training_schedule(cfg: TrainConfig) -> None:
     if cfg.lr_warmup >= steps and cfg.lr_warmup:
         raise ValueError(f"--lr-warmup {cfg.lr_warmup} is not shorter than the run ({steps} steps); "
                          f"use fewer warm-up steps or more --steps/--max-tokens")
+    if cfg.lr_decay_fraction != 0.2 and cfg.lr_schedule != "wsd":
+        raise ValueError(f"--lr-decay-fraction {cfg.lr_decay_fraction} shapes --lr-schedule wsd only; add "
+                         f"--lr-schedule wsd or drop it")
+    if cfg.lr_schedule == "wsd" and (cfg.lr_decay_fraction <= 0 or round(cfg.lr_decay_fraction * steps) < 1):
+        raise ValueError(f"--lr-decay-fraction {cfg.lr_decay_fraction} of {steps} steps leaves wsd no decay step; "
+                         f"use a larger fraction or more steps")
     if cfg.target_loss and cfg.target_gap:
         raise ValueError("--target-loss and --target-gap both given; pass one of them")
     if (cfg.target_loss or cfg.target_gap) and not cfg.eval_every:

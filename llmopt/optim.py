@@ -296,27 +296,36 @@ class ShardedAdafactor(torch.optim.Optimizer):
         return loss
 
 
-def lr_factor(step: int, schedule: str, warmup: int, total: int, min_ratio: float) -> float:
+def lr_factor(step: int, schedule: str, warmup: int, total: int, min_ratio: float,
+              decay_fraction: float = 0.2) -> float:
     """The learning rate of optimizer step ``step`` (0-based) of ``total``, as a fraction of the peak.
 
     Linear warm-up over the first ``warmup`` steps, reaching the peak at step ``warmup - 1``; then
     ``constant`` stays at the peak, ``cosine`` follows min + (1 - min) * (1 + cos(pi * p)) / 2 (Loshchilov &
     Hutter 2017, without restarts) and ``linear`` min + (1 - min) * (1 - p), where p runs from 0 at the first
-    step after warm-up to 1 at the last step, so the last step uses min_ratio * peak.
+    step after warm-up to 1 at the last step, so the last step uses min_ratio * peak. ``wsd`` (warm-up,
+    stable, decay: Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training
+    Durations") stays at the peak, then decays linearly over its last round(decay_fraction * total) steps,
+    the first of them already below the peak and the last at min_ratio * peak.
     """
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
+    if schedule == "wsd":
+        decay = max(1, round(decay_fraction * total))
+        into = step - (total - decay)  # 0 at the first decay step
+        return 1.0 if into < 0 else 1.0 - (1 - min_ratio) * (into + 1) / decay
     p = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
     if schedule == "cosine":
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
     if schedule == "linear":
         return min_ratio + (1 - min_ratio) * (1 - p)
-    raise ValueError(f"--lr-schedule: unknown value {schedule!r}; choose one of constant, cosine, linear")
+    raise ValueError(f"--lr-schedule: unknown value {schedule!r}; choose one of constant, cosine, linear, wsd")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
     """torch's LambdaLR over ``lr_factor``; stepped once per optimizer step, after it."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.lr_schedule, cfg.lr_warmup, cfg.steps, cfg.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, cfg.lr_schedule, cfg.lr_warmup, cfg.steps, cfg.min_lr_ratio,
+                                       cfg.lr_decay_fraction))

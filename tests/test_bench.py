@@ -340,36 +340,6 @@ def test_a_diverged_learning_rate_is_a_row_and_the_sweep_goes_on(tmp_path):
     assert float(rows[0.1]["final_eval_loss"]) == float(ok_evals[-1]["loss"])
 
 
-def test_convergence_matrix_tunes_widens_and_reports(tmp_path, monkeypatch, capsys):
-    """The convergence matrix end to end at a toy size (the children get explicit flags, so shrinking the
-    matrix here shrinks what they run): grid, follow-ups from the rows, and the report's section."""
-    import bench.matrix as bm
-    from bench.run import main
-
-    monkeypatch.setitem(bm.CONVERGENCE_BASE, "cpu", dict(bm.CONVERGENCE_BASE["cpu"], seq_len=16, max_tokens=2048,
-                                                                   target_gap=4.8))
-    monkeypatch.setitem(bm.CONVERGENCE_BATCHES, "convergence", (4, 16))
-    monkeypatch.setitem(bm.LR_MULTIPLES, "convergence", (1 / 3, 1))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    out = tmp_path / "out"
-    assert main(["--matrix", "convergence", "--device", "cpu", "--filter", "optimizer=adamw", "--out", str(out)]) == 0
-    plan = json.loads((out / "plan.json").read_text())["plan"]
-    phases = [e["phase"] for e in plan]
-    assert phases[:4] == ["grid"] * 4 and phases.count("precision") == 2 and phases.count("layouts") == 5
-    rows = read_csv(out / "results.csv")
-    assert len(rows) == len(plan) and {r["status"] for r in rows} == {"ok"}
-    report = (out / "report.md").read_text()
-    assert "## Time to quality" in report and "### Global batch 16 sequences" in report
-    assert "**(winner)**" in report and (out / "plots" / "tuning.png").exists()
-    reached = any(r["tokens_to_target"] for r in rows if r["precision"] == "fp32" and r["target_loss"])
-    assert ("### Seconds to target per layout" in report) == reached
-    # every fp32 grid whose best lr sat at an edge got exactly one more lr beyond it
-    from bench import tuning
-    for key in tuning.groups([r for r in rows if r["precision"] == "fp32"]):
-        widened = [e for e in plan if e["phase"] == "widen" and str(e["config"]["global_batch"]) == key[1]]
-        assert len(widened) <= 1
-
-
 def test_report_says_when_amp_is_slower_than_fp32():
     import pandas as pd
 

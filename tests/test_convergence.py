@@ -123,41 +123,162 @@ def test_bad_convergence_settings_are_refused(kw, match):
         validate(TrainConfig(**kw))
 
 
-def _row(opt, batch, lr, tokens=None, final=1.0, status="ok", precision="fp32"):
-    return {"config_id": f"{opt}-{batch}-{lr}-{precision}", "optimizer": opt, "global_batch": batch, "lr": lr,
-            "precision": precision, "status": status, "tokens_to_target": tokens, "final_eval_loss": final}
+def _row(opt, batch, lr, final=1.0, status="ok", precision="fp32"):
+    return {"config_id": f"{opt}-{batch}-{lr}-{precision}", "preset": "tiny", "optimizer": opt, "global_batch": batch,
+            "lr": lr, "precision": precision, "status": status, "final_eval_loss": final}
 
 
-def test_tuning_picks_by_tokens_then_loss_and_widens_edges_once():
+def test_tuning_picks_the_lowest_end_of_budget_loss_widens_edges_once_then_adds_the_ladder():
     from bench import tuning
-    from bench.matrix import LR_STEP
+    from bench.matrix import LADDER, LR_STEP, SEEDS
 
-    rows = [_row("adamw", 4, 1e-3, final=2.0), _row("adamw", 4, 3e-3, tokens=500, final=0.9),
-            _row("adamw", 4, 9e-3, tokens=300, final=0.95),   # reached first: best, at the high edge
+    rows = [_row("adamw", 4, 1e-3, final=2.0), _row("adamw", 4, 3e-3, final=0.95),
+            _row("adamw", 4, 9e-3, final=0.9),   # the lowest end-of-budget loss: best, at the high edge
             _row("sgd", 4, 0.03, final=1.5), _row("sgd", 4, 0.1, final=1.2), _row("sgd", 4, 0.3, status="diverged")]
     g = tuning.groups(rows)
-    assert tuning.best(g[("adamw", "4", "fp32")])["lr"] == 9e-3 and tuning.edge(g[("adamw", "4", "fp32")]) == "high"
-    assert tuning.best(g[("sgd", "4", "fp32")])["lr"] == 0.1 and tuning.edge(g[("sgd", "4", "fp32")]) is None
-    assert tuning.winners(rows)["4"]["optimizer"] == "adamw"
-    base = dict(TrainConfig().__dict__, device="cpu", grad_accum=1)
+    assert tuning.best(g[("tiny", "adamw", "4", "fp32")])["lr"] == 9e-3
+    assert tuning.edge(g[("tiny", "adamw", "4", "fp32")]) == "high"
+    sgd = g[("tiny", "sgd", "4", "fp32")]
+    assert tuning.best(sgd)["lr"] == 0.1 and tuning.edge(sgd) is None
+    assert tuning.winners(rows)[("tiny", "4")]["optimizer"] == "adamw"
+    base = dict(TrainConfig().__dict__, device="cpu", grad_accum=1, max_tokens=4096, seq_len=16)
     plan = [{"config_id": r["config_id"], "config": dict(base, optimizer=r["optimizer"], global_batch=r["global_batch"],
                                                          lr=r["lr"]), "phase": "grid"} for r in rows]
     more = tuning.followups("convergence", plan, rows)
     got = [(e["phase"], e["config"]["optimizer"], e["config"]["lr"]) for e in more]
     assert got == [("widen", "adamw", 9e-3 * LR_STEP)]
-    # once widened, the group is settled even if the new lr wins again; then the winner runs in bf16
+    # once widened, the group is settled even if the new lr wins again; then every finalist's ladder
     plan += more
-    rows.append(_row("adamw", 4, 9e-3 * LR_STEP, tokens=200, final=0.9))
-    rows[-1]["config_id"] = more[0]["config_id"]
+    rows.append(dict(_row("adamw", 4, 9e-3 * LR_STEP, final=0.85), config_id=more[0]["config_id"]))
+    more = tuning.followups("convergence", plan, rows)
+    assert {e["phase"] for e in more} == {"ladder"} and len(more) == 2 * (len(LADDER) * len(SEEDS) - 1)
+    ladder = {(e["config"]["optimizer"], e["config"]["lr"], e["config"]["max_tokens"], e["config"]["seed"])
+              for e in more}
+    assert ("adamw", 9e-3 * LR_STEP, 1024, 2) in ladder and ("sgd", 0.1, 2048, 0) in ladder
+    assert all(e["config"]["eval_every"] == e["config"]["steps"] for e in more)  # evals at the end only
+    assert not any(e["config"]["max_tokens"] == 4096 and e["config"]["seed"] == 0 for e in more)  # the tuning run
+    # then the winner in bf16, then its shape's throughput rows on each layout (no evals)
+    plan += more
+    rows += [dict(_row(e["config"]["optimizer"], 4, e["config"]["lr"]), config_id=e["config_id"]) for e in more]
     more = tuning.followups("convergence", plan, rows)
     got = [(e["phase"], e["config"]["precision"], e["config"]["lr"]) for e in more]
     assert got == [("precision", "bf16", 9e-3 * LR_STEP)]
     assert tuning.followups("default", plan, rows) == []
-    # then the winner's shape as throughput rows on each layout (no target, no evals)
     plan += more
-    rows.append(dict(_row("adamw", 4, 9e-3 * LR_STEP, tokens=200, precision="bf16"), config_id=more[0]["config_id"]))
+    rows.append(dict(_row("adamw", 4, 9e-3 * LR_STEP, precision="bf16"), config_id=more[0]["config_id"]))
     more = tuning.followups("convergence", plan, rows)
     assert {e["phase"] for e in more} == {"layouts"} and len(more) == len(tuning.LAYOUTS)
     assert all(e["config"]["target_gap"] == 0 and e["config"]["eval_every"] == 0 for e in more)
     layouts = {(e["config"]["dp"], e["config"]["tp"], e["config"]["pp"]) for e in more}
     assert layouts == {(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)}
+
+
+def test_tokens_to_target_interpolates_between_budgets_and_never_guesses():
+    from bench.stats import AT_FIRST, NOT_REACHED, REACHED, tokens_to_target
+
+    # log-linear: halfway in loss between 2^10 and 2^12 tokens is 2^11
+    c = tokens_to_target([1024, 2048, 4096], [3.0, 2.5, 2.0], 2.25)
+    assert c.status == REACHED and abs(c.tokens - 2896.309) < 1e-3  # 2048 * sqrt(2): halfway from 2^11 to 2^12
+    assert tokens_to_target([4096, 1024, 2048], [2.0, 3.0, 2.5], 2.5).tokens == 2048  # order-free, exact hits
+    assert tokens_to_target([1024, 2048], [1.0, 0.9], 2.0) == (1024, AT_FIRST)  # an upper bound, marked
+    assert tokens_to_target([1024, 2048], [3.0, 2.9], 2.0) == (None, NOT_REACHED)  # no extrapolation
+    assert tokens_to_target([1024, 2048, 4096], [3.0, 1.0, 2.0], 2.0).status == REACHED  # the first crossing
+
+
+def test_welch_and_the_winner_rule_on_constructed_rows():
+    """Welch's t-test against values computed by hand (and Student's t quantiles from tables), then the rule:
+    a lead counts only at p < 0.05 against every other optimizer."""
+    import pandas as pd
+
+    from bench.quality import verdict
+    from bench.stats import student_t_two_sided, welch
+
+    assert abs(student_t_two_sided(2.228138852, 10) - 0.05) < 1e-8  # the tabled 97.5% quantile at 10 df
+    assert abs(student_t_two_sided(12.7062047, 1) - 0.05) < 1e-7
+    assert abs(student_t_two_sided(1.959963985, float("inf")) - 0.05) < 1e-8
+    w = welch([1.0, 2.0, 3.0], [4.0, 5.0, 6.5])
+    # by hand: means 2 and 5.1667, variances of the means 1/3 and 1.5833/3; df by Welch-Satterthwaite
+    assert abs(w.t - (-3.1666667 / math.sqrt(1 / 3 + 1.5833333 / 3))) < 1e-6 and abs(w.df - 3.80594) < 1e-4
+    assert 0.02 < w.p < 0.04
+
+    def fs(*opts):
+        return pd.DataFrame([{"optimizer": o, "tokens": t, "all_reached": True} for o, t in opts])
+
+    clear = verdict(fs(("muon", [1000, 1010, 990]), ("adamw", [2000, 2050, 1950]), ("sgd", [4000, 4100, 3900])))
+    assert clear.startswith("**muon** reached the target first") and "vs adamw: t = " in clear
+    noisy = verdict(fs(("muon", [1000, 1500, 700]), ("adamw", [1200, 900, 1600])))
+    assert noisy.startswith("tie within noise between muon and adamw") and "p = " in noisy
+
+
+def test_wsd_stays_at_the_peak_then_decays_linearly_to_the_floor():
+    from llmopt.optim import lr_factor
+
+    f = [lr_factor(s, "wsd", 2, 20, 0.1, 0.25) for s in range(20)]  # 2 warm-up, 13 stable, 5 decay steps
+    assert f[:2] == [0.5, 1.0] and f[2:15] == [1.0] * 13
+    assert [round(x, 6) for x in f[15:]] == [0.82, 0.64, 0.46, 0.28, 0.1]  # linear, the last at the floor
+
+
+def _toy_convergence(monkeypatch):
+    """The convergence matrix at a toy size (the children get explicit flags, so shrinking the matrix here
+    shrinks what they run): AdamW and SGD, one batch size, two learning rates, a ladder of three budgets, two
+    seeds, the layout rows on one layout."""
+    import bench.matrix as bm
+
+    monkeypatch.setitem(bm.CONVERGENCE_BASE, "cpu", dict(bm.CONVERGENCE_BASE["cpu"], seq_len=16, max_tokens=4096))
+    monkeypatch.setitem(bm.CONVERGENCE_BATCHES, "convergence", (8,))
+    monkeypatch.setitem(bm.LR_MULTIPLES, "convergence", (1 / 3, 1))
+    monkeypatch.setattr(bm, "OPTIMIZERS", ("adamw", "sgd"))
+    monkeypatch.setattr(bm, "LADDER", (1 / 4, 1 / 2, 1))
+    monkeypatch.setattr(bm, "SEEDS", (0, 1))
+    import bench.tuning as bt
+
+    monkeypatch.setattr(bt, "LADDER", (1 / 4, 1 / 2, 1))
+    monkeypatch.setattr(bt, "SEEDS", (0, 1))
+    monkeypatch.setattr(bt, "LAYOUTS", (dict(),))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def test_convergence_matrix_end_to_end_and_a_resumed_sweep_adds_the_same_runs(tmp_path, monkeypatch, capsys):
+    """Grid, widening, ladder, precision and layout phases from the rows, and the report's section; then the
+    same sweep as if killed after its first rows and resumed: it plans exactly the same configs (seeds and
+    follow-ups included) and ends with the same rows."""
+    import csv
+    import json
+    import shutil
+
+    from bench.run import main
+
+    _toy_convergence(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["--matrix", "convergence", "--device", "cpu", "--out", str(out)]) == 0
+    plan = json.loads((out / "plan.json").read_text())["plan"]
+    phases = [e["phase"] for e in plan]
+    assert phases[:4] == ["grid"] * 4 and phases.count("ladder") == 2 * 5 and phases.count("layouts") == 1
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == len(plan) and {r["status"] for r in rows} == {"ok"}
+    assert {r["phase"] for r in rows} >= {"grid", "ladder", "precision", "layouts"}
+    report = (out / "report.md").read_text()
+    assert "## Time to quality" in report and "### tiny-v256, global batch 8 sequences: target" in report
+    assert "Verdict: " in report and "old method: first crossing" in report and "tokens per parameter" in report
+    assert (out / "plots" / "budgets.png").exists() and (out / "plots" / "tuning.png").exists()
+    # killed after the grid and part of the ladder: the plan as saved then, the rows written by then
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut, ignore=shutil.ignore_patterns(".lock", "report.md", "plots"))
+    first_ladder = phases.index("ladder")
+    saved = json.loads((cut / "plan.json").read_text())
+    saved["plan"] = plan[:first_ladder + 2] if phases[first_ladder - 1] != "widen" else plan[:first_ladder]
+    (cut / "plan.json").write_text(json.dumps(saved))
+    keep = {e["config_id"] for e in saved["plan"][:first_ladder]}
+    with open(cut / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(r for r in rows if r["config_id"] in keep)
+    capsys.readouterr()
+    assert main(["--resume", "--out", str(cut)]) == 0
+    resumed = json.loads((cut / "plan.json").read_text())["plan"]
+    assert [(e["config_id"], e["phase"], e["config"]["seed"]) for e in resumed] == \
+           [(e["config_id"], e["phase"], e["config"]["seed"]) for e in plan]
+    again = {r["config_id"]: r for r in csv.DictReader(open(cut / "results.csv"))}
+    assert again.keys() == {r["config_id"] for r in rows}
+    trained = [r for r in rows if r["phase"] != "layouts"]
+    assert all(again[r["config_id"]]["final_eval_loss"] == r["final_eval_loss"] for r in trained)
