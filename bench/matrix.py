@@ -71,12 +71,13 @@ CONVERGENCE_BASE = {
 }
 CONVERGENCE_BATCHES = {"convergence": (4, 16, 64), "convergence-full": (2, 4, 8, 16, 32, 64, 128)}
 # Real text: the Python standard library's sources with a BPE trained on them (prepared once into the cache,
-# offline), at two model sizes 4x apart in non-embedding parameters (tiny: 0.79M, mini: 3.2M), one batch size.
-TEXT_BASE = {"cpu": dict(data="python-stdlib", tokenizer="train:4096", seq_len=128, max_tokens=2**19,
+# offline), at two model sizes 4x apart in non-embedding parameters (nano: 0.20M, tiny: 0.79M), one batch size;
+# sized to finish within about an hour on a 2-core CPU (tiny and mini at 2^19 tokens would take about three).
+TEXT_BASE = {"cpu": dict(data="python-stdlib", tokenizer="train:4096", seq_len=128, max_tokens=2**18,
                          lr_schedule="cosine", grad_accum=1),
              "cuda": dict(data="python-stdlib", tokenizer="train:4096", seq_len=256, max_tokens=2**24,
                           lr_schedule="cosine", grad_accum=1)}
-TEXT_SIZES = ("tiny", "mini")
+TEXT_SIZES = ("nano", "tiny")
 TEXT_BATCH = 16
 # The learning-rate grid: the same multiples of each optimizer's centre, log-spaced by LR_STEP.
 LR_STEP = 3.0
@@ -86,7 +87,7 @@ LR_MULTIPLES = {"convergence": (1 / 3, 1, 3), "convergence-full": (1 / 9, 1 / 3,
 # never borrowed from another: results/README.md, "Learning-rate centres"
 LR_CENTRE = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3, "lamb": 1e-2, "muon": 1e-2, "adafactor": 1e-1}
 LADDER = (1 / 4, 1 / 2, 1)     # budgets, as fractions of max_tokens
-SEEDS = (0, 1, 2)              # the finalists' seeds (each seed draws both the initial weights and the data)
+SEEDS = (0, 1, 2)              # the finalists' seeds (initial weights, training sequences, held-out sample)
 EVAL_EVERY_TOKENS = 2**14
 EVAL_SEQUENCES = 64
 CONVERGENCE = (*CONVERGENCE_BATCHES, "convergence-text")

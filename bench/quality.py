@@ -244,8 +244,9 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
              f"{conv.lr_schedule.iloc[0]} schedule. Each optimizer's learning rate is tuned at the largest budget "
              f"(seed 0; a grid whose best sits at an edge is widened once); its best (the finalist) then runs at "
              f"budgets {', '.join(f'{int(b):,}' for b in budgets)} tokens, each with its own full schedule, with "
-             f"seeds {', '.join(str(int(s)) for s in sorted(lad.seed.unique()))} (a seed draws the initial weights "
-             f"and the data order). Tokens to target are interpolated log-linearly between the two budgets whose "
+             f"seeds {', '.join(str(int(s)) for s in sorted(lad.seed.unique()))} (a seed draws the initial weights, "
+             f"the training sequences and the held-out sample; the task is the same for every seed). Tokens to "
+             f"target are interpolated log-linearly between the two budgets whose "
              f"end-of-budget losses bracket the target, never extrapolated. The target, per model and batch size, "
              f"is AdamW's mean end-of-budget loss at the middle budget. A winner is declared only where Welch's "
              f"t-test on tokens to target over seeds gives p < {SIGNIFICANCE} against every other optimizer.")
@@ -258,6 +259,11 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
         L.append(batch_table(g, conv, evals, best, t))
         L.append(f"Verdict: {verdict(g)}.")
         L.append("")
+    done = set(zip(fs.preset, fs.global_batch))
+    for (preset, batch), _ in conv.groupby(["preset", "global_batch"]):
+        if (preset, batch) not in done:
+            L += [f"### {preset}, global batch {int(batch)} sequences",
+                  f"At batch {int(batch)} no run finished its ladder of budgets ({preset}); see \"Not ok\".", ""]
     L.append("### What the runs say")
     for preset in sorted(fs.preset.unique()):
         L += [f"- {preset}: {s}" for s in scaling_sentences(fs, preset)]

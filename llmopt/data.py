@@ -67,20 +67,25 @@ class MarkovSource:
 
     Why this chain: the offsets are drawn independently of the state, so a whole sequence is one vectorised
     cumulative sum (no Python loop over positions), which keeps making a batch far below 1% of a step.
+
+    The chain itself (offsets, labels, probabilities) comes from ``chain_seed``, not from the run's ``seed``:
+    runs with different seeds learn the same task (the same floor) from different samples of it, so their
+    losses can be averaged and tested against each other. The run's seed draws which sequences it sees.
     """
 
-    def __init__(self, vocab_size: int, seed: int = 0, fanout: int = 4, concentration: float = 1.0):
+    def __init__(self, vocab_size: int, seed: int = 0, fanout: int = 4, concentration: float = 1.0,
+                 chain_seed: int = 0):
         from torch.distributions import Dirichlet
 
         V = vocab_size
         if not 1 <= fanout < V:
             raise ValueError(f"MarkovSource: fanout {fanout} must be between 1 and vocab_size - 1 = {V - 1}")
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(chain_seed)
         self.vocab_size, self.seed = V, seed
         self.offsets = torch.randperm(V - 1, generator=g)[:fanout] + 1  # distinct, so successors are distinct
         self.perm = torch.randperm(V, generator=g)
         with torch.random.fork_rng(devices=[]):  # torch.distributions draws from the global generator
-            torch.manual_seed(seed)
+            torch.manual_seed(chain_seed)
             self.probs = Dirichlet(torch.full((fanout,), concentration, dtype=torch.float64)).sample()
         self.cum = self.probs.cumsum(0).float()
         self.cum[-1] = 1.0

@@ -43,6 +43,8 @@ PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=1024, block_size=256),
     # `tiny` over 256 tokens: the convergence matrices' model (a quarter of the transitions to learn)
     "tiny-v256": GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=256, block_size=256),
+    # `tiny` at half the width: a quarter of its non-embedding parameters (the real-text matrix's smaller model)
+    "nano": GPTConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=1024, block_size=256),
     # the CPU speed target's shape: 4 layers, 4 heads, width 256, vocabulary 8192, sequences of 256
     "mini": GPTConfig(n_layer=4, n_head=4, n_embd=256, vocab_size=8192, block_size=256),
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024),

@@ -411,7 +411,7 @@ def test_a_convergence_report_survives_a_batch_where_every_run_failed(tmp_path):
     shutil.copytree(os.path.join(ROOT, "results", "reference", "cpu-convergence"), ref,
                     ignore=shutil.ignore_patterns("plots", ".lock"))
     config_cols = set(json.load(open(ref / "plan.json"))["plan"][0]["config"]) | {"config_id", "world_size",
-                                                                                   "micro_batch", "wall_s"}
+                                                                                   "micro_batch", "wall_s", "phase"}
     with open(ref / "results.csv") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
