@@ -7,8 +7,9 @@ studies answer it (Wen et al. 2025; modded-nanogpt's record rules; AlgoPerf):
   end-of-budget losses bracket it (``bench.stats.tokens_to_target``; never extrapolated);
 * over seeds (each seed draws the initial weights and the data order): mean and standard deviation, and a
   winner only where Welch's t-test puts its lead at p < 0.05 against every other optimizer, else a tie;
-* the target: AdamW's mean end-of-budget loss at the middle budget, per model and batch size (so AdamW's
-  tokens to target sit near that budget by construction, and every speed-up is over AdamW's tokens);
+* the target: AdamW's mean end-of-budget loss at half the largest budget, per model and batch size (so AdamW's
+  tokens to target sit near that budget by construction, every speed-up is over AdamW's tokens, and the
+  smaller budgets below it leave room to measure optimizers up to 8x faster);
 * the old method beside the new for every finalist: the first eval at or below the target during the
   whole-budget run, whose cosine schedule is still high there.
 
@@ -22,7 +23,7 @@ import pandas as pd
 
 from bench import stats, tuning
 from bench.markdown import fmt, md_table
-from bench.matrix import layout_name
+from bench.matrix import TARGET_FRACTION, layout_name
 
 SIGNIFICANCE = 0.05  # Welch's two-sided p below which a lead counts
 
@@ -66,20 +67,21 @@ def ladder(conv: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
 
 
 def targets(lad: pd.DataFrame) -> dict[tuple, float]:
-    """(preset, batch) -> the target: AdamW's mean end-of-budget loss at the middle budget of the ladder
-    (without AdamW, the median over the optimizers of their means there)."""
+    """(preset, batch) -> the target: AdamW's mean end-of-budget loss at the ladder's budget nearest
+    TARGET_FRACTION of the largest (without AdamW, the median over the optimizers of their means there)."""
     out = {}
     for (preset, batch), g in lad.groupby(["preset", "global_batch"]):
         budgets = sorted(g.max_tokens.unique())
-        middle = g[g.max_tokens == budgets[len(budgets) // 2]]
-        means = middle.groupby("optimizer").final_eval_loss.mean()
+        at = min(budgets, key=lambda b: abs(b - TARGET_FRACTION * budgets[-1]))
+        means = g[g.max_tokens == at].groupby("optimizer").final_eval_loss.mean()
         out[(preset, batch)] = float(means["adamw"]) if "adamw" in means else float(means.median())
     return out
 
 
 def finalist_stats(lad: pd.DataFrame, target: dict) -> pd.DataFrame:
     """Per finalist: its end-of-budget loss at the largest budget and its tokens to target, each seed's and
-    their mean and standard deviation."""
+    their mean and standard deviation. ``tokens`` holds the interpolated crossings only; a finalist at or below
+    the target already at the smallest budget on every seed is ``bounded`` (its tokens are at most ``bound``)."""
     rows = []
     for (preset, opt, batch, lr), g in lad.groupby(["preset", "optimizer", "global_batch", "lr"]):
         top = g.max_tokens.max()
@@ -88,31 +90,47 @@ def finalist_stats(lad: pd.DataFrame, target: dict) -> pd.DataFrame:
         for seed, s in g.groupby("seed"):
             crossings[seed] = stats.tokens_to_target(list(s.max_tokens), list(s.final_eval_loss),
                                                      target[(preset, batch)])
-        reached = [c.tokens for c in crossings.values() if c.tokens is not None]
+        status = [c.status for c in crossings.values()]
         rows.append({"preset": preset, "optimizer": opt, "global_batch": batch, "lr": lr, "budget": top,
                      "budgets": sorted(g.max_tokens.unique()), "seeds": len(crossings),
-                     "end_losses": list(end.final_eval_loss), "tokens": reached,
-                     "statuses": sorted({c.status for c in crossings.values()}),
-                     "all_reached": len(reached) == len(crossings) and all(c.status == stats.REACHED
-                                                                            for c in crossings.values())})
+                     "end_losses": list(end.final_eval_loss),
+                     "tokens": [c.tokens for c in crossings.values() if c.status == stats.REACHED],
+                     "statuses": sorted(set(status)), "bound": float(g.max_tokens.min()),
+                     "all_reached": status.count(stats.REACHED) == len(status),
+                     "bounded": status.count(stats.AT_FIRST) == len(status)})
     return pd.DataFrame(rows)
+
+
+def _ranked_tokens(r) -> list[float]:
+    """The tokens a finalist is ranked on: its crossings, or for a bounded one its bound on every seed (an
+    upper bound, so a lead computed from it understates the bounded finalist's)."""
+    return list(r.tokens) if r.all_reached else [r.bound] * int(r.seeds)
 
 
 def verdict(fs: pd.DataFrame) -> str:
     """Who reached the target first at one (model, batch): the optimizer with the fewest mean tokens among
-    those that reached it on every seed, declared the winner only where Welch's test puts it ahead of every
-    other such optimizer at p < SIGNIFICANCE; otherwise the tie, named, with the numbers."""
-    ok = fs[fs.all_reached & (fs.tokens.map(len) >= 2)]
+    those that reached it on every seed (a finalist there by the smallest budget counts at that budget, an upper
+    bound), declared the winner only where Welch's test puts it ahead of every other such optimizer at
+    p < SIGNIFICANCE; otherwise the tie, named, with the numbers."""
+    bounded = fs.bounded if "bounded" in fs else pd.Series(False, index=fs.index)
+    seeds = fs.seeds if "seeds" in fs else fs.tokens.map(len)
+    ok = fs[(fs.all_reached & (fs.tokens.map(len) >= 2)) | (bounded & (seeds >= 2))]
     if ok.empty:
         return "no optimizer reached the target on every seed by interpolation between budgets, so none is ranked"
-    mean = ok.tokens.map(lambda t: stats.mean_std(t)[0])
+    ranked = ok.apply(_ranked_tokens, axis=1)
+    mean = ranked.map(lambda t: stats.mean_std(t)[0])
     lead = ok.loc[mean.idxmin()]
     tests = []
-    for _, other in ok.drop(index=mean.idxmin()).iterrows():
-        w = stats.welch(lead.tokens, other.tokens)
-        tests.append((other.optimizer, w))
+    for i, other in ok.drop(index=mean.idxmin()).iterrows():
+        tests.append((other.optimizer, stats.welch(ranked[mean.idxmin()], ranked[i])))
     tied = [name for name, w in tests if w.p >= SIGNIFICANCE]
-    numbers = "; ".join(f"vs {name}: t = {w.t:.2f}, df = {w.df:.1f}, p = {w.p:.3f}" for name, w in tests)
+    numbers = "; ".join(f"vs {name}: t = {w.t:.2f}, df = {w.df:.1f}, p = {w.p:.3g}" for name, w in tests)
+    if tests and getattr(lead, "bounded", False):
+        numbers += (f"; {lead.optimizer}'s tokens taken as the smallest budget, {lead.bound:,.0f}, which it had "
+                    f"already reached on every seed")
+    also = [n for n in tied if bool(ok[ok.optimizer == n].bounded.iloc[0])] if "bounded" in ok else []
+    if also:
+        numbers += f"; {', '.join(also)} too reached it by the smallest budget, so this ladder cannot order them"
     if not tests:
         return f"{lead.optimizer} was the only optimizer to reach the target on every seed"
     if tied:
@@ -132,10 +150,20 @@ def _pm(xs: list[float], spec: str) -> str:
 def _speedup(row, adamw) -> str:
     if row.optimizer == "adamw":
         return "1 (the reference)"
-    if adamw is None or not row.all_reached or not adamw.all_reached:
+    if adamw is None or not adamw.all_reached:
+        return "—"
+    if getattr(row, "bounded", False):  # its tokens are at most the bound: the speed-up is at least this
+        return f"≥ {stats.mean_std(adamw.tokens)[0] / row.bound:.2f} (reached by the smallest budget)"
+    if not row.all_reached:
         return "—"
     r, sd = stats.ratio(stats.mean_std(adamw.tokens), stats.mean_std(row.tokens))
     return f"{r:.2f} ± {sd:.2f}"
+
+
+def _tokens_cell(r) -> str:
+    if getattr(r, "bounded", False):
+        return f"≤ {r.bound:,.0f} (by the smallest budget, every seed)"
+    return _pm(r.tokens, ",.0f") + ("" if r.all_reached else f" ({', '.join(r.statuses)})")
 
 
 def first_crossing(conv: pd.DataFrame, evals: pd.DataFrame, row, target: float) -> str:
@@ -159,11 +187,10 @@ def batch_table(fs: pd.DataFrame, conv: pd.DataFrame, evals: pd.DataFrame, best:
         b = best[(best.preset == r.preset) & (best.optimizer == r.optimizer) & (best.global_batch == r.global_batch)
                  & (best.precision == "fp32")]
         edge = b.edge.iloc[0] if len(b) else None
-        reached = "" if r.all_reached else f" ({', '.join(r.statuses)})"
         rows.append({"optimizer": r.optimizer,
                      "best lr": f"{r.lr:.3g}" + {"low": " (grid's lowest)", "high": " (grid's highest)"}.get(edge, ""),
                      f"end-of-budget loss at {int(r.budget):,} tokens": _pm(r.end_losses, ".4f"),
-                     "tokens to target": _pm(r.tokens, ",.0f") + reached,
+                     "tokens to target": _tokens_cell(r),
                      "speed-up over AdamW": _speedup(r, adamw),
                      "old method: first crossing (seed 0)": first_crossing(conv, evals, r, target)})
     return md_table(pd.DataFrame(rows))
@@ -248,7 +275,8 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
              f"the training sequences and the held-out sample; the task is the same for every seed). Tokens to "
              f"target are interpolated log-linearly between the two budgets whose "
              f"end-of-budget losses bracket the target, never extrapolated. The target, per model and batch size, "
-             f"is AdamW's mean end-of-budget loss at the middle budget. A winner is declared only where Welch's "
+             f"is AdamW's mean end-of-budget loss at {TARGET_FRACTION:g} of the largest budget. A winner is "
+             f"declared only where Welch's "
              f"t-test on tokens to target over seeds gives p < {SIGNIFICANCE} against every other optimizer.")
     L.append("")
     floor = conv.entropy_floor_nats.dropna()

@@ -20,6 +20,7 @@ from llmopt.metrics import RunMetrics
 # with no edit here), then the two the config derives. Read as text when the field is a string or a switch.
 CONFIG_COLUMNS = [f.name for f in _fields(TrainConfig)] + ["world_size", "micro_batch"]
 CONFIG_TEXT_COLUMNS = {f.name for f in _fields(TrainConfig) if str(f.type) in ("str", "bool", "str | None")}
+BOOL_FIELDS = {f.name for f in _fields(TrainConfig) if str(f.type) == "bool"}
 RESULT_COLUMNS = [
     "config_id", "status", "error",
     *CONFIG_COLUMNS,
@@ -70,6 +71,9 @@ def row_config(row) -> "TrainConfig":
 
     kw = {f: (row[f].item() if hasattr(row[f], "item") else row[f]) for f in TrainConfig.field_names()
           if f in row and not pd.isna(row[f]) and row[f] != ""}  # empty: the field's default
+    for f in BOOL_FIELDS & set(kw):  # read as text by bench.report: "False" would be truthy
+        if isinstance(kw[f], str):
+            kw[f] = {"true": True, "false": False}[kw[f].strip().lower()]
     if "target_gap" in kw:
         kw.pop("target_loss", None)  # the row records the target the gap resolved to
     return validate(TrainConfig(**kw))

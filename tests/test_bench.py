@@ -422,3 +422,14 @@ def test_the_argv_a_config_runs_with_parses_back_to_the_config():
     for e in entries:
         argv = config_argv(e, "/tmp/m.json", 1)
         assert config_from_args(build_parser().parse_args(argv)) == TrainConfig(**e["config"]), argv
+
+
+def test_a_row_read_as_text_gives_its_switches_back():
+    """bench.report reads switches as text, and bool("False") is True: the real-text reference's report once
+    crashed validating a config with --gns on, which its rows had off."""
+    import pandas as pd
+
+    from bench.results import row_config
+
+    c = row_config(pd.Series({"compile": "False", "gns": "True", "grad_accum": 2, "activation_checkpointing": "false"}))
+    assert c.compile is False and c.gns is True and c.activation_checkpointing is False

@@ -210,6 +210,27 @@ def test_welch_and_the_winner_rule_on_constructed_rows():
     assert noisy.startswith("tie within noise between muon and adamw") and "p = " in noisy
 
 
+def test_a_finalist_there_by_the_smallest_budget_is_ranked_at_that_bound():
+    """An optimizer whose every seed is at or under the target already at the smallest budget has no crossing
+    to interpolate: it is ranked at the budget (an upper bound on its tokens), its speed-up is a lower bound,
+    and two such optimizers are a tie the ladder cannot break."""
+    import pandas as pd
+
+    from bench.quality import _speedup, _tokens_cell, verdict
+
+    def row(o, tokens=(), bounded=False):
+        return {"optimizer": o, "tokens": list(tokens), "all_reached": not bounded, "bounded": bounded,
+                "bound": 1000.0, "seeds": 3, "statuses": ["by the smallest budget"] if bounded else ["interpolated"]}
+
+    adamw = row("adamw", [2000, 2100, 1900])
+    lone = verdict(pd.DataFrame([row("muon", bounded=True), adamw, row("sgd", [4000, 4100, 3900])]))
+    assert lone.startswith("**muon** reached the target first") and "taken as the smallest budget, 1,000" in lone
+    two = verdict(pd.DataFrame([row("muon", bounded=True), row("adafactor", bounded=True), adamw]))
+    assert two.startswith("tie within noise between") and "cannot order them" in two
+    r = pd.Series(row("muon", bounded=True))
+    assert _speedup(r, pd.Series(adamw)).startswith("≥ 2.00") and _tokens_cell(r).startswith("≤ 1,000")
+
+
 def test_wsd_stays_at_the_peak_then_decays_linearly_to_the_floor():
     from llmopt.optim import lr_factor
 
