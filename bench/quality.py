@@ -5,8 +5,9 @@ studies answer it (Wen et al. 2025; modded-nanogpt's record rules; AlgoPerf):
   learning rate of a model, optimizer and batch size) runs at a ladder of budgets, each with its own full
   schedule, and the tokens at which it would reach the target are interpolated between the two budgets whose
   end-of-budget losses bracket it (``bench.stats.tokens_to_target``; never extrapolated);
-* over seeds (each seed draws the initial weights and the data order): mean and standard deviation, and a
-  winner only where Welch's t-test puts its lead at p < 0.05 against every other optimizer, else a tie;
+* over seeds (each seed draws the initial weights, the training sequences and the held-out sample, the same
+  for every optimizer): mean and standard deviation, and a winner only where a t-test over seeds (paired by
+  seed) puts its lead at p < 0.05 against every other optimizer, else a tie;
 * the target: AdamW's mean end-of-budget loss at half the largest budget, per model and batch size (so AdamW's
   tokens to target sit near that budget by construction, every speed-up is over AdamW's tokens, and the
   smaller budgets below it leave room to measure optimizers up to 8x faster);
@@ -25,7 +26,7 @@ from bench import stats, tuning
 from bench.markdown import fmt, md_table
 from bench.matrix import TARGET_FRACTION, layout_name
 
-SIGNIFICANCE = 0.05  # Welch's two-sided p below which a lead counts
+SIGNIFICANCE = 0.05  # the two-sided p below which a lead counts
 
 
 def has_target(results: pd.DataFrame) -> pd.Series:
@@ -93,38 +94,49 @@ def finalist_stats(lad: pd.DataFrame, target: dict) -> pd.DataFrame:
         status = [c.status for c in crossings.values()]
         rows.append({"preset": preset, "optimizer": opt, "global_batch": batch, "lr": lr, "budget": top,
                      "budgets": sorted(g.max_tokens.unique()), "seeds": len(crossings),
+                     "seed_list": sorted(int(sd) for sd in crossings),
                      "end_losses": list(end.final_eval_loss),
                      "tokens": [c.tokens for c in crossings.values() if c.status == stats.REACHED],
+                     "by_seed": {int(sd): c.tokens for sd, c in crossings.items() if c.status == stats.REACHED},
                      "statuses": sorted(set(status)), "bound": float(g.max_tokens.min()),
                      "all_reached": status.count(stats.REACHED) == len(status),
                      "bounded": status.count(stats.AT_FIRST) == len(status)})
     return pd.DataFrame(rows)
 
 
-def _ranked_tokens(r) -> list[float]:
-    """The tokens a finalist is ranked on: its crossings, or for a bounded one its bound on every seed (an
-    upper bound, so a lead computed from it understates the bounded finalist's)."""
-    return list(r.tokens) if r.all_reached else [r.bound] * int(r.seeds)
+def _ranked_tokens(r) -> dict[int, float]:
+    """seed -> the tokens a finalist is ranked on: its crossings, or for a bounded one its bound on every seed
+    (an upper bound, so a lead computed from it understates the bounded finalist's)."""
+    return dict(r.by_seed) if r.all_reached else {s: r.bound for s in r.seed_list}
+
+
+def compare(a: dict[int, float], b: dict[int, float]) -> stats.TTest:
+    """Tokens to target of two finalists over seeds: paired over the seeds both have (a seed draws the same
+    initial weights, training sequences and held-out sample for every optimizer, so a seed that is hard for
+    one is hard for all: on real text seed 1's losses were the highest for every optimizer), else Welch's."""
+    common = sorted(set(a) & set(b))
+    if len(common) >= 2:
+        return stats.paired([a[s] for s in common], [b[s] for s in common])
+    return stats.welch(list(a.values()), list(b.values()))
 
 
 def verdict(fs: pd.DataFrame) -> str:
     """Who reached the target first at one (model, batch): the optimizer with the fewest mean tokens among
     those that reached it on every seed (a finalist there by the smallest budget counts at that budget, an upper
-    bound), declared the winner only where Welch's test puts it ahead of every other such optimizer at
-    p < SIGNIFICANCE; otherwise the tie, named, with the numbers."""
+    bound), declared the winner only where a t-test over seeds (``compare``) puts it ahead of every other such
+    optimizer at p < SIGNIFICANCE; otherwise the tie, named, with the numbers."""
     bounded = fs.bounded if "bounded" in fs else pd.Series(False, index=fs.index)
     seeds = fs.seeds if "seeds" in fs else fs.tokens.map(len)
     ok = fs[(fs.all_reached & (fs.tokens.map(len) >= 2)) | (bounded & (seeds >= 2))]
     if ok.empty:
         return "no optimizer reached the target on every seed by interpolation between budgets, so none is ranked"
     ranked = ok.apply(_ranked_tokens, axis=1)
-    mean = ranked.map(lambda t: stats.mean_std(t)[0])
+    mean = ranked.map(lambda t: stats.mean_std(list(t.values()))[0])
     lead = ok.loc[mean.idxmin()]
-    tests = []
-    for i, other in ok.drop(index=mean.idxmin()).iterrows():
-        tests.append((other.optimizer, stats.welch(ranked[mean.idxmin()], ranked[i])))
+    tests = [(other.optimizer, compare(ranked[mean.idxmin()], ranked[i]))
+             for i, other in ok.drop(index=mean.idxmin()).iterrows()]
     tied = [name for name, w in tests if w.p >= SIGNIFICANCE]
-    numbers = "; ".join(f"vs {name}: t = {w.t:.2f}, df = {w.df:.1f}, p = {w.p:.3g}" for name, w in tests)
+    numbers = "; ".join(f"vs {name}: {w.kind} t = {w.t:.2f}, df = {w.df:.1f}, p = {w.p:.3g}" for name, w in tests)
     if tests and getattr(lead, "bounded", False):
         numbers += (f"; {lead.optimizer}'s tokens taken as the smallest budget, {lead.bound:,.0f}, which it had "
                     f"already reached on every seed")
@@ -133,11 +145,12 @@ def verdict(fs: pd.DataFrame) -> str:
         numbers += f"; {', '.join(also)} too reached it by the smallest budget, so this ladder cannot order them"
     if not tests:
         return f"{lead.optimizer} was the only optimizer to reach the target on every seed"
+    test = "t-test on tokens to target over seeds (paired by seed where both ran the same seeds)"
     if tied:
-        return (f"tie within noise between {lead.optimizer} and {', '.join(tied)} (Welch's t-test on tokens to "
-                f"target over seeds, two-sided, p >= {SIGNIFICANCE}: {numbers})")
-    return (f"**{lead.optimizer}** reached the target first; Welch's t-test on tokens to target over seeds puts "
-            f"its lead at p < {SIGNIFICANCE} against every other ({numbers})")
+        return (f"tie within noise between {lead.optimizer} and {', '.join(tied)} ({test}, two-sided, "
+                f"p >= {SIGNIFICANCE}: {numbers})")
+    return (f"**{lead.optimizer}** reached the target first; the {test} puts its lead at p < {SIGNIFICANCE} "
+            f"against every other ({numbers})")
 
 
 def _pm(xs: list[float], spec: str) -> str:
@@ -272,12 +285,12 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
              f"(seed 0; a grid whose best sits at an edge is widened once); its best (the finalist) then runs at "
              f"budgets {', '.join(f'{int(b):,}' for b in budgets)} tokens, each with its own full schedule, with "
              f"seeds {', '.join(str(int(s)) for s in sorted(lad.seed.unique()))} (a seed draws the initial weights, "
-             f"the training sequences and the held-out sample; the task is the same for every seed). Tokens to "
-             f"target are interpolated log-linearly between the two budgets whose "
+             f"the training sequences and the held-out sample, the same for every optimizer; the task is the same "
+             f"for every seed). Tokens to target are interpolated log-linearly between the two budgets whose "
              f"end-of-budget losses bracket the target, never extrapolated. The target, per model and batch size, "
              f"is AdamW's mean end-of-budget loss at {TARGET_FRACTION:g} of the largest budget. A winner is "
-             f"declared only where Welch's "
-             f"t-test on tokens to target over seeds gives p < {SIGNIFICANCE} against every other optimizer.")
+             f"declared only where a t-test on tokens to target over seeds, paired by seed (Welch's where two "
+             f"finalists share fewer than two seeds), gives p < {SIGNIFICANCE} against every other optimizer.")
     L.append("")
     floor = conv.entropy_floor_nats.dropna()
     for (preset, batch), g in fs.groupby(["preset", "global_batch"]):

@@ -3,7 +3,10 @@
 * ``tokens_to_target``: tokens at which a run would reach a target loss, from losses measured at the end of
   completed schedules of several budgets (a ladder): log-linear interpolation between the two budgets that
   bracket the target; below the smallest budget or above the largest it is not guessed.
-* ``welch``: Welch's unequal-variance t-test (Welch 1947), the two-sided p-value from Student's t
+* ``paired``: Student's paired t-test on per-seed differences, for runs that share their seeds (a seed draws the
+  same initial weights and data whatever the optimizer, so what a seed makes easy or hard cancels).
+* ``welch``: Welch's unequal-variance t-test (Welch 1947), for runs without common seeds; the two-sided p-value
+  of both from Student's t
   distribution (its CDF through the regularized incomplete beta function, evaluated by Lentz's continued
   fraction as in Press et al., "Numerical Recipes", 6.4), so that no dependency beyond the standard library
   is needed.
@@ -50,13 +53,28 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class Welch:
+class TTest:
     t: float                    # (mean a - mean b) / standard error
-    df: float                   # Welch-Satterthwaite degrees of freedom
+    df: float                   # degrees of freedom (Welch-Satterthwaite's, or pairs - 1)
     p: float                    # two-sided
+    kind: str = "Welch"         # "Welch" or "paired"
 
 
-def welch(a: list[float], b: list[float]) -> Welch:
+def paired(a: list[float], b: list[float]) -> TTest:
+    """Student's paired t-test of mean(a - b) != 0 over pairs (a_i, b_i): t = mean(d) / (sd(d) / sqrt(n)),
+    n - 1 degrees of freedom. With no variance in the differences the test is undefined unless their mean is
+    not 0 (then p = 0) or is (p = 1)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError("a paired t-test needs at least two pairs")
+    d = [x - y for x, y in zip(a, b)]
+    m, sd = mean_std(d)
+    if sd == 0:
+        return TTest(math.copysign(math.inf, m) if m else 0.0, len(d) - 1, 0.0 if m else 1.0, "paired")
+    t = m / (sd / math.sqrt(len(d)))
+    return TTest(t, len(d) - 1, student_t_two_sided(t, len(d) - 1), "paired")
+
+
+def welch(a: list[float], b: list[float]) -> TTest:
     """Welch's t-test of mean(a) != mean(b). Needs two values in each sample; with no variance at all the
     test is undefined unless the means differ (then p = 0) or not (p = 1)."""
     if len(a) < 2 or len(b) < 2:
@@ -64,10 +82,10 @@ def welch(a: list[float], b: list[float]) -> Welch:
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
     va, vb = sa ** 2 / len(a), sb ** 2 / len(b)
     if va + vb == 0:
-        return Welch(math.copysign(math.inf, ma - mb) if ma != mb else 0.0, math.inf, 0.0 if ma != mb else 1.0)
+        return TTest(math.copysign(math.inf, ma - mb) if ma != mb else 0.0, math.inf, 0.0 if ma != mb else 1.0)
     t = (ma - mb) / math.sqrt(va + vb)
     df = (va + vb) ** 2 / ((va ** 2 / (len(a) - 1) if va else 0.0) + (vb ** 2 / (len(b) - 1) if vb else 0.0))
-    return Welch(t, df, student_t_two_sided(t, df))
+    return TTest(t, df, student_t_two_sided(t, df))
 
 
 def student_t_two_sided(t: float, df: float) -> float:

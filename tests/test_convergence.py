@@ -191,7 +191,7 @@ def test_welch_and_the_winner_rule_on_constructed_rows():
     import pandas as pd
 
     from bench.quality import verdict
-    from bench.stats import student_t_two_sided, welch
+    from bench.stats import paired, student_t_two_sided, welch
 
     assert abs(student_t_two_sided(2.228138852, 10) - 0.05) < 1e-8  # the tabled 97.5% quantile at 10 df
     assert abs(student_t_two_sided(12.7062047, 1) - 0.05) < 1e-7
@@ -202,12 +202,20 @@ def test_welch_and_the_winner_rule_on_constructed_rows():
     assert 0.02 < w.p < 0.04
 
     def fs(*opts):
-        return pd.DataFrame([{"optimizer": o, "tokens": t, "all_reached": True} for o, t in opts])
+        return pd.DataFrame([{"optimizer": o, "tokens": t, "by_seed": dict(enumerate(t)), "all_reached": True}
+                             for o, t in opts])
 
     clear = verdict(fs(("muon", [1000, 1010, 990]), ("adamw", [2000, 2050, 1950]), ("sgd", [4000, 4100, 3900])))
-    assert clear.startswith("**muon** reached the target first") and "vs adamw: t = " in clear
+    assert clear.startswith("**muon** reached the target first") and "vs adamw: paired t = " in clear
     noisy = verdict(fs(("muon", [1000, 1500, 700]), ("adamw", [1200, 900, 1600])))
     assert noisy.startswith("tie within noise between muon and adamw") and "p = " in noisy
+    # seeds shared by every optimizer: a seed that is hard for all cancels in the paired test, not in Welch's
+    hard = (("muon", [1000, 2000, 1500]), ("adamw", [1110, 2090, 1605]))
+    assert welch(hard[0][1], hard[1][1]).p > 0.5
+    d = paired(hard[0][1], hard[1][1])  # differences -110, -90, -105: mean -101.67, sd 10.41, t = -16.91, 2 df
+    assert d.kind == "paired" and d.df == 2 and abs(d.t - (-101.6667 / (10.4083 / math.sqrt(3)))) < 1e-3
+    assert abs(d.p - student_t_two_sided(d.t, 2)) < 1e-12 and d.p < 0.01
+    assert verdict(fs(*hard)).startswith("**muon** reached the target first") and "paired t = " in verdict(fs(*hard))
 
 
 def test_a_finalist_there_by_the_smallest_budget_is_ranked_at_that_bound():
@@ -219,8 +227,9 @@ def test_a_finalist_there_by_the_smallest_budget_is_ranked_at_that_bound():
     from bench.quality import _speedup, _tokens_cell, verdict
 
     def row(o, tokens=(), bounded=False):
-        return {"optimizer": o, "tokens": list(tokens), "all_reached": not bounded, "bounded": bounded,
-                "bound": 1000.0, "seeds": 3, "statuses": ["by the smallest budget"] if bounded else ["interpolated"]}
+        return {"optimizer": o, "tokens": list(tokens), "by_seed": dict(enumerate(tokens)), "seed_list": [0, 1, 2],
+                "all_reached": not bounded, "bounded": bounded, "bound": 1000.0, "seeds": 3,
+                "statuses": ["by the smallest budget"] if bounded else ["interpolated"]}
 
     adamw = row("adamw", [2000, 2100, 1900])
     lone = verdict(pd.DataFrame([row("muon", bounded=True), adamw, row("sgd", [4000, 4100, 3900])]))
