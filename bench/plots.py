@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -184,6 +185,9 @@ def budget_curves(lad: pd.DataFrame, target: dict, path: str) -> str:
         ax.axhline(target[key], color="black", linestyle="--", linewidth=1, label="target")
         ax.set(xscale="log", title=f"{key[0]}, batch {int(key[1])}", xlabel="budget (tokens)",
                ylabel="end-of-budget eval loss")
+        budgets = sorted(g.max_tokens.unique())  # the ladder's own budgets as ticks: log minor labels collide
+        ax.set_xticks(budgets, [f"{b / 1024:g}k" for b in budgets])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend(fontsize=6)
     fig.suptitle("End-of-budget loss vs budget (band: the seeds' range)")
     return _save(fig, path)
