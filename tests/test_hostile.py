@@ -423,7 +423,7 @@ def test_a_convergence_report_survives_a_batch_where_every_run_failed(tmp_path):
         w.writerows(rows)
     report = open(write_report(str(ref))).read()
     assert "At batch 64 no run finished" in report and "| failed | boom |" in report
-    assert "At batch 16, " in report  # the other batches are still reported
+    assert "### tiny-v256, global batch 16 sequences: target" in report  # the other batches are still reported
 
 
 def test_a_sweep_of_thousands_of_rows_gets_readable_plots(tmp_path):
@@ -441,11 +441,11 @@ def test_a_sweep_of_thousands_of_rows_gets_readable_plots(tmp_path):
         w, ws = csv.DictWriter(f, list(rows[0])), csv.DictWriter(g, list(steps[0]))
         w.writeheader()
         ws.writeheader()
-        for k in range(8):  # 2,112 rows
+        for k in range(8):  # 8 copies of the full matrix: thousands of rows
             w.writerows({**r, "config_id": f"{r['config_id']}-{k}", "baseline_id": r["baseline_id"] and
                          f"{r['baseline_id']}-{k}"} for r in rows)
             ws.writerows({**s, "config_id": f"{s['config_id']}-{k}"} for s in steps)
     report = open(write_report(str(tmp_path))).read()
-    assert "Configs: 2112" in report
+    assert f"Configs: {8 * len(rows)}" in report and 8 * len(rows) > 2000
     sizes = {p.name: p.stat().st_size for p in (tmp_path / "plots").iterdir()}
     assert len(sizes) == 5 and max(sizes.values()) < 2**20, sizes
