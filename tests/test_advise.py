@@ -156,3 +156,27 @@ def test_a_model_shape_instead_of_a_preset(tmp_path):
     t = pd.read_csv(tmp_path / "advise.csv")
     assert (t.fits == "yes").any() and (t.dp * t.tp * t.pp == 16).all()
     assert "shape-32x32x4096x50257" in (tmp_path / "advise.md").read_text()
+
+
+def test_repredict_rewrites_only_the_prediction_columns(tmp_path):
+    """scripts/repredict_memory.py on a reference whose predictions went stale: the prediction columns are the
+    model's again, every other field (the measurements) is byte for byte what was recorded."""
+    import csv
+    import shutil
+    import subprocess
+    import sys
+
+    src = ROOT / "results" / "reference" / "cpu-optimizers"
+    ref = tmp_path / "ref"
+    shutil.copytree(src, ref, ignore=shutil.ignore_patterns("plots"))
+    with open(ref / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["predicted_memory_bytes"], rows[0]["memory_prediction_error"] = "1", "-0.99"
+    with open(ref / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    r = subprocess.run([sys.executable, "scripts/repredict_memory.py", str(ref)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "1 row(s) re-predicted" in r.stdout, r.stderr[-2000:]
+    assert (ref / "results.csv").read_bytes() == (src / "results.csv").read_bytes()

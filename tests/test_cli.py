@@ -135,7 +135,8 @@ def test_every_entry_point_says_a_bad_flag_in_one_line(module, capsys, monkeypat
 
 
 @pytest.mark.parametrize("argv", [["-m", "llmopt.data"], ["-m", "llmopt.data", "prepare", "--no-such-flag"],
-                                  ["scripts/compile_bare_loop.py"], ["scripts/compile_bare_loop.py", "plain", "x"]])
+                                  ["scripts/compile_bare_loop.py"], ["scripts/compile_bare_loop.py", "plain", "x"],
+                                  ["scripts/repredict_memory.py", "no-such-sweep"]])
 def test_the_other_command_lines_say_a_mistake_in_one_line(cli, argv):
     r = cli(*argv)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
