@@ -317,10 +317,10 @@ def prepare(source: str, tokenizer: str, out_dir: str, val_fraction: float = 0.0
     return meta
 
 
-def _make_dir(path: str, out_dir: str) -> str:
+def _make_dir(path: str, out_dir: str, exist_ok: bool = False) -> str:
     """Create ``path`` (and its parents): a file in the way, /proc or a read-only mount is one ValueError."""
     try:
-        os.makedirs(path)
+        os.makedirs(path, exist_ok=exist_ok)
     except OSError as e:
         raise ValueError(f"--out {out_dir!r}: cannot create a directory there ({e.strerror}); choose another "
                          f"place") from None
@@ -411,8 +411,7 @@ def ensure_prepared(source: str, tokenizer: str) -> str:
     if os.path.isfile(os.path.join(out, META)):
         return out
     locks = os.path.join(cache_dir(), "locks")
-    if not os.path.isdir(locks):
-        _make_dir(locks, out)
+    _make_dir(locks, out, exist_ok=True)  # two runs starting together both find it missing
     with open(os.path.join(locks, os.path.basename(out) + ".lock"), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
