@@ -210,6 +210,16 @@ class ResultFiles:
         self._append(self.results_path, RESULT_COLUMNS, [result])
 
 
+def prediction_columns(pred: dict, peak) -> dict:
+    """A row's memory-prediction columns from ``llmopt.memory``'s prediction (``to_dict()``) and the measured
+    peak: the harness writes them, scripts/repredict_memory.py rewrites them."""
+    cols = {"predicted_memory_bytes": pred["total"],
+            "memory_prediction_error": (pred["total"] - peak) / peak if peak else None}
+    for cat in ("parameters", "gradients", "optimizer_state", "activations"):
+        cols[f"predicted_{cat}_bytes"] = pred[cat]
+    return cols
+
+
 def _fmt(v):
     if v is None:
         return ""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from bench.executors import EXECUTORS, ExecutorError, Outcome, Pool, signals_held, world_size
 from bench.hardware import datasheet_peak, environment, peak_flops, write_json
 from bench.matrix import NAMED, MatrixError, baseline_of, config_id, expand, parse_filter, rank_budget
-from bench.results import OK_METRIC_COLUMNS, RUN_METRIC_COLUMNS, STATUSES, ResultFiles
+from bench.results import OK_METRIC_COLUMNS, RUN_METRIC_COLUMNS, STATUSES, ResultFiles, prediction_columns
 from llmopt.config import TrainConfig
 from llmopt.metrics import RunMetrics
 
@@ -125,12 +125,9 @@ def build_row(entry: dict, status: str, error: str, metrics: RunMetrics | None, 
     row.update({k: getattr(m, k) for k in OK_METRIC_COLUMNS})
     peak, pred = m.peak_memory_bytes, m.predicted_memory
     breakdown = m.memory_breakdown or {}
-    row.update(predicted_memory_bytes=pred["total"], final_loss=m.losses[-1],
-               memory_prediction_error=(pred["total"] - peak) / peak if peak else None)
+    row.update(final_loss=m.losses[-1], **prediction_columns(pred, peak))
     for cat in ("parameters", "gradients", "optimizer_state", "activations", "other"):
         row[f"memory_{cat}_bytes"] = breakdown.get(cat)
-        if cat != "other":
-            row[f"predicted_{cat}_bytes"] = pred[cat]
     if ctx.peak is not None:
         n_devices = tc.world_size if m.config["device"] == "cuda" else 1  # CPU ranks share one CPU
         value, source = ctx.peak

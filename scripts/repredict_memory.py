@@ -22,7 +22,7 @@ def repredict(out: str) -> int:
     """Rewrite ``out``'s results.csv predictions in place; return how many rows changed."""
     import pandas as pd
 
-    from bench.results import _fmt, row_config
+    from bench.results import _fmt, prediction_columns, row_config
     from llmopt.memory import predict_memory
 
     path = os.path.join(out, "results.csv")
@@ -34,10 +34,7 @@ def repredict(out: str) -> int:
             continue
         pred = predict_memory(row_config(typed.iloc[i])).to_dict()
         peak = float(r["peak_memory_bytes"])
-        new = {"predicted_memory_bytes": _fmt(pred["total"]),
-               "memory_prediction_error": _fmt((pred["total"] - peak) / peak if peak else None)}
-        for cat in ("parameters", "gradients", "optimizer_state", "activations"):
-            new[f"predicted_{cat}_bytes"] = _fmt(pred[cat])
+        new = {k: _fmt(v) for k, v in prediction_columns(pred, peak).items()}
         if any(rows.at[i, k] != str(v) for k, v in new.items()):
             changed += 1
         for k, v in new.items():
