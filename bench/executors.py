@@ -22,7 +22,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llmopt.config import TrainConfig
 from llmopt.metrics import RunMetrics
@@ -42,6 +42,7 @@ class Outcome:
     error: str
     metrics: RunMetrics | None
     wall: float
+    peak: tuple[float, str] | None = None  # peak FLOP/s (value, source) taken where the config ran (SLURM)
 
 
 @dataclass(frozen=True)
@@ -373,53 +374,194 @@ def remove_dead_launcher_dirs() -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- submitit
+# SLURM job states after which a job runs no more (squeue's long names)
+SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+               "PREEMPTED", "SPECIAL_EXIT", "TIMEOUT"}
+FILE_GRACE_S = 5.0  # a job SLURM says has ended, whose exit-code file the shared filesystem has not shown yet
+
+
+class SlurmQueue:
+    """Job states from ``squeue`` (one call per second at most, for every job of the sweep), not from submitit's
+    ``sacct`` watcher: clusters without accounting are common, and there ``sacct`` fails, every job's state
+    reads UNKNOWN and submitit prints two warnings per poll. ``squeue --states=all`` shows a job until
+    ``MinJobAge`` (300 s by default) after it ends; a job it no longer shows has ended, and then the job's own
+    exit-code file (``run_in_job``) is what says how."""
+
+    def __init__(self, interval: float = 1.0):
+        self.interval, self.t = interval, -math.inf
+        self.ids: set[str] = set()  # the sweep's jobs not yet ended
+        self.asked: set[str] = set()  # the jobs the last squeue call was asked about
+        self.states: dict[str, tuple[str, str]] = {}
+        self.running: dict[str, set[str]] = {}  # node -> jobs seen running there
+        self.most_per_node = 0  # the most configs seen running at once on one node
+
+    def state(self, job_id: str) -> tuple[str, str] | None:
+        """(state, reason) as squeue last showed the job, ("PENDING", "") before squeue was first asked about
+        it, None once squeue no longer shows it."""
+        self.ids.add(job_id)
+        if time.monotonic() - self.t >= self.interval or job_id not in self.asked:
+            self.refresh()
+        if job_id not in self.asked:
+            return "PENDING", ""
+        return self.states.get(job_id)
+
+    def forget(self, job_id: str) -> None:
+        self.ids.discard(job_id)
+
+    def refresh(self) -> None:
+        import subprocess
+
+        self.t = time.monotonic()
+        ids = sorted(self.ids)
+        r = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i|%T|%r|%N", f"--jobs={','.join(ids)}"],
+                           capture_output=True, text=True, check=False)
+        if r.returncode != 0 and "Invalid job id" not in r.stderr:
+            return  # the controller did not answer (busy, restarting): keep what it said last
+        self.asked, self.states = set(ids), {}
+        for line in r.stdout.splitlines() if r.returncode == 0 else []:
+            job_id, state, reason, nodes = (line.split("|") + ["", "", ""])[:4]
+            self.states[job_id] = (state.split()[0] if state else "UNKNOWN", reason)
+            if state == "RUNNING" and nodes:
+                for node in _expand_nodes(nodes):
+                    self.running.setdefault(node, set()).add(job_id)
+        for jobs in self.running.values():
+            jobs.intersection_update(j for j, (s, _) in self.states.items() if s not in SLURM_ENDED)
+            self.most_per_node = max(self.most_per_node, len(jobs))
+
+
+def _expand_nodes(nodes: str) -> list[str]:
+    """squeue's node list, compressed ("n[1-3],m") as scontrol expands it; one name unchanged."""
+    if "[" not in nodes and "," not in nodes:
+        return [nodes]
+    import subprocess
+
+    r = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=False)
+    return r.stdout.split() or [nodes]
+
+
 class SubmititJob(_Job):
     """One config as one submitit job (local processes or SLURM). The job runs ``llmopt.train`` (or, across
-    nodes, torchrun on every node with c10d rendezvous on the first host) and returns its exit code; the
-    metrics come back through the sweep directory, which a cluster must share between nodes."""
+    nodes, torchrun on every node with c10d rendezvous on the first host) and writes, beside the config's
+    metrics, when it started and its exit code; the files come back through the sweep directory, which a
+    cluster must share between nodes. ``--timeout`` counts from the job's start, not its submission: time in
+    the queue is the scheduler's, not the config's."""
 
-    def __init__(self, executor, sweep_pid: int | None, nproc_per_node: int, *args):
+    def __init__(self, executor, queue: SlurmQueue | None, sweep_pid: int | None, nproc_per_node: int, *args):
         super().__init__(*args)
-        self.cancel_path = self.metrics_path + ".cancel"
-        if os.path.exists(self.cancel_path):
-            os.remove(self.cancel_path)
-        self.job = executor.submit(run_in_job, self.argv, _job_env(self.env), self.log_path, os.getcwd(), sweep_pid,
-                                   nproc_per_node, self.cancel_path)
+        self.queue = queue
+        base = self.metrics_path
+        self.cancel_path, self.started_path, self.rc_path, self.peak_path = (
+            base + ".cancel", base + ".started", base + ".rc", base + ".peak")
+        for path in (self.cancel_path, self.started_path, self.rc_path, self.peak_path):
+            if os.path.exists(path):
+                os.remove(path)
+        # on SLURM the job measures its node's peak FLOP/s for MFU (a CPU node; a GPU's is the datasheet's)
+        sweep_dir = os.path.dirname(os.path.dirname(self.metrics_path))
+        peak_cache = os.path.join(sweep_dir, "peak_flops", "{node}.json") if queue is not None else None
+        env = _job_env(self.env)
+        if queue is not None:
+            env.pop("OMP_NUM_THREADS", None)  # sized on the node, from the cores SLURM gave the job (run_in_job)
+        self.job = executor.submit(run_in_job, self.argv, env, self.log_path, os.getcwd(), sweep_pid,
+                                   nproc_per_node, self.cancel_path, self.entry, peak_cache)
+        self.job_id = str(self.job.job_id)
         with open(self.log_path, "a") as log:
-            log.write(f"# submitit job {self.job.job_id} ({type(executor).__name__})\n")
+            log.write(f"# submitit job {self.job_id} ({type(executor).__name__})\n")
+        self.run_t0: float | None = None  # when this sweep first saw the job's start file
+        self.ended_t: float | None = None  # when the scheduler first said the job had ended
+
+    def _stopped(self) -> tuple[bool, str]:
+        """(the job runs no more, SLURM's last word on it: its state, or GONE once squeue no longer shows it)."""
+        if os.path.exists(self.rc_path):
+            return True, ""
+        if self.queue is None:
+            return self.job.done(), ""
+        seen = self.queue.state(self.job_id)
+        if seen is not None and seen[0] not in SLURM_ENDED:
+            return False, seen[0]
+        return True, seen[0] if seen is not None else "GONE"
 
     def poll(self) -> Outcome | None:
-        timed_out = time.monotonic() - self.t0 > self.timeout
-        if not self.job.done() and not timed_out:
+        now = time.monotonic()
+        if self.run_t0 is None and os.path.exists(self.started_path):
+            self.run_t0 = now
+        stopped, state = self._stopped()
+        if stopped and state and self.queue is not None:
+            # ended as SLURM tells it: the exit-code file may lag on a shared filesystem; give it a moment
+            self.ended_t = self.ended_t or now
+            stopped = now - self.ended_t > FILE_GRACE_S
+        timed_out = not stopped and self.run_t0 is not None and now - self.run_t0 > self.timeout
+        if not stopped and not timed_out:
             return None
-        wall = time.monotonic() - self.t0
-        if not self.job.done():
+        wall = now - (self.run_t0 if self.run_t0 is not None else self.t0)
+        if timed_out:
             self.cancel()
-            end = time.monotonic() + 15.0  # the job's processes are gone before the next config starts
-            while not self.job.done() and time.monotonic() < end:
-                time.sleep(0.1)
-            os.remove(self.cancel_path)
+            self._forget()
             return outcome_of(None, True, self.timeout, self.metrics_path, self.log_path, wall)
-        state = str(self.job.state).upper()
+        rc, peak = _read_int(self.rc_path), _read_peak(self.peak_path)
+        self._forget()
+        if rc is not None:
+            return replace(outcome_of(rc, False, self.timeout, self.metrics_path, self.log_path, wall), peak=peak)
+        # no exit code: the job ended before its config did (the scheduler's limit, memory, a node, a cancel)
+        if self.queue is None:
+            exc = self.job.exception()
+            state, why = str(self.job.state).upper(), (str(exc).strip().splitlines() or [""])[-1][:300] if exc else ""
+        else:
+            why = _last_line(self.job.stderr() or "")
         if "TIMEOUT" in state:
             return outcome_of(None, True, self.timeout, self.metrics_path, self.log_path, wall,
-                              f"SLURM {state} (job {self.job.job_id}): the --slurm-time limit was reached")
-        exc = self.job.exception()
-        if exc is None:
-            return outcome_of(self.job.result(), False, self.timeout, self.metrics_path, self.log_path, wall)
+                              f"SLURM TIMEOUT (job {self.job_id}): the job's time limit was reached")
         rc = 128 + signal.SIGKILL if "OUT_OF_MEMORY" in state else 1
-        reason = f"job {self.job.job_id} ended {state}: {(str(exc).strip().splitlines() or [''])[-1][:300]}"
+        said = ("left the queue with no exit code (no accounting to say how)" if state == "GONE"
+                else f"ended {state}")
+        reason = f"job {self.job_id} {said}" + (f": {why}" if why else "")
+        with open(self.log_path, "a") as log:
+            log.write(f"# {reason}\n")
         return outcome_of(rc, False, self.timeout, self.metrics_path, self.log_path, wall, reason)
 
-    def cancel(self) -> None:
+    def _forget(self) -> None:
+        if self.queue is not None:
+            self.queue.forget(self.job_id)
+        for path in (self.cancel_path, self.started_path, self.rc_path, self.peak_path):
+            if os.path.exists(path):
+                os.remove(path)
+
+    def cancel(self, wait_s: float = 30.0) -> None:
         """The cancel file stops the config within a second wherever it runs (a signal to submitit's local
-        controller is lost when the sweep was started with SIGINT ignored); then the scheduler's cancel."""
+        controller is lost when the sweep was started with SIGINT ignored); then the scheduler's cancel, and a
+        wait until the job runs no more (a timed-out config's processes are gone before the next one starts;
+        a Ctrl-C leaves no job in squeue)."""
         with open(self.cancel_path, "w"):
             pass
         try:
             self.job.cancel(check=False)
         except Exception as e:  # the job may have ended meanwhile; say so, never hide a left-over job
-            print(f"bench: could not cancel job {self.job.job_id}: {e}", file=sys.stderr)
+            print(f"bench: could not cancel job {self.job_id}: {e}", file=sys.stderr)
+        end = time.monotonic() + wait_s
+        while not self._stopped()[0] and time.monotonic() < end:
+            time.sleep(0.2)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_peak(path: str) -> tuple[float, str] | None:
+    try:
+        with open(path) as f:
+            value, source = json.load(f)
+        return float(value), str(source)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _last_line(text: str) -> str:
+    """The last non-blank line (submitit's job log: a traceback ends with its exception), or ""."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 def _job_env(env: dict) -> dict:
@@ -428,16 +570,25 @@ def _job_env(env: dict) -> dict:
 
 
 def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: int | None,
-               nproc_per_node: int = 1, cancel_path: str | None = None) -> int:
-    """Inside a submitit job: run the config, its output into the config's log, and return its exit code.
-    It stops when ``cancel_path`` appears (the sweep cancelled it) or, with ``sweep_pid`` (submitit-local),
-    when the sweep is gone, as a local config does."""
+               nproc_per_node: int = 1, cancel_path: str | None = None, entry: dict | None = None,
+               peak_cache: str | None = None) -> int:
+    """Inside a submitit job: mark the start, run the config with its output into the config's log, write its
+    exit code, and return it. It stops when ``cancel_path`` appears (the sweep cancelled it) or, with
+    ``sweep_pid`` (submitit-local), when the sweep is gone, as a local config does. With ``peak_cache`` (SLURM:
+    ``{node}`` in it is this node's name) the peak FLOP/s the row's MFU is stated against is taken here, on
+    the node the config ran on, once per node and dtype for the whole sweep."""
+    import socket
     import subprocess
     import threading
 
     import submitit
 
     job_env = submitit.JobEnvironment()
+    metrics_path = argv[argv.index("--metrics-out") + 1]
+    first = job_env.global_rank == 0  # across nodes, the first node's task speaks for the job
+    if first:
+        with open(metrics_path + ".started", "w") as f:
+            f.write(f"{socket.gethostname()} {time.time()}\n")
     cmd = [sys.executable, "-m", "llmopt.train", *argv]
     if job_env.num_nodes > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={job_env.num_nodes}",
@@ -446,8 +597,14 @@ def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: i
                f"--rdzv-id={job_env.job_id}", "-m", "llmopt.train", *argv]
     from llmopt.launch import die_with_parent
 
+    env = dict(os.environ, **env)
+    if peak_cache:  # SLURM: this node's cores (the job's allocation) split between its ranks, as locally
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc_per_node))
     with open(log_path, "a") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=dict(os.environ, **env), stdout=log, stderr=subprocess.STDOUT,
+        log.write(f"# job {job_env.job_id} running on {socket.gethostname()}, OMP_NUM_THREADS="
+                  f"{env.get('OMP_NUM_THREADS', '(unset)')}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         def watch():
             while proc.poll() is None:
@@ -464,20 +621,64 @@ def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: i
 
         threading.Thread(target=watch, daemon=True).start()
         try:
-            return proc.wait()
+            rc = proc.wait()
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    if first:
+        if rc == 0 and peak_cache and entry is not None:
+            _measure_node_peak(entry, metrics_path, peak_cache.format(node=socket.gethostname()))
+        with open(metrics_path + ".rc", "w") as f:  # last: the sweep takes the job as ended once this exists
+            f.write(f"{rc}\n")
+    return rc
 
 
-def slurm_parameters(cfg: dict, device: str, timeout: float, gpus_per_node: int, cpus_per_node: int | None,
-                     partition: str | None, account: str | None, extra: dict) -> dict:
+def _measure_node_peak(entry: dict, metrics_path: str, cache_path: str) -> None:
+    """This node's peak FLOP/s for the finished config (``bench.hardware.row_peak``, as a local sweep takes it),
+    written beside its metrics; measurements kept per node in ``cache_path`` for the sweep's later jobs."""
+    from bench.hardware import row_peak, write_json
+
+    metrics, _ = read_metrics(metrics_path)
+    if metrics is None:
+        return
+    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+    try:
+        with open(cache_path) as f:
+            cache = dict(json.load(f))
+    except (OSError, ValueError, TypeError):
+        cache = {}
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # every core the job has, as the config's ranks had
+    peak = row_peak(entry, metrics, cache)
+    write_json(cache_path, cache)
+    if peak is not None:
+        import socket
+
+        value, source = peak
+        if source.startswith("measured:"):
+            source += f" on node {socket.gethostname()}"
+        write_json(metrics_path + ".peak", [value, source])
+
+
+# submitit asks SLURM for SIGUSR2 this long before the job's time limit (its default, 90 s, fired at once under
+# a two-minute limit and ended the job as "timed out and not checkpointable"); the limit leaves room for it
+# after llmopt's own --timeout, which is what decides, counted from the job's start like SLURM's limit.
+SLURM_SIGNAL_DELAY_S = 60
+SLURM_LIMIT_MARGIN_MIN = 2
+
+
+def slurm_parameters(cfg: dict, device: str, timeout: float, settings: dict) -> dict:
     """submitit parameters for one config: nodes and GPUs from its world size, one task per node (llmopt's
-    launcher or torchrun starts the ranks), a time limit just above the harness's own timeout."""
+    launcher or torchrun starts the ranks), a time limit above the harness's own timeout, its nodes to itself
+    unless ``settings["share"]`` (timings taken beside another job are not the config's). ``settings``: the
+    sweep's SLURM settings (``bench.run``: flags over the matrix's [slurm] table)."""
     world = world_size(cfg)
-    params = {"timeout_min": int(math.ceil(timeout / 60)) + 1, "tasks_per_node": 1}
+    params = {"timeout_min": int(math.ceil(timeout / 60)) + SLURM_LIMIT_MARGIN_MIN, "tasks_per_node": 1,
+              "slurm_signal_delay_s": SLURM_SIGNAL_DELAY_S}
     if device == "cuda":
+        gpus_per_node = settings.get("gpus_per_node") or 8
         per_node = min(world, gpus_per_node)
         if world % per_node:
             raise ExecutorError(f"config of {world} ranks does not fill nodes of {gpus_per_node} GPUs; "
@@ -485,14 +686,15 @@ def slurm_parameters(cfg: dict, device: str, timeout: float, gpus_per_node: int,
         params.update(nodes=world // per_node, gpus_per_node=per_node)
     else:
         params.update(nodes=1)
-    if cpus_per_node:
-        params["cpus_per_task"] = cpus_per_node
-    if partition:
-        params["slurm_partition"] = partition
-    if account:
-        params["slurm_account"] = account
-    if extra:
-        params["slurm_additional_parameters"] = dict(extra)
+    if settings.get("cpus_per_node"):
+        params["cpus_per_task"] = settings["cpus_per_node"]
+    if not settings.get("share"):
+        params["slurm_exclusive"] = True
+    for key in ("partition", "account"):
+        if settings.get(key):
+            params[f"slurm_{key}"] = settings[key]
+    if settings.get("options"):
+        params["slurm_additional_parameters"] = dict(settings["options"])
     return params
 
 
@@ -528,12 +730,21 @@ class Pool:
         if executor != "local":  # a missing submitit or sbatch is said now, before the sweep writes anything
             self._submitit = make_submitit_executor(executor, os.path.join(out_dir, "submitit"))
         self.jobs_file = os.path.join(out_dir, "submitit", "jobs.jsonl")
+        self.queue = SlurmQueue() if executor == "slurm" else None
         if executor == "slurm":
             cancel_leftovers(self.jobs_file)
+
+    @property
+    def shared_nodes(self) -> bool:
+        """SLURM jobs allowed to share nodes (--slurm-share): their figures may have been taken side by side."""
+        return self.executor == "slurm" and bool(self.slurm.get("share"))
 
     def describe(self) -> str:
         how = {"local": "", "submitit-local": " through submitit's local executor",
                "slurm": " as SLURM jobs"}[self.executor]
+        if self.executor == "slurm":
+            return how + f", up to {self.jobs} in flight" + (" (sharing nodes)" if self.shared_nodes else
+                                                             ", each with its node(s) to itself")
         return how + (f", {self.jobs} at once" if self.jobs > 1 else "")
 
     def ready(self) -> None:
@@ -547,24 +758,24 @@ class Pool:
         if self.executor == "local":
             self.ready()
             return LocalJob(self._launcher, *args)
-        params = slurm_parameters(entry["config"], self.device, self.timeout, self.slurm.get("gpus_per_node") or 8,
-                                  self.slurm.get("cpus_per_node"), self.slurm.get("partition"),
-                                  self.slurm.get("account"), self.slurm.get("options") or {})
+        params = slurm_parameters(entry["config"], self.device, self.timeout, self.slurm)
         if self.executor == "submitit-local":
             params = {"timeout_min": params["timeout_min"]}
             if slot.gpus:
                 params.update(gpus_per_node=len(slot.gpus), visible_gpus=list(slot.gpus))
         self._submitit.update_parameters(**params)
-        job = SubmititJob(self._submitit, os.getpid() if self.executor == "submitit-local" else None,
-                          params.get("gpus_per_node", 1), *args)
+        ranks_per_node = world_size(entry["config"]) // params.get("nodes", 1)
+        job = SubmititJob(self._submitit, self.queue, os.getpid() if self.executor == "submitit-local" else None,
+                          ranks_per_node, *args)
         with open(self.jobs_file, "a") as f:  # what a resume after a SIGKILLed sweep must cancel
             f.write(json.dumps({"config_id": entry["config_id"], "job_id": str(job.job.job_id)}) + "\n")
         return job
 
 
-def cancel_leftovers(jobs_file: str) -> None:
-    """SLURM jobs an earlier, killed run of this sweep left queued or running: cancelled before the resume
-    submits their configs again (one would otherwise write its metrics over the new attempt's)."""
+def cancel_leftovers(jobs_file: str, wait_s: float = 120.0) -> None:
+    """SLURM jobs an earlier, killed run of this sweep left queued or running: cancelled, and waited for until
+    squeue shows them ended, before the resume submits their configs again (one still running would write its
+    metrics over the new attempt's)."""
     if not os.path.exists(jobs_file):
         return
     import subprocess
@@ -574,4 +785,14 @@ def cancel_leftovers(jobs_file: str) -> None:
     if ids:  # scancel ignores jobs that have ended
         subprocess.run(["scancel", *ids], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
         print(f"bench: scancel sent for the {len(ids)} job(s) an earlier run of this sweep submitted", flush=True)
+        queue, end = SlurmQueue(interval=0.5), time.monotonic() + wait_s
+        left = set(ids)
+        queue.ids.update(left)  # one squeue call for all of them
+        while left and time.monotonic() < end:
+            left = {j for j in left if (s := queue.state(j)) is not None and s[0] not in SLURM_ENDED}
+            if left:
+                time.sleep(0.5)
+        if left:
+            print(f"bench: job(s) {', '.join(sorted(left))} still not ended {wait_s:.0f} s after scancel; their "
+                  f"configs run again regardless", file=sys.stderr, flush=True)
     os.remove(jobs_file)

@@ -13,8 +13,12 @@ import socket
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from llmopt.cpu import NATIVE_BF16_FLAGS, cpu_flags, cpu_model  # noqa: F401 (re-exported for the report)
+
+if TYPE_CHECKING:
+    from llmopt.metrics import RunMetrics
 
 # Dense peak FLOP/s per GPU from NVIDIA's datasheets (SXM parts). fp32 is the non-tensor-core figure:
 # llmopt leaves torch's fp32 matmul precision at "highest" (no TF32).
@@ -112,6 +116,31 @@ def peak_flops(device: str, precision: str, cache: dict, n_embd: int, vocab_size
     dtypes = (precision if precision == "fp32" else f"fp32 ({precision} is emulated through fp32 on this CPU)"
               if emulated else f"best of {precision} and fp32")
     return best, f"measured:{device} matmul, {dtypes}, square and model GEMMs"
+
+
+def row_peak(entry: dict, metrics: RunMetrics | None, cache: dict, measure: bool = True) -> tuple[float, str] | None:
+    """The peak FLOP/s a config's MFU is stated against (measured on first use, kept in ``cache``); from the
+    finished config's resolved fields, or before it runs (``metrics`` None) from its own. A GPU's datasheet
+    figure is looked up by the name the config's rank saw; ``measure`` False (the config ran elsewhere: on
+    SLURM the job measures its node itself, ``bench.executors.run_in_job``) gives None rather than a
+    measurement of this machine."""
+    if metrics is not None and metrics.flops_per_token is None:
+        return None
+    from llmopt.config import TrainConfig
+
+    tc = TrainConfig(**entry["config"])
+    resolved = metrics.config if metrics is not None else {"device": tc.device,
+                                                           "pp_microbatches": tc.pp_microbatches or tc.pp}
+    if resolved["device"] == "cuda" and metrics is not None:
+        value = datasheet_peak(metrics.device_name or "", tc.precision)
+        if value is not None:
+            return value, f"datasheet:{metrics.device_name}"
+    if not measure:
+        return None
+    mc = tc.model_config
+    value, source = peak_flops(resolved["device"], tc.precision, cache, mc.n_embd, mc.vocab_size,
+                               tc.micro_batch * tc.seq_len // resolved["pp_microbatches"])
+    return (value, source) if value else None
 
 
 def _git_commit() -> str | None:

@@ -20,6 +20,7 @@ Custom file (TOML):
     account = "my-project"
     gpus_per_node = 8
     cpus_per_node = 64
+    share = false          # true: configs' jobs may share nodes (default: each has its nodes, --exclusive)
     options = { constraint = "h100", qos = "high" }   # extra sbatch options
 """
 from __future__ import annotations
@@ -258,7 +259,8 @@ def load_toml(path: str, max_configs: int = 10_000) -> tuple[dict, list[dict]]:
     return base, combos
 
 
-SLURM_KEYS = {"partition": str, "account": str, "gpus_per_node": int, "cpus_per_node": int, "options": dict}
+SLURM_KEYS = {"partition": str, "account": str, "gpus_per_node": int, "cpus_per_node": int, "share": bool,
+              "options": dict}
 
 
 def slurm_table(path: str) -> dict:
@@ -274,7 +276,7 @@ def slurm_table(path: str) -> dict:
         kind = SLURM_KEYS.get(key)
         if kind is None:
             raise MatrixError(f"--matrix {path}: [slurm] {key} is not a setting; use {', '.join(SLURM_KEYS)}")
-        if not isinstance(value, kind) or (kind is int and value < 1):
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
             raise MatrixError(f"--matrix {path}: [slurm] {key} = {value!r} must be a {kind.__name__}"
                               + (" of at least 1" if kind is int else ""))
     return {k: ({str(a): str(b) for a, b in v.items()} if k == "options" else v) for k, v in table.items()}

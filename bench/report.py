@@ -214,7 +214,17 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
         L.append(f"- **Unreadable lines left out**: {note} (a field count other than the header's; "
                  f"`python -m bench.run --resume --repair --out DIR` moves them to `<file>.rejected`)")
         print(f"report: unreadable lines left out ({note}); --resume --repair moves them aside", file=sys.stderr)
-    if env.get("executor", "local") != "local" or env.get("jobs", 1) > 1:
+    if env.get("executor") == "slurm":
+        most = env.get("slurm_most_per_node", 0)
+        if env.get("slurm_shared_nodes"):
+            L.append(f"- **Figures taken on shared nodes**: one SLURM job per config with `--slurm-share`; up to "
+                     f"{most} configs were seen running at once on one node (squeue, polled each second). Jobs "
+                     f"on one node share its cores and memory bandwidth: compare these figures with each "
+                     f"other, not with a one-at-a-time sweep.")
+        else:
+            L.append(f"- Executor: slurm, one job per config, each with its node(s) to itself (`--exclusive`; "
+                     f"at most {most} per node seen by squeue)")
+    elif env.get("executor", "local") != "local" or env.get("jobs", 1) > 1:
         L.append(f"- Executor: {env.get('executor', 'local')}, up to {env.get('jobs', 1)} configs at once")
     if env.get("concurrent_cpu"):
         L.append(f"- **Figures taken concurrently**: up to {env['jobs']} CPU configs ran side by side, each pinned to "

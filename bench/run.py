@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from bench.executors import EXECUTORS, ExecutorError, Outcome, Pool, signals_held, world_size
-from bench.hardware import datasheet_peak, environment, peak_flops, write_json
+from bench.hardware import environment, row_peak, write_json
 from bench.matrix import NAMED, MatrixError, baseline_of, config_id, expand, parse_filter, rank_budget
 from bench.results import OK_METRIC_COLUMNS, RUN_METRIC_COLUMNS, STATUSES, ResultFiles, prediction_columns
 from llmopt.config import TrainConfig
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpus-per-node", type=int, default=None, help="CPUs a config's job asks for per node")
     s.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra sbatch option, repeatable (e.g. constraint=h100, qos=high)")
+    s.add_argument("--slurm-share", action="store_true", default=None,
+                   help="let configs' jobs share nodes (default: each job has its nodes to itself, --exclusive, "
+                        "so its timings are its own; shared, the report says how many ran at once)")
     return p
 
 
@@ -147,28 +150,6 @@ def _parity(entry: dict, cfg: dict, losses: list[float], baseline_losses) -> dic
         out["loss_parity_max_abs"] = max((abs(a - b) for a, b in zip(losses, ref)), default=0.0)
     out["parity_verdict"] = parity_verdict(out.get("loss_parity_max_abs"), cfg["precision"], is_baseline)
     return out
-
-
-def row_peak(entry: dict, metrics: RunMetrics | None, cache: dict, measure: bool = True) -> tuple[float, str] | None:
-    """The peak FLOP/s a config's MFU is stated against (measured on first use, kept in ``cache``); from the
-    finished config's resolved fields, or before it runs (``metrics`` None) from its own. A GPU's datasheet
-    figure is looked up by the name the config's rank saw; ``measure`` False (the configs ran elsewhere, on
-    SLURM) gives None rather than a measurement of this machine."""
-    if metrics is not None and metrics.flops_per_token is None:
-        return None
-    tc = TrainConfig(**entry["config"])
-    resolved = metrics.config if metrics is not None else {"device": tc.device,
-                                                           "pp_microbatches": tc.pp_microbatches or tc.pp}
-    if resolved["device"] == "cuda" and metrics is not None:
-        value = datasheet_peak(metrics.device_name or "", tc.precision)
-        if value is not None:
-            return value, f"datasheet:{metrics.device_name}"
-    if not measure:
-        return None
-    mc = tc.model_config
-    value, source = peak_flops(resolved["device"], tc.precision, cache, mc.n_embd, mc.vocab_size,
-                               tc.micro_batch * tc.seq_len // resolved["pp_microbatches"])
-    return (value, source) if value else None
 
 
 def _bar(done: int, total: int, width: int = 24) -> str:
@@ -325,7 +306,7 @@ def _slurm_settings(args, matrix: str) -> dict:
     from bench.matrix import slurm_table
 
     settings = slurm_table(matrix) if matrix.endswith(".toml") else {}
-    for key in ("partition", "account"):
+    for key in ("partition", "account", "share"):
         if getattr(args, f"slurm_{key}"):
             settings[key] = getattr(args, f"slurm_{key}")
     for key in ("gpus_per_node", "cpus_per_node"):
@@ -340,9 +321,11 @@ def _slurm_settings(args, matrix: str) -> dict:
             raise MatrixError(f"--slurm-option {opt!r}: use KEY=VALUE, e.g. --slurm-option constraint=h100")
         options[key] = value
     settings["options"] = options
-    if (args.executor or "local") != "slurm" and any(settings.get(k) for k in ("partition", "account", "options")):
-        if args.slurm_partition or args.slurm_account or args.slurm_option:
-            raise MatrixError("--slurm-partition/--slurm-account/--slurm-option: use with --executor slurm")
+    if (args.executor or "local") != "slurm" and any(settings.get(k) for k in ("partition", "account", "options",
+                                                                              "share")):
+        if args.slurm_partition or args.slurm_account or args.slurm_option or args.slurm_share:
+            raise MatrixError("--slurm-partition/--slurm-account/--slurm-option/--slurm-share: use with "
+                              "--executor slurm")
     return settings
 
 
@@ -353,6 +336,10 @@ def _note_concurrency(out: str, pool) -> None:
         env = json.load(f)
     env.update(executor=pool.executor, jobs=max(pool.jobs, env.get("jobs", 1)),  # over resumes: any concurrency
                concurrent_cpu=pool.concurrent_cpu or env.get("concurrent_cpu", False))
+    if pool.executor == "slurm":
+        env["slurm_shared_nodes"] = pool.shared_nodes or env.get("slurm_shared_nodes", False)
+        seen = pool.queue.most_per_node
+        env["slurm_most_per_node"] = max(seen, env.get("slurm_most_per_node", 0))
     write_json(env_path, env)
 
 
@@ -412,6 +399,8 @@ def _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup, pool
         print(f"\ninterrupted ({signal.Signals(signum).name}): the running config was stopped, finished rows are "
               f"kept; finish with  python -m bench.run --resume --out {out}", file=sys.stderr)
         return 128 + signum
+    finally:
+        _note_concurrency(out, pool)  # again: on SLURM, how many configs were seen at once on one node
     env_path = os.path.join(out, "env.json")
     with open(env_path) as f:
         env = json.load(f)
@@ -521,7 +510,7 @@ class _Runner:
     def _emit(self, todo: list[dict], k: int, outcome: Outcome, slot, n_before: int) -> None:
         entry = todo[k]
         base = self.baselines.get(config_id(baseline_of(entry["config"])))
-        peak = (row_peak(entry, outcome.metrics, self.peak_cache, measure=self.pool.local)
+        peak = (outcome.peak or row_peak(entry, outcome.metrics, self.peak_cache, measure=self.pool.local)
                 if outcome.status == "ok" else None)
         if peak is not None and slot is not None and slot.cpus:
             share = len(slot.cpus) / (os.cpu_count() or 1)  # the config had these cores, not the whole CPU

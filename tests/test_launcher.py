@@ -192,22 +192,27 @@ def test_slots_pack_gpus_and_split_cores():
 
 def test_slurm_parameters_follow_the_world_size():
     cfg = {"dp": 4, "tp": 4, "pp": 1}
-    p = slurm_parameters(cfg, "cuda", 900, 8, 64, "gpu", "proj", {"constraint": "h100"})
-    assert p == {"timeout_min": 16, "tasks_per_node": 1, "nodes": 2, "gpus_per_node": 8, "cpus_per_task": 64,
-                 "slurm_partition": "gpu", "slurm_account": "proj",
+    settings = {"gpus_per_node": 8, "cpus_per_node": 64, "partition": "gpu", "account": "proj",
+                "options": {"constraint": "h100"}}
+    p = slurm_parameters(cfg, "cuda", 900, settings)
+    assert p == {"timeout_min": 17, "tasks_per_node": 1, "slurm_signal_delay_s": 60, "nodes": 2, "gpus_per_node": 8,
+                 "cpus_per_task": 64, "slurm_exclusive": True, "slurm_partition": "gpu", "slurm_account": "proj",
                  "slurm_additional_parameters": {"constraint": "h100"}}
-    assert slurm_parameters({"dp": 2, "tp": 1, "pp": 1}, "cuda", 60, 8, None, None, None, {})["gpus_per_node"] == 2
+    # submitit's SIGUSR2 comes after llmopt's own timeout, and the limit after that
+    assert 60 * p["timeout_min"] - p["slurm_signal_delay_s"] > 900
+    assert slurm_parameters({"dp": 2, "tp": 1, "pp": 1}, "cuda", 60, {})["gpus_per_node"] == 2
+    assert "slurm_exclusive" not in slurm_parameters({"dp": 1, "tp": 1, "pp": 1}, "cpu", 60, {"share": True})
     with pytest.raises(ExecutorError, match="--gpus-per-node"):
-        slurm_parameters({"dp": 12, "tp": 1, "pp": 1}, "cuda", 60, 8, None, None, None, {})
+        slurm_parameters({"dp": 12, "tp": 1, "pp": 1}, "cuda", 60, {"gpus_per_node": 8})
 
 
 def test_slurm_without_a_cluster_is_one_line(tmp_path):
     r = bench_here("--matrix", "smoke", "--out", tmp_path / "o", "--executor", "slurm",
-                   env={"PATH": "/usr/bin:/bin"})
+                   env={"PATH": str(tmp_path)})  # a PATH without sbatch (CI installs SLURM's clients)
     assert r.returncode == 2 and r.stderr.startswith("error: --executor slurm: no sbatch"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     for args in (["--jobs", "0"], ["--slurm-option", "novalue", "--executor", "slurm"],
-                 ["--slurm-partition", "gpu"]):
+                 ["--slurm-partition", "gpu"], ["--slurm-share"]):
         r = bench_here("--matrix", "smoke", "--out", tmp_path / "p", *args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, args
 

@@ -1,0 +1,158 @@
+"""Sweeps through ``--executor slurm`` on a real one-node SLURM cluster (``slurm_cluster``): the smoke matrix
+through scripts/slurm_sweep.sh as written, llmopt's own --timeout deciding a hang, a segfault's reason, a
+SIGKILLed sweep's leftover job cancelled by --resume, and Ctrl-C leaving no job in squeue. The cluster has no
+accounting, so every job state here comes from squeue and the jobs' own files."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from bench.results import RESULT_COLUMNS
+from conftest import ROOT, processes_with
+from slurm_cluster import PARTITION, Cluster, missing
+
+pytestmark = pytest.mark.multiprocess
+
+REQUIRE = "LLMOPT_REQUIRE_SLURM"  # set by .ci/run: there a missing cluster fails, never skips
+TINY = "[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n"
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    why = missing()
+    if why:
+        if os.environ.get(REQUIRE):
+            pytest.fail(f"{REQUIRE} is set but no SLURM test cluster can start: {why}")
+        pytest.skip(f"no SLURM test cluster: {why}")
+    cluster = Cluster(str(tmp_path_factory.mktemp("slurm"))).start()
+    yield cluster
+    cluster.stop()
+
+
+def sweep(cluster, *args, env=None, **kw):
+    e = dict(cluster.env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.Popen([sys.executable, "-m", "bench.run", *map(str, args)], cwd=ROOT, env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finish(proc, timeout=300) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def rows(out) -> list[dict]:
+    with open(os.path.join(out, "results.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def wait_for(what, ready, timeout=90.0):
+    end = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < end, f"no {what} after {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+def running_job(out) -> str:
+    """The id of the sweep's job that has started (its start file is there), or ""."""
+    metrics = os.path.join(out, "metrics")
+    started = [f for f in os.listdir(metrics) if f.endswith(".started")] if os.path.isdir(metrics) else []
+    if not started:
+        return ""
+    with open(os.path.join(out, "submitit", "jobs.jsonl")) as f:
+        ids = {j["config_id"]: j["job_id"] for j in map(json.loads, f)}
+    return ids.get(started[0].split(".json")[0], "")
+
+
+def test_slurm_sweep_script_runs_the_smoke_matrix(slurm, tmp_path):
+    """scripts/slurm_sweep.sh as written (partition, matrix and device from the environment): every smoke row
+    ok with the local schema, MFU against a peak measured on the node, each job alone on its node, and not
+    one sacct warning in the progress output."""
+    out = tmp_path / "o"
+    env = dict(slurm.env, MATRIX="smoke", DEVICE="cpu", PARTITION=PARTITION, TIMEOUT="120", OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", "scripts/slurm_sweep.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "sacct" not in r.stdout + r.stderr and "UNKNOWN" not in r.stdout
+    with open(out / "results.csv") as f:
+        assert next(csv.reader(f)) == RESULT_COLUMNS
+    got = rows(out)
+    assert len(got) == 5 and {row["status"] for row in got} == {"ok"}
+    assert {row["parity_verdict"] for row in got} <= {"baseline", "exact"}
+    for row in got:
+        assert float(row["tokens_per_s"]) > 0 and 0 < float(row["mfu"]) <= 1, row
+        assert row["peak_flops_source"].endswith(f"on node {slurm.node}"), row["peak_flops_source"]
+        log = (out / "logs" / f"{row['config_id']}.log").read_text()
+        assert "# submitit job " in log and f"running on {slurm.node}, OMP_NUM_THREADS=" in log
+    assert os.path.exists(out / "peak_flops" / f"{slurm.node}.json")
+    env_json = json.loads((out / "env.json").read_text())
+    assert env_json["slurm_shared_nodes"] is False and env_json["slurm_most_per_node"] == 1  # --exclusive
+    assert "each with its node(s) to itself" in (out / "report.md").read_text()
+    assert slurm.squeue() == []
+
+
+def test_slurm_timeout_and_segfault_rows_on_shared_nodes(slurm, tmp_path):
+    """A config hanging past --timeout is a timeout row decided by llmopt's own clock (not a scheduler state
+    read as UNKNOWN), a segfaulting one a failed row saying so, the healthy one ok; nothing is left running.
+    With --slurm-share and one CPU per job, two jobs run at once on the 2-CPU node, and the report says so."""
+    m = tmp_path / "m.toml"
+    m.write_text(TINY + "[matrix]\nseed = [0, 1, 2]\n")
+    token = uuid.uuid4().hex
+    p = sweep(slurm, "--matrix", m, "--out", tmp_path / "o", "--executor", "slurm", "--timeout", "15",
+              "--slurm-share", "--cpus-per-node", "1",
+              env={"LLMOPT_FAIL_AT": "0:1:segv:1,0:1:hang:2", "LLMOPT_TEST_TOKEN": token})
+    rc, out, err = finish(p)
+    assert rc == 1, out[-2000:] + err[-3000:]
+    assert "sacct" not in out + err
+    got = {row["seed"]: row for row in rows(tmp_path / "o")}
+    assert got["0"]["status"] == "ok"
+    assert got["1"]["status"] == "failed" and got["1"]["error"] == "killed by SIGSEGV", got["1"]
+    assert got["2"]["status"] == "timeout" and "--timeout" in got["2"]["error"], got["2"]
+    assert 15 <= float(got["2"]["wall_s"]) < 30  # counted from the job's start, not its submission
+    most = json.loads((tmp_path / "o" / "env.json").read_text())["slurm_most_per_node"]
+    assert most == min(2, slurm.cpus)
+    assert f"up to {most} configs were seen running at once on one node" in (tmp_path / "o" / "report.md").read_text()
+    wait_for("job left running", lambda: slurm.squeue() == [] and processes_with(token) == [], 30)
+
+
+def test_slurm_sigkill_then_resume_cancels_the_leftover_job(slurm, tmp_path):
+    """SIGKILL of the sweep while a job runs leaves that job on the cluster; --resume cancels it before it
+    submits the config again, and finishes with one row per config."""
+    m = tmp_path / "m.toml"
+    m.write_text(TINY + "[matrix]\nseed = [0, 1]\n")
+    out = tmp_path / "o"
+    token = uuid.uuid4().hex
+    p = sweep(slurm, "--matrix", m, "--out", out, "--executor", "slurm", "--timeout", "300", "--no-report",
+              env={"LLMOPT_FAIL_AT": "0:1:hang:1", "LLMOPT_TEST_TOKEN": token})
+    wait_for("seed 1's job running", lambda: os.path.exists(out / "results.csv") and len(rows(out)) == 1
+             and running_job(out) != "")
+    leftover = running_job(out)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    assert leftover in slurm.squeue()  # nobody cancelled it: the sweep was killed
+    r = sweep(slurm, "--resume", "--out", out, "--executor", "slurm", "--timeout", "300")
+    rc, stdout, err = finish(r)
+    assert rc == 0, stdout[-2000:] + err[-3000:]
+    assert "scancel sent for the 2 job(s)" in stdout
+    got = rows(out)
+    assert sorted(row["seed"] for row in got) == ["0", "1"] and {row["status"] for row in got} == {"ok"}
+    wait_for("the leftover job's processes gone", lambda: processes_with(token) == [] and slurm.squeue() == [], 30)
+
+
+def test_slurm_ctrl_c_leaves_no_job(slurm, tmp_path):
+    m = tmp_path / "m.toml"
+    m.write_text(TINY + "[matrix]\nseed = [0]\n")
+    out = tmp_path / "o"
+    token = uuid.uuid4().hex
+    p = sweep(slurm, "--matrix", m, "--out", out, "--executor", "slurm", "--timeout", "300", "--no-report",
+              env={"LLMOPT_FAIL_AT": "0:1:hang:0", "LLMOPT_TEST_TOKEN": token})
+    wait_for("the job running", lambda: running_job(out) != "")
+    p.send_signal(signal.SIGINT)
+    rc, stdout, err = finish(p, timeout=120)
+    assert rc == 128 + signal.SIGINT and "--resume" in err, err[-2000:]
+    assert slurm.squeue() == [] and processes_with(token) == []
