@@ -203,7 +203,7 @@ def outcome_of(rc: int | None, timed_out: bool, timeout: float, metrics_path: st
         if rc is not None and rc < 0:  # a signal: the log's last line is a crash dump, not an error message
             line = line if line.startswith("error:") else ""
         error = reason or error or line
-        if status == "oom" and rc in (-signal.SIGKILL, 128 + signal.SIGKILL):
+        if status == "oom" and rc in (-signal.SIGKILL, 128 + signal.SIGKILL) and not reason:
             error = "killed by SIGKILL (the kernel's OOM killer?)" + (f"; {error}" if error else "")
         elif not error:
             error = f"killed by {signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"exit code {rc}"

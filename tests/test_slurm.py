@@ -156,3 +156,59 @@ def test_slurm_ctrl_c_leaves_no_job(slurm, tmp_path):
     rc, stdout, err = finish(p, timeout=120)
     assert rc == 128 + signal.SIGINT and "--resume" in err, err[-2000:]
     assert slurm.squeue() == [] and processes_with(token) == []
+
+
+@pytest.mark.parametrize("state, status, error", [
+    ("CANCELLED", "failed", "job 7 ended CANCELLED: KeyboardInterrupt"),
+    ("OUT_OF_MEMORY", "oom", "job 7 ended OUT_OF_MEMORY: KeyboardInterrupt"),
+    ("TIMEOUT", "timeout", "SLURM TIMEOUT (job 7): the job's time limit was reached"),
+    (None, "failed", "job 7 left the queue with no exit code (no accounting to say how): KeyboardInterrupt"),
+    ("COMPLETED:rc", "ok", ""),
+])
+def test_a_job_ended_by_slurm_gets_its_state(tmp_path, monkeypatch, state, status, error):
+    """Without a cluster: a job squeue shows ended with no exit-code file (the scheduler ended it before its
+    config did) gets SLURM's state and the last line of submitit's log; one whose file is there, its code."""
+    import bench.executors as ex
+    from bench.matrix import expand
+
+    class FakeJob:
+        job_id = "7"
+
+        def stderr(self):
+            return "Traceback (most recent call last):\n  ...\nKeyboardInterrupt\n"
+
+    class FakeExecutor:
+        def submit(self, *args):
+            return FakeJob()
+
+    class FakeQueue(ex.SlurmQueue):
+        def state(self, job_id):
+            return None if state is None else (state.split(":")[0], "")
+
+    monkeypatch.setattr(ex, "FILE_GRACE_S", 0.0)
+    (tmp_path / "m.toml").write_text(TINY + "[matrix]\nseed = [0]\n")
+    for sub in ("logs", "metrics"):
+        os.makedirs(tmp_path / "o" / sub)
+    entry = expand(str(tmp_path / "m.toml"), "cpu", 4)[0]
+    job = ex.SubmititJob(FakeExecutor(), FakeQueue(), None, 1, entry, str(tmp_path / "o"), 60.0, 1, ex.Slot())
+    if state == "COMPLETED:rc":  # the config's metrics and exit code, as run_in_job leaves them
+        import shutil
+
+        ok = bench_smoke_metrics(tmp_path)
+        shutil.copy(ok, job.metrics_path)
+        with open(job.rc_path, "w") as f:
+            f.write("0\n")
+    outcome = job.poll() or (time.sleep(0.01), job.poll())[1]
+    assert (outcome.status, outcome.error) == (status, error)
+    if status != "ok" and status != "timeout":
+        assert open(job.log_path).read().endswith(f"# {error}\n")  # the reason, once, in the config's log
+    assert not os.path.exists(job.rc_path)
+
+
+def bench_smoke_metrics(tmp_path) -> str:
+    """A real metrics file: one 3-step config run by llmopt.train."""
+    from llmopt.train import main
+
+    path = str(tmp_path / "ok.json")
+    assert main(["--steps", "3", "--seq-len", "16", "--global-batch", "4", "--quiet", "--metrics-out", path]) == 0
+    return path
