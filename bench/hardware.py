@@ -54,6 +54,25 @@ def gemm_shapes(n_embd: int, vocab_size: int, tokens: int) -> list[tuple[int, in
     return sorted(set(shapes))
 
 
+# How long the matmul peak is timed per dtype (seconds, over all its shapes; each shape also gets one warm-up
+# product). More gives a steadier peak; the test suite sets 0.1 (conftest.py): its sweeps check MFU's
+# bounds, not its value, and a second per sweep and dtype was about a minute of the suite.
+PEAK_SECONDS_ENV = "LLMOPT_PEAK_SECONDS"
+
+
+def peak_seconds() -> float:
+    """LLMOPT_PEAK_SECONDS (default 1); a bad value raises ValueError with the fix (bench.run says it in one
+    line before any work)."""
+    text = os.environ.get(PEAK_SECONDS_ENV, "1")
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{PEAK_SECONDS_ENV}={text!r}: use a positive number of seconds (default 1)")
+    return value
+
+
 def measure_matmul_peak(device: str, precision: str, shapes: list[tuple[int, int, int]] = (),
                         seconds: float = 1.0) -> float:
     """Best FLOP/s over square matmuls and the given (m, k, n) shapes (the model's own GEMMs), after a
@@ -111,7 +130,7 @@ def peak_flops(device: str, precision: str, cache: dict, n_embd: int, vocab_size
     for dtype in dict.fromkeys(("fp32",) if emulated else (precision, "fp32")):
         key = f"{device}:{dtype}:C{n_embd}:V{vocab_size}:M{tokens}"
         if key not in cache:
-            cache[key] = measure_matmul_peak(device, dtype, shapes)
+            cache[key] = measure_matmul_peak(device, dtype, shapes, peak_seconds())
         best = max(best, cache[key])
     dtypes = (precision if precision == "fp32" else f"fp32 ({precision} is emulated through fp32 on this CPU)"
               if emulated else f"best of {precision} and fp32")

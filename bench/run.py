@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from bench.executors import EXECUTORS, ExecutorError, Outcome, Pool, signals_held, world_size
-from bench.hardware import environment, row_peak, write_json
+from bench.hardware import environment, peak_seconds, row_peak, write_json
 from bench.matrix import NAMED, MatrixError, baseline_of, config_id, expand, parse_filter, rank_budget
 from bench.results import OK_METRIC_COLUMNS, RUN_METRIC_COLUMNS, STATUSES, ResultFiles, prediction_columns
 from llmopt.config import TrainConfig
@@ -250,6 +250,10 @@ def _check_args(args) -> set[str]:
         raise MatrixError(f"--timeout {args.timeout}: must be a positive number of seconds")
     if args.max_configs < 1:
         raise MatrixError(f"--max-configs {args.max_configs}: must be at least 1")
+    try:
+        peak_seconds()
+    except ValueError as e:
+        raise MatrixError(str(e)) from None
     retry = {s for s in args.retry.split(",") if s}
     if retry and (not args.resume or retry - set(STATUSES) or "ok" in retry):
         raise MatrixError(f"--retry {args.retry}: use with --resume and statuses among "

@@ -282,7 +282,8 @@ def test_a_dtype_the_cpu_emulates_is_not_measured(monkeypatch, native):
 
     measured = []
     monkeypatch.setattr(llmopt.cpu, "cpu_has_native", lambda p: native or p == "fp32")
-    monkeypatch.setattr(hardware, "measure_matmul_peak", lambda device, dtype, shapes: measured.append(dtype) or 1e9)
+    monkeypatch.setattr(hardware, "measure_matmul_peak",
+                        lambda device, dtype, shapes, seconds: measured.append(dtype) or 1e9)
     value, source = hardware.peak_flops("cpu", "fp16", {}, 64, 256, 128)
     assert value == 1e9 and measured == (["fp16", "fp32"] if native else ["fp32"])
     assert ("emulated" in source) == (not native), source
@@ -433,3 +434,10 @@ def test_a_row_read_as_text_gives_its_switches_back():
 
     c = row_config(pd.Series({"compile": "False", "gns": "True", "grad_accum": 2, "activation_checkpointing": "false"}))
     assert c.compile is False and c.gns is True and c.activation_checkpointing is False
+
+
+def test_a_bad_peak_timing_is_one_line(tmp_path):
+    r = bench_here("--matrix", "smoke", "--out", tmp_path / "o", env={"LLMOPT_PEAK_SECONDS": "soon"})
+    assert r.returncode == 2 and r.stderr.strip() == ("error: LLMOPT_PEAK_SECONDS='soon': use a positive number of "
+                                                      "seconds (default 1)"), r.stderr
+    assert not os.path.exists(tmp_path / "o")  # refused before anything is written

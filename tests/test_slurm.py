@@ -103,7 +103,7 @@ def test_slurm_timeout_and_segfault_rows_on_shared_nodes(slurm, tmp_path):
     m = tmp_path / "m.toml"
     m.write_text(TINY + "[matrix]\nseed = [0, 1, 2]\n")
     token = uuid.uuid4().hex
-    p = sweep(slurm, "--matrix", m, "--out", tmp_path / "o", "--executor", "slurm", "--timeout", "15",
+    p = sweep(slurm, "--matrix", m, "--out", tmp_path / "o", "--executor", "slurm", "--timeout", "10",
               "--slurm-share", "--cpus-per-node", "1",
               env={"LLMOPT_FAIL_AT": "0:1:segv:1,0:1:hang:2", "LLMOPT_TEST_TOKEN": token})
     rc, out, err = finish(p)
@@ -113,7 +113,7 @@ def test_slurm_timeout_and_segfault_rows_on_shared_nodes(slurm, tmp_path):
     assert got["0"]["status"] == "ok"
     assert got["1"]["status"] == "failed" and got["1"]["error"] == "killed by SIGSEGV", got["1"]
     assert got["2"]["status"] == "timeout" and "--timeout" in got["2"]["error"], got["2"]
-    assert 15 <= float(got["2"]["wall_s"]) < 30  # counted from the job's start, not its submission
+    assert 10 <= float(got["2"]["wall_s"]) < 25  # counted from the job's start, not its submission
     most = json.loads((tmp_path / "o" / "env.json").read_text())["slurm_most_per_node"]
     assert most == min(2, slurm.cpus)
     assert f"up to {most} configs were seen running at once on one node" in (tmp_path / "o" / "report.md").read_text()

@@ -64,7 +64,7 @@ def test_grad_scaler_skips_the_same_step_on_every_rank(cli, tmp_path, layout):
     rank's shard, under PP in one stage): every rank skips that step and halves its scale, and the replicas stay
     identical. Under PP the first stage never scales a loss, yet it unscales and updates with the same scale."""
     script = os.path.join(os.path.dirname(__file__), "scripts", "scaler_inf.py")
-    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, str(tmp_path), *layout)
+    r = cli(script, "2", str(tmp_path), *layout)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     for rec in ranks:
@@ -88,7 +88,7 @@ def test_gradient_norm_is_one_reduction_per_mesh_dimension(cli, tmp_path, layout
     parameter)."""
     script = os.path.join(os.path.dirname(__file__), "scripts", "norm_collectives.py")
     out = tmp_path / "n.json"
-    r = cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), script, str(out), *layout)
+    r = cli(script, str(nproc), str(out), *layout)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["parameters"] > 20 and got["collectives"] == dims, got

@@ -19,7 +19,7 @@ from bench.costmodel import (
     Link,
     predict_step,
 )
-from bench.hardware import DATASHEET, peak_flops, write_json
+from bench.hardware import DATASHEET, peak_flops, peak_seconds, write_json
 from bench.results import row_config
 from llmopt.cpu import cpu_flags, cpu_model
 
@@ -158,7 +158,7 @@ def cpu_hardware(model, tokens: int, devices: int, memory: float | None, refresh
 
     tokens = min(tokens, CPU_GEMM_TOKENS)
     key = (f"{cpu_model()}|{','.join(cpu_flags())}|{os.cpu_count()}|torch {torch.__version__}"
-           f"|C{model.n_embd}|V{model.vocab_size}|M{tokens}")
+           f"|C{model.n_embd}|V{model.vocab_size}|M{tokens}|{peak_seconds()}s")  # a longer timing, its own entry
     path = probe_cache_path()
     cache = {}
     if path.exists():

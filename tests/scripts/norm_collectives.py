@@ -1,5 +1,7 @@
-"""Run under torchrun: count the collectives of one gradient-norm computation (Layout.grad_norm) with
-DTensor's CommDebugMode. argv: OUT_FILE and the layout as key=value pairs, e.g. tp=2 or dp=2 dp_mode=fsdp."""
+"""Count the collectives of one gradient-norm computation (Layout.grad_norm) with DTensor's CommDebugMode.
+Run as `python norm_collectives.py NPROC ARGS...`: llmopt.launch forks the ranks, as `llmopt.train --dp 2`
+does (torchrun would start NPROC fresh interpreters, seconds each on 2 cores). ARGS: OUT_FILE and the layout as
+key=value pairs, e.g. tp=2 or dp=2 dp_mode=fsdp."""
 import json
 import os
 import sys
@@ -25,4 +27,6 @@ def main(out: str, pairs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    from llmopt.launch import launch
+
+    sys.exit(launch(int(sys.argv[1]), sys.argv[2:], "cpu", lambda argv: main(argv[0], argv[1:]), oom_exit=4))

@@ -1,4 +1,6 @@
-"""Run under torchrun: fp16 steps where one rank's gradient holds an inf after the data-parallel sync.
+"""fp16 steps where one rank's gradient holds an inf after the data-parallel sync. Run as
+`python scaler_inf.py NPROC ARGS...`: llmopt.launch forks the ranks, as `llmopt.train --dp 2` does (torchrun
+would start NPROC fresh interpreters, seconds each on 2 cores).
 
 argv: OUT_DIR and the layout as key=value pairs (dp=2 dp_mode=fsdp, tp=2, pp=2). Writes OUT_DIR/rank<N>.json
 with each step's skip flag and scale, and a checksum of the parameters before and after the poisoned step
@@ -55,4 +57,6 @@ def main(out: str, pairs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    from llmopt.launch import launch
+
+    sys.exit(launch(int(sys.argv[1]), sys.argv[2:], "cpu", lambda argv: main(argv[0], argv[1:]), oom_exit=4))
