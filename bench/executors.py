@@ -489,10 +489,12 @@ class SubmititJob(_Job):
             # ended as SLURM tells it: the exit-code file may lag on a shared filesystem; give it a moment
             self.ended_t = self.ended_t or now
             stopped = now - self.ended_t > FILE_GRACE_S
-        timed_out = not stopped and self.run_t0 is not None and now - self.run_t0 > self.timeout
+        # the clock starts with the job; a local job is started at once, so it never waits for its start file
+        t_start = self.run_t0 if self.run_t0 is not None or self.queue is not None else self.t0
+        timed_out = not stopped and t_start is not None and now - t_start > self.timeout
         if not stopped and not timed_out:
             return None
-        wall = now - (self.run_t0 if self.run_t0 is not None else self.t0)
+        wall = now - (t_start if t_start is not None else self.t0)
         if timed_out:
             self.cancel()
             self._forget()

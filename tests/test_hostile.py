@@ -423,7 +423,7 @@ def test_a_convergence_report_survives_a_batch_where_every_run_failed(tmp_path):
         w.writerows(rows)
     report = open(write_report(str(ref))).read()
     assert "At batch 64 no run finished" in report and "| failed | boom |" in report
-    assert "### tiny-v256, global batch 16 sequences: target" in report  # the other batches are still reported
+    assert "### tiny-v256, global batch 8 sequences: target" in report  # the other batch is still reported
 
 
 def test_a_sweep_of_thousands_of_rows_gets_readable_plots(tmp_path):
