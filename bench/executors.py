@@ -539,8 +539,16 @@ class SubmititJob(_Job):
         except Exception as e:  # the job may have ended meanwhile; say so, never hide a left-over job
             print(f"bench: could not cancel job {self.job_id}: {e}", file=sys.stderr)
         end = time.monotonic() + wait_s
-        while not self._stopped()[0] and time.monotonic() < end:
+        while not self._gone() and time.monotonic() < end:
             time.sleep(0.2)
+
+    def _gone(self) -> bool:
+        """The job runs no more. On SLURM, as squeue says: its exit-code file comes while the job is still
+        COMPLETING (its processes being reaped), which squeue lists."""
+        if self.queue is None:
+            return self._stopped()[0]
+        seen = self.queue.state(self.job_id)
+        return seen is None or seen[0] in SLURM_ENDED
 
 
 def _read_int(path: str) -> int | None:
