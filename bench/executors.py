@@ -378,6 +378,22 @@ def remove_dead_launcher_dirs() -> list[str]:
 SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
                "PREEMPTED", "SPECIAL_EXIT", "TIMEOUT"}
 FILE_GRACE_S = 5.0  # a job SLURM says has ended, whose exit-code file the shared filesystem has not shown yet
+# squeue and scancel wait on the controller; one that does not answer (busy, restarting, a lost connection)
+# must not freeze the sweep, above all its Ctrl-C: each call is bounded, and a late squeue counts as no answer
+SLURM_CALL_TIMEOUT_S = 20.0
+
+
+def slurm_call(argv: list[str]):
+    """``argv`` (squeue, scancel) run with its output captured and SLURM_CALL_TIMEOUT_S to answer; None when
+    the command did not answer in time."""
+    import subprocess
+
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=SLURM_CALL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        print(f"bench: {argv[0]} did not answer within {SLURM_CALL_TIMEOUT_S:.0f} s (the SLURM controller is busy "
+              f"or unreachable)", file=sys.stderr, flush=True)
+        return None
 
 
 class SlurmQueue:
@@ -409,13 +425,10 @@ class SlurmQueue:
         self.ids.discard(job_id)
 
     def refresh(self) -> None:
-        import subprocess
-
         self.t = time.monotonic()
         ids = sorted(self.ids)
-        r = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i|%T|%r|%N", f"--jobs={','.join(ids)}"],
-                           capture_output=True, text=True, check=False)
-        if r.returncode != 0 and "Invalid job id" not in r.stderr:
+        r = slurm_call(["squeue", "--noheader", "--states=all", "--format=%i|%T|%r|%N", f"--jobs={','.join(ids)}"])
+        if r is None or (r.returncode != 0 and "Invalid job id" not in r.stderr):
             return  # the controller did not answer (busy, restarting): keep what it said last
         self.asked, self.states = set(ids), {}
         for line in r.stdout.splitlines() if r.returncode == 0 else []:
@@ -535,7 +548,10 @@ class SubmititJob(_Job):
         with open(self.cancel_path, "w"):
             pass
         try:
-            self.job.cancel(check=False)
+            if self.queue is not None:  # SLURM: scancel, bounded (submitit's cancel waits on it without a limit)
+                slurm_call(["scancel", self.job_id])
+            else:
+                self.job.cancel(check=False)
         except Exception as e:  # the job may have ended meanwhile; say so, never hide a left-over job
             print(f"bench: could not cancel job {self.job_id}: {e}", file=sys.stderr)
         end = time.monotonic() + wait_s
@@ -788,12 +804,10 @@ def cancel_leftovers(jobs_file: str, wait_s: float = 120.0) -> None:
     metrics over the new attempt's)."""
     if not os.path.exists(jobs_file):
         return
-    import subprocess
-
     with open(jobs_file) as f:
         ids = [json.loads(line)["job_id"] for line in f if line.strip()]
     if ids:  # scancel ignores jobs that have ended
-        subprocess.run(["scancel", *ids], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        slurm_call(["scancel", *ids])
         print(f"bench: scancel sent for the {len(ids)} job(s) an earlier run of this sweep submitted", flush=True)
         queue, end = SlurmQueue(interval=0.5), time.monotonic() + wait_s
         left = set(ids)

@@ -35,14 +35,33 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
+# ``python -m bench.run`` that prints every thread's stack on SIGUSR1: what ``finish`` reports of a sweep that
+# did not end
+DUMPABLE_BENCH_RUN = ("import faulthandler, runpy, signal; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+                      "runpy.run_module('bench.run', run_name='__main__', alter_sys=True)")
+
+
 def sweep(cluster, *args, env=None, **kw):
     e = dict(cluster.env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.Popen([sys.executable, "-m", "bench.run", *map(str, args)], cwd=ROOT, env=e,
+    return subprocess.Popen([sys.executable, "-c", DUMPABLE_BENCH_RUN, *map(str, args)], cwd=ROOT, env=e,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def finish(proc, timeout=300) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
+def finish(proc, timeout=300, cluster=None) -> tuple[int, str, str]:
+    """The sweep's exit code and output; one that has not ended within ``timeout`` fails the test with what
+    it was doing: its signal masks, its threads' stacks, and the jobs squeue still shows."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with open(f"/proc/{proc.pid}/status") as f:
+            masks = "".join(line for line in f if line.startswith(("State", "Sig", "Shd")))
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        proc.kill()
+        out, err = proc.communicate()
+        queued = cluster.squeue() if cluster is not None else "?"
+        pytest.fail(f"the sweep did not end within {timeout} s; squeue: {queued}\n{masks}stdout: {out[-1500:]}\n"
+                    f"stderr: {err[-5000:]}")
     return proc.returncode, out, err
 
 
@@ -106,7 +125,7 @@ def test_slurm_timeout_and_segfault_rows_on_shared_nodes(slurm, tmp_path):
     p = sweep(slurm, "--matrix", m, "--out", tmp_path / "o", "--executor", "slurm", "--timeout", "10",
               "--slurm-share", "--cpus-per-node", "1",
               env={"LLMOPT_FAIL_AT": "0:1:segv:1,0:1:hang:2", "LLMOPT_TEST_TOKEN": token})
-    rc, out, err = finish(p)
+    rc, out, err = finish(p, cluster=slurm)
     assert rc == 1, out[-2000:] + err[-3000:]
     assert "sacct" not in out + err
     got = {row["seed"]: row for row in rows(tmp_path / "o")}
@@ -136,7 +155,7 @@ def test_slurm_sigkill_then_resume_cancels_the_leftover_job(slurm, tmp_path):
     p.communicate()
     assert leftover in slurm.squeue()  # nobody cancelled it: the sweep was killed
     r = sweep(slurm, "--resume", "--out", out, "--executor", "slurm", "--timeout", "300")
-    rc, stdout, err = finish(r)
+    rc, stdout, err = finish(r, cluster=slurm)
     assert rc == 0, stdout[-2000:] + err[-3000:]
     assert "scancel sent for the 2 job(s)" in stdout
     got = rows(out)
@@ -153,7 +172,7 @@ def test_slurm_ctrl_c_leaves_no_job(slurm, tmp_path):
               env={"LLMOPT_FAIL_AT": "0:1:hang:0", "LLMOPT_TEST_TOKEN": token})
     wait_for("the job running", lambda: running_job(out) != "")
     p.send_signal(signal.SIGINT)
-    rc, stdout, err = finish(p, timeout=120)
+    rc, stdout, err = finish(p, timeout=120, cluster=slurm)
     assert rc == 128 + signal.SIGINT and "--resume" in err, err[-2000:]
     assert slurm.squeue() == [] and processes_with(token) == []
 
@@ -212,3 +231,17 @@ def bench_smoke_metrics(tmp_path) -> str:
     path = str(tmp_path / "ok.json")
     assert main(["--steps", "3", "--seq-len", "16", "--global-batch", "4", "--quiet", "--metrics-out", path]) == 0
     return path
+
+
+def test_a_slurm_command_that_does_not_answer_is_bounded(monkeypatch, capsys):
+    """Without a cluster: squeue or scancel that hangs (a busy or unreachable controller) is given up on, said
+    once, and the queue keeps what squeue said last instead of freezing the sweep (or its Ctrl-C)."""
+    import bench.executors as ex
+
+    monkeypatch.setattr(ex, "SLURM_CALL_TIMEOUT_S", 0.2)
+    assert ex.slurm_call(["sleep", "30"]) is None  # not the command's own exit: it would have taken 30 s
+    assert "sleep did not answer within 0 s" in capsys.readouterr().err
+    queue = ex.SlurmQueue(interval=0.0)
+    queue.ids, queue.asked, queue.states = {"7"}, {"7"}, {"7": ("RUNNING", "")}
+    monkeypatch.setattr(ex, "slurm_call", lambda argv: None)
+    assert queue.state("7") == ("RUNNING", "")
