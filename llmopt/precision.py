@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,6 +56,10 @@ def grad_scaler(precision: str, device: str, world_size: int) -> torch.amp.GradS
     if precision != "fp16":
         return None
     if sharded_scaler(precision, world_size):
+        # imported here: it brings in torch.distributed.fsdp and DTensor, half a second of start-up that the
+        # modules importing this one (the config, hence every command) do not otherwise need
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
         scaler = ShardedGradScaler(device)
     else:
         scaler = torch.amp.GradScaler(device)

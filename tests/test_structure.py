@@ -70,6 +70,16 @@ def test_every_module_imports_in_a_fresh_interpreter():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+
+def test_the_sweep_and_the_config_start_without_the_distributed_stack():
+    """``python -m bench.run``, each SLURM job's wrapper and everything that reads a config import llmopt.config;
+    DTensor and FSDP (half a second of every such process's start-up on 2 cores) wait for a rank that needs
+    them."""
+    code = "import sys, bench.run, bench.executors, llmopt.config\nprint(sorted(m for m in sys.modules if m in %r))" % (
+        ["torch.distributed.tensor", "torch.distributed.fsdp"],)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])
+
 def test_llmopt_never_imports_bench():
     """The library stands alone: the harness imports llmopt, never the other way (inside functions too)."""
     graph = import_graph()
