@@ -35,9 +35,12 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-# ``python -m bench.run`` that prints every thread's stack on SIGUSR1: what ``finish`` reports of a sweep that
-# did not end
-DUMPABLE_BENCH_RUN = ("import faulthandler, runpy, signal; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+# ``python -m bench.run`` as started from a terminal, Ctrl-C raising KeyboardInterrupt, and printing every
+# thread's stack on SIGUSR1 (what ``finish`` reports of a sweep that did not end). From a terminal: pytest run
+# in the background by a script (``cmd &``, as a CI runner may) has SIGINT ignored (POSIX), Python leaves an
+# ignored SIGINT ignored, and the sweep inherited it, so the Ctrl-C test waited out its timeout there.
+DUMPABLE_BENCH_RUN = ("import faulthandler, runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                      "faulthandler.register(signal.SIGUSR1, all_threads=True); "
                       "runpy.run_module('bench.run', run_name='__main__', alter_sys=True)")
 
 
