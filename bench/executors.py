@@ -612,9 +612,10 @@ def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: i
     job_env = submitit.JobEnvironment()
     metrics_path = argv[argv.index("--metrics-out") + 1]
     first = job_env.global_rank == 0  # across nodes, the first node's task speaks for the job
+    t_start = time.time()
     if first:
         with open(metrics_path + ".started", "w") as f:
-            f.write(f"{socket.gethostname()} {time.time()}\n")
+            f.write(f"{socket.gethostname()} {t_start}\n")
     cmd = [sys.executable, "-m", "llmopt.train", *argv]
     if job_env.num_nodes > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={job_env.num_nodes}",
@@ -624,6 +625,8 @@ def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: i
     from llmopt.launch import die_with_parent
 
     env = dict(os.environ, **env)
+    # start-up counts from the job's start, as --timeout does: time queued is the scheduler's, not the config's
+    env[LAUNCH_T0_ENV] = repr(t_start)
     if peak_cache:  # SLURM: this node's cores (the job's allocation) split between its ranks, as locally
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc_per_node))
     with open(log_path, "a") as log:

@@ -108,6 +108,9 @@ def test_slurm_sweep_script_runs_the_smoke_matrix(slurm, tmp_path):
     assert {row["parity_verdict"] for row in got} <= {"baseline", "exact"}
     for row in got:
         assert float(row["tokens_per_s"]) > 0 and 0 < float(row["mfu"]) <= 1, row
+        # all five are queued at once and run one after another: start-up counts from the job's start, not
+        # its submission
+        assert 0 < float(row["startup_s"]) < float(row["wall_s"]), row
         assert row["peak_flops_source"].endswith(f"on node {slurm.node}"), row["peak_flops_source"]
         log = (out / "logs" / f"{row['config_id']}.log").read_text()
         assert "# submitit job " in log and f"running on {slurm.node}, OMP_NUM_THREADS=" in log
