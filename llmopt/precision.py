@@ -56,8 +56,8 @@ def grad_scaler(precision: str, device: str, world_size: int) -> torch.amp.GradS
     if precision != "fp16":
         return None
     if sharded_scaler(precision, world_size):
-        # imported here: it brings in torch.distributed.fsdp and DTensor, half a second of start-up that the
-        # modules importing this one (the config, hence every command) do not otherwise need
+        # imported here: it brings in torch.distributed.fsdp and DTensor, a large share of the start-up of the
+        # commands that import this module through the config and never train (tests/test_structure.py)
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
         scaler = ShardedGradScaler(device)

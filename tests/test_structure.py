@@ -73,8 +73,7 @@ def test_every_module_imports_in_a_fresh_interpreter():
 
 def test_the_sweep_and_the_config_start_without_the_distributed_stack():
     """``python -m bench.run``, each SLURM job's wrapper and everything that reads a config import llmopt.config;
-    DTensor and FSDP (half a second of every such process's start-up on 2 cores) wait for a rank that needs
-    them."""
+    DTensor and FSDP (a large share of such a process's start-up) wait for a rank that needs them."""
     code = "import sys, bench.run, bench.executors, llmopt.config\nprint(sorted(m for m in sys.modules if m in %r))" % (
         ["torch.distributed.tensor", "torch.distributed.fsdp"],)
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
