@@ -70,7 +70,6 @@ def test_every_module_imports_in_a_fresh_interpreter():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-
 def test_the_sweep_and_the_config_start_without_the_distributed_stack():
     """``python -m bench.run``, each SLURM job's wrapper and everything that reads a config import llmopt.config;
     DTensor and FSDP (a large share of such a process's start-up) wait for a rank that needs them."""
@@ -78,6 +77,7 @@ def test_the_sweep_and_the_config_start_without_the_distributed_stack():
         ["torch.distributed.tensor", "torch.distributed.fsdp"],)
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])
+
 
 def test_llmopt_never_imports_bench():
     """The library stands alone: the harness imports llmopt, never the other way (inside functions too)."""
