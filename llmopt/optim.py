@@ -38,17 +38,34 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
 
 # The hidden weight matrices Muon updates (names in llmopt's GPT and in HF's GPT2LMHeadModel alike)
 HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MUON_ADJUST_LR = "match_rms_adamw"
 
 
-def full_norm(t: torch.Tensor) -> torch.Tensor:
-    """The 2-norm of the whole tensor, also when it is a DTensor sharded over TP or FSDP ranks."""
-    n = torch.linalg.vector_norm(t)
-    return n.full_tensor() if isinstance(n, DTensor) else n
+def local_sq_norm(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t) ** 2
+
+
+def whole_norms(parts: list[tuple[DTensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """The whole tensors' 2-norms, given for each a DTensor laid out as it is (mesh, placements) and this rank's
+    sum of squares of its shard (``local_sq_norm``): the sums of the tensors with one mesh and one set of
+    placements are reduced over their sharded mesh dimensions in one collective (a 0-dim ``full_tensor`` per
+    tensor was one collective per tensor: LAMB's two norms per parameter made it the slowest optimizer under
+    sharded layouts)."""
+    norms = [sq for _, sq in parts]
+    groups: dict[tuple, list[int]] = {}
+    for i, (like, _) in enumerate(parts):
+        groups.setdefault((like.device_mesh, tuple(like.placements)), []).append(i)
+    for (mesh, placements), idx in groups.items():
+        local = torch.stack([norms[i] for i in idx])
+        summed = [Replicate() if p.is_replicate() else Partial("sum") for p in placements]
+        whole = DTensor.from_local(local, mesh, summed, run_check=False).full_tensor().sqrt()
+        for j, i in enumerate(idx):
+            norms[i] = whole[j]
+    return norms
 
 
 class Lamb(torch.optim.Optimizer):
@@ -61,9 +78,11 @@ class Lamb(torch.optim.Optimizer):
         ratio = ||w|| / ||r||  (1 where either norm is 0)
         w <- w - lr*ratio*r
 
-    The norms are over the whole tensor: for a DTensor parameter (TP or FSDP shard) the elementwise update
-    runs on the local shard and the two norms are reduced over the mesh, so the trust ratio is that of the
-    unsharded tensor.
+    The norms are over the whole tensor. A plain tensor is updated in one pass. DTensor parameters (TP or
+    FSDP shards) take two: the first updates the moments and computes the local parts of every ||w|| and
+    ||r||, reduced over the mesh together (``whole_norms``); the second recomputes r (the same operations on
+    the same values, so the same r: holding every r would cost a copy of the parameters) and updates the
+    local shard with the whole tensor's trust ratio.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
@@ -79,7 +98,7 @@ class Lamb(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             b1, b2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            lr, sharded, parts = group["lr"], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -89,20 +108,39 @@ class Lamb(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                t = state["step"]
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)  # on DTensors: the gradient in the moments' placements
                 v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                r = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt_().add_(eps))
-                if wd:
-                    r.add_(p, alpha=wd)
-                w_norm, r_norm = full_norm(p), full_norm(r)
-                ratio = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, torch.ones_like(w_norm))
-                if isinstance(p, DTensor):  # update the local shard with the replicated scalar ratio
-                    p.to_local().sub_(r.to_local() * (lr * ratio))
+                if isinstance(p, DTensor):  # the moments are laid out as p: the rest is elementwise on shards
+                    sharded.append(p)
+                    r = _direction(p.to_local(), state, group)
+                    parts += [(p, local_sq_norm(p.to_local())), (p, local_sq_norm(r))]
                 else:
+                    r = _direction(p, state, group)
+                    ratio = _trust_ratio(torch.linalg.vector_norm(p), torch.linalg.vector_norm(r))
                     p.sub_(r * (lr * ratio))
+            norms = whole_norms(parts)
+            for j, p in enumerate(sharded):
+                ratio = _trust_ratio(norms[2 * j], norms[2 * j + 1])
+                p.to_local().sub_(_direction(p.to_local(), self.state[p], group) * (lr * ratio))
         return loss
+
+
+def _direction(w: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+    """r = m_hat / (sqrt(v_hat) + eps) + wd * w from the moments already updated for this step; w and the
+    moments both whole tensors or both this rank's shards."""
+    (b1, b2), t = group["betas"], state["step"]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    if not isinstance(w, DTensor) and isinstance(m, DTensor):
+        m, v = m.to_local(), v.to_local()
+    r = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt_().add_(group["eps"]))
+    if group["weight_decay"]:
+        r.add_(w, alpha=group["weight_decay"])
+    return r
+
+
+def _trust_ratio(w_norm: torch.Tensor, r_norm: torch.Tensor) -> torch.Tensor:
+    return torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, torch.ones_like(w_norm))
 
 
 def param_groups(model: nn.Module, weight_decay: float, exclude=frozenset()) -> list[dict]:
