@@ -18,7 +18,7 @@ import torch
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "tests", "scripts"))
-from parity_runs import LAYOUTS, config, run  # noqa: E402
+from parity_runs import LAYOUTS, blocks, config, run  # noqa: E402
 
 pytestmark = pytest.mark.multiprocess
 
@@ -54,13 +54,14 @@ def runs(tmp_path_factory) -> dict:
 
 
 @functools.cache
-def reference(optimizer: str) -> dict:
-    return run(config("single", optimizer))
+def reference(optimizer: str, n_blocks: int) -> dict:
+    return run(config("single", optimizer, n_blocks))
 
 
 @pytest.mark.parametrize("layout, optimizer", PAIRS, ids=[f"{l}-{o}" for l, o in PAIRS])
 def test_layout_matches_single_process(runs, layout, optimizer):
-    got, ref = runs[(layout, optimizer)], reference(optimizer)
+    got, ref = runs[(layout, optimizer)], reference(optimizer, blocks(layout))
+    assert config(layout, optimizer).model_config.n_layer == blocks(layout)
     assert len(got["losses"]) == len(ref["losses"]) == 5
     diff = max(abs(a - b) for a, b in zip(got["losses"], ref["losses"]))
     assert diff < 1e-4, (layout, optimizer, got["losses"], ref["losses"])

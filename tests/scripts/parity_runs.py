@@ -6,9 +6,15 @@ The ranks are forked by llmopt.launch (as ``llmopt.train --dp 2`` starts them): 
 pairs, each pair building its own meshes and model, so a test pays the ranks' start-up once per world size
 instead of once per pair. For each pair, rank 0 writes OUT_DIR/<layout>:<optimizer>.pt holding the training
 losses and, for one pair per layout, the held-out losses (evals after 0, 2, 4 and 5 steps).
+
+Layouts without pipeline stages train ``tiny`` with two of its four blocks: they treat every block alike
+(DDP's buckets, FSDP2's per-block units and their prefetch, TP's per-block plan), so two blocks prove what four
+do, and DTensor's per-operator cost (most of these runs' time on CPU) halves. Pipelined layouts keep four, so
+that each stage holds more than one block.
 """
 import os
 import sys
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -35,8 +41,23 @@ LAYOUTS = {
 LAYOUTS.update({f"{name}-accum2": dict(kw, grad_accum=2) for name, kw in list(LAYOUTS.items())})
 
 
-def config(layout: str, optimizer: str) -> TrainConfig:
-    return validate(TrainConfig(**COMMON, optimizer=optimizer, **LAYOUTS[layout]))
+class TwoBlocks(TrainConfig):
+    """A config whose model is its preset's with two blocks (no preset is added to llmopt's: the tests share
+    one process, and the presets are the README's and the parsers' choices)."""
+
+    @property
+    def model_config(self):
+        return replace(super().model_config, n_layer=2)
+
+
+def blocks(layout: str) -> int:
+    return 4 if LAYOUTS[layout].get("pp", 1) > 1 else 2
+
+
+def config(layout: str, optimizer: str, n_blocks: int | None = None) -> TrainConfig:
+    """The pair's config, its model with ``n_blocks`` blocks (by default the layout's: ``blocks``)."""
+    kind = TrainConfig if (n_blocks or blocks(layout)) == 4 else TwoBlocks
+    return validate(kind(**COMMON, optimizer=optimizer, **LAYOUTS[layout]))
 
 
 def run(cfg: TrainConfig, evals: bool = True) -> dict:
