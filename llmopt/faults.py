@@ -31,9 +31,9 @@ def maybe_fail(rank: int, step: int, seed: int) -> None:
         if mode == "hang":
             while True:
                 time.sleep(1)
-        if mode == "alloc":  # allocate until killed: 1 GiB in 64 MiB chunks, then SIGKILL as the OOM killer would
-            hoard: list[bytearray] = []
+        if mode == "alloc":  # allocate until killed: 256 MiB in 16 MiB chunks, then SIGKILL as the OOM killer would
+            hoard: list[bytearray] = []  # (1 GiB took more than 6 s of page faults once on a busy 2-core VM)
             while len(hoard) < 16:
-                hoard.append(bytearray(64 << 20))
+                hoard.append(bytearray(16 << 20))
             os.kill(os.getpid(), 9)
         raise RuntimeError(f"injected failure on rank {rank} at step {step} ({FAIL_ENV})")
