@@ -211,3 +211,32 @@ def write_json(path: str, obj) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def measure_node_peak(entry: dict, metrics_path: str, cache_path: str) -> None:
+    """In a SLURM job, after its config (``bench.job``): this node's peak FLOP/s for the config (``row_peak``, as
+    a local sweep takes it), written beside its metrics; measurements kept per node in ``cache_path`` for the
+    sweep's later jobs."""
+    from llmopt.metrics import RunMetrics
+
+    try:
+        with open(metrics_path) as f:
+            metrics = RunMetrics.from_json(json.load(f))
+    except (OSError, ValueError, TypeError):  # the sweep reads the metrics again and says what is wrong
+        return
+    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+    try:
+        with open(cache_path) as f:
+            cache = dict(json.load(f))
+    except (OSError, ValueError, TypeError):
+        cache = {}
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # every core the job has, as the config's ranks had
+    peak = row_peak(entry, metrics, cache)
+    write_json(cache_path, cache)
+    if peak is not None:
+        value, source = peak
+        if source.startswith("measured:"):
+            source += f" on node {socket.gethostname()}"
+        write_json(metrics_path + ".peak", [value, source])

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from llmopt.config import TrainConfig
 from llmopt.convergence import Convergence
 from llmopt.faults import maybe_fail
+from llmopt.launch import LAUNCH_T0_ENV
 from llmopt.metrics import (
     EnergyMeter,
     RunMetrics,
@@ -31,9 +32,6 @@ from llmopt.metrics import (
     reset_peak_memory,
 )
 
-# Epoch seconds when the config was started (set by the harness, else at llmopt.train's entry): start-up is
-# measured from it to the rank's first line of work, so it covers imports and rank start-up.
-LAUNCH_T0_ENV = "LLMOPT_LAUNCH_T0"
 # Exit codes the harness maps to row statuses (2 is a user error, 1 any other failure).
 EXIT_DIVERGED = 3
 EXIT_OOM = 4

@@ -71,12 +71,26 @@ def test_every_module_imports_in_a_fresh_interpreter():
 
 
 def test_the_sweep_and_the_config_start_without_the_distributed_stack():
-    """``python -m bench.run``, each SLURM job's wrapper and everything that reads a config import llmopt.config;
-    DTensor and FSDP (a large share of such a process's start-up) wait for a rank that needs them."""
+    """``python -m bench.run`` and everything that reads a config import llmopt.config; DTensor and FSDP (a large
+    share of such a process's start-up) wait for a rank that needs them."""
     code = "import sys, bench.run, bench.executors, llmopt.config\nprint(sorted(m for m in sys.modules if m in %r))" % (
         ["torch.distributed.tensor", "torch.distributed.fsdp"],)
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])
+
+
+def test_a_jobs_wrapper_starts_without_torch():
+    """A submitit or SLURM job unpickles ``bench.job.run_in_job`` and starts its config, which imports torch
+    itself: the wrapper importing torch first (through the ``llmopt`` package, a config or the metrics) delayed
+    every job by one import."""
+    import pickle
+
+    from bench.executors import run_in_job  # as the sweep submits it
+
+    code = "import pickle, sys\npickle.loads(sys.stdin.buffer.read())\nprint('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, input=pickle.dumps(run_in_job), capture_output=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == b"False", (r.stdout, r.stderr[-2000:])
 
 
 def test_llmopt_never_imports_bench():
