@@ -1,7 +1,8 @@
 """Count the collectives of one gradient-norm computation (Layout.grad_norm) with DTensor's CommDebugMode.
-Run as `python norm_collectives.py NPROC ARGS...`: llmopt.launch forks the ranks, as `llmopt.train --dp 2`
-does (torchrun would start NPROC fresh interpreters, seconds each on 2 cores). ARGS: OUT_FILE and the layout as
-key=value pairs, e.g. tp=2 or dp=2 dp_mode=fsdp."""
+Run as `python norm_collectives.py NPROC OUT_DIR LAYOUT...`: llmopt.launch forks the ranks, as `llmopt.train
+--dp 2` does (torchrun would start NPROC fresh interpreters, seconds each on 2 cores). Each LAYOUT (comma-
+separated key=value pairs, e.g. tp=2 or dp=2,dp_mode=fsdp) is counted in turn; rank 0 writes
+OUT_DIR/<LAYOUT>.json."""
 import json
 import os
 import sys
@@ -13,15 +14,16 @@ from layouts import build_layout  # tests/scripts: the script's own directory is
 from llmopt.step import train_step
 
 
-def main(out: str, pairs: list[str]) -> None:
-    state = build_layout(pairs)
-    train_step(state, 0)
-    with CommDebugMode() as comm:
-        norm = state.layout.grad_norm()
-    if dist.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump({"collectives": comm.get_total_counts(), "norm": float(norm),
-                       "parameters": sum(1 for _ in state.layout.parameters())}, f)
+def main(out_dir: str, layouts: list[str]) -> None:
+    for layout in layouts:
+        state = build_layout(layout)
+        train_step(state, 0)
+        with CommDebugMode() as comm:
+            norm = state.layout.grad_norm()
+        if dist.get_rank() == 0:
+            with open(os.path.join(out_dir, f"{layout}.json"), "w") as f:
+                json.dump({"collectives": comm.get_total_counts(), "norm": float(norm),
+                           "parameters": sum(1 for _ in state.layout.parameters())}, f)
     dist.barrier()
     os._exit(0)  # as llmopt.train: skip gloo's teardown
 

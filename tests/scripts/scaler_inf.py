@@ -2,9 +2,9 @@
 `python scaler_inf.py NPROC ARGS...`: llmopt.launch forks the ranks, as `llmopt.train --dp 2` does (torchrun
 would start NPROC fresh interpreters, seconds each on 2 cores).
 
-argv: OUT_DIR and the layout as key=value pairs (dp=2 dp_mode=fsdp, tp=2, pp=2). Writes OUT_DIR/rank<N>.json
-with each step's skip flag and scale, and a checksum of the parameters before and after the poisoned step
-(test_toggles.py reads them)."""
+argv: OUT_DIR and the layouts, each as comma-separated key=value pairs (dp=2,dp_mode=fsdp, tp=2, pp=2), run in
+turn. Writes OUT_DIR/<LAYOUT>/rank<N>.json with each step's skip flag and scale, and a checksum of the
+parameters before and after the poisoned step (test_toggles.py reads them)."""
 import json
 import os
 import sys
@@ -26,8 +26,17 @@ def checksum(model) -> float:
     return total
 
 
-def main(out: str, pairs: list[str]) -> None:
-    state = build_layout(pairs, precision="fp16")
+def main(out_dir: str, layouts: list[str]) -> None:
+    for layout in layouts:
+        os.makedirs(os.path.join(out_dir, layout), exist_ok=True)
+        poison(os.path.join(out_dir, layout), layout)
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)  # as llmopt.train: skip gloo's teardown
+
+
+def poison(out: str, spec: str) -> None:
+    state = build_layout(spec, precision="fp16")
     rank = dist.get_rank()
     layout, finish = state.layout, state.layout.finish_grads
 
@@ -51,9 +60,6 @@ def main(out: str, pairs: list[str]) -> None:
                                 "scale_after": state.scaler.get_scale()})
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
-    dist.barrier()
-    sys.stdout.flush()
-    os._exit(0)  # as llmopt.train: skip gloo's teardown
 
 
 if __name__ == "__main__":
