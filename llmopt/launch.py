@@ -244,7 +244,10 @@ def _report(failures: dict) -> int:
 
 def root_cause(failures: dict) -> tuple[int, str, int]:
     """(rank, last error line, exit code) of the rank that failed first for a reason of its own; ``failures``
-    maps rank -> torch elastic's ProcessFailure. A code of -9 is a SIGKILL nobody here sent."""
+    maps rank -> torch elastic's ProcessFailure, in the order the ranks were seen to fail. A code of -9 is a
+    SIGKILL nobody here sent. A rank that left no error file (killed by a signal, or a script without torch
+    elastic's ``@record``) is timed when its ProcessFailure is made, so ties go to the order seen, not to the
+    lower rank: a segfaulted rank 1 was once reported as rank 0's plain "exit code 1"."""
 
     def last_line(f) -> str:
         msg = f.message.get("message", "") if isinstance(f.message, dict) else str(f.message or "")
@@ -253,9 +256,11 @@ def root_cause(failures: dict) -> tuple[int, str, int]:
             line = f"exit code {f.exitcode}" + (f" ({f.signal_name()})" if f.exitcode < 0 else "")
         return line
 
+    seen = {rank: i for i, rank in enumerate(failures)}
+
     def key(item):
         rank, f = item
-        return (any(s in last_line(f) for s in _SECONDARY), f.timestamp, rank)
+        return (any(s in last_line(f) for s in _SECONDARY), f.timestamp, seen[rank])
 
     rank, f = min(failures.items(), key=key)
     return rank, last_line(f), (f.exitcode if f.exitcode > 0 or f.exitcode == -9 else 1)
