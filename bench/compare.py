@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 import pandas as pd
 
@@ -84,4 +83,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from llmopt import cli
+
+    cli.exit(main())

@@ -544,4 +544,6 @@ def _point_latest(out: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from llmopt import cli
+
+    cli.exit(main())

@@ -243,4 +243,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from llmopt import cli
+
+    cli.exit(main())

@@ -266,6 +266,7 @@ if __name__ == "__main__":
 
         sys.exit(cli.error("python -m llmopt.data takes the command prepare: python -m llmopt.data prepare INPUT "
                            "--tokenizer T --out DIR (see python -m llmopt.data prepare --help)"))
+    from llmopt import cli
     from llmopt.prepare import main
 
-    sys.exit(main(sys.argv[2:]))
+    cli.exit(main(sys.argv[2:]))

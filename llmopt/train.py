@@ -147,4 +147,6 @@ def _check_outputs(cfg: TrainConfig, args, tokenizer_dir: str | None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from llmopt import cli
+
+    cli.exit(main())

@@ -55,3 +55,4 @@ if __name__ == "__main__":
     p.add_argument("mode", choices=("eager", "blocks", "whole"), help="no compile, per block, or one graph")
     a = p.parse_args()
     main(a.head, a.mode)
+    cli.exit(0)

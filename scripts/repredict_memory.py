@@ -57,4 +57,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from llmopt import cli
+
+    cli.exit(main())

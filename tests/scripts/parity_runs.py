@@ -19,6 +19,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from llmopt import cli
 from llmopt.config import TrainConfig, validate
 from llmopt.launch import launch
 from llmopt.step import build, evaluate, train_step
@@ -91,4 +92,4 @@ def ranks(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(launch(int(sys.argv[1]), sys.argv[2:], "cpu", ranks, oom_exit=4))
+    cli.exit(launch(int(sys.argv[1]), sys.argv[2:], "cpu", ranks, oom_exit=4))

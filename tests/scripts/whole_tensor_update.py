@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
+from llmopt import cli
 from llmopt.launch import launch
 from llmopt.optim import MUON_ADJUST_LR, ShardedAdafactor, ShardedMuon
 
@@ -84,4 +85,4 @@ def ranks(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(launch(int(sys.argv[1]), sys.argv[2:], "cpu", ranks, oom_exit=4))
+    cli.exit(launch(int(sys.argv[1]), sys.argv[2:], "cpu", ranks, oom_exit=4))
