@@ -4,6 +4,7 @@ a config's ``llmopt.train`` imports torch itself, and the job's wrapper doing so
 import before its config could start."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -76,4 +77,5 @@ def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: i
             measure_node_peak(entry, metrics_path, peak_cache.format(node=socket.gethostname()))
         with open(metrics_path + ".rc", "w") as f:  # last: the sweep takes the job as ended once this exists
             f.write(f"{rc}\n")
+    gc.freeze()  # the job's process exits next: as llmopt.cli.exit, its shutdown skips what the peak imported
     return rc

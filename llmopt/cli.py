@@ -41,8 +41,8 @@ def main(body: Callable[[], int], user_errors: tuple[type[BaseException], ...] =
 
 def exit(code: int | None) -> NoReturn:
     """``sys.exit(code)`` for a ``python -m`` entry point, after ``gc.freeze()``: the interpreter's shutdown then
-    skips re-collecting the millions of objects torch and its imports made (most of a second per process on a
-    2-core CPU, paid by every config and sweep a test or a harness waits for); atexit handlers and the closing
-    and flushing of files run as before."""
+    skips collecting again the objects torch and its imports made, the bulk of a torch process's exit, which
+    every config and sweep a test or a harness waits for pays; atexit handlers and the closing and flushing of
+    files run as before."""
     gc.freeze()
     sys.exit(code)

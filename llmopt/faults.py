@@ -32,7 +32,7 @@ def maybe_fail(rank: int, step: int, seed: int) -> None:
             while True:
                 time.sleep(1)
         if mode == "alloc":  # allocate until killed: 256 MiB in 16 MiB chunks, then SIGKILL as the OOM killer would
-            hoard: list[bytearray] = []  # (1 GiB took more than 6 s of page faults once on a busy 2-core VM)
+            hoard: list[bytearray] = []  # small: a larger one's page faults once outlasted a test's --timeout
             while len(hoard) < 16:
                 hoard.append(bytearray(16 << 20))
             os.kill(os.getpid(), 9)
