@@ -419,10 +419,10 @@ def test_sample_streams_and_prints_only_text(tmp_path, tiny_hf, cli):
     import subprocess
     import sys
 
-    r = cli("-m", "llmopt.sample", tiny_hf, "--prompt", "ab", "--max-new-tokens", "5", "--seed", "1")
-    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("ab"), r.stderr
     proc = subprocess.Popen([sys.executable, "-m", "llmopt.sample", tiny_hf, "--max-new-tokens", "1000000000",
-                             "--temperature", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--temperature", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    r = cli("-m", "llmopt.sample", tiny_hf, "--prompt", "ab", "--max-new-tokens", "5", "--seed", "1")  # meanwhile
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("ab"), r.stderr
     first = proc.stdout.read(64)  # arrives long before the run would end
     proc.kill()
     proc.wait()
