@@ -141,7 +141,7 @@ def row_peak(entry: dict, metrics: RunMetrics | None, cache: dict, measure: bool
     """The peak FLOP/s a config's MFU is stated against (measured on first use, kept in ``cache``); from the
     finished config's resolved fields, or before it runs (``metrics`` None) from its own. A GPU's datasheet
     figure is looked up by the name the config's rank saw; ``measure`` False (the config ran elsewhere: on
-    SLURM the job measures its node itself, ``bench.executors.run_in_job``) gives None rather than a
+    SLURM the job measures its node itself, ``bench.job.run_in_job``) gives None rather than a
     measurement of this machine."""
     if metrics is not None and metrics.flops_per_token is None:
         return None
