@@ -46,7 +46,7 @@ def losses(out) -> dict[str, list[float]]:
         return by
 
 
-def test_faulty_configs_touch_no_healthy_one(tmp_path, capsys):
+def test_faulty_configs_touch_no_healthy_one(tmp_path, capsys, request):
     """A segfault, a hang past --timeout and an allocation until SIGKILL, between two healthy configs: the
     healthy rows are those of a sweep without the faulty ones, each fault has its status, nothing is left. And
     the sweep still gets its report: rows without metrics once crashed it (no report.md, no counts line, exit
@@ -63,6 +63,7 @@ def test_faulty_configs_touch_no_healthy_one(tmp_path, capsys):
     healthy = ["--no-report", "--matrix", str(tmp_path / "healthy.toml"), "--out", str(tmp_path / "healthy")]
     clean = subprocess.Popen([sys.executable, "-m", "bench.run", *healthy], cwd=ROOT,
                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=log)
+    request.addfinalizer(lambda: (clean.kill(), clean.wait(), log.close()))  # should an assertion fail first
     # 12 s: the hang waits it out; a config beside the other sweep must not reach it
     r = bench("--matrix", str(tmp_path / "all.toml"), "--out", str(tmp_path / "all"), "--timeout", "12",
               env={"LLMOPT_FAIL_AT": FAULTS, "LLMOPT_TEST_TOKEN": token}, report=True)
@@ -79,7 +80,6 @@ def test_faulty_configs_touch_no_healthy_one(tmp_path, capsys):
     assert report_main([str(tmp_path / "all")]) == 0 and (tmp_path / "all" / "report.md").read_text() == report
     capsys.readouterr()
     assert clean.wait(timeout=600) == 0, (tmp_path / "healthy.log").read_text()[-2000:]
-    log.close()
     got = {(row["seed"], row["world_size"]): row for row in rows(tmp_path / "all")}
     plan = json.loads((tmp_path / "all" / "plan.json").read_text())["plan"]
     assert [row["config_id"] for row in rows(tmp_path / "all")] == [e["config_id"] for e in plan]  # order kept
