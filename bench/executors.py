@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-from bench.job import run_in_job
+from bench.job import read_metrics, run_in_job
 from llmopt.config import TrainConfig
 from llmopt.launch import LAUNCH_T0_ENV
 from llmopt.metrics import RunMetrics
@@ -176,17 +176,6 @@ def last_error_line(log_path: str) -> str:
     lines = [l for l in lines if not l.startswith("$ ")]  # the harness's own command line is never the error
     errors = [l for l in lines if l.startswith("error:")]
     return (errors or lines or [""])[-1][:500]
-
-
-def read_metrics(path: str) -> tuple[RunMetrics | None, str]:
-    """(metrics, "") or (None, why): a full disk can leave an empty file, which fails this config, not the sweep."""
-    if not os.path.exists(path):
-        return None, ""
-    try:
-        with open(path) as f:
-            return RunMetrics.from_json(json.load(f)), ""
-    except (OSError, ValueError, TypeError) as e:
-        return None, f"metrics JSON unreadable ({e}); is the disk full?"
 
 
 def outcome_of(rc: int | None, timed_out: bool, timeout: float, metrics_path: str, log_path: str, wall: float,

@@ -213,17 +213,10 @@ def write_json(path: str, obj) -> None:
         raise
 
 
-def measure_node_peak(entry: dict, metrics_path: str, cache_path: str) -> None:
+def measure_node_peak(entry: dict, metrics: RunMetrics, metrics_path: str, cache_path: str) -> None:
     """In a SLURM job, after its config (``bench.job``): this node's peak FLOP/s for the config (``row_peak``, as
-    a local sweep takes it), written beside its metrics; measurements kept per node in ``cache_path`` for the
-    sweep's later jobs."""
-    from llmopt.metrics import RunMetrics
-
-    try:
-        with open(metrics_path) as f:
-            metrics = RunMetrics.from_json(json.load(f))
-    except (OSError, ValueError, TypeError):  # the sweep reads the metrics again and says what is wrong
-        return
+    a local sweep takes it, from the config's ``metrics``), written beside them; measurements kept per node in
+    ``cache_path`` for the sweep's later jobs."""
     os.makedirs(os.path.dirname(cache_path), exist_ok=True)
     try:
         with open(cache_path) as f:
