@@ -15,7 +15,8 @@ import sys
 import time
 
 from llmopt.config import CHECKPOINT, TrainConfig, validate
-from llmopt.runner import EXIT_DIVERGED, EXIT_OOM, LAUNCH_T0_ENV, RunOptions, under_launcher  # noqa: F401
+from llmopt.launch import LAUNCH_T0_ENV
+from llmopt.runner import EXIT_DIVERGED, EXIT_OOM, RunOptions, under_launcher  # noqa: F401
 
 
 def build_parser() -> argparse.ArgumentParser:
