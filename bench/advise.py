@@ -65,7 +65,7 @@ def parse_link(text: str, flag: str) -> Link:
 def parse_args(argv):
     from llmopt import cli
     from llmopt.config import OPTIMIZERS, PRECISIONS
-    from llmopt.model import PRESETS
+    from llmopt.shapes import PRESETS
 
     p = cli.parser("python -m bench.advise", __doc__.split("\n\n")[0],
                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,7 +101,7 @@ def parse_args(argv):
 
 def _custom_preset(text: str, seq_len: int) -> str:
     """Register ``--shape`` as a preset of this process and return its name."""
-    from llmopt.model import PRESETS, GPTConfig
+    from llmopt.shapes import PRESETS, GPTConfig
 
     try:
         parts = [int(x) for x in text.split(",")]

@@ -15,8 +15,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from llmopt.model import PRESETS, GPTConfig
-from llmopt.precision import fused_optimizer_ok
+from llmopt.shapes import PRESETS, GPTConfig
 
 MODEL_IMPLS = ("llmopt", "hf")
 ENGINES = ("native", "accelerate")
@@ -25,6 +24,10 @@ PP_SCHEDULES = ("gpipe", "1f1b")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adam", "adamw", "lamb", "muon", "adafactor")
 OPTIMIZER_IMPLS = ("auto", "for-loop", "foreach", "fused")
+# Kernel families torch has per optimizer (--optimizer-impl); auto picks among them
+IMPLS = {"sgd": ("for-loop", "foreach", "fused"), "adam": ("for-loop", "foreach", "fused"),
+         "adamw": ("for-loop", "foreach", "fused"), "lamb": ("for-loop",), "muon": ("for-loop",),
+         "adafactor": ("for-loop", "foreach")}
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine", "linear", "wsd")
 CHECKPOINT = "checkpoint"  # the preset of a run whose shape comes from --init
@@ -71,7 +74,7 @@ class TrainConfig:
                          choices=ENGINES)
     model_impl: str = option("llmopt", "llmopt's GPT, or transformers' GPT2LMHeadModel of the same shape",
                              choices=MODEL_IMPLS)
-    preset: str = option("tiny", "model size, a key of llmopt.model.PRESETS",
+    preset: str = option("tiny", "model size, a key of llmopt.shapes.PRESETS",
                          choices=lambda: (*PRESETS, CHECKPOINT))  # read when checked: bench.advise adds shapes
     device: str = option("auto", "auto (cuda when visible), cpu or cuda", choices=DEVICES)
     dp: int = option(1, "data-parallel degree", low=1)
@@ -279,15 +282,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                          f"sequences (--global-batch / --dp / --grad-accum); use a divisor of {cfg.micro_batch}")
     if cfg.model_impl == "hf" and (cfg.tp > 1 or cfg.pp > 1):
         raise ValueError("--model-impl hf supports data parallelism only; use --model-impl llmopt with --tp/--pp")
-    from llmopt.optim import IMPLS
-
     if cfg.optimizer_impl != "auto" and cfg.optimizer_impl not in IMPLS[cfg.optimizer]:
         raise ValueError(f"--optimizer-impl {cfg.optimizer_impl}: torch has no such kernels for --optimizer "
                          f"{cfg.optimizer}; use --optimizer-impl auto or {' or '.join(IMPLS[cfg.optimizer])}")
-    if cfg.optimizer_impl == "fused" and not fused_optimizer_ok(cfg.precision, cfg.world_size):
-        raise ValueError("--optimizer-impl fused --precision fp16 on several ranks: torch's ShardedGradScaler "
-                         "cannot drive fused optimizer kernels (pytorch/pytorch#140514); use --optimizer-impl "
-                         "foreach or auto")
+    if cfg.optimizer_impl == "fused":
+        from llmopt.precision import fused_optimizer_ok  # torch: only where fused kernels are asked for
+
+        if not fused_optimizer_ok(cfg.precision, cfg.world_size):
+            raise ValueError("--optimizer-impl fused --precision fp16 on several ranks: torch's ShardedGradScaler "
+                             "cannot drive fused optimizer kernels (pytorch/pytorch#140514); use --optimizer-impl "
+                             "foreach or auto")
     if cfg.engine == "accelerate":
         if cfg.tp > 1 or cfg.pp > 1 or cfg.dp_mode != "ddp":
             raise ValueError("--engine accelerate runs data parallelism (DDP) only; drop --tp/--pp/--dp-mode fsdp "

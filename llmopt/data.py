@@ -5,15 +5,20 @@ Every sequence is a function of ``(seed, split, step, row)`` alone: row ``r`` of
 the tokens a step sees never depend on how the batch is split over ranks and micro-batches: that is what
 makes every parallel layout comparable with the single-process step. ``split="val"`` is a held-out stream
 that training never sees (a disjoint seed stream for generated data, the tail of a text file).
+
+torch is imported where a batch is made, not with the module: checking a prepared directory and
+``python -m llmopt.data prepare`` need none, so a mistake there is reported without waiting for its import.
 """
 from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
+if TYPE_CHECKING:
+    import torch
 SPLITS = ("train", "val")
 _MASK = (1 << 64) - 1
 
@@ -37,6 +42,8 @@ def row_seed(seed: int, split: str, step: int, row: int) -> int:
 def row_uniforms(seed: int, split: str, step: int, rows, n: int) -> torch.Tensor:
     """(len(rows), n) uniforms in [0, 1), each row from its own generator. One generator per row costs a
     few microseconds; it is what lets a rank draw its rows without drawing anyone else's."""
+    import torch
+
     rows = list(rows)
     u = torch.empty(len(rows), n)
     for i, r in enumerate(rows):
@@ -75,6 +82,7 @@ class MarkovSource:
 
     def __init__(self, vocab_size: int, seed: int = 0, fanout: int = 4, concentration: float = 1.0,
                  chain_seed: int = 0):
+        import torch
         from torch.distributions import Dirichlet
 
         V = vocab_size
@@ -95,6 +103,8 @@ class MarkovSource:
               split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``rows`` (default: all) of the global batch of ``step``: inputs and next-token targets,
         each (len(rows), seq_len) int64."""
+        import torch
+
         step, rows = _flat_val(step, batch_size, rows, split)
         u = row_uniforms(self.seed, split, step, rows, seq_len + 1)
         start = (u[:, 0] * self.vocab_size).long().clamp_max(self.vocab_size - 1)      # (B,) ~ stationary
@@ -105,6 +115,8 @@ class MarkovSource:
 
     def transition_logprob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """log P(y | x) under the chain (-inf where y is not a successor of x); for tests and checks."""
+        import torch
+
         inv = torch.argsort(self.perm)
         step = (inv[y] - inv[x]).remainder(self.vocab_size)
         p = torch.zeros(self.vocab_size, dtype=torch.float64).index_add_(0, self.offsets, self.probs)
@@ -124,6 +136,8 @@ class _Windows:
 
     def batch(self, step: int, batch_size: int, seq_len: int, rows=None,
               split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         data = self.splits[split]
         n = data.shape[0] - seq_len - 1
         if n < 1:

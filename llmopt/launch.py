@@ -39,6 +39,11 @@ RANKS_DIR = "llmopt-ranks-"  # <tmp>/llmopt-ranks-<launcher pid>-...: the ranks'
 GRACE_S = 1.0  # after the first failure, how long the other ranks get to fail (and say why) on their own
 
 
+def under_launcher() -> bool:
+    """Whether this process is a rank a launcher started (this module's, torchrun, torch's elastic agent)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
 def preload() -> None:
     """Import what a rank needs; never runs a torch op (a forked child must not inherit a thread pool)."""
     import importlib

@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
 
+from llmopt.config import OPTIMIZERS
+
 # The hidden weight matrices Muon updates (names in llmopt's GPT and in HF's GPT2LMHeadModel alike)
 HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MUON_ADJUST_LR = "match_rms_adamw"
@@ -171,12 +173,6 @@ def _impl_kwargs(impl: str, params: list[torch.Tensor], fused_ok: bool) -> dict:
     return {"fused": True}
 
 
-# Kernel families torch has per optimizer (--optimizer-impl); auto picks among them
-IMPLS = {"sgd": ("for-loop", "foreach", "fused"), "adam": ("for-loop", "foreach", "fused"),
-         "adamw": ("for-loop", "foreach", "fused"), "lamb": ("for-loop",), "muon": ("for-loop",),
-         "adafactor": ("for-loop", "foreach")}
-
-
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float = 0.0,
                     impl: str = "auto", fused_ok: bool = True) -> torch.optim.Optimizer:
     """sgd (momentum 0.9, L2 decay), adam (L2 decay, coupled), adamw (decoupled decay), lamb, muon (with AdamW
@@ -200,7 +196,7 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float 
         return torch.optim.Adam(groups, lr=lr, **kw)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, **kw)
-    raise ValueError(f"--optimizer: unknown value {name!r}; choose one of {', '.join(IMPLS)}")
+    raise ValueError(f"--optimizer: unknown value {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 class MuonAdamW(torch.optim.Optimizer):

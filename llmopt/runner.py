@@ -20,7 +20,7 @@ import torch.distributed as dist
 from llmopt.config import TrainConfig
 from llmopt.convergence import Convergence
 from llmopt.faults import maybe_fail
-from llmopt.launch import LAUNCH_T0_ENV
+from llmopt.launch import LAUNCH_T0_ENV, under_launcher
 from llmopt.metrics import (
     EnergyMeter,
     RunMetrics,
@@ -62,10 +62,6 @@ class Timed:
     conv: Convergence | None = None
     power: dict = field(default_factory=dict)
     peak: int = 0
-
-
-def under_launcher() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
 def run(cfg: TrainConfig, opts: RunOptions) -> int:

@@ -15,8 +15,7 @@ import sys
 import time
 
 from llmopt.config import CHECKPOINT, TrainConfig, validate
-from llmopt.launch import LAUNCH_T0_ENV
-from llmopt.runner import EXIT_DIVERGED, EXIT_OOM, RunOptions, under_launcher  # noqa: F401
+from llmopt.launch import LAUNCH_T0_ENV, under_launcher
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,11 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # torch is first imported here, after every check: a mistake is reported before its import would end
+    from llmopt.runner import EXIT_OOM, RunOptions, run
+
     if cfg.world_size > 1 and not under_launcher():
         from llmopt.launch import launch
 
         return launch(cfg.world_size, argv, cfg.device, main, EXIT_OOM)
-    from llmopt.runner import run
 
     rc = run(cfg, RunOptions(timing_warmup=args.timing_warmup, memory_breakdown=args.memory_breakdown,
                              save=args.save, metrics_out=args.metrics_out, profile=args.profile, quiet=args.quiet))

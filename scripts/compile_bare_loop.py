@@ -13,7 +13,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llmopt.model import GPT, PRESETS, linear_cross_entropy
+from llmopt.model import GPT, linear_cross_entropy
+from llmopt.shapes import PRESETS
 
 
 def main(head: str, mode: str) -> None:

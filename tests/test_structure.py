@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -92,6 +94,17 @@ def test_a_jobs_wrapper_starts_without_torch():
                        timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == b"False", (r.stdout, r.stderr[-2000:])
 
+
+@pytest.mark.parametrize("argv", [["--lr", "nan"], ["--tp", "3"], ["--data", "no-such-file"],
+                                  ["--optimizer", "lamb", "--optimizer-impl", "foreach"]])
+def test_a_mistake_in_the_flags_is_refused_before_torch_is_imported(argv):
+    """``llmopt.train`` checks everything it can (values, combinations, --data) before its first torch import,
+    so a mistake is one line at once, not one line after the slowest part of any start."""
+    code = ("import sys\nfrom llmopt.train import main\nrc = main(sys.argv[1:])\n"
+            "print(rc, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr[-2000:])
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 def test_llmopt_never_imports_bench():
     """The library stands alone: the harness imports llmopt, never the other way (inside functions too)."""

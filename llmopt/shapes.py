@@ -1,0 +1,36 @@
+"""A model's shape (``GPTConfig``) and the named ones (``PRESETS``), apart from the model so that what only
+reads shapes (the config and its checks, the command lines' errors, the advisor, a job's wrapper) needs no
+torch: a mistake in a flag is reported before torch would have finished importing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    n_layer: int = 4          # transformer blocks
+    n_head: int = 4           # attention heads per block
+    n_embd: int = 128         # model width C; the MLP is 4C wide
+    vocab_size: int = 1024    # tokens; the generated data uses the same vocabulary
+    block_size: int = 256     # longest sequence (number of learned positions)
+    layer_norm_epsilon: float = 1e-5  # GPT-2's value
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# Named presets. `tiny` is the CPU default: layers and heads divisible by 2 and 4 so every layout fits.
+PRESETS: dict[str, GPTConfig] = {
+    "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=1024, block_size=256),
+    # `tiny` over 256 tokens: the convergence matrices' model (a quarter of the transitions to learn)
+    "tiny-v256": GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=256, block_size=256),
+    # `tiny` at half the width: a quarter of its non-embedding parameters (the real-text matrix's smaller model)
+    "nano": GPTConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=1024, block_size=256),
+    # the CPU speed target's shape: 4 layers, 4 heads, width 256, vocabulary 8192, sequences of 256
+    "mini": GPTConfig(n_layer=4, n_head=4, n_embd=256, vocab_size=8192, block_size=256),
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024, vocab_size=50257, block_size=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280, vocab_size=50257, block_size=1024),
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, block_size=1024),
+}
