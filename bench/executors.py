@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from bench.job import read_metrics, run_in_job
 from llmopt.config import TrainConfig
 from llmopt.launch import LAUNCH_T0_ENV
-from llmopt.metrics import RunMetrics
+from llmopt.run_metrics import RunMetrics
 
 EXECUTORS = ("local", "submitit-local", "slurm")
 SLURM_IN_FLIGHT = 256  # --jobs auto under slurm: the scheduler queues; this bounds what one sweep submits

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from llmopt.cpu import NATIVE_BF16_FLAGS, cpu_flags, cpu_model  # noqa: F401 (re-exported for the report)
 
 if TYPE_CHECKING:
-    from llmopt.metrics import RunMetrics
+    from llmopt.run_metrics import RunMetrics
 
 # Dense peak FLOP/s per GPU from NVIDIA's datasheets (SXM parts). fp32 is the non-tensor-core figure:
 # llmopt leaves torch's fp32 matmul precision at "highest" (no TF32).
@@ -74,13 +74,16 @@ def peak_seconds() -> float:
 
 
 def measure_matmul_peak(device: str, precision: str, shapes: list[tuple[int, int, int]] = (),
-                        seconds: float = 1.0) -> float:
+                        seconds: float = 1.0, threads: int | None = None) -> float:
     """Best FLOP/s over square matmuls and the given (m, k, n) shapes (the model's own GEMMs), after a
     warm-up, with the device synchronised. Taking the best over the shapes the step really runs is what
     makes the figure an upper bound for the step: a square-only peak can sit below the step's own GEMMs
-    (a CPU whose kernels for a dtype are tuned for some shapes and fall back for others)."""
+    (a CPU whose kernels for a dtype are tuned for some shapes and fall back for others). ``threads``: torch's
+    CPU threads for it (default: as they are)."""
     import torch
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     squares = (4096, 8192) if device == "cuda" else (256, 512, 1024, 2048)
     all_shapes = [(n, n, n) for n in squares] + list(shapes)
@@ -102,7 +105,7 @@ def measure_matmul_peak(device: str, precision: str, shapes: list[tuple[int, int
 
 
 def peak_flops(device: str, precision: str, cache: dict, n_embd: int, vocab_size: int,
-               tokens: int) -> tuple[float | None, str]:
+               tokens: int, threads: int | None = None) -> tuple[float | None, str]:
     """(peak FLOP/s of one device for this dtype, source). ``cache`` holds measurements of this sweep,
     keyed by device, dtype and GEMM shape set.
 
@@ -130,19 +133,20 @@ def peak_flops(device: str, precision: str, cache: dict, n_embd: int, vocab_size
     for dtype in dict.fromkeys(("fp32",) if emulated else (precision, "fp32")):
         key = f"{device}:{dtype}:C{n_embd}:V{vocab_size}:M{tokens}"
         if key not in cache:
-            cache[key] = measure_matmul_peak(device, dtype, shapes, peak_seconds())
+            cache[key] = measure_matmul_peak(device, dtype, shapes, peak_seconds(), threads)
         best = max(best, cache[key])
     dtypes = (precision if precision == "fp32" else f"fp32 ({precision} is emulated through fp32 on this CPU)"
               if emulated else f"best of {precision} and fp32")
     return best, f"measured:{device} matmul, {dtypes}, square and model GEMMs"
 
 
-def row_peak(entry: dict, metrics: RunMetrics | None, cache: dict, measure: bool = True) -> tuple[float, str] | None:
+def row_peak(entry: dict, metrics: RunMetrics | None, cache: dict, measure: bool = True,
+             threads: int | None = None) -> tuple[float, str] | None:
     """The peak FLOP/s a config's MFU is stated against (measured on first use, kept in ``cache``); from the
     finished config's resolved fields, or before it runs (``metrics`` None) from its own. A GPU's datasheet
     figure is looked up by the name the config's rank saw; ``measure`` False (the config ran elsewhere: on
     SLURM the job measures its node itself, ``bench.job.run_in_job``) gives None rather than a
-    measurement of this machine."""
+    measurement of this machine. ``threads``: torch's CPU threads for a measurement (``measure_matmul_peak``)."""
     if metrics is not None and metrics.flops_per_token is None:
         return None
     from llmopt.config import TrainConfig
@@ -158,7 +162,7 @@ def row_peak(entry: dict, metrics: RunMetrics | None, cache: dict, measure: bool
         return None
     mc = tc.model_config
     value, source = peak_flops(resolved["device"], tc.precision, cache, mc.n_embd, mc.vocab_size,
-                               tc.micro_batch * tc.seq_len // resolved["pp_microbatches"])
+                               tc.micro_batch * tc.seq_len // resolved["pp_microbatches"], threads)
     return (value, source) if value else None
 
 
@@ -223,10 +227,8 @@ def measure_node_peak(entry: dict, metrics: RunMetrics, metrics_path: str, cache
             cache = dict(json.load(f))
     except (OSError, ValueError, TypeError):
         cache = {}
-    import torch
-
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # every core the job has, as the config's ranks had
-    peak = row_peak(entry, metrics, cache)
+    # measured (torch imported) only on the node's first use; every core the job has, as the config's ranks had
+    peak = row_peak(entry, metrics, cache, threads=len(os.sched_getaffinity(0)))
     write_json(cache_path, cache)
     if peak is not None:
         value, source = peak

@@ -9,12 +9,9 @@ import json
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from llmopt.launch import LAUNCH_T0_ENV, die_with_parent
-
-if TYPE_CHECKING:
-    from llmopt.metrics import RunMetrics
+from llmopt.run_metrics import RunMetrics
 
 
 def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: int | None,
@@ -79,7 +76,7 @@ def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: i
         if rc == 0 and peak_cache and entry is not None:
             metrics, _ = read_metrics(metrics_path)  # unreadable: the sweep reads it again and says so
             if metrics is not None:
-                from bench.hardware import measure_node_peak  # torch: after the config, SLURM only
+                from bench.hardware import measure_node_peak  # SLURM only; torch only for a measurement
 
                 measure_node_peak(entry, metrics, metrics_path, peak_cache.format(node=socket.gethostname()))
         with open(metrics_path + ".rc", "w") as f:  # last: the sweep takes the job as ended once this exists
@@ -90,11 +87,9 @@ def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: i
 
 def read_metrics(path: str) -> tuple[RunMetrics | None, str]:
     """(metrics, "") or (None, why): a full disk can leave an empty file, which fails this config, not the sweep.
-    Here, for the job's wrapper too, with torch imported only once there are metrics to read."""
+    Here, for the job's wrapper too."""
     if not os.path.exists(path):
         return None, ""
-    from llmopt.metrics import RunMetrics
-
     try:
         with open(path) as f:
             return RunMetrics.from_json(json.load(f)), ""

@@ -229,7 +229,7 @@ def scaling_sentences(fs: pd.DataFrame, preset: str) -> list[str]:
 def model_params(conv: pd.DataFrame) -> dict[str, tuple[int, int]]:
     """preset -> (parameters, non-embedding parameters) of the model its rows trained (its data's vocabulary)."""
     from bench.results import row_config
-    from llmopt.model import param_count
+    from llmopt.shapes import param_count
 
     out = {}
     for preset, g in conv.groupby("preset"):

@@ -14,7 +14,7 @@ import os
 from dataclasses import fields as _fields
 
 from llmopt.config import TrainConfig
-from llmopt.metrics import RunMetrics
+from llmopt.run_metrics import RunMetrics
 
 # The config part of a row: every TrainConfig field, in the dataclass's order (so a new flag is a new column
 # with no edit here), then the two the config derives. Read as text when the field is a string or a switch.
@@ -38,7 +38,7 @@ RESULT_COLUMNS = [
     "fp16_skipped_steps", "energy_j_per_token", "gpu_util_mean", "gpu_power_w_mean",
     "startup_s", "build_s", "memory_step_s", "added_as_baseline", "phase", "wall_s",
 ]
-# Scalars of a run's metrics (llmopt.metrics.RunMetrics, the fields marked with a row) copied into its row
+# Scalars of a run's metrics (llmopt.run_metrics.RunMetrics, the fields marked with a row) copied into its row
 # unchanged: RUN_ for every run that produced metrics (a diverged run included), OK_ for finished ones. The
 # rest of a row is the config, the harness's own columns and what build_row derives.
 RUN_METRIC_COLUMNS = RunMetrics.columns("run")

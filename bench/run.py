@@ -26,7 +26,7 @@ from bench.hardware import environment, peak_seconds, row_peak, write_json
 from bench.matrix import NAMED, MatrixError, baseline_of, config_id, expand, parse_filter, rank_budget
 from bench.results import OK_METRIC_COLUMNS, RUN_METRIC_COLUMNS, STATUSES, ResultFiles, prediction_columns
 from llmopt.config import TrainConfig
-from llmopt.metrics import RunMetrics
+from llmopt.run_metrics import RunMetrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(REPO, "results", "runs")

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmopt.shapes import GPTConfig
+from llmopt.shapes import GPTConfig, param_count
 
 
 class CausalSelfAttention(nn.Module):
@@ -264,23 +264,6 @@ def stage_layers(n_layer: int, n_stages: int, stage: int) -> range:
     base, extra = divmod(n_layer, n_stages)
     start = stage * base + min(stage, extra)
     return range(start, start + base + (stage < extra))
-
-
-def param_count(cfg: GPTConfig, non_embedding: bool = False) -> int:
-    C, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
-    per_block = (2 * 2 * C) + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)
-    n = L * per_block + 2 * C  # blocks + ln_f
-    if not non_embedding:
-        n += V * C + cfg.block_size * C
-    return n
-
-
-def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
-    """Training FLOPs per token, the PaLM convention (Chowdhery et al. 2022, appendix B):
-    6N + 12·L·H·Q·T, where N is the non-embedding parameter count plus the output head (V·C: the tied head
-    is a real matmul), L layers, H heads, Q head size and T the sequence length. Forward is a third."""
-    N = param_count(cfg, non_embedding=True) + cfg.vocab_size * cfg.n_embd
-    return 6 * N + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
 
 # ---------------------------------------------------------------------- Hugging Face interop

@@ -23,7 +23,6 @@ from llmopt.faults import maybe_fail
 from llmopt.launch import LAUNCH_T0_ENV, under_launcher
 from llmopt.metrics import (
     EnergyMeter,
-    RunMetrics,
     StepTimer,
     measured_steps,
     peak_memory_bytes,
@@ -31,6 +30,7 @@ from llmopt.metrics import (
     percentile,
     reset_peak_memory,
 )
+from llmopt.run_metrics import RunMetrics
 
 # Exit codes the harness maps to row statuses (2 is a user error, 1 any other failure).
 EXIT_DIVERGED = 3
@@ -214,7 +214,7 @@ def summarize(state, t: Timed, breakdown: dict | None, memory_step_s: float | No
     """The run's figures from what the loop saw on every rank (collective: each rank's peak memory, breakdown
     and energy are gathered)."""
     from llmopt.memory import predict_memory
-    from llmopt.model import flops_per_token, param_count
+    from llmopt.shapes import flops_per_token, param_count
 
     cfg, device = state.cfg, state.device
     peak, kind = t.peak, "cuda_allocator" if device.type == "cuda" else "process_rss"
@@ -254,7 +254,7 @@ def summarize(state, t: Timed, breakdown: dict | None, memory_step_s: float | No
 
 # ------------------------------------------------------------------------------------------- the lines
 def header_line(state) -> str:
-    from llmopt.model import param_count
+    from llmopt.shapes import param_count
 
     cfg = state.cfg
     return (f"llmopt: {cfg.preset} ({param_count(cfg.model_config):,} params) on {state.device.type} x{cfg.world_size} "

@@ -1,6 +1,7 @@
-"""A model's shape (``GPTConfig``) and the named ones (``PRESETS``), apart from the model so that what only
-reads shapes (the config and its checks, the command lines' errors, the advisor, a job's wrapper) needs no
-torch: a mistake in a flag is reported before torch would have finished importing."""
+"""A model's shape (``GPTConfig``), the named ones (``PRESETS``) and the arithmetic on a shape (parameters,
+FLOPs per token), apart from the model so that what only reads shapes (the config and its checks, the command
+lines' errors, the advisor's cost model, the harness's report) needs no torch: a mistake in a flag is reported
+before torch would have finished importing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,3 +35,20 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280, vocab_size=50257, block_size=1024),
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, block_size=1024),
 }
+
+
+def param_count(cfg: GPTConfig, non_embedding: bool = False) -> int:
+    C, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    per_block = (2 * 2 * C) + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)
+    n = L * per_block + 2 * C  # blocks + ln_f
+    if not non_embedding:
+        n += V * C + cfg.block_size * C
+    return n
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token, the PaLM convention (Chowdhery et al. 2022, appendix B):
+    6N + 12·L·H·Q·T, where N is the non-embedding parameter count plus the output head (V·C: the tied head
+    is a real matmul), L layers, H heads, Q head size and T the sequence length. Forward is a third."""
+    N = param_count(cfg, non_embedding=True) + cfg.vocab_size * cfg.n_embd
+    return 6 * N + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len

@@ -283,7 +283,7 @@ def test_a_dtype_the_cpu_emulates_is_not_measured(monkeypatch, native):
     measured = []
     monkeypatch.setattr(llmopt.cpu, "cpu_has_native", lambda p: native or p == "fp32")
     monkeypatch.setattr(hardware, "measure_matmul_peak",
-                        lambda device, dtype, shapes, seconds: measured.append(dtype) or 1e9)
+                        lambda device, dtype, shapes, seconds, threads: measured.append(dtype) or 1e9)
     value, source = hardware.peak_flops("cpu", "fp16", {}, 64, 256, 128)
     assert value == 1e9 and measured == (["fp16", "fp32"] if native else ["fp32"])
     assert ("emulated" in source) == (not native), source

@@ -95,6 +95,28 @@ def test_a_jobs_wrapper_starts_without_torch():
     assert r.returncode == 0 and r.stdout.strip() == b"False", (r.stdout, r.stderr[-2000:])
 
 
+def test_a_slurm_jobs_peak_from_its_nodes_cache_imports_no_torch(tmp_path):
+    """After its config, a SLURM job states the row's peak FLOP/s: measured by the node's first job, read from the
+    node's cache by the others, which then end without importing torch."""
+    import json
+
+    from bench.hardware import measure_node_peak
+    from llmopt.run_metrics import RunMetrics
+
+    entry = {"config": {"preset": "tiny", "device": "cpu", "global_batch": 4, "seq_len": 16}}
+    metrics = RunMetrics(config={"device": "cpu", "pp_microbatches": 1}, losses=[], flops_per_token=1.0)
+    cache = str(tmp_path / "peak_flops" / "node.json")
+    measure_node_peak(entry, metrics, str(tmp_path / "first.json"), cache)  # the node's first job measures
+    code = ("import json, sys\nfrom bench.hardware import measure_node_peak\n"
+            "from llmopt.run_metrics import RunMetrics\nm = RunMetrics(**json.loads(sys.argv[1]))\n"
+            "measure_node_peak(json.loads(sys.argv[2]), m, sys.argv[3], sys.argv[4])\nprint('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(metrics.__dict__), json.dumps(entry),
+                        str(tmp_path / "later.json"), cache], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", (r.stdout, r.stderr[-2000:])
+    first, later = (json.loads((tmp_path / f"{n}.json.peak").read_text()) for n in ("first", "later"))
+    assert later == first and first[1].startswith("measured:cpu"), (first, later)
+
+
 @pytest.mark.parametrize("argv", [["--lr", "nan"], ["--tp", "3"], ["--data", "no-such-file"],
                                   ["--optimizer", "lamb", "--optimizer-impl", "foreach"]])
 def test_a_mistake_in_the_flags_is_refused_before_torch_is_imported(argv):

@@ -14,7 +14,7 @@ import torch
 from bench.hardware import peak_flops
 from llmopt.config import TrainConfig, validate
 from llmopt.metrics import mfu, tracked_memory_step
-from llmopt.model import flops_per_token
+from llmopt.shapes import flops_per_token
 from llmopt.step import build, train_step
 
 SHAPE = dict(preset="tiny", global_batch=8, seq_len=64)
