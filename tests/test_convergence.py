@@ -271,7 +271,9 @@ def _toy_convergence(monkeypatch):
 def test_convergence_matrix_end_to_end_and_a_resumed_sweep_adds_the_same_runs(tmp_path, monkeypatch, capsys):
     """Grid, widening, ladder, precision and layout phases from the rows, and the report's section; then the
     same sweep as if killed after its first rows and resumed: it plans exactly the same configs (seeds and
-    follow-ups included) and ends with the same rows."""
+    follow-ups included) and ends with the same rows. Two configs run at a time (--jobs 2, a core each): each
+    config computes as one thread alone, so the rows still match to the bit, and each phase's follow-ups are
+    planned only once the rows they read are in."""
     import csv
     import json
     import shutil
@@ -280,7 +282,7 @@ def test_convergence_matrix_end_to_end_and_a_resumed_sweep_adds_the_same_runs(tm
 
     _toy_convergence(monkeypatch)
     out = tmp_path / "out"
-    assert main(["--matrix", "convergence", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["--matrix", "convergence", "--device", "cpu", "--out", str(out), "--jobs", "2"]) == 0
     plan = json.loads((out / "plan.json").read_text())["plan"]
     phases = [e["phase"] for e in plan]
     assert phases[:4] == ["grid"] * 4 and phases.count("ladder") == 2 * 5 and phases.count("layouts") == 1
@@ -304,7 +306,7 @@ def test_convergence_matrix_end_to_end_and_a_resumed_sweep_adds_the_same_runs(tm
         w.writeheader()
         w.writerows(r for r in rows if r["config_id"] in keep)
     capsys.readouterr()
-    assert main(["--resume", "--out", str(cut)]) == 0
+    assert main(["--resume", "--out", str(cut), "--jobs", "2"]) == 0
     resumed = json.loads((cut / "plan.json").read_text())["plan"]
     assert [(e["config_id"], e["phase"], e["config"]["seed"]) for e in resumed] == \
            [(e["config_id"], e["phase"], e["config"]["seed"]) for e in plan]
