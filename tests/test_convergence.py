@@ -272,8 +272,7 @@ def test_convergence_matrix_end_to_end_and_a_resumed_sweep_adds_the_same_runs(tm
     """Grid, widening, ladder, precision and layout phases from the rows, and the report's section; then the
     same sweep as if killed after its first rows and resumed: it plans exactly the same configs (seeds and
     follow-ups included) and ends with the same rows. Two configs run at a time (--jobs 2, a core each): each
-    config computes as one thread alone, so the rows still match to the bit, and each phase's follow-ups are
-    planned only once the rows they read are in."""
+    config computes as one thread alone, so the rows still match to the bit."""
     import csv
     import json
     import shutil
