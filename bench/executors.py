@@ -319,11 +319,15 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-def start_launcher():
-    """The sweep's pre-imported launcher: a forkserver that has imported what a config's ranks need."""
-    import multiprocessing
+# The sweep's PID, for its launcher (bench.launcher_init) to die with it. Here, not there: importing
+# bench.launcher_init imports what every rank needs, which the sweep's own process never should.
+SWEEP_PID_ENV = "LLMOPT_SWEEP_PID"
 
-    from bench.launcher_init import SWEEP_PID_ENV
+
+def start_launcher():
+    """The sweep's pre-imported launcher: a forkserver that has imported what a config's ranks need. It returns
+    at once; the launcher's imports go on beside this process until its first config is started."""
+    import multiprocessing
 
     os.environ[SWEEP_PID_ENV] = str(os.getpid())  # read by bench.launcher_init in the forkserver
     ctx = multiprocessing.get_context("forkserver")

@@ -8,9 +8,8 @@ forkserver) would run on. Here the forkserver asks Linux to SIGKILL it when the 
 """
 import os
 
+from bench.executors import SWEEP_PID_ENV
 from llmopt.launch import die_with_parent, preload
-
-SWEEP_PID_ENV = "LLMOPT_SWEEP_PID"
 
 _sweep = os.environ.get(SWEEP_PID_ENV)
 if _sweep and _sweep == str(os.getppid()):  # only in the forkserver the sweep itself started

@@ -372,6 +372,10 @@ def _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup, pool
 
     if saved is None:
         save_plan()
+        if pool.jobs == 1:
+            # the launcher imports what a config needs while this process imports torch for the environment
+            # (one core each); with several jobs the peaks are measured first, with nothing beside them
+            pool.ready()
         write_json(os.path.join(out, "env.json"), environment(argv))
         if not args.out:
             _point_latest(out)
