@@ -118,14 +118,14 @@ def test_submitit_local_runs_configs_and_times_one_out_leaving_nothing(tmp_path)
     """The SLURM path through submitit's local executor: a single-process config and a 2-rank data-parallel one
     with the schema's columns and figures (the smoke matrix's layouts, tensor parallel included, run through the
     same SubmititJob on a real SLURM in tests/test_slurm.py), and a config hanging past --timeout: a timeout
-    row, and no process left."""
+    row, and no process left. Two jobs at a time (--jobs 2: a core each), so the others run while it hangs."""
     pytest.importorskip("submitit")
     m = tmp_path / "m.toml"
     m.write_text("[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n[[config]]\nseed = 0\n[[config]]\ndp = 2\n"
                  "[[config]]\nseed = 1\n")
     token = uuid.uuid4().hex
     r = bench("--matrix", str(m), "--out", str(tmp_path / "o"), "--executor", "submitit-local", "--timeout", "8",
-              env={"LLMOPT_FAIL_AT": "0:1:hang:1", "LLMOPT_TEST_TOKEN": token})
+              "--jobs", "2", env={"LLMOPT_FAIL_AT": "0:1:hang:1", "LLMOPT_TEST_TOKEN": token})
     assert r.returncode == 1, r.stderr[-3000:]  # the timeout: the sweep says so
     with open(tmp_path / "o" / "results.csv") as f:
         assert next(csv.reader(f)) == RESULT_COLUMNS
