@@ -19,6 +19,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from layouts import rank_setup
 from llmopt import cli
 from llmopt.config import TrainConfig, validate
 from llmopt.launch import launch
@@ -73,8 +74,7 @@ def run(cfg: TrainConfig, evals: bool = True) -> dict:
 
 
 def ranks(argv: list[str]) -> int:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    rank_setup()
     out_dir, pairs = argv[0], argv[1:]
     evaluated = set()
     for pair in pairs:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
+from layouts import rank_setup
 from llmopt import cli
 from llmopt.launch import launch
 from llmopt.optim import MUON_ADJUST_LR, ShardedAdafactor, ShardedMuon
@@ -62,8 +63,7 @@ def steps(name: str, weights, grads, placements=None, mesh=None) -> list[torch.T
 
 
 def ranks(argv: list[str]) -> int:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    rank_setup()
     world = dist.get_world_size()
     weights, grads = whole_tensors(0)
     meshes = {"Shard(0)": (init_device_mesh("cpu", (world,)), [Shard(0)]),
