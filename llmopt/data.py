@@ -19,6 +19,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
+
 SPLITS = ("train", "val")
 _MASK = (1 << 64) - 1
 

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # torch is first imported here, after every check: a mistake is reported before its import would end
+    # the run, and with it torch, is imported only now: a mistake in the flags never waits for that import
     from llmopt.runner import EXIT_OOM, RunOptions, run
 
     if cfg.world_size > 1 and not under_launcher():

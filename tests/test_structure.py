@@ -100,13 +100,19 @@ def test_a_slurm_jobs_peak_from_its_nodes_cache_imports_no_torch(tmp_path):
     node's cache by the others, which then end without importing torch."""
     import json
 
+    import torch
+
     from bench.hardware import measure_node_peak
     from llmopt.run_metrics import RunMetrics
 
     entry = {"config": {"preset": "tiny", "device": "cpu", "global_batch": 4, "seq_len": 16}}
     metrics = RunMetrics(config={"device": "cpu", "pp_microbatches": 1}, losses=[], flops_per_token=1.0)
     cache = str(tmp_path / "peak_flops" / "node.json")
-    measure_node_peak(entry, metrics, str(tmp_path / "first.json"), cache)  # the node's first job measures
+    threads = torch.get_num_threads()
+    try:  # the node's first job measures, with every core it has (restored after: this is the test's process)
+        measure_node_peak(entry, metrics, str(tmp_path / "first.json"), cache)
+    finally:
+        torch.set_num_threads(threads)
     code = ("import json, sys\nfrom bench.hardware import measure_node_peak\n"
             "from llmopt.run_metrics import RunMetrics\nm = RunMetrics(**json.loads(sys.argv[1]))\n"
             "measure_node_peak(json.loads(sys.argv[2]), m, sys.argv[3], sys.argv[4])\nprint('torch' in sys.modules)")
