@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -28,6 +29,7 @@ from bench.job import read_metrics, run_in_job
 from llmopt.config import TrainConfig
 from llmopt.launch import LAUNCH_T0_ENV
 from llmopt.run_metrics import RunMetrics
+from llmopt.safe_files import open_file
 
 EXECUTORS = ("local", "submitit-local", "slurm")
 SLURM_IN_FLIGHT = 256  # --jobs auto under slurm: the scheduler queues; this bounds what one sweep submits
@@ -215,7 +217,7 @@ class _Job:
         self.argv = config_argv(entry, self.metrics_path, warmup)
         self.env = config_env(entry["config"], slot)
         self.env[LAUNCH_T0_ENV] = repr(time.time())  # start-up is measured from here (llmopt.runner)
-        with open(self.log_path, "w") as log:
+        with open_file(self.log_path, "w") as log:
             log.write("$ llmopt.train " + " ".join(self.argv) + "\n")
         self.t0 = time.monotonic()
 
@@ -278,7 +280,7 @@ def config_process(argv: list[str], env: dict, log_path: str, cwd: str, cpus) ->
         os.environ.update(env)
         if cpus:
             os.sched_setaffinity(0, cpus)
-        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
@@ -464,14 +466,14 @@ class SubmititJob(_Job):
                 os.remove(path)
         # on SLURM the job measures its node's peak FLOP/s for MFU (a CPU node; a GPU's is the datasheet's)
         sweep_dir = os.path.dirname(os.path.dirname(self.metrics_path))
-        peak_cache = os.path.join(sweep_dir, "peak_flops", "{node}.json") if queue is not None else None
+        peak_cache = os.path.join(sweep_dir, "peak_flops") if queue is not None else None
         env = _job_env(self.env)
         if queue is not None:
             env.pop("OMP_NUM_THREADS", None)  # sized on the node, from the cores SLURM gave the job (run_in_job)
         self.job = executor.submit(run_in_job, self.argv, env, self.log_path, os.getcwd(), sweep_pid,
                                    nproc_per_node, self.cancel_path, self.entry, peak_cache)
         self.job_id = str(self.job.job_id)
-        with open(self.log_path, "a") as log:
+        with open_file(self.log_path, "a") as log:
             log.write(f"# submitit job {self.job_id} ({type(executor).__name__})\n")
         self.run_t0: float | None = None  # when this sweep first saw the job's start file
         self.ended_t: float | None = None  # when the scheduler first said the job had ended
@@ -523,7 +525,7 @@ class SubmititJob(_Job):
         said = ("left the queue with no exit code (no accounting to say how)" if state == "GONE"
                 else f"ended {state}")
         reason = f"job {self.job_id} {said}" + (f": {why}" if why else "")
-        with open(self.log_path, "a") as log:
+        with open_file(self.log_path, "a") as log:
             log.write(f"# {reason}\n")
         return outcome_of(rc, False, self.timeout, self.metrics_path, self.log_path, wall, reason)
 
@@ -539,7 +541,7 @@ class SubmititJob(_Job):
         controller is lost when the sweep was started with SIGINT ignored); then the scheduler's cancel, and a
         wait until the job runs no more (a timed-out config's processes are gone before the next one starts;
         a Ctrl-C leaves no job in squeue)."""
-        with open(self.cancel_path, "w"):
+        with open_file(self.cancel_path, "w"):
             pass
         try:
             if self.queue is not None:  # SLURM: scancel, bounded (submitit's cancel waits on it without a limit)
@@ -694,19 +696,43 @@ class Pool:
         ranks_per_node = world_size(entry["config"]) // params.get("nodes", 1)
         job = SubmititJob(self._submitit, self.queue, os.getpid() if self.executor == "submitit-local" else None,
                           ranks_per_node, *args)
-        with open(self.jobs_file, "a") as f:  # what a resume after a SIGKILLed sweep must cancel
+        with open_file(self.jobs_file, "a") as f:  # what a resume after a SIGKILLed sweep must cancel
             f.write(json.dumps({"config_id": entry["config_id"], "job_id": str(job.job.job_id)}) + "\n")
         return job
+
+
+# A SLURM job id as squeue and scancel print it: a number, an array task (123_4) or a heterogeneous part
+# (123+0). Anything else read back from jobs.jsonl is refused before it can reach scancel as an option.
+SLURM_JOB_ID_RE = re.compile(r"[0-9]+(_[0-9]+)?(\+[0-9]+)?")
+
+
+def read_jobs_file(jobs_file: str) -> list[str]:
+    """The job ids a sweep's ``submitit/jobs.jsonl`` lists (none when there is no file), each checked to be a
+    SLURM job id: the file may come from someone else, and ``--name=victim`` would cancel another job."""
+    if not os.path.exists(jobs_file):
+        return []
+    ids = []
+    with open(jobs_file, errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                job_id = json.loads(line)["job_id"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ExecutorError(f"{jobs_file}, line {n}: not a job record ({e}); remove the line (or the file, "
+                                    f"after cancelling its jobs yourself) and --resume again") from None
+            if not isinstance(job_id, str) or not SLURM_JOB_ID_RE.fullmatch(job_id):
+                raise ExecutorError(f"{jobs_file}, line {n}: job_id {job_id!r} is not a SLURM job id; remove the "
+                                    f"line and --resume again")
+            ids.append(job_id)
+    return ids
 
 
 def cancel_leftovers(jobs_file: str, wait_s: float = 120.0) -> None:
     """SLURM jobs an earlier, killed run of this sweep left queued or running: cancelled, and waited for until
     squeue shows them ended, before the resume submits their configs again (one still running would write its
     metrics over the new attempt's)."""
-    if not os.path.exists(jobs_file):
-        return
-    with open(jobs_file) as f:
-        ids = [json.loads(line)["job_id"] for line in f if line.strip()]
+    ids = read_jobs_file(jobs_file)
     if ids:  # scancel ignores jobs that have ended
         slurm_call(["scancel", *ids])
         print(f"bench: scancel sent for the {len(ids)} job(s) an earlier run of this sweep submitted", flush=True)
@@ -720,4 +746,5 @@ def cancel_leftovers(jobs_file: str, wait_s: float = 120.0) -> None:
         if left:
             print(f"bench: job(s) {', '.join(sorted(left))} still not ended {wait_s:.0f} s after scancel; their "
                   f"configs run again regardless", file=sys.stderr, flush=True)
-    os.remove(jobs_file)
+    if os.path.exists(jobs_file):
+        os.remove(jobs_file)

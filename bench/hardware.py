@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from llmopt.cpu import NATIVE_BF16_FLAGS, cpu_flags, cpu_model  # noqa: F401 (re-exported for the report)
+from llmopt.safe_files import makedirs, write_json
 
 if TYPE_CHECKING:
     from llmopt.run_metrics import RunMetrics
@@ -204,24 +205,11 @@ def environment(argv: list[str]) -> dict:
     return env
 
 
-def write_json(path: str, obj) -> None:
-    """Atomically (a temporary file renamed into place); a failed write (a full disk) leaves no .tmp behind."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def measure_node_peak(entry: dict, metrics: RunMetrics, metrics_path: str, cache_path: str) -> None:
     """In a SLURM job, after its config (``bench.job``): this node's peak FLOP/s for the config (``row_peak``, as
     a local sweep takes it, from the config's ``metrics``), written beside them; measurements kept per node in
     ``cache_path`` for the sweep's later jobs."""
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+    makedirs(os.path.dirname(cache_path))
     try:
         with open(cache_path) as f:
             cache = dict(json.load(f))

@@ -12,6 +12,7 @@ import time
 
 from llmopt.launch import LAUNCH_T0_ENV, die_with_parent
 from llmopt.run_metrics import RunMetrics
+from llmopt.safe_files import open_file
 
 
 def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: int | None,
@@ -20,8 +21,9 @@ def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: i
     """Inside a submitit job: mark the start, run the config with its output into the config's log, write its
     exit code, and return it. It stops when ``cancel_path`` appears (the sweep cancelled it) or, with
     ``sweep_pid`` (submitit-local), when the sweep is gone, as a local config does. With ``peak_cache`` (SLURM:
-    ``{node}`` in it is this node's name) the peak FLOP/s the row's MFU is stated against is taken here, on
-    the node the config ran on, once per node and dtype for the whole sweep."""
+    a directory holding ``<node>.json`` per node; the sweep's path is never a format string, so braces in
+    ``--out`` are plain characters) the peak FLOP/s the row's MFU is stated against is taken here, on the node
+    the config ran on, once per node and dtype for the whole sweep."""
     import socket
     import subprocess
     import threading
@@ -33,7 +35,7 @@ def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: i
     first = job_env.global_rank == 0  # across nodes, the first node's task speaks for the job
     t_start = time.time()
     if first:
-        with open(metrics_path + ".started", "w") as f:
+        with open_file(metrics_path + ".started") as f:
             f.write(f"{socket.gethostname()} {t_start}\n")
     cmd = [sys.executable, "-m", "llmopt.train", *argv]
     if job_env.num_nodes > 1:
@@ -46,7 +48,7 @@ def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: i
     env[LAUNCH_T0_ENV] = repr(t_start)
     if peak_cache:  # SLURM: this node's cores (the job's allocation) split between its ranks, as locally
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc_per_node))
-    with open(log_path, "a") as log:
+    with open_file(log_path, "a") as log:
         log.write(f"# job {job_env.job_id} running on {socket.gethostname()}, OMP_NUM_THREADS="
                   f"{env.get('OMP_NUM_THREADS', '(unset)')}\n")
         log.flush()
@@ -78,8 +80,9 @@ def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: i
             if metrics is not None:
                 from bench.hardware import measure_node_peak  # SLURM only; torch only for a measurement
 
-                measure_node_peak(entry, metrics, metrics_path, peak_cache.format(node=socket.gethostname()))
-        with open(metrics_path + ".rc", "w") as f:  # last: the sweep takes the job as ended once this exists
+                measure_node_peak(entry, metrics, metrics_path,
+                                  os.path.join(peak_cache, f"{socket.gethostname()}.json"))
+        with open_file(metrics_path + ".rc") as f:  # last: the sweep takes the job as ended once this exists
             f.write(f"{rc}\n")
     gc.freeze()  # the job's process exits next: as llmopt.cli.exit, its shutdown skips what the peak imported
     return rc

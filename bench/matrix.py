@@ -284,6 +284,44 @@ def slurm_table(path: str) -> dict:
     return {k: ({str(a): str(b) for a, b in v.items()} if k == "options" else v) for k, v in table.items()}
 
 
+# sbatch options a sweep may add (``--slurm-option`` or the [slurm] table's ``options``): those that ask the
+# scheduler for resources, placement, priority or mail, and nothing else. Left out on purpose: options that
+# run or load something (wrap, export, export-file, get-user-env, bbf, container), move the job's files or
+# identity (chdir, output, error, input, open-mode, uid, gid), and what llmopt or submitit already sets.
+SBATCH_OPTIONS = frozenset("""
+acctg-freq begin cluster-constraint clusters comment constraint contiguous core-spec cores-per-socket cpu-freq
+cpus-per-gpu deadline delay-boot dependency distribution exclude extra-node-info gpu-bind gpu-freq gpus
+gpus-per-socket gpus-per-task gres gres-flags hint kill-on-invalid-dep licenses mail-type mail-user mcs-label mem
+mem-bind mem-per-cpu mem-per-gpu mincpus network nice no-requeue nodelist ntasks-per-core ntasks-per-gpu
+ntasks-per-socket overcommit oversubscribe power priority profile qos requeue reservation sockets-per-node
+spread-job switches thread-spec threads-per-core time-min tmp use-min-nodes wait-all-nodes
+""".split())
+# Options llmopt or submitit sets for every job: the flag to use instead, or why it is llmopt's own.
+SBATCH_SET = {"partition": "--slurm-partition", "account": "--slurm-account", "cpus-per-task": "--cpus-per-node",
+              "gpus-per-node": "--gpus-per-node", "exclusive": "--slurm-share (off: each job has its nodes)",
+              "time": "--timeout (the job's limit is set above it)", "nodes": "the config's world size",
+              "ntasks-per-node": "llmopt (one task per node; the launcher starts the ranks)",
+              "job-name": "submitit", "output": "submitit", "error": "submitit", "open-mode": "submitit",
+              "signal": "llmopt (the checkpoint signal before the limit)", "wckey": "submitit"}
+
+
+def check_slurm_options(options: dict, where: str) -> dict:
+    """sbatch options from a user or a file someone handed them: each key an sbatch option this harness lets a
+    sweep set (``SBATCH_OPTIONS``), each value one printable line. A key that would become a line of its own in
+    the job's script, or an option that runs something, is refused, never rewritten."""
+    for key, value in options.items():
+        key, value = str(key), str(value)
+        if key in SBATCH_SET:
+            raise MatrixError(f"{where}: {key} is set by llmopt for every job; use {SBATCH_SET[key]} instead")
+        if key not in SBATCH_OPTIONS:
+            shown = key if key.isprintable() else repr(key)
+            raise MatrixError(f"{where}: {shown!r} is not an sbatch option a sweep may set; use one of "
+                              f"{', '.join(sorted(SBATCH_OPTIONS))} (without the leading --)")
+        if not value.isprintable() or len(value) > 1000:
+            raise MatrixError(f"{where}: the value of {key} must be one line of printable text, got {value!r}")
+    return {str(k): str(v) for k, v in options.items()}
+
+
 def parse_filter(text: str | None) -> dict:
     if not text:
         return {}
@@ -394,6 +432,50 @@ def expand(matrix: str, device: str, max_ranks: int, steps: int | None = None,
     ids = {config_id(baseline_of(e["config"])) for e in plan}
     plan.sort(key=lambda e: e["config_id"] not in ids)
     return plan
+
+
+# What a config id may hold (``config_id``: the layout's words, numbers, a hash): it names the config's log and
+# metrics files, so one read from a plan.json someone handed us must not climb out of the sweep's directory.
+CONFIG_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,200}")
+PLAN_ENTRY_KEYS = {"config_id", "config", "skipped", "added_as_baseline", "phase", "compare_with_baseline"}
+
+
+def check_plan(saved, path: str) -> None:
+    """A plan.json read back for ``--resume``, refused (``MatrixError`` naming the file and the entry) unless
+    every entry is what ``expand`` writes: known keys, a config of ``TrainConfig``'s fields, and the id that
+    config has (recomputed, so a planted ``../../x`` or another config's id cannot pass)."""
+    def bad(why: str):
+        return MatrixError(f"--resume: {path} is not a plan bench.run wrote ({why}); it cannot be finished, start a "
+                           f"new sweep")
+
+    if not isinstance(saved, dict) or not isinstance(saved.get("plan"), list) or not saved["plan"]:
+        raise bad("no list of configs under 'plan'")
+    if saved.get("device") not in ("cpu", "cuda") or not isinstance(saved.get("matrix"), str):
+        raise bad("'device' must be cpu or cuda and 'matrix' a name")
+    warmup = saved.get("timing_warmup", saved.get("warmup_steps"))
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise bad(f"timing_warmup {warmup!r} is not a count of steps")
+    fields = set(TrainConfig.field_names())
+    for i, entry in enumerate(saved["plan"]):
+        where = f"entry {i}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+            raise bad(f"{where} has no config table")
+        if set(entry) - PLAN_ENTRY_KEYS or not {"config_id", "skipped", "added_as_baseline"} <= set(entry):
+            raise bad(f"{where} has keys {sorted(entry)}; expected {sorted(PLAN_ENTRY_KEYS)}")
+        cid = entry["config_id"]
+        if not isinstance(cid, str) or not CONFIG_ID_RE.fullmatch(cid):
+            raise bad(f"{where}'s config_id {cid!r} is not a config id")
+        unknown = set(entry["config"]) - fields  # missing ones take their defaults (a plan from before a new flag)
+        if unknown:
+            raise bad(f"{where}'s config has fields llmopt does not have: {sorted(unknown)}")
+        try:
+            expected = config_id(entry["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad(f"{where}'s config is malformed ({e})") from None
+        if cid != expected:
+            raise bad(f"{where}'s config_id {cid!r} is not its config's ({expected})")
+        if not (entry["skipped"] is None or isinstance(entry["skipped"], str)):
+            raise bad(f"{where}'s skipped is {entry['skipped']!r}")
 
 
 def plan_entry(cfg: dict, device: str, max_ranks: int, added_as_baseline: bool = False,

@@ -12,6 +12,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from bench.matrix import layout_name  # noqa: E402
+from llmopt.safe_files import makedirs, open_file  # noqa: E402
 
 MIB = 2**20
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
@@ -19,7 +20,8 @@ CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
 
 def _save(fig, path: str) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with open_file(path, "wb") as f:  # never through a link planted in a results directory
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -250,7 +252,7 @@ def tuning_curves(conv: pd.DataFrame, lad: pd.DataFrame, target: dict, path: str
 
 def quality_plots(conv: pd.DataFrame, lad: pd.DataFrame, fs: pd.DataFrame, target: dict, sizes: dict,
                   plot_dir: str) -> dict[str, str]:
-    os.makedirs(plot_dir, exist_ok=True)
+    makedirs(plot_dir)
     out = {"End-of-budget loss vs budget, over seeds": budget_curves(lad, target,
                                                                      os.path.join(plot_dir, "budgets.png")),
            "Tuning curves": tuning_curves(conv, lad, target, os.path.join(plot_dir, "tuning.png"))}
@@ -261,7 +263,7 @@ def quality_plots(conv: pd.DataFrame, lad: pd.DataFrame, fs: pd.DataFrame, targe
 
 
 def all_plots(results: pd.DataFrame, steps: pd.DataFrame, plot_dir: str) -> dict[str, str]:
-    os.makedirs(plot_dir, exist_ok=True)
+    makedirs(plot_dir)
     ok = results[results.status == "ok"].copy()
     if ok.empty:
         return {}

@@ -1,7 +1,6 @@
 """``python -m bench.report DIR``: (re)write DIR/report.md and DIR/plots/ from DIR's CSVs alone."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -9,7 +8,8 @@ import pandas as pd
 
 from bench.hardware import NATIVE_BF16_FLAGS
 from bench.markdown import fmt, md_table
-from bench.results import DETAILS, RESULT_COLUMNS, TEXT_COLUMNS
+from bench.results import DETAILS, RESULT_COLUMNS, TEXT_COLUMNS, read_env
+from llmopt.safe_files import one_line, open_file, refuse_links
 
 MIB = 2**20
 
@@ -186,10 +186,9 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
     unreadable: dict[str, int] = {}
     results, details = load_all(out_dir, unreadable)
     steps = details["steps"]
-    env = {}
-    if os.path.exists(os.path.join(out_dir, "env.json")):
-        with open(os.path.join(out_dir, "env.json")) as f:
-            env = json.load(f)
+    # what the report quotes from env.json is shown on one line each: the file may come from someone else
+    env = {k: (one_line(v) if isinstance(v, str) else [one_line(x) for x in v] if isinstance(v, list) else v)
+           for k, v in read_env(out_dir).items()}
     plots = all_plots(results, steps, os.path.join(out_dir, "plots"))
     ok = results[results.status == "ok"].copy()
     counts = results.status.value_counts().to_dict()
@@ -254,7 +253,7 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
             L.append(f"![{title}](plots/{os.path.basename(path)})")
             L.append("")
     path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
+    with open_file(path) as f:
         f.write("\n".join(L) + "\n")
     return path
 
@@ -273,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.dir!r} holds no results.csv; pass a directory written by python -m bench.run")
         if args.memory_budget is not None and not 0 < args.memory_budget < float("inf"):
             raise ValueError(f"--memory-budget {args.memory_budget}: must be a positive number of MiB")
+        refuse_links(args.dir, "bench.report")  # before anything is written into it
         print(write_report(args.dir, args.memory_budget))
         return 0
 

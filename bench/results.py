@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import math
 import os
 from dataclasses import fields as _fields
 
 from llmopt.config import TrainConfig
 from llmopt.run_metrics import RunMetrics
+from llmopt.safe_files import open_file
 
 # The config part of a row: every TrainConfig field, in the dataclass's order (so a new flag is a new column
 # with no edit here), then the two the config derives. Read as text when the field is a string or a switch.
@@ -80,7 +83,44 @@ def row_config(row) -> "TrainConfig":
 
 
 class Unreadable(ValueError):
-    """Lines of a sweep's CSV that cannot be read; nothing was changed on disk."""
+    """Lines of a sweep's CSV (or its env.json) that cannot be read; nothing was changed on disk."""
+
+
+# env.json's fields that the harness reads back (resume, report) and the type each must have: the file may
+# come from someone else, and a string where a number goes would otherwise surface as a TypeError mid-report.
+ENV_TYPES = {"command": str, "started_utc": str, "finished_utc": str, "sweep_seconds": float, "jobs": int,
+             "concurrent_cpu": bool, "executor": str, "slurm_shared_nodes": bool, "slurm_most_per_node": int,
+             "cpu_model": str, "cpu_count": int, "gpus": list, "cpu_flags": list, "torch": str, "cuda": str,
+             "nccl": str, "git_commit": str}
+
+
+def read_env(out_dir: str) -> dict:
+    """A sweep's env.json ({} when there is none), each field the harness reads checked for its type."""
+    path = os.path.join(out_dir, "env.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            env = json.load(f)
+    except (OSError, ValueError) as e:
+        raise Unreadable(f"{path} is not readable JSON ({e}); restore it from the sweep's copy, or delete it "
+                         f"(the report then leaves the machine out)") from None
+    if not isinstance(env, dict):
+        raise Unreadable(f"{path} holds a {type(env).__name__}, not an object; restore or delete it")
+    for key, kind in ENV_TYPES.items():
+        value = env.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if kind in (int, float) and ok:
+            ok = value >= 0
+        if not ok:
+            raise Unreadable(f"{path}: {key} is {value!r}, not a{'n' if kind is int else ''} "
+                             f"{'non-negative ' if kind in (int, float) else ''}{kind.__name__}; fix or delete "
+                             f"that key")
+    return env
 
 
 def _read(path: str) -> tuple[list[str], list[dict], list[list[str]]]:
@@ -164,7 +204,7 @@ class ResultFiles:
                 raise Unreadable(f"{path}: {len(bad)} line(s) have a field count other than the header's "
                                  f"{len(header)} (the first has {len(bad[0])}); nothing was changed. Fix the file, "
                                  f"or add --repair to move them to {os.path.basename(path)}.rejected and continue")
-            with open(path + ".rejected", "a", newline="") as f:
+            with open_file(path + ".rejected", "a", newline="") as f:
                 csv.writer(f).writerows(bad)
                 f.flush()
                 os.fsync(f.fileno())
@@ -180,7 +220,7 @@ class ResultFiles:
     def _rewrite(path: str, columns: list[str], rows: list[dict]) -> None:
         tmp = path + ".tmp"
         try:
-            with open(tmp, "w", newline="") as f:
+            with open_file(tmp, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=columns)
                 w.writeheader()
                 w.writerows({k: row.get(k, "") for k in columns} for row in rows)
@@ -188,7 +228,7 @@ class ResultFiles:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except OSError:
-            if os.path.exists(tmp):
+            if os.path.exists(tmp) and not os.path.islink(tmp):
                 os.remove(tmp)  # a full disk leaves the original file, never a .tmp beside it
             raise
 
@@ -198,7 +238,7 @@ class ResultFiles:
         w = csv.DictWriter(buf, fieldnames=columns, extrasaction="raise")
         for row in rows:
             w.writerow({k: _fmt(row.get(k)) for k in columns})
-        with open(path, "a", newline="") as f:
+        with open_file(path, "a", newline="") as f:
             f.write(buf.getvalue())  # one write per config
             f.flush()
             os.fsync(f.fileno())

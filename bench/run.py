@@ -22,11 +22,30 @@ import time
 from dataclasses import dataclass
 
 from bench.executors import EXECUTORS, ExecutorError, Outcome, Pool, signals_held, world_size
-from bench.hardware import environment, peak_seconds, row_peak, write_json
-from bench.matrix import NAMED, MatrixError, baseline_of, config_id, expand, parse_filter, rank_budget
-from bench.results import OK_METRIC_COLUMNS, RUN_METRIC_COLUMNS, STATUSES, ResultFiles, prediction_columns
+from bench.hardware import environment, peak_seconds, row_peak
+from bench.matrix import (
+    NAMED,
+    MatrixError,
+    baseline_of,
+    check_plan,
+    check_slurm_options,
+    config_id,
+    expand,
+    parse_filter,
+    rank_budget,
+)
+from bench.results import (
+    OK_METRIC_COLUMNS,
+    RUN_METRIC_COLUMNS,
+    STATUSES,
+    ResultFiles,
+    Unreadable,
+    prediction_columns,
+    read_env,
+)
 from llmopt.config import TrainConfig
 from llmopt.run_metrics import RunMetrics
+from llmopt.safe_files import UnsafePath, makedirs, open_file, refuse_links, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(REPO, "results", "runs")
@@ -200,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     remove_dead_launcher_dirs()
     try:
         return sweep(args, argv)
-    except (MatrixError, ExecutorError) as e:
+    except (MatrixError, ExecutorError, Unreadable, UnsafePath) as e:
         return cli.error(str(e))
     except OSError as e:  # a full disk or a vanished directory while writing the sweep's own files
         return cli.error(f"cannot write the sweep's files ({e}); free space or fix the directory, then --resume")
@@ -216,13 +235,14 @@ def _resolve_out(args) -> tuple[str, dict | None]:
         plan_path = os.path.join(out, "plan.json")
         if not os.path.exists(plan_path):
             raise MatrixError(f"--resume: {out!r} holds no sweep (no plan.json); pass the --out of the sweep to finish")
+        refuse_links(out, "--resume")
         try:
             with open(plan_path) as f:
                 saved = json.load(f)
-            saved["plan"], saved["device"], saved["matrix"]
-        except (ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError) as e:
             raise MatrixError(f"--resume: {plan_path} is corrupt ({e}); it cannot be finished, start a new "
                               f"sweep") from None
+        check_plan(saved, plan_path)
         return os.path.realpath(out), saved
     if args.out:
         out = os.path.abspath(args.out)
@@ -231,6 +251,7 @@ def _resolve_out(args) -> tuple[str, dict | None]:
         if os.path.exists(os.path.join(out, "results.csv")):
             raise MatrixError(f"--out {args.out!r} already holds results; add --resume to finish it or pick a "
                               f"new --out")
+        refuse_links(out, "--out")
     else:
         name = os.path.splitext(os.path.basename(args.matrix or "default"))[0]
         out = os.path.join(RUNS, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{name}")
@@ -289,7 +310,7 @@ def _lock(out: str):
     """One writer per sweep directory: an advisory lock held for the whole sweep (resumes included)."""
     import fcntl
 
-    f = open(os.path.join(out, ".lock"), "a+")
+    f = open_file(os.path.join(out, ".lock"), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -324,7 +345,10 @@ def _slurm_settings(args, matrix: str) -> dict:
         if not sep or not key:
             raise MatrixError(f"--slurm-option {opt!r}: use KEY=VALUE, e.g. --slurm-option constraint=h100")
         options[key] = value
-    settings["options"] = options
+    settings["options"] = check_slurm_options(options, "--slurm-option / [slurm] options")
+    for key in ("partition", "account"):
+        if settings.get(key) is not None and not str(settings[key]).isprintable():
+            raise MatrixError(f"--slurm-{key} {settings[key]!r}: must be one line of printable text")
     if (args.executor or "local") != "slurm" and any(settings.get(k) for k in ("partition", "account", "options",
                                                                               "share")):
         if args.slurm_partition or args.slurm_account or args.slurm_option or args.slurm_share:
@@ -336,8 +360,7 @@ def _slurm_settings(args, matrix: str) -> dict:
 def _note_concurrency(out: str, pool) -> None:
     """env.json says how the figures were taken: the report warns when CPU configs ran side by side."""
     env_path = os.path.join(out, "env.json")
-    with open(env_path) as f:
-        env = json.load(f)
+    env = read_env(out)
     env.update(executor=pool.executor, jobs=max(pool.jobs, env.get("jobs", 1)),  # over resumes: any concurrency
                concurrent_cpu=pool.concurrent_cpu or env.get("concurrent_cpu", False))
     if pool.executor == "slurm":
@@ -358,7 +381,7 @@ def sweep(args, argv) -> int:
     # the executor's choices are checked before anything is written
     pool = Pool(args.executor or "local", args.jobs, device, out, args.timeout, warmup, _slurm_settings(args, matrix))
     for sub in ("logs", "metrics"):
-        os.makedirs(os.path.join(out, sub), exist_ok=True)
+        makedirs(os.path.join(out, sub))
     with _lock(out):  # held for the whole sweep; closing the file releases it
         return _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup, pool)
 
@@ -410,8 +433,7 @@ def _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup, pool
     finally:
         _note_concurrency(out, pool)  # again: on SLURM, how many configs were seen at once on one node
     env_path = os.path.join(out, "env.json")
-    with open(env_path) as f:
-        env = json.load(f)
+    env = read_env(out)
     env["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     env["sweep_seconds"] = env.get("sweep_seconds", 0.0) + (time.monotonic() - t_start)  # summed over resumes
     write_json(env_path, env)

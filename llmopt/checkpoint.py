@@ -17,6 +17,8 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from llmopt.safe_files import open_file
+
 SAVE_INFO = "llmopt.json"  # what llmopt adds beside the HF files: the tokenizer spec when there is no HF tokenizer
 
 
@@ -26,9 +28,34 @@ def check_save_dir(path: str, source_tokenizer: str | None = None) -> None:
     from llmopt.scratch import check_writable_dir
 
     check_writable_dir(path, "--save", may_exist=False)
-    if source_tokenizer is not None and not os.path.isdir(source_tokenizer):
-        raise ValueError(f"--save: the data's tokenizer {source_tokenizer!r} is missing (--save writes it beside the "
-                         f"model); prepare the data again, or drop --save")
+    if source_tokenizer is not None:
+        tokenizer_files(source_tokenizer)
+
+
+# What a Hugging Face tokenizer directory holds (``save_pretrained`` of a fast tokenizer, GPT-2's included): the
+# only files ``--save`` copies beside the model. A prepared data directory may come from someone else; a
+# ``model.safetensors`` or a link to a secret planted in its tokenizer/ must not end up in the saved model.
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                             "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json"})
+
+
+def tokenizer_files(tok_dir: str) -> list[str]:
+    """The tokenizer files of a prepared data directory's ``tokenizer_dir`` (sorted), refused unless it is a real
+    directory holding only regular files of ``TOKENIZER_FILES``: checked before training, so a save never
+    fails (or copies something else) after it."""
+    what = f"--save: the data's tokenizer directory {tok_dir!r}"
+    if os.path.islink(tok_dir) or not os.path.isdir(tok_dir):
+        raise ValueError(f"{what} is missing or a link (--save writes the tokenizer beside the model); prepare "
+                         f"the data again, or drop --save")
+    names = sorted(os.listdir(tok_dir))
+    for name in names:
+        full = os.path.join(tok_dir, name)
+        if name not in TOKENIZER_FILES or os.path.islink(full) or not os.path.isfile(full):
+            kind = ("a link" if os.path.islink(full) else "a directory" if os.path.isdir(full)
+                    else "not a tokenizer file")
+            raise ValueError(f"{what} holds {name!r} ({kind}; a tokenizer directory holds only "
+                             f"{', '.join(sorted(TOKENIZER_FILES))}); prepare the data again, or drop --save")
+    return names
 
 
 # Buffers transformers keeps in a GPT-2 state dict in some versions (the causal mask); not weights
@@ -200,9 +227,10 @@ def save_pretrained(state, out_dir: str) -> None:
         hf.save_pretrained(tmp)
         tok_dir = tokenizer_dir(state.source)
         if tok_dir is not None:
-            for name in os.listdir(tok_dir):
-                shutil.copy2(os.path.join(tok_dir, name), tmp)
-        with open(os.path.join(tmp, SAVE_INFO), "w") as f:
+            for name in tokenizer_files(tok_dir):  # checked again: the directory may have changed since the start
+                with open(os.path.join(tok_dir, name), "rb") as src, open_file(os.path.join(tmp, name), "xb") as dst:
+                    shutil.copyfileobj(src, dst)
+        with open_file(os.path.join(tmp, SAVE_INFO), "x") as f:
             json.dump({"tokenizer": "hf" if tok_dir else "bytes" if cfg.data is not None else None,
                        "data": cfg.data, "init": cfg.init, "steps": cfg.steps}, f, indent=1)
         os.rename(tmp, out_dir)

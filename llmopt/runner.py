@@ -31,6 +31,7 @@ from llmopt.metrics import (
     reset_peak_memory,
 )
 from llmopt.run_metrics import RunMetrics
+from llmopt.safe_files import open_file
 
 # Exit codes the harness maps to row statuses (2 is a user error, 1 any other failure).
 EXIT_DIVERGED = 3
@@ -92,7 +93,7 @@ def _run(cfg: TrainConfig, opts: RunOptions) -> int:
         metrics = summarize(state, timed, breakdown, memory_step_s, startup_s=startup, build_s=build_s)
         if rank == 0:
             if opts.metrics_out:
-                with open(opts.metrics_out, "w") as f:
+                with open_file(opts.metrics_out) as f:  # never through a link planted in a results directory
                     json.dump(asdict(metrics), f, indent=1)
             if not opts.quiet:
                 print(done_line(metrics, cfg), flush=True)

