@@ -33,6 +33,7 @@ from bench.advisor.layouts import (
 from bench.advisor.probe import check_reference, cpu_hardware, gpu_hardware, memory_band
 from bench.costmodel import GIB, GPU_RESERVE_BYTES, GPUS, Hardware, Link, with_links
 from bench.markdown import fmt, md_table
+from llmopt.safe_files import makedirs, open_file, refuse_links
 
 
 def parse_bytes(text: str) -> float:
@@ -180,8 +181,10 @@ def run(a) -> int:
               f"and measured tokens/s, median |error| {stats['median_abs_error']:.0%} (per-call overhead "
               f"{stats['call_overhead_s'] * 1e3:.2f} ms, {stats['call_overhead_source']})")
         if a.out:
-            os.makedirs(a.out, exist_ok=True)
-            t.to_csv(os.path.join(a.out, "check.csv"), index=False)
+            refuse_links(a.out, "--out")
+            makedirs(a.out)
+            with open_file(os.path.join(a.out, "check.csv"), newline="") as f:
+                t.to_csv(f, index=False)
         return 0
     base, precisions = _request(a)
     world = a.devices * a.nodes
@@ -193,7 +196,8 @@ def run(a) -> int:
     hw = _hardware(a, base)
     t = advise_table(cands, hw)
     out = Path(a.out or os.path.join("results", "runs", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-advise"))
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_links(str(out), "--out")
+    makedirs(str(out))
     text = advice(t, hw, a.preset, a.global_batch, a.seq_len)
     k = a.measure or 5
     top = best_distinct(t[t.fits == "yes"], k)
@@ -251,8 +255,9 @@ def _measured_shown(m):
 
 def write_outputs(out: Path, t, hw: Hardware, text: str, measured, a) -> None:
     lo, hi, n = memory_band()
-    t.to_csv(out / "advise.csv", index=False)
-    (out / "plots").mkdir(exist_ok=True)
+    with open_file(str(out / "advise.csv"), newline="") as f:
+        t.to_csv(f, index=False)
+    makedirs(str(out / "plots"))
     plot(t, hw, out / "plots" / "advise.png")
     L = [f"# Layout advice: {a.preset} on {hw.nodes} x {hw.devices_per_node} {hw.name}", "",
          f"Command: `python -m bench.advise {' '.join(sys.argv[1:])}`", "", text, "",
@@ -271,7 +276,8 @@ def write_outputs(out: Path, t, hw: Hardware, text: str, measured, a) -> None:
     if measured is not None:
         L += ["## Measured on this machine", "", md_table(_measured_shown(measured)), ""]
     L += ["![predicted tokens/s against memory per rank](plots/advise.png)", ""]
-    (out / "advise.md").write_text("\n".join(L))
+    with open_file(str(out / "advise.md")) as f:
+        f.write("\n".join(L))
 
 
 def main(argv: list[str] | None = None) -> int:

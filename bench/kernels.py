@@ -94,16 +94,19 @@ def main(argv: list[str] | None = None) -> int:
             return cli.error(str(e))
     import pandas as pd
 
-    from bench.hardware import environment, write_json
+    from bench.hardware import environment
     from bench.markdown import md_table
+    from llmopt.safe_files import makedirs, open_file, refuse_links, write_json
 
     out = a.out or os.path.join("results", "runs", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-kernels")
-    os.makedirs(out, exist_ok=True)
+    refuse_links(out, "--out")
+    makedirs(out)
     env = environment(["kernels"])
     env["command"] = "python -m bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
     write_json(os.path.join(out, "env.json"), env)
     att, head = pd.DataFrame(attention_rows(a.reps)), pd.DataFrame(head_rows(a.reps))
-    pd.concat([att, head]).to_csv(os.path.join(out, "kernels.csv"), index=False)
+    with open_file(os.path.join(out, "kernels.csv"), newline="") as f:
+        pd.concat([att, head]).to_csv(f, index=False)
     flags = ", ".join(env["cpu_flags"]) or "none"
     L = ["# CPU kernels llmopt chooses between", "",
          f"{env['cpu_model']}, {env['cpu_count']} CPUs, native low-precision flags: {flags}; torch {env['torch']}.",
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
          f"## Attention (B={B}, heads={NH}, head size={HS})", "",
          md_table(att.round(3)), "", f"## Head ({HEAD_ROWS} rows, C={HEAD_C}, V={HEAD_V})", "",
          md_table(head.round(3)), ""]
-    with open(os.path.join(out, "kernels.md"), "w") as f:
+    with open_file(os.path.join(out, "kernels.md")) as f:
         f.write("\n".join(L))
     print("\n".join(L))
     print(f"kernels: -> {out}")

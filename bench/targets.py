@@ -22,6 +22,8 @@ import statistics
 import sys
 import time
 
+from llmopt.safe_files import makedirs, open_file, refuse_links, write_json
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER_SHAPE = dict(preset="mini", global_batch=8, seq_len=256, optimizer="adamw")
 OVERHEAD_SHAPE = dict(preset="tiny", global_batch=8, seq_len=64, optimizer="adamw")
@@ -180,9 +182,9 @@ def peers_rounds(rounds: int = 3, matrix: str = "peers", log=print) -> dict:
 
 
 def write(out_dir: str, results: dict) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "targets.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    refuse_links(out_dir, "--out")
+    makedirs(out_dir)
+    write_json(os.path.join(out_dir, "targets.json"), results)
     p, o = results["llmopt_vs_hf"], results["harness_overhead"]
     flags = ", ".join(results.get("cpu_flags") or []) or "none (bf16 matmuls emulated)"
     md = ["# Speed targets", "",
@@ -207,7 +209,7 @@ def write(out_dir: str, results: dict) -> str:
                   f"`{q['best_hf']}` {q['best_tokens_per_s']['hf']:,.0f} (medians over the rounds)")
     md.append("")
     path = os.path.join(out_dir, "targets.md")
-    with open(path, "w") as f:
+    with open_file(path) as f:
         f.write("\n".join(md))
     return path
 

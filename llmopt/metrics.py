@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from llmopt.safe_files import makedirs, open_file
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so the clock reads the work's end rather than its launch."""
@@ -181,7 +183,7 @@ def profiled_steps(state, run_step, out_dir: str, rank: int, first_step: int, st
 
     cuda = state.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    os.makedirs(out_dir, exist_ok=True)
+    makedirs(out_dir)
     with profile(activities=activities, record_shapes=True,
                  schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
         for i in range(first_step, first_step + 1 + steps):
@@ -191,7 +193,7 @@ def profiled_steps(state, run_step, out_dir: str, rank: int, first_step: int, st
     prof.export_chrome_trace(os.path.join(out_dir, f"rank{rank}.trace.json"))
     table = os.path.join(out_dir, f"rank{rank}.ops.txt")
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    with open(table, "w") as f:
+    with open_file(table) as f:
         f.write(f"# {steps} training steps of {state.cfg.preset} on {state.device}, rank {rank}; sorted by {sort}\n")
         f.write(prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=70) + "\n")
     return table

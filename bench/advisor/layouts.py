@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from bench.advisor import AdviseError
 from bench.advisor.probe import memory_band
 from bench.costmodel import GIB, Hardware, predict_step
+from llmopt.safe_files import open_file
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -151,7 +152,8 @@ def plot(t, hw: Hardware, path: Path) -> None:
     ax.set_title(f"Predicted, not measured: every layout on {hw.world} x {hw.name}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with open_file(str(path), "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -167,7 +169,8 @@ def emit_matrix(top, base: dict, path: str, steps: int) -> None:
     for _, r in top.iterrows():
         lines += ["", "[[config]]"] + [f"{f} = {value(r[f].item() if hasattr(r[f], 'item') else r[f])}"
                                       for f in LAYOUT_FIELDS]
-    Path(path).write_text("\n".join(lines) + "\n")
+    with open_file(str(path)) as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def measure(top, base: dict, out: Path, steps: int, log=print):

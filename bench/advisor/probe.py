@@ -22,6 +22,7 @@ from bench.costmodel import (
 from bench.hardware import DATASHEET, peak_flops, peak_seconds, write_json
 from bench.results import row_config
 from llmopt.cpu import cpu_flags, cpu_model
+from llmopt.safe_files import makedirs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -173,7 +174,7 @@ def cpu_hardware(model, tokens: int, devices: int, memory: float | None, refresh
                  for p in ("fp32", "bf16", "fp16")}
         link = allreduce_probe()
         cache[key] = {"peaks": peaks, "bandwidth": link.bandwidth, "latency": link.latency}
-        path.parent.mkdir(parents=True, exist_ok=True)
+        makedirs(str(path.parent))
         write_json(str(path), cache)
     c = cache[key]
     link = Link(c["bandwidth"], c["latency"], f"gloo on this machine ({c['bandwidth'] / 1e9:.2f} GB/s, "
