@@ -124,6 +124,9 @@ def resolve_jobs(jobs: str, executor: str, device: str) -> tuple[int, int]:
     return n, n_gpus
 
 
+UNUSED_GIVEN = {"min_lr_ratio", "lr_decay_fraction"}  # llmopt.train refuses these given where they have no effect
+
+
 def config_argv(entry: dict, metrics_path: str, warmup: int) -> list[str]:
     """``llmopt.train``'s arguments for one config (after ``python -m llmopt.train``)."""
     from llmopt.config import CHECKPOINT
@@ -136,6 +139,10 @@ def config_argv(entry: dict, metrics_path: str, warmup: int) -> list[str]:
         field = TrainConfig.__dataclass_fields__[k]
         if field.metadata["given_positive"] and v == field.default:
             continue  # 0 stands for the default (the optimizer's learning rate): given, it would be refused
+        if v == field.default and k in UNUSED_GIVEN:
+            continue  # a flag that has no effect in some combinations is passed only when it is not the default
+        if k == "steps" and entry["config"].get("max_tokens"):
+            continue  # --max-tokens sets the steps (the config's steps is that count)
         if isinstance(v, bool):
             argv += [flag] if v else []
         elif v is not None:

@@ -322,15 +322,17 @@ def check_slurm_options(options: dict, where: str) -> dict:
     return {str(k): str(v) for k, v in options.items()}
 
 
-def parse_filter(text: str | None) -> dict:
+def parse_filter(text: str | None) -> dict[str, list]:
+    """key -> the values a config may have: keys are all required, a key given twice is either value
+    (``optimizer=muon,optimizer=sgd`` keeps both optimizers)."""
     if not text:
         return {}
-    out = {}
+    out: dict[str, list] = {}
     for part in text.split(","):
         if "=" not in part:
             raise MatrixError(f"--filter: {part!r} is not key=value; e.g. --filter precision=fp32,dp=2")
         k, v = (s.strip() for s in part.split("=", 1))
-        out[k] = _coerce(k, v, "--filter")
+        out.setdefault(k, []).append(_coerce(k, v, "--filter"))
     return out
 
 
@@ -405,10 +407,13 @@ def expand(matrix: str, device: str, max_ranks: int, steps: int | None = None,
         base["steps"] = steps
     defaults = asdict(TrainConfig())
     configs = [_paths_resolved({**defaults, **base, **c}, "preset" in extra or "preset" in c) for c in combos]
-    for k, v in (filters or {}).items():
-        configs = [c for c in configs if c[k] == v]
+    for k, values in (filters or {}).items():
+        configs = [c for c in configs if c[k] in values]
     if not configs:
         raise MatrixError(f"--filter {filters} leaves no config in matrix {matrix!r}; loosen it")
+    if len(configs) > max_configs:  # a TOML file was counted before expanding; a named matrix is counted here
+        raise MatrixError(f"--matrix {matrix}: {len(configs):,} configs, more than --max-configs {max_configs:,}; "
+                          f"add --filter or raise --max-configs")
 
     plan, seen = [], {}
 

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = validate(config_from_args(args))
+        _refuse_unused(cfg, given_flags(argv))
         if args.timing_warmup < 0:
             raise ValueError(f"--timing-warmup {args.timing_warmup}: must be 0 or more")
         tokenizer_dir = None
@@ -112,6 +113,27 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(rc)
     return rc
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The config fields the command line gave (whatever their value: ``--min-lr-ratio 0.1`` is given too)."""
+    p = build_parser()
+    for action in p._actions:  # argparse's documented parser attribute: every flag with a default
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_known_args(argv)[0]))
+
+
+# A flag with no effect in its combination: (field, when it has none, why). Said, never silently ignored.
+UNUSED = (("min_lr_ratio", lambda c: c.lr_schedule == "constant", "--lr-schedule constant has no decay to floor"),
+          ("lr_decay_fraction", lambda c: c.lr_schedule != "wsd", "it shapes --lr-schedule wsd only"),
+          ("steps", lambda c: bool(c.max_tokens), "--max-tokens sets the steps"))
+
+
+def _refuse_unused(cfg: TrainConfig, given: set[str]) -> None:
+    for field, unused, why in UNUSED:
+        if field in given and unused(cfg):
+            flag = "--" + field.replace("_", "-")
+            raise ValueError(f"{flag} has no effect here ({why}); drop {flag}")
 
 
 def _check_data(cfg: TrainConfig, args) -> tuple[TrainConfig, str | None]:

@@ -90,14 +90,26 @@ def test_bad_matrix_files(tmp_path, text, match):
 
 
 def test_filters():
-    assert parse_filter("precision=fp32,dp=2") == {"precision": "fp32", "dp": 2}
-    plan = expand("default", "cpu", 4, filters={"precision": "bf16"})
+    assert parse_filter("precision=fp32,dp=2") == {"precision": ["fp32"], "dp": [2]}
+    plan = expand("default", "cpu", 4, filters={"precision": ["bf16"]})
     assert {e["config"]["precision"] for e in plan if not e["added_as_baseline"]} == {"bf16"}
     for bad in ("precision", "nosuch=1"):
         with pytest.raises(MatrixError):
             parse_filter(bad)
     with pytest.raises(MatrixError, match="leaves no config"):
-        expand("smoke", "cpu", 4, filters={"precision": "fp16"})
+        expand("smoke", "cpu", 4, filters={"precision": ["fp16"]})
+    # a key given twice is a union (it once kept only the last value: sgd alone)
+    both = parse_filter("optimizer=muon,optimizer=sgd")
+    plan = expand("optimizers", "cpu", 4, filters=both)
+    assert {e["config"]["optimizer"] for e in plan if not e["added_as_baseline"]} == {"muon", "sgd"}
+
+
+def test_max_configs_counts_named_matrices_too():
+    """``--matrix convergence --max-configs 2`` once ran all of convergence's configs."""
+    n = len(expand("convergence", "cpu", 4))
+    assert n > 2
+    with pytest.raises(MatrixError, match=f"{n} configs, more than --max-configs 2"):
+        expand("convergence", "cpu", 4, max_configs=2)
 
 
 def test_config_id_is_stable_and_readable():

@@ -174,3 +174,16 @@ def test_a_planted_job_id_never_reaches_scancel(tmp_path, monkeypatch, job_id):
     jobs.write_text("{not json\n")
     with pytest.raises(executors.ExecutorError, match="jobs.jsonl, line 1: not a job record"):
         executors.cancel_leftovers(str(jobs))
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--min-lr-ratio", "0.1"], "--min-lr-ratio has no effect"),  # the default value, given: still said
+    (["--lr-schedule", "cosine", "--lr-decay-fraction", "0.3"], "--lr-decay-fraction has no effect"),
+    (["--max-tokens", "4096", "--steps", "5"], "--steps has no effect"),
+])
+def test_a_flag_without_effect_is_refused_not_ignored(flags, match, capsys):
+    from llmopt.train import main
+
+    assert main(["--seq-len", "16", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and match in err, err
