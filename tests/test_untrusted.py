@@ -178,7 +178,7 @@ def test_a_planted_job_id_never_reaches_scancel(tmp_path, monkeypatch, job_id):
 
 @pytest.mark.parametrize("flags, match", [
     (["--min-lr-ratio", "0.1"], "--min-lr-ratio has no effect"),  # the default value, given: still said
-    (["--lr-schedule", "cosine", "--lr-decay-fraction", "0.3"], "--lr-decay-fraction has no effect"),
+    (["--lr-schedule", "cosine", "--lr-decay-fraction", "0.2"], "--lr-decay-fraction has no effect"),
     (["--max-tokens", "4096", "--steps", "5"], "--steps has no effect"),
 ])
 def test_a_flag_without_effect_is_refused_not_ignored(flags, match, capsys):
