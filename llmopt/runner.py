@@ -171,7 +171,8 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool) -> Ti
             t.diverged_at = step
             break
         if t.conv.due(step + 1):
-            stop = t.conv.evaluate(state, step + 1, sum(t.step_ms) / 1e3)
+            # once reached, the target stays reached: a later eval above it must not resume the run
+            stop = t.conv.evaluate(state, step + 1, sum(t.step_ms) / 1e3) or t.conv.reached is not None
             if log:
                 print(eval_line(t.conv.evals[-1], stop), flush=True)
     t.power, t.peak = energy.stop(), peak_memory_bytes(device)

@@ -187,3 +187,14 @@ def test_a_flag_without_effect_is_refused_not_ignored(flags, match, capsys):
     assert main(["--seq-len", "16", *flags]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and match in err, err
+
+
+def test_a_target_reached_at_the_first_eval_stops_the_run(tmp_path, capsys):
+    """--target-loss 100 --eval-every 1: reached before the first step, the run once went on to the end (the
+    step-1 eval reset the stop)."""
+    from llmopt.train import main
+
+    assert main(["--seq-len", "16", "--steps", "6", "--eval-every", "1", "--target-loss", "100", "--quiet",
+                 "--metrics-out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert len(m["losses"]) == 1 and m["steps_to_target"] == 0
