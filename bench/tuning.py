@@ -63,12 +63,15 @@ def edge(rows: list[dict]) -> str | None:
 
 
 def winners(rows: list[dict], precision: str = "fp32") -> dict[tuple, dict]:
-    """Per (preset, global batch as a string): the best tuning run over every optimizer and learning rate."""
+    """Per (preset, global batch as a string): the best tuning run over every optimizer and learning rate. A
+    batch where every run diverged or failed has no winner (no follow-up runs for it)."""
     out: dict[tuple, dict] = {}
     for (preset, _, batch, prec), g in groups(rows).items():
         if prec != precision:
             continue
         b, key = best(g), (preset, batch)
+        if rank_key(b)[0] == 1:
+            continue
         if key not in out or (rank_key(b), _num(b["lr"])) < (rank_key(out[key]), _num(out[key]["lr"])):
             out[key] = b
     return out

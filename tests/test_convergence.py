@@ -141,6 +141,8 @@ def test_tuning_picks_the_lowest_end_of_budget_loss_widens_edges_once_then_adds_
     sgd = g[("tiny", "sgd", "4", "fp32")]
     assert tuning.best(sgd)["lr"] == 0.1 and tuning.edge(sgd) is None
     assert tuning.winners(rows)[("tiny", "4")]["optimizer"] == "adamw"
+    # every run of a batch diverged: no winner, so no bf16 or layout runs of a diverged "winner"
+    assert tuning.winners([_row("adamw", 8, 1e-3, status="diverged"), _row("sgd", 8, 0.1, status="failed")]) == {}
     base = dict(TrainConfig().__dict__, device="cpu", grad_accum=1, max_tokens=4096, seq_len=16)
     plan = [{"config_id": r["config_id"], "config": dict(base, optimizer=r["optimizer"], global_batch=r["global_batch"],
                                                          lr=r["lr"]), "phase": "grid"} for r in rows]
