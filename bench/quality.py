@@ -79,6 +79,29 @@ def targets(lad: pd.DataFrame) -> dict[tuple, float]:
     return out
 
 
+def target_source(lad: pd.DataFrame, preset: str, batch) -> str:
+    """What a batch's target is, in words: AdamW's mean, or (no AdamW in the matrix) whose median."""
+    opts = sorted(lad[(lad.preset == preset) & (lad.global_batch == batch)].optimizer.unique())
+    if "adamw" in opts:
+        return "AdamW's mean end-of-budget loss"
+    return (f"no AdamW in this matrix: the median of {', '.join(opts)}'s mean end-of-budget losses, so no "
+            f"speed-up over AdamW is stated")
+
+
+def targets_table(rows: pd.DataFrame) -> list[str]:
+    """Runs given a target outside a convergence matrix (a TOML sweep with target_loss, or a sweep made before
+    end-of-budget ladders): where each reached its target during the one run, as its evals saw it."""
+    cols = {"config_id": "config", "optimizer": "optimizer", "lr": "lr", "target_loss": "target (nats)",
+            "status": "status", "steps_to_target": "steps to target", "tokens_to_target": "tokens to target",
+            "seconds_to_target": "seconds to target", "best_eval_loss": "best eval loss"}
+    t = rows[[c for c in cols if c in rows]].rename(columns=cols).sort_values("config")
+    return ["## Targets", "",
+            "Each run below was given a target loss and stopped at the first held-out eval at or below it (its "
+            "learning-rate schedule still running there, so this is not an end-of-budget comparison: for that, "
+            "run `--matrix convergence` or `convergence-text`). Empty: not reached within the run.", "",
+            md_table(t), ""]
+
+
 def finalist_stats(lad: pd.DataFrame, target: dict) -> pd.DataFrame:
     """Per finalist: its end-of-budget loss at the largest budget and its tokens to target, each seed's and
     their mean and standard deviation. ``tokens`` holds the interpolated crossings only; a finalist at or below
@@ -272,8 +295,7 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
     if conv.empty:
         return []
     if "phase" not in conv or conv.phase.fillna("").eq("").all():
-        return ["## Time to quality", "", "These rows come from a sweep made before end-of-budget ladders (first "
-                "crossing of the target during one run); re-run the matrix for the end-of-budget comparison.", ""]
+        return targets_table(conv)
     best = best_runs(conv)
     lad = ladder(conv, best)
     L = ["## Time to quality", ""]
@@ -290,7 +312,8 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
              f"the training sequences and the held-out sample, the same for every optimizer; the task is the same "
              f"for every seed). Tokens to target are interpolated log-linearly between the two budgets whose "
              f"end-of-budget losses bracket the target, never extrapolated. The target, per model and batch size, "
-             f"is AdamW's mean end-of-budget loss at {TARGET_FRACTION:g} of the largest budget. A winner is "
+             f"is AdamW's mean end-of-budget loss at {TARGET_FRACTION:g} of the largest budget (without AdamW, "
+             f"the median over the optimizers, said in the batch's heading). A winner is "
              f"declared only where a t-test on tokens to target over seeds, paired by seed (Welch's where two "
              f"finalists share fewer than two seeds), gives p < {SIGNIFICANCE} against every other optimizer.")
     L.append("")
@@ -298,7 +321,8 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
     for (preset, batch), g in fs.groupby(["preset", "global_batch"]):
         t = target[(preset, batch)]
         L.append(f"### {preset}, global batch {int(batch)} sequences: target {t:.4f} nats"
-                 + (f" ({t - floor.iloc[0]:.3f} above the entropy floor)" if len(floor) else ""))
+                 + (f" ({t - floor.iloc[0]:.3f} above the entropy floor)" if len(floor) else "")
+                 + ("" if (src := target_source(lad, preset, batch)).startswith("AdamW") else f" ({src})"))
         L.append(batch_table(g, conv, evals, best, t))
         L.append(f"Verdict: {verdict(g)}.")
         L.append("")

@@ -198,3 +198,46 @@ def test_a_target_reached_at_the_first_eval_stops_the_run(tmp_path, capsys):
                  "--metrics-out", str(tmp_path / "m.json")]) == 0
     m = json.loads((tmp_path / "m.json").read_text())
     assert len(m["losses"]) == 1 and m["steps_to_target"] == 0
+
+
+def test_a_convergence_matrix_without_adamw_names_the_target_it_used(tmp_path):
+    """Without AdamW the target is the median over the optimizers: once reported as "AdamW's mean"."""
+    import csv
+
+    from bench.report import write_report
+    from bench.results import RESULT_COLUMNS
+    from conftest import ROOT
+
+    ref = tmp_path / "conv"
+    shutil.copytree(os.path.join(ROOT, "results", "reference", "cpu-convergence"), ref,
+                    ignore=shutil.ignore_patterns("plots", ".lock"))
+    with open(ref / "results.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["optimizer"] != "adamw"]
+    with open(ref / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    report = open(write_report(str(ref))).read()
+    assert "no AdamW in this matrix: the median of" in report
+    assert "is AdamW's mean end-of-budget loss at 0.5 of the largest budget (without AdamW, the median" in report
+
+
+def test_a_toml_sweep_with_a_target_gets_a_targets_section(copy):
+    """A TOML sweep given target_loss once got "made before end-of-budget ladders... re-run" and no targets."""
+    import csv
+
+    from bench.results import RESULT_COLUMNS
+
+    out, _ = copy
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r.update(target_loss="5.5", eval_every="1", steps_to_target="2", tokens_to_target="128",
+                 best_eval_loss="5.4")
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    assert report(out).returncode == 0
+    text = (out / "report.md").read_text()
+    assert "## Targets" in text and "re-run" not in text and "| 128 |" in text.replace("128.0", "128")
