@@ -210,7 +210,8 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
              if "sweep_seconds" in env else f"- Wall time of the configs: {wall / 60:.1f} min")
     if unreadable:
         note = ", ".join(f"{n} in {f}" for f, n in unreadable.items())
-        L.append(f"- **Unreadable lines left out**: {note} (a field count other than the header's; "
+        L.append(f"- **Unreadable lines left out**: {note} (a field count other than the header's, or numbers "
+                 f"no run records: inf, NaN in an ok row, negative, beyond float32; "
                  f"`python -m bench.run --resume --repair --out DIR` moves them to `<file>.rejected`)")
         print(f"report: unreadable lines left out ({note}); --resume --repair moves them aside", file=sys.stderr)
     if env.get("executor") == "slurm":

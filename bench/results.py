@@ -123,26 +123,61 @@ def read_env(out_dir: str) -> dict:
     return env
 
 
-def _read(path: str) -> tuple[list[str], list[dict], list[list[str]]]:
+# Numeric columns that may hold a negative value (an error ratio; a noise-scale estimate below zero is noise)
+SIGNED_COLUMNS = {"memory_prediction_error", "gns_b_simple"}
+FLOAT32_MAX = 3.4028234663852886e38  # every figure a run records fits in float32: beyond it is no measurement
+# Loss columns where a diverged run records NaN or inf (its last loss): allowed there, never in an ok row
+LOSS_COLUMNS = {"loss", "final_loss", "final_eval_loss", "best_eval_loss"}
+
+
+def bad_number(row: dict, text_columns: set[str]) -> str | None:
+    """Why a CSV line's numbers cannot be a run's (text where a number goes, inf or NaN, a negative loss, time
+    or count, a value beyond float32), or None. Such a line is unreadable, like one with a wrong field count:
+    a planted 1e308 or -1 would otherwise be reported as a figure."""
+    for col, value in row.items():
+        if col in text_columns or value in ("", None):
+            continue
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            return f"{col} is {value!r}, not a number"
+        if (math.isnan(x) or x == math.inf) and col in LOSS_COLUMNS and row.get("status") != "ok":
+            continue  # a diverged run's last loss
+        if not math.isfinite(x) or abs(x) > FLOAT32_MAX or (x < 0 and col not in SIGNED_COLUMNS):
+            return f"{col} is {value!r}"
+    return None
+
+
+def _read(path: str, text_columns: set[str] | None = None) -> tuple[list[str], list[dict], list[list[str]]]:
     """(header, rows, rejected) of a CSV. A torn last line (cut mid-write by a kill) is dropped: that is the
-    one damage a crash can do. Any other line whose field count differs from the header's is *rejected*,
-    never silently dropped. The header is the file's own (a file written by another version of the schema is
-    read as it was written), with renamed columns under their current names."""
+    one damage a crash can do. Any other line whose field count differs from the header's, or whose numbers
+    cannot be a run's (``bad_number``; every column not in ``text_columns`` is a number), is *rejected*, never
+    silently dropped. The header is the file's own (a file written by another version of the schema is read as
+    it was written), with renamed columns under their current names. A file that is not CSV text at all (a
+    binary, NUL bytes) is ``Unreadable``, naming it."""
     if not os.path.exists(path):
         return [], [], []
-    with open(path, newline="") as f:
-        text = f.read()
+    try:
+        with open(path, newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise Unreadable(f"{path} is not a CSV text file ({e}); restore it from a copy of the sweep") from None
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]  # the last line was cut mid-write
     # newline="": quoted fields keep their line breaks, and a stray carriage return (a hand edit, a Windows
     # tool) ends a record as a newline would, so its pieces are rejected by their field count, not a crash
-    lines = list(csv.reader(io.StringIO(text, newline="")))
+    try:
+        lines = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise Unreadable(f"{path} is not a CSV text file ({e}); restore it from a copy of the sweep") from None
     if not lines:
         return [], [], []
     header = [RENAMED.get(c, c) for c in lines[0]]
     rows, rejected = [], []
     for row in lines[1:]:
-        (rows.append(dict(zip(header, row))) if len(row) == len(header) else rejected.append(row))
+        ok = len(row) == len(header) and (text_columns is None or bad_number(dict(zip(header, row)),
+                                                                              text_columns) is None)
+        (rows.append(dict(zip(header, row))) if ok else rejected.append(row))
     return header, rows, rejected
 
 
@@ -157,7 +192,7 @@ class ResultFiles:
         the current schema. A resume never deletes what it cannot read: a header it does not understand or a
         line with the wrong field count stops it (``Unreadable``, nothing changed) unless ``reject``, which
         first moves those lines into ``<file>.rejected`` beside the CSV."""
-        header, raw, bad = _read(self.results_path)
+        header, raw, bad = _read(self.results_path, TEXT_COLUMNS)
         self.unreadable = {self.results_path: len(bad)}
         results, seen = [], set()
         for row in raw:
@@ -166,7 +201,7 @@ class ResultFiles:
                 results.append(row)
         details, headers, rejected = {}, {}, {self.results_path: (header, bad)}
         for name, (_, key) in DETAILS.items():
-            headers[name], rows, bad = _read(self.paths[name])
+            headers[name], rows, bad = _read(self.paths[name], {"config_id"})
             rejected[self.paths[name]] = (headers[name], bad)
             self.unreadable[self.paths[name]] = len(bad)
             kept, seen_keys = [], set()
@@ -201,9 +236,12 @@ class ResultFiles:
             if not bad:
                 continue
             if not reject:
+                first = (f"the first has {len(bad[0])} fields" if len(bad[0]) != len(header)
+                         else f"the first: {bad_number(dict(zip(header, bad[0])), TEXT_COLUMNS | {'config_id'})}")
                 raise Unreadable(f"{path}: {len(bad)} line(s) have a field count other than the header's "
-                                 f"{len(header)} (the first has {len(bad[0])}); nothing was changed. Fix the file, "
-                                 f"or add --repair to move them to {os.path.basename(path)}.rejected and continue")
+                                 f"{len(header)} or numbers no run records ({first}); nothing was changed. Fix the "
+                                 f"file, or add --repair to move them to {os.path.basename(path)}.rejected and "
+                                 f"continue")
             with open_file(path + ".rejected", "a", newline="") as f:
                 csv.writer(f).writerows(bad)
                 f.flush()

@@ -241,3 +241,35 @@ def test_a_toml_sweep_with_a_target_gets_a_targets_section(copy):
     assert report(out).returncode == 0
     text = (out / "report.md").read_text()
     assert "## Targets" in text and "re-run" not in text and "| 128 |" in text.replace("128.0", "128")
+
+
+@pytest.mark.parametrize("file, column, value", [("results.csv", "tokens_per_s", "inf"),
+                                                 ("results.csv", "target_loss", "1e308"),
+                                                 ("results.csv", "final_loss", "nan"),  # in an ok row
+                                                 ("results.csv", "step_time_ms_p50", "-3"),
+                                                 ("steps.csv", "loss", "-1"), ("steps.csv", "step_time_ms", "x")])
+def test_numbers_no_run_records_are_unreadable_lines(copy, file, column, value):
+    """inf, 1e308 or negative figures planted in a CSV once rendered as figures ("target 5000...0 nats")."""
+    import csv
+
+    out, _ = copy
+    with open(out / file) as f:
+        rows = list(csv.DictReader(f))
+    header = list(rows[0])
+    rows[0][column] = value
+    with open(out / file, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows(rows)
+    r = report(out)
+    assert r.returncode == 0 and f"unreadable lines left out (1 in {file})" in r.stderr
+    assert f"**Unreadable lines left out**: 1 in {file}" in (out / "report.md").read_text()
+    line = one_error_line(bench_here("--resume", "--out", out, "--no-report"))
+    assert file in line and column in line and "--repair" in line
+
+
+def test_a_binary_csv_is_one_line_naming_it(copy):
+    out, _ = copy
+    (out / "steps.csv").write_bytes(b"config_id,step\n\x00\xff\xfe junk\n")
+    for r in (report(out), bench_here("--resume", "--out", out, "--no-report")):
+        assert "steps.csv" in one_error_line(r)
