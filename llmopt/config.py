@@ -150,7 +150,7 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """Fill the 0-means-default fields (learning rate, pipeline chunks, device) and turn a token budget
         into steps."""
-        steps = math.ceil(self.max_tokens / self.tokens_per_step) if self.max_tokens else self.steps
+        steps = -(-self.max_tokens // self.tokens_per_step) if self.max_tokens else self.steps  # ints: exact ceil
         return replace(self, lr=self.lr or DEFAULT_LR[self.optimizer],
                        pp_microbatches=self.pp_microbatches or self.pp,
                        device=resolve_device(self.device), steps=steps)

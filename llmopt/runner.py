@@ -36,6 +36,11 @@ from llmopt.safe_files import open_file
 # Exit codes the harness maps to row statuses (2 is a user error, 1 any other failure).
 EXIT_DIVERGED = 3
 EXIT_OOM = 4
+# A budget that would train longer than this at the measured step time is refused after its first steps: a
+# mistyped --max-tokens (1e30) or --steps should end with a sentence, not run for ever without one.
+HORIZON_S = 365 * 86400
+ETA_STEP = 1  # the step after which the time per step is known (step 0 pays first-call costs)
+ETA_MIN_S = 60.0  # an ETA line is printed (even with --quiet) when the rest of the run takes longer than this
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,8 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool) -> Ti
         t.fp16_skipped += int(stats.fp16_skipped)
         if log:
             print(step_line(step, loss, t.step_ms[-1], stats), flush=True)
+        if step == ETA_STEP:
+            eta(cfg, t.step_ms[-1], rank)
         t.diverged_why = t.conv.divergence(step, loss)
         if t.diverged_why is not None:
             t.diverged_at = step
@@ -177,6 +184,25 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool) -> Ti
                 print(eval_line(t.conv.evals[-1], stop), flush=True)
     t.power, t.peak = energy.stop(), peak_memory_bytes(device)
     return t
+
+
+def eta(cfg: TrainConfig, step_ms: float, rank: int) -> None:
+    """Once the time per step is known: the rest of the run's time on one line (rank 0), and a budget that would
+    take more than HORIZON_S refused (ValueError: exit 2) on every rank alike (the slowest rank's estimate,
+    one all-reduce, so that no rank goes on alone)."""
+    left = (cfg.steps - ETA_STEP - 1) * step_ms / 1e3
+    if dist.is_initialized():
+        t = torch.tensor([left], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        left = float(t.item())
+    if left > HORIZON_S:
+        raise ValueError(f"{cfg.steps:,} steps at {step_ms:.1f} ms each would take {left / 86400 / 365:,.1f} years "
+                         f"(more than {HORIZON_S / 86400:.0f} days); lower --steps or --max-tokens")
+    if rank == 0 and left > ETA_MIN_S:
+        print(f"eta: {cfg.steps - ETA_STEP - 1:,} more steps at {step_ms:.1f} ms: about "
+              f"{datetime.timedelta(seconds=round(left))} (evals not included)", flush=True)
 
 
 def measure(state, warmup: int = 1) -> RunMetrics:

@@ -145,13 +145,28 @@ def _check_data(cfg: TrainConfig, args) -> tuple[TrainConfig, str | None]:
     from llmopt.prepare import cached_path, ensure_prepared
 
     if os.path.isfile(cfg.data) and cfg.tokenizer == "bytes":
+        from llmopt.data import TextFileSource
+
+        _check_eval_batches(cfg, int(os.path.getsize(cfg.data) * TextFileSource.val_fraction))
         return cfg, None
     if not under_launcher():
         ensure_prepared(cfg.data, cfg.tokenizer)
         cfg = validate(config_from_args(args))
     path = cfg.data if is_prepared(cfg.data) else cached_path(cfg.data, cfg.tokenizer)
     meta = check_tokens(path) if int(os.environ.get("RANK", "0")) == 0 else {}
+    if meta:
+        _check_eval_batches(cfg, int(meta["val_tokens"]))
     return cfg, meta.get("tokenizer_dir") and os.path.join(path, meta["tokenizer_dir"])
+
+
+def _check_eval_batches(cfg: TrainConfig, val_tokens: int) -> None:
+    """An eval reads --eval-batches global batches of held-out windows: more tokens than the held-out split has
+    only reads the same text again (and 100,000 batches once ran with no end in sight)."""
+    per = cfg.global_batch * cfg.seq_len
+    most = max(1, val_tokens // per)
+    if cfg.eval_every and cfg.eval_batches > most:
+        raise ValueError(f"--eval-batches {cfg.eval_batches}: the held-out split of --data has {val_tokens:,} "
+                         f"tokens, {most} global batch(es) of {per:,}; use --eval-batches {most} or fewer")
 
 
 def _check_outputs(cfg: TrainConfig, args, tokenizer_dir: str | None) -> None:

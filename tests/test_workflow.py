@@ -234,6 +234,7 @@ def test_trains_on_a_prepared_directory_and_reads_val_bin(tmp_path, text_file):
     # a data directory from someone else: --save must copy none of these beside the model (refused at start)
     ("tokenizer-link-to-secret", "a link"), ("weights-in-tokenizer", "model.safetensors"),
     ("directory-in-tokenizer", "a directory"), ("tokenizer-dir-a-link", "missing or a link"),
+    ("eval-batches", "held-out split of --data has"),  # more than val.bin holds: once ran with no end in sight
 ])
 def test_a_broken_data_directory_is_one_error_line(tmp_path, text_file, tiny_hf, cli, damage, match):
     out = tmp_path / "p"
@@ -273,6 +274,8 @@ def test_a_broken_data_directory_is_one_error_line(tmp_path, text_file, tiny_hf,
         os.symlink(tmp_path / "elsewhere", out / "tokenizer")
     if damage.startswith(("tokenizer-", "weights-", "directory-")):
         extra = ["--save", str(tmp_path / "saved")]
+    elif damage == "eval-batches":
+        extra = ["--eval-every", "1", "--eval-batches", "100000"]
     elif damage == "vocab":  # a checkpoint of vocabulary 256 against data of vocabulary ~300
         extra = ["--init", f"hf:{tiny_hf}"]
     r = cli("-m", "llmopt.train", "--data", str(out), "--steps", "1", "--seq-len", "16", *extra)
