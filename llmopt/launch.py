@@ -52,9 +52,12 @@ def preload() -> None:
         importlib.import_module(name)
 
 
-def launch(nproc: int, argv: list[str], device: str, rank_main, oom_exit: int) -> int:
+def launch(nproc: int, argv: list[str], device: str, rank_main, oom_exit: int, decided: tuple[int, ...] = ()) -> int:
     """Run ``rank_main(argv)`` on ``nproc`` local ranks; returns the exit code the launcher should give
-    (``oom_exit`` when a rank was SIGKILLed: nobody here sent it, so it was the kernel's OOM killer)."""
+    (``oom_exit`` when a rank was SIGKILLed: nobody here sent it, so it was the kernel's OOM killer).
+    ``decided``: exit codes every rank reaches alike and rank 0 explains itself (a divergence, a user error
+    found once training started): when every failed rank, rank 0 among them, exits with one of them, the
+    launcher adds no "rank N failed" line of its own."""
     how = os.environ.get(LAUNCHER_ENV) or ("fork" if device == "cpu" else "elastic")
     if how not in ("fork", "elastic"):
         print(f"error: {LAUNCHER_ENV}={how!r}: use fork or elastic", file=sys.stderr)
@@ -67,7 +70,7 @@ def launch(nproc: int, argv: list[str], device: str, rank_main, oom_exit: int) -
     # way out (by default they end the process at once and leave both behind)
     previous = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        code = _forked(nproc, argv, rank_main) if how == "fork" else _elastic(nproc, argv)
+        code = _forked(nproc, argv, rank_main, decided) if how == "fork" else _elastic(nproc, argv, decided)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -78,7 +81,7 @@ def _raise_exit(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def _elastic(nproc: int, argv: list[str]) -> int:
+def _elastic(nproc: int, argv: list[str], decided: tuple[int, ...]) -> int:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -90,13 +93,13 @@ def _elastic(nproc: int, argv: list[str]) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "llmopt.train", *argv)
     except ChildFailedError as e:
-        return _report(e.failures)
+        return _report(e.failures, decided)
     finally:
         shutil.rmtree(logs, ignore_errors=True)
     return 0
 
 
-def _forked(nproc: int, argv: list[str], rank_main) -> int:
+def _forked(nproc: int, argv: list[str], rank_main, decided: tuple[int, ...]) -> int:
     """Fork the ranks, then host their rendezvous store (created after the fork: its server thread stays here),
     hand each rank the store's port through a pipe, and wait, stopping all ranks when one fails."""
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
@@ -108,7 +111,7 @@ def _forked(nproc: int, argv: list[str], rank_main) -> int:
         if not failures:
             return 0
         return _report({rank: ProcessFailure(rank, pid, code, os.path.join(errors, f"{rank}.json"))
-                        for pid, (rank, code) in failures.items()})
+                        for pid, (rank, code) in failures.items()}, decided)
     finally:
         shutil.rmtree(errors, ignore_errors=True)
 
@@ -239,7 +242,10 @@ def _stop(alive: dict[int, int]) -> None:
             return
 
 
-def _report(failures: dict) -> int:
+def _report(failures: dict, decided: tuple[int, ...] = ()) -> int:
+    codes = {f.exitcode for f in failures.values()}
+    if 0 in failures and len(codes) == 1 and codes <= set(decided):
+        return codes.pop()  # every rank decided alike (diverged, say) and rank 0 has said why
     rank, line, code = root_cause(failures)
     if code == -9:
         line = f"killed by SIGKILL (the kernel's OOM killer?): {line}"

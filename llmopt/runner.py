@@ -106,7 +106,8 @@ def _run(cfg: TrainConfig, opts: RunOptions) -> int:
             profile_steps(state, opts.profile, rank, log)
         if not finished:
             if rank == 0:
-                print(f"error: diverged at step {timed.diverged_at}: {timed.diverged_why}; lower --lr (or use fp32)",
+                amp = "" if cfg.precision == "fp32" else f" (or train in fp32 instead of {cfg.precision})"
+                print(f"error: diverged at step {timed.diverged_at}: {timed.diverged_why}; lower --lr{amp}",
                       file=sys.stderr)
             return EXIT_DIVERGED
     except (torch.OutOfMemoryError, MemoryError) as e:

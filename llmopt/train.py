@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # the run, and with it torch, is imported only now: a mistake in the flags never waits for that import
-    from llmopt.runner import EXIT_OOM, RunOptions, run
+    from llmopt.runner import EXIT_DIVERGED, EXIT_OOM, RunOptions, run
 
     if cfg.world_size > 1 and not under_launcher():
         from llmopt.launch import launch
 
-        return launch(cfg.world_size, argv, cfg.device, main, EXIT_OOM)
+        return launch(cfg.world_size, argv, cfg.device, main, EXIT_OOM, decided=(2, EXIT_DIVERGED))
 
     rc = run(cfg, RunOptions(timing_warmup=args.timing_warmup, memory_breakdown=args.memory_breakdown,
                              save=args.save, metrics_out=args.metrics_out, profile=args.profile, quiet=args.quiet))

@@ -292,3 +292,16 @@ def test_a_long_run_says_its_eta_and_a_budget_beyond_a_year_is_refused(capsys):
     assert main(["--seq-len", "16", "--quiet", "--max-tokens", str(10**30)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "years" in err and "--max-tokens" in err, err
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_divergence_on_several_ranks_reads_diverged(cli, precision):
+    """Every rank sees the same loss and exits with the divergence code: the launcher once added "rank 1
+    failed: exit code 3" as the last error line. fp32 is suggested only to a run that is not in fp32."""
+    r = cli("-m", "llmopt.train", "--dp", "2", "--steps", "6", "--seq-len", "16", "--global-batch", "4",
+            "--optimizer", "sgd", "--lr", "1000", "--max-grad-norm", "0", "--precision", precision, "--quiet",
+            timeout=180)
+    assert r.returncode == 3, r.stderr[-2000:]
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: diverged at step"), r.stderr[-2000:]
+    assert ("fp32" in errors[0]) == (precision != "fp32"), errors[0]
