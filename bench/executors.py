@@ -141,8 +141,8 @@ def config_argv(entry: dict, metrics_path: str, warmup: int) -> list[str]:
             continue  # 0 stands for the default (the optimizer's learning rate): given, it would be refused
         if v == field.default and k in UNUSED_GIVEN:
             continue  # a flag that has no effect in some combinations is passed only when it is not the default
-        if k == "steps" and entry["config"].get("max_tokens"):
-            continue  # --max-tokens sets the steps (the config's steps is that count)
+        if k == "steps" and TrainConfig(**entry["config"]).resolved().steps != v:
+            continue  # --max-tokens sets another count (a plan from before the harness made them agree)
         if isinstance(v, bool):
             argv += [flag] if v else []
         elif v is not None:

@@ -364,6 +364,14 @@ def config_id(cfg: dict) -> str:
     return "-".join(parts) + "-" + digest
 
 
+def _budget_steps(cfg: dict) -> dict:
+    """A config with a token budget states the steps that budget takes (its ``steps`` would otherwise be a
+    device default that no run uses, and llmopt.train refuses a --steps that disagrees with --max-tokens)."""
+    if cfg.get("max_tokens"):
+        return dict(cfg, steps=-(-cfg["max_tokens"] // (cfg["global_batch"] * cfg["seq_len"])))
+    return cfg
+
+
 def _paths_resolved(cfg: dict, preset_given: bool) -> dict:
     """Paths the user wrote (data, a local --init) made absolute against the directory the sweep was started
     in, since each config runs from the repository root; with --init and no preset, the checkpoint's shape."""
@@ -406,7 +414,8 @@ def expand(matrix: str, device: str, max_ranks: int, steps: int | None = None,
     if steps is not None:
         base["steps"] = steps
     defaults = asdict(TrainConfig())
-    configs = [_paths_resolved({**defaults, **base, **c}, "preset" in extra or "preset" in c) for c in combos]
+    configs = [_budget_steps(_paths_resolved({**defaults, **base, **c}, "preset" in extra or "preset" in c))
+               for c in combos]
     for k, values in (filters or {}).items():
         configs = [c for c in configs if c[k] in values]
     if not configs:

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = validate(config_from_args(args))
-        _refuse_unused(cfg, given_flags(argv))
+        _refuse_unused(config_from_args(args), given_flags(argv))  # as given: validate resolved the steps
         if args.timing_warmup < 0:
             raise ValueError(f"--timing-warmup {args.timing_warmup}: must be 0 or more")
         tokenizer_dir = None
@@ -126,7 +126,7 @@ def given_flags(argv: list[str]) -> set[str]:
 # A flag with no effect in its combination: (field, when it has none, why). Said, never silently ignored.
 UNUSED = (("min_lr_ratio", lambda c: c.lr_schedule == "constant", "--lr-schedule constant has no decay to floor"),
           ("lr_decay_fraction", lambda c: c.lr_schedule != "wsd", "it shapes --lr-schedule wsd only"),
-          ("steps", lambda c: bool(c.max_tokens), "--max-tokens sets the steps"))
+          ("steps", lambda c: c.max_tokens and c.steps != c.resolved().steps, "--max-tokens sets another count"))
 
 
 def _refuse_unused(cfg: TrainConfig, given: set[str]) -> None:
