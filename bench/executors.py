@@ -380,6 +380,13 @@ def remove_dead_launcher_dirs() -> list[str]:
 # SLURM job states after which a job runs no more (squeue's long names)
 SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
                "PREEMPTED", "SPECIAL_EXIT", "TIMEOUT"}
+# squeue's pending reasons that never clear by waiting: the job asks for what the partition or its nodes can
+# never give (more CPUs or nodes than any node has, a time above the partition's limit, an account or QOS it
+# may not use). A job pending for one of these is cancelled and its row fails at once, with the reason.
+SLURM_NEVER_STARTS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
+                      "InvalidAccount", "InvalidQOS", "AccountNotAllowed", "QOSNotAllowed",
+                      "DependencyNeverSatisfied"}
+PENDING_TIMEOUT_S = 24 * 3600.0  # --pending-timeout's default: a config queued longer than a day fails its row
 FILE_GRACE_S = 5.0  # a job SLURM says has ended, whose exit-code file the shared filesystem has not shown yet
 # squeue and scancel wait on the controller; one that does not answer (busy, restarting, a lost connection)
 # must not freeze the sweep, above all its Ctrl-C: each call is bounded, and a late squeue counts as no answer
@@ -462,9 +469,10 @@ class SubmititJob(_Job):
     cluster must share between nodes. ``--timeout`` counts from the job's start, not its submission: time in
     the queue is the scheduler's, not the config's."""
 
-    def __init__(self, executor, queue: SlurmQueue | None, sweep_pid: int | None, nproc_per_node: int, *args):
+    def __init__(self, executor, queue: SlurmQueue | None, sweep_pid: int | None, nproc_per_node: int,
+                 pending_timeout: float, *args):
         super().__init__(*args)
-        self.queue = queue
+        self.queue, self.pending_timeout, self.reason_said = queue, pending_timeout, ""
         base = self.metrics_path
         self.cancel_path, self.started_path, self.rc_path, self.peak_path = (
             base + ".cancel", base + ".started", base + ".rc", base + ".peak")
@@ -500,6 +508,10 @@ class SubmititJob(_Job):
         now = time.monotonic()
         if self.run_t0 is None and os.path.exists(self.started_path):
             self.run_t0 = now
+        if self.run_t0 is None and self.queue is not None:
+            refused = self._pending(now)
+            if refused is not None:
+                return refused
         stopped, state = self._stopped()
         if stopped and state and self.queue is not None:
             # ended as SLURM tells it: the exit-code file may lag on a shared filesystem; give it a moment
@@ -536,6 +548,31 @@ class SubmititJob(_Job):
             log.write(f"# {reason}\n")
         return outcome_of(rc, False, self.timeout, self.metrics_path, self.log_path, wall, reason)
 
+    def _pending(self, now: float) -> Outcome | None:
+        """A job still queued: its pending reason on the progress output each time it changes; a failed row,
+        the job cancelled, when the reason can never clear or it has waited past --pending-timeout."""
+        seen = self.queue.state(self.job_id)
+        if seen is None or seen[0] != "PENDING":
+            return None
+        reason = seen[1] if seen[1] not in ("", "None", "(null)") else ""
+        if reason and reason != self.reason_said:
+            self.reason_said = reason
+            print(f"bench: job {self.job_id} ({self.entry['config_id']}) pending: {reason}", flush=True)
+        waited = now - self.t0
+        if reason in SLURM_NEVER_STARTS:
+            why = (f"job {self.job_id} can never start: SLURM says {reason} (it asks for more than the partition's "
+                   f"nodes, limits or access allow); fix --cpus-per-node, --slurm-partition or --slurm-option")
+        elif waited > self.pending_timeout:
+            why = (f"job {self.job_id} still pending after {waited:.0f} s (--pending-timeout)"
+                   + (f": SLURM says {reason}" if reason else ""))
+        else:
+            return None
+        self.cancel()
+        self._forget()
+        with open_file(self.log_path, "a") as log:
+            log.write(f"# {why}\n")
+        return Outcome("failed", why, None, waited)
+
     def _forget(self) -> None:
         if self.queue is not None:
             self.queue.forget(self.job_id)
@@ -568,6 +605,30 @@ class SubmititJob(_Job):
             return self._stopped()[0]
         seen = self.queue.state(self.job_id)
         return seen is None or seen[0] in SLURM_ENDED
+
+
+class RefusedJob:
+    """A config whose job the scheduler refused at submission (sbatch's own error): a handle that yields its
+    failed row at once, so the sweep goes on with the next config."""
+
+    def __init__(self, outcome: Outcome, slot: Slot):
+        self.outcome, self.slot = outcome, slot
+
+    def poll(self) -> Outcome:
+        return self.outcome
+
+    def cancel(self) -> None:
+        pass
+
+
+def sbatch_message(error: Exception) -> str:
+    """sbatch's own words from submitit's FailedJobError: its ``error:`` lines, without the prefix, once each."""
+    said = []
+    for line in str(error).splitlines():
+        line = line.strip().removeprefix("sbatch: error:").strip()
+        if line and line not in said:
+            said.append(line)
+    return "; ".join(said)[:500] or type(error).__name__
 
 
 def _read_int(path: str) -> int | None:
@@ -651,8 +712,9 @@ class Pool:
     """The sweep's executor and device slots: ``start(entry, slot)`` gives a polled job handle."""
 
     def __init__(self, executor: str, jobs: str, device: str, out_dir: str, timeout: float, warmup: int,
-                 slurm: dict | None = None):
+                 slurm: dict | None = None, pending_timeout: float = PENDING_TIMEOUT_S):
         self.executor, self.device, self.out_dir, self.timeout, self.warmup = executor, device, out_dir, timeout, warmup
+        self.pending_timeout = pending_timeout
         self.jobs, n_gpus = resolve_jobs(jobs, executor, device)
         self.slurm = slurm or {}
         if executor == "slurm":  # the cluster places jobs; here only a bound on how many are in flight
@@ -663,6 +725,11 @@ class Pool:
         # CPU configs sharing the machine: the report says so, and MFU is against each one's share of the cores
         self.concurrent_cpu = device == "cpu" and self.local and self.jobs > 1
         self._launcher = self._submitit = None
+        if executor != "local" and ("%" in out_dir or not out_dir.isprintable()):
+            # submitit and sbatch read % in a job's file paths as a pattern (%j: the job id), and a control
+            # character would split a line of the job's script: refused, not rewritten
+            raise ExecutorError(f"--out {out_dir!r}: --executor {executor} cannot use a directory whose path holds "
+                                f"'%' or control characters; choose another --out")
         if executor != "local":  # a missing submitit or sbatch is said now, before the sweep writes anything
             self._submitit = make_submitit_executor(executor, os.path.join(out_dir, "submitit"))
         self.jobs_file = os.path.join(out_dir, "submitit", "jobs.jsonl")
@@ -700,9 +767,21 @@ class Pool:
             if slot.gpus:
                 params.update(gpus_per_node=len(slot.gpus), visible_gpus=list(slot.gpus))
         self._submitit.update_parameters(**params)
+        from submitit.core.utils import FailedJobError
+
         ranks_per_node = world_size(entry["config"]) // params.get("nodes", 1)
-        job = SubmititJob(self._submitit, self.queue, os.getpid() if self.executor == "submitit-local" else None,
-                          ranks_per_node, *args)
+        folder = os.path.join(self.out_dir, "submitit")
+        before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        try:
+            job = SubmititJob(self._submitit, self.queue, os.getpid() if self.executor == "submitit-local" else None,
+                              ranks_per_node, self.pending_timeout, *args)
+        except FailedJobError as e:  # sbatch refused it: this config's row fails, not the sweep
+            for name in set(os.listdir(folder)) - before:  # the submission script and pickle it left
+                os.remove(os.path.join(folder, name))
+            why = f"sbatch refused the job: {sbatch_message(e)}"
+            with open_file(os.path.join(self.out_dir, "logs", f"{entry['config_id']}.log"), "a") as log:
+                log.write(f"# {why}\n")
+            return RefusedJob(Outcome("failed", why, None, 0.0), slot)
         with open_file(self.jobs_file, "a") as f:  # what a resume after a SIGKILLed sweep must cancel
             f.write(json.dumps({"config_id": entry["config_id"], "job_id": str(job.job.job_id)}) + "\n")
         return job

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench.executors import EXECUTORS, ExecutorError, Outcome, Pool, signals_held, world_size
+from bench.executors import EXECUTORS, PENDING_TIMEOUT_S, ExecutorError, Outcome, Pool, signals_held, world_size
 from bench.hardware import environment, peak_seconds, row_peak
 from bench.matrix import (
     NAMED,
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpus-per-node", type=int, default=None, help="CPUs a config's job asks for per node")
     s.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra sbatch option, repeatable (e.g. constraint=h100, qos=high)")
+    s.add_argument("--pending-timeout", type=float, default=PENDING_TIMEOUT_S, metavar="S",
+                   help="fail a config whose job is still queued after S seconds (default: %(default).0f, a day); a "
+                        "pending reason that can never clear (PartitionConfig, ...) fails it at once")
     s.add_argument("--slurm-share", action="store_true", default=None,
                    help="let configs' jobs share nodes (default: each job has its nodes to itself, --exclusive, "
                         "so its timings are its own; shared, the report says how many ran at once)")
@@ -269,6 +272,8 @@ def _check_args(args) -> set[str]:
         raise MatrixError(f"--steps {args.steps}: must be at least 1")
     if not args.timeout > 0 or args.timeout == float("inf"):
         raise MatrixError(f"--timeout {args.timeout}: must be a positive number of seconds")
+    if not args.pending_timeout > 0 or args.pending_timeout == float("inf"):
+        raise MatrixError(f"--pending-timeout {args.pending_timeout}: must be a positive number of seconds")
     if args.max_configs < 1:
         raise MatrixError(f"--max-configs {args.max_configs}: must be at least 1")
     try:
@@ -379,7 +384,8 @@ def sweep(args, argv) -> int:
     else:
         plan, device, matrix, warmup = _new_plan(args)
     # the executor's choices are checked before anything is written
-    pool = Pool(args.executor or "local", args.jobs, device, out, args.timeout, warmup, _slurm_settings(args, matrix))
+    pool = Pool(args.executor or "local", args.jobs, device, out, args.timeout, warmup, _slurm_settings(args, matrix),
+                args.pending_timeout)
     for sub in ("logs", "metrics"):
         makedirs(os.path.join(out, sub))
     with _lock(out):  # held for the whole sweep; closing the file releases it

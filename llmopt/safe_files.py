@@ -38,15 +38,14 @@ def refuse_links(root: str, what: str) -> None:
 
 
 # submitit leaves one link per SLURM job in its folder: ``.submission_file_<uuid>.sh`` -> ``<job>_submission.sh``
-# beside it. Nothing is ever written through it; any other link, or one of these pointing elsewhere, is refused.
+# (an absolute path: a copied sweep's links point at the original). Nothing reads or writes through them, and a
+# new submission never reuses a name, so these alone are let be; any other link is refused.
 _SUBMITIT_LINK = re.compile(r"\.submission_file_[0-9a-f]{32}\.sh")
 
 
 def _submitits_own(path: str) -> bool:
-    here = os.path.dirname(path)
-    target = os.path.join(here, os.readlink(path))
-    return (bool(_SUBMITIT_LINK.fullmatch(os.path.basename(path))) and os.path.dirname(os.path.normpath(target))
-            == os.path.normpath(here) and os.path.isfile(target) and not os.path.islink(target))
+    return bool(_SUBMITIT_LINK.fullmatch(os.path.basename(path))) and \
+        os.path.basename(os.path.dirname(path)) == "submitit"
 
 
 def _check_dir(path: str) -> None:

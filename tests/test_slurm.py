@@ -150,7 +150,7 @@ def test_slurm_sigkill_then_resume_cancels_the_leftover_job(slurm, tmp_path):
     submits the config again, and finishes with one row per config."""
     m = tmp_path / "m.toml"
     m.write_text(TINY + "[matrix]\nseed = [0, 1]\n")
-    out = tmp_path / "o"
+    out = tmp_path / "o{x}"  # braces: a SLURM job once formatted the sweep's path and failed its ok row
     token = uuid.uuid4().hex
     p = sweep(slurm, "--matrix", m, "--out", out, "--executor", "slurm", "--timeout", "300", "--no-report",
               env={"LLMOPT_FAIL_AT": "0:1:hang:1", "LLMOPT_TEST_TOKEN": token})
@@ -167,6 +167,40 @@ def test_slurm_sigkill_then_resume_cancels_the_leftover_job(slurm, tmp_path):
     got = rows(out)
     assert sorted(row["seed"] for row in got) == ["0", "1"] and {row["status"] for row in got} == {"ok"}
     wait_for("the leftover job's processes gone", lambda: processes_with(token) == [] and slurm.squeue() == [], 30)
+
+
+def test_slurm_jobs_that_cannot_start_fail_their_rows_with_the_reason(slurm, tmp_path):
+    """A job that can never start (more CPUs than the node has) once sat silent for minutes: its pending reason
+    is on the progress output and its row fails at once with it. One pending for a reason that may clear fails
+    after --pending-timeout. An sbatch refusal (an unknown partition) is a failed row with sbatch's words: no
+    traceback, no submission files left behind. Nothing stays in squeue."""
+    m = tmp_path / "m.toml"
+    m.write_text(TINY + "[matrix]\nseed = [0]\n")
+    p = sweep(slurm, "--matrix", m, "--out", tmp_path / "never", "--executor", "slurm", "--no-report",
+              "--cpus-per-node", "64")
+    rc, out, err = finish(p, timeout=60, cluster=slurm)
+    assert rc == 1 and "pending: PartitionConfig" in out and "Traceback" not in err, out[-2000:] + err[-2000:]
+    (row,) = rows(tmp_path / "never")
+    assert row["status"] == "failed" and "can never start: SLURM says PartitionConfig" in row["error"], row
+    assert slurm.squeue() == []
+    blocker = subprocess.run(["sbatch", "--exclusive", "--wrap", "sleep 120", "--output", "/dev/null"],
+                             env=slurm.env, capture_output=True, text=True, check=True).stdout.split()[-1]
+    try:
+        p = sweep(slurm, "--matrix", m, "--out", tmp_path / "busy", "--executor", "slurm", "--no-report",
+                  "--pending-timeout", "3")
+        rc, out, err = finish(p, timeout=60, cluster=slurm)
+    finally:
+        subprocess.run(["scancel", blocker], env=slurm.env, check=False)
+    (row,) = rows(tmp_path / "busy")
+    assert row["status"] == "failed" and "still pending after" in row["error"] and "--pending-timeout" in row["error"]
+    p = sweep(slurm, "--matrix", m, "--out", tmp_path / "refused", "--executor", "slurm", "--no-report",
+              "--slurm-partition", "nope")
+    rc, out, err = finish(p, timeout=60, cluster=slurm)
+    assert rc == 1 and "Traceback" not in err, err[-3000:]
+    (row,) = rows(tmp_path / "refused")
+    assert row["status"] == "failed" and row["error"].startswith("sbatch refused the job: invalid partition"), row
+    assert os.listdir(tmp_path / "refused" / "submitit") == []  # no stray submission script or pickle
+    wait_for("an empty queue", lambda: slurm.squeue() == [], 30)
 
 
 def test_slurm_ctrl_c_leaves_no_job(slurm, tmp_path):
@@ -215,7 +249,7 @@ def test_a_job_ended_by_slurm_gets_its_state(tmp_path, monkeypatch, state, statu
     for sub in ("logs", "metrics"):
         os.makedirs(tmp_path / "o" / sub)
     entry = expand(str(tmp_path / "m.toml"), "cpu", 4)[0]
-    job = ex.SubmititJob(FakeExecutor(), FakeQueue(), None, 1, entry, str(tmp_path / "o"), 60.0, 1, ex.Slot())
+    job = ex.SubmititJob(FakeExecutor(), FakeQueue(), None, 1, 600.0, entry, str(tmp_path / "o"), 60.0, 1, ex.Slot())
     if state == "COMPLETED:rc":  # the config's metrics and exit code, as run_in_job leaves them
         import shutil
 
