@@ -124,14 +124,13 @@ def resolve_jobs(jobs: str, executor: str, device: str) -> tuple[int, int]:
     return n, n_gpus
 
 
-UNUSED_GIVEN = {"min_lr_ratio", "lr_decay_fraction"}  # llmopt.train refuses these given where they have no effect
-
-
 def config_argv(entry: dict, metrics_path: str, warmup: int) -> list[str]:
     """``llmopt.train``'s arguments for one config (after ``python -m llmopt.train``)."""
     from llmopt.config import CHECKPOINT
+    from llmopt.train import unused_fields
 
     argv = ["--quiet", "--memory-breakdown", "--timing-warmup", str(warmup), "--metrics-out", metrics_path]
+    no_effect = unused_fields(TrainConfig(**entry["config"]))  # llmopt.train refuses these given
     for k, v in entry["config"].items():
         flag = f"--{k.replace('_', '-')}"
         if k == "preset" and v == CHECKPOINT:
@@ -139,10 +138,8 @@ def config_argv(entry: dict, metrics_path: str, warmup: int) -> list[str]:
         field = TrainConfig.__dataclass_fields__[k]
         if field.metadata["given_positive"] and v == field.default:
             continue  # 0 stands for the default (the optimizer's learning rate): given, it would be refused
-        if v == field.default and k in UNUSED_GIVEN:
-            continue  # a flag that has no effect in some combinations is passed only when it is not the default
-        if k == "steps" and TrainConfig(**entry["config"]).resolved().steps != v:
-            continue  # --max-tokens sets another count (a plan from before the harness made them agree)
+        if k in no_effect:
+            continue  # no effect in this combination: the run is the same without it
         if isinstance(v, bool):
             argv += [flag] if v else []
         elif v is not None:

@@ -335,9 +335,6 @@ def _check_training_schedule(cfg: TrainConfig) -> None:
     if cfg.lr_warmup >= steps and cfg.lr_warmup:
         raise ValueError(f"--lr-warmup {cfg.lr_warmup} is not shorter than the run ({steps} steps); "
                          f"use fewer warm-up steps or more --steps/--max-tokens")
-    if cfg.min_lr_ratio != 0.1 and cfg.lr_schedule == "constant":
-        raise ValueError(f"--min-lr-ratio {cfg.min_lr_ratio} is the floor of a decay; --lr-schedule constant has "
-                         f"none: add --lr-schedule cosine, linear or wsd, or drop it")
     if cfg.lr_decay_fraction != 0.2 and cfg.lr_schedule != "wsd":
         raise ValueError(f"--lr-decay-fraction {cfg.lr_decay_fraction} shapes --lr-schedule wsd only; add "
                          f"--lr-schedule wsd or drop it")

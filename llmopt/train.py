@@ -123,10 +123,23 @@ def given_flags(argv: list[str]) -> set[str]:
     return set(vars(p.parse_known_args(argv)[0]))
 
 
-# A flag with no effect in its combination: (field, when it has none, why). Said, never silently ignored.
+# A flag with no effect in its combination: (field, when it has none, why). Given on the command line, it is
+# refused, never silently ignored; the harness leaves such a field out of the argv it hands a config
+# (``bench.executors.config_argv``), since a matrix's cross product makes these combinations on purpose.
 UNUSED = (("min_lr_ratio", lambda c: c.lr_schedule == "constant", "--lr-schedule constant has no decay to floor"),
           ("lr_decay_fraction", lambda c: c.lr_schedule != "wsd", "it shapes --lr-schedule wsd only"),
-          ("steps", lambda c: c.max_tokens and c.steps != c.resolved().steps, "--max-tokens sets another count"))
+          ("steps", lambda c: bool(c.max_tokens) and c.steps != c.resolved().steps,
+           "--max-tokens sets another count"),
+          ("pp_schedule", lambda c: c.pp == 1, "there is no pipeline without --pp 2 or more"),
+          ("pp_microbatches", lambda c: c.pp == 1, "there is no pipeline without --pp 2 or more"),
+          ("dp_mode", lambda c: c.dp == 1, "there is no data parallelism without --dp 2 or more"),
+          ("eval_batches", lambda c: not c.eval_every, "no eval runs without --eval-every"),
+          ("tokenizer", lambda c: c.data is None, "the generated data has no text to tokenize; add --data"))
+
+
+def unused_fields(cfg: TrainConfig) -> set[str]:
+    """The fields that have no effect in ``cfg``'s combination (``UNUSED``)."""
+    return {name for name, unused, _ in UNUSED if unused(cfg)}
 
 
 def _refuse_unused(cfg: TrainConfig, given: set[str]) -> None:

@@ -178,6 +178,8 @@ def test_a_planted_job_id_never_reaches_scancel(tmp_path, monkeypatch, job_id):
 
 @pytest.mark.parametrize("flags, match", [
     (["--min-lr-ratio", "0.1"], "--min-lr-ratio has no effect"),  # the default value, given: still said
+    (["--pp-schedule", "gpipe"], "--pp-schedule has no effect"), (["--tokenizer", "train:300"], "add --data"),
+    (["--eval-batches", "8"], "--eval-every"),
     (["--lr-schedule", "cosine", "--lr-decay-fraction", "0.2"], "--lr-decay-fraction has no effect"),
     (["--max-tokens", "4096", "--steps", "5"], "--steps has no effect"),
 ])
