@@ -1,9 +1,10 @@
 """``python -m bench.compare DIR_A DIR_B``: per-config ratios B/A, with changes beyond the measured noise flagged.
 
 Noise is measured, not assumed: for each config and each sweep, the relative standard error of the mean
-timed step time (std / mean / sqrt(n), warm-up steps excluded, from steps.csv). A throughput ratio is flagged
-when |ln(ratio)| exceeds 3 x the two errors combined (sqrt(se_A^2 + se_B^2)), i.e. a change the step-to-step
-jitter of these two runs would very rarely produce by chance.
+timed step time (the row's own step-time cv / sqrt(timed steps); from steps.csv for a sweep older than that
+column). A throughput ratio is flagged when |ln(ratio)| exceeds 3 x the two errors combined (sqrt(se_A^2 +
+se_B^2), ``bench.noise``), i.e. a change the step-to-step jitter of these two runs would very rarely produce by
+chance. A noisy row that was re-timed is compared by its steadier timing, as the report uses it.
 """
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ import os
 
 import pandas as pd
 
+from bench.noise import SIGMAS, beyond_noise, row_se, steadier
 from bench.report import load
-
-SIGMAS = 3.0
 
 
 def step_noise(results: pd.DataFrame, steps: pd.DataFrame) -> pd.Series:
@@ -31,19 +31,22 @@ def step_noise(results: pd.DataFrame, steps: pd.DataFrame) -> pd.Series:
 def compare(dir_a: str, dir_b: str) -> pd.DataFrame:
     ra, sa = load(dir_a)
     rb, sb = load(dir_b)
-    na, nb = step_noise(ra, sa), step_noise(rb, sb)
-    a = ra[ra.status == "ok"].set_index("config_id")
-    b = rb[rb.status == "ok"].set_index("config_id")
+    na, nb = step_noise(ra, sa), step_noise(rb, sb)  # for rows without their own spread (older sweeps)
+    ra, rb = steadier(ra)[0], steadier(rb)[0]
+    a = ra[ra.status == "ok"].set_index("config_id", drop=False)
+    b = rb[rb.status == "ok"].set_index("config_id", drop=False)
     rows = []
     for cid in sorted(set(a.index) & set(b.index)):
         ratio = b.at[cid, "tokens_per_s"] / a.at[cid, "tokens_per_s"]
-        noise = math.sqrt(na.get(cid, 0.0) ** 2 + nb.get(cid, 0.0) ** 2)
-        flag = abs(math.log(ratio)) > SIGMAS * noise if noise > 0 else False
+        se_a, se_b = row_se(a.loc[cid]) or na.get(cid, 0.0), row_se(b.loc[cid]) or nb.get(cid, 0.0)
+        noise = math.sqrt(se_a ** 2 + se_b ** 2)
+        flag = beyond_noise(ratio, se_a, se_b) if noise > 0 else False
         rows.append({
             "config_id": cid,
             "tokens_per_s_A": round(a.at[cid, "tokens_per_s"]),
             "tokens_per_s_B": round(b.at[cid, "tokens_per_s"]),
             "speed_ratio_B/A": round(ratio, 3),
+            "cv_A": round(a.at[cid, "step_time_cv"], 3), "cv_B": round(b.at[cid, "step_time_cv"], 3),
             "noise_band": f"±{SIGMAS * noise:.1%}",
             "changed": ("faster" if ratio > 1 else "slower") if flag else "",
             "memory_ratio_B/A": round(b.at[cid, "peak_memory_bytes"] / a.at[cid, "peak_memory_bytes"], 3),

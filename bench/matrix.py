@@ -483,7 +483,7 @@ def check_plan(saved, path: str) -> None:
         if unknown:
             raise bad(f"{where}'s config has fields llmopt does not have: {sorted(unknown)}")
         try:
-            expected = config_id(entry["config"])
+            expected = config_id(entry["config"]) + ("-retime" if entry.get("phase") == "retime" else "")
         except (KeyError, TypeError, ValueError) as e:
             raise bad(f"{where}'s config is malformed ({e})") from None
         if cid != expected:

@@ -8,6 +8,7 @@ import pandas as pd
 
 from bench.hardware import NATIVE_BF16_FLAGS
 from bench.markdown import fmt, md_table
+from bench.noise import NOISY_CV, NOISY_P90_P50, RETIME, RETIME_SUFFIX, beyond_noise, relative_se, row_se, steadier
 from bench.results import DETAILS, RESULT_COLUMNS, TEXT_COLUMNS, read_env
 from llmopt.safe_files import one_line, open_file, refuse_links
 
@@ -44,6 +45,16 @@ def fastest_under(ok: pd.DataFrame, budget_bytes: float) -> pd.Series | None:
     return None if fit.empty else fit.loc[fit.tokens_per_s.idxmax()]
 
 
+def tied_with(ok: pd.DataFrame, best: pd.Series, budget_bytes: float, most: int = 3) -> list[str]:
+    """The other configs within the budget whose tokens/s is within noise of the fastest's: "fastest" is then a
+    tie, said as one (the first ``most`` by tokens/s, and how many more)."""
+    fit = ok[(ok.peak_memory_bytes <= budget_bytes) & (ok.config_id != best.config_id)]
+    fit = fit.sort_values("tokens_per_s", ascending=False)
+    tied = [r.config_id for _, r in fit.iterrows()
+            if not beyond_noise(best.tokens_per_s / r.tokens_per_s, row_se(best), row_se(r))]
+    return [f"`{c}`" for c in tied[:most]] + ([f"{len(tied) - most} more"] if len(tied) > most else [])
+
+
 def amp_speed(ok: pd.DataFrame, cpu_flags: str = "") -> list[str]:
     """One sentence per AMP precision: its median tokens/s over fp32's, over the pairs of ok configs that
     differ only in precision, and plainly whether AMP is slower than fp32 on this machine."""
@@ -53,17 +64,24 @@ def amp_speed(ok: pd.DataFrame, cpu_flags: str = "") -> list[str]:
 
     keys = [f.name for f in fields(TrainConfig) if f.name not in ("precision", "lr") and f.name in ok.columns]
     key = ok[keys].apply(lambda col: col.map(str)).agg("|".join, axis=1)  # NaN-safe: "nan" == "nan"
-    base = ok.tokens_per_s[ok.precision == "fp32"].groupby(key).max()
+    se = ok.apply(row_se, axis=1)
+    fastest = ok.tokens_per_s.groupby([key, ok.precision]).idxmax()  # each config's fastest row per precision
     lines = []
     for prec in sorted(set(ok.precision) - {"fp32"}):
-        amp = ok.tokens_per_s[ok.precision == prec].groupby(key).max()
-        ratio = (amp / base).dropna()
-        if ratio.empty:
+        pairs = [(fastest[k, prec], fastest[k, "fp32"]) for k in key.unique()
+                 if (k, prec) in fastest.index and (k, "fp32") in fastest.index]
+        if not pairs:
             continue
+        ratio = pd.Series([ok.tokens_per_s[a] / ok.tokens_per_s[b] for a, b in pairs])
+        beyond = [beyond_noise(ok.tokens_per_s[a] / ok.tokens_per_s[b], se[a], se[b]) for a, b in pairs]
         r = ratio.median()
-        verdict = "slower than fp32 on this machine" if r < 1 else "faster than fp32 on this machine"
+        # a verdict only where most pairs differ beyond their own rows' noise, in the median's direction
+        clear = sum(b and (x < 1) == (r < 1) for b, x in zip(beyond, ratio)) > len(pairs) / 2
+        verdict = ("within noise of fp32 on this machine" if not clear else
+                   "slower than fp32 on this machine" if r < 1 else "faster than fp32 on this machine")
         lines.append(f"{prec} is {verdict}: median {r:.2f}x fp32's tokens/s over {len(ratio)} configs that "
-                     f"differ only in precision (range {ratio.min():.2f}x to {ratio.max():.2f}x)"
+                     f"differ only in precision (range {ratio.min():.2f}x to {ratio.max():.2f}x; "
+                     f"{sum(beyond)} of {len(pairs)} beyond their rows' noise)"
                      + (f"; CPU bf16 features: {cpu_flags}" if cpu_flags else "") + ".")
     return lines
 
@@ -83,9 +101,11 @@ def peers_section(ok: pd.DataFrame) -> list[str]:
     L.append(md_table(pd.DataFrame(rows)))
     ours, hf = ok[ok.model_impl == "llmopt"], ok[ok.model_impl == "hf"]
     if not ours.empty and not hf.empty:
-        r = ours.tokens_per_s.max() / hf.tokens_per_s.max()
+        a, b = ours.loc[ours.tokens_per_s.idxmax()], hf.loc[hf.tokens_per_s.idxmax()]
+        r = a.tokens_per_s / b.tokens_per_s
+        noise = "" if beyond_noise(r, row_se(a), row_se(b)) else ", within noise of each other"
         L.append(f"llmopt's best / HF's best (any engine): **{r:.2f}x** "
-                 f"(target 1.3x: {'met' if r >= 1.3 else 'not met'}).")
+                 f"(target 1.3x: {'met' if r >= 1.3 else 'not met'}{noise}).")
         L.append("")
     return L
 
@@ -101,8 +121,10 @@ def optimizer_section(ok: pd.DataFrame) -> list[str]:
         return []
     d["layout"] = d.apply(layout_name, axis=1)
     d["share"] = d.optimizer_ms_p50 / d.step_time_ms_p50
+    d["se"] = [relative_se(cv, float(r.steps_run) - float(r.timing_warmup or 0))
+               for cv, r in zip(d.optimizer_ms_cv if "optimizer_ms_cv" in d else [None] * len(d), d.itertuples())]
     g = d.groupby(["optimizer", "layout"]).agg(ms=("optimizer_ms_p50", "median"), share=("share", "median"),
-                                                n=("config_id", "size")).reset_index()
+                                                n=("config_id", "size"), se=("se", "max")).reset_index()
     layouts = sorted(d.layout.unique(), key=lambda l: (l != "single", l))
     order = [o for o in ("sgd", "adam", "adamw", "lamb", "muon", "adafactor") if o in set(g.optimizer)]
     cell = {(r.optimizer, r.layout): r for r in g.itertuples()}
@@ -112,10 +134,15 @@ def optimizer_section(ok: pd.DataFrame) -> list[str]:
          "The update alone (`optimizer_ms_p50`: CUDA events on GPU, the clock on CPU), and its share of the p50 "
          "step, median over this sweep's configs of each optimizer and layout:", md_table(pd.DataFrame(rows))]
     if "adamw" in order:
-        ratio = [{"optimizer": o, **{l: (f"{cell[o, l].ms / cell['adamw', l].ms:.2f}x"
-                                        if (o, l) in cell and ("adamw", l) in cell else "") for l in layouts}}
-                 for o in order if o != "adamw"]
-        L += ["Update time over AdamW's, per layout:", md_table(pd.DataFrame(ratio))]
+        def over(o, l):
+            if (o, l) not in cell or ("adamw", l) not in cell:
+                return ""
+            r = cell[o, l].ms / cell["adamw", l].ms
+            return f"{r:.2f}x" + ("" if beyond_noise(r, cell[o, l].se, cell["adamw", l].se) else " (within noise)")
+
+        ratio = [{"optimizer": o, **{l: over(o, l) for l in layouts}} for o in order if o != "adamw"]
+        L += ["Update time over AdamW's, per layout (within noise: not beyond 3 standard errors of the two "
+              "updates' step-to-step spread):", md_table(pd.DataFrame(ratio))]
     return L + [""]
 
 
@@ -130,6 +157,10 @@ def summary_sections(ok: pd.DataFrame, env: dict, memory_budget_mib: float | Non
         "tokens/s": ok.tokens_per_s.map(lambda v: fmt(v, ",.0f")),
         "p50 ms": ok.step_time_ms_p50.map(lambda v: fmt(v, ".1f")),
         "p90 ms": ok.step_time_ms_p90.map(lambda v: fmt(v, ".1f")),
+        "cv": ok.step_time_cv.map(lambda v: fmt(v, ".2f")),
+        "p90/p50": ok.step_time_p90_p50.map(lambda v: fmt(v, ".2f")),
+        "timing": [", ".join((["noisy"] if str(n) == "True" else []) + ([t] if t != "first" else []))
+                   for n, t in zip(ok.noisy, ok.timing)],
         "peak MiB": (ok.peak_memory_bytes / MIB).map(lambda v: fmt(v, ".1f")),
         "pred MiB": (ok.predicted_memory_bytes / MIB).map(lambda v: fmt(v, ".1f")),
         "pred err": ok.memory_prediction_error.map(lambda v: fmt(v, "+.1%")),
@@ -170,7 +201,8 @@ def summary_sections(ok: pd.DataFrame, env: dict, memory_budget_mib: float | Non
         best = fastest_under(ok, b)
         rows.append({"budget MiB": f"{b / MIB:.1f}", "fastest config": "" if best is None else best.config_id,
                      "tokens/s": "" if best is None else f"{best.tokens_per_s:,.0f}",
-                     "peak MiB": "" if best is None else f"{best.peak_memory_bytes / MIB:.1f}"})
+                     "peak MiB": "" if best is None else f"{best.peak_memory_bytes / MIB:.1f}",
+                     "within noise of it": "" if best is None else ", ".join(tied_with(ok, best, b))})
     L.append(md_table(pd.DataFrame(rows)))
     front = pareto_front(ok)
     L.append("Pareto front (no other config is both faster and smaller): "
@@ -185,6 +217,9 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
 
     unreadable: dict[str, int] = {}
     results, details = load_all(out_dir, unreadable)
+    first = results[results.phase != RETIME] if "phase" in results else results
+    noisy = int((first.noisy.astype(str) == "True").sum())  # as first timed, before any re-time
+    results, retimed, retime_used = steadier(results)  # a noisy row's steadier timing; re-time rows folded in
     steps = details["steps"]
     # what the report quotes from env.json is shown on one line each: the file may come from someone else
     env = {k: (one_line(v) if isinstance(v, str) else [one_line(x) for x in v] if isinstance(v, list) else v)
@@ -214,6 +249,11 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
                  f"no run records: inf, NaN in an ok row, negative, beyond float32; "
                  f"`python -m bench.run --resume --repair --out DIR` moves them to `<file>.rejected`)")
         print(f"report: unreadable lines left out ({note}); --resume --repair moves them aside", file=sys.stderr)
+    if noisy or retimed:
+        L.append(f"- **Noisy timings**: {noisy} row(s) spread beyond step-time cv {NOISY_CV:g} or p90/p50 "
+                 f"{NOISY_P90_P50:g} (column `timing`); {retimed} re-timed at the end of the sweep, the steadier "
+                 f"timing used in {retime_used} (both timings are in results.csv and steps.csv, the second as "
+                 f"`<config_id>{RETIME_SUFFIX}`). Comparisons below are stated only beyond the rows' noise.")
     if env.get("executor") == "slurm":
         most = env.get("slurm_most_per_node", 0)
         if env.get("slurm_shared_nodes"):

@@ -30,7 +30,8 @@ RESULT_COLUMNS = [
     "timing_warmup", "data_description",
     "steps_run", "tokens_seen", "steps_to_target", "tokens_to_target", "seconds_to_target", "final_eval_loss",
     "best_eval_loss", "gns_b_simple", "train_seconds", "eval_seconds", "diverged_at_step",
-    "tokens_per_s", "step_time_ms_p50", "step_time_ms_p90", "optimizer_ms_p50",
+    "tokens_per_s", "step_time_ms_p50", "step_time_ms_p90", "step_time_cv", "step_time_p90_p50", "noisy",
+    "optimizer_ms_p50", "optimizer_ms_cv",
     "peak_memory_bytes", "peak_memory_kind", "predicted_memory_bytes", "memory_prediction_error",
     "memory_parameters_bytes", "memory_gradients_bytes", "memory_optimizer_state_bytes",
     "memory_activations_bytes", "memory_other_bytes",
@@ -49,7 +50,7 @@ OK_METRIC_COLUMNS = RunMetrics.columns("ok")
 assert set(RUN_METRIC_COLUMNS + OK_METRIC_COLUMNS) <= set(RESULT_COLUMNS), "a metric column has no place in the rows"
 assert len(set(RESULT_COLUMNS)) == len(RESULT_COLUMNS), "a column is listed twice"
 # Columns read as text; every other column is a number (or empty).
-TEXT_COLUMNS = CONFIG_TEXT_COLUMNS | {"config_id", "status", "error", "data_description", "peak_memory_kind",
+TEXT_COLUMNS = CONFIG_TEXT_COLUMNS | {"config_id", "status", "error", "data_description", "peak_memory_kind", "noisy",
                                       "peak_flops_source", "baseline_id", "parity_verdict", "added_as_baseline",
                                       "phase"}
 STEP_COLUMNS = ["config_id", "step", "loss", "step_time_ms", "optimizer_ms"]

@@ -34,6 +34,7 @@ from bench.matrix import (
     parse_filter,
     rank_budget,
 )
+from bench.noise import NOISY_CV, NOISY_P90_P50, RETIME, RETIME_SUFFIX, is_noisy
 from bench.results import (
     OK_METRIC_COLUMNS,
     RUN_METRIC_COLUMNS,
@@ -51,6 +52,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(REPO, "results", "runs")
 LATEST = os.path.join(REPO, "results", "latest")
 MAX_CONFIGS = 10_000
+# "0" turns --warm-up and --retime off by default (the tests' sweeps: their row counts and times must not
+# depend on how loaded the machine is; the tests of these two features turn them on by flag)
+STEADY_ENV = "LLMOPT_SWEEP_STEADY"
 EXACT = 1e-4         # nats: "exact" parity (fp32 layouts agree to ~1e-6; this leaves room for reduction order)
 AMP_TOLERANCE = 5e-2  # nats: a bf16/fp16 curve within this of the fp32 baseline is "within AMP tolerance"
 
@@ -74,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="steps per config (default: the device's)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per config before it is killed")
     p.add_argument("--no-report", action="store_true", help="skip report.md and plots at the end")
+    steady = os.environ.get(STEADY_ENV, "1") != "0"
+    p.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=steady,
+                   help="local executor: run the first config once, untimed, before timing anything, so the first "
+                        "row is not taken on a cold machine (default: on)")
+    p.add_argument("--retime", action=argparse.BooleanOptionalAction, default=steady,
+                   help=f"local executor: time a noisy row (step-time cv > {NOISY_CV:g} or p90/p50 > "
+                        f"{NOISY_P90_P50:g}) once more at the end of the sweep; the report uses the steadier "
+                        f"(default: on)")
     p.add_argument("--jobs", default="auto", metavar="N|auto",
                    help="configs at once on disjoint devices (default auto: 1 on CPU, every GPU busy on CUDA)")
     p.add_argument("--executor", default=None, choices=EXECUTORS,
@@ -148,6 +160,8 @@ def build_row(entry: dict, status: str, error: str, metrics: RunMetrics | None, 
         row["final_loss"] = m.losses[-1] if m.losses else None
         return row, details
     row.update({k: getattr(m, k) for k in OK_METRIC_COLUMNS})
+    spread = m.step_time_ms_p90 / m.step_time_ms_p50 if m.step_time_ms_p50 else None
+    row.update(step_time_p90_p50=spread, noisy=is_noisy(m.step_time_cv, spread))
     peak, pred = m.peak_memory_bytes, m.predicted_memory
     breakdown = m.memory_breakdown or {}
     row.update(final_loss=m.losses[-1], **prediction_columns(pred, peak))
@@ -197,6 +211,8 @@ def headline(row: dict) -> str:
              f"loss {float(row['final_loss']):.4f}"]
     if row.get("parity_verdict"):
         parts.append(str(row["parity_verdict"]))
+    if row.get("noisy") is True:
+        parts.append(f"NOISY (cv {row['step_time_cv']:.2f}, p90/p50 {row['step_time_p90_p50']:.2f})")
     return "  ".join(parts)
 
 
@@ -418,13 +434,15 @@ def _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup, pool
         done_rows, details = files.load()
     t_start = time.monotonic()
     _note_concurrency(out, pool)
-    runner = _Runner(out, files, warmup, pool, done_rows, details["steps"])
+    runner = _Runner(out, files, warmup, pool, done_rows, details["steps"],
+                     warm_up=args.warm_up and pool.executor == "local")
+    retiming = args.retime and pool.executor == "local"
     try:
         while True:
             runner.run(plan)
             # Adaptive matrices (convergence) add configs computed from the rows so far: a learning-rate grid
             # widened at its edge, the winner in another precision. Stored in plan.json, so resume sees them.
-            more = followups(matrix, plan, runner.rows)
+            more = followups(matrix, plan, runner.rows) or (retimes(plan, runner.rows) if retiming else [])
             if not more:
                 break
             plan += more
@@ -461,13 +479,30 @@ def _summary(rows: list[dict]) -> int:
     return 1 if counts.get("failed") or counts.get("timeout") else 0
 
 
+def retimes(plan: list[dict], rows: list[dict]) -> list[dict]:
+    """A second timing, at the end of the sweep, of each noisy ok row of a throughput config (not a convergence
+    run: its figure is its loss): the same config under the id ``<id>-retime`` and phase ``retime``. Once per
+    row; stored in plan.json like any follow-up, so a resume runs what is left of them."""
+    have = {e["config_id"] for e in plan}
+    by_id = {e["config_id"]: e for e in plan}
+    out = []
+    for r in rows:
+        cid = r["config_id"]
+        if (r["status"] != "ok" or str(r.get("noisy")) != "True" or (r.get("phase") or "") not in ("", "layouts")
+                or cid + RETIME_SUFFIX in have or cid not in by_id):
+            continue
+        out.append(dict(by_id[cid], config_id=cid + RETIME_SUFFIX, phase=RETIME, added_as_baseline=False,
+                        compare_with_baseline=False))
+    return out
+
+
 class _Runner:
     """Runs the plan's entries that have no row yet, up to ``pool.jobs`` at once, and appends each row in plan
     order as soon as it and every row before it are known, with progress lines."""
 
     def __init__(self, out: str, files: ResultFiles, warmup: int, pool: "Pool", done_rows: list[dict],
-                 done_steps: list[dict]):
-        self.out, self.files, self.warmup, self.pool = out, files, warmup, pool
+                 done_steps: list[dict], warm_up: bool = False):
+        self.out, self.files, self.warmup, self.pool, self.warm_up = out, files, warmup, pool, warm_up
         self.rows = list(done_rows)
         self.baselines: dict[str, list[float]] = {}
         for r in done_rows:
@@ -497,6 +532,9 @@ class _Runner:
                 if entry["skipped"] is None:
                     row_peak(entry, None, self.peak_cache)
         worlds = [world_size(e["config"]) for e in todo]
+        if self.warm_up:
+            self._warm_up(next((e for e, w in zip(todo, worlds) if e["skipped"] is None
+                                and self.pool.slots.too_big(w) is None), None))
         outcomes: dict[int, tuple[Outcome, object]] = {}
         running: dict[int, object] = {}
         start, emitted = 0, 0
@@ -519,6 +557,31 @@ class _Runner:
         finally:  # Ctrl-C, SIGTERM or an error here: no config's processes or jobs outlive the sweep
             for job in running.values():
                 job.cancel()
+
+    def _warm_up(self, entry: dict | None) -> None:
+        """Before the first timed config: that config run once, untimed, its row not written (its log kept as
+        logs/warmup-<id>.log), so that the first row is not the one that pays for a cold machine (CPU clocks,
+        caches, the allocator, first-touch pages: MLPerf's timing rules leave a warm-up out for the same reason)."""
+        self.warm_up = False
+        if entry is None:
+            return
+        self.pool.ready()
+        slot = self.pool.slots.take(world_size(entry["config"]), 0)
+        with signals_held():
+            job = self.pool.start(dict(entry, config_id="warmup-" + entry["config_id"]), slot)
+        outcome = None
+        try:
+            while outcome is None:
+                outcome = job.poll()
+                time.sleep(0.05)
+        finally:
+            if outcome is None:  # Ctrl-C or SIGTERM during the warm-up
+                job.cancel()
+            self.pool.slots.give(slot)
+        if os.path.exists(job.metrics_path):
+            os.remove(job.metrics_path)
+        print(f"bench: warm-up: {entry['config_id']} run once, untimed ({outcome.wall:.1f} s, {outcome.status}); "
+              f"timing starts now", flush=True)
 
     def _start_what_fits(self, todo, worlds, start, running, outcomes) -> int:
         """Start, in plan order, every config that fits on the free devices (a later, smaller config may start

@@ -4,6 +4,8 @@
 only, when SEED is given, so one sweep can hold healthy and faulty configs). MODE: raise (an exception),
 exit (exit code 17), kill (SIGKILL, as the kernel's OOM killer would), segv (a real segmentation fault), hang
 (never returns), alloc (allocate until SIGKILLed). Read by ``llmopt.runner.timed_steps`` before each step.
+MODE slow: that step takes SLOW_S longer, inside its timing (a stall a noisy machine would cause), on a
+config's first timing only: the harness's re-time of a noisy row (``RETIME_ENV`` set) runs clean.
 """
 from __future__ import annotations
 
@@ -11,6 +13,20 @@ import os
 import time
 
 FAIL_ENV = "LLMOPT_FAIL_AT"
+RETIME_ENV = "LLMOPT_RETIMING"  # set by the harness in a noisy row's second timing
+SLOW_S = 0.25
+
+
+def slow_steps(rank: int, seed: int) -> frozenset[int]:
+    """The steps this rank stalls at (MODE slow), read once before the timed loop."""
+    if os.environ.get(RETIME_ENV):
+        return frozenset()
+    steps = set()
+    for spec in filter(None, os.environ.get(FAIL_ENV, "").split(",")):
+        r, s, mode, *only = spec.split(":")
+        if mode == "slow" and int(r) == rank and not (only and int(only[0]) != seed):
+            steps.add(int(s))
+    return frozenset(steps)
 
 
 def maybe_fail(rank: int, step: int, seed: int) -> None:
@@ -18,7 +34,7 @@ def maybe_fail(rank: int, step: int, seed: int) -> None:
     applying only to configs of that seed (so one sweep can hold healthy and faulty configs)."""
     for spec in filter(None, os.environ.get(FAIL_ENV, "").split(",")):
         r, s, mode, *only = spec.split(":")
-        if int(r) != rank or int(s) != step or (only and int(only[0]) != seed):
+        if int(r) != rank or int(s) != step or (only and int(only[0]) != seed) or mode == "slow":
             continue
         if mode == "exit":
             os._exit(17)

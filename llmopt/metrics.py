@@ -61,6 +61,16 @@ def measured_steps(times_ms: list[float], warmup: int) -> list[float]:
     return times_ms[warmup:] or times_ms
 
 
+def coefficient_of_variation(values: list[float]) -> float | None:
+    """Sample standard deviation over the mean (None under two values): the spread pytest-benchmark reports
+    beside each benchmark, here for a row's timed steps."""
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return var ** 0.5 / mean if mean > 0 else None
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -> float | None:
     """Model FLOPs utilisation (Chowdhery et al. 2022, appendix B): achieved model FLOP/s over the peak.
     The model FLOPs follow llmopt.shapes.flops_per_token (6N + 12·L·H·Q·T, no recomputation counted)."""

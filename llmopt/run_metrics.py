@@ -24,7 +24,9 @@ class RunMetrics:
     timing_warmup: int = _m("run", 0)             # steps left out of the figures below
     step_time_ms_p50: float = _m("ok")
     step_time_ms_p90: float = _m("ok")
+    step_time_cv: float | None = _m("ok")         # the timed steps' standard deviation over their mean
     optimizer_ms_p50: float = _m("ok")
+    optimizer_ms_cv: float | None = _m("ok")      # the same spread for the update alone
     tokens_per_s: float = _m("ok")
     peak_memory_bytes: int = _m("ok")             # the rank with the largest peak
     peak_memory_kind: str = _m("ok")              # cuda_allocator, tracked_tensors or process_rss

@@ -19,11 +19,12 @@ import torch.distributed as dist
 
 from llmopt.config import TrainConfig
 from llmopt.convergence import Convergence
-from llmopt.faults import maybe_fail
+from llmopt.faults import SLOW_S, maybe_fail, slow_steps
 from llmopt.launch import LAUNCH_T0_ENV, under_launcher
 from llmopt.metrics import (
     EnergyMeter,
     StepTimer,
+    coefficient_of_variation,
     measured_steps,
     peak_memory_bytes,
     peak_rss_bytes,
@@ -155,6 +156,7 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool) -> Ti
     timer, energy = StepTimer(device), EnergyMeter(device, local_rank)
     t = Timed(warmup=min(warmup, cfg.steps - 1), conv=Convergence(cfg, state.source.entropy_rate))
     reset_peak_memory(device)
+    slow = slow_steps(rank, cfg.seed)  # tests only: stalls inside the timing (empty otherwise)
     stop = t.conv.due(0) and t.conv.evaluate(state, 0, 0.0)
     for step in range(cfg.steps):
         if stop and step > 0:  # at least one step, even when the target is met before training
@@ -165,6 +167,8 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool) -> Ti
         with timer:
             stats = train_step(state, step)
             loss = stats.loss.item()
+            if step in slow:
+                time.sleep(SLOW_S)
         t.losses.append(loss)
         t.grad_norms.append(stats.grad_norm.item())
         t.step_ms.append(timer.times_ms[-1])
@@ -266,6 +270,7 @@ def summarize(state, t: Timed, breakdown: dict | None, memory_step_s: float | No
         config=cfg.to_dict(), losses=t.losses, grad_norms=t.grad_norms, step_time_ms=t.step_ms,
         optimizer_ms=t.optimizer_ms, timing_warmup=t.warmup, step_time_ms_p50=percentile(times, 50),
         step_time_ms_p90=percentile(times, 90), optimizer_ms_p50=percentile(updates, 50),
+        step_time_cv=coefficient_of_variation(times), optimizer_ms_cv=coefficient_of_variation(updates),
         tokens_per_s=tokens * len(times) / (sum(times) / 1e3),
         peak_memory_bytes=worst["peak"], peak_memory_kind=kind,
         peak_memory_bytes_per_rank=[r["peak"] for r in per_rank],
