@@ -28,9 +28,11 @@ ranks); Adafactor raises (an in-place ``pow_`` on a partial norm). So both are w
 ``ShardedMuon`` keeps the momentum sharded, gathers each matrix's Nesterov momentum (``full_tensor``), has
 torch's Muon orthogonalise the whole matrix and keeps this rank's shard of the update; ``ShardedAdafactor``
 gathers each tensor and its gradient, steps torch's Adafactor on the whole tensor (its factored statistics are
-then the whole tensor's: a row and a column vector, kept on every rank) and keeps this rank's shard. One
-tensor at a time, so the transient memory is that of the largest tensor. Every rank does the whole work (the
-Newton-Schulz iteration is not split across ranks, as Moonlight's distributed Muon does).
+then the whole tensor's: a row and a column vector, kept on every rank) and keeps this rank's shard. The
+gathers go in buckets of at most the largest tensor's size (``size_buckets``, ``gather_wholes``: one all-gather
+per bucket and mesh dimension, not one per tensor), so the transient memory is still about that of the largest
+tensor. Every rank does the whole work (the Newton-Schulz iteration is not split across ranks, as Moonlight's
+distributed Muon does).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from llmopt.config import OPTIMIZERS
 
@@ -232,10 +234,21 @@ class MuonAdamW(torch.optim.Optimizer):
 
 def _shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This rank's part of a whole tensor, sharded as ``like`` (a DTensor) is, with no communication: every
-    rank holds ``full`` (``src_data_rank=None`` slices the local copy); a plain ``like`` takes it whole."""
+    rank holds ``full``. Plain ``Shard``/``Replicate`` placements are sliced here (torch.chunk's pieces, mesh
+    dimension 0 first, as DTensor nests them: ``distribute_tensor``'s dispatch cost per tensor was most of a
+    bucketed Adafactor step); any other (a strided shard) through ``distribute_tensor`` with
+    ``src_data_rank=None``, which slices the local copy too. A plain ``like`` takes it whole."""
     if not isinstance(like, DTensor):
         return full
-    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    mesh, placements = like.device_mesh, like.placements
+    if any(type(p) not in (Shard, Replicate) for p in placements):
+        return distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()
+    piece = full
+    for dim_i, (p, c) in enumerate(zip(placements, mesh.get_coordinate())):
+        if p.is_shard():
+            sizes = _chunk_sizes(piece.shape[p.dim], mesh.size(dim_i))
+            piece = piece.narrow(p.dim, sum(sizes[:c]), sizes[c])
+    return piece
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -247,12 +260,80 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _chunk_sizes(size: int, parts: int) -> list[int]:
+    """How ``Shard`` splits ``size`` elements over ``parts`` ranks: torch.chunk's pieces (ceil-sized, the last
+    ones shorter or empty), as DTensor does."""
+    step = -(-size // parts)
+    return [max(0, min(step, size - i * step)) for i in range(parts)]
+
+
+def gather_wholes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[_whole(t) for t in tensors]`` in one all-gather per mesh dimension for each group of DTensors that share
+    a mesh and placements, instead of one per tensor (a gloo or NCCL collective costs its latency whatever its
+    size, and Adafactor's model-wide gathers were a collective per parameter). Each rank's pieces are flattened,
+    padded to the largest piece and gathered together; each tensor is then put back together along its
+    sharded dimension, the last mesh dimension first (a dimension split twice is split by mesh dimension 0
+    first, as DTensor nests it). Plain tensors come back as they are."""
+    out: list[torch.Tensor | None] = [t if not isinstance(t, DTensor) else None for t in tensors]
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if isinstance(t, DTensor):
+            groups.setdefault((t.device_mesh, tuple(t.placements)), []).append(i)
+    for (mesh, placements), idx in groups.items():
+        if any(p.is_partial() for p in placements):
+            raise ValueError("gather_wholes: a Partial DTensor has no whole value until it is reduced")
+        if any(type(p) not in (Shard, Replicate) for p in placements):
+            # a subclass of Shard (FSDP2 over TP shards the TP shard again, strided: torch's _StridedShard)
+            # nests in another order than plain Shard: gathered by DTensor itself, one tensor at a time
+            for i in idx:
+                out[i] = tensors[i].full_tensor()
+            continue
+        coords = mesh.get_coordinate()
+        pieces = [tensors[i].to_local() for i in idx]
+        # the shape before each mesh dimension's split, for this rank (mesh dimension 0 splits the whole shape)
+        parents = []
+        for i in idx:
+            shape = list(tensors[i].shape)
+            before = []
+            for dim_i, p in enumerate(placements):
+                before.append(list(shape))
+                if p.is_shard():
+                    shape[p.dim] = _chunk_sizes(shape[p.dim], mesh.size(dim_i))[coords[dim_i]]
+            parents.append(before)
+        for dim_i in reversed(range(mesh.ndim)):
+            p = placements[dim_i]
+            if not p.is_shard():
+                continue  # replicated over this mesh dimension: every rank's piece is already the same
+            k = mesh.size(dim_i)
+            shapes = []  # per tensor: the k pieces' shapes along this mesh dimension
+            for j in range(len(idx)):
+                parent = parents[j][dim_i]
+                shapes.append([parent[:p.dim] + [s] + parent[p.dim + 1:] for s in _chunk_sizes(parent[p.dim], k)])
+            width = sum(max(math.prod(s) for s in shp) for shp in shapes)
+            send = torch.zeros(width, dtype=pieces[0].dtype, device=pieces[0].device)
+            at = 0
+            for j, piece in enumerate(pieces):
+                send[at:at + piece.numel()] = piece.reshape(-1)
+                at += max(math.prod(s) for s in shapes[j])
+            recv = [torch.empty_like(send) for _ in range(k)]
+            torch.distributed.all_gather(recv, send, group=mesh.get_group(dim_i))
+            at = 0
+            for j in range(len(idx)):
+                span = max(math.prod(s) for s in shapes[j])
+                parts = [recv[r][at:at + math.prod(shapes[j][r])].view(shapes[j][r]) for r in range(k)]
+                pieces[j] = torch.cat(parts, dim=p.dim)
+                at += span
+        for j, i in enumerate(idx):
+            out[i] = pieces[j]
+    return out
+
+
 class ShardedMuon(torch.optim.Optimizer):
     """torch's Muon for matrices that are DTensors (FSDP2 and TP shards; see the module docstring for why the
     wrapper). The momentum buffer stays sharded as the matrix is; per step and matrix:
 
         buf = lerp(buf, g, 1 - momentum); m = lerp(g, buf, momentum) if nesterov else buf    (on the shard)
-        M = gather(m)                                    (the whole matrix, on every rank)
+        M = gather(m)                  (the whole matrix, on every rank; a bucket of matrices per collective)
         U = torch.optim.Muon's update of a zero matrix with gradient M (momentum 0, no decay): -lr' NS(M)
         w = w (1 - lr wd) + shard(U)
 
@@ -278,29 +359,48 @@ class ShardedMuon(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
             inner.update(lr=lr, adjust_lr_fn=group["adjust_lr_fn"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - mu)
-                m = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                whole = _whole(m)                               # the gather
-                self._proxy.data = torch.zeros_like(whole)
-                self._proxy.grad = whole
-                self._orthogonalise.step()
-                self._orthogonalise.state.clear()               # its zero momentum buffer, for this matrix only
-                _local(p).mul_(1 - lr * wd).add_(_shard_of(self._proxy.data, p))
-                self._proxy.grad, self._proxy.data = None, torch.empty(1, 1)
+            todo = [p for p in group["params"] if p.grad is not None]
+            for bucket in size_buckets(todo):
+                momenta = []
+                for p in bucket:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p.grad)
+                    buf = state["momentum_buffer"]
+                    buf.lerp_(p.grad, 1 - mu)
+                    momenta.append(p.grad.lerp(buf, mu) if group["nesterov"] else buf)
+                for p, whole in zip(bucket, gather_wholes(momenta)):  # the gathers, together
+                    self._proxy.data = torch.zeros_like(whole)
+                    self._proxy.grad = whole
+                    self._orthogonalise.step()
+                    self._orthogonalise.state.clear()           # its zero momentum buffer, for this matrix only
+                    _local(p).mul_(1 - lr * wd).add_(_shard_of(self._proxy.data, p))
+                    self._proxy.grad, self._proxy.data = None, torch.empty(1, 1)
         return loss
 
 
+def size_buckets(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``params`` in order, cut into buckets of at most the largest one's element count (the largest alone): a
+    bucket gathered whole with its gradients holds no more than twice the largest tensor, the transient
+    ``llmopt.memory`` predicts, in a handful of collectives instead of one per tensor."""
+    cap = max((p.numel() for p in params), default=0)
+    buckets: list[list[torch.Tensor]] = []
+    size = cap + 1
+    for p in params:
+        if size + p.numel() > cap:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += p.numel()
+    return buckets
+
+
 class ShardedAdafactor(torch.optim.Optimizer):
-    """torch's Adafactor for DTensor parameters (see the module docstring): per step and tensor, the whole
-    tensor and its gradient are gathered, torch's Adafactor steps the whole tensor (its state, the factored
-    row and column statistics of the whole tensor, lives here on every rank), and each rank keeps its shard."""
+    """torch's Adafactor for DTensor parameters (see the module docstring): per step and bucket of tensors
+    (``size_buckets``), the whole tensors and their gradients are gathered together (``gather_wholes``: one
+    all-gather per mesh dimension and placement), torch's Adafactor steps the whole tensors (its state, the
+    factored row and column statistics of each whole tensor, lives here on every rank), and each rank keeps its
+    shards."""
 
     def __init__(self, params, lr: float, **kw):
         super().__init__(params, dict(lr=lr, **kw))
@@ -317,13 +417,16 @@ class ShardedAdafactor(torch.optim.Optimizer):
                 loss = closure()
         for group, inner in zip(self.param_groups, self._inner.param_groups):
             inner["lr"], inner["weight_decay"] = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+        todo = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for bucket in size_buckets(todo):
+            wholes = gather_wholes(bucket + [p.grad for p in bucket])  # the gathers, together
+            for p, w, g in zip(bucket, wholes, wholes[len(bucket):]):
                 proxy = self._proxies[p]
-                proxy.data = _whole(p).clone()                  # the gathers
-                proxy.grad = _whole(p.grad)
-                self._inner.step()                              # only this proxy has a gradient
+                proxy.data = w if isinstance(p, DTensor) else w.clone()  # a plain tensor came back as itself
+                proxy.grad = g
+            self._inner.step()                                  # only this bucket's proxies have gradients
+            for p in bucket:
+                proxy = self._proxies[p]
                 _local(p).copy_(_shard_of(proxy.data, p))
                 proxy.grad, proxy.data = None, torch.empty(0)
                 self.state[p] = self._inner.state[proxy]
