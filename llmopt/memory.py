@@ -219,8 +219,10 @@ def update_peak(cfg, stage: int, n: int, opt: int) -> MemoryPrediction:
     activations freed by then): the parameters, every gradient (sharded as the parameters) and the optimizer
     state, which here also counts the step's transient buffers. Muon: the whole largest hidden matrix's momentum
     (gathered under FSDP2/TP), the update torch's Muon writes into and its zero momentum, fp32, and the
-    Newton-Schulz iterates in bf16 (about 4 more of its size in bf16); Adafactor under FSDP2/TP: the largest tensor
-    and its gradient, gathered whole (``llmopt.optim``)."""
+    Newton-Schulz iterates in bf16 (about 4 more of its size in bf16); under FSDP2/TP also a bucket of whole
+    momenta and the bucket's updates as the all-gather hands them back, fp32 (``ShardedMuon``: up to twice the
+    mesh's ranks times the largest matrix, at most the stage's hidden matrices); Adafactor under FSDP2/TP: the
+    largest tensor and its gradient, gathered whole (``llmopt.optim``: buckets of that size)."""
     import math
 
     fsdp = cfg.dp > 1 and cfg.dp_mode == "fsdp"
@@ -228,6 +230,10 @@ def update_peak(cfg, stage: int, n: int, opt: int) -> MemoryPrediction:
     if cfg.optimizer == "muon":
         C = cfg.model_config.n_embd
         transient = (3 * 4 + 4 * 2) * 4 * C * C  # the (4C x C) MLP matrices are the largest
+        if fsdp or cfg.tp > 1:
+            ranks = (cfg.dp if fsdp else 1) * cfg.tp
+            hidden = hidden_matrix_params(cfg, stage) * cfg.tp  # the stage's hidden matrices, whole
+            transient += 2 * 4 * min(2 * ranks * 4 * C * C, hidden)
     elif cfg.optimizer == "adafactor" and (fsdp or cfg.tp > 1):
         transient = 2 * 4 * max(math.prod(t) for t in stage_tensors(cfg, stage))
     return MemoryPrediction(4 * n, 4 * n, opt + transient, 0)

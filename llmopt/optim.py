@@ -267,16 +267,18 @@ def _chunk_sizes(size: int, parts: int) -> list[int]:
     return [max(0, min(step, size - i * step)) for i in range(parts)]
 
 
-def gather_wholes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def gather_wholes(tensors: list[torch.Tensor], like: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """``[_whole(t) for t in tensors]`` in one all-gather per mesh dimension for each group of DTensors that share
     a mesh and placements, instead of one per tensor (a gloo or NCCL collective costs its latency whatever its
     size, and Adafactor's model-wide gathers were a collective per parameter). Each rank's pieces are flattened,
     padded to the largest piece and gathered together; each tensor is then put back together along its
     sharded dimension, the last mesh dimension first (a dimension split twice is split by mesh dimension 0
-    first, as DTensor nests it). Plain tensors come back as they are."""
-    out: list[torch.Tensor | None] = [t if not isinstance(t, DTensor) else None for t in tensors]
+    first, as DTensor nests it). Plain tensors come back as they are. With ``like``, ``tensors`` are local
+    shards laid out as the DTensors in ``like`` are (math on the shards skips DTensor's per-operator cost)."""
+    like = tensors if like is None else like
+    out: list[torch.Tensor | None] = [t if not isinstance(l, DTensor) else None for t, l in zip(tensors, like)]
     groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
+    for i, t in enumerate(like):
         if isinstance(t, DTensor):
             groups.setdefault((t.device_mesh, tuple(t.placements)), []).append(i)
     for (mesh, placements), idx in groups.items():
@@ -286,14 +288,16 @@ def gather_wholes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             # a subclass of Shard (FSDP2 over TP shards the TP shard again, strided: torch's _StridedShard)
             # nests in another order than plain Shard: gathered by DTensor itself, one tensor at a time
             for i in idx:
-                out[i] = tensors[i].full_tensor()
+                t = tensors[i]
+                out[i] = (t if isinstance(t, DTensor) else DTensor.from_local(
+                    t, mesh, placements, run_check=False, shape=like[i].shape, stride=like[i].stride())).full_tensor()
             continue
         coords = mesh.get_coordinate()
-        pieces = [tensors[i].to_local() for i in idx]
+        pieces = [_local(tensors[i]) for i in idx]
         # the shape before each mesh dimension's split, for this rank (mesh dimension 0 splits the whole shape)
         parents = []
         for i in idx:
-            shape = list(tensors[i].shape)
+            shape = list(like[i].shape)
             before = []
             for dim_i, p in enumerate(placements):
                 before.append(list(shape))
@@ -360,30 +364,85 @@ class ShardedMuon(torch.optim.Optimizer):
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
             inner.update(lr=lr, adjust_lr_fn=group["adjust_lr_fn"])
             todo = [p for p in group["params"] if p.grad is not None]
-            for bucket in size_buckets(todo):
-                momenta = []
+            ranks = todo[0].device_mesh.size() if todo and isinstance(todo[0], DTensor) else 1
+            # a bucket of about one largest matrix per rank, so that every rank has Newton-Schulz work in each
+            for bucket in size_buckets(todo, times=2 * ranks):
+                momenta = []  # on the shards: DTensor's per-operator cost was most of the sharded step
                 for p in bucket:
                     state = self.state[p]
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = state["momentum_buffer"]
-                    buf.lerp_(p.grad, 1 - mu)
-                    momenta.append(p.grad.lerp(buf, mu) if group["nesterov"] else buf)
-                for p, whole in zip(bucket, gather_wholes(momenta)):  # the gathers, together
-                    self._proxy.data = torch.zeros_like(whole)
-                    self._proxy.grad = whole
-                    self._orthogonalise.step()
-                    self._orthogonalise.state.clear()           # its zero momentum buffer, for this matrix only
-                    _local(p).mul_(1 - lr * wd).add_(_shard_of(self._proxy.data, p))
-                    self._proxy.grad, self._proxy.data = None, torch.empty(1, 1)
+                    buf, g = _local(state["momentum_buffer"]), _local(p.grad)
+                    buf.lerp_(g, 1 - mu)
+                    momenta.append(g.lerp(buf, mu) if group["nesterov"] else buf)
+                wholes = gather_wholes(momenta, like=bucket)    # the gathers, together
+                for p, update in zip(bucket, self._updates(bucket, wholes)):
+                    _local(p).mul_(1 - lr * wd).add_(_shard_of(update, p))
         return loss
 
+    def _orthogonalised(self, whole: torch.Tensor) -> torch.Tensor:
+        """torch's Muon update of a zero matrix whose gradient is ``whole``: -lr' NS(whole)."""
+        self._proxy.data = torch.zeros_like(whole)
+        self._proxy.grad = whole
+        self._orthogonalise.step()
+        self._orthogonalise.state.clear()                       # its zero momentum buffer, for this matrix only
+        update = self._proxy.data
+        self._proxy.grad, self._proxy.data = None, torch.empty(1, 1)
+        return update
 
-def size_buckets(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """``params`` in order, cut into buckets of at most the largest one's element count (the largest alone): a
-    bucket gathered whole with its gradients holds no more than twice the largest tensor, the transient
-    ``llmopt.memory`` predicts, in a handful of collectives instead of one per tensor."""
-    cap = max((p.numel() for p in params), default=0)
+    def _updates(self, bucket: list[torch.Tensor], wholes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The bucket's whole updates on every rank. On a 1-D mesh (FSDP2 or TP alone) the Newton-Schulz work is
+        split: each matrix has one owner (``owners``: balanced by the iteration's FLOPs), each rank orthogonalises
+        its own, and one all-gather hands every rank every update (Moonlight's distributed Muon, with the
+        momentum already gathered whole). Elsewhere (a 2-D mesh, strided shards, plain tensors) every rank
+        orthogonalises every matrix itself."""
+        mesh = bucket[0].device_mesh if isinstance(bucket[0], DTensor) else None
+        if (mesh is None or mesh.ndim != 1 or mesh.size() == 1 or any(
+                not isinstance(p, DTensor) or p.device_mesh != mesh or type(p.placements[0]) not in (Shard, Replicate)
+                for p in bucket)):
+            return [self._orthogonalised(w) for w in wholes]
+        k, me = mesh.size(), mesh.get_local_rank()
+        owner = owners([tuple(w.shape) for w in wholes], k)
+        mine = [self._orthogonalised(w).reshape(-1) for w, o in zip(wholes, owner) if o == me]
+        sizes = [sum(w.numel() for w, o in zip(wholes, owner) if o == r) for r in range(k)]
+        send = torch.zeros(max(sizes), dtype=wholes[0].dtype, device=wholes[0].device)
+        if mine:
+            send[:sizes[me]] = torch.cat(mine)
+        recv = [torch.empty_like(send) for _ in range(k)]
+        torch.distributed.all_gather(recv, send, group=mesh.get_group(0))
+        at, out = [0] * k, []
+        for w, o in zip(wholes, owner):
+            out.append(recv[o][at[o]:at[o] + w.numel()].view(w.shape))
+            at[o] += w.numel()
+        return out
+
+
+def ns_flops(shape: tuple[int, ...]) -> int:
+    """One Newton-Schulz iteration's multiply-adds on an (m x n) matrix, m <= n after torch's transpose: X X^T
+    (m^2 n), the polynomial in it (m^3) and its product with X (m^2 n)."""
+    m, n = sorted(shape)
+    return m * m * (2 * n + m)
+
+
+def owners(shapes: list[tuple[int, ...]], ranks: int) -> list[int]:
+    """Which rank orthogonalises each matrix, the same on every rank: the costliest first (``ns_flops``), each to
+    the rank with the fewest matrices so far, then the fewest FLOPs (ties to the lower rank). Counts first: on
+    small matrices each orthogonalisation costs about its call (torch's Muon step), not its FLOPs."""
+    count, load = [0] * ranks, [0] * ranks
+    out = [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: (-ns_flops(shapes[i]), i)):
+        r = min(range(ranks), key=lambda r: (count[r], load[r], r))
+        out[i] = r
+        count[r] += 1
+        load[r] += ns_flops(shapes[i])
+    return out
+
+
+def size_buckets(params: list[torch.Tensor], times: int = 1) -> list[list[torch.Tensor]]:
+    """``params`` in order, cut into buckets of at most ``times`` the largest one's element count (the largest
+    alone): a bucket gathered whole with its gradients holds no more than twice that, the transient
+    ``llmopt.memory`` predicts (``times`` 1), in a handful of collectives instead of one per tensor."""
+    cap = times * max((p.numel() for p in params), default=0)
     buckets: list[list[torch.Tensor]] = []
     size = cap + 1
     for p in params:
