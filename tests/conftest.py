@@ -66,6 +66,14 @@ def bench_here(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["bench.run", *args], rc, out.getvalue(), err.getvalue())
 
 
+def one_error_line(r, code=2) -> str:
+    """The one ``error:`` line a user's mistake gets (exit 2, nothing else on stderr, no traceback)."""
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     """A plain ``pytest`` runs each benchmark once as a test, untimed (fast CI); ``pytest --benchmark-only``

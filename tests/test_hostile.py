@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, bench_here
+from conftest import ROOT, bench_here, one_error_line
 
 TINY = "[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n"
 
@@ -19,13 +19,6 @@ def bench(*args, cwd=ROOT, timeout=300, env=None):
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT, **(env or {}))
     return subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=cwd, env=e, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def one_error_line(r, code=2):
-    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

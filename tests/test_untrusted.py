@@ -8,16 +8,9 @@ import shutil
 
 import pytest
 
-from conftest import bench_here
+from conftest import bench_here, one_error_line
 
 TINY = "[base]\nsteps = 2\nseq_len = 16\nglobal_batch = 4\n"
-
-
-def one_error_line(r, code=2):
-    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
