@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, replace
 
 from bench.job import read_metrics, run_in_job
+from bench.noise import RETIME
 from llmopt.config import TrainConfig
 from llmopt.faults import RETIME_ENV
 from llmopt.launch import LAUNCH_T0_ENV
@@ -222,7 +223,7 @@ class _Job:
         self.argv = config_argv(entry, self.metrics_path, warmup)
         self.env = config_env(entry["config"], slot)
         self.env[LAUNCH_T0_ENV] = repr(time.time())  # start-up is measured from here (llmopt.runner)
-        if entry.get("phase") == "retime":
+        if entry.get("phase") == RETIME:
             self.env[RETIME_ENV] = "1"
         with open_file(self.log_path, "w") as log:
             log.write("$ llmopt.train " + " ".join(self.argv) + "\n")

@@ -13,8 +13,10 @@ it, the report says "within noise".
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas only where a report is made: bench.run's own start-up stays light
+    import pandas as pd
 
 # Flag thresholds: on the committed CPU references 90% of rows sit below cv 0.11 and p90/p50 1.13 (5-step
 # rows); the row the "noisy figures" report was about read p90/p50 1.43.
@@ -59,7 +61,7 @@ def beyond_noise(ratio: float, se_a: float, se_b: float) -> bool:
     return abs(math.log(ratio)) > SIGMAS * noise if ratio > 0 else True
 
 
-def steadier(results: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
+def steadier(results: "pd.DataFrame") -> tuple["pd.DataFrame", int, int]:
     """The rows without their re-times, each noisy row's timing columns taken from its re-time where that was
     steadier (lower cv); ``timing`` says which ("first"; for a re-timed row "re-timed: second used" or "re-timed:
     first kept"). Returns (rows, re-timed rows, rows whose re-time was used)."""
@@ -67,6 +69,8 @@ def steadier(results: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
         return results.assign(timing="first"), 0, 0
     retimes = results[results.phase == RETIME]
     rows = results[results.phase != RETIME].copy()
+    import pandas as pd
+
     rows["timing"] = "first"
     used = 0
     for _, r in retimes.iterrows():
