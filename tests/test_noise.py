@@ -8,7 +8,7 @@ import pytest
 
 from conftest import bench_here
 
-MATRIX = "[base]\nsteps = 12\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0, 1]\n"
+MATRIX = "[base]\nsteps = 44\nseq_len = 64\nglobal_batch = 8\n[matrix]\nseed = [0, 1]\n"
 
 
 def rows(out) -> list[dict]:
@@ -19,7 +19,9 @@ def rows(out) -> list[dict]:
 @pytest.fixture(scope="module")
 def stalled(tmp_path_factory):
     """Seed 1 stalls for a quarter second at one timed step of its first timing (the fault hook's ``slow``),
-    seed 0 runs clean; --warm-up and --retime on, as a user's sweep has them."""
+    seed 0 runs clean; --warm-up and --retime on, as a user's sweep has them. 42 timed steps of about 40 ms: a
+    shared VM's passing hiccup in one step of a clean row stays under the thresholds; the stall is six steps'
+    worth."""
     d = tmp_path_factory.mktemp("noise")
     (d / "m.toml").write_text(MATRIX)
     r = bench_here("--matrix", d / "m.toml", "--out", d / "o", "--warm-up", "--retime",
@@ -28,23 +30,41 @@ def stalled(tmp_path_factory):
     return d / "o", r.stdout
 
 
-def test_a_stalled_row_is_flagged_and_retimed_and_a_clean_one_is_not(stalled):
+def test_a_stalled_row_is_flagged_and_retimed(stalled):
+    """The stalled row is flagged, re-timed once without the stall, and the report uses the re-time. Whether the
+    clean row is flagged depends on this shared VM's moment (a passing hiccup is noise too); what must hold for
+    every row is that the re-times follow the flags: each flagged row once, no other
+    (``test_a_clean_row_is_not_flagged`` checks the rule on a clean row's step times)."""
     out, stdout = stalled
     got = {r["config_id"]: r for r in rows(out)}
     firsts = {r["seed"]: r for r in got.values() if r["phase"] != "retime"}
-    retimes = [r for r in got.values() if r["phase"] == "retime"]
-    assert firsts["1"]["noisy"] == "True" and float(firsts["1"]["step_time_p90_p50"]) > 1.25, firsts["1"]
-    assert firsts["0"]["noisy"] == "False" and float(firsts["0"]["step_time_cv"]) < 0.15, firsts["0"]
-    assert [r["config_id"] for r in retimes] == [firsts["1"]["config_id"] + "-retime"]
-    assert retimes[0]["noisy"] == "False"  # the re-time ran without the stall
+    retimes = {r["config_id"]: r for r in got.values() if r["phase"] == "retime"}
+    assert firsts["1"]["noisy"] == "True" and float(firsts["1"]["step_time_cv"]) > 0.15, firsts["1"]
+    assert set(retimes) == {r["config_id"] + "-retime" for r in firsts.values() if r["noisy"] == "True"}
+    again = retimes[firsts["1"]["config_id"] + "-retime"]
+    assert float(again["step_time_cv"]) < float(firsts["1"]["step_time_cv"]) / 2  # re-timed without the stall
     with open(out / "steps.csv") as f:  # both timings' steps are kept
         ids = {s["config_id"] for s in csv.DictReader(f)}
-    assert {firsts["1"]["config_id"], retimes[0]["config_id"]} <= ids
+    assert {firsts["1"]["config_id"], again["config_id"]} <= ids
     report = (out / "report.md").read_text()
-    assert "1 row(s) spread beyond" in report and "1 re-timed at the end of the sweep" in report
+    assert f"{len(retimes)} re-timed at the end of the sweep" in report
     line = next(l for l in report.splitlines() if l.startswith(f"| {firsts['1']['config_id']} |"))
-    assert "| re-timed: second used |" in line and f"{float(retimes[0]['tokens_per_s']):,.0f}" in line
-    assert "Configs: 2 (ok 2)" in report  # the re-time is a timing, not a config
+    assert "| re-timed: second used |" in line and f"{float(again['tokens_per_s']):,.0f}" in line
+    assert "Configs: 2 (ok 2)" in report  # a re-time is a timing, not a config
+
+
+def test_a_clean_row_is_not_flagged():
+    """The flag's rule on step times: 42 steady steps (within 1%) are clean, the same with one 250 ms stall not."""
+    import random
+
+    from bench.noise import is_noisy
+    from llmopt.metrics import coefficient_of_variation, percentile
+
+    rng = random.Random(0)
+    steady = [40.0 * (1 + rng.uniform(-0.01, 0.01)) for _ in range(42)]
+    for times, noisy in ((steady, False), (steady[:6] + [steady[6] + 250.0] + steady[7:], True)):
+        spread = percentile(times, 90) / percentile(times, 50)
+        assert is_noisy(coefficient_of_variation(times), spread) is noisy
 
 
 def test_the_first_timed_config_follows_an_untimed_warm_up(stalled):
@@ -52,7 +72,7 @@ def test_the_first_timed_config_follows_an_untimed_warm_up(stalled):
     first = rows(out)[0]["config_id"]
     assert f"bench: warm-up: {first} run once, untimed" in stdout
     assert (out / "logs" / f"warmup-{first}.log").exists() and not (out / "metrics" / f"warmup-{first}.json").exists()
-    assert len(rows(out)) == 3  # two configs and one re-time: the warm-up wrote no row
+    assert len([r for r in rows(out) if r["phase"] != "retime"]) == 2  # the two configs: the warm-up wrote no row
 
 
 def test_resume_keeps_the_retime(stalled, tmp_path):
