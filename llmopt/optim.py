@@ -279,9 +279,9 @@ def gather_wholes(tensors: list[torch.Tensor], like: list[torch.Tensor] | None =
     out: list[torch.Tensor | None] = [t if not isinstance(l, DTensor) else None for t, l in zip(tensors, like)]
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(like):
-        if isinstance(t, DTensor):
-            groups.setdefault((t.device_mesh, tuple(t.placements)), []).append(i)
-    for (mesh, placements), idx in groups.items():
+        if isinstance(t, DTensor):  # one flat buffer per dtype too: a bf16 gradient must not come back fp32
+            groups.setdefault((t.device_mesh, tuple(t.placements), tensors[i].dtype), []).append(i)
+    for (mesh, placements, _), idx in groups.items():
         if any(p.is_partial() for p in placements):
             raise ValueError("gather_wholes: a Partial DTensor has no whole value until it is reduced")
         if any(type(p) not in (Shard, Replicate) for p in placements):

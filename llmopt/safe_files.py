@@ -11,6 +11,7 @@ Stdlib only: a SLURM job's wrapper and the torch-free core use it.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -65,7 +66,7 @@ def open_file(path: str, mode: str = "w", newline: str | None = None, encoding: 
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as e:
-        if e.errno == 40 or os.path.islink(path):  # ELOOP: the last component is a link
+        if e.errno == errno.ELOOP or os.path.islink(path):  # the last component is a link
             raise UnsafePath(f"{path} is a symbolic link; llmopt never writes through links: remove it") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device planted where a file goes
