@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pandas only where a report is made: bench.run's own start-up stays light
     import pandas as pd
 
-# Flag thresholds: on the committed CPU references 90% of rows sit below cv 0.11 and p90/p50 1.13 (5-step
-# rows); the row the "noisy figures" report was about read p90/p50 1.43.
+# Flag thresholds: above what most rows of the committed CPU references show, below what a stalled row shows
+# (results/README.md, "The figures", has both)
 NOISY_CV = 0.15
 NOISY_P90_P50 = 1.25
 SIGMAS = 3.0  # a difference beyond 3 combined standard errors: the step-to-step jitter rarely makes one
