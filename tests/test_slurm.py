@@ -172,8 +172,8 @@ def test_slurm_sigkill_then_resume_cancels_the_leftover_job(slurm, tmp_path):
 def test_slurm_jobs_that_cannot_start_fail_their_rows_with_the_reason(slurm, tmp_path):
     """A job that can never start (more CPUs than the node has) once sat silent for minutes: its pending reason
     is on the progress output and its row fails at once with it. One pending for a reason that may clear fails
-    after --pending-timeout. An sbatch refusal (an unknown partition) is a failed row with sbatch's words: no
-    traceback, no submission files left behind. Nothing stays in squeue."""
+    after --pending-timeout. An sbatch refusal (an unknown partition, an unsatisfiable constraint) is a failed
+    row with sbatch's words: no traceback, no submission files left behind. Nothing stays in squeue."""
     m = tmp_path / "m.toml"
     m.write_text(TINY + "[matrix]\nseed = [0]\n")
     p = sweep(slurm, "--matrix", m, "--out", tmp_path / "never", "--executor", "slurm", "--no-report",
@@ -200,6 +200,12 @@ def test_slurm_jobs_that_cannot_start_fail_their_rows_with_the_reason(slurm, tmp
     (row,) = rows(tmp_path / "refused")
     assert row["status"] == "failed" and row["error"].startswith("sbatch refused the job: invalid partition"), row
     assert os.listdir(tmp_path / "refused" / "submitit") == []  # no stray submission script or pickle
+    p = sweep(slurm, "--matrix", m, "--out", tmp_path / "constraint", "--executor", "slurm", "--no-report",
+              "--slurm-option", "constraint=no-such-feature")
+    rc, out, err = finish(p, timeout=60, cluster=slurm)
+    (row,) = rows(tmp_path / "constraint")
+    assert rc == 1 and "Traceback" not in err and row["error"].startswith("sbatch refused the job:"), row
+    assert "feature" in row["error"].lower() and os.listdir(tmp_path / "constraint" / "submitit") == []
     wait_for("an empty queue", lambda: slurm.squeue() == [], 30)
 
 
