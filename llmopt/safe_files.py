@@ -58,9 +58,10 @@ def _check_dir(path: str) -> None:
 def open_file(path: str, mode: str = "w", newline: str | None = None, encoding: str | None = "utf-8"):
     """``open(path, mode)`` for writing (``w``, ``a``, ``a+``, ``wb``, ``ab``) that refuses a link at ``path`` or
     at its directory, a dangling one included (``O_NOFOLLOW``: even one planted after a check is not followed).
-    ``x`` in ``mode``: the file must not exist yet (``O_EXCL``)."""
+    ``x`` in ``mode``: the file must not exist yet (``O_EXCL``). ``O_NONBLOCK``: a FIFO planted where a file goes
+    is refused at once instead of blocking the open until something reads it (no effect on a regular file)."""
     _check_dir(path)
-    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     flags |= os.O_RDWR if "+" in mode else os.O_WRONLY
     flags |= os.O_APPEND if "a" in mode else os.O_EXCL if "x" in mode else os.O_TRUNC
     try:
@@ -68,6 +69,8 @@ def open_file(path: str, mode: str = "w", newline: str | None = None, encoding: 
     except OSError as e:
         if e.errno == errno.ELOOP or os.path.islink(path):  # the last component is a link
             raise UnsafePath(f"{path} is a symbolic link; llmopt never writes through links: remove it") from None
+        if e.errno == errno.ENXIO:  # a FIFO with no reader
+            raise UnsafePath(f"{path} is not a regular file (a FIFO); remove it") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device planted where a file goes
         os.close(fd)

@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def given_flags(argv: list[str]) -> set[str]:
     """The config fields the command line gave (whatever their value: ``--min-lr-ratio 0.1`` is given too)."""
-    p = build_parser()
-    for action in p._actions:  # argparse's documented parser attribute: every flag with a default
-        action.default = argparse.SUPPRESS
-    return set(vars(p.parse_known_args(argv)[0]))
+    unset = object()  # argparse fills in a default only where the namespace it is handed lacks the attribute
+    fields = TrainConfig.field_names()
+    ns = build_parser().parse_known_args(argv, namespace=argparse.Namespace(**dict.fromkeys(fields, unset)))[0]
+    return {k for k in fields if getattr(ns, k) is not unset}
 
 
 # A flag with no effect in its combination: (field, when it has none, why). Given on the command line, it is

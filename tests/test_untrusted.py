@@ -80,6 +80,15 @@ def test_resume_never_writes_through_a_link(copy, name):
         assert victim.read_text() == "untouched\n"
 
 
+def test_a_fifo_where_a_file_goes_is_refused_not_waited_on(copy):
+    """A FIFO planted where --resume writes a temporary file: an ordinary open for writing blocks until something
+    reads it; llmopt's refuses it at once."""
+    out, _ = copy
+    os.mkfifo(out / "results.csv.tmp")
+    line = one_error_line(bench_here("--resume", "--out", out, "--no-report"))
+    assert "results.csv.tmp is not a regular file" in line
+
+
 @pytest.mark.parametrize("config_id", ["../../../x/v6", "/abs/path", "single-fp32-ga1-sgd-b4-000000000000"])
 def test_a_planted_config_id_is_refused(copy, config_id):
     """plan.json ids once deleted and wrote logs outside the directory; another config's id would mislabel it."""
