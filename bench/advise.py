@@ -65,7 +65,8 @@ def parse_link(text: str, flag: str) -> Link:
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv):
     from llmopt import cli
-    from llmopt.config import OPTIMIZERS, PRECISIONS
+    from llmopt.config import PRECISIONS
+    from llmopt.optimizers import names as optimizer_names
     from llmopt.shapes import PRESETS
 
     p = cli.parser("python -m bench.advise", __doc__.split("\n\n")[0],
@@ -83,7 +84,7 @@ def parse_args(argv):
                                                     "the table, or to override the datasheet)")
     p.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step (default 16)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
-    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+    p.add_argument("--optimizer", default="adamw", choices=optimizer_names(),
                    help="its state and, for Muon, its Newton-Schulz and gathers are priced (default adamw)")
     p.add_argument("--precisions", default="bf16,fp32", help=f"comma-separated, of {', '.join(PRECISIONS)} "
                                                              "(default bf16,fp32)")
@@ -283,8 +284,7 @@ def write_outputs(out: Path, t, hw: Hardware, text: str, measured, a) -> None:
 def main(argv: list[str] | None = None) -> int:
     from llmopt import cli
 
-    a = parse_args(argv)
-    return cli.main(lambda: run(a))
+    return cli.main(lambda: run(parse_args(argv)))  # the parser reads the optimizers' registry: a check too
 
 
 if __name__ == "__main__":

@@ -152,36 +152,35 @@ def comm_bytes(cfg) -> list[tuple]:
     return out
 
 
-NS_STEPS = 5  # torch.optim.Muon's default Newton-Schulz steps
+def _stages(cfg) -> list:
+    """Each pipeline stage as its optimizer sees it (``llmopt.optimizers.Stage``)."""
+    from llmopt.memory import stage_params
+    from llmopt.optimizers import stage_view
 
-
-def _stage_matrices(cfg) -> list[tuple[int, int]]:
-    """The whole shapes of the hidden matrices of the most loaded pipeline stage (what Muon orthogonalises)."""
-    m = cfg.model_config
-    C = m.n_embd
-    return [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * -(-m.n_layer // cfg.pp)
+    return [stage_view(cfg, s, stage_params(cfg, s)) for s in range(cfg.pp)]
 
 
 def optimizer_flops(cfg) -> float:
-    """FLOPs of one rank's optimizer step beyond the elementwise update: Muon's Newton-Schulz on every hidden
-    matrix of its stage, whole (see the module docstring); 0 for the others."""
-    if cfg.optimizer != "muon":
-        return 0.0
-    return sum(NS_STEPS * (4 * min(a, b) ** 2 * max(a, b) + 2 * min(a, b) ** 3) for a, b in _stage_matrices(cfg))
+    """FLOPs of one rank's optimizer step beyond the elementwise update, on its most loaded stage: the
+    optimizer's own formula (its spec's ``update_flops``: Muon's Newton-Schulz on every hidden matrix, whole)."""
+    from llmopt.optimizers import spec
+
+    return max(float(spec(cfg.optimizer).update_flops(st)) for st in _stages(cfg))
 
 
 def optimizer_comm(cfg) -> list[tuple]:
     """The optimizer's gathers (as ``comm_bytes``' tuples): under FSDP2 (dp) and TP the whole of each tensor it
-    needs, fp32: Muon each hidden matrix's momentum, Adafactor each tensor and its gradient. A tensor sharded
-    over both is gathered over tp, then dp (its buffers are the shard of dp's, then the whole)."""
-    from llmopt.memory import stage_tensors
+    needs, fp32, on its most loaded stage (its spec's ``gathers``: Muon each hidden matrix's momentum,
+    Adafactor each tensor and its gradient). A tensor sharded over both is gathered over tp, then dp (its
+    buffers are the shard of dp's, then the whole)."""
+    from llmopt.optimizers import spec
 
     fsdp = cfg.dp > 1 and cfg.dp_mode == "fsdp"
-    if cfg.optimizer not in ("muon", "adafactor") or not (fsdp or cfg.tp > 1):
+    opt = spec(cfg.optimizer)
+    tensors = max((opt.gathers(st) for st in _stages(cfg)), key=lambda ts: sum(math.prod(t) for t in ts))
+    if not tensors or not (fsdp or cfg.tp > 1):
         return []
-    worst = max(range(cfg.pp), key=lambda s: sum(math.prod(t) for t in stage_tensors(cfg, s)))
-    tensors = _stage_matrices(cfg) if cfg.optimizer == "muon" else stage_tensors(cfg, worst)
-    per_tensor = 1 if cfg.optimizer == "muon" else 2  # Adafactor: the tensor and its gradient
+    per_tensor = opt.gathered_per_tensor
     whole = 4 * sum(math.prod(t) for t in tensors)
     out = []
     if cfg.tp > 1:

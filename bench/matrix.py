@@ -34,7 +34,11 @@ import re
 import tomllib
 from dataclasses import asdict, fields
 
-from llmopt.config import OPTIMIZERS, PRECISIONS, TrainConfig, check_given, validate
+from bench.layouts import BASE_LAYOUTS, layout_name
+from llmopt.config import PRECISIONS, TrainConfig, check_given, validate
+from llmopt.optimizers import names as optimizer_names
+from llmopt.optimizers import registry as optimizer_registry
+from llmopt.optimizers import spec as optimizer_spec
 
 FIELDS = TrainConfig.field_names()
 _TYPES = {f.name: str(f.type) for f in fields(TrainConfig)}
@@ -59,13 +63,14 @@ PEERS_SHAPE = {"cpu": dict(preset="mini", seq_len=256, global_batch=8, optimizer
 # (LADDER, fractions of max_tokens), each its own run with its own full schedule: each point is an ordinary
 # run (no checkpoint or branch machinery), resumable and independent, for about 1.94x the longest run's tokens.
 # Phases (plan entries carry theirs; tuning.followups adds the later ones from the rows):
-#   grid     every optimizer x batch x learning rate (LR_MULTIPLES of LR_CENTRE) at the whole budget, seed 0,
+#   grid     every optimizer x batch x learning rate (LR_MULTIPLES of its lr_centre) at the whole budget, seed 0,
 #            with evals every EVAL_EVERY_TOKENS (also the old method's first crossing, for comparison)
 #   widen    one more learning rate beyond a grid's edge where the best (lowest end-of-budget eval loss) sits
 #   ladder   the best learning rate of each optimizer and batch (a finalist) at every budget and seed
 #   precision, layouts   the winners in bf16, and their shape's step time per layout
 # The target loss is chosen in the report from these rows (AdamW's mean end-of-budget loss at half the
-# budget), so runs never stop early. Sized so that `convergence` finishes in about 20 minutes on a 2-core CPU.
+# budget), so runs never stop early. Sized so that `convergence` finished in about 20 minutes on a 2-core CPU with
+# six optimizers; each optimizer added costs about a sixth more.
 CONVERGENCE_BASE = {
     "cpu": dict(preset="tiny-v256", seq_len=64, max_tokens=2**17, lr_schedule="cosine", grad_accum=2, gns=True),
     "cuda": dict(preset="mini", seq_len=256, max_tokens=2**22, lr_schedule="cosine", grad_accum=2, gns=True),
@@ -86,9 +91,9 @@ TEXT_BATCH = 16
 LR_STEP = 3.0
 LR_MULTIPLES = {"convergence": (1 / 3, 1, 3), "convergence-full": (1 / 9, 1 / 3, 1, 3, 9),
                 "convergence-text": (1 / 3, 1, 3)}
-# Each optimizer's centre, measured for it on the generated data (tiny-v256, batch 16, 2^18 tokens, cosine),
-# never borrowed from another: results/README.md, "Learning-rate centres"
-LR_CENTRE = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3, "lamb": 1e-2, "muon": 1e-2, "adafactor": 1e-1}
+# Each optimizer's centre (its spec's lr_centre, llmopt.optimizers), measured for it on the generated data
+# (tiny-v256, batch 16, 2^18 tokens, cosine), never borrowed from another: results/README.md, "Learning-rate
+# centres"
 # Budgets, as fractions of max_tokens: down to 1/16 so that an optimizer up to 8x faster than AdamW (whose
 # tokens to target sit at TARGET_FRACTION by construction) is still measured, not only bounded (1.94x the
 # longest run's tokens in all); with (1/4, 1/2, 1) Muon and Adafactor reached the target by the smallest budget.
@@ -101,9 +106,12 @@ CONVERGENCE = (*CONVERGENCE_BATCHES, "convergence-text")
 
 
 # The layouts every optimizer and speed toggle is shown on: one process, and each 2-rank layout once
-BASE_LAYOUTS = (dict(), dict(dp=2), dict(dp=2, dp_mode="fsdp"), dict(tp=2), dict(pp=2))
-# The optimizers llmopt.optim wraps under sharded layouts (the whole tensor's update from its gathered shards)
-WRAPPED_OPTIMIZERS = ("muon", "adafactor")
+
+
+def wrapped_optimizers() -> list[str]:
+    """The optimizers whose update needs whole tensors, wrapped under sharded layouts (llmopt.optim: the whole
+    tensor's update from its gathered shards)."""
+    return [s.name for s in optimizer_registry().values() if s.whole_tensors]
 
 
 def convergence_run(device: str, batch: int, base: dict | None = None, **fields) -> dict:
@@ -112,6 +120,9 @@ def convergence_run(device: str, batch: int, base: dict | None = None, **fields)
     last step) and an eval every EVAL_EVERY_TOKENS on the first EVAL_SEQUENCES held-out sequences (the same set
     at every batch size)."""
     base = dict(base or CONVERGENCE_BASE[device], global_batch=batch, **fields)
+    schedules = optimizer_spec(base.get("optimizer", "adamw")).lr_schedules
+    if schedules and base.get("lr_schedule", "constant") not in schedules:
+        base["lr_schedule"] = schedules[0]  # a schedule-free optimizer: its averaging is the decay
     cfg = at_budget(base, 1, base.get("seed", 0))
     return dict(cfg, eval_every=max(1, EVAL_EVERY_TOKENS // (batch * base["seq_len"])),
                 eval_batches=max(1, EVAL_SEQUENCES // batch))
@@ -162,24 +173,24 @@ def _named(name: str, device: str, max_ranks: int) -> list[dict]:
     if name == "extras":  # speed toggles on the baseline layouts, and the optimizers of llmopt.optim's wrappers
         toggles = [dict(compile=True), dict(activation_checkpointing=True)]
         toggles += [dict(optimizer_impl=i) for i in ("for-loop", "foreach", "fused")]
-        toggles += [dict(optimizer=o) for o in WRAPPED_OPTIMIZERS]
+        toggles += [dict(optimizer=o) for o in wrapped_optimizers()]
         return [dict(l, **t) for l in BASE_LAYOUTS for t in [dict(), *toggles]
                 if not (t.get("optimizer_impl") and l)]  # optimizer kernels: single process is enough
     if name == "optimizers":  # every optimizer on every baseline layout: its step's share, memory, parity
-        return [dict(l, optimizer=o) for l in BASE_LAYOUTS for o in OPTIMIZERS]
+        return [dict(l, optimizer=o) for l in BASE_LAYOUTS for o in optimizer_names()]
     if name == "convergence-text":
         return [convergence_run(device, TEXT_BATCH, base=dict(TEXT_BASE[device], preset=size), optimizer=o,
-                                lr=LR_CENTRE[o] * m)
-                for size in TEXT_SIZES for o in OPTIMIZERS for m in LR_MULTIPLES[name]]
+                                lr=optimizer_spec(o).lr_centre * m)
+                for size in TEXT_SIZES for o in optimizer_names() for m in LR_MULTIPLES[name]]
     if name in CONVERGENCE:
-        return [convergence_run(device, b, optimizer=o, lr=LR_CENTRE[o] * m)
-                for o in OPTIMIZERS for b in CONVERGENCE_BATCHES[name] for m in LR_MULTIPLES[name]]
+        return [convergence_run(device, b, optimizer=o, lr=optimizer_spec(o).lr_centre * m)
+                for o in optimizer_names() for b in CONVERGENCE_BATCHES[name] for m in LR_MULTIPLES[name]]
     if name == "full":
         return ([dict(l, precision=p, grad_accum=g, optimizer=o)
                  for l in layouts(max_ranks) for p in PRECISIONS for g in (1, 2)
                  for o in ("sgd", "adam", "adamw", "lamb")]
                 + [dict(l, precision=p, grad_accum=g, optimizer=o)  # Muon and Adafactor on the baseline layouts
-                   for l in BASE_LAYOUTS for p in PRECISIONS for g in (1, 2) for o in WRAPPED_OPTIMIZERS])
+                   for l in BASE_LAYOUTS for p in PRECISIONS for g in (1, 2) for o in wrapped_optimizers()])
     raise KeyError(name)
 
 
@@ -334,18 +345,6 @@ def parse_filter(text: str | None) -> dict[str, list]:
         k, v = (s.strip() for s in part.split("=", 1))
         out.setdefault(k, []).append(_coerce(k, v, "--filter"))
     return out
-
-
-def layout_name(cfg) -> str:
-    """e.g. "single", "fsdp2", "ddp2xtp2", "tp2xpp2-1f1b"."""
-    layout = []
-    if int(cfg["dp"]) > 1:
-        layout.append(f"{cfg['dp_mode']}{cfg['dp']}")
-    if int(cfg["tp"]) > 1:
-        layout.append(f"tp{cfg['tp']}")
-    if int(cfg["pp"]) > 1:
-        layout.append(f"pp{cfg['pp']}-{cfg['pp_schedule']}")
-    return "x".join(layout) or "single"
 
 
 def config_id(cfg: dict) -> str:

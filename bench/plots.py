@@ -11,7 +11,7 @@ import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from bench.matrix import layout_name  # noqa: E402
+from bench.layouts import layout_name  # noqa: E402
 from llmopt.safe_files import makedirs, open_file  # noqa: E402
 
 MIB = 2**20

@@ -23,8 +23,9 @@ import os
 import pandas as pd
 
 from bench import stats, tuning
+from bench.layouts import layout_name
 from bench.markdown import fmt, md_table
-from bench.matrix import TARGET_FRACTION, layout_name
+from bench.matrix import TARGET_FRACTION
 
 SIGNIFICANCE = 0.05  # the two-sided p below which a lead counts
 

@@ -114,7 +114,8 @@ def optimizer_section(ok: pd.DataFrame) -> list[str]:
     """What each optimizer's update costs per layout: its own time (optimizer_ms_p50, the update alone) and its
     share of the step, the median over the sweep's configs of that optimizer and layout; then each optimizer's
     update time over AdamW's, per layout, where both ran."""
-    from bench.matrix import layout_name
+    from bench.layouts import layout_name
+    from llmopt.optimizers import in_order
 
     d = ok[ok.optimizer_ms_p50.notna()].copy()
     if d.empty or d.optimizer.nunique() < 2:
@@ -126,7 +127,7 @@ def optimizer_section(ok: pd.DataFrame) -> list[str]:
     g = d.groupby(["optimizer", "layout"]).agg(ms=("optimizer_ms_p50", "median"), share=("share", "median"),
                                                 n=("config_id", "size"), se=("se", "max")).reset_index()
     layouts = sorted(d.layout.unique(), key=lambda l: (l != "single", l))
-    order = [o for o in ("sgd", "adam", "adamw", "lamb", "muon", "adafactor") if o in set(g.optimizer)]
+    order = in_order(g.optimizer)
     cell = {(r.optimizer, r.layout): r for r in g.itertuples()}
     rows = [{"optimizer": o, **{l: (f"{cell[o, l].ms:.2f} ms ({cell[o, l].share:.0%})" if (o, l) in cell else "")
                                 for l in layouts}} for o in order]

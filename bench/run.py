@@ -231,9 +231,14 @@ def _raise_stopped(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     from bench.executors import remove_dead_launcher_dirs
     from llmopt import cli
+    from llmopt.optimizers import registry as optimizer_registry
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    try:
+        optimizer_registry()  # a bad LLMOPT_OPTIMIZERS file: one line before anything is planned or written
+    except ValueError as e:
+        return cli.error(str(e))
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
     remove_dead_launcher_dirs()
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from bench.layouts import BASE_LAYOUTS
 from bench.matrix import CONVERGENCE, LADDER, LR_STEP, SEEDS, at_budget, plan_entry, rank_budget
 
 GROUP = ("preset", "optimizer", "global_batch", "precision")
@@ -128,10 +129,9 @@ def followups(matrix: str, plan: list[dict], rows: list[dict]) -> list[dict]:
     best_win = min(wins.values(), key=rank_key)
     cfg = dict(by_id[best_win["config_id"]], eval_every=0, target_loss=0.0, target_gap=0.0, gns=False,
                max_tokens=0, steps=LAYOUT_STEPS, lr_warmup=0)
-    for layout in LAYOUTS:
+    for layout in BASE_LAYOUTS:
         add(dict(cfg, **layout), "layouts")
     return new
 
 
 LAYOUT_STEPS = 8
-LAYOUTS = (dict(), dict(dp=2), dict(dp=2, dp_mode="fsdp"), dict(tp=2), dict(pp=2))

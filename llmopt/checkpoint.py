@@ -198,7 +198,16 @@ def full_state_dict(layout) -> dict[str, torch.Tensor] | None:
 
 
 def save_pretrained(state, out_dir: str) -> None:
-    """Write the trained model (and tokenizer) to ``out_dir`` in Hugging Face format. Collective."""
+    """Write the trained model (and tokenizer) to ``out_dir`` in Hugging Face format, at the weights the
+    optimizer evaluates (``llmopt.optim.eval_weights``: a schedule-free optimizer's average; the whole write
+    inside it, since on one CPU process the state dict's tensors are the parameters themselves). Collective."""
+    from llmopt.optim import eval_weights
+
+    with eval_weights(state.optimizer):
+        _save_pretrained(state, out_dir)
+
+
+def _save_pretrained(state, out_dir: str) -> None:
     from llmopt.model import GPT
 
     sd = full_state_dict(state.layout)

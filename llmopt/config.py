@@ -15,6 +15,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from llmopt.optimizers import names as optimizer_names
+from llmopt.optimizers import spec as optimizer_spec
 from llmopt.shapes import PRESETS, GPTConfig
 
 MODEL_IMPLS = ("llmopt", "hf")
@@ -22,20 +24,10 @@ ENGINES = ("native", "accelerate")
 DP_MODES = ("ddp", "fsdp")
 PP_SCHEDULES = ("gpipe", "1f1b")
 PRECISIONS = ("fp32", "bf16", "fp16")
-OPTIMIZERS = ("sgd", "adam", "adamw", "lamb", "muon", "adafactor")
-OPTIMIZER_IMPLS = ("auto", "for-loop", "foreach", "fused")
-# Kernel families torch has per optimizer (--optimizer-impl); auto picks among them
-IMPLS = {"sgd": ("for-loop", "foreach", "fused"), "adam": ("for-loop", "foreach", "fused"),
-         "adamw": ("for-loop", "foreach", "fused"), "lamb": ("for-loop",), "muon": ("for-loop",),
-         "adafactor": ("for-loop", "foreach")}
+OPTIMIZER_IMPLS = ("auto", "for-loop", "foreach", "fused")  # an optimizer's own (its spec's impls); auto picks
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine", "linear", "wsd")
 CHECKPOINT = "checkpoint"  # the preset of a run whose shape comes from --init
-
-# Learning rates that make each optimizer's loss fall quickly on the tiny preset; --lr overrides. Muon's is
-# AdamW's (its update is scaled to AdamW's RMS: llmopt.optim); Adafactor's is torch's default, a cap on its
-# relative step.
-DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3, "lamb": 1e-2, "muon": 3e-3, "adafactor": 1e-2}
 
 
 def option(default, help: str, *, choices=None, low=None, high=None, check=None, metavar: str | None = None,
@@ -87,13 +79,13 @@ class TrainConfig:
     grad_accum: int = option(1, "accumulation micro-batches per step (the global batch is fixed)", low=1)
     global_batch: int = option(8, "sequences per optimizer step, over all ranks", low=1)
     seq_len: int = option(128, "tokens per sequence", low=1)
-    optimizer: str = option("adamw", "sgd, adam, adamw, lamb, muon (with AdamW on non-matrices) or adafactor",
-                            choices=OPTIMIZERS)
+    optimizer: str = option("adamw", "the optimizer: one of llmopt.optimizers (README's table; a file of your own "
+                                     "through LLMOPT_OPTIMIZERS)", choices=lambda: optimizer_names())
     optimizer_impl: str = option("auto", "torch's for-loop, foreach or fused kernels (auto: the fastest that applies)",
                                  choices=OPTIMIZER_IMPLS)
     compile: bool = option(False, "torch.compile each transformer block")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward")
-    lr: float = option(0.0, "learning rate (default: the optimizer's, llmopt.config.DEFAULT_LR)", low=0.0,
+    lr: float = option(0.0, "learning rate (default: the optimizer's default_lr, llmopt.optimizers)", low=0.0,
                        given_positive=True)
     lr_schedule: str = option("constant", "after the warm-up: constant, cosine or linear decay, or wsd (stable, then a "
                                           "linear decay over the last --lr-decay-fraction of the steps)",
@@ -151,7 +143,7 @@ class TrainConfig:
         """Fill the 0-means-default fields (learning rate, pipeline chunks, device) and turn a token budget
         into steps."""
         steps = -(-self.max_tokens // self.tokens_per_step) if self.max_tokens else self.steps  # ints: exact ceil
-        return replace(self, lr=self.lr or DEFAULT_LR[self.optimizer],
+        return replace(self, lr=self.lr or optimizer_spec(self.optimizer).default_lr,
                        pp_microbatches=self.pp_microbatches or self.pp,
                        device=resolve_device(self.device), steps=steps)
 
@@ -282,9 +274,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                          f"sequences (--global-batch / --dp / --grad-accum); use a divisor of {cfg.micro_batch}")
     if cfg.model_impl == "hf" and (cfg.tp > 1 or cfg.pp > 1):
         raise ValueError("--model-impl hf supports data parallelism only; use --model-impl llmopt with --tp/--pp")
-    if cfg.optimizer_impl != "auto" and cfg.optimizer_impl not in IMPLS[cfg.optimizer]:
+    opt = optimizer_spec(cfg.optimizer)
+    if cfg.optimizer_impl != "auto" and cfg.optimizer_impl not in opt.impls:
         raise ValueError(f"--optimizer-impl {cfg.optimizer_impl}: torch has no such kernels for --optimizer "
-                         f"{cfg.optimizer}; use --optimizer-impl auto or {' or '.join(IMPLS[cfg.optimizer])}")
+                         f"{cfg.optimizer}; use --optimizer-impl auto or {' or '.join(opt.impls)}")
+    if opt.lr_schedules is not None and cfg.lr_schedule not in opt.lr_schedules:
+        raise ValueError(f"--optimizer {cfg.optimizer} takes --lr-schedule {' or '.join(opt.lr_schedules)}, not "
+                         f"{cfg.lr_schedule} ({opt.about})")
     if cfg.optimizer_impl == "fused":
         from llmopt.precision import fused_optimizer_ok  # torch: only where fused kernels are asked for
 
@@ -296,8 +292,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if cfg.tp > 1 or cfg.pp > 1 or cfg.dp_mode != "ddp":
             raise ValueError("--engine accelerate runs data parallelism (DDP) only; drop --tp/--pp/--dp-mode fsdp "
                              "or use --engine native")
-        if cfg.optimizer == "lamb":
-            raise ValueError("--engine accelerate takes torch's optimizers; use sgd, adam or adamw, or --engine native")
+        if not opt.accelerate:
+            raise ValueError(f"--engine accelerate takes torch's optimizers, not --optimizer {cfg.optimizer}; use "
+                             f"another optimizer, or --engine native")
         if cfg.precision == "fp16" and resolve_device(cfg.device) == "cpu":
             raise ValueError("--engine accelerate --precision fp16: Accelerate applies fp16 on GPUs only (on CPU it "
                              "silently trains in fp32); use --precision bf16 or --engine native")

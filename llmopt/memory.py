@@ -41,11 +41,11 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from llmopt.config import resolve_device
-from llmopt.model import HEAD_CHUNK_ROWS, explicit_attention, stage_layers
+from llmopt.model import HEAD_CHUNK_ROWS, explicit_attention
+from llmopt.optimizers import spec, stage_view
+from llmopt.shapes import hidden_matrix_params, stage_layers, stage_params, stage_tensors  # noqa: F401 (re-exported)
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
-# fp32 tensors of a parameter's size kept per parameter (Muon and Adafactor: optimizer_state_bytes)
-OPT_STATES = {"sgd": 1, "adam": 2, "adamw": 2, "lamb": 2}
 
 
 @dataclass
@@ -63,54 +63,10 @@ class MemoryPrediction:
         return {**asdict(self), "total": self.total}
 
 
-def stage_params(cfg, stage: int) -> int:
-    """Parameter values held by one rank of pipeline stage ``stage`` (TP shards counted per rank)."""
-    m, tp = cfg.model_config, cfg.tp
-    C, V = m.n_embd, m.vocab_size
-    sharded = 3 * C * C + 3 * C + C * C + 4 * C * C + 4 * C + 4 * C * C  # the four projections, col biases
-    replicated = 4 * C + C + C  # two LayerNorms, the two row-parallel biases
-    n = len(stage_layers(m.n_layer, cfg.pp, stage)) * (sharded // tp + replicated)
-    if stage == 0:
-        n += V * C + m.block_size * C
-    if stage == cfg.pp - 1:
-        n += 2 * C + (V * C if cfg.pp > 1 else 0)  # ln_f, and the head's copy of the embedding
-    return n
-
-
-def stage_tensors(cfg, stage: int) -> list[tuple[int, ...]]:
-    """The whole (unsharded) shape of every parameter tensor of pipeline stage ``stage`` (the tied head once)."""
-    m = cfg.model_config
-    C, V = m.n_embd, m.vocab_size
-    block = [(3 * C, C), (3 * C,), (C, C), (C,), (4 * C, C), (4 * C,), (C, 4 * C), (C,), (C,), (C,), (C,), (C,)]
-    shapes = block * len(stage_layers(m.n_layer, cfg.pp, stage))
-    if stage == 0:
-        shapes += [(V, C), (m.block_size, C)]
-    if stage == cfg.pp - 1:
-        shapes += [(C,), (C,)] + ([(V, C)] if cfg.pp > 1 else [])
-    return shapes
-
-
-def hidden_matrix_params(cfg, stage: int) -> int:
-    """Values of the attention and MLP weight matrices (what Muon updates) on one rank of ``stage`` (TP shards
-    counted per rank, FSDP shards not)."""
-    C = cfg.model_config.n_embd
-    return len(stage_layers(cfg.model_config.n_layer, cfg.pp, stage)) * 12 * C * C // cfg.tp
-
-
 def optimizer_state_bytes(cfg, stage: int, n: int) -> int:
-    """Optimizer state on one rank of ``stage`` holding ``n`` parameter values. SGD: momentum; Adam, AdamW,
-    LAMB: two moments; Muon: a momentum on the hidden matrices, AdamW's two moments on the rest (sharded as the
-    parameters are); Adafactor: per matrix a row and a column statistic, per vector a full second moment, of the
-    whole tensor on every rank (``llmopt.optim.ShardedAdafactor`` keeps the whole tensor's), and a step count
-    per tensor."""
-    if cfg.optimizer == "muon":
-        fsdp = cfg.dp > 1 and cfg.dp_mode == "fsdp"
-        matrices = hidden_matrix_params(cfg, stage)
-        matrices = -(-matrices // cfg.dp) if fsdp else matrices
-        return 4 * matrices + 8 * (n - matrices)
-    if cfg.optimizer == "adafactor":
-        return 4 * sum((sum(s) if len(s) == 2 else s[0]) + 1 for s in stage_tensors(cfg, stage))
-    return OPT_STATES[cfg.optimizer] * 4 * n
+    """Optimizer state on one rank of ``stage`` holding ``n`` parameter values: the optimizer's own formula
+    (``llmopt.optimizers``: its spec's ``state_bytes``)."""
+    return spec(cfg.optimizer).state_bytes(stage_view(cfg, stage, n))
 
 
 def one_block_params(cfg) -> int:
@@ -217,23 +173,7 @@ def predict_memory(cfg) -> MemoryPrediction:
 def update_peak(cfg, stage: int, n: int, opt: int) -> MemoryPrediction:
     """Memory while the optimizer steps (the other candidate for the peak, where gradients outweigh the
     activations freed by then): the parameters, every gradient (sharded as the parameters) and the optimizer
-    state, which here also counts the step's transient buffers. Muon: the whole largest hidden matrix's momentum
-    (gathered under FSDP2/TP), the update torch's Muon writes into and its zero momentum, fp32, and the
-    Newton-Schulz iterates in bf16 (about 4 more of its size in bf16); under FSDP2/TP also a bucket of whole
-    momenta and the bucket's updates as the all-gather hands them back, fp32 (``ShardedMuon``: up to twice the
-    mesh's ranks times the largest matrix, at most the stage's hidden matrices); Adafactor under FSDP2/TP: the
-    largest tensor and its gradient, gathered whole (``llmopt.optim``: buckets of that size)."""
-    import math
-
-    fsdp = cfg.dp > 1 and cfg.dp_mode == "fsdp"
-    transient = 0
-    if cfg.optimizer == "muon":
-        C = cfg.model_config.n_embd
-        transient = (3 * 4 + 4 * 2) * 4 * C * C  # the (4C x C) MLP matrices are the largest
-        if fsdp or cfg.tp > 1:
-            ranks = (cfg.dp if fsdp else 1) * cfg.tp
-            hidden = hidden_matrix_params(cfg, stage) * cfg.tp  # the stage's hidden matrices, whole
-            transient += 2 * 4 * min(2 * ranks * 4 * C * C, hidden)
-    elif cfg.optimizer == "adafactor" and (fsdp or cfg.tp > 1):
-        transient = 2 * 4 * max(math.prod(t) for t in stage_tensors(cfg, stage))
+    state, which here also counts the step's transient buffers (its spec's ``transient_bytes``: whole tensors
+    gathered under FSDP2/TP, Newton-Schulz iterates)."""
+    transient = spec(cfg.optimizer).transient_bytes(stage_view(cfg, stage, n))
     return MemoryPrediction(4 * n, 4 * n, opt + transient, 0)

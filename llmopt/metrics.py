@@ -129,10 +129,11 @@ _MEMREF_CATEGORY = {"PARAM": "parameters", "BUFFER": "parameters", "GRAD": "grad
 def _step_tracker():
     # Private torch API, kept on purpose: MemTracker (torch.distributed._tools) is the only tracker that splits
     # memory into parameters, gradients, optimizer state and activations, and counting a whole step needs the
-    # override of its private _pre_fw_hook below. tests/test_memory.py pins both (the hook and attributes it
-    # relies on exist; accumulation steps are tracked and match the prediction), so an upgrade that changes
-    # them fails there instead of measuring wrong.
+    # overrides of its private _pre_fw_hook and _track_optimizer_states below. tests/test_memory.py pins them
+    # (the methods and attributes they rely on exist; accumulation steps and SOAP's nested state are tracked and
+    # match the prediction), so an upgrade that changes them fails there instead of measuring wrong.
     from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.utils._pytree import tree_flatten
 
     class StepMemTracker(MemTracker):
         """MemTracker over a whole training step. Accumulation micro-batches and pipeline chunks call the root
@@ -146,6 +147,14 @@ def _step_tracker():
                 if set(self._mod_tracker.parents) - {name} == {"Global"}:
                     del self.memory_tracking[module]
             super()._pre_fw_hook(module, inputs)
+
+        def _track_optimizer_states(self, reftype, optimizer):
+            """Every tensor of the state, nested ones too: MemTracker reads only a state's top-level tensors,
+            and SOAP keeps its preconditioners in lists (unseen, they were missing from the forward's peak)."""
+            for states in optimizer.state.values():
+                for val in tree_flatten(states)[0]:
+                    if isinstance(val, torch.Tensor):
+                        self._update_and_maybe_create_winfos(val, reftype)
 
     return StepMemTracker()
 

@@ -259,13 +259,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return LinearCrossEntropy.apply(h, weight, targets, chunk_rows)
 
 
-def stage_layers(n_layer: int, n_stages: int, stage: int) -> range:
-    """Consecutive blocks for ``stage``; earlier stages take the remainder (they also hold no head)."""
-    base, extra = divmod(n_layer, n_stages)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (stage < extra))
-
-
 # ---------------------------------------------------------------------- Hugging Face interop
 def _qkv_perm(cfg: GPTConfig) -> torch.Tensor:
     """Index that maps HF's c_attn output order (3, n_head, hs) to ours (n_head, 3, hs)."""

@@ -1,6 +1,8 @@
-"""Optimizers: torch's SGD, Adam, AdamW, Muon and Adafactor, and LAMB (You et al. 2019), behind one
-``build_optimizer``; the learning-rate schedule (linear warm-up, then constant, cosine or linear decay) as
-torch's ``LambdaLR``.
+"""What the optimizers of ``llmopt.optimizers`` are built from: ``build_optimizer`` (the spec's builder), the
+parameter groups and kernel choice they share, LAMB (You et al. 2019: torch has none), Muon beside AdamW, the
+wrappers that give a whole-tensor optimizer DTensor shards (``ShardedMuon``, ``WholeTensors``), the
+weights a schedule-free optimizer evaluates (``eval_weights``), and the learning-rate schedule (linear
+warm-up, then constant, cosine or linear decay, or wsd) as torch's ``LambdaLR``.
 
 Muon (Jordan et al. 2024; Liu et al. 2025, "Muon is Scalable for LLM Training") orthogonalises the momentum
 of each hidden weight matrix with a Newton-Schulz iteration; it is meant for those matrices only, so
@@ -26,9 +28,10 @@ Sharded parameters (FSDP2, TP: DTensors). Neither torch optimizer computes the w
 reduced across ranks, and the update drifted 4e-3 from the whole matrix's within two steps at lr 0.1 (2 gloo
 ranks); Adafactor raises (an in-place ``pow_`` on a partial norm). So both are wrapped, not forked:
 ``ShardedMuon`` keeps the momentum sharded, gathers each matrix's Nesterov momentum (``full_tensor``), has
-torch's Muon orthogonalise the whole matrix and keeps this rank's shard of the update; ``ShardedAdafactor``
+torch's Muon orthogonalise the whole matrix and keeps this rank's shard of the update; ``WholeTensors``
 gathers each tensor and its gradient, steps torch's Adafactor on the whole tensor (its factored statistics are
-then the whole tensor's: a row and a column vector, kept on every rank) and keeps this rank's shard. The
+then the whole tensor's: a row and a column vector, kept on every rank) and keeps this rank's shard: that
+wrapper, ``WholeTensors``, takes any optimizer class (SOAP's preconditioners are whole-matrix too). The
 gathers go in buckets of at most the largest tensor's size (``size_buckets``, ``gather_wholes``: one all-gather
 per bucket and mesh dimension, not one per tensor), so the transient memory is still about that of the largest
 tensor. Every rank does the whole work (the Newton-Schulz iteration is not split across ranks, as Moonlight's
@@ -36,13 +39,14 @@ distributed Muon does).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-from llmopt.config import OPTIMIZERS
+from llmopt.optimizers import spec
 
 # The hidden weight matrices Muon updates (names in llmopt's GPT and in HF's GPT2LMHeadModel alike)
 HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -162,43 +166,41 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and n.endswith(HIDDEN_MATRICES)]
 
 
-def _impl_kwargs(impl: str, params: list[torch.Tensor], fused_ok: bool) -> dict:
+def impl_kwargs(impl: str, params: list, fused_ok: bool) -> dict:
+    """torch's keyword for --optimizer-impl on ``params`` (tensors, or parameter groups): auto takes the fused
+    kernels for plain tensors on CPU/CUDA, foreach where DTensors are involved or fused is ruled out."""
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
     if impl == "for-loop":
         return {"foreach": False}
     if impl == "foreach":
         return {"foreach": True}
     if impl == "fused":
         return {"fused": True}
-    # auto: fused kernels for plain tensors on CPU/CUDA, foreach where DTensors are involved or fused is ruled out
-    if not fused_ok or any(isinstance(p, DTensor) for p in params):
+    if not fused_ok or any(isinstance(p, DTensor) for p in tensors):
         return {"foreach": True}
     return {"fused": True}
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float = 0.0,
                     impl: str = "auto", fused_ok: bool = True) -> torch.optim.Optimizer:
-    """sgd (momentum 0.9, L2 decay), adam (L2 decay, coupled), adamw (decoupled decay), lamb, muon (with AdamW
-    on the rest: ``MuonAdamW``), adafactor. ``fused_ok=False`` keeps ``auto`` off the fused kernels (see
-    ``llmopt.precision.fused_optimizer_ok``)."""
-    if name == "muon":
-        return MuonAdamW(model, lr, weight_decay, impl, fused_ok)
-    groups = param_groups(model, weight_decay)
-    params = [p for g in groups for p in g["params"]]
-    if name == "lamb":
-        return Lamb(groups, lr=lr)
-    if name == "adafactor":
-        kw = {} if impl == "auto" else {"foreach": impl == "foreach"}
-        if any(isinstance(p, DTensor) for p in params):
-            return ShardedAdafactor(groups, lr=lr, **kw)
-        return torch.optim.Adafactor(groups, lr=lr, **kw)
-    kw = _impl_kwargs(impl, params, fused_ok)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, **kw)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, **kw)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, **kw)
-    raise ValueError(f"--optimizer: unknown value {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    """The optimizer ``name`` (``llmopt.optimizers``) on ``model``'s parameters. ``fused_ok=False`` keeps
+    ``auto`` off the fused kernels (see ``llmopt.precision.fused_optimizer_ok``)."""
+    return spec(name).build(model, lr, weight_decay, impl, fused_ok)
+
+
+@contextlib.contextmanager
+def eval_weights(optimizer: torch.optim.Optimizer):
+    """The weights to evaluate and save while inside: a schedule-free optimizer (Defazio et al. 2024) trains at
+    one point and evaluates at another, and switches the model's parameters between them with ``eval()`` and
+    ``train()`` (schedulefree's API); other optimizers have one point and nothing to switch."""
+    switch = callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
+    if switch:
+        optimizer.eval()
+    try:
+        yield
+    finally:
+        if switch:
+            optimizer.train()
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -216,7 +218,7 @@ class MuonAdamW(torch.optim.Optimizer):
         self.muon = muon_cls(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn=MUON_ADJUST_LR)
         adamw_impl = "for-loop" if impl == "for-loop" else "auto"
         rest_params = [p for g in rest for p in g["params"]]
-        self.adamw = torch.optim.AdamW(rest, lr=lr, **_impl_kwargs(adamw_impl, rest_params, fused_ok))
+        self.adamw = torch.optim.AdamW(rest, lr=lr, **impl_kwargs(adamw_impl, rest_params, fused_ok))
         super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
 
     @torch.no_grad()
@@ -454,19 +456,33 @@ def size_buckets(params: list[torch.Tensor], times: int = 1) -> list[list[torch.
     return buckets
 
 
-class ShardedAdafactor(torch.optim.Optimizer):
-    """torch's Adafactor for DTensor parameters (see the module docstring): per step and bucket of tensors
-    (``size_buckets``), the whole tensors and their gradients are gathered together (``gather_wholes``: one
-    all-gather per mesh dimension and placement), torch's Adafactor steps the whole tensors (its state, the
-    factored row and column statistics of each whole tensor, lives here on every rank), and each rank keeps its
-    shards."""
+def whole_tensor_optimizer(cls, groups: list[dict], **kw) -> torch.optim.Optimizer:
+    """``cls(groups, **kw)``, wrapped in ``WholeTensors`` where any parameter is a DTensor."""
+    if any(isinstance(p, DTensor) for g in groups for p in g["params"]):
+        return WholeTensors(cls, groups, **kw)
+    return cls(groups, **kw)
 
-    def __init__(self, params, lr: float, **kw):
-        super().__init__(params, dict(lr=lr, **kw))
+
+class WholeTensors(torch.optim.Optimizer):
+    """An optimizer whose update needs whole tensors (torch's Adafactor, SOAP), for DTensor parameters (see the
+    module docstring): per step and bucket of tensors (``size_buckets``), the whole tensors and their gradients
+    are gathered together (``gather_wholes``: one all-gather per mesh dimension and placement), the bucket's
+    inner optimizer steps the whole tensors (its state, the whole tensor's, lives here on every rank), and each
+    rank keeps its shards. One inner optimizer per bucket, each stepped once per step: SOAP counts its steps
+    per parameter group, so one optimizer stepped once per bucket would count a step several times."""
+
+    def __init__(self, cls, params, **kw):
+        super().__init__(params, kw)
         self._proxies = {p: nn.Parameter(torch.empty(0)) for g in self.param_groups for p in g["params"]}
-        inner_groups = [{**{k: v for k, v in g.items() if k != "params"},
-                         "params": [self._proxies[p] for p in g["params"]]} for g in self.param_groups]
-        self._inner = torch.optim.Adafactor(inner_groups, lr=lr, **kw)
+        self._buckets = size_buckets([p for g in self.param_groups for p in g["params"]])
+        self._inners = []  # per bucket: (its optimizer, the index of each of its groups among self.param_groups)
+        for bucket in self._buckets:
+            members = set(bucket)
+            groups = [(i, [p for p in g["params"] if p in members]) for i, g in enumerate(self.param_groups)]
+            groups = [(i, ps) for i, ps in groups if ps]
+            inner = cls([{**{k: v for k, v in self.param_groups[i].items() if k != "params"},
+                          "params": [self._proxies[p] for p in ps]} for i, ps in groups], **kw)
+            self._inners.append((inner, [i for i, _ in groups]))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -474,21 +490,21 @@ class ShardedAdafactor(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, inner in zip(self.param_groups, self._inner.param_groups):
-            inner["lr"], inner["weight_decay"] = group["lr"], group["weight_decay"]
-        todo = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        for bucket in size_buckets(todo):
+        for bucket, (inner, where) in zip(self._buckets, self._inners):
+            for i, g in zip(where, inner.param_groups):
+                g["lr"], g["weight_decay"] = self.param_groups[i]["lr"], self.param_groups[i]["weight_decay"]
+            bucket = [p for p in bucket if p.grad is not None]
             wholes = gather_wholes(bucket + [p.grad for p in bucket])  # the gathers, together
             for p, w, g in zip(bucket, wholes, wholes[len(bucket):]):
                 proxy = self._proxies[p]
                 proxy.data = w if isinstance(p, DTensor) else w.clone()  # a plain tensor came back as itself
                 proxy.grad = g
-            self._inner.step()                                  # only this bucket's proxies have gradients
+            inner.step()
             for p in bucket:
                 proxy = self._proxies[p]
                 _local(p).copy_(_shard_of(proxy.data, p))
                 proxy.grad, proxy.data = None, torch.empty(0)
-                self.state[p] = self._inner.state[proxy]
+                self.state[p] = inner.state[proxy]
         return loss
 
 

@@ -1,7 +1,7 @@
 """A model's shape (``GPTConfig``), the named ones (``PRESETS``) and the arithmetic on a shape (parameters,
-FLOPs per token), apart from the model so that what only reads shapes (the config and its checks, the command
-lines' errors, the advisor's cost model, the harness's report) needs no torch: a mistake in a flag is reported
-before torch would have finished importing."""
+FLOPs per token, what each pipeline stage holds), apart from the model so that what only reads shapes (the
+config and its checks, the command lines' errors, the optimizers' memory formulas, the advisor's cost model, the
+harness's report) needs no torch: a mistake in a flag is reported before torch would have finished importing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,3 +52,51 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     is a real matmul), L layers, H heads, Q head size and T the sequence length. Forward is a third."""
     N = param_count(cfg, non_embedding=True) + cfg.vocab_size * cfg.n_embd
     return 6 * N + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+
+def stage_layers(n_layer: int, n_stages: int, stage: int) -> range:
+    """Consecutive blocks for ``stage``; earlier stages take the remainder (they also hold no head)."""
+    base, extra = divmod(n_layer, n_stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))
+
+
+def stage_params(cfg, stage: int) -> int:
+    """Parameter values held by one rank of pipeline stage ``stage`` (TP shards counted per rank)."""
+    m, tp = cfg.model_config, cfg.tp
+    C, V = m.n_embd, m.vocab_size
+    sharded = 3 * C * C + 3 * C + C * C + 4 * C * C + 4 * C + 4 * C * C  # the four projections, col biases
+    replicated = 4 * C + C + C  # two LayerNorms, the two row-parallel biases
+    n = len(stage_layers(m.n_layer, cfg.pp, stage)) * (sharded // tp + replicated)
+    if stage == 0:
+        n += V * C + m.block_size * C
+    if stage == cfg.pp - 1:
+        n += 2 * C + (V * C if cfg.pp > 1 else 0)  # ln_f, and the head's copy of the embedding
+    return n
+
+
+def stage_tensors(cfg, stage: int) -> list[tuple[int, ...]]:
+    """The whole (unsharded) shape of every parameter tensor of pipeline stage ``stage`` (the tied head once)."""
+    m = cfg.model_config
+    C, V = m.n_embd, m.vocab_size
+    block = [(3 * C, C), (3 * C,), (C, C), (C,), (4 * C, C), (4 * C,), (C, 4 * C), (C,), (C,), (C,), (C,), (C,)]
+    shapes = block * len(stage_layers(m.n_layer, cfg.pp, stage))
+    if stage == 0:
+        shapes += [(V, C), (m.block_size, C)]
+    if stage == cfg.pp - 1:
+        shapes += [(C,), (C,)] + ([(V, C)] if cfg.pp > 1 else [])
+    return shapes
+
+
+def hidden_matrix_params(cfg, stage: int) -> int:
+    """Values of the attention and MLP weight matrices (what Muon updates) on one rank of ``stage`` (TP shards
+    counted per rank, FSDP shards not)."""
+    C = cfg.model_config.n_embd
+    return len(stage_layers(cfg.model_config.n_layer, cfg.pp, stage)) * 12 * C * C // cfg.tp
+
+
+def stage_matrices(cfg, stage: int) -> list[tuple[int, int]]:
+    """The whole shapes of the hidden matrices (attention and MLP projections, what Muon updates) of pipeline
+    stage ``stage``."""
+    C = cfg.model_config.n_embd
+    return [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * len(stage_layers(cfg.model_config.n_layer, cfg.pp, stage))

@@ -13,7 +13,7 @@ from llmopt.data import build_source
 from llmopt.distributed.parallelize import parallelize
 from llmopt.engine import Engine, StepStats, TrainState, micro_batches, prefetch_next, step_batches  # noqa: F401 (micro_batches: re-exported)
 from llmopt.metrics import NoiseScale, Stopwatch
-from llmopt.optim import build_optimizer, build_scheduler
+from llmopt.optim import build_optimizer, build_scheduler, eval_weights
 from llmopt.precision import autocast, check_precision, fused_optimizer_ok, grad_scaler
 
 
@@ -43,12 +43,14 @@ def train_step(state: TrainState, step: int, batches=None) -> StepStats:
 @torch.no_grad()
 def evaluate(state: TrainState) -> torch.Tensor:
     """Mean loss over ``eval_batches`` fixed global batches of the held-out split (the same batches at every
-    eval), forward only, under the run's layout and precision; the same 0-dim value on every rank."""
+    eval), forward only, under the run's layout and precision, at the weights the optimizer evaluates
+    (``eval_weights``: a schedule-free optimizer's average); the same 0-dim value on every rank."""
     cfg = state.cfg
     amp = autocast(cfg.precision, state.device.type)
     total = torch.zeros((), device=state.device)
-    for i in range(cfg.eval_batches):
-        total += state.layout.eval_loss(micro_batches(state, i, split="val"), amp)
+    with eval_weights(state.optimizer):
+        for i in range(cfg.eval_batches):
+            total += state.layout.eval_loss(micro_batches(state, i, split="val"), amp)
     return state.layout.global_loss(total / cfg.eval_batches)
 
 

@@ -66,35 +66,43 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**kw)
 
 
+def _checked(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig]:
+    """The flags, parsed and checked (values, combinations, --data, outputs, devices, the launcher's world)
+    before torch is imported; a mistake raises ValueError (the optimizers' registry, read by the parser, too)."""
+    args = build_parser().parse_args(argv)
+    cfg = validate(config_from_args(args))
+    _refuse_unused(config_from_args(args), given_flags(argv))  # as given: validate resolved the steps
+    if args.timing_warmup < 0:
+        raise ValueError(f"--timing-warmup {args.timing_warmup}: must be 0 or more")
+    tokenizer_dir = None
+    if cfg.data is not None:
+        cfg, tokenizer_dir = _check_data(cfg, args)
+    if int(os.environ.get("RANK", "0")) == 0:  # once: the launcher's parent, or rank 0 under torchrun
+        _check_outputs(cfg, args, tokenizer_dir)
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+        if not under_launcher() and cfg.world_size > torch.cuda.device_count():
+            raise ValueError(f"--dp x --tp x --pp = {cfg.world_size} ranks but {torch.cuda.device_count()} "
+                             f"GPU(s) here; use fewer ranks or launch across nodes with torchrun")
+    if under_launcher():
+        from llmopt.distributed.dims import ParallelDims
+
+        ParallelDims.from_config(cfg).check_world(int(os.environ.get("WORLD_SIZE", "1")))
+    return args, cfg
+
+
 def main(argv: list[str] | None = None) -> int:
+    from llmopt import cli
+
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault(LAUNCH_T0_ENV, repr(time.time()))
-    args = build_parser().parse_args(argv)
     try:
-        cfg = validate(config_from_args(args))
-        _refuse_unused(config_from_args(args), given_flags(argv))  # as given: validate resolved the steps
-        if args.timing_warmup < 0:
-            raise ValueError(f"--timing-warmup {args.timing_warmup}: must be 0 or more")
-        tokenizer_dir = None
-        if cfg.data is not None:
-            cfg, tokenizer_dir = _check_data(cfg, args)
-        if int(os.environ.get("RANK", "0")) == 0:  # once: the launcher's parent, or rank 0 under torchrun
-            _check_outputs(cfg, args, tokenizer_dir)
-        if cfg.device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-            if not under_launcher() and cfg.world_size > torch.cuda.device_count():
-                raise ValueError(f"--dp x --tp x --pp = {cfg.world_size} ranks but {torch.cuda.device_count()} "
-                                 f"GPU(s) here; use fewer ranks or launch across nodes with torchrun")
-        if under_launcher():
-            from llmopt.distributed.dims import ParallelDims
-
-            ParallelDims.from_config(cfg).check_world(int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        args, cfg = _checked(argv)
+    except ValueError as e:  # a user's mistake: cli's one line, exit 2
+        return cli.error(str(e))
     # the run, and with it torch, is imported only now: a mistake in the flags never waits for that import
     from llmopt.runner import EXIT_DIVERGED, EXIT_OOM, RunOptions, run
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from bench.matrix import MatrixError, config_id, expand, layouts, load_toml, parse_filter
+from bench.matrix import MatrixError, config_id, expand, layouts, load_toml, parse_filter, wrapped_optimizers
 from bench.results import RESULT_COLUMNS, STEP_COLUMNS
 from conftest import ROOT, bench_here
 from llmopt.config import TrainConfig
@@ -49,9 +49,10 @@ def test_named_matrices_expand_and_validate():
     assert any(e["config"]["dp"] * e["config"]["tp"] * e["config"]["pp"] > 1 for e in smoke)
     full = expand("full", "cpu", 4)
     n_layouts = len(layouts(4))
-    # every layout x precision x accumulation x the four elementwise-or-norm optimizers, and Muon and Adafactor on
-    # the five baseline layouts
-    assert len([e for e in full if not e["added_as_baseline"]]) == n_layouts * 3 * 2 * 4 + 5 * 3 * 2 * 2
+    # every layout x precision x accumulation x the four elementwise-or-norm optimizers, and the optimizers that
+    # gather whole tensors (Muon, Adafactor, SOAP) on the five baseline layouts
+    assert wrapped_optimizers() == ["muon", "adafactor", "soap"]
+    assert len([e for e in full if not e["added_as_baseline"]]) == n_layouts * 3 * 2 * 4 + 5 * 3 * 2 * 3
     assert all(e["config"]["dp"] * e["config"]["tp"] * e["config"]["pp"] <= 4 for e in full)
     ids = [e["config_id"] for e in full]
     assert len(ids) == len(set(ids))

@@ -169,7 +169,7 @@ def test_tuning_picks_the_lowest_end_of_budget_loss_widens_edges_once_then_adds_
     plan += more
     rows.append(dict(_row("adamw", 4, 9e-3 * LR_STEP, precision="bf16"), config_id=more[0]["config_id"]))
     more = tuning.followups("convergence", plan, rows)
-    assert {e["phase"] for e in more} == {"layouts"} and len(more) == len(tuning.LAYOUTS)
+    assert {e["phase"] for e in more} == {"layouts"} and len(more) == len(tuning.BASE_LAYOUTS)
     assert all(e["config"]["target_gap"] == 0 and e["config"]["eval_every"] == 0 for e in more)
     layouts = {(e["config"]["dp"], e["config"]["tp"], e["config"]["pp"]) for e in more}
     assert layouts == {(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)}
@@ -259,14 +259,14 @@ def _toy_convergence(monkeypatch):
     monkeypatch.setitem(bm.CONVERGENCE_BASE, "cpu", dict(bm.CONVERGENCE_BASE["cpu"], seq_len=16, max_tokens=4096))
     monkeypatch.setitem(bm.CONVERGENCE_BATCHES, "convergence", (8,))
     monkeypatch.setitem(bm.LR_MULTIPLES, "convergence", (1 / 3, 1))
-    monkeypatch.setattr(bm, "OPTIMIZERS", ("adamw", "sgd"))
+    monkeypatch.setattr(bm, "optimizer_names", lambda: ("adamw", "sgd"))
     monkeypatch.setattr(bm, "LADDER", (1 / 4, 1 / 2, 1))
     monkeypatch.setattr(bm, "SEEDS", (0, 1))
     import bench.tuning as bt
 
     monkeypatch.setattr(bt, "LADDER", (1 / 4, 1 / 2, 1))
     monkeypatch.setattr(bt, "SEEDS", (0, 1))
-    monkeypatch.setattr(bt, "LAYOUTS", (dict(),))
+    monkeypatch.setattr(bt, "BASE_LAYOUTS", (dict(),))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 

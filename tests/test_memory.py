@@ -13,7 +13,8 @@ from llmopt.step import build, train_step
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "results" / "reference"
 
 
-@pytest.mark.parametrize("kw", [{}, {"grad_accum": 4}, {"optimizer": "sgd"}, {"precision": "bf16"},
+@pytest.mark.parametrize("kw", [{}, {"grad_accum": 4}, {"optimizer": "sgd"}, {"optimizer": "lion"},
+                                {"optimizer": "schedule-free"}, {"optimizer": "soap"}, {"precision": "bf16"},
                                 {"seq_len": 256, "global_batch": 4},
                                 {"precision": "bf16", "seq_len": 256, "global_batch": 4}], ids=str)
 def test_prediction_matches_tracked_memory(kw):
@@ -66,6 +67,9 @@ def test_memtracker_private_hook_is_still_there():
     assert hasattr(tracker, "memory_tracking") and hasattr(tracker, "_mod_tracker")
     assert hasattr(tracker._mod_tracker, "is_bw") and hasattr(tracker._mod_tracker, "parents")
     assert callable(getattr(tracker._mod_tracker, "get_known_fqn", None))
+    # the nested optimizer state's override calls what MemTracker's own calls, with the same arguments
+    assert callable(getattr(MemTracker, "_track_optimizer_states", None))
+    assert callable(getattr(MemTracker, "_update_and_maybe_create_winfos", None))
 
 
 def test_ddp_bucket_memory_is_the_gradient_size(cli, tmp_path):

@@ -22,17 +22,25 @@ from parity_runs import LAYOUTS, blocks, config, run  # noqa: E402
 
 pytestmark = pytest.mark.multiprocess
 
-OPTIMIZERS = ("adamw", "lamb", "muon", "adafactor")
+OPTIMIZERS = ("adamw", "lamb", "muon", "adafactor", "lion", "schedule-free", "soap")
+ELEMENTWISE = ("adamw", "lion", "schedule-free")  # updates that never look beyond one element
 # Accumulation changes which micro-batches sync, not what an optimizer does with the gradients; it is held to
-# the curve on every layout for Muon and Adafactor (issue 22), on ddp2 for AdamW and LAMB. The 3-D layout (8
+# the curve on every layout for Muon and Adafactor (issue 22), on ddp2 for the others. The 3-D layout (8
 # ranks on 2 cores: the costliest) runs the optimizers whose updates span shards.
 WORLDS = {n: [name for name in LAYOUTS if config(name, "adamw").world_size == n] for n in (2, 4, 8)}
+# SOAP's loss curve is not reproducible to rounding even in one process: its Adam runs in an eigenbasis where
+# most of the gradient's directions hold only rounding noise (the embedding's rows of tokens a batch lacks),
+# which its normalisation scales up to a full step. So its curve under a layout is held to the curve of the
+# same single-process run with the gradient summed in another order (--grad-accum 4), times SOAP_FLOOR; that
+# its update is the whole tensor's is checked exactly, on the same gradients, by
+# test_a_sharded_tensors_update_is_the_whole_tensors.
+SOAP_FLOOR = 2.0
 
 
 def _covered(layout: str, optimizer: str) -> bool:
-    if layout.endswith("-accum2") and optimizer in ("adamw", "lamb"):
+    if layout.endswith("-accum2") and optimizer not in ("muon", "adafactor"):
         return layout == "ddp2-accum2"
-    return not (layout.startswith("fsdp2xtp2xpp2") and optimizer == "adamw")
+    return not (layout.startswith("fsdp2xtp2xpp2") and optimizer in ELEMENTWISE)
 
 
 PAIRS = [(l, o) for n in WORLDS for l in WORLDS[n] for o in OPTIMIZERS if _covered(l, o)]
@@ -58,13 +66,24 @@ def reference(optimizer: str, n_blocks: int) -> dict:
     return run(config("single", optimizer, n_blocks))
 
 
+@functools.cache
+def tolerance(optimizer: str, n_blocks: int) -> float:
+    """How far a layout's losses may be from the single process's: 1e-4, or SOAP's own noise floor."""
+    if optimizer != "soap":
+        return 1e-4
+    from dataclasses import replace
+
+    other_order = run(replace(config("single", optimizer, n_blocks), grad_accum=4), evals=False)["losses"]
+    return SOAP_FLOOR * max(abs(a - b) for a, b in zip(other_order, reference(optimizer, n_blocks)["losses"]))
+
+
 @pytest.mark.parametrize("layout, optimizer", PAIRS, ids=[f"{l}-{o}" for l, o in PAIRS])
 def test_layout_matches_single_process(runs, layout, optimizer):
     got, ref = runs[(layout, optimizer)], reference(optimizer, blocks(layout))
     assert config(layout, optimizer).model_config.n_layer == blocks(layout)
     assert len(got["losses"]) == len(ref["losses"]) == 5
     diff = max(abs(a - b) for a, b in zip(got["losses"], ref["losses"]))
-    assert diff < 1e-4, (layout, optimizer, got["losses"], ref["losses"])
+    assert diff < tolerance(optimizer, blocks(layout)), (layout, optimizer, got["losses"], ref["losses"])
     assert abs(ref["losses"][-1] - ref["losses"][0]) > 1e-3  # the curve being matched actually moves
     if got["evals"]:  # the held-out eval, forward only under the layout, is the single-process eval
         assert len(got["evals"]) == 4  # after 0, 2, 4 and 5 steps
@@ -86,5 +105,5 @@ def test_a_sharded_tensors_update_is_the_whole_tensors(tmp_path, nproc):
     got = json.loads((tmp_path / "w.json").read_text())
     placements = ["Shard(0)", "Shard(1)"] + (["Shard(0),Shard(1)"] if nproc == 4 else [])
     for where in placements:
-        assert got[f"muon {where}"] < 1e-6 and got[f"adafactor {where}"] == 0.0, got
+        assert got[f"muon {where}"] < 1e-6 and got[f"adafactor {where}"] == 0.0 and got[f"soap {where}"] == 0.0, got
         assert got[f"muon-no-gather {where}"] > 1e-3, got

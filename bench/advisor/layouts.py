@@ -7,13 +7,13 @@ import itertools
 import math
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.advisor import AdviseError
 from bench.advisor.probe import memory_band
 from bench.costmodel import GIB, Hardware, predict_step
+from bench.layouts import layout_label
 from llmopt.safe_files import open_file
 
 if TYPE_CHECKING:
@@ -56,17 +56,6 @@ def candidates(base: dict, world: int, precisions, allow_ac: bool = True) -> tup
                 except ValueError:
                     refused += 1
     return out, refused
-
-
-def layout_label(cfg) -> str:
-    from bench.matrix import layout_name
-
-    parts = [layout_name(asdict(cfg)), cfg.precision, f"ga{cfg.grad_accum}"]
-    if cfg.pp > 1:
-        parts.append(f"m{cfg.pp_microbatches}")
-    if cfg.activation_checkpointing:
-        parts.append("ac")
-    return "-".join(parts)
 
 
 def layout_memory(cfg) -> tuple[int, float, float]:

@@ -1,5 +1,6 @@
-"""The update of a sharded tensor is the whole tensor's: llmopt's ShardedMuon and ShardedAdafactor on DTensor
-shards against torch's Muon and Adafactor on the whole tensors, given the same gradients.
+"""The update of a sharded tensor is the whole tensor's: llmopt's ShardedMuon and WholeTensors (Adafactor, SOAP)
+on DTensor shards against torch's Muon and Adafactor and pytorch-optimizer's SOAP on the whole tensors, given
+the same gradients.
 
     python tests/scripts/whole_tensor_update.py NPROC OUT.json
 
@@ -20,7 +21,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from layouts import rank_setup
 from llmopt import cli
 from llmopt.launch import launch
-from llmopt.optim import MUON_ADJUST_LR, ShardedAdafactor, ShardedMuon
+from llmopt.optim import MUON_ADJUST_LR, ShardedMuon, WholeTensors
 
 SHAPES = [(48, 32), (32, 96), (96,)]  # a tall and a wide matrix (Muon transposes the tall one), a vector
 LR = 0.05
@@ -40,8 +41,15 @@ def make(name: str, params, sharded: bool):
         return cls(matrices, lr=LR, weight_decay=0.1, adjust_lr_fn=MUON_ADJUST_LR), matrices
     if name == "muon-no-gather":  # torch's Muon on the DTensors themselves
         return torch.optim.Muon(matrices, lr=LR, weight_decay=0.1, adjust_lr_fn=MUON_ADJUST_LR), matrices
-    cls = ShardedAdafactor if sharded else torch.optim.Adafactor
-    return cls([{"params": params, "weight_decay": 0.1}], lr=LR), params
+    groups = [{"params": params, "weight_decay": 0.1}]
+    if name == "soap":  # its eigenbasis refreshed every second step, so that three steps refresh it once
+        from pytorch_optimizer import SOAP
+
+        kw = dict(lr=LR, precondition_frequency=2)
+        return (WholeTensors(SOAP, groups, **kw) if sharded else SOAP(groups, **kw)), params
+    if sharded:
+        return WholeTensors(torch.optim.Adafactor, groups, lr=LR), params
+    return torch.optim.Adafactor(groups, lr=LR), params
 
 
 def steps(name: str, weights, grads, placements=None, mesh=None) -> list[torch.Tensor]:
@@ -71,7 +79,7 @@ def ranks(argv: list[str]) -> int:
     if world == 4:
         meshes["Shard(0),Shard(1)"] = (init_device_mesh("cpu", (2, 2)), [Shard(0), Shard(1)])
     out = {}
-    for name in ("muon", "adafactor", "muon-no-gather"):
+    for name in ("muon", "adafactor", "soap", "muon-no-gather"):
         reference = steps(name.split("-")[0], weights, grads)
         for where, (mesh, placements) in meshes.items():
             got = steps(name, weights, grads, placements, mesh)

@@ -1,0 +1,16 @@
+"""Adam with coupled (L2) weight decay: torch's ``torch.optim.Adam``."""
+from llmopt.optimizers import OptimizerSpec
+
+
+def build(model, lr: float, weight_decay: float, impl: str, fused_ok: bool):
+    import torch
+
+    from llmopt.optim import impl_kwargs, param_groups
+
+    groups = param_groups(model, weight_decay)
+    return torch.optim.Adam(groups, lr=lr, **impl_kwargs(impl, groups, fused_ok))
+
+
+SPEC = OptimizerSpec(
+    name="adam", about="Adam, L2 weight decay (torch.optim.Adam)", build=build,
+    default_lr=3e-3, lr_centre=3e-3, impls=("for-loop", "foreach", "fused"), order=20)

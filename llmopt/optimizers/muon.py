@@ -1,0 +1,43 @@
+"""Muon (Jordan et al. 2024; Liu et al. 2025): torch's ``torch.optim.Muon`` on the hidden matrices, torch's
+AdamW on every other parameter, as one optimizer (``llmopt.optim.MuonAdamW``; why, and the learning-rate rule
+that lets one --lr serve both: ``llmopt.optim``'s docstring). Under FSDP2/TP each matrix's momentum is gathered
+whole and orthogonalised by one owner rank (``llmopt.optim.ShardedMuon``)."""
+from llmopt.optimizers import OptimizerSpec, Stage, hidden_matrices, largest
+
+NS_STEPS = 5  # torch.optim.Muon's default Newton-Schulz steps
+
+
+def build(model, lr: float, weight_decay: float, impl: str, fused_ok: bool):
+    from llmopt.optim import MuonAdamW
+
+    return MuonAdamW(model, lr, weight_decay, impl, fused_ok)
+
+
+def state_bytes(stage: Stage) -> int:
+    """A momentum on the hidden matrices, AdamW's two moments on the rest (sharded as the parameters are)."""
+    return 4 * stage.hidden_values + 8 * (stage.values - stage.hidden_values)
+
+
+def transient_bytes(stage: Stage) -> int:
+    """The whole largest hidden matrix's momentum (gathered under FSDP2/TP), the update torch's Muon writes into
+    and its zero momentum, fp32, and the Newton-Schulz iterates in bf16 (about 4 more of its size); under
+    FSDP2/TP also a bucket of whole momenta and the bucket's updates as the all-gather hands them back, fp32
+    (``ShardedMuon``: up to twice the mesh's ranks times the largest matrix, at most the stage's hidden
+    matrices)."""
+    big = largest(stage.hidden)
+    out = (3 * 4 + 4 * 2) * big
+    if stage.shards > 1:
+        out += 2 * 4 * min(2 * stage.shards * big, sum(a * b for a, b in stage.hidden))
+    return out
+
+
+def update_flops(stage: Stage) -> float:
+    """The Newton-Schulz iteration on every hidden matrix, whole: per step on an (m x n) matrix, m <= n, X X^T
+    (2 m^2 n FLOPs), the polynomial in it (2 m^3) and its product with X (2 m^2 n)."""
+    return sum(NS_STEPS * (4 * min(a, b) ** 2 * max(a, b) + 2 * min(a, b) ** 3) for a, b in stage.hidden)
+
+
+SPEC = OptimizerSpec(
+    name="muon", about="Muon on the hidden matrices, AdamW on the rest (torch.optim.Muon + AdamW)", build=build,
+    default_lr=3e-3, lr_centre=1e-2, state_bytes=state_bytes, transient_bytes=transient_bytes,
+    update_flops=update_flops, gathers=hidden_matrices, gathered_per_tensor=1, order=50)
