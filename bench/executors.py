@@ -162,15 +162,15 @@ def config_env(cfg: dict, slot: Slot) -> dict:
 
 
 def status_of(rc: int, timed_out: bool) -> str:
-    from llmopt.runner import EXIT_DIVERGED, EXIT_OOM
+    from llmopt import cli
 
     if timed_out:
         return "timeout"
     if rc == 0:
         return "ok"
-    if rc == EXIT_DIVERGED:
+    if rc == cli.DIVERGED:
         return "diverged"
-    if rc in (EXIT_OOM, -signal.SIGKILL, 128 + signal.SIGKILL):
+    if rc in (cli.OUT_OF_MEMORY, -signal.SIGKILL, 128 + signal.SIGKILL):
         return "oom"  # a SIGKILL the harness did not send is the kernel's OOM killer
     return "failed"
 

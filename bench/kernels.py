@@ -79,19 +79,22 @@ def head_rows(reps: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     from llmopt import cli
 
+    return cli.main(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from llmopt import cli
+
     p = cli.parser("python -m bench.kernels", __doc__.split("\n\n")[0])
     p.add_argument("--out", help="output directory (default results/runs/<UTC>-kernels)")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per kernel (default 10)")
     a = p.parse_args(argv)
     if a.reps < 1:
-        return cli.error(f"--reps {a.reps}: must be at least 1")
+        raise ValueError(f"--reps {a.reps}: must be at least 1")
     if a.out:
         from llmopt.scratch import check_writable_dir
 
-        try:
-            check_writable_dir(a.out, "--out", may_exist=True)
-        except ValueError as e:
-            return cli.error(str(e))
+        check_writable_dir(a.out, "--out", may_exist=True)
     import pandas as pd
 
     from bench.hardware import environment

@@ -507,9 +507,13 @@ def plan_entry(cfg: dict, device: str, max_ranks: int, added_as_baseline: bool =
     return entry
 
 
+CPU_RANKS = 4  # the most gloo ranks one CPU config may start (the matrices' layouts reach 2 x 2)
+
+
 def rank_budget(device: str) -> int:
+    """The most ranks one config may use here: the GPUs, or CPU_RANKS."""
     if device == "cuda":
         import torch
 
         return max(1, torch.cuda.device_count())
-    return 4
+    return CPU_RANKS

@@ -217,7 +217,12 @@ def write(out_dir: str, results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from llmopt import cli
 
-    argv = sys.argv[1:] if argv is None else argv
+    return cli.main(lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
+    from llmopt import cli
+
     p = cli.parser("python -m bench.targets", __doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(REPO, "results", "latest"),
                    help="directory of targets.md and targets.json (default: results/latest)")
@@ -226,13 +231,10 @@ def main(argv: list[str] | None = None) -> int:
                         "2 CPU cores; 0 skips it)")
     args = p.parse_args(argv)
     if args.peers_rounds < 0:
-        return cli.error(f"--peers-rounds {args.peers_rounds}: must be 0 or more")
-    try:
-        from llmopt.scratch import check_writable_dir
+        raise ValueError(f"--peers-rounds {args.peers_rounds}: must be 0 or more")
+    from llmopt.scratch import check_writable_dir
 
-        check_writable_dir(args.out, "--out", may_exist=True)
-    except ValueError as e:
-        return cli.error(str(e))
+    check_writable_dir(args.out, "--out", may_exist=True)
     from llmopt.cpu import cpu_flags, cpu_model
 
     results = {"cpu_model": cpu_model(), "cpu_flags": list(cpu_flags()),

@@ -3,7 +3,8 @@
 A user's mistake (a bad flag, a file that is not what it should be) is one ``error:`` line on stderr and exit
 code 2: no usage block, no traceback. ``--help`` is argparse's, complete. Entry points build their parser with
 ``parser(...)`` and run their body through ``main(...)``, which turns the ``ValueError`` a check raises into
-that line.
+that line. Every exit code llmopt and the harness give is defined here; every ``error:`` line is printed by
+``error`` (tests/test_cli.py keeps it so).
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-USER_ERROR = 2
+# Exit codes: the harness maps them to row statuses (bench.executors.status_of); 1 is any other failure.
+USER_ERROR = 2     # a user's mistake, found before or while training: one error: line
+DIVERGED = 3       # the loss diverged (llmopt.convergence): one error: line saying at which step and why
+OUT_OF_MEMORY = 4  # a rank ran out of memory (or the kernel's OOM killer took it)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -25,10 +29,10 @@ def parser(prog: str, description: str, **kw) -> ArgumentParser:
     return ArgumentParser(prog=prog, description=description, **kw)
 
 
-def error(message: str) -> int:
-    """Print a user's mistake as the one ``error:`` line; returns the exit code."""
+def error(message: str, code: int = USER_ERROR) -> int:
+    """Print the one ``error:`` line of a failure (by default a user's mistake); returns its exit code."""
     print(f"error: {message}", file=sys.stderr)
-    return USER_ERROR
+    return code
 
 
 def main(body: Callable[[], int], user_errors: tuple[type[BaseException], ...] = (ValueError,)) -> int:

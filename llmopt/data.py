@@ -279,7 +279,7 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] != "prepare":
         from llmopt import cli
 
-        sys.exit(cli.error("python -m llmopt.data takes the command prepare: python -m llmopt.data prepare INPUT "
+        cli.exit(cli.error("python -m llmopt.data takes the command prepare: python -m llmopt.data prepare INPUT "
                            "--tokenizer T --out DIR (see python -m llmopt.data prepare --help)"))
     from llmopt import cli
     from llmopt.prepare import main

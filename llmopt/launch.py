@@ -20,6 +20,7 @@ import sys
 import time
 import uuid
 
+from llmopt import cli
 from llmopt.scratch import private_dir
 
 # Modules every rank imports: loaded once in the forking process so that forked ranks start with them.
@@ -52,7 +53,8 @@ def preload() -> None:
         importlib.import_module(name)
 
 
-def launch(nproc: int, argv: list[str], device: str, rank_main, oom_exit: int, decided: tuple[int, ...] = ()) -> int:
+def launch(nproc: int, argv: list[str], device: str, rank_main, oom_exit: int = cli.OUT_OF_MEMORY,
+           decided: tuple[int, ...] = ()) -> int:
     """Run ``rank_main(argv)`` on ``nproc`` local ranks; returns the exit code the launcher should give
     (``oom_exit`` when a rank was SIGKILLed: nobody here sent it, so it was the kernel's OOM killer).
     ``decided``: exit codes every rank reaches alike and rank 0 explains itself (a divergence, a user error
@@ -60,11 +62,9 @@ def launch(nproc: int, argv: list[str], device: str, rank_main, oom_exit: int, d
     launcher adds no "rank N failed" line of its own."""
     how = os.environ.get(LAUNCHER_ENV) or ("fork" if device == "cpu" else "elastic")
     if how not in ("fork", "elastic"):
-        print(f"error: {LAUNCHER_ENV}={how!r}: use fork or elastic", file=sys.stderr)
-        return 2
+        return cli.error(f"{LAUNCHER_ENV}={how!r}: use fork or elastic")
     if how == "fork" and device != "cpu":
-        print(f"error: {LAUNCHER_ENV}=fork: CUDA ranks cannot be forked safely; use elastic", file=sys.stderr)
-        return 2
+        return cli.error(f"{LAUNCHER_ENV}=fork: CUDA ranks cannot be forked safely; use elastic")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # SIGTERM and SIGHUP unwind like Ctrl-C, so the ranks are stopped and the launcher's files removed on the
     # way out (by default they end the process at once and leave both behind)
@@ -249,8 +249,7 @@ def _report(failures: dict, decided: tuple[int, ...] = ()) -> int:
     rank, line, code = root_cause(failures)
     if code == -9:
         line = f"killed by SIGKILL (the kernel's OOM killer?): {line}"
-    print(f"error: rank {rank} failed: {line}", file=sys.stderr)
-    return code
+    return cli.error(f"rank {rank} failed: {line}", code)
 
 
 def root_cause(failures: dict) -> tuple[int, str, int]:

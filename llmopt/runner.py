@@ -10,13 +10,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from llmopt import cli
 from llmopt.config import TrainConfig
 from llmopt.convergence import Convergence
 from llmopt.faults import SLOW_S, maybe_fail, slow_steps
@@ -34,9 +34,6 @@ from llmopt.metrics import (
 from llmopt.run_metrics import RunMetrics
 from llmopt.safe_files import open_file
 
-# Exit codes the harness maps to row statuses (2 is a user error, 1 any other failure).
-EXIT_DIVERGED = 3
-EXIT_OOM = 4
 # A budget that would train longer than this at the measured step time is refused after its first steps: a
 # mistyped --max-tokens (1e30) or --steps should end with a sentence, not run for ever without one.
 HORIZON_S = 365 * 86400
@@ -108,21 +105,18 @@ def _run(cfg: TrainConfig, opts: RunOptions) -> int:
         if not finished:
             if rank == 0:
                 amp = "" if cfg.precision == "fp32" else f" (or train in fp32 instead of {cfg.precision})"
-                print(f"error: diverged at step {timed.diverged_at}: {timed.diverged_why}; lower --lr{amp}",
-                      file=sys.stderr)
-            return EXIT_DIVERGED
+                return cli.error(f"diverged at step {timed.diverged_at}: {timed.diverged_why}; lower --lr{amp}",
+                                 cli.DIVERGED)
+            return cli.DIVERGED
     except (torch.OutOfMemoryError, MemoryError) as e:
-        print(f"error: out of memory on rank {rank}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-              file=sys.stderr)
-        return EXIT_OOM
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return cli.error(f"out of memory on rank {rank}: {why}", cli.OUT_OF_MEMORY)
     except ValueError as e:  # a problem only found once the data is read (e.g. a split shorter than a sequence)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.error(str(e))
     except RuntimeError as e:
         if "allocate" not in str(e):
             raise
-        print(f"error: out of memory on rank {rank}: {str(e).splitlines()[0]}", file=sys.stderr)  # CPU allocator
-        return EXIT_OOM
+        return cli.error(f"out of memory on rank {rank}: {str(e).splitlines()[0]}", cli.OUT_OF_MEMORY)  # CPU
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()

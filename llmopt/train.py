@@ -99,17 +99,20 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault(LAUNCH_T0_ENV, repr(time.time()))
-    try:
-        args, cfg = _checked(argv)
-    except ValueError as e:  # a user's mistake: cli's one line, exit 2
-        return cli.error(str(e))
+    return cli.main(lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
+    from llmopt import cli
+
+    args, cfg = _checked(argv)
     # the run, and with it torch, is imported only now: a mistake in the flags never waits for that import
-    from llmopt.runner import EXIT_DIVERGED, EXIT_OOM, RunOptions, run
+    from llmopt.runner import RunOptions, run
 
     if cfg.world_size > 1 and not under_launcher():
         from llmopt.launch import launch
 
-        return launch(cfg.world_size, argv, cfg.device, main, EXIT_OOM, decided=(2, EXIT_DIVERGED))
+        return launch(cfg.world_size, argv, cfg.device, main, decided=(cli.USER_ERROR, cli.DIVERGED))
 
     rc = run(cfg, RunOptions(timing_warmup=args.timing_warmup, memory_breakdown=args.memory_breakdown,
                              save=args.save, metrics_out=args.metrics_out, profile=args.profile, quiet=args.quiet))

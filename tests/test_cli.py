@@ -140,3 +140,34 @@ def test_every_entry_point_says_a_bad_flag_in_one_line(module, capsys, monkeypat
 def test_the_other_command_lines_say_a_mistake_in_one_line(cli, argv):
     r = cli(*argv)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
+
+
+def test_every_error_line_and_exit_code_comes_from_cli():
+    """One way to fail: outside llmopt/cli.py no code prints an ``error:`` line itself or returns a bare exit code
+    (2, 3, 4), and every ``python -m`` entry point exits through ``cli.exit``. The failure names the lines."""
+    import os
+    import re
+
+    from conftest import ROOT
+
+    printed = re.compile(r"""print\(\s*f?["']error:""")
+    bare_code = re.compile(r"(return|exit\()\s*[234]\s*(\)|#|$)")
+    found, entry_points = [], 0
+    for top in ("llmopt", "bench", "scripts"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                if not name.endswith(".py") or path.endswith(os.path.join("llmopt", "cli.py")):
+                    continue
+                text = open(path).read()
+                for n, line in enumerate(text.splitlines(), 1):
+                    if printed.search(line) or bare_code.search(line):
+                        found.append(f"{os.path.relpath(path, ROOT)}:{n}: {line.strip()}")
+                if 'if __name__ == "__main__":' in text:
+                    entry_points += 1
+                    if "cli.exit(" not in text.split('if __name__ == "__main__":', 1)[1]:
+                        found.append(f"{os.path.relpath(path, ROOT)}: its __main__ does not exit through cli.exit")
+    assert entry_points >= 9 and not found, found
+    # the checker bites
+    assert printed.search('print(f"error: x", file=sys.stderr)') and bare_code.search("        return 2")
+    assert bare_code.search("sys.exit(4)") and not bare_code.search("return 2 * 4 * n")
