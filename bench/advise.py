@@ -7,7 +7,7 @@ the best few.
     python -m bench.advise --check results/reference/cpu      # the time model against a committed sweep
 
 Memory comes from ``llmopt.memory`` (the harness's own prediction) with the error band it showed on the
-committed references; time from ``bench.costmodel`` (its docstring holds the model and its sources). Every
+committed references; time from ``bench.advisor.costmodel`` (its docstring holds the model and its sources). Every
 figure in the output is a prediction unless its column says "measured".
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench.advisor import AdviseError
+from bench.advisor.costmodel import GIB, GPU_RESERVE_BYTES, GPUS, Hardware, Link, with_links
 from bench.advisor.layouts import (
     advice,
     advise_table,
@@ -31,8 +32,7 @@ from bench.advisor.layouts import (
     plot,
 )
 from bench.advisor.probe import check_reference, cpu_hardware, gpu_hardware, memory_band
-from bench.costmodel import GIB, GPU_RESERVE_BYTES, GPUS, Hardware, Link, with_links
-from bench.markdown import fmt, md_table
+from bench.report.markdown import fmt, md_table
 from llmopt.safe_files import makedirs, open_file, refuse_links
 
 
@@ -64,10 +64,10 @@ def parse_link(text: str, flag: str) -> Link:
 
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv):
-    from llmopt import cli
-    from llmopt.config import PRECISIONS
+    from llmopt.core import cli
+    from llmopt.core.config import PRECISIONS
+    from llmopt.core.shapes import PRESETS
     from llmopt.optimizers import names as optimizer_names
-    from llmopt.shapes import PRESETS
 
     p = cli.parser("python -m bench.advise", __doc__.split("\n\n")[0],
                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,7 +103,7 @@ def parse_args(argv):
 
 def _custom_preset(text: str, seq_len: int) -> str:
     """Register ``--shape`` as a preset of this process and return its name."""
-    from llmopt.shapes import PRESETS, GPTConfig
+    from llmopt.core.shapes import PRESETS, GPTConfig
 
     try:
         parts = [int(x) for x in text.split(",")]
@@ -122,7 +122,7 @@ def _custom_preset(text: str, seq_len: int) -> str:
 
 def _request(a):
     """(base config, precisions) from the flags, every one checked; no probe, no hardware yet."""
-    from llmopt.config import PRECISIONS, TrainConfig, validate
+    from llmopt.core.config import PRECISIONS, TrainConfig, validate
 
     if a.peak_tflops is not None and not (math.isfinite(a.peak_tflops) and a.peak_tflops > 0):
         raise AdviseError(f"--peak-tflops {a.peak_tflops}: must be a positive, finite number of TFLOP/s")
@@ -160,7 +160,7 @@ def _request(a):
 
 def _hardware(a, base: dict):
     """The hardware the flags name: a GPU of the datasheet table (or given), or this CPU (probed once)."""
-    from llmopt.config import TrainConfig
+    from llmopt.core.config import TrainConfig
 
     memory = parse_bytes(a.device_memory) if a.device_memory else None
     if base["device"] == "cpu":
@@ -262,7 +262,7 @@ def write_outputs(out: Path, t, hw: Hardware, text: str, measured, a) -> None:
     plot(t, hw, out / "plots" / "advise.png")
     L = [f"# Layout advice: {a.preset} on {hw.nodes} x {hw.devices_per_node} {hw.name}", "",
          f"Command: `python -m bench.advise {' '.join(sys.argv[1:])}`", "", text, "",
-         "Every figure below is **predicted** (bench/costmodel.py), except the columns marked measured.", "",
+         "Every figure below is **predicted** (bench/advisor/costmodel.py), except the columns marked measured.", "",
          "- Peak FLOP/s per device: " + ", ".join(f"{p} {v / 1e12:.3g} TFLOP/s" for p, v in hw.peak_flops.items()),
          "- Achievable fraction of the peak, and framework time per micro-batch: "
          + ", ".join(f"{p} {f:.2f} and {hw.micro_batch_overhead.get(p, 0) * 1e3:.2f} ms "
@@ -282,12 +282,12 @@ def write_outputs(out: Path, t, hw: Hardware, text: str, measured, a) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmopt import cli
+    from llmopt.core import cli
 
     return cli.main(lambda: run(parse_args(argv)))  # the parser reads the optimizers' registry: a check too
 
 
 if __name__ == "__main__":
-    from llmopt import cli
+    from llmopt.core import cli
 
     cli.exit(main())

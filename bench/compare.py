@@ -59,7 +59,7 @@ def compare(dir_a: str, dir_b: str) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmopt import cli
+    from llmopt.core import cli
 
     p = cli.parser("python -m bench.compare", __doc__.split("\n\n")[0])
     p.add_argument("dir_a", help="a sweep's results directory (the before)")
@@ -86,6 +86,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from llmopt import cli
+    from llmopt.core import cli
 
     cli.exit(main())

@@ -19,7 +19,7 @@ from llmopt.cpu import NATIVE_BF16_FLAGS, cpu_flags, cpu_model  # noqa: F401 (re
 from llmopt.safe_files import makedirs, write_json
 
 if TYPE_CHECKING:
-    from llmopt.run_metrics import RunMetrics
+    from llmopt.core.run_metrics import RunMetrics
 
 # Dense peak FLOP/s per GPU from NVIDIA's datasheets (SXM parts). fp32 is the non-tensor-core figure:
 # llmopt leaves torch's fp32 matmul precision at "highest" (no TF32).
@@ -146,11 +146,11 @@ def row_peak(entry: dict, metrics: RunMetrics | None, cache: dict, measure: bool
     """The peak FLOP/s a config's MFU is stated against (measured on first use, kept in ``cache``); from the
     finished config's resolved fields, or before it runs (``metrics`` None) from its own. A GPU's datasheet
     figure is looked up by the name the config's rank saw; ``measure`` False (the config ran elsewhere: on
-    SLURM the job measures its node itself, ``bench.job.run_in_job``) gives None rather than a
+    SLURM the job measures its node itself, ``bench.executors.job.run_in_job``) gives None rather than a
     measurement of this machine. ``threads``: torch's CPU threads for a measurement (``measure_matmul_peak``)."""
     if metrics is not None and metrics.flops_per_token is None:
         return None
-    from llmopt.config import TrainConfig
+    from llmopt.core.config import TrainConfig
 
     tc = TrainConfig(**entry["config"])
     resolved = metrics.config if metrics is not None else {"device": tc.device,
@@ -206,9 +206,9 @@ def environment(argv: list[str]) -> dict:
 
 
 def measure_node_peak(entry: dict, metrics: RunMetrics, metrics_path: str, cache_path: str) -> None:
-    """In a SLURM job, after its config (``bench.job``): this node's peak FLOP/s for the config (``row_peak``, as
-    a local sweep takes it, from the config's ``metrics``), written beside them; measurements kept per node in
-    ``cache_path`` for the sweep's later jobs."""
+    """In a SLURM job, after its config (``bench.executors.job``): this node's peak FLOP/s for the config
+    (``row_peak``, as a local sweep takes it, from the config's ``metrics``), written beside them; measurements
+    kept per node in ``cache_path`` for the sweep's later jobs."""
     makedirs(os.path.dirname(cache_path))
     try:
         with open(cache_path) as f:

@@ -77,13 +77,13 @@ def head_rows(reps: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmopt import cli
+    from llmopt.core import cli
 
     return cli.main(lambda: _main(argv))
 
 
 def _main(argv: list[str] | None) -> int:
-    from llmopt import cli
+    from llmopt.core import cli
 
     p = cli.parser("python -m bench.kernels", __doc__.split("\n\n")[0])
     p.add_argument("--out", help="output directory (default results/runs/<UTC>-kernels)")
@@ -98,7 +98,7 @@ def _main(argv: list[str] | None) -> int:
     import pandas as pd
 
     from bench.hardware import environment
-    from bench.markdown import md_table
+    from bench.report.markdown import md_table
     from llmopt.safe_files import makedirs, open_file, refuse_links, write_json
 
     out = a.out or os.path.join("results", "runs", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-kernels")
@@ -125,6 +125,6 @@ def _main(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    from llmopt import cli
+    from llmopt.core import cli
 
     cli.exit(main())

@@ -1,6 +1,6 @@
 """Matrices: named sweeps and custom TOML files -> a list of configs, each valid or a ``skipped`` reason.
 
-A config is a dict of ``llmopt.config.TrainConfig`` fields (one name per thing: the flags, the CSV columns
+A config is a dict of ``llmopt.core.config.TrainConfig`` fields (one name per thing: the flags, the CSV columns
 and these keys are the same words). Nothing is dropped silently: an invalid combination, or one that needs
 more ranks than the device allows, stays in the plan with the reason it is skipped.
 
@@ -35,7 +35,7 @@ import tomllib
 from dataclasses import asdict, fields
 
 from bench.layouts import BASE_LAYOUTS, layout_name
-from llmopt.config import PRECISIONS, TrainConfig, check_given, validate
+from llmopt.core.config import PRECISIONS, TrainConfig, check_given, validate
 from llmopt.optimizers import names as optimizer_names
 from llmopt.optimizers import registry as optimizer_registry
 from llmopt.optimizers import spec as optimizer_spec
@@ -202,7 +202,7 @@ class MatrixError(ValueError):
 
 
 def _coerce(field: str, value, where: str):
-    """``value`` as the field's type, and valid on its own (``llmopt.config.check_field``): a value that is wrong
+    """``value`` as the field's type, and valid on its own (``llmopt.core.config.check_field``): a value that is wrong
     whatever the other fields (seed = -1, global_batch = [0], lr = [nan], a missing data path, an unknown
     preset) is the user's mistake, refused before any config is built; a bad *combination* of valid values
     stays a skipped row."""
@@ -382,7 +382,7 @@ def _paths_resolved(cfg: dict, preset_given: bool) -> dict:
     if cfg.get("init") and str(cfg["init"]).startswith("hf:") and os.path.exists(cfg["init"][3:]):
         cfg["init"] = "hf:" + os.path.abspath(cfg["init"][3:])
     if cfg.get("init") and not preset_given:
-        from llmopt.config import CHECKPOINT
+        from llmopt.core.config import CHECKPOINT
 
         cfg["preset"] = CHECKPOINT
     return cfg

@@ -15,8 +15,8 @@ import math
 import os
 from dataclasses import fields as _fields
 
-from llmopt.config import TrainConfig
-from llmopt.run_metrics import RunMetrics
+from llmopt.core.config import TrainConfig
+from llmopt.core.run_metrics import RunMetrics
 from llmopt.safe_files import open_file
 
 # The config part of a row: every TrainConfig field, in the dataclass's order (so a new flag is a new column
@@ -42,7 +42,7 @@ RESULT_COLUMNS = [
     "fp16_skipped_steps", "energy_j_per_token", "gpu_util_mean", "gpu_power_w_mean",
     "startup_s", "build_s", "memory_step_s", "added_as_baseline", "phase", "wall_s",
 ]
-# Scalars of a run's metrics (llmopt.run_metrics.RunMetrics, the fields marked with a row) copied into its row
+# Scalars of a run's metrics (llmopt.core.run_metrics.RunMetrics, the fields marked with a row) copied into its row
 # unchanged: RUN_ for every run that produced metrics (a diverged run included), OK_ for finished ones. The
 # rest of a row is the config, the harness's own columns and what build_row derives.
 RUN_METRIC_COLUMNS = RunMetrics.columns("run")
@@ -71,7 +71,7 @@ def row_config(row) -> "TrainConfig":
     """The validated config of a results row (a pandas Series of results.csv)."""
     import pandas as pd
 
-    from llmopt.config import TrainConfig, validate
+    from llmopt.core.config import TrainConfig, validate
 
     kw = {f: (row[f].item() if hasattr(row[f], "item") else row[f]) for f in TrainConfig.field_names()
           if f in row and not pd.isna(row[f]) and row[f] != ""}  # empty: the field's default

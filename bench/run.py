@@ -44,8 +44,8 @@ from bench.results import (
     prediction_columns,
     read_env,
 )
-from llmopt.config import TrainConfig
-from llmopt.run_metrics import RunMetrics
+from llmopt.core.config import TrainConfig
+from llmopt.core.run_metrics import RunMetrics
 from llmopt.safe_files import UnsafePath, makedirs, open_file, refuse_links, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ AMP_TOLERANCE = 5e-2  # nats: a bf16/fp16 curve within this of the fp32 baseline
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmopt import cli
+    from llmopt.core import cli
 
     p = cli.parser("python -m bench.run", __doc__.split("\n\n")[0])
     p.add_argument("--matrix", default=None, help=f"{', '.join(NAMED)}, or a .toml file (default: default)")
@@ -132,7 +132,7 @@ def build_row(entry: dict, status: str, error: str, metrics: RunMetrics | None, 
               ctx: RowContext) -> tuple[dict, dict]:
     """The results row and the per-config detail rows ({"steps": [...], "evals": [...]}) of one config: a
     pure function of the config's entry, its outcome and metrics, and ``ctx``."""
-    from llmopt.metrics import mfu
+    from llmopt.instruments import mfu
 
     cfg = entry["config"]
     tc = TrainConfig(**cfg)
@@ -229,8 +229,8 @@ def _raise_stopped(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.executors import remove_dead_launcher_dirs
-    from llmopt import cli
+    from bench.executors import remove_dead_forkserver_dirs
+    from llmopt.core import cli
     from llmopt.optimizers import registry as optimizer_registry
 
     argv = sys.argv[1:] if argv is None else argv
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return cli.error(str(e))
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    remove_dead_launcher_dirs()
+    remove_dead_forkserver_dirs()
     try:
         return sweep(args, argv)
     except (MatrixError, ExecutorError, Unreadable, UnsafePath) as e:
@@ -318,7 +318,7 @@ def _check_args(args) -> set[str]:
 
 def _new_plan(args) -> tuple[list[dict], str, str, int]:
     from bench.matrix import WARMUP_STEPS
-    from llmopt.config import resolve_device
+    from llmopt.core.config import resolve_device
 
     device = resolve_device(args.device or "auto")
     if device == "cuda":
@@ -644,6 +644,6 @@ def _point_latest(out: str) -> None:
 
 
 if __name__ == "__main__":
-    from llmopt import cli
+    from llmopt.core import cli
 
     cli.exit(main())

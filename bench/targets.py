@@ -30,7 +30,7 @@ OVERHEAD_SHAPE = dict(preset="tiny", global_batch=8, seq_len=64, optimizer="adam
 
 
 def _cfg(shape):
-    from llmopt.config import TrainConfig, validate
+    from llmopt.core.config import TrainConfig, validate
 
     return validate(TrainConfig(**shape))
 
@@ -114,7 +114,7 @@ def recorded(steps: int, warmup: int) -> float:
     reads), the code every bench.run config runs."""
     import torch
 
-    from llmopt.runner import measure
+    from llmopt.loop import measure
     from llmopt.step import build
 
     state = build(_cfg(dict(OVERHEAD_SHAPE, steps=steps)), torch.device("cpu"))
@@ -215,13 +215,13 @@ def write(out_dir: str, results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmopt import cli
+    from llmopt.core import cli
 
     return cli.main(lambda: _main(sys.argv[1:] if argv is None else argv))
 
 
 def _main(argv: list[str]) -> int:
-    from llmopt import cli
+    from llmopt.core import cli
 
     p = cli.parser("python -m bench.targets", __doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(REPO, "results", "latest"),
@@ -247,6 +247,6 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from llmopt import cli
+    from llmopt.core import cli
 
     cli.exit(main())

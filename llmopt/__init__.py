@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name in __all__:
-        from llmopt import model, shapes
+        from llmopt import model
+        from llmopt.core import shapes
 
         return getattr(model if name == "GPT" else shapes, name)
     raise AttributeError(f"module 'llmopt' has no attribute {name!r}")

@@ -50,7 +50,7 @@ class Convergence:
 
     def evaluate(self, state, steps_done: int, train_seconds: float) -> bool:
         """Run one eval (collective); returns True when it reached the target."""
-        from llmopt.metrics import synchronize
+        from llmopt.instruments import synchronize
         from llmopt.step import evaluate
 
         synchronize(state.device)

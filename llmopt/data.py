@@ -277,11 +277,11 @@ if __name__ == "__main__":
               "prepare: tokenize a corpus once into train.bin / val.bin memmaps (python -m llmopt.data prepare -h)")
         sys.exit(0)
     if len(sys.argv) < 2 or sys.argv[1] != "prepare":
-        from llmopt import cli
+        from llmopt.core import cli
 
         cli.exit(cli.error("python -m llmopt.data takes the command prepare: python -m llmopt.data prepare INPUT "
                            "--tokenizer T --out DIR (see python -m llmopt.data prepare --help)"))
-    from llmopt import cli
+    from llmopt.core import cli
     from llmopt.prepare import main
 
     cli.exit(main(sys.argv[2:]))

@@ -3,7 +3,7 @@
 ``LLMOPT_FAIL_AT="RANK:STEP:MODE[:SEED],..."`` makes that rank fail at that step (of configs of that seed
 only, when SEED is given, so one sweep can hold healthy and faulty configs). MODE: raise (an exception),
 exit (exit code 17), kill (SIGKILL, as the kernel's OOM killer would), segv (a real segmentation fault), hang
-(never returns), alloc (allocate until SIGKILLed). Read by ``llmopt.runner.timed_steps`` before each step.
+(never returns), alloc (allocate until SIGKILLed). Read by ``llmopt.loop.timed_steps`` before each step.
 MODE slow: that step takes SLOW_S longer, inside its timing (a stall a noisy machine would cause), on a
 config's first timing only: the harness's re-time of a noisy row (``RETIME_ENV`` set) runs clean.
 """

@@ -20,18 +20,18 @@ import sys
 import time
 import uuid
 
-from llmopt import cli
+from llmopt.core import cli
 from llmopt.scratch import private_dir
 
 # Modules every rank imports: loaded once in the forking process so that forked ranks start with them.
 RANK_MODULES = ("torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.tensor.parallel",
                 "torch.distributed.pipelining", "torch.distributed.fsdp", "torch._dynamo",
-                "torch.distributed._tools.mem_tracker", "llmopt.step", "llmopt.metrics", "llmopt.memory",
+                "torch.distributed._tools.mem_tracker", "llmopt.step", "llmopt.instruments", "llmopt.memory",
                 "llmopt.convergence", "llmopt.distributed.parallelize")
 # Environment variable a harness may set to choose the launcher: "fork" or "elastic" (default: by device).
 LAUNCHER_ENV = "LLMOPT_LAUNCHER"
 # Epoch seconds when the config was started (set by the harness, else at llmopt.train's entry): start-up is
-# measured from it to the rank's first line of work (llmopt.runner), so it covers imports and rank start-up.
+# measured from it to the rank's first line of work (llmopt.loop), so it covers imports and rank start-up.
 LAUNCH_T0_ENV = "LLMOPT_LAUNCH_T0"
 # Errors a rank raises because *another* rank went away: never the root cause when a real error exists.
 _SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",

@@ -1,4 +1,4 @@
-"""Analytic memory prediction per rank, in the categories the measurement uses (``llmopt.metrics``):
+"""Analytic memory prediction per rank, in the categories the measurement uses (``llmopt.instruments``):
 
     parameters, gradients, optimizer_state, activations (saved for backward + the loss's temporaries)
 
@@ -40,10 +40,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from llmopt.config import resolve_device
+from llmopt.core.config import resolve_device
+from llmopt.core.shapes import hidden_matrix_params, stage_layers, stage_params, stage_tensors  # noqa: F401 (re-exported)
 from llmopt.model import HEAD_CHUNK_ROWS, explicit_attention
 from llmopt.optimizers import spec, stage_view
-from llmopt.shapes import hidden_matrix_params, stage_layers, stage_params, stage_tensors  # noqa: F401 (re-exported)
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
 

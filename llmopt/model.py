@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmopt.shapes import GPTConfig, param_count
+from llmopt.core.shapes import GPTConfig, param_count
 
 
 class CausalSelfAttention(nn.Module):

@@ -181,7 +181,7 @@ class ByteTokenizer:
 def tokenizer_vocab_size(spec: str) -> int:
     """The vocabulary a tokenizer spec gives, without tokenizing anything (for planning and validation). For
     ``train:N`` it is N, an upper bound: a corpus may yield fewer merges, and the prepared data's meta.json
-    then holds the vocabulary the model gets (``llmopt.config.data_vocab_size`` reads it)."""
+    then holds the vocabulary the model gets (``llmopt.core.config.data_vocab_size`` reads it)."""
     if spec == "bytes":
         return 256
     if spec.startswith("train:"):
@@ -435,7 +435,7 @@ def report(meta: dict, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmopt import cli
+    from llmopt.core import cli
 
     p = cli.parser("python -m llmopt.data prepare", __doc__.split("\n\n")[0])
     p.add_argument("input", help=f"a text file, a directory, or {', '.join(BUILTIN)}")

@@ -90,7 +90,7 @@ def stream(ids: Iterator[int], decode: Callable[[list[int]], str], write: Callab
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmopt import cli
+    from llmopt.core import cli
 
     p = cli.parser("python -m llmopt.sample", __doc__.split("\n\n")[0])
     p.add_argument("dir", help="a directory written by python -m llmopt.train --save")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach Python as lone surrogates
             raise ValueError(f"--prompt holds a byte that is not UTF-8 text (at character {e.start}); "
                              f"pass text") from None
-        from llmopt.config import resolve_device
+        from llmopt.core.config import resolve_device
 
         device = torch.device(resolve_device(args.device))
         model, encode, decode = load(args.dir, device)
@@ -136,6 +136,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from llmopt import cli
+    from llmopt.core import cli
 
     cli.exit(main())

@@ -5,7 +5,7 @@ can be made before any work (one ``error:`` line and exit 2 otherwise), and wher
 with more than one rank (``--dp/--tp/--pp``) and no launcher, it starts the ranks itself (llmopt.launch:
 forked on CPU, torch's elastic launcher on CUDA). Run under ``torchrun`` it uses the world it is given, so
 multi-node runs need nothing but torchrun's own flags (see the README and scripts/). The run itself (the timed
-steps and what is measured after them) is ``llmopt.runner``.
+steps and what is measured after them) is ``llmopt.loop``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from llmopt.config import CHECKPOINT, TrainConfig, validate
+from llmopt.core.config import CHECKPOINT, TrainConfig, validate
 from llmopt.launch import LAUNCH_T0_ENV, under_launcher
 
 
@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     run's own (outputs, the timing warm-up, quiet)."""
     from dataclasses import fields
 
-    from llmopt import cli
-    from llmopt.config import choices
+    from llmopt.core import cli
+    from llmopt.core.config import choices
 
     p = cli.parser("python -m llmopt.train", "Train a GPT for a few steps with one configuration.")
     for f in fields(TrainConfig):
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The config of the flags; a flag whose default stands for "the default" is checked only when given."""
-    from llmopt.config import check_given
+    from llmopt.core.config import check_given
 
     kw = {k: getattr(args, k) for k in TrainConfig.field_names()}
     for k, v in list(kw.items()):
@@ -95,7 +95,7 @@ def _checked(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmopt import cli
+    from llmopt.core import cli
 
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault(LAUNCH_T0_ENV, repr(time.time()))
@@ -103,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from llmopt import cli
+    from llmopt.core import cli
 
     args, cfg = _checked(argv)
     # the run, and with it torch, is imported only now: a mistake in the flags never waits for that import
-    from llmopt.runner import RunOptions, run
+    from llmopt.loop import RunOptions, run
 
     if cfg.world_size > 1 and not under_launcher():
         from llmopt.launch import launch
@@ -200,7 +200,7 @@ def _check_outputs(cfg: TrainConfig, args, tokenizer_dir: str | None) -> None:
 
         check_writable_file(args.metrics_out, "--metrics-out", [cfg.data, cfg.init and cfg.init[3:]])
     if args.profile:
-        from llmopt.metrics import check_profile_dir
+        from llmopt.instruments import check_profile_dir
 
         check_profile_dir(args.profile)
     if args.save:
@@ -210,6 +210,6 @@ def _check_outputs(cfg: TrainConfig, args, tokenizer_dir: str | None) -> None:
 
 
 if __name__ == "__main__":
-    from llmopt import cli
+    from llmopt.core import cli
 
     cli.exit(main())

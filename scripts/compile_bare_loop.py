@@ -13,8 +13,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from llmopt.core.shapes import PRESETS
 from llmopt.model import GPT, linear_cross_entropy
-from llmopt.shapes import PRESETS
 
 
 def main(head: str, mode: str) -> None:
@@ -49,7 +49,7 @@ def main(head: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    from llmopt import cli
+    from llmopt.core import cli
 
     p = cli.parser("python scripts/compile_bare_loop.py", __doc__.split("\n\n")[0])
     p.add_argument("head", choices=("plain", "fused"), help="logits then F.cross_entropy, or llmopt's fused head")

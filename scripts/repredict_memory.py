@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llmopt.cli import parser  # noqa: E402
+from llmopt.core.cli import parser  # noqa: E402
 
 
 def repredict(out: str) -> int:
@@ -57,6 +57,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from llmopt import cli
+    from llmopt.core import cli
 
     cli.exit(main())

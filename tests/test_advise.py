@@ -9,10 +9,10 @@ import pytest
 
 from bench import advise
 from bench.advisor import layouts, probe
-from bench.costmodel import GPUS, Hardware, Link, comm_bytes, predict_step, wire_bytes
+from bench.advisor.costmodel import GPUS, Hardware, Link, comm_bytes, predict_step, wire_bytes
 from bench.results import row_config
 from conftest import bench_here
-from llmopt.config import TrainConfig, validate
+from llmopt.core.config import TrainConfig, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ import torch
 from bench.matrix import MatrixError, config_id, expand, layouts, load_toml, parse_filter, wrapped_optimizers
 from bench.results import RESULT_COLUMNS, STEP_COLUMNS
 from conftest import ROOT, bench_here
-from llmopt.config import TrainConfig
+from llmopt.core.config import TrainConfig
 
 REQUIRED = ["config_id", "status", "error", "model_impl", "preset", "device", "world_size", "dp", "dp_mode", "tp",
             "pp", "pp_schedule", "precision", "grad_accum", "micro_batch", "global_batch", "seq_len", "optimizer",
@@ -29,7 +29,7 @@ def test_results_schema_holds_every_config_field_with_its_kind():
     from dataclasses import fields
 
     from bench.results import TEXT_COLUMNS
-    from llmopt.config import TrainConfig
+    from llmopt.core.config import TrainConfig
 
     config = {f.name: f.type for f in fields(TrainConfig)}
     assert set(config) | {"world_size", "micro_batch"} <= set(RESULT_COLUMNS)
@@ -312,7 +312,7 @@ def test_gemm_shapes_cover_forward_and_backward():
 
 
 def test_energy_meter_reports_none_without_counters():
-    from llmopt.metrics import EnergyMeter
+    from llmopt.instruments import EnergyMeter
 
     meter = EnergyMeter(torch.device("cpu"), local_rank=1)  # non-zero local rank never reads RAPL
     meter.start()

@@ -113,12 +113,12 @@ ENTRY_POINTS = ["llmopt.train", "llmopt.sample", "llmopt.prepare", "bench.run", 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_every_entry_point_says_a_bad_flag_in_one_line(module, capsys, monkeypatch):
-    """One convention for every `python -m` entry point (llmopt.cli): a user's mistake is one `error:` line and
+    """One convention for every `python -m` entry point (llmopt.core.cli): a user's mistake is one `error:` line and
     exit 2, no usage block, no traceback; every option's --help line says what it is. (In this process: each
     module's main, as its `python -m` calls it; llmopt.prepare's is `python -m llmopt.data prepare`.)"""
     import importlib
 
-    from llmopt import cli
+    from llmopt.core import cli
 
     made = []
     real = cli.parser
@@ -130,7 +130,7 @@ def test_every_entry_point_says_a_bad_flag_in_one_line(module, capsys, monkeypat
         rc = e.code
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith("error:") and "usage" not in err, err
-    assert len(made) == 1, "the entry point builds its parser with llmopt.cli.parser"
+    assert len(made) == 1, "the entry point builds its parser with llmopt.core.cli.parser"
     assert all(a.help for a in made[0]._actions), [a.dest for a in made[0]._actions if not a.help]
 
 
@@ -143,7 +143,7 @@ def test_the_other_command_lines_say_a_mistake_in_one_line(cli, argv):
 
 
 def test_every_error_line_and_exit_code_comes_from_cli():
-    """One way to fail: outside llmopt/cli.py no code prints an ``error:`` line itself or returns a bare exit code
+    """One way to fail: outside llmopt/core/cli.py no code prints an ``error:`` line itself or returns a bare exit code
     (2, 3, 4), and every ``python -m`` entry point exits through ``cli.exit``. The failure names the lines."""
     import os
     import re
@@ -157,7 +157,7 @@ def test_every_error_line_and_exit_code_comes_from_cli():
         for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
             for name in files:
                 path = os.path.join(dirpath, name)
-                if not name.endswith(".py") or path.endswith(os.path.join("llmopt", "cli.py")):
+                if not name.endswith(".py") or path.endswith(os.path.join("llmopt", "core", "cli.py")):
                     continue
                 text = open(path).read()
                 for n, line in enumerate(text.splitlines(), 1):

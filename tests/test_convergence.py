@@ -6,9 +6,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from llmopt.config import TrainConfig, validate
-from llmopt.metrics import NoiseScale, gradient_noise_scale
-from llmopt.runner import measure
+from llmopt.core.config import TrainConfig, validate
+from llmopt.instruments import NoiseScale, gradient_noise_scale
+from llmopt.loop import measure
 from llmopt.step import build, train_step
 
 CPU = torch.device("cpu")
@@ -176,7 +176,7 @@ def test_tuning_picks_the_lowest_end_of_budget_loss_widens_edges_once_then_adds_
 
 
 def test_tokens_to_target_interpolates_between_budgets_and_never_guesses():
-    from bench.stats import AT_FIRST, NOT_REACHED, REACHED, tokens_to_target
+    from bench.report.stats import AT_FIRST, NOT_REACHED, REACHED, tokens_to_target
 
     # log-linear: halfway in loss between 2^10 and 2^12 tokens is 2^11
     c = tokens_to_target([1024, 2048, 4096], [3.0, 2.5, 2.0], 2.25)
@@ -192,8 +192,8 @@ def test_welch_and_the_winner_rule_on_constructed_rows():
     a lead counts only at p < 0.05 against every other optimizer."""
     import pandas as pd
 
-    from bench.quality import verdict
-    from bench.stats import paired, student_t_two_sided, welch
+    from bench.report.quality import verdict
+    from bench.report.stats import paired, student_t_two_sided, welch
 
     assert abs(student_t_two_sided(2.228138852, 10) - 0.05) < 1e-8  # the tabled 97.5% quantile at 10 df
     assert abs(student_t_two_sided(12.7062047, 1) - 0.05) < 1e-7
@@ -226,7 +226,7 @@ def test_a_finalist_there_by_the_smallest_budget_is_ranked_at_that_bound():
     and two such optimizers are a tie the ladder cannot break."""
     import pandas as pd
 
-    from bench.quality import _speedup, _tokens_cell, verdict
+    from bench.report.quality import _speedup, _tokens_cell, verdict
 
     def row(o, tokens=(), bounded=False):
         return {"optimizer": o, "tokens": list(tokens), "by_seed": dict(enumerate(tokens)), "seed_list": [0, 1, 2],

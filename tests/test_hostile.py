@@ -344,7 +344,7 @@ def test_write_json_leaves_no_tmp_on_a_failed_write(tmp_path, monkeypatch):
 
 
 def test_an_empty_metrics_file_fails_the_config_not_the_sweep(tmp_path):
-    from bench.executors import read_metrics
+    from llmopt.core.run_metrics import read_metrics
 
     (tmp_path / "m.json").write_text("")
     metrics, error = read_metrics(str(tmp_path / "m.json"))

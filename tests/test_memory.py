@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmopt.config import TrainConfig, validate
+from llmopt.core.config import TrainConfig, validate
+from llmopt.instruments import tracked_memory_step
 from llmopt.memory import predict_memory
-from llmopt.metrics import tracked_memory_step
 from llmopt.step import build, train_step
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "results" / "reference"
@@ -58,7 +58,7 @@ def test_prediction_matches_the_committed_reference_runs(reference):
 
 
 def test_memtracker_private_hook_is_still_there():
-    """llmopt.metrics overrides MemTracker's private _pre_fw_hook and reads attributes behind it: a torch
+    """llmopt.instruments overrides MemTracker's private _pre_fw_hook and reads attributes behind it: a torch
     upgrade that renames them must fail here, not silently measure one micro-batch instead of a step."""
     from torch.distributed._tools.mem_tracker import MemTracker
 

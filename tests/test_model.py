@@ -3,8 +3,8 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from llmopt import GPT, PRESETS, GPTConfig
+from llmopt.core.shapes import flops_per_token, param_count
 from llmopt.model import hf_config
-from llmopt.shapes import flops_per_token, param_count
 
 SMALL = GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=97, block_size=32)
 

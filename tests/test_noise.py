@@ -58,7 +58,7 @@ def test_a_clean_row_is_not_flagged():
     import random
 
     from bench.noise import is_noisy
-    from llmopt.metrics import coefficient_of_variation, percentile
+    from llmopt.instruments import coefficient_of_variation, percentile
 
     rng = random.Random(0)
     steady = [40.0 * (1 + rng.uniform(-0.01, 0.01)) for _ in range(42)]

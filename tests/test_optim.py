@@ -70,9 +70,9 @@ def test_muon_needs_a_hidden_matrix():
 
 
 def test_muon_takes_the_matrices_and_adamw_the_rest():
+    from llmopt.core.shapes import PRESETS
     from llmopt.model import GPT
     from llmopt.optim import HIDDEN_MATRICES, MuonAdamW, build_optimizer
-    from llmopt.shapes import PRESETS
 
     model = GPT(PRESETS["tiny"])
     opt = build_optimizer("muon", model, lr=3e-3, weight_decay=0.01)

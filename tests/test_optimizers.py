@@ -59,7 +59,7 @@ def test_every_optimizer_has_one_spec_and_the_readme_table_lists_them():
 
 def test_a_toy_optimizer_from_one_file_runs_through_train_memory_a_matrix_and_the_report(toy, tmp_path):
     from bench.matrix import expand
-    from llmopt.config import TrainConfig, validate
+    from llmopt.core.config import TrainConfig, validate
     from llmopt.memory import predict_memory
 
     cfg = validate(TrainConfig(optimizer="toy-sgd"))
@@ -128,7 +128,7 @@ def test_a_missing_optimizer_file_and_an_unknown_optimizer_are_one_line(tmp_path
 
 
 def test_schedule_free_takes_a_constant_schedule_only():
-    from llmopt.config import TrainConfig, validate
+    from llmopt.core.config import TrainConfig, validate
 
     with pytest.raises(ValueError, match="--optimizer schedule-free takes --lr-schedule constant, not cosine"):
         validate(TrainConfig(optimizer="schedule-free", lr_schedule="cosine"))
@@ -142,7 +142,7 @@ def test_schedule_free_evaluates_and_saves_its_average_and_trains_on(tmp_path):
     """An eval and a save see the averaged weights (schedulefree's eval()), and training goes on from the
     weights it left (train()): the losses after an eval are those of a run without it, to rounding."""
     from llmopt.checkpoint import save_pretrained
-    from llmopt.config import TrainConfig, validate
+    from llmopt.core.config import TrainConfig, validate
     from llmopt.precision import autocast
     from llmopt.step import build, evaluate, micro_batches, train_step
 
@@ -186,7 +186,7 @@ def test_schedule_free_evaluates_and_saves_its_average_and_trains_on(tmp_path):
 
 
 def test_an_optimizer_that_accelerate_cannot_take_is_refused_by_its_spec():
-    from llmopt.config import TrainConfig, validate
+    from llmopt.core.config import TrainConfig, validate
 
     with pytest.raises(ValueError, match="--engine accelerate takes torch's optimizers, not --optimizer lamb"):
         validate(TrainConfig(optimizer="lamb", engine="accelerate"))

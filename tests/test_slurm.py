@@ -233,7 +233,9 @@ def test_slurm_ctrl_c_leaves_no_job(slurm, tmp_path):
 def test_a_job_ended_by_slurm_gets_its_state(tmp_path, monkeypatch, state, status, error):
     """Without a cluster: a job squeue shows ended with no exit-code file (the scheduler ended it before its
     config did) gets SLURM's state and the last line of submitit's log; one whose file is there, its code."""
-    import bench.executors as ex
+    import bench.executors.submitit as ex
+    from bench.executors import Slot
+    from bench.executors.slurm import SlurmQueue
     from bench.matrix import expand
 
     class FakeJob:
@@ -246,7 +248,7 @@ def test_a_job_ended_by_slurm_gets_its_state(tmp_path, monkeypatch, state, statu
         def submit(self, *args):
             return FakeJob()
 
-    class FakeQueue(ex.SlurmQueue):
+    class FakeQueue(SlurmQueue):
         def state(self, job_id):
             return None if state is None else (state.split(":")[0], "")
 
@@ -255,7 +257,7 @@ def test_a_job_ended_by_slurm_gets_its_state(tmp_path, monkeypatch, state, statu
     for sub in ("logs", "metrics"):
         os.makedirs(tmp_path / "o" / sub)
     entry = expand(str(tmp_path / "m.toml"), "cpu", 4)[0]
-    job = ex.SubmititJob(FakeExecutor(), FakeQueue(), None, 1, 600.0, entry, str(tmp_path / "o"), 60.0, 1, ex.Slot())
+    job = ex.SubmititJob(FakeExecutor(), FakeQueue(), None, 1, 600.0, entry, str(tmp_path / "o"), 60.0, 1, Slot())
     if state == "COMPLETED:rc":  # the config's metrics and exit code, as run_in_job leaves them
         import shutil
 
@@ -282,7 +284,7 @@ def bench_smoke_metrics(tmp_path) -> str:
 def test_a_slurm_command_that_does_not_answer_is_bounded(monkeypatch, capsys):
     """Without a cluster: squeue or scancel that hangs (a busy or unreachable controller) is given up on, said
     once, and the queue keeps what squeue said last instead of freezing the sweep (or its Ctrl-C)."""
-    import bench.executors as ex
+    import bench.executors.slurm as ex
 
     monkeypatch.setattr(ex, "SLURM_CALL_TIMEOUT_S", 0.2)
     assert ex.slurm_call(["sleep", "30"]) is None  # not the command's own exit: it would have taken 30 s

@@ -3,7 +3,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from llmopt.config import TrainConfig, validate
+from llmopt.core.config import TrainConfig, validate
 from llmopt.step import build, train_step
 
 CPU = torch.device("cpu")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from llmopt.config import TrainConfig, validate
+from llmopt.core.config import TrainConfig, validate
 from llmopt.step import build, train_step
 
 CPU = torch.device("cpu")

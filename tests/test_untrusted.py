@@ -163,7 +163,7 @@ def test_slurm_options_from_a_matrix_are_sbatch_options_on_one_line(tmp_path, op
 @pytest.mark.parametrize("job_id", ["--name=victim", "--user=root", "12; rm -rf ~", ""])
 def test_a_planted_job_id_never_reaches_scancel(tmp_path, monkeypatch, job_id):
     """jobs.jsonl's {"job_id": "--name=victim"} once cancelled an unrelated job through scancel."""
-    from bench import executors
+    from bench.executors import slurm as executors
 
     calls = []
     monkeypatch.setattr(executors, "slurm_call", lambda argv: calls.append(argv))
@@ -284,7 +284,7 @@ def test_a_long_run_says_its_eta_and_a_budget_beyond_a_year_is_refused(capsys):
     prints how long the rest will take."""
     from types import SimpleNamespace
 
-    from llmopt.runner import HORIZON_S, eta
+    from llmopt.loop import HORIZON_S, eta
     from llmopt.train import main
 
     eta(SimpleNamespace(steps=100_002), 1.0, rank=0)  # 100,000 steps left at 1 ms: 100 s

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmopt.config import TrainConfig, validate
+from llmopt.core.config import TrainConfig, validate
 from llmopt.prepare import prepare
 from llmopt.step import build, train_step
 

@@ -1,5 +1,5 @@
 """Every layout llmopt supports on a world size, predicted (memory: ``llmopt.memory`` with the band the
-references showed; time: ``bench.costmodel``), ranked, put in one paragraph, plotted, and, on this machine,
+references showed; time: ``bench.advisor.costmodel``), ranked, put in one paragraph, plotted, and, on this machine,
 measured through the harness."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.advisor import AdviseError
+from bench.advisor.costmodel import GIB, Hardware, predict_step
 from bench.advisor.probe import memory_band
-from bench.costmodel import GIB, Hardware, predict_step
 from bench.layouts import layout_label
 from llmopt.safe_files import open_file
 
@@ -34,7 +34,7 @@ def _divisors(n: int) -> list[int]:
 
 def candidates(base: dict, world: int, precisions, allow_ac: bool = True) -> tuple[list, int]:
     """Every valid layout on ``world`` ranks: (list of resolved configs, number refused by validation)."""
-    from llmopt.config import TrainConfig, validate
+    from llmopt.core.config import TrainConfig, validate
 
     out, refused = [], 0
     for dp, tp in itertools.product(_divisors(world), repeat=2):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.advisor import AdviseError
-from bench.costmodel import (
+from bench.advisor.costmodel import (
     ACHIEVABLE,
     GPU_RESERVE_BYTES,
     GPUS,
@@ -71,7 +71,7 @@ def calibrate(device: str, rows=None) -> dict:
     where there are no rows, the ACHIEVABLE assumption."""
     import numpy as np
 
-    from bench.costmodel import executed_flops
+    from bench.advisor.costmodel import executed_flops
 
     rows = reference_rows() if rows is None else rows
     out = {p: (f, 0.0, "assumed (no measured rows)") for p, f in ACHIEVABLE.items()}
@@ -240,7 +240,7 @@ def _row_prediction(r, cal: dict, link: Link, overhead: float):
 def calibrate_call_overhead(rows, cal: dict, link: Link) -> float:
     """Seconds per collective call that the compute and wire model leave unexplained: the median over the
     multi-rank rows of (measured step - predicted step) / calls, at least 0."""
-    from bench.costmodel import comm_bytes, optimizer_comm
+    from bench.advisor.costmodel import comm_bytes, optimizer_comm
 
     per_call = []
     for _, r in rows.iterrows():

@@ -66,7 +66,7 @@ def load_pretrained(init: str) -> nn.Module:
 
 class Layout:
     """llmopt's layout: the model built, split and wrapped for this rank (see the module docstring); it offers
-    the shared code ``llmopt.engine.Layout`` and the native step its layout-dependent operations."""
+    the shared code ``llmopt.engines.Layout`` and the native step its layout-dependent operations."""
 
     def __init__(self, cfg, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device):
         self.dims, self.mesh, self.device = dims, mesh, device

@@ -1,7 +1,7 @@
 """Every optimizer llmopt knows, one file each: this package holds the specs, one ``OptimizerSpec`` per module
 (``SPEC``), read by everything that used to know optimizers by name: the config's choices, default learning
 rates and kernel families, ``llmopt.optim.build_optimizer``, the memory prediction (``llmopt.memory``), the
-advisor's cost model (``bench.costmodel``), the matrices' learning-rate centres and the report's order.
+advisor's cost model (``bench.advisor.costmodel``), the matrices' learning-rate centres and the report's order.
 
 Adding an optimizer is one new file: a module here, or a file anywhere named in ``LLMOPT_OPTIMIZERS`` (paths
 separated by ``os.pathsep``; inherited by every process a sweep starts), that defines ``SPEC``. A spec is
@@ -144,7 +144,7 @@ def spec(name: str) -> OptimizerSpec:
 
 def stage_view(cfg, stage: int, values: int) -> Stage:
     """``Stage`` of pipeline stage ``stage`` for a run of ``cfg`` whose rank there holds ``values``."""
-    from llmopt.shapes import hidden_matrix_params, stage_matrices, stage_tensors
+    from llmopt.core.shapes import hidden_matrix_params, stage_matrices, stage_tensors
 
     fsdp = cfg.dp if cfg.dp > 1 and cfg.dp_mode == "fsdp" else 1
     hidden = hidden_matrix_params(cfg, stage)

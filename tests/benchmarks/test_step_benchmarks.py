@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from bench.hardware import peak_flops
-from llmopt.config import TrainConfig, validate
-from llmopt.metrics import mfu, tracked_memory_step
-from llmopt.shapes import flops_per_token
+from llmopt.core.config import TrainConfig, validate
+from llmopt.core.shapes import flops_per_token
+from llmopt.instruments import mfu, tracked_memory_step
 from llmopt.step import build, train_step
 
 SHAPE = dict(preset="tiny", global_batch=8, seq_len=64)

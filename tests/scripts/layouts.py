@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from llmopt.config import TrainConfig, validate
+from llmopt.core.config import TrainConfig, validate
 from llmopt.step import build
 
 

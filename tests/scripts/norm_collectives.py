@@ -29,7 +29,7 @@ def main(out_dir: str, layouts: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from llmopt import cli
+    from llmopt.core import cli
     from llmopt.launch import launch
 
     cli.exit(launch(int(sys.argv[1]), sys.argv[2:], "cpu", lambda argv: main(argv[0], argv[1:]), oom_exit=4))

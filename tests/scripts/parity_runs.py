@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from layouts import rank_setup
-from llmopt import cli
-from llmopt.config import TrainConfig, validate
+from llmopt.core import cli
+from llmopt.core.config import TrainConfig, validate
 from llmopt.launch import launch
 from llmopt.step import build, evaluate, train_step
 
@@ -88,7 +88,7 @@ def ranks(argv: list[str]) -> int:
         if dist.get_rank() == 0:
             torch.save(result, os.path.join(out_dir, f"{pair}.pt"))
     dist.barrier()
-    dist.destroy_process_group()  # as llmopt.runner does: a rank that leaves first must not abort the others
+    dist.destroy_process_group()  # as llmopt.loop does: a rank that leaves first must not abort the others
     return 0
 
 

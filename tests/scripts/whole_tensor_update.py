@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from layouts import rank_setup
-from llmopt import cli
+from llmopt.core import cli
 from llmopt.launch import launch
 from llmopt.optim import MUON_ADJUST_LR, ShardedMuon, WholeTensors
 
@@ -88,7 +88,7 @@ def ranks(argv: list[str]) -> int:
         with open(argv[0], "w") as f:
             json.dump(out, f)
     dist.barrier()
-    dist.destroy_process_group()  # as llmopt.runner does: a rank that leaves first must not abort the others
+    dist.destroy_process_group()  # as llmopt.loop does: a rank that leaves first must not abort the others
     return 0
 
 

@@ -4,7 +4,7 @@ studies answer it (Wen et al. 2025; modded-nanogpt's record rules; AlgoPerf):
 * only losses measured at the end of a completed learning-rate schedule count: each finalist (the best
   learning rate of a model, optimizer and batch size) runs at a ladder of budgets, each with its own full
   schedule, and the tokens at which it would reach the target are interpolated between the two budgets whose
-  end-of-budget losses bracket it (``bench.stats.tokens_to_target``; never extrapolated);
+  end-of-budget losses bracket it (``bench.report.stats.tokens_to_target``; never extrapolated);
 * over seeds (each seed draws the initial weights, the training sequences and the held-out sample, the same
   for every optimizer): mean and standard deviation, and a winner only where a t-test over seeds (paired by
   seed) puts its lead at p < 0.05 against every other optimizer, else a tie;
@@ -22,10 +22,11 @@ import os
 
 import pandas as pd
 
-from bench import stats, tuning
+import bench.report.stats as stats
+from bench import tuning
 from bench.layouts import layout_name
-from bench.markdown import fmt, md_table
 from bench.matrix import TARGET_FRACTION
+from bench.report.markdown import fmt, md_table
 
 SIGNIFICANCE = 0.05  # the two-sided p below which a lead counts
 
@@ -253,7 +254,7 @@ def scaling_sentences(fs: pd.DataFrame, preset: str) -> list[str]:
 def model_params(conv: pd.DataFrame) -> dict[str, tuple[int, int]]:
     """preset -> (parameters, non-embedding parameters) of the model its rows trained (its data's vocabulary)."""
     from bench.results import row_config
-    from llmopt.shapes import param_count
+    from llmopt.core.shapes import param_count
 
     out = {}
     for preset, g in conv.groupby("preset"):
@@ -361,7 +362,7 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
         L.append("### Seconds to target per layout (estimate: the fastest finalist's mean tokens to target / tokens "
                  "per step × the layout's p50 step)")
         L.append(est)
-    from bench.plots import quality_plots
+    from bench.report.plots import quality_plots
 
     for title, path in quality_plots(conv, lad, fs, target, sizes, plot_dir).items():
         L.append(f"### {title}")

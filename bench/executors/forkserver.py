@@ -1,4 +1,4 @@
-"""The first import of the sweep's launcher (bench.executors.start_launcher has the multiprocessing forkserver
+"""The first import of the sweep's launcher (bench.executors.start_forkserver has the multiprocessing forkserver
 preload it): the modules a config's ranks need, and death with the sweep.
 
 Every process the forkserver forks holds a copy of the fd the forkserver watches for its client's exit, so a

@@ -1,7 +1,7 @@
 """A peer to measure against: the same model and data trained through Hugging Face Accelerate, written the
 way its documentation teaches (``Accelerator`` owning mixed precision, gradient accumulation and DDP).
 
-``AccelerateEngine`` implements ``llmopt.engine.Engine`` (build, step) like llmopt's own step, so the CLI, the
+``AccelerateEngine`` implements ``llmopt.engines.Engine`` (build, step) like llmopt's own step, so the CLI, the
 harness and the benchmarks treat both alike; nothing here is llmopt's own machinery except the data slicing,
 so that both see the same tokens.
 """
@@ -13,15 +13,15 @@ import torch.distributed as dist
 from llmopt.data import build_source
 from llmopt.distributed.parallelize import build_model, gather_object
 from llmopt.distributed.speed import apply_speed_toggles
-from llmopt.engine import StepStats, TrainState, micro_batches
-from llmopt.metrics import Stopwatch
+from llmopt.engines import StepStats, TrainState, micro_batches
+from llmopt.instruments import Stopwatch
 from llmopt.optim import build_optimizer, build_scheduler
 
 MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 class AccelerateLayout:
-    """``llmopt.engine.Layout`` over Accelerate's prepared model: what the shared code needs (rank coordinates,
+    """``llmopt.engines.Layout`` over Accelerate's prepared model: what the shared code needs (rank coordinates,
     evals, the global loss, gathering metrics), nothing of the native step's."""
 
     def __init__(self, accelerator, model):

@@ -1,7 +1,7 @@
 """What every engine shares: the state a step works on, the stats it returns, the batches it reads, and the
-two-call protocol (``build``, ``step``) that llmopt's own step (``llmopt.step.NativeEngine``) and the Accelerate
-peer (``llmopt.accelerate_engine.AccelerateEngine``) implement. ``llmopt.step`` picks one per config, once, in
-``build``; nothing else asks which engine runs. Neither engine module imports the other.
+two-call protocol (``build``, ``step``) that llmopt's own step (``llmopt.engines.native.NativeEngine``) and the
+Accelerate peer (``llmopt.engines.accelerate.AccelerateEngine``) implement. ``llmopt.step`` picks one per
+config, once, in ``build``; nothing else asks which engine runs. Neither engine module imports the other.
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from llmopt.data import shard_rows
-from llmopt.metrics import Stopwatch
+from llmopt.instruments import Stopwatch
 
 if TYPE_CHECKING:
-    from llmopt.config import TrainConfig
-    from llmopt.metrics import NoiseScale
+    from llmopt.core.config import TrainConfig
+    from llmopt.instruments import NoiseScale
 
 
 @dataclass
@@ -30,7 +30,7 @@ class StepStats:
 class Layout(Protocol):
     """What the code every engine shares (the run loop, evals, ``--save``, the metrics) asks of a layout:
     ``llmopt.distributed.parallelize.Layout`` (llmopt's step; it adds what the native step needs: forward and
-    backward over micro-batches, the gradient norm) and ``llmopt.accelerate_engine.AccelerateLayout``."""
+    backward over micro-batches, the gradient norm) and ``llmopt.engines.accelerate.AccelerateLayout``."""
 
     model: torch.nn.Module    # what is trained (wrapped for the layout)
     module: torch.nn.Module   # the unwrapped model

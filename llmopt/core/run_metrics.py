@@ -1,8 +1,10 @@
 """What one run measured, as its metrics JSON holds it (``RunMetrics``): apart from the measuring
-(``llmopt.metrics``), so that what only reads a run's figures (the harness's rows and reports, a SLURM job's
+(``llmopt.instruments``), so that what only reads a run's figures (the harness's rows and reports, a SLURM job's
 wrapper) imports no torch."""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field, fields
 
 
@@ -72,3 +74,15 @@ class RunMetrics:
     @classmethod
     def columns(cls, row: str) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls) if f.metadata["row"] == row)
+
+
+def read_metrics(path: str) -> tuple[RunMetrics | None, str]:
+    """A run's metrics JSON: (metrics, "") or (None, why); (None, "") when there is none. A full disk can leave
+    an empty file, which fails that config, not the sweep. Read by the sweep and by a job's wrapper alike."""
+    if not os.path.exists(path):
+        return None, ""
+    try:
+        with open(path) as f:
+            return RunMetrics.from_json(json.load(f)), ""
+    except (OSError, ValueError, TypeError) as e:
+        return None, f"metrics JSON unreadable ({e}); is the disk full?"

@@ -5,13 +5,12 @@ import before its config could start."""
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 import time
 
+from llmopt.core.run_metrics import read_metrics
 from llmopt.launch import LAUNCH_T0_ENV, die_with_parent
-from llmopt.run_metrics import RunMetrics
 from llmopt.safe_files import open_file
 
 
@@ -84,17 +83,5 @@ def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: i
                                   os.path.join(peak_cache, f"{socket.gethostname()}.json"))
         with open_file(metrics_path + ".rc") as f:  # last: the sweep takes the job as ended once this exists
             f.write(f"{rc}\n")
-    gc.freeze()  # the job's process exits next: as llmopt.cli.exit, its shutdown skips what the peak imported
+    gc.freeze()  # the job's process exits next: as llmopt.core.cli.exit, its shutdown skips what the peak imported
     return rc
-
-
-def read_metrics(path: str) -> tuple[RunMetrics | None, str]:
-    """(metrics, "") or (None, why): a full disk can leave an empty file, which fails this config, not the sweep.
-    Here, for the job's wrapper too."""
-    if not os.path.exists(path):
-        return None, ""
-    try:
-        with open(path) as f:
-            return RunMetrics.from_json(json.load(f)), ""
-    except (OSError, ValueError, TypeError) as e:
-        return None, f"metrics JSON unreadable ({e}); is the disk full?"

@@ -198,7 +198,7 @@ def budget_curves(lad: pd.DataFrame, target: dict, path: str) -> str:
 def speedup_vs_size(fs: pd.DataFrame, sizes: dict, path: str) -> str | None:
     """Each optimizer's speed-up over AdamW (AdamW's tokens to target over its own) against the model's
     non-embedding parameters, with its standard deviation; one line per optimizer and batch size."""
-    from bench import stats
+    import bench.report.stats as stats
 
     rows = []
     for (preset, batch), g in fs.groupby(["preset", "global_batch"]):

@@ -7,8 +7,8 @@ import sys
 import pandas as pd
 
 from bench.hardware import NATIVE_BF16_FLAGS
-from bench.markdown import fmt, md_table
 from bench.noise import NOISY_CV, NOISY_P90_P50, RETIME, RETIME_SUFFIX, beyond_noise, relative_se, row_se, steadier
+from bench.report.markdown import fmt, md_table
 from bench.results import DETAILS, RESULT_COLUMNS, TEXT_COLUMNS, read_env
 from llmopt.safe_files import one_line, open_file, refuse_links
 
@@ -60,7 +60,7 @@ def amp_speed(ok: pd.DataFrame, cpu_flags: str = "") -> list[str]:
     differ only in precision, and plainly whether AMP is slower than fp32 on this machine."""
     from dataclasses import fields
 
-    from llmopt.config import TrainConfig
+    from llmopt.core.config import TrainConfig
 
     keys = [f.name for f in fields(TrainConfig) if f.name not in ("precision", "lr") and f.name in ok.columns]
     key = ok[keys].apply(lambda col: col.map(str)).agg("|".join, axis=1)  # NaN-safe: "nan" == "nan"
@@ -149,7 +149,7 @@ def optimizer_section(ok: pd.DataFrame) -> list[str]:
 
 def summary_sections(ok: pd.DataFrame, env: dict, memory_budget_mib: float | None) -> list[str]:
     """The summary table, the parity verdicts and the fastest config per memory budget, of the ok rows."""
-    from bench.plots import pareto_front
+    from bench.report.plots import pareto_front
 
     L = []
     L.append("## Summary")
@@ -213,8 +213,8 @@ def summary_sections(ok: pd.DataFrame, env: dict, memory_budget_mib: float | Non
 
 
 def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
-    from bench.plots import all_plots
-    from bench.quality import section as quality_section
+    from bench.report.plots import all_plots
+    from bench.report.quality import section as quality_section
 
     unreadable: dict[str, int] = {}
     results, details = load_all(out_dir, unreadable)
@@ -301,7 +301,7 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmopt import cli
+    from llmopt.core import cli
 
     p = cli.parser("python -m bench.report", __doc__)
     p.add_argument("dir", help="a sweep's results directory")
@@ -319,9 +319,3 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return cli.main(body)
-
-
-if __name__ == "__main__":
-    from llmopt import cli
-
-    cli.exit(main())

@@ -73,7 +73,7 @@ def coefficient_of_variation(values: list[float]) -> float | None:
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -> float | None:
     """Model FLOPs utilisation (Chowdhery et al. 2022, appendix B): achieved model FLOP/s over the peak.
-    The model FLOPs follow llmopt.shapes.flops_per_token (6N + 12·L·H·Q·T, no recomputation counted)."""
+    The model FLOPs follow llmopt.core.shapes.flops_per_token (6N + 12·L·H·Q·T, no recomputation counted)."""
     if not peak_flops:
         return None
     return tokens_per_s * flops_per_token / peak_flops

@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
-from llmopt import cli
-from llmopt.config import TrainConfig
 from llmopt.convergence import Convergence
+from llmopt.core import cli
+from llmopt.core.config import TrainConfig
+from llmopt.core.run_metrics import RunMetrics
 from llmopt.faults import SLOW_S, maybe_fail, slow_steps
-from llmopt.launch import LAUNCH_T0_ENV, under_launcher
-from llmopt.metrics import (
+from llmopt.instruments import (
     EnergyMeter,
     StepTimer,
     coefficient_of_variation,
@@ -31,7 +31,7 @@ from llmopt.metrics import (
     percentile,
     reset_peak_memory,
 )
-from llmopt.run_metrics import RunMetrics
+from llmopt.launch import LAUNCH_T0_ENV, under_launcher
 from llmopt.safe_files import open_file
 
 # A budget that would train longer than this at the measured step time is refused after its first steps: a
@@ -220,7 +220,7 @@ def save_model(state, path: str, log: bool) -> None:
 
 def memory_step(state) -> tuple[dict, float]:
     """One extra, untimed step under MemTracker: (memory by category at its peak, seconds it took)."""
-    from llmopt.metrics import tracked_memory_step
+    from llmopt.instruments import tracked_memory_step
     from llmopt.step import train_step
 
     t0 = time.time()
@@ -229,7 +229,7 @@ def memory_step(state) -> tuple[dict, float]:
 
 
 def profile_steps(state, out_dir: str, rank: int, log: bool) -> None:
-    from llmopt.metrics import profiled_steps
+    from llmopt.instruments import profiled_steps
     from llmopt.step import train_step
 
     table = profiled_steps(state, lambda i: train_step(state, i), out_dir, rank, state.cfg.steps + 1)
@@ -240,8 +240,8 @@ def profile_steps(state, out_dir: str, rank: int, log: bool) -> None:
 def summarize(state, t: Timed, breakdown: dict | None, memory_step_s: float | None, **extra) -> RunMetrics:
     """The run's figures from what the loop saw on every rank (collective: each rank's peak memory, breakdown
     and energy are gathered)."""
+    from llmopt.core.shapes import flops_per_token, param_count
     from llmopt.memory import predict_memory
-    from llmopt.shapes import flops_per_token, param_count
 
     cfg, device = state.cfg, state.device
     peak, kind = t.peak, "cuda_allocator" if device.type == "cuda" else "process_rss"
@@ -282,7 +282,7 @@ def summarize(state, t: Timed, breakdown: dict | None, memory_step_s: float | No
 
 # ------------------------------------------------------------------------------------------- the lines
 def header_line(state) -> str:
-    from llmopt.shapes import param_count
+    from llmopt.core.shapes import param_count
 
     cfg = state.cfg
     return (f"llmopt: {cfg.preset} ({param_count(cfg.model_config):,} params) on {state.device.type} x{cfg.world_size} "

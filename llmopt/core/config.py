@@ -6,7 +6,7 @@ of the harness's results.csv, the matrix TOML keys and the README's flag table a
 adding a flag is one edit here plus its behaviour. ``check_field`` refuses a value that is wrong on its own
 (a matrix file's values are checked with it before any config is built); ``validate`` then refuses bad
 combinations. Every check raises ``ValueError`` with one line that names the flag and the fix; the command
-line prints that line and exits 2 (``llmopt.cli``).
+line prints that line and exits 2 (``llmopt.core.cli``).
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from llmopt.core.shapes import PRESETS, GPTConfig
 from llmopt.optimizers import names as optimizer_names
 from llmopt.optimizers import spec as optimizer_spec
-from llmopt.shapes import PRESETS, GPTConfig
 
 MODEL_IMPLS = ("llmopt", "hf")
 ENGINES = ("native", "accelerate")
@@ -66,7 +66,7 @@ class TrainConfig:
                          choices=ENGINES)
     model_impl: str = option("llmopt", "llmopt's GPT, or transformers' GPT2LMHeadModel of the same shape",
                              choices=MODEL_IMPLS)
-    preset: str = option("tiny", "model size, a key of llmopt.shapes.PRESETS",
+    preset: str = option("tiny", "model size, a key of llmopt.core.shapes.PRESETS",
                          choices=lambda: (*PRESETS, CHECKPOINT))  # read when checked: bench.advise adds shapes
     device: str = option("auto", "auto (cuda when visible), cpu or cuda", choices=DEVICES)
     dp: int = option(1, "data-parallel degree", low=1)

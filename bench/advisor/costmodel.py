@@ -5,7 +5,7 @@ the predictions with the committed references. Sources and assumptions:
 
 * **Compute**: a framework cost per accumulation micro-batch (kernel launches, Python; fitted with the
   fraction below on CPU, 0 on GPUs where launches are asynchronous), plus model FLOPs per token from
-  ``llmopt.shapes.flops_per_token`` (PaLM's 6N + 12·L·H·Q·T);
+  ``llmopt.core.shapes.flops_per_token`` (PaLM's 6N + 12·L·H·Q·T);
   activation checkpointing runs the forward twice, so it executes 8/6 of them (Chowdhery et al. 2022, app. B,
   count the recomputation as hardware, not model, FLOPs). Time = executed FLOPs of one rank over
   peak × achievable fraction. The peak is the datasheet's dense figure for known GPUs
@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from llmopt.shapes import flops_per_token
+from llmopt.core.shapes import flops_per_token
 
 GIB = 2**30
 

@@ -1,0 +1,213 @@
+"""What every executor shares: the config's outcome, the device slots, the argv and environment of a config's
+process, how an exit code becomes a row status, and the job handle's files and clock."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from bench.noise import RETIME
+from llmopt.core.config import TrainConfig
+from llmopt.core.run_metrics import RunMetrics, read_metrics
+from llmopt.faults import RETIME_ENV
+from llmopt.launch import LAUNCH_T0_ENV
+from llmopt.safe_files import open_file
+
+EXECUTORS = ("local", "submitit-local", "slurm")
+SLURM_IN_FLIGHT = 256  # --jobs auto under slurm: the scheduler queues; this bounds what one sweep submits
+
+
+class ExecutorError(ValueError):
+    """A bad --executor/--jobs choice or a missing scheduler: one line for the user, exit 2."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str
+    error: str
+    metrics: RunMetrics | None
+    wall: float
+    peak: tuple[float, str] | None = None  # peak FLOP/s (value, source) taken where the config ran (SLURM)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """The devices one running config may use: CPU cores (None: all) and GPU indices (None: as visible)."""
+    cpus: tuple[int, ...] | None = None
+    gpus: tuple[int, ...] | None = None
+
+
+def world_size(cfg: dict) -> int:
+    """Ranks of a plan entry's config (``TrainConfig.world_size``: one definition)."""
+    return TrainConfig(**cfg).world_size
+
+
+class Slots:
+    """Disjoint device sets for concurrent configs. CPU: ``jobs`` equal groups of the cores this process may
+    use, one per config whatever its world size (its ranks share the group). CUDA: a config of world size w
+    takes w free GPUs. ``jobs`` = 1 on CPU is one slot with no pinning: today's behaviour exactly; ``pin``
+    False gives ``jobs`` unpinned slots (SLURM: the configs run elsewhere, the slots only bound how many)."""
+
+    def __init__(self, device: str, jobs: int, n_gpus: int = 0, pin: bool = True):
+        self.device, self.jobs = device, jobs
+        if device == "cuda":
+            self.free_gpus = list(range(n_gpus))
+            self.total = n_gpus
+        elif jobs == 1 or not pin:
+            self.free = [Slot() for _ in range(jobs)]
+        else:
+            cores = sorted(os.sched_getaffinity(0))
+            if jobs > len(cores):
+                raise ExecutorError(f"--jobs {jobs}: only {len(cores)} CPU cores here; use --jobs {len(cores)} "
+                                    f"or fewer")
+            per = len(cores) // jobs
+            self.free = [Slot(cpus=tuple(cores[i * per:(i + 1) * per])) for i in range(jobs)]
+
+    def too_big(self, world_size: int) -> str | None:
+        """Why a config can never run here (a skip reason), or None."""
+        if self.device == "cuda" and world_size > self.total:
+            return f"needs {world_size} GPUs, this machine has {self.total}"
+        return None
+
+    def take(self, world_size: int, running: int) -> Slot | None:
+        if self.device == "cuda":
+            if running >= self.jobs or len(self.free_gpus) < world_size:
+                return None
+            gpus, self.free_gpus = self.free_gpus[:world_size], self.free_gpus[world_size:]
+            return Slot(gpus=tuple(gpus))
+        return self.free.pop(0) if self.free else None
+
+    def give(self, slot: Slot) -> None:
+        if self.device == "cuda":
+            self.free_gpus = sorted(self.free_gpus + list(slot.gpus))
+        else:
+            self.free.append(slot)
+
+
+def resolve_jobs(jobs: str, executor: str, device: str) -> tuple[int, int]:
+    """(concurrent configs, GPUs on this machine) from --jobs N|auto. auto: one at a time on CPU (concurrent
+    configs share memory bandwidth and would distort each other's figures), every GPU busy on CUDA, up to
+    SLURM_IN_FLIGHT jobs queued on SLURM."""
+    n_gpus = 0
+    if device == "cuda" and executor != "slurm":
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+    if jobs == "auto":
+        if executor == "slurm":
+            return SLURM_IN_FLIGHT, n_gpus
+        return (max(1, n_gpus) if device == "cuda" else 1), n_gpus
+    try:
+        n = int(jobs)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ExecutorError(f"--jobs {jobs!r}: use a positive number or auto")
+    return n, n_gpus
+
+
+def config_argv(entry: dict, metrics_path: str, warmup: int) -> list[str]:
+    """``llmopt.train``'s arguments for one config (after ``python -m llmopt.train``)."""
+    from llmopt.core.config import CHECKPOINT
+    from llmopt.train import unused_fields
+
+    argv = ["--quiet", "--memory-breakdown", "--timing-warmup", str(warmup), "--metrics-out", metrics_path]
+    no_effect = unused_fields(TrainConfig(**entry["config"]))  # llmopt.train refuses these given
+    for k, v in entry["config"].items():
+        flag = f"--{k.replace('_', '-')}"
+        if k == "preset" and v == CHECKPOINT:
+            continue  # the shape comes from --init: llmopt.train takes no --preset then
+        field = TrainConfig.__dataclass_fields__[k]
+        if field.metadata["given_positive"] and v == field.default:
+            continue  # 0 stands for the default (the optimizer's learning rate): given, it would be refused
+        if k in no_effect:
+            continue  # no effect in this combination: the run is the same without it
+        if isinstance(v, bool):
+            argv += [flag] if v else []
+        elif v is not None:
+            argv += [flag, str(v)]
+    return argv
+
+
+def config_env(cfg: dict, slot: Slot) -> dict:
+    """The config's environment: its ranks split the slot's cores (or the machine's) between them."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    world = world_size(cfg)
+    cores = len(slot.cpus) if slot.cpus else (os.cpu_count() or 1)
+    if world > 1 or slot.cpus:
+        env["OMP_NUM_THREADS"] = str(max(1, cores // world))
+    if slot.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot.gpus))
+    return env
+
+
+def status_of(rc: int, timed_out: bool) -> str:
+    from llmopt.core import cli
+
+    if timed_out:
+        return "timeout"
+    if rc == 0:
+        return "ok"
+    if rc == cli.DIVERGED:
+        return "diverged"
+    if rc in (cli.OUT_OF_MEMORY, -signal.SIGKILL, 128 + signal.SIGKILL):
+        return "oom"  # a SIGKILL the harness did not send is the kernel's OOM killer
+    return "failed"
+
+
+def last_error_line(log_path: str) -> str:
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [l.strip() for l in f.read().splitlines() if l.strip()]
+    except OSError:
+        return ""
+    lines = [l for l in lines if not l.startswith("$ ")]  # the harness's own command line is never the error
+    errors = [l for l in lines if l.startswith("error:")]
+    return (errors or lines or [""])[-1][:500]
+
+
+def outcome_of(rc: int | None, timed_out: bool, timeout: float, metrics_path: str, log_path: str, wall: float,
+               reason: str = "") -> Outcome:
+    """The config's status and error from its exit code and files (``reason``: a scheduler's own word)."""
+    status = status_of(rc if rc is not None else 1, timed_out)
+    metrics, unreadable = read_metrics(metrics_path)
+    if status == "ok" and metrics is None:
+        status = "failed"
+    error = unreadable
+    if status == "timeout":
+        error = reason or f"killed after {timeout:.0f} s (--timeout)"
+    elif status != "ok":
+        line = last_error_line(log_path)
+        if rc is not None and rc < 0:  # a signal: the log's last line is a crash dump, not an error message
+            line = line if line.startswith("error:") else ""
+        error = reason or error or line
+        if status == "oom" and rc in (-signal.SIGKILL, 128 + signal.SIGKILL) and not reason:
+            error = "killed by SIGKILL (the kernel's OOM killer?)" + (f"; {error}" if error else "")
+        elif not error:
+            error = f"killed by {signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"exit code {rc}"
+    return Outcome(status, error, metrics, wall)
+
+
+class Job:
+    """What every executor shares: the config's files (fresh ones: a process left over from an earlier
+    attempt writes into the unlinked old inode, never into this attempt's), its clock and its timeout."""
+
+    def __init__(self, entry: dict, out_dir: str, timeout: float, warmup: int, slot: Slot):
+        cid = entry["config_id"]
+        self.entry, self.slot, self.timeout = entry, slot, timeout
+        self.metrics_path = os.path.join(out_dir, "metrics", f"{cid}.json")
+        self.log_path = os.path.join(out_dir, "logs", f"{cid}.log")
+        for path in (self.metrics_path, self.log_path):
+            if os.path.exists(path):
+                os.remove(path)  # a rerun after resume must not read (or share) a stale file
+        self.argv = config_argv(entry, self.metrics_path, warmup)
+        self.env = config_env(entry["config"], slot)
+        self.env[LAUNCH_T0_ENV] = repr(time.time())  # start-up is measured from here (llmopt.loop)
+        if entry.get("phase") == RETIME:
+            self.env[RETIME_ENV] = "1"
+        with open_file(self.log_path, "w") as log:
+            log.write("$ llmopt.train " + " ".join(self.argv) + "\n")
+        self.t0 = time.monotonic()
+
+
