@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 
+from llmopt.core.config import TrainConfig
 from llmopt.safe_files import makedirs, open_file, refuse_links, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,7 @@ def _cfg(shape):
     return validate(TrainConfig(**shape))
 
 
-def hf_user_loop(cfg):
+def hf_user_loop(cfg: TrainConfig):
     """GPT2LMHeadModel trained the way its users write it: torch's AdamW with its defaults,
     ``model(input_ids=x, labels=x).loss``, backward, step; from llmopt's initial weights, on llmopt's tokens.
     Returns ``step(i)``, which runs step i and returns its loss."""

@@ -12,6 +12,8 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
+from llmopt.core.config import TrainConfig
+
 # A loss this far (nats) above the first loss after the learning-rate warm-up means the run diverged.
 DIVERGENCE_RISE = 1.0
 
@@ -26,7 +28,7 @@ class EvalPoint:
     gns_b_simple: float | None  # running gradient noise scale estimate, sequences
 
 
-def resolve_target(cfg, entropy_floor: float | None) -> float | None:
+def resolve_target(cfg: TrainConfig, entropy_floor: float | None) -> float | None:
     """The target loss in nats: --target-loss, or --target-gap above the known entropy floor."""
     if cfg.target_loss:
         return cfg.target_loss

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from llmopt.core.config import resolve_device
+from llmopt.core.config import TrainConfig, resolve_device
 from llmopt.core.shapes import hidden_matrix_params, stage_layers, stage_params, stage_tensors  # noqa: F401 (re-exported)
 from llmopt.model import HEAD_CHUNK_ROWS, explicit_attention
 from llmopt.optimizers import spec, stage_view
@@ -63,18 +63,18 @@ class MemoryPrediction:
         return {**asdict(self), "total": self.total}
 
 
-def optimizer_state_bytes(cfg, stage: int, n: int) -> int:
+def optimizer_state_bytes(cfg: TrainConfig, stage: int, n: int) -> int:
     """Optimizer state on one rank of ``stage`` holding ``n`` parameter values: the optimizer's own formula
     (``llmopt.optimizers``: its spec's ``state_bytes``)."""
     return spec(cfg.optimizer).state_bytes(stage_view(cfg, stage, n))
 
 
-def one_block_params(cfg) -> int:
+def one_block_params(cfg: TrainConfig) -> int:
     """Parameter values of one transformer block on one rank (TP shards counted per rank)."""
     return stage_params(replace(cfg, pp=cfg.model_config.n_layer), 1)
 
 
-def _act_bytes_per_token(cfg, stage: int, dtype_bytes: int) -> float:
+def _act_bytes_per_token(cfg: TrainConfig, stage: int, dtype_bytes: int) -> float:
     m = cfg.model_config
     C, V, tp = m.n_embd, m.vocab_size, cfg.tp
     half = dtype_bytes  # 4 in fp32, 2 under autocast
@@ -109,7 +109,7 @@ def _act_bytes_per_token(cfg, stage: int, dtype_bytes: int) -> float:
     return n_layers * per_layer + head
 
 
-def predict_memory(cfg) -> MemoryPrediction:
+def predict_memory(cfg: TrainConfig) -> MemoryPrediction:
     """Predicted peak tensor memory of the most loaded rank for a validated TrainConfig."""
     best = None
     m = cfg.model_config
@@ -170,7 +170,7 @@ def predict_memory(cfg) -> MemoryPrediction:
     return best
 
 
-def update_peak(cfg, stage: int, n: int, opt: int) -> MemoryPrediction:
+def update_peak(cfg: TrainConfig, stage: int, n: int, opt: int) -> MemoryPrediction:
     """Memory while the optimizer steps (the other candidate for the peak, where gradients outweigh the
     activations freed by then): the parameters, every gradient (sharded as the parameters) and the optimizer
     state, which here also counts the step's transient buffers (its spec's ``transient_bytes``: whole tensors

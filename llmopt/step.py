@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from llmopt.core.config import TrainConfig
 from llmopt.engines import Engine, StepStats, TrainState, micro_batches  # noqa: F401 (micro_batches: re-exported)
 from llmopt.engines.native import NativeEngine
 from llmopt.optim import eval_weights
@@ -25,7 +26,7 @@ def engine_for(name: str) -> Engine:
     return NativeEngine()
 
 
-def build(cfg, device: torch.device) -> TrainState:
+def build(cfg: TrainConfig, device: torch.device) -> TrainState:
     """``cfg`` must be validated (llmopt.core.config.validate). Collective when distributed."""
     check_precision(cfg.precision, device.type)
     engine = engine_for(cfg.engine)

@@ -127,6 +127,14 @@ def test_a_missing_optimizer_file_and_an_unknown_optimizer_are_one_line(tmp_path
     assert "adamww" in line and "soap" in line, line
 
 
+def test_an_optimizer_whose_package_is_missing_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "needs.py"
+    path.write_text(TOY.replace('name="toy-sgd"', 'name="needs-pkg"').replace(
+        "state_bytes=nothing)", "state_bytes=nothing,\n    packages=(('no_such_module_xyz', 'no-such-pkg'),))"))
+    r = run_cli("-m", "llmopt.train", "--optimizer", "needs-pkg", env={registry.PLUGINS_ENV: str(path)})
+    assert "needs the package no-such-pkg, which is not installed: pip install no-such-pkg" in one_error_line(r)
+
+
 def test_schedule_free_takes_a_constant_schedule_only():
     from llmopt.core.config import TrainConfig, validate
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from llmopt.core.config import TrainConfig
 from llmopt.core.shapes import flops_per_token
 
 GIB = 2**30
@@ -121,14 +122,14 @@ def _bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def _params_per_rank(cfg) -> float:
+def _params_per_rank(cfg: TrainConfig) -> float:
     """Parameters one rank holds before FSDP sharding: the model over tp and pp (embeddings on the ends)."""
     from llmopt.memory import stage_params
 
     return max(stage_params(cfg, s) for s in range(cfg.pp))
 
 
-def comm_bytes(cfg) -> list[tuple]:
+def comm_bytes(cfg: TrainConfig) -> list[tuple]:
     """What one rank sends per optimizer step: (dimension, collective, group size, buffer bytes of one call,
     calls per step). FSDP2 gathers and reduces one unit at a time (each block, and the root's embeddings
     and head); the wire bytes of a ring collective follow from ``ring_factor``."""
@@ -152,7 +153,7 @@ def comm_bytes(cfg) -> list[tuple]:
     return out
 
 
-def _stages(cfg) -> list:
+def _stages(cfg: TrainConfig) -> list:
     """Each pipeline stage as its optimizer sees it (``llmopt.optimizers.Stage``)."""
     from llmopt.memory import stage_params
     from llmopt.optimizers import stage_view
@@ -160,7 +161,7 @@ def _stages(cfg) -> list:
     return [stage_view(cfg, s, stage_params(cfg, s)) for s in range(cfg.pp)]
 
 
-def optimizer_flops(cfg) -> float:
+def optimizer_flops(cfg: TrainConfig) -> float:
     """FLOPs of one rank's optimizer step beyond the elementwise update, on its most loaded stage: the
     optimizer's own formula (its spec's ``update_flops``: Muon's Newton-Schulz on every hidden matrix, whole)."""
     from llmopt.optimizers import spec
@@ -168,7 +169,7 @@ def optimizer_flops(cfg) -> float:
     return max(float(spec(cfg.optimizer).update_flops(st)) for st in _stages(cfg))
 
 
-def optimizer_comm(cfg) -> list[tuple]:
+def optimizer_comm(cfg: TrainConfig) -> list[tuple]:
     """The optimizer's gathers (as ``comm_bytes``' tuples): under FSDP2 (dp) and TP the whole of each tensor it
     needs, fp32, on its most loaded stage (its spec's ``gathers``: Muon each hidden matrix's momentum,
     Adafactor each tensor and its gradient). A tensor sharded over both is gathered over tp, then dp (its
@@ -200,7 +201,7 @@ def ring_factor(kind: str, n: int) -> tuple[float, int]:
     return 1.0, 1  # point to point
 
 
-def wire_bytes(cfg) -> dict:
+def wire_bytes(cfg: TrainConfig) -> dict:
     """Bytes one rank sends per step, per parallel dimension (dp, tp, pp)."""
     total: dict = {}
     for dim, kind, n, size, calls in comm_bytes(cfg):
@@ -208,24 +209,24 @@ def wire_bytes(cfg) -> dict:
     return total
 
 
-def _link(cfg, hw: Hardware, dim: str) -> Link:
+def _link(cfg: TrainConfig, hw: Hardware, dim: str) -> Link:
     """The link a group of dimension ``dim`` crosses: the mesh is (pp, dp, tp) with tp innermost."""
     stride = {"tp": 1, "dp": cfg.tp, "pp": cfg.tp * cfg.dp}[dim]
     size = {"tp": cfg.tp, "dp": cfg.dp, "pp": cfg.pp}[dim]
     return hw.inter if stride * size > hw.devices_per_node else hw.intra
 
 
-def model_flops(cfg) -> float:
+def model_flops(cfg: TrainConfig) -> float:
     """Model FLOPs of one optimizer step (PaLM's convention)."""
     return flops_per_token(cfg.model_config, cfg.seq_len) * cfg.global_batch * cfg.seq_len
 
 
-def executed_flops(cfg) -> float:
+def executed_flops(cfg: TrainConfig) -> float:
     """FLOPs the hardware executes in one step: checkpointing runs each block's forward twice."""
     return model_flops(cfg) * (8 / 6 if cfg.activation_checkpointing else 1)
 
 
-def predict_step(cfg, hw: Hardware) -> StepPrediction:
+def predict_step(cfg: TrainConfig, hw: Hardware) -> StepPrediction:
     """Predicted time of one optimizer step of a validated, resolved config on ``hw``."""
     world = cfg.world_size
     rate = hw.peak_flops[cfg.precision] * hw.achievable[cfg.precision]
@@ -257,7 +258,7 @@ def predict_step(cfg, hw: Hardware) -> StepPrediction:
     return StepPrediction(compute, bubble, exposed, optimizer, step, tokens / step, mfu, max(parts, key=parts.get))
 
 
-def _comm_time(cfg, hw: Hardware, dim: str, kind: str, n: int, size: float, calls: int) -> float:
+def _comm_time(cfg: TrainConfig, hw: Hardware, dim: str, kind: str, n: int, size: float, calls: int) -> float:
     frac, steps = ring_factor(kind, n)
     link = _link(cfg, hw, dim)
     return calls * (frac * size / link.bandwidth + steps * link.latency + hw.call_overhead)

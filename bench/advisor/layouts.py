@@ -14,6 +14,7 @@ from bench.advisor import AdviseError
 from bench.advisor.costmodel import GIB, Hardware, predict_step
 from bench.advisor.probe import memory_band
 from bench.layouts import layout_label
+from llmopt.core.config import TrainConfig
 from llmopt.safe_files import open_file
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def candidates(base: dict, world: int, precisions, allow_ac: bool = True) -> tup
     return out, refused
 
 
-def layout_memory(cfg) -> tuple[int, float, float]:
+def layout_memory(cfg: TrainConfig) -> tuple[int, float, float]:
     """(predicted peak bytes per rank, low, high): the harness's own prediction (``llmopt.memory``) and the
     range the measured peak fell in around it on the committed references."""
     from llmopt.memory import predict_memory

@@ -16,6 +16,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from llmopt.core.shapes import PRESETS, GPTConfig
+from llmopt.optimizers import check_installed
 from llmopt.optimizers import names as optimizer_names
 from llmopt.optimizers import spec as optimizer_spec
 
@@ -275,6 +276,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.model_impl == "hf" and (cfg.tp > 1 or cfg.pp > 1):
         raise ValueError("--model-impl hf supports data parallelism only; use --model-impl llmopt with --tp/--pp")
     opt = optimizer_spec(cfg.optimizer)
+    check_installed(opt)
     if cfg.optimizer_impl != "auto" and cfg.optimizer_impl not in opt.impls:
         raise ValueError(f"--optimizer-impl {cfg.optimizer_impl}: torch has no such kernels for --optimizer "
                          f"{cfg.optimizer}; use --optimizer-impl auto or {' or '.join(opt.impls)}")

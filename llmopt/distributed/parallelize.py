@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from llmopt.core.config import TrainConfig
 from llmopt.distributed.data_parallel import apply_ddp, apply_fsdp, apply_replicate, grad_sync
 from llmopt.distributed.dims import ParallelDims
 from llmopt.distributed.pipeline import Pipeline, split_stage
@@ -45,7 +46,7 @@ class HFCausalLM(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def build_model(cfg) -> nn.Module:
+def build_model(cfg: TrainConfig) -> nn.Module:
     """The full single-device model, initialised from ``cfg.seed`` alone (identical on every rank), or from
     ``--init hf:...`` weights. The HF model gets llmopt's initial weights (``to_hf``), so the two
     implementations start from the same point and their loss curves can be compared step by step."""
@@ -175,7 +176,7 @@ def gather_object(local) -> list:
     return out
 
 
-def parallelize(cfg, device: torch.device) -> Layout:
+def parallelize(cfg: TrainConfig, device: torch.device) -> Layout:
     dims = ParallelDims.from_config(cfg)
     mesh = dims.build_mesh(device.type)
     return Layout(cfg, dims, mesh, device)

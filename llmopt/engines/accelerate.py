@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from llmopt.core.config import TrainConfig
 from llmopt.data import build_source
 from llmopt.distributed.parallelize import build_model, gather_object
 from llmopt.distributed.speed import apply_speed_toggles
@@ -58,7 +59,7 @@ class AccelerateEngine:
         return train_step(state, step, batches)
 
 
-def build(cfg, device: torch.device) -> TrainState:
+def build(cfg: TrainConfig, device: torch.device) -> TrainState:
     from accelerate import Accelerator
 
     acc = Accelerator(mixed_precision=MIXED[cfg.precision], gradient_accumulation_steps=cfg.grad_accum,

@@ -78,6 +78,7 @@ class OptimizerSpec:
     gathered_per_tensor: int = 1      # tensors gathered per shape (a tensor and its gradient: 2)
     accelerate: bool = True   # a torch.optim optimizer that --engine accelerate can wrap
     lr_schedules: tuple[str, ...] | None = None         # the --lr-schedule values it takes (None: every one)
+    packages: tuple[tuple[str, str], ...] = ()          # (module, pip name) its build imports beyond torch
     order: int = 1000         # where it sorts in tables and matrices (llmopt's own: 10 to 90, in tens)
 
     @property
@@ -140,6 +141,15 @@ def spec(name: str) -> OptimizerSpec:
         return registry()[name]
     except KeyError:
         raise ValueError(f"--optimizer: unknown value {name!r}; choose one of {', '.join(names())}") from None
+
+
+def check_installed(spec: OptimizerSpec) -> None:
+    """A ValueError naming the pip package when one the optimizer is built from is missing (looked up, not
+    imported: no torch yet)."""
+    for module, pip_name in spec.packages:
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"--optimizer {spec.name} needs the package {pip_name}, which is not installed: "
+                             f"pip install {pip_name} (or choose another --optimizer)")
 
 
 def stage_view(cfg, stage: int, values: int) -> Stage:

@@ -23,4 +23,5 @@ def transient_bytes(stage: Stage) -> int:
 
 SPEC = OptimizerSpec(
     name="lion", about="Lion, the sign of interpolated momentum (lion-pytorch's Lion)", build=build,
-    default_lr=1e-3, lr_centre=1e-3, state_bytes=moments(1), transient_bytes=transient_bytes, order=70)
+    default_lr=1e-3, lr_centre=1e-3, state_bytes=moments(1), transient_bytes=transient_bytes,
+    packages=(("lion_pytorch", "lion-pytorch"),), order=70)

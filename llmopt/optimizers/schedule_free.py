@@ -27,4 +27,5 @@ def transient_bytes(stage: Stage) -> int:
 SPEC = OptimizerSpec(
     name="schedule-free", about="Schedule-Free AdamW, no decay schedule (schedulefree's AdamWScheduleFree)",
     build=build, default_lr=3e-3, lr_centre=3e-3, impls=("for-loop", "foreach"), state_bytes=moments(2),
-    transient_bytes=transient_bytes, lr_schedules=("constant",), order=80)
+    transient_bytes=transient_bytes, lr_schedules=("constant",), packages=(("schedulefree", "schedulefree"),),
+    order=80)
