@@ -26,7 +26,8 @@ OPTIMIZERS = ("adamw", "lamb", "muon", "adafactor", "lion", "schedule-free", "so
 ELEMENTWISE = ("adamw", "lion", "schedule-free")  # updates that never look beyond one element
 # Accumulation changes which micro-batches sync, not what an optimizer does with the gradients; it is held to
 # the curve on every layout for Muon and Adafactor (issue 22), on ddp2 for the others. The 3-D layout (8
-# ranks on 2 cores: the costliest) runs the optimizers whose updates span shards.
+# ranks on 2 cores: the costliest) runs the optimizers whose updates span shards. Lion and Schedule-Free
+# AdamW, elementwise, run on the 2-rank layouts (every kind of shard once); SOAP on those and fsdp2xtp2.
 WORLDS = {n: [name for name in LAYOUTS if config(name, "adamw").world_size == n] for n in (2, 4, 8)}
 # SOAP's loss curve is not reproducible to rounding even in one process: its Adam runs in an eigenbasis where
 # most of the gradient's directions hold only rounding noise (the embedding's rows of tokens a batch lacks),
@@ -40,6 +41,10 @@ SOAP_FLOOR = 2.0
 def _covered(layout: str, optimizer: str) -> bool:
     if layout.endswith("-accum2") and optimizer not in ("muon", "adafactor"):
         return layout == "ddp2-accum2"
+    if optimizer in ("lion", "schedule-free"):  # elementwise as AdamW, which holds the 2-D layouts' shards
+        return config(layout, "adamw").world_size == 2
+    if optimizer == "soap":  # its curve proves less than its exact update test: the 1-D meshes and one 2-D
+        return config(layout, "adamw").world_size == 2 or layout == "fsdp2xtp2"
     return not (layout.startswith("fsdp2xtp2xpp2") and optimizer in ELEMENTWISE)
 
 
