@@ -181,6 +181,14 @@ def impl_kwargs(impl: str, params: list, fused_ok: bool) -> dict:
     return {"fused": True}
 
 
+def torch_optimizer(cls, model: nn.Module, lr: float, weight_decay: float, impl: str, fused_ok: bool,
+                    **kw) -> torch.optim.Optimizer:
+    """torch's optimizer ``cls`` over ``model``'s parameter groups (``param_groups``), with --optimizer-impl's
+    kernels (``impl_kwargs``): what the specs of SGD, Adam and AdamW build."""
+    groups = param_groups(model, weight_decay)
+    return cls(groups, lr=lr, **impl_kwargs(impl, groups, fused_ok), **kw)
+
+
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float = 0.0,
                     impl: str = "auto", fused_ok: bool = True) -> torch.optim.Optimizer:
     """The optimizer ``name`` (``llmopt.optimizers``) on ``model``'s parameters. ``fused_ok=False`` keeps

@@ -198,3 +198,19 @@ def test_an_optimizer_that_accelerate_cannot_take_is_refused_by_its_spec():
 
     with pytest.raises(ValueError, match="--engine accelerate takes torch's optimizers, not --optimizer lamb"):
         validate(TrainConfig(optimizer="lamb", engine="accelerate"))
+
+
+def test_the_report_says_when_a_drift_is_the_optimizers_own_noise(tmp_path):
+    """SOAP's curves drift under every layout (its own noise: README, "Parity"); the report says so beside the
+    drifted rows, and for SOAP only."""
+    import shutil
+
+    from bench.report import main as report
+
+    ref = os.path.join(ROOT, "results", "reference", "cpu-optimizers")
+    shutil.copytree(ref, tmp_path / "s", ignore=shutil.ignore_patterns("plots"))
+    assert report([str(tmp_path / "s")]) == 0
+    text = (tmp_path / "s" / "report.md").read_text()
+    drifted = text.split("Drifted configs:", 1)[1].split("\n## ", 1)[0]
+    assert "soap" in drifted and "soap: a loss curve that does not keep to rounding" in drifted, drifted
+    assert "lion:" not in drifted and "adamw:" not in drifted

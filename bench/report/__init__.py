@@ -10,6 +10,7 @@ from bench.hardware import NATIVE_BF16_FLAGS
 from bench.noise import NOISY_CV, NOISY_P90_P50, RETIME, RETIME_SUFFIX, beyond_noise, relative_se, row_se, steadier
 from bench.report.markdown import fmt, md_table
 from bench.results import DETAILS, RESULT_COLUMNS, TEXT_COLUMNS, read_env
+from llmopt.optimizers import in_order, registry
 from llmopt.safe_files import one_line, open_file, refuse_links
 
 MIB = 2**20
@@ -115,7 +116,6 @@ def optimizer_section(ok: pd.DataFrame) -> list[str]:
     share of the step, the median over the sweep's configs of that optimizer and layout; then each optimizer's
     update time over AdamW's, per layout, where both ran."""
     from bench.layouts import layout_name
-    from llmopt.optimizers import in_order
 
     d = ok[ok.optimizer_ms_p50.notna()].copy()
     if d.empty or d.optimizer.nunique() < 2:
@@ -193,6 +193,13 @@ def summary_sections(ok: pd.DataFrame, env: dict, memory_budget_mib: float | Non
         L.append("")
         L.append("Drifted configs: " + ", ".join(f"`{c}` ({d:.2g})" for c, d in
                                                   zip(drifted.config_id, drifted.loss_parity_max_abs)))
+        noisy = [o for o in in_order(drifted.optimizer) if o in registry() and not registry()[o].reproducible]
+        if noisy:
+            L.append("")
+            L.append(f"{', '.join(noisy)}: a loss curve that does not keep to rounding even in one process when only "
+                     "the gradients' summation order changes (README, \"Parity\"), so its drift here is its own noise "
+                     "and says nothing about the layout; that its update under each layout is the whole tensor's is "
+                     "tested on the same gradients (tests/test_parity.py).")
     L.append("")
     L.append("## Fastest config that fits a memory budget")
     budgets = [memory_budget_mib * MIB] if memory_budget_mib else \

@@ -79,6 +79,7 @@ class OptimizerSpec:
     accelerate: bool = True   # a torch.optim optimizer that --engine accelerate can wrap
     lr_schedules: tuple[str, ...] | None = None         # the --lr-schedule values it takes (None: every one)
     packages: tuple[tuple[str, str], ...] = ()          # (module, pip name) its build imports beyond torch
+    reproducible: bool = True  # its loss curve keeps to rounding when only the gradients' summation order changes
     order: int = 1000         # where it sorts in tables and matrices (llmopt's own: 10 to 90, in tens)
 
     @property

@@ -6,10 +6,9 @@ from llmopt.optimizers import OptimizerSpec
 def build(model, lr: float, weight_decay: float, impl: str, fused_ok: bool):
     import torch
 
-    from llmopt.optim import impl_kwargs, param_groups
+    from llmopt.optim import torch_optimizer
 
-    groups = param_groups(model, weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, **impl_kwargs(impl, groups, fused_ok))
+    return torch_optimizer(torch.optim.AdamW, model, lr, weight_decay, impl, fused_ok)
 
 
 SPEC = OptimizerSpec(

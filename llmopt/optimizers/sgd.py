@@ -5,10 +5,9 @@ from llmopt.optimizers import OptimizerSpec, moments
 def build(model, lr: float, weight_decay: float, impl: str, fused_ok: bool):
     import torch
 
-    from llmopt.optim import impl_kwargs, param_groups
+    from llmopt.optim import torch_optimizer
 
-    groups = param_groups(model, weight_decay)
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9, **impl_kwargs(impl, groups, fused_ok))
+    return torch_optimizer(torch.optim.SGD, model, lr, weight_decay, impl, fused_ok, momentum=0.9)
 
 
 SPEC = OptimizerSpec(

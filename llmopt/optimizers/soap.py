@@ -46,4 +46,4 @@ SPEC = OptimizerSpec(
     name="soap", about="SOAP, Adam in Shampoo's eigenbasis (pytorch-optimizer's SOAP)", build=build,
     default_lr=3e-3, lr_centre=1e-2, state_bytes=state_bytes, transient_bytes=transient_bytes,
     update_flops=update_flops, gathers=all_tensors, gathered_per_tensor=2,
-    packages=(("pytorch_optimizer", "pytorch-optimizer"),), order=90)
+    packages=(("pytorch_optimizer", "pytorch-optimizer"),), reproducible=False, order=90)
