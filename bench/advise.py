@@ -85,7 +85,8 @@ def parse_args(argv):
     p.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step (default 16)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
     p.add_argument("--optimizer", default="adamw", choices=optimizer_names(),
-                   help="its state and, for Muon, its Newton-Schulz and gathers are priced (default adamw)")
+                   help="its state, update FLOPs and whole-tensor gathers are priced from its spec "
+                        "(llmopt/optimizers/; default adamw)")
     p.add_argument("--precisions", default="bf16,fp32", help=f"comma-separated, of {', '.join(PRECISIONS)} "
                                                              "(default bf16,fp32)")
     p.add_argument("--intra", help="intra-node link: GB/s[,latency us] (default: per GPU generation, stated)")
