@@ -1,8 +1,7 @@
 """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): the sign of an interpolation of the
 momentum and the gradient, one momentum of state. The update is lion-pytorch's ``Lion`` (betas (0.9,
-0.99); weight decay w <- w (1 - lr wd); its authors suggest a learning rate 3-10x below AdamW's, and 1e-3, a
-third of AdamW's 3e-3, was the best of a x3 grid on the tiny model: results/README.md, "Learning-rate
-centres"). It
+0.99); weight decay w <- w (1 - lr wd); its authors suggest a learning rate 3-10x below AdamW's; its default
+and centre here were measured: results/README.md, "Learning-rate centres"). It
 is elementwise, so it runs on FSDP2/TP shards as they are."""
 from llmopt.optimizers import OptimizerSpec, Stage, all_tensors, largest, moments
 
