@@ -282,7 +282,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                          f"{cfg.optimizer}; use --optimizer-impl auto or {' or '.join(opt.impls)}")
     if opt.lr_schedules is not None and cfg.lr_schedule not in opt.lr_schedules:
         raise ValueError(f"--optimizer {cfg.optimizer} takes --lr-schedule {' or '.join(opt.lr_schedules)}, not "
-                         f"{cfg.lr_schedule} ({opt.about})")
+                         f"{cfg.lr_schedule}; use --lr-schedule {opt.lr_schedules[0]} (warm-up still applies) or "
+                         f"another --optimizer")
     if cfg.optimizer_impl == "fused":
         from llmopt.precision import fused_optimizer_ok  # torch: only where fused kernels are asked for
 
