@@ -5,11 +5,10 @@
   bracket the target; below the smallest budget or above the largest it is not guessed.
 * ``paired``: Student's paired t-test on per-seed differences, for runs that share their seeds (a seed draws the
   same initial weights and data whatever the optimizer, so what a seed makes easy or hard cancels).
-* ``welch``: Welch's unequal-variance t-test (Welch 1947), for runs without common seeds; the two-sided p-value
-  of both from Student's t
-  distribution (its CDF through the regularized incomplete beta function, evaluated by Lentz's continued
-  fraction as in Press et al., "Numerical Recipes", 6.4), so that no dependency beyond the standard library
-  is needed.
+* ``welch``: Welch's unequal-variance t-test (Welch 1947), for runs without common seeds. Both are scipy's
+  (``scipy.stats.ttest_rel``, ``ttest_ind(equal_var=False)``), two-sided, with the cases scipy leaves undefined
+  (no variance at all) decided here; scipy is imported when a test is made, so a sweep's report without a
+  convergence section does not need it.
 * ``ratio``: a ratio of two means and its standard deviation by first-order error propagation.
 """
 from __future__ import annotations
@@ -70,8 +69,10 @@ def paired(a: list[float], b: list[float]) -> TTest:
     m, sd = mean_std(d)
     if sd == 0:
         return TTest(math.copysign(math.inf, m) if m else 0.0, len(d) - 1, 0.0 if m else 1.0, "paired")
-    t = m / (sd / math.sqrt(len(d)))
-    return TTest(t, len(d) - 1, student_t_two_sided(t, len(d) - 1), "paired")
+    from scipy.stats import ttest_rel
+
+    r = ttest_rel(a, b)
+    return TTest(float(r.statistic), float(r.df), float(r.pvalue), "paired")
 
 
 def welch(a: list[float], b: list[float]) -> TTest:
@@ -80,50 +81,20 @@ def welch(a: list[float], b: list[float]) -> TTest:
     if len(a) < 2 or len(b) < 2:
         raise ValueError("Welch's t-test needs at least two values in each sample")
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    va, vb = sa ** 2 / len(a), sb ** 2 / len(b)
-    if va + vb == 0:
+    if sa == 0 and sb == 0:
         return TTest(math.copysign(math.inf, ma - mb) if ma != mb else 0.0, math.inf, 0.0 if ma != mb else 1.0)
-    t = (ma - mb) / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / ((va ** 2 / (len(a) - 1) if va else 0.0) + (vb ** 2 / (len(b) - 1) if vb else 0.0))
-    return TTest(t, df, student_t_two_sided(t, df))
+    from scipy.stats import ttest_ind
+
+    r = ttest_ind(a, b, equal_var=False)
+    return TTest(float(r.statistic), float(r.df), float(r.pvalue))
 
 
 def student_t_two_sided(t: float, df: float) -> float:
-    """P(|T| >= |t|) for Student's t with ``df`` degrees of freedom: I_{df / (df + t^2)}(df / 2, 1 / 2)."""
-    if math.isinf(df):  # the normal limit
-        return math.erfc(abs(t) / math.sqrt(2))
-    return betainc(df / 2, 0.5, df / (df + t * t))
+    """P(|T| >= |t|) for Student's t with ``df`` degrees of freedom (scipy's; infinite df: the normal)."""
+    from scipy.stats import norm
+    from scipy.stats import t as student_t
 
-
-def betainc(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b) (Numerical Recipes' betai)."""
-    if not 0 <= x <= 1:
-        raise ValueError(f"betainc: x = {x} outside [0, 1]")
-    if x in (0.0, 1.0):
-        return x
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1) / (a + b + 2):
-        return front * _betacf(a, b, x) / a
-    return 1 - front * _betacf(b, a, 1 - x) / b
-
-
-def _betacf(a: float, b: float, x: float, eps: float = 1e-15, tiny: float = 1e-300) -> float:
-    """The continued fraction of the incomplete beta function, by the modified Lentz method."""
-    qab, qap, qam = a + b, a + 1, a - 1
-    c, d = 1.0, 1 - qab * x / qap
-    d = 1 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1 + aa * d
-            d = 1 / (d if abs(d) > tiny else tiny)
-            c = 1 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1) < eps:
-            break
-    return h
+    return float(2 * (norm.sf(abs(t)) if math.isinf(df) else student_t.sf(abs(t), df)))
 
 
 def ratio(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
