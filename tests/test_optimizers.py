@@ -93,6 +93,8 @@ def test_a_toy_optimizer_from_one_file_runs_through_train_memory_a_matrix_and_th
 
 @pytest.mark.parametrize("text, why", [
     ("x = 1\n", "defines no SPEC"),
+    ("import no_such_module_xyz\n", "could not be loaded (ModuleNotFoundError"),
+    ("def broken(:\n", "could not be loaded (SyntaxError"),
     ("SPEC = 3\n", "must be an llmopt.optimizers.OptimizerSpec"),
     ("from llmopt.optimizers import OptimizerSpec\nSPEC = OptimizerSpec(name='Bad Name', about='', "
      "build=print, default_lr=1.0, lr_centre=1.0)\n", "lower-case letters"),

@@ -69,7 +69,7 @@ class OptimizerSpec:
     about: str                # one line: what it is and where its update comes from (help, README table)
     build: Callable           # build(model, lr, weight_decay, impl, fused_ok) -> torch.optim.Optimizer
     default_lr: float         # --lr when not given: the loss falls quickly on the tiny preset
-    lr_centre: float          # the convergence matrices' learning-rate grid is centred here (measured: bench.matrix)
+    lr_centre: float          # where the convergence matrices' learning-rate grid is centred (measured: results/README)
     impls: tuple[str, ...] = ("for-loop",)       # torch's kernel families it has (--optimizer-impl)
     state_bytes: Callable[[Stage], int] = moments(2)    # optimizer state one rank keeps
     transient_bytes: Callable[[Stage], int] = nothing   # buffers alive only while it steps (the update's peak)
@@ -106,7 +106,10 @@ def _load_file(path: str) -> OptimizerSpec:
     module_name = "llmopt_optimizer_" + "".join(c if c.isalnum() else "_" for c in os.path.abspath(path))
     found = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(found)
-    found.loader.exec_module(module)
+    try:
+        found.loader.exec_module(module)
+    except Exception as e:  # the user's file: its mistake is one line, not a traceback through llmopt
+        raise ValueError(f"{where}: could not be loaded ({type(e).__name__}: {e}); fix or remove it") from None
     if not hasattr(module, "SPEC"):
         raise ValueError(f"{where}: defines no SPEC (an llmopt.optimizers.OptimizerSpec)")
     return _check(module.SPEC, where)
