@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from llmopt.core.config import TrainConfig, resolve_device
-from llmopt.core.shapes import hidden_matrix_params, stage_layers, stage_params, stage_tensors  # noqa: F401 (re-exported)
+from llmopt.core.shapes import stage_layers, stage_params
 from llmopt.model import HEAD_CHUNK_ROWS, explicit_attention
 from llmopt.optimizers import spec, stage_view
 

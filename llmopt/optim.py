@@ -30,12 +30,12 @@ ranks); Adafactor raises (an in-place ``pow_`` on a partial norm). So both are w
 ``ShardedMuon`` keeps the momentum sharded, gathers each matrix's Nesterov momentum (``full_tensor``), has
 torch's Muon orthogonalise the whole matrix and keeps this rank's shard of the update; ``WholeTensors``
 gathers each tensor and its gradient, steps torch's Adafactor on the whole tensor (its factored statistics are
-then the whole tensor's: a row and a column vector, kept on every rank) and keeps this rank's shard: that
-wrapper, ``WholeTensors``, takes any optimizer class (SOAP's preconditioners are whole-matrix too). The
-gathers go in buckets of at most the largest tensor's size (``size_buckets``, ``gather_wholes``: one all-gather
-per bucket and mesh dimension, not one per tensor), so the transient memory is still about that of the largest
-tensor. Every rank does the whole work (the Newton-Schulz iteration is not split across ranks, as Moonlight's
-distributed Muon does).
+then the whole tensor's: a row and a column vector, kept on every rank) and keeps this rank's shard; it takes
+any optimizer class (SOAP's preconditioners are whole-matrix too). The gathers go in buckets
+(``size_buckets``, ``gather_wholes``: one all-gather per bucket and mesh dimension, not one per tensor), so the
+transient memory stays a small multiple of the largest tensor's. On a 1-D mesh ShardedMuon splits the
+Newton-Schulz work across the ranks (``ShardedMuon._updates``, as Moonlight's distributed Muon); elsewhere, and
+for Adafactor and SOAP, every rank does the whole work.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-from llmopt.optimizers import spec
+from llmopt.optimizers import ns_flops, spec
 
 # The hidden weight matrices Muon updates (names in llmopt's GPT and in HF's GPT2LMHeadModel alike)
 HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -425,13 +425,6 @@ class ShardedMuon(torch.optim.Optimizer):
             out.append(recv[o][at[o]:at[o] + w.numel()].view(w.shape))
             at[o] += w.numel()
         return out
-
-
-def ns_flops(shape: tuple[int, ...]) -> int:
-    """One Newton-Schulz iteration's multiply-adds on an (m x n) matrix, m <= n after torch's transpose: X X^T
-    (m^2 n), the polynomial in it (m^3) and its product with X (m^2 n)."""
-    m, n = sorted(shape)
-    return m * m * (2 * n + m)
 
 
 def owners(shapes: list[tuple[int, ...]], ranks: int) -> list[int]:

@@ -51,7 +51,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from llmopt.core.config import TrainConfig
-from llmopt.core.shapes import flops_per_token
+from llmopt.core.shapes import flops_per_token, stage_params
 
 GIB = 2**30
 
@@ -124,7 +124,6 @@ def _bytes(precision: str) -> int:
 
 def _params_per_rank(cfg: TrainConfig) -> float:
     """Parameters one rank holds before FSDP sharding: the model over tp and pp (embeddings on the ends)."""
-    from llmopt.memory import stage_params
 
     return max(stage_params(cfg, s) for s in range(cfg.pp))
 
@@ -155,7 +154,6 @@ def comm_bytes(cfg: TrainConfig) -> list[tuple]:
 
 def _stages(cfg: TrainConfig) -> list:
     """Each pipeline stage as its optimizer sees it (``llmopt.optimizers.Stage``)."""
-    from llmopt.memory import stage_params
     from llmopt.optimizers import stage_view
 
     return [stage_view(cfg, s, stage_params(cfg, s)) for s in range(cfg.pp)]

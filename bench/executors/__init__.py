@@ -27,7 +27,6 @@ from bench.executors.common import (  # noqa: F401 (the package's API)
     config_argv,
     config_env,
     resolve_jobs,
-    status_of,
     world_size,
 )
 from bench.executors.local import SWEEP_PID_ENV, remove_dead_forkserver_dirs, signals_held  # noqa: F401

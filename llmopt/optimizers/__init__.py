@@ -62,6 +62,14 @@ def largest(shapes) -> int:
     return max((math.prod(s) for s in shapes), default=0)
 
 
+def ns_flops(shape: tuple[int, ...]) -> int:
+    """Muon's cost, read by its spec and by ``llmopt.optim.owners`` (which balances it over ranks): one
+    Newton-Schulz iteration's multiply-adds on an (m x n) matrix, m <= n after torch's transpose: X X^T (m^2 n),
+    the polynomial in it (m^3) and its product with X (m^2 n)."""
+    m, n = sorted(shape)
+    return m * m * (2 * n + m)
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     """Everything llmopt knows about one optimizer."""

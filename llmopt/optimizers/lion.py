@@ -3,7 +3,7 @@ momentum and the gradient, one momentum of state. The update is lion-pytorch's `
 0.99); weight decay w <- w (1 - lr wd); its authors suggest a learning rate 3-10x below AdamW's; its default
 and centre here were measured: results/README.md, "Learning-rate centres"). It
 is elementwise, so it runs on FSDP2/TP shards as they are."""
-from llmopt.optimizers import OptimizerSpec, Stage, all_tensors, largest, moments
+from llmopt.optimizers import OptimizerSpec, Stage, largest, moments
 
 
 def build(model, lr: float, weight_decay: float, impl: str, fused_ok: bool):
@@ -17,7 +17,7 @@ def build(model, lr: float, weight_decay: float, impl: str, fused_ok: bool):
 def transient_bytes(stage: Stage) -> int:
     """The update of one tensor at a time (a clone of the momentum, then the sum with the gradient), fp32, on
     this rank's shard of the largest."""
-    return 2 * 4 * -(-largest(all_tensors(stage)) // stage.shards)
+    return 2 * 4 * -(-largest(stage.tensors) // stage.shards)
 
 
 SPEC = OptimizerSpec(

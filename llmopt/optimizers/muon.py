@@ -2,7 +2,7 @@
 AdamW on every other parameter, as one optimizer (``llmopt.optim.MuonAdamW``; why, and the learning-rate rule
 that lets one --lr serve both: ``llmopt.optim``'s docstring). Under FSDP2/TP each matrix's momentum is gathered
 whole and orthogonalised by one owner rank (``llmopt.optim.ShardedMuon``)."""
-from llmopt.optimizers import OptimizerSpec, Stage, hidden_matrices, largest
+from llmopt.optimizers import OptimizerSpec, Stage, hidden_matrices, largest, ns_flops
 
 NS_STEPS = 5  # torch.optim.Muon's default Newton-Schulz steps
 
@@ -32,9 +32,9 @@ def transient_bytes(stage: Stage) -> int:
 
 
 def update_flops(stage: Stage) -> float:
-    """The Newton-Schulz iteration on every hidden matrix, whole: per step on an (m x n) matrix, m <= n, X X^T
-    (2 m^2 n FLOPs), the polynomial in it (2 m^3) and its product with X (2 m^2 n)."""
-    return sum(NS_STEPS * (4 * min(a, b) ** 2 * max(a, b) + 2 * min(a, b) ** 3) for a, b in stage.hidden)
+    """The Newton-Schulz iteration on every hidden matrix, whole: NS_STEPS iterations of ``ns_flops``
+    multiply-adds, two FLOPs each."""
+    return sum(NS_STEPS * 2 * ns_flops(shape) for shape in stage.hidden)
 
 
 SPEC = OptimizerSpec(

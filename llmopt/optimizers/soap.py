@@ -31,7 +31,7 @@ def state_bytes(stage: Stage) -> int:
 def transient_bytes(stage: Stage) -> int:
     """One tensor's gradient in the eigenbasis, its square, the projected momentum and the update, fp32; under
     FSDP2/TP also the largest tensor and its gradient, gathered whole."""
-    big = largest(all_tensors(stage))
+    big = largest(stage.tensors)
     return 4 * 4 * big + (2 * 4 * big if stage.shards > 1 else 0)
 
 
