@@ -81,7 +81,7 @@ class TrainConfig:
     global_batch: int = option(8, "sequences per optimizer step, over all ranks", low=1)
     seq_len: int = option(128, "tokens per sequence", low=1)
     optimizer: str = option("adamw", "the optimizer: one of llmopt.optimizers (README's table; a file of your own "
-                                     "through LLMOPT_OPTIMIZERS)", choices=lambda: optimizer_names())
+                                     "through LLMOPT_OPTIMIZERS)", choices=optimizer_names)
     optimizer_impl: str = option("auto", "torch's for-loop, foreach or fused kernels (auto: the fastest that applies)",
                                  choices=OPTIMIZER_IMPLS)
     compile: bool = option(False, "torch.compile each transformer block")
