@@ -19,6 +19,7 @@ from llmopt.cpu import NATIVE_BF16_FLAGS, cpu_flags, cpu_model  # noqa: F401 (re
 from llmopt.safe_files import makedirs, write_json
 
 if TYPE_CHECKING:
+    from llmopt.core.config import TrainConfig
     from llmopt.core.run_metrics import RunMetrics
 
 # Dense peak FLOP/s per GPU from NVIDIA's datasheets (SXM parts). fp32 is the non-tensor-core figure:
@@ -141,7 +142,7 @@ def peak_flops(device: str, precision: str, cache: dict, n_embd: int, vocab_size
     return best, f"measured:{device} matmul, {dtypes}, square and model GEMMs"
 
 
-def row_peak(entry: dict, metrics: RunMetrics | None, cache: dict, measure: bool = True,
+def row_peak(tc: TrainConfig, metrics: RunMetrics | None, cache: dict, measure: bool = True,
              threads: int | None = None) -> tuple[float, str] | None:
     """The peak FLOP/s a config's MFU is stated against (measured on first use, kept in ``cache``); from the
     finished config's resolved fields, or before it runs (``metrics`` None) from its own. A GPU's datasheet
@@ -150,9 +151,6 @@ def row_peak(entry: dict, metrics: RunMetrics | None, cache: dict, measure: bool
     measurement of this machine. ``threads``: torch's CPU threads for a measurement (``measure_matmul_peak``)."""
     if metrics is not None and metrics.flops_per_token is None:
         return None
-    from llmopt.core.config import TrainConfig
-
-    tc = TrainConfig(**entry["config"])
     resolved = metrics.config if metrics is not None else {"device": tc.device,
                                                            "pp_microbatches": tc.pp_microbatches or tc.pp}
     if resolved["device"] == "cuda" and metrics is not None:
@@ -205,7 +203,7 @@ def environment(argv: list[str]) -> dict:
     return env
 
 
-def measure_node_peak(entry: dict, metrics: RunMetrics, metrics_path: str, cache_path: str) -> None:
+def measure_node_peak(cfg: TrainConfig, metrics: RunMetrics, metrics_path: str, cache_path: str) -> None:
     """In a SLURM job, after its config (``bench.executors.job``): this node's peak FLOP/s for the config
     (``row_peak``, as a local sweep takes it, from the config's ``metrics``), written beside them; measurements
     kept per node in ``cache_path`` for the sweep's later jobs."""
@@ -216,7 +214,7 @@ def measure_node_peak(entry: dict, metrics: RunMetrics, metrics_path: str, cache
     except (OSError, ValueError, TypeError):
         cache = {}
     # measured (torch imported) only on the node's first use; every core the job has, as the config's ranks had
-    peak = row_peak(entry, metrics, cache, threads=len(os.sched_getaffinity(0)))
+    peak = row_peak(cfg, metrics, cache, threads=len(os.sched_getaffinity(0)))
     write_json(cache_path, cache)
     if peak is not None:
         value, source = peak

@@ -25,17 +25,16 @@ Custom file (TOML):
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 import os
 import re
 import tomllib
 from dataclasses import asdict, fields
 
-from bench.layouts import BASE_LAYOUTS, layout_name
-from llmopt.core.config import PRECISIONS, TrainConfig, check_given, validate
+from bench.layouts import BASE_LAYOUTS
+from bench.plan import PlanEntry, baseline_of, config_id
+from llmopt.core.config import PRECISIONS, TrainConfig, check_given
 from llmopt.optimizers import names as optimizer_names
 from llmopt.optimizers import registry as optimizer_registry
 from llmopt.optimizers import spec as optimizer_spec
@@ -347,22 +346,6 @@ def parse_filter(text: str | None) -> dict[str, list]:
     return out
 
 
-def config_id(cfg: dict) -> str:
-    """Readable and stable: the layout and toggles, then a hash of every field. 12 hex digits (48 bits): a
-    million-config sweep collides with probability ~2e-3, and ``expand`` refuses a plan where two different
-    configs still share an id."""
-    parts = [cfg["engine"]] if cfg["engine"] != "native" else []
-    parts += [cfg["model_impl"]] if cfg["model_impl"] != "llmopt" else []
-    parts += [layout_name(cfg), cfg["precision"], f"ga{cfg['grad_accum']}", cfg["optimizer"]]
-    parts += [f"b{cfg['global_batch']}"] if cfg["global_batch"] != TrainConfig.global_batch else []
-    parts += [f"lr{cfg['lr']:.3g}"] if cfg.get("lr") else []
-    parts += ["compile"] if cfg["compile"] else []
-    parts += ["ac"] if cfg["activation_checkpointing"] else []
-    parts += [f"opt-{cfg['optimizer_impl']}"] if cfg["optimizer_impl"] != "auto" else []
-    digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
-    return "-".join(parts) + "-" + digest
-
-
 def _budget_steps(cfg: dict) -> dict:
     """A config with a token budget states the steps that budget takes (its ``steps`` would otherwise be a
     device default that no run uses, and llmopt.train refuses a --steps that disagrees with --max-tokens)."""
@@ -388,19 +371,10 @@ def _paths_resolved(cfg: dict, preset_given: bool) -> dict:
     return cfg
 
 
-def baseline_of(cfg: dict) -> dict:
-    """llmopt's own eager step, single process, fp32, no accumulation; same model shape, data, batch,
-    optimizer, seed and steps (peers -- HF's model, Accelerate -- start from the same weights)."""
-    return dict(cfg, dp=1, tp=1, pp=1, dp_mode="ddp", pp_schedule="1f1b", pp_microbatches=0,
-                precision="fp32", grad_accum=1, optimizer_impl="auto", model_impl="llmopt", engine="native",
-                compile=False, activation_checkpointing=False)
-
-
 def expand(matrix: str, device: str, max_ranks: int, steps: int | None = None,
-           filters: dict | None = None, max_configs: int = 10_000) -> list[dict]:
-    """The plan: entries {config_id, config, skipped (reason or None), added_as_baseline}.
-
-    Baselines that the matrix lacks are added (each ok config's loss curve is compared with one)."""
+           filters: dict | None = None, max_configs: int = 10_000) -> list[PlanEntry]:
+    """The plan's entries, each valid or skipped with its reason. Baselines that the matrix lacks are added
+    (each ok config's loss curve is compared with one)."""
     base = dict(DEVICE_BASE[device], device=device)
     extra: dict = {}
     if matrix in NAMED:
@@ -423,88 +397,29 @@ def expand(matrix: str, device: str, max_ranks: int, steps: int | None = None,
         raise MatrixError(f"--matrix {matrix}: {len(configs):,} configs, more than --max-configs {max_configs:,}; "
                           f"add --filter or raise --max-configs")
 
-    plan, seen = [], {}
+    plan: list[PlanEntry] = []
+    seen: dict[str, TrainConfig] = {}
 
-    def add(cfg, added):
+    def add(cfg: TrainConfig, added: bool):
         cid = config_id(cfg)
         if cid in seen:
             if seen[cid] != cfg:
                 raise MatrixError(f"configs {seen[cid]} and {cfg} share the id {cid}; change one of them")
             return
         seen[cid] = cfg
-        plan.append(plan_entry(cfg, device, max_ranks, added_as_baseline=added,
-                               phase="grid" if matrix in CONVERGENCE else None))
+        plan.append(PlanEntry.of(cfg, device, max_ranks, added_as_baseline=added,
+                                 phase="grid" if matrix in CONVERGENCE else None))
 
     for cfg in configs:
-        add(cfg, False)
+        add(TrainConfig(**cfg), False)
     if matrix not in CONVERGENCE:  # convergence rows are compared with each other, not with a fp32 baseline
         for entry in list(plan):
-            if entry["skipped"] is None:
-                add(baseline_of(entry["config"]), True)
+            if entry.skipped is None:
+                add(baseline_of(entry.config), True)
     # baselines first, so every other row can be compared with its baseline when it is written
-    ids = {config_id(baseline_of(e["config"])) for e in plan}
-    plan.sort(key=lambda e: e["config_id"] not in ids)
+    ids = {e.baseline_id for e in plan}
+    plan.sort(key=lambda e: e.config_id not in ids)
     return plan
-
-
-# What a config id may hold (``config_id``: the layout's words, numbers, a hash): it names the config's log and
-# metrics files, so one read from a plan.json someone handed us must not climb out of the sweep's directory.
-CONFIG_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,200}")
-PLAN_ENTRY_KEYS = {"config_id", "config", "skipped", "added_as_baseline", "phase", "compare_with_baseline"}
-
-
-def check_plan(saved, path: str) -> None:
-    """A plan.json read back for ``--resume``, refused (``MatrixError`` naming the file and the entry) unless
-    every entry is what ``expand`` writes: known keys, a config of ``TrainConfig``'s fields, and the id that
-    config has (recomputed, so a planted ``../../x`` or another config's id cannot pass)."""
-    def bad(why: str):
-        return MatrixError(f"--resume: {path} is not a plan bench.run wrote ({why}); it cannot be finished, start a "
-                           f"new sweep")
-
-    if not isinstance(saved, dict) or not isinstance(saved.get("plan"), list) or not saved["plan"]:
-        raise bad("no list of configs under 'plan'")
-    if saved.get("device") not in ("cpu", "cuda") or not isinstance(saved.get("matrix"), str):
-        raise bad("'device' must be cpu or cuda and 'matrix' a name")
-    warmup = saved.get("timing_warmup", saved.get("warmup_steps"))
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-        raise bad(f"timing_warmup {warmup!r} is not a count of steps")
-    fields = set(TrainConfig.field_names())
-    for i, entry in enumerate(saved["plan"]):
-        where = f"entry {i}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
-            raise bad(f"{where} has no config table")
-        if set(entry) - PLAN_ENTRY_KEYS or not {"config_id", "skipped", "added_as_baseline"} <= set(entry):
-            raise bad(f"{where} has keys {sorted(entry)}; expected {sorted(PLAN_ENTRY_KEYS)}")
-        cid = entry["config_id"]
-        if not isinstance(cid, str) or not CONFIG_ID_RE.fullmatch(cid):
-            raise bad(f"{where}'s config_id {cid!r} is not a config id")
-        unknown = set(entry["config"]) - fields  # missing ones take their defaults (a plan from before a new flag)
-        if unknown:
-            raise bad(f"{where}'s config has fields llmopt does not have: {sorted(unknown)}")
-        try:
-            expected = config_id(entry["config"]) + ("-retime" if entry.get("phase") == "retime" else "")
-        except (KeyError, TypeError, ValueError) as e:
-            raise bad(f"{where}'s config is malformed ({e})") from None
-        if cid != expected:
-            raise bad(f"{where}'s config_id {cid!r} is not its config's ({expected})")
-        if not (entry["skipped"] is None or isinstance(entry["skipped"], str)):
-            raise bad(f"{where}'s skipped is {entry['skipped']!r}")
-
-
-def plan_entry(cfg: dict, device: str, max_ranks: int, added_as_baseline: bool = False,
-               phase: str | None = None) -> dict:
-    """A plan entry: the config, its id, and why it is skipped (None when it runs)."""
-    reason = None
-    try:
-        resolved = validate(TrainConfig(**cfg))
-        if resolved.world_size > max_ranks:
-            reason = f"needs {resolved.world_size} ranks; this {device} sweep allows {max_ranks}"
-    except ValueError as e:
-        reason = str(e)
-    entry = {"config_id": config_id(cfg), "config": cfg, "skipped": reason, "added_as_baseline": added_as_baseline}
-    if phase is not None:  # convergence: grid, widen or precision; no fp32 baseline to compare with
-        entry.update(phase=phase, compare_with_baseline=False)
-    return entry
 
 
 CPU_RANKS = 4  # the most gloo ranks one CPU config may start (the matrices' layouts reach 2 x 2)

@@ -13,8 +13,11 @@ import io
 import json
 import math
 import os
+from dataclasses import dataclass
 from dataclasses import fields as _fields
 
+from bench.noise import is_noisy
+from bench.plan import PlanEntry
 from llmopt.core.config import TrainConfig
 from llmopt.core.run_metrics import RunMetrics
 from llmopt.safe_files import open_file
@@ -24,31 +27,26 @@ from llmopt.safe_files import open_file
 CONFIG_COLUMNS = [f.name for f in _fields(TrainConfig)] + ["world_size", "micro_batch"]
 CONFIG_TEXT_COLUMNS = {f.name for f in _fields(TrainConfig) if str(f.type) in ("str", "bool", "str | None")}
 BOOL_FIELDS = {f.name for f in _fields(TrainConfig) if str(f.type) == "bool"}
-RESULT_COLUMNS = [
-    "config_id", "status", "error",
-    *CONFIG_COLUMNS,
-    "timing_warmup", "data_description",
-    "steps_run", "tokens_seen", "steps_to_target", "tokens_to_target", "seconds_to_target", "final_eval_loss",
-    "best_eval_loss", "gns_b_simple", "train_seconds", "eval_seconds", "diverged_at_step",
-    "tokens_per_s", "step_time_ms_p50", "step_time_ms_p90", "step_time_cv", "step_time_p90_p50", "noisy",
-    "optimizer_ms_p50", "optimizer_ms_cv",
-    "peak_memory_bytes", "peak_memory_kind", "predicted_memory_bytes", "memory_prediction_error",
-    "memory_parameters_bytes", "memory_gradients_bytes", "memory_optimizer_state_bytes",
-    "memory_activations_bytes", "memory_other_bytes",
-    "predicted_parameters_bytes", "predicted_gradients_bytes", "predicted_optimizer_state_bytes",
-    "predicted_activations_bytes", "peak_rss_bytes",
-    "mfu", "peak_flops", "peak_flops_source", "flops_per_token",
-    "final_loss", "entropy_floor_nats", "baseline_id", "loss_parity_max_abs", "parity_verdict",
-    "fp16_skipped_steps", "energy_j_per_token", "gpu_util_mean", "gpu_power_w_mean",
-    "startup_s", "build_s", "memory_step_s", "added_as_baseline", "phase", "wall_s",
-]
-# Scalars of a run's metrics (llmopt.core.run_metrics.RunMetrics, the fields marked with a row) copied into its row
-# unchanged: RUN_ for every run that produced metrics (a diverged run included), OK_ for finished ones. The
-# rest of a row is the config, the harness's own columns and what build_row derives.
+# Scalars of a run's metrics (RunMetrics, the fields marked with a row) copied into its row unchanged: RUN_ for
+# every run that produced metrics (a diverged run included), OK_ for finished ones. A metric that is also a
+# config field (target_loss: a --target-gap resolves to a loss in the run) is the config's column, filled in
+# from the metrics.
 RUN_METRIC_COLUMNS = RunMetrics.columns("run")
 OK_METRIC_COLUMNS = RunMetrics.columns("ok")
-assert set(RUN_METRIC_COLUMNS + OK_METRIC_COLUMNS) <= set(RESULT_COLUMNS), "a metric column has no place in the rows"
-assert len(set(RESULT_COLUMNS)) == len(RESULT_COLUMNS), "a column is listed twice"
+# What the harness derives for a row (``Row.columns``: from the run's metrics, its config and its plan entry,
+# each in one place there): work done, the steps' spread, memory by category beside its prediction, MFU and the
+# peak it is stated against, parity with the baseline, and where the row came from.
+MEMORY_CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
+HARNESS_COLUMNS = [
+    "steps_run", "tokens_seen", "train_seconds", "final_loss", "step_time_p90_p50", "noisy",
+    "predicted_memory_bytes", "memory_prediction_error",
+    *(f"memory_{c}_bytes" for c in (*MEMORY_CATEGORIES, "other")), *(f"predicted_{c}_bytes" for c in MEMORY_CATEGORIES),
+    "mfu", "peak_flops", "peak_flops_source", "baseline_id", "loss_parity_max_abs", "parity_verdict",
+    "added_as_baseline", "phase", "wall_s",
+]
+RESULT_COLUMNS = ["config_id", "status", "error", *CONFIG_COLUMNS,
+                  *(c for c in RUN_METRIC_COLUMNS + OK_METRIC_COLUMNS if c not in CONFIG_COLUMNS), *HARNESS_COLUMNS]
+assert len(set(RESULT_COLUMNS)) == len(RESULT_COLUMNS), "a column is derived twice"
 # Columns read as text; every other column is a number (or empty).
 TEXT_COLUMNS = CONFIG_TEXT_COLUMNS | {"config_id", "status", "error", "data_description", "peak_memory_kind", "noisy",
                                       "peak_flops_source", "baseline_id", "parity_verdict", "added_as_baseline",
@@ -282,11 +280,106 @@ class ResultFiles:
             f.flush()
             os.fsync(f.fileno())
 
-    def append(self, result: dict, details: dict[str, list[dict]]) -> None:
-        for name, rows in details.items():
-            if rows:
-                self._append(self.paths[name], DETAILS[name][0], rows)
-        self._append(self.results_path, RESULT_COLUMNS, [result])
+    def append(self, row: Row) -> dict:
+        """Write ``row``'s details, then its results line (the config is finished exactly when that line is
+        complete); returns the line's values."""
+        for name, lines in row.details().items():
+            if lines:
+                self._append(self.paths[name], DETAILS[name][0], lines)
+        line = row.columns()
+        self._append(self.results_path, RESULT_COLUMNS, [line])
+        return line
+
+
+EXACT = 1e-4         # nats: "exact" parity (fp32 layouts agree to ~1e-6; this leaves room for reduction order)
+AMP_TOLERANCE = 5e-2  # nats: a bf16/fp16 curve within this of the fp32 baseline is "within AMP tolerance"
+
+
+def parity_verdict(max_abs: float | None, precision: str, is_baseline: bool) -> str:
+    if is_baseline:
+        return "baseline"
+    if max_abs is None:
+        return ""
+    if max_abs <= EXACT:
+        return "exact"
+    if precision != "fp32" and max_abs <= AMP_TOLERANCE:
+        return "within AMP tolerance"
+    return "drifted"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One config's result as the harness knows it: its plan entry, how it ended (status, error, wall seconds),
+    its run's metrics (None when it produced none), and what the row is judged against: the sweep's timing
+    warm-up, the loss curve of its baseline when that has run, and the peak FLOP/s of one device for its dtype
+    (value, source). ``columns()`` is its results.csv line and ``details()`` its steps.csv and evals.csv lines:
+    pure functions of these fields, whose names are ``RESULT_COLUMNS`` (the config's fields, the metrics' row
+    fields, ``HARNESS_COLUMNS``)."""
+    entry: PlanEntry
+    status: str
+    error: str
+    wall_s: float
+    metrics: RunMetrics | None
+    timing_warmup: int
+    baseline_losses: tuple[float, ...] | None = None
+    peak: tuple[float, str] | None = None
+
+    def columns(self) -> dict:
+        cfg, m = self.entry.config, self.metrics
+        row = cfg.to_dict()
+        row.update(config_id=self.entry.config_id, status=self.status, error=self.error,
+                   timing_warmup=self.timing_warmup, added_as_baseline=self.entry.added_as_baseline,
+                   phase=self.entry.phase, wall_s=round(self.wall_s, 2))
+        # The target the run was given, "" when none (the config's 0 means "no target"); a --target-gap resolves
+        # to a loss only inside the run, so a row without metrics leaves it empty and keeps target_gap
+        row["target_loss"] = cfg.target_loss or None
+        if m is None:
+            return row
+        row.update({k: m.config[k] for k in ("lr", "pp_microbatches", "device", "steps")})  # as resolved
+        row.update({k: getattr(m, k) for k in RUN_METRIC_COLUMNS})
+        row.update(steps_run=len(m.losses), tokens_seen=len(m.losses) * cfg.tokens_per_step,
+                   train_seconds=sum(m.step_time_ms) / 1e3)
+        if self.status != "ok":
+            row["final_loss"] = m.losses[-1] if m.losses else None
+            return row
+        row.update({k: getattr(m, k) for k in OK_METRIC_COLUMNS})
+        spread = m.step_time_ms_p90 / m.step_time_ms_p50 if m.step_time_ms_p50 else None
+        row.update(step_time_p90_p50=spread, noisy=is_noisy(m.step_time_cv, spread), final_loss=m.losses[-1],
+                   **prediction_columns(m.predicted_memory, m.peak_memory_bytes))
+        for cat in (*MEMORY_CATEGORIES, "other"):
+            row[f"memory_{cat}_bytes"] = (m.memory_breakdown or {}).get(cat)
+        if self.peak is not None:
+            from llmopt.instruments import mfu
+
+            n_devices = cfg.world_size if m.config["device"] == "cuda" else 1  # CPU ranks share one CPU
+            value, source = self.peak
+            row.update(peak_flops=value * n_devices, peak_flops_source=source,
+                       mfu=mfu(m.tokens_per_s, m.flops_per_token, value * n_devices))
+        if self.entry.compare_with_baseline:
+            row.update(self._parity())
+        return row
+
+    def _parity(self) -> dict:
+        base_id = self.entry.baseline_id
+        is_baseline = base_id == self.entry.config_id
+        losses = self.metrics.losses
+        ref = losses if is_baseline else self.baseline_losses
+        out = {"baseline_id": base_id}
+        if ref is not None and len(ref) == len(losses):
+            out["loss_parity_max_abs"] = max((abs(a - b) for a, b in zip(losses, ref)), default=0.0)
+        out["parity_verdict"] = parity_verdict(out.get("loss_parity_max_abs"), self.entry.config.precision,
+                                               is_baseline)
+        return out
+
+    def details(self) -> dict[str, list[dict]]:
+        """Its steps.csv and evals.csv lines (none without metrics)."""
+        m, cid = self.metrics, self.entry.config_id
+        if m is None:
+            return {"steps": [], "evals": []}
+        optimizer_ms = m.optimizer_ms or [None] * len(m.losses)
+        return {"steps": [{"config_id": cid, "step": i, "loss": l, "step_time_ms": t, "optimizer_ms": o}
+                          for i, (l, t, o) in enumerate(zip(m.losses, m.step_time_ms, optimizer_ms))],
+                "evals": [{"config_id": cid, **e} for e in m.evals or []]}
 
 
 def prediction_columns(pred: dict, peak) -> dict:
@@ -294,7 +387,7 @@ def prediction_columns(pred: dict, peak) -> dict:
     peak: the harness writes them, scripts/repredict_memory.py rewrites them."""
     cols = {"predicted_memory_bytes": pred["total"],
             "memory_prediction_error": (pred["total"] - peak) / peak if peak else None}
-    for cat in ("parameters", "gradients", "optimizer_state", "activations"):
+    for cat in MEMORY_CATEGORIES:
         cols[f"predicted_{cat}_bytes"] = pred[cat]
     return cols
 

@@ -21,31 +21,12 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench.executors import EXECUTORS, PENDING_TIMEOUT_S, ExecutorError, Outcome, Pool, signals_held, world_size
+from bench.executors import EXECUTORS, PENDING_TIMEOUT_S, ExecutorError, Outcome, Pool, signals_held
 from bench.hardware import environment, peak_seconds, row_peak
-from bench.matrix import (
-    NAMED,
-    MatrixError,
-    baseline_of,
-    check_plan,
-    check_slurm_options,
-    config_id,
-    expand,
-    parse_filter,
-    rank_budget,
-)
-from bench.noise import NOISY_CV, NOISY_P90_P50, RETIME, RETIME_SUFFIX, is_noisy
-from bench.results import (
-    OK_METRIC_COLUMNS,
-    RUN_METRIC_COLUMNS,
-    STATUSES,
-    ResultFiles,
-    Unreadable,
-    prediction_columns,
-    read_env,
-)
-from llmopt.core.config import TrainConfig
-from llmopt.core.run_metrics import RunMetrics
+from bench.matrix import NAMED, MatrixError, check_slurm_options, expand, parse_filter, rank_budget
+from bench.noise import NOISY_CV, NOISY_P90_P50, RETIME_SUFFIX
+from bench.plan import PlanEntry, PlanError, SweepPlan
+from bench.results import STATUSES, ResultFiles, Row, Unreadable, read_env
 from llmopt.safe_files import UnsafePath, makedirs, open_file, refuse_links, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,8 +36,6 @@ MAX_CONFIGS = 10_000
 # "0" turns --warm-up and --retime off by default (the tests' sweeps: their row counts and times must not
 # depend on how loaded the machine is; the tests of these two features turn them on by flag)
 STEADY_ENV = "LLMOPT_SWEEP_STEADY"
-EXACT = 1e-4         # nats: "exact" parity (fp32 layouts agree to ~1e-6; this leaves room for reduction order)
-AMP_TOLERANCE = 5e-2  # nats: a bf16/fp16 curve within this of the fp32 baseline is "within AMP tolerance"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,88 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let configs' jobs share nodes (default: each job has its nodes to itself, --exclusive, "
                         "so its timings are its own; shared, the report says how many ran at once)")
     return p
-
-
-def parity_verdict(max_abs: float | None, precision: str, is_baseline: bool) -> str:
-    if is_baseline:
-        return "baseline"
-    if max_abs is None:
-        return ""
-    if max_abs <= EXACT:
-        return "exact"
-    if precision != "fp32" and max_abs <= AMP_TOLERANCE:
-        return "within AMP tolerance"
-    return "drifted"
-
-
-@dataclass(frozen=True)
-class RowContext:
-    """What a row needs beyond the config's own metrics: the sweep's timing warm-up, the loss curve of the
-    config's baseline when it has run (None otherwise) and the peak FLOP/s of one device for its dtype
-    (value, source), or None when there is none."""
-    timing_warmup: int
-    baseline_losses: tuple[float, ...] | None = None
-    peak: tuple[float, str] | None = None
-
-
-def build_row(entry: dict, status: str, error: str, metrics: RunMetrics | None, wall: float,
-              ctx: RowContext) -> tuple[dict, dict]:
-    """The results row and the per-config detail rows ({"steps": [...], "evals": [...]}) of one config: a
-    pure function of the config's entry, its outcome and metrics, and ``ctx``."""
-    from llmopt.instruments import mfu
-
-    cfg = entry["config"]
-    tc = TrainConfig(**cfg)
-    row = dict(cfg)
-    row.update(config_id=entry["config_id"], status=status, error=error, engine=cfg.get("engine", "native"),
-               world_size=tc.world_size, micro_batch=tc.micro_batch, timing_warmup=ctx.timing_warmup,
-               added_as_baseline=entry["added_as_baseline"], phase=entry.get("phase"), wall_s=round(wall, 2))
-    details = {"steps": [], "evals": []}
-    # The target the run was given, "" when none (the config's 0 means "no target"); a --target-gap resolves to
-    # a loss only inside the run, so a row without metrics leaves it empty and keeps target_gap
-    row["target_loss"] = cfg.get("target_loss") or None
-    if metrics is None:
-        return row, details
-    m = metrics
-    cid = entry["config_id"]
-    row.update({k: m.config[k] for k in ("lr", "pp_microbatches", "device", "steps")})
-    optimizer_ms = m.optimizer_ms or [None] * len(m.losses)
-    details["steps"] = [{"config_id": cid, "step": i, "loss": l, "step_time_ms": t, "optimizer_ms": o}
-                        for i, (l, t, o) in enumerate(zip(m.losses, m.step_time_ms, optimizer_ms))]
-    details["evals"] = [{"config_id": cid, **e} for e in m.evals or []]
-    row.update({k: getattr(m, k) for k in RUN_METRIC_COLUMNS})
-    row.update(steps_run=len(m.losses), tokens_seen=len(m.losses) * tc.tokens_per_step,
-               train_seconds=sum(m.step_time_ms) / 1e3)
-    if status != "ok":
-        row["final_loss"] = m.losses[-1] if m.losses else None
-        return row, details
-    row.update({k: getattr(m, k) for k in OK_METRIC_COLUMNS})
-    spread = m.step_time_ms_p90 / m.step_time_ms_p50 if m.step_time_ms_p50 else None
-    row.update(step_time_p90_p50=spread, noisy=is_noisy(m.step_time_cv, spread))
-    peak, pred = m.peak_memory_bytes, m.predicted_memory
-    breakdown = m.memory_breakdown or {}
-    row.update(final_loss=m.losses[-1], **prediction_columns(pred, peak))
-    for cat in ("parameters", "gradients", "optimizer_state", "activations", "other"):
-        row[f"memory_{cat}_bytes"] = breakdown.get(cat)
-    if ctx.peak is not None:
-        n_devices = tc.world_size if m.config["device"] == "cuda" else 1  # CPU ranks share one CPU
-        value, source = ctx.peak
-        row.update(peak_flops=value * n_devices, peak_flops_source=source,
-                   mfu=mfu(m.tokens_per_s, m.flops_per_token, value * n_devices))
-    if entry.get("compare_with_baseline", True):
-        row.update(_parity(entry, cfg, m.losses, ctx.baseline_losses))
-    return row, details
-
-
-def _parity(entry: dict, cfg: dict, losses: list[float], baseline_losses) -> dict:
-    base_id = config_id(baseline_of(cfg))
-    is_baseline = base_id == entry["config_id"]
-    ref = losses if is_baseline else baseline_losses
-    out = {"baseline_id": base_id}
-    if ref is not None and len(ref) == len(losses):
-        out["loss_parity_max_abs"] = max((abs(a - b) for a, b in zip(losses, ref)), default=0.0)
-    out["parity_verdict"] = parity_verdict(out.get("loss_parity_max_abs"), cfg["precision"], is_baseline)
-    return out
 
 
 def _bar(done: int, total: int, width: int = 24) -> str:
@@ -243,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     remove_dead_forkserver_dirs()
     try:
         return sweep(args, argv)
-    except (MatrixError, ExecutorError, Unreadable, UnsafePath) as e:
+    except (MatrixError, PlanError, ExecutorError, Unreadable, UnsafePath) as e:
         return cli.error(str(e))
     except OSError as e:  # a full disk or a vanished directory while writing the sweep's own files
         return cli.error(f"cannot write the sweep's files ({e}); free space or fix the directory, then --resume")
@@ -252,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, handler)
 
 
-def _resolve_out(args) -> tuple[str, dict | None]:
+def _resolve_out(args) -> tuple[str, SweepPlan | None]:
     """The sweep directory (absolute: configs run from the repository root) and, on resume, its plan."""
     if args.resume:
         out = os.path.abspath(args.out) if args.out else LATEST
@@ -260,13 +157,7 @@ def _resolve_out(args) -> tuple[str, dict | None]:
         if not os.path.exists(plan_path):
             raise MatrixError(f"--resume: {out!r} holds no sweep (no plan.json); pass the --out of the sweep to finish")
         refuse_links(out, "--resume")
-        try:
-            with open(plan_path) as f:
-                saved = json.load(f)
-        except (OSError, ValueError) as e:
-            raise MatrixError(f"--resume: {plan_path} is corrupt ({e}); it cannot be finished, start a new "
-                              f"sweep") from None
-        check_plan(saved, plan_path)
+        saved = SweepPlan.load(plan_path)
         return os.path.realpath(out), saved
     if args.out:
         out = os.path.abspath(args.out)
@@ -316,7 +207,7 @@ def _check_args(args) -> set[str]:
     return retry
 
 
-def _new_plan(args) -> tuple[list[dict], str, str, int]:
+def _new_plan(args) -> SweepPlan:
     from bench.matrix import WARMUP_STEPS
     from llmopt.core.config import resolve_device
 
@@ -327,9 +218,9 @@ def _new_plan(args) -> tuple[list[dict], str, str, int]:
         if not torch.cuda.is_available():
             raise MatrixError("--device cuda: no CUDA device is visible; use --device cpu or auto")
     matrix = args.matrix or "default"
-    plan = expand(matrix, device, rank_budget(device), args.steps, parse_filter(args.filter), args.max_configs)
-    warmup = min(WARMUP_STEPS[device], max(0, plan[0]["config"]["steps"] - 1))
-    return plan, device, matrix, warmup
+    entries = expand(matrix, device, rank_budget(device), args.steps, parse_filter(args.filter), args.max_configs)
+    warmup = min(WARMUP_STEPS[device], max(0, entries[0].config.steps - 1))
+    return SweepPlan(matrix, device, warmup, entries)
 
 
 def _lock(out: str):
@@ -396,63 +287,76 @@ def _note_concurrency(out: str, pool) -> None:
     write_json(env_path, env)
 
 
+@dataclass
+class Sweep:
+    """One invocation of the harness, resumed or new: its directory, its plan, the executor pool, and what the
+    flags ask of it."""
+    out: str
+    plan: SweepPlan
+    pool: Pool
+    resumed: bool
+    retry: set[str]              # --resume --retry: the statuses to run again
+    argv: list[str]
+    named_out: bool              # --out given (results/latest is pointed only at a default directory)
+    warm_up: bool                # run the first config once, untimed, before timing anything
+    retime: bool                 # time a noisy row once more at the end
+    repair: bool                 # move unreadable CSV lines aside instead of stopping
+    report: bool
+
+
 def sweep(args, argv) -> int:
     retry = _check_args(args)
     out, saved = _resolve_out(args)
-    if saved is not None:
-        plan, device, matrix = saved["plan"], saved["device"], saved["matrix"]
-        warmup = saved.get("timing_warmup", saved.get("warmup_steps"))
-    else:
-        plan, device, matrix, warmup = _new_plan(args)
+    plan = saved if saved is not None else _new_plan(args)
     # the executor's choices are checked before anything is written
-    pool = Pool(args.executor or "local", args.jobs, device, out, args.timeout, warmup, _slurm_settings(args, matrix),
-                args.pending_timeout)
-    for sub in ("logs", "metrics"):
+    pool = Pool(args.executor or "local", args.jobs, plan.device, out, args.timeout, plan.timing_warmup,
+                _slurm_settings(args, plan.matrix), args.pending_timeout)
+    for sub in ("logs", "metrics", "configs"):
         makedirs(os.path.join(out, sub))
+    local = pool.executor == "local"
+    s = Sweep(out, plan, pool, resumed=saved is not None, retry=retry, argv=argv, named_out=bool(args.out),
+              warm_up=args.warm_up and local, retime=args.retime and local, repair=args.repair,
+              report=not args.no_report)
     with _lock(out):  # held for the whole sweep; closing the file releases it
-        return _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup, pool)
+        return _run_sweep(s)
 
 
-def _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup, pool) -> int:
+def _run_sweep(s: Sweep) -> int:
     from bench.tuning import followups
 
-    def save_plan():
-        write_json(os.path.join(out, "plan.json"), {"matrix": matrix, "device": device, "timing_warmup": warmup,
-                                                    "plan": plan})
-
-    if saved is None:
-        save_plan()
+    out, plan, pool = s.out, s.plan, s.pool
+    if not s.resumed:
+        plan.save(out)
         if pool.jobs == 1:
             # the launcher imports what a config needs while this process imports torch for the environment
             # (one core each); with several jobs the peaks are measured first, with nothing beside them
             pool.ready()
-        write_json(os.path.join(out, "env.json"), environment(argv))
-        if not args.out:
+        write_json(os.path.join(out, "env.json"), environment(s.argv))
+        if not s.named_out:
             _point_latest(out)
     files = ResultFiles(out)
     try:
-        done_rows, details = files.load(repair=True, reject=args.repair)
+        done_rows, details = files.load(repair=True, reject=s.repair)
     except ValueError as e:
         raise MatrixError(f"--resume: {e}") from None
-    if retry:
-        files.drop({r["config_id"] for r in done_rows if r["status"] in retry})
+    if s.retry:
+        files.drop({r["config_id"] for r in done_rows if r["status"] in s.retry})
         done_rows, details = files.load()
     t_start = time.monotonic()
     _note_concurrency(out, pool)
-    runner = _Runner(out, files, warmup, pool, done_rows, details["steps"],
-                     warm_up=args.warm_up and pool.executor == "local")
-    retiming = args.retime and pool.executor == "local"
+    runner = _Runner(out, files, plan.timing_warmup, pool, done_rows, details["steps"], warm_up=s.warm_up)
     try:
         while True:
-            runner.run(plan)
+            runner.run(plan.entries)
             # Adaptive matrices (convergence) add configs computed from the rows so far: a learning-rate grid
             # widened at its edge, the winner in another precision. Stored in plan.json, so resume sees them.
-            more = followups(matrix, plan, runner.rows) or (retimes(plan, runner.rows) if retiming else [])
+            more = (followups(plan.matrix, plan.entries, runner.rows)
+                    or (retimes(plan.entries, runner.rows) if s.retime else []))
             if not more:
                 break
-            plan += more
-            save_plan()
-            print(f"bench: {len(more)} follow-up configs added ({', '.join(sorted({e['phase'] for e in more}))})",
+            plan.entries += more
+            plan.save(out)
+            print(f"bench: {len(more)} follow-up configs added ({', '.join(sorted({e.phase for e in more}))})",
                   flush=True)
     except (KeyboardInterrupt, Stopped) as e:
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
@@ -461,12 +365,11 @@ def _run_sweep(args, argv, out, saved, retry, plan, device, matrix, warmup, pool
         return 128 + signum
     finally:
         _note_concurrency(out, pool)  # again: on SLURM, how many configs were seen at once on one node
-    env_path = os.path.join(out, "env.json")
     env = read_env(out)
     env["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     env["sweep_seconds"] = env.get("sweep_seconds", 0.0) + (time.monotonic() - t_start)  # summed over resumes
-    write_json(env_path, env)
-    if not args.no_report:
+    write_json(os.path.join(out, "env.json"), env)
+    if s.report:
         from bench.report import write_report
 
         path = write_report(out)
@@ -484,20 +387,19 @@ def _summary(rows: list[dict]) -> int:
     return 1 if counts.get("failed") or counts.get("timeout") else 0
 
 
-def retimes(plan: list[dict], rows: list[dict]) -> list[dict]:
+def retimes(plan: list[PlanEntry], rows: list[dict]) -> list[PlanEntry]:
     """A second timing, at the end of the sweep, of each noisy ok row of a throughput config (not a convergence
     run: its figure is its loss): the same config under the id ``<id>-retime`` and phase ``retime``. Once per
     row; stored in plan.json like any follow-up, so a resume runs what is left of them."""
-    have = {e["config_id"] for e in plan}
-    by_id = {e["config_id"]: e for e in plan}
+    have = {e.config_id for e in plan}
+    by_id = {e.config_id: e for e in plan}
     out = []
     for r in rows:
         cid = r["config_id"]
         if (r["status"] != "ok" or str(r.get("noisy")) != "True" or (r.get("phase") or "") not in ("", "layouts")
                 or cid + RETIME_SUFFIX in have or cid not in by_id):
             continue
-        out.append(dict(by_id[cid], config_id=cid + RETIME_SUFFIX, phase=RETIME, added_as_baseline=False,
-                        compare_with_baseline=False))
+        out.append(by_id[cid].retimed())
     return out
 
 
@@ -525,20 +427,20 @@ class _Runner:
                                   f"again)") from None
         self.t_start, self.ran = time.monotonic(), 0
 
-    def run(self, plan: list[dict]) -> None:
+    def run(self, plan: list[PlanEntry]) -> None:
         done = {r["config_id"] for r in self.rows}
-        todo = [e for e in plan if e["config_id"] not in done]
+        todo = [e for e in plan if e.config_id not in done]
         if not todo:
             return
         print(f"bench: {len(todo)} of {len(plan)} configs to run -> {self.out}"
               + (f" ({len(done)} already done)" if done else "") + self.pool.describe(), flush=True)
         if self.pool.jobs > 1 and self.pool.local:  # measured now, alone: beside running configs it would be low
             for entry in todo:
-                if entry["skipped"] is None:
-                    row_peak(entry, None, self.peak_cache)
-        worlds = [world_size(e["config"]) for e in todo]
+                if entry.skipped is None:
+                    row_peak(entry.config, None, self.peak_cache)
+        worlds = [e.config.world_size for e in todo]
         if self.warm_up:
-            self._warm_up(next((e for e, w in zip(todo, worlds) if e["skipped"] is None
+            self._warm_up(next((e for e, w in zip(todo, worlds) if e.skipped is None
                                 and self.pool.slots.too_big(w) is None), None))
         outcomes: dict[int, tuple[Outcome, object]] = {}
         running: dict[int, object] = {}
@@ -563,7 +465,7 @@ class _Runner:
             for job in running.values():
                 job.cancel()
 
-    def _warm_up(self, entry: dict | None) -> None:
+    def _warm_up(self, entry: PlanEntry | None) -> None:
         """Before the first timed config: that config run once, untimed, its row not written (its log kept as
         logs/warmup-<id>.log), so that the first row is not the one that pays for a cold machine (CPU clocks,
         caches, the allocator, first-touch pages: MLPerf's timing rules leave a warm-up out for the same reason)."""
@@ -571,9 +473,9 @@ class _Runner:
         if entry is None:
             return
         self.pool.ready()
-        slot = self.pool.slots.take(world_size(entry["config"]), 0)
+        slot = self.pool.slots.take(entry.config.world_size, 0)
         with signals_held():
-            job = self.pool.start(dict(entry, config_id="warmup-" + entry["config_id"]), slot)
+            job = self.pool.start(entry.warm_up(), slot)
         outcome = None
         try:
             while outcome is None:
@@ -585,7 +487,7 @@ class _Runner:
             self.pool.slots.give(slot)
         if os.path.exists(job.metrics_path):
             os.remove(job.metrics_path)
-        print(f"bench: warm-up: {entry['config_id']} run once, untimed ({outcome.wall:.1f} s, {outcome.status}); "
+        print(f"bench: warm-up: {entry.config_id} run once, untimed ({outcome.wall:.1f} s, {outcome.status}); "
               f"timing starts now", flush=True)
 
     def _start_what_fits(self, todo, worlds, start, running, outcomes) -> int:
@@ -595,7 +497,7 @@ class _Runner:
             if k in running or k in outcomes:
                 continue
             entry = todo[k]
-            reason = entry["skipped"] or self.pool.slots.too_big(worlds[k])
+            reason = entry.skipped or self.pool.slots.too_big(worlds[k])
             if reason is not None:
                 outcomes[k] = (Outcome("skipped", reason, None, 0.0), None)
                 continue
@@ -611,27 +513,26 @@ class _Runner:
             start += 1
         return start
 
-    def _emit(self, todo: list[dict], k: int, outcome: Outcome, slot, n_before: int) -> None:
+    def _emit(self, todo: list[PlanEntry], k: int, outcome: Outcome, slot, n_before: int) -> None:
         entry = todo[k]
-        base = self.baselines.get(config_id(baseline_of(entry["config"])))
-        peak = (outcome.peak or row_peak(entry, outcome.metrics, self.peak_cache, measure=self.pool.local)
+        base = self.baselines.get(entry.baseline_id)
+        peak = (outcome.peak or row_peak(entry.config, outcome.metrics, self.peak_cache, measure=self.pool.local)
                 if outcome.status == "ok" else None)
         if peak is not None and slot is not None and slot.cpus:
             share = len(slot.cpus) / (os.cpu_count() or 1)  # the config had these cores, not the whole CPU
             peak = (peak[0] * share, f"{peak[1]} x {len(slot.cpus)}/{os.cpu_count()} cores (--jobs)")
-        ctx = RowContext(self.warmup, None if base is None else tuple(base), peak)
-        row, details = build_row(entry, outcome.status, outcome.error, outcome.metrics, outcome.wall, ctx)
-        if outcome.status == "ok" and row.get("baseline_id") == entry["config_id"]:
-            self.baselines[entry["config_id"]] = [d["loss"] for d in details["steps"]]
-        self.files.append(row, details)
+        row = self.files.append(Row(entry, outcome.status, outcome.error, outcome.wall, outcome.metrics,
+                                    self.warmup, None if base is None else tuple(base), peak))
+        if outcome.status == "ok" and row.get("baseline_id") == entry.config_id:
+            self.baselines[entry.config_id] = list(outcome.metrics.losses)
         self.rows.append(row)
         write_json(self.peak_cache_path, self.peak_cache)
         total, n_done = n_before + len(todo), n_before + k + 1
         elapsed = time.monotonic() - self.t_start
-        runnable_left = sum(1 for e in todo[k + 1:] if e["skipped"] is None)
+        runnable_left = sum(1 for e in todo[k + 1:] if e.skipped is None)
         eta = elapsed / self.ran * runnable_left if self.ran else 0.0  # ran counts completions: concurrency included
         print(f"{_bar(n_done, total)} {n_done:>4}/{total} {_fmt_s(elapsed)} ETA {_fmt_s(eta)}  "
-              f"{row['status']:<8} {entry['config_id']:<42} {headline(row)}", flush=True)
+              f"{row['status']:<8} {entry.config_id:<42} {headline(row)}", flush=True)
 
 
 def _point_latest(out: str) -> None:

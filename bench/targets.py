@@ -31,7 +31,7 @@ OVERHEAD_SHAPE = dict(preset="tiny", global_batch=8, seq_len=64, optimizer="adam
 
 
 def _cfg(shape):
-    from llmopt.core.config import TrainConfig, validate
+    from llmopt.core.config import validate
 
     return validate(TrainConfig(**shape))
 
@@ -138,9 +138,8 @@ def harness_overhead(pairs: int = 6, steps: int = 30, warmup: int = 5) -> dict:
             "overhead": 1 - statistics.median(ratios), "target": 0.03}
 
 
-def _peer_label(cfg: dict) -> str:
-    return "/".join([cfg.get("engine", "native"), cfg["model_impl"], cfg.get("precision", "fp32")]
-                    + (["compile"] if cfg.get("compile") else []))
+def _peer_label(cfg: TrainConfig) -> str:
+    return "/".join([cfg.engine, cfg.model_impl, cfg.precision] + (["compile"] if cfg.compile else []))
 
 
 def peers_rounds(rounds: int = 3, matrix: str = "peers", log=print) -> dict:
@@ -154,18 +153,20 @@ def peers_rounds(rounds: int = 3, matrix: str = "peers", log=print) -> dict:
     import subprocess
     import tempfile
 
-    from bench.executors import config_argv
+    from bench.executors import config_argv, write_config
     from bench.matrix import expand
 
-    entries = [e for e in expand(matrix, "cpu", max_ranks=1) if not e["skipped"] and not e["added_as_baseline"]]
-    tps = {_peer_label(e["config"]): [] for e in entries}
+    entries = [e for e in expand(matrix, "cpu", max_ranks=1) if not e.skipped and not e.added_as_baseline]
+    tps = {_peer_label(e.config): [] for e in entries}
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             got = {}
             for e in entries if r % 2 == 0 else entries[::-1]:
-                label, path = _peer_label(e["config"]), os.path.join(tmp, "m.json")
-                argv = [sys.executable, "-m", "llmopt.train", *config_argv(e, path, warmup=1)]
+                label, path = _peer_label(e.config), os.path.join(tmp, "m.json")
+                write_config(os.path.join(tmp, "config.json"), e.config)
+                argv = [sys.executable, "-m", "llmopt.train", *config_argv(os.path.join(tmp, "config.json"), path,
+                                                                           warmup=1)]
                 done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
                 if done.returncode != 0:
                     raise RuntimeError(f"peers config {label} failed (rc {done.returncode}): {done.stderr[-2000:]}")

@@ -10,9 +10,12 @@ centre measured for it, widened once where it was too narrow.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, replace
 
 from bench.layouts import BASE_LAYOUTS
-from bench.matrix import CONVERGENCE, LADDER, LR_STEP, SEEDS, at_budget, plan_entry, rank_budget
+from bench.matrix import CONVERGENCE, LADDER, LR_STEP, SEEDS, at_budget, rank_budget
+from bench.plan import PlanEntry
+from llmopt.core.config import TrainConfig
 
 GROUP = ("preset", "optimizer", "global_batch", "precision")
 TUNING = ("grid", "widen")  # the phases whose runs tune the learning rate (the whole budget, seed 0)
@@ -78,7 +81,7 @@ def winners(rows: list[dict], precision: str = "fp32") -> dict[tuple, dict]:
     return out
 
 
-def followups(matrix: str, plan: list[dict], rows: list[dict]) -> list[dict]:
+def followups(matrix: str, plan: list[PlanEntry], rows: list[dict]) -> list[PlanEntry]:
     """Entries a convergence matrix adds once every planned entry has its row, one phase at a time: a learning
     rate beyond the edge of each fp32 grid whose best sits there (once per group); then the ladder: every
     finalist (the best learning rate of each model, optimizer and batch) at every budget and seed; then each
@@ -86,18 +89,19 @@ def followups(matrix: str, plan: list[dict], rows: list[dict]) -> list[dict]:
     pure function of the rows before it, so a resumed sweep adds the same ones."""
     if matrix not in CONVERGENCE:
         return []
-    phases = {e["config_id"]: e.get("phase") for e in plan}
-    by_id = {e["config_id"]: e["config"] for e in plan}
+    phases = {e.config_id: e.phase for e in plan}
+    by_id = {e.config_id: e.config for e in plan}
     tuning_rows = [r for r in rows if phases.get(r["config_id"]) in TUNING]
-    device = by_id[plan[0]["config_id"]]["device"]
+    device = plan[0].config.device
     budget = rank_budget(device)
-    widened = {tuple(str(by_id[cid][k]) for k in GROUP) for cid, ph in phases.items() if ph == "widen"}
-    new, ids = [], set(by_id)
+    widened = {tuple(str(getattr(by_id[cid], k)) for k in GROUP) for cid, ph in phases.items() if ph == "widen"}
+    new: list[PlanEntry] = []
+    ids = set(by_id)
 
-    def add(cfg, phase):
-        entry = plan_entry(cfg, device, budget, phase=phase)
-        if entry["config_id"] not in ids:
-            ids.add(entry["config_id"])
+    def add(cfg: TrainConfig, phase: str):
+        entry = PlanEntry.of(cfg, device, budget, phase=phase)
+        if entry.config_id not in ids:
+            ids.add(entry.config_id)
             new.append(entry)
 
     fp32 = {k: g for k, g in groups(tuning_rows).items() if k[3] == "fp32"}
@@ -107,7 +111,7 @@ def followups(matrix: str, plan: list[dict], rows: list[dict]) -> list[dict]:
             continue
         end = g[0] if side == "low" else g[-1]
         lr = _num(end["lr"]) / LR_STEP if side == "low" else _num(end["lr"]) * LR_STEP
-        add(dict(by_id[end["config_id"]], lr=lr), "widen")
+        add(replace(by_id[end["config_id"]], lr=lr), "widen")
     if new:
         return new
     for g in fp32.values():
@@ -116,21 +120,21 @@ def followups(matrix: str, plan: list[dict], rows: list[dict]) -> list[dict]:
             for fraction in LADDER:
                 for seed in SEEDS:
                     if (fraction, seed) != (1, 0):  # the tuning run itself
-                        add(at_budget(by_id[b["config_id"]], fraction, seed), "ladder")
+                        add(TrainConfig(**at_budget(asdict(by_id[b["config_id"]]), fraction, seed)), "ladder")
     if new:
         return new
     wins = winners(tuning_rows)
     for win in wins.values():
-        add(dict(by_id[win["config_id"]], precision="bf16"), "precision")
+        add(replace(by_id[win["config_id"]], precision="bf16"), "precision")
     if new or not wins:
         return new
     # Last, the best winner's shape as throughput rows on each 2-rank layout (and single-process), so the
     # report can estimate seconds to target per layout: its steps to target x the layout's step time.
     best_win = min(wins.values(), key=rank_key)
-    cfg = dict(by_id[best_win["config_id"]], eval_every=0, target_loss=0.0, target_gap=0.0, gns=False,
-               max_tokens=0, steps=LAYOUT_STEPS, lr_warmup=0)
+    cfg = replace(by_id[best_win["config_id"]], eval_every=0, target_loss=0.0, target_gap=0.0, gns=False,
+                  max_tokens=0, steps=LAYOUT_STEPS, lr_warmup=0)
     for layout in BASE_LAYOUTS:
-        add(dict(cfg, **layout), "layouts")
+        add(replace(cfg, **layout), "layouts")
     return new
 
 

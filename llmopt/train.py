@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(name, type=kind or str, default=None if meta["given_positive"] else f.default,
                            choices=choices(f.name), metavar=meta.get("metavar"), help=extra)
     a = p.add_argument
+    a("--config", default=None, metavar="FILE.json",
+      help="the whole config as one JSON object of the fields above (what the harness hands each config); no "
+           "field's flag may be given beside it")
     a("--save", default=None, metavar="DIR", help="write the trained model (and tokenizer) here, Hugging Face format")
     a("--metrics-out", default=None, metavar="FILE.json", help="write the metrics JSON here")
     a("--timing-warmup", type=int, default=1,
@@ -66,17 +69,38 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**kw)
 
 
+def config_from_file(path: str, given: set[str]) -> TrainConfig:
+    """``--config FILE.json``: the config as it is (``TrainConfig.from_dict``), not rebuilt from flags. The file
+    holds every field's value, so a field's flag beside it would be a second, conflicting source."""
+    import json
+
+    if given:
+        flags = ", ".join(sorted("--" + k.replace("_", "-") for k in given))
+        raise ValueError(f"--config {path} holds the whole config; drop {flags} (or edit the file)")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"--config {path}: not readable JSON ({e}); pass one JSON object of llmopt.train's "
+                         f"fields, as bench.run writes for each config") from None
+    return TrainConfig.from_dict(d, f"--config {path}")
+
+
 def _checked(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig]:
     """The flags, parsed and checked (values, combinations, --data, outputs, devices, the launcher's world)
     before torch is imported; a mistake raises ValueError (the optimizers' registry, read by the parser, too)."""
     args = build_parser().parse_args(argv)
-    cfg = validate(config_from_args(args))
-    _refuse_unused(config_from_args(args), given_flags(argv))  # as given: validate resolved the steps
+    if args.config:
+        raw = config_from_file(args.config, given_flags(argv))
+    else:
+        raw = config_from_args(args)
+        _refuse_unused(raw, given_flags(argv))  # as given: validate resolves the steps
+    cfg = validate(raw)
     if args.timing_warmup < 0:
         raise ValueError(f"--timing-warmup {args.timing_warmup}: must be 0 or more")
     tokenizer_dir = None
     if cfg.data is not None:
-        cfg, tokenizer_dir = _check_data(cfg, args)
+        cfg, tokenizer_dir = _check_data(cfg, raw)
     if int(os.environ.get("RANK", "0")) == 0:  # once: the launcher's parent, or rank 0 under torchrun
         _check_outputs(cfg, args, tokenizer_dir)
     if cfg.device == "cuda":
@@ -135,8 +159,8 @@ def given_flags(argv: list[str]) -> set[str]:
 
 
 # A flag with no effect in its combination: (field, when it has none, why). Given on the command line, it is
-# refused, never silently ignored; the harness leaves such a field out of the argv it hands a config
-# (``bench.executors.config_argv``), since a matrix's cross product makes these combinations on purpose.
+# refused, never silently ignored. A ``--config`` file holds every field whatever its effect (a matrix's cross
+# product makes these combinations on purpose), so this is about flags only.
 UNUSED = (("min_lr_ratio", lambda c: c.lr_schedule == "constant", "--lr-schedule constant has no decay to floor"),
           ("lr_decay_fraction", lambda c: c.lr_schedule != "wsd", "it shapes --lr-schedule wsd only"),
           ("steps", lambda c: bool(c.max_tokens) and c.steps != c.resolved().steps,
@@ -148,11 +172,6 @@ UNUSED = (("min_lr_ratio", lambda c: c.lr_schedule == "constant", "--lr-schedule
           ("tokenizer", lambda c: c.data is None, "the generated data has no text to tokenize; add --data"))
 
 
-def unused_fields(cfg: TrainConfig) -> set[str]:
-    """The fields that have no effect in ``cfg``'s combination (``UNUSED``)."""
-    return {name for name, unused, _ in UNUSED if unused(cfg)}
-
-
 def _refuse_unused(cfg: TrainConfig, given: set[str]) -> None:
     for field, unused, why in UNUSED:
         if field in given and unused(cfg):
@@ -160,7 +179,7 @@ def _refuse_unused(cfg: TrainConfig, given: set[str]) -> None:
             raise ValueError(f"{flag} has no effect here ({why}); drop {flag}")
 
 
-def _check_data(cfg: TrainConfig, args) -> tuple[TrainConfig, str | None]:
+def _check_data(cfg: TrainConfig, raw: TrainConfig) -> tuple[TrainConfig, str | None]:
     """Raw text is prepared once, before any rank starts (cached for the next run), and the config validated
     again: its vocabulary is now the prepared data's (a trained BPE may learn fewer tokens than train:N asks
     for). The token files are read once against their meta.json. Returns the config and the data's tokenizer
@@ -175,7 +194,7 @@ def _check_data(cfg: TrainConfig, args) -> tuple[TrainConfig, str | None]:
         return cfg, None
     if not under_launcher():
         ensure_prepared(cfg.data, cfg.tokenizer)
-        cfg = validate(config_from_args(args))
+        cfg = validate(raw)
     path = cfg.data if is_prepared(cfg.data) else cached_path(cfg.data, cfg.tokenizer)
     meta = check_tokens(path) if int(os.environ.get("RANK", "0")) == 0 else {}
     if meta:

@@ -10,10 +10,11 @@ import time
 import pytest
 import torch
 
-from bench.matrix import MatrixError, config_id, expand, layouts, load_toml, parse_filter, wrapped_optimizers
+from bench.matrix import MatrixError, expand, layouts, load_toml, parse_filter, wrapped_optimizers
+from bench.plan import config_id
 from bench.results import RESULT_COLUMNS, STEP_COLUMNS
 from conftest import ROOT, bench_here
-from llmopt.core.config import TrainConfig
+from llmopt.core.config import validate
 
 REQUIRED = ["config_id", "status", "error", "model_impl", "preset", "device", "world_size", "dp", "dp_mode", "tp",
             "pp", "pp_schedule", "precision", "grad_accum", "micro_batch", "global_batch", "seq_len", "optimizer",
@@ -45,36 +46,36 @@ def write_toml(path, text):
 # ---------------------------------------------------------------- matrices
 def test_named_matrices_expand_and_validate():
     smoke = expand("smoke", "cpu", 4)
-    assert len([e for e in smoke if e["skipped"] is None]) >= 4
-    assert any(e["config"]["dp"] * e["config"]["tp"] * e["config"]["pp"] > 1 for e in smoke)
+    assert len([e for e in smoke if e.skipped is None]) >= 4
+    assert any(e.config.dp * e.config.tp * e.config.pp > 1 for e in smoke)
     full = expand("full", "cpu", 4)
     n_layouts = len(layouts(4))
     # every layout x precision x accumulation x the four elementwise-or-norm optimizers, and the optimizers that
     # gather whole tensors (Muon, Adafactor, SOAP) on the five baseline layouts
     assert wrapped_optimizers() == ["muon", "adafactor", "soap"]
-    assert len([e for e in full if not e["added_as_baseline"]]) == n_layouts * 3 * 2 * 4 + 5 * 3 * 2 * 3
-    assert all(e["config"]["dp"] * e["config"]["tp"] * e["config"]["pp"] <= 4 for e in full)
-    ids = [e["config_id"] for e in full]
+    assert len([e for e in full if not e.added_as_baseline]) == n_layouts * 3 * 2 * 4 + 5 * 3 * 2 * 3
+    assert all(e.config.dp * e.config.tp * e.config.pp <= 4 for e in full)
+    ids = [e.config_id for e in full]
     assert len(ids) == len(set(ids))
     # baselines come first, so parity can be computed as rows are written
-    first_non_base = next(i for i, e in enumerate(full) if e["config"]["precision"] != "fp32" or e["config"]["dp"] > 1)
-    assert all(e["config"]["precision"] == "fp32" for e in full[:first_non_base])
+    first_non_base = next(i for i, e in enumerate(full) if e.config.precision != "fp32" or e.config.dp > 1)
+    assert all(e.config.precision == "fp32" for e in full[:first_non_base])
 
 
 def test_custom_toml_product_skips_invalid_and_adds_baselines(tmp_path):
     path = write_toml(tmp_path / "m.toml", '[base]\nsteps = 3\n[matrix]\ntp = [1, 3]\nprecision = ["bf16"]\n')
     plan = expand(path, "cpu", 4)
-    by_tp = {e["config"]["tp"]: e for e in plan if not e["added_as_baseline"]}
-    assert by_tp[1]["skipped"] is None
-    assert "--tp 3" in by_tp[3]["skipped"]  # kept as a skipped row with its reason, not dropped
-    added = [e for e in plan if e["added_as_baseline"]]
-    assert len(added) == 1 and added[0]["config"]["precision"] == "fp32" and added[0]["config"]["steps"] == 3
+    by_tp = {e.config.tp: e for e in plan if not e.added_as_baseline}
+    assert by_tp[1].skipped is None
+    assert "--tp 3" in by_tp[3].skipped  # kept as a skipped row with its reason, not dropped
+    added = [e for e in plan if e.added_as_baseline]
+    assert len(added) == 1 and added[0].config.precision == "fp32" and added[0].config.steps == 3
 
 
 def test_rank_budget_skips_with_reason(tmp_path):
     path = write_toml(tmp_path / "m.toml", "[matrix]\ndp = [8]\n")
-    (entry,) = [e for e in expand(path, "cpu", 4) if not e["added_as_baseline"]]
-    assert "needs 8 ranks" in entry["skipped"]
+    (entry,) = [e for e in expand(path, "cpu", 4) if not e.added_as_baseline]
+    assert "needs 8 ranks" in entry.skipped
 
 
 @pytest.mark.parametrize("text,match", [
@@ -93,7 +94,7 @@ def test_bad_matrix_files(tmp_path, text, match):
 def test_filters():
     assert parse_filter("precision=fp32,dp=2") == {"precision": ["fp32"], "dp": [2]}
     plan = expand("default", "cpu", 4, filters={"precision": ["bf16"]})
-    assert {e["config"]["precision"] for e in plan if not e["added_as_baseline"]} == {"bf16"}
+    assert {e.config.precision for e in plan if not e.added_as_baseline} == {"bf16"}
     for bad in ("precision", "nosuch=1"):
         with pytest.raises(MatrixError):
             parse_filter(bad)
@@ -102,7 +103,7 @@ def test_filters():
     # a key given twice is a union (it once kept only the last value: sgd alone)
     both = parse_filter("optimizer=muon,optimizer=sgd")
     plan = expand("optimizers", "cpu", 4, filters=both)
-    assert {e["config"]["optimizer"] for e in plan if not e["added_as_baseline"]} == {"muon", "sgd"}
+    assert {e.config.optimizer for e in plan if not e.added_as_baseline} == {"muon", "sgd"}
 
 
 def test_max_configs_counts_named_matrices_too():
@@ -115,8 +116,8 @@ def test_max_configs_counts_named_matrices_too():
 
 def test_config_id_is_stable_and_readable():
     e = expand("smoke", "cpu", 4)[0]
-    assert config_id(dict(e["config"])) == e["config_id"]
-    assert e["config_id"].startswith("single-fp32-ga1-adamw-")
+    assert config_id(e.config) == e.config_id
+    assert e.config_id.startswith("single-fp32-ga1-adamw-")
 
 
 # ---------------------------------------------------------------- end-to-end sweeps (subprocesses)
@@ -425,17 +426,22 @@ def test_kernels_measures_the_choices_llmopt_makes(tmp_path, capsys):
     assert main(["--reps", "0"]) == 2
 
 
-def test_the_argv_a_config_runs_with_parses_back_to_the_config():
-    """What the harness hands llmopt.train for a config is that config again (the optimizer's default learning
-    rate, 0 in the config, is left out: given, it would be refused), for every config of the named matrices."""
-    from bench.executors import config_argv
-    from llmopt.train import build_parser, config_from_args
+def test_the_config_a_run_is_handed_is_the_plan_entrys_config(tmp_path):
+    """What the harness hands llmopt.train for a config (``--config FILE.json``) reads back as that very
+    ``TrainConfig`` (the optimizer's default learning rate, 0, included), for every config of the named
+    matrices; and a field's flag beside the file is refused, not merged."""
+    from bench.executors import config_argv, write_config
+    from llmopt.train import _checked
 
     entries = [e for name in ("default", "extras", "optimizers", "convergence") for e in expand(name, "cpu", 4)]
-    assert any(e["config"]["lr"] == 0.0 for e in entries) and any(e["config"]["lr"] > 0 for e in entries)
+    assert any(e.config.lr == 0.0 for e in entries) and any(e.config.lr > 0 for e in entries)
+    path = str(tmp_path / "c.json")
     for e in entries:
-        argv = config_argv(e, "/tmp/m.json", 1)
-        assert config_from_args(build_parser().parse_args(argv)) == TrainConfig(**e["config"]), argv
+        if e.skipped is None:
+            write_config(path, e.config)
+            assert _checked(config_argv(path, str(tmp_path / "m.json"), 1))[1] == validate(e.config), e.config_id
+    with pytest.raises(ValueError, match="holds the whole config; drop --dp"):
+        _checked(["--config", path, "--dp", "2"])
 
 
 def test_a_row_read_as_text_gives_its_switches_back():

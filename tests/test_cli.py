@@ -45,6 +45,43 @@ def test_bad_input_is_one_line_exit_2(argv, flag, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("text, extra, match", [
+    ('{"dp": 2, "global_batch": 8}', ["--dp", "2"], "drop --dp"),       # a flag beside the whole config
+    ('{"dp": "2"}', [], "dp is '2', not an int"),
+    ('{"lr": true}', [], "lr is True"),
+    ('{"dropout": 0.1}', [], "fields llmopt does not have: dropout"),
+    ('[1, 2]', [], "a JSON object"),
+    ('{"dp": 2', [], "not readable JSON"),
+    ('{"tp": 3}', [], "--tp 3"),                                       # read, then validated like flags
+])
+def test_a_bad_config_file_is_one_line_exit_2(tmp_path, capsys, text, extra, match):
+    """``--config FILE.json`` is the config as a harness or a user wrote it: every value is type-checked
+    before any check compares it, so a string where a number goes is a line naming the field, not a
+    TypeError."""
+    path = tmp_path / "c.json"
+    path.write_text(text)
+    assert main(["--config", str(path), *extra]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], lines
+
+
+def test_a_config_file_trains_as_its_flags_would(tmp_path):
+    """The same run from ``--config`` and from the flags: the same resolved config and the same losses."""
+    from dataclasses import asdict
+
+    from llmopt.core.config import TrainConfig
+
+    cfg = TrainConfig(preset="nano", global_batch=4, seq_len=16, steps=3, optimizer="lamb", lr_schedule="cosine")
+    (tmp_path / "c.json").write_text(json.dumps(asdict(cfg)))
+    flags = ["--preset", "nano", "--global-batch", "4", "--seq-len", "16", "--steps", "3", "--optimizer", "lamb",
+             "--lr-schedule", "cosine"]
+    got = []
+    for argv in (["--config", str(tmp_path / "c.json")], flags):
+        assert main([*argv, "--quiet", "--metrics-out", str(tmp_path / "m.json")]) == 0
+        got.append(json.loads((tmp_path / "m.json").read_text()))
+    assert got[0]["config"] == got[1]["config"] and got[0]["losses"] == got[1]["losses"]
+
+
 def test_bad_input_from_the_shell_has_no_traceback(cli):
     r = cli("-m", "llmopt.train", "--tp", "3")
     assert r.returncode == 2

@@ -129,8 +129,11 @@ def _row(opt, batch, lr, final=1.0, status="ok", precision="fp32"):
 
 
 def test_tuning_picks_the_lowest_end_of_budget_loss_widens_edges_once_then_adds_the_ladder():
+    from dataclasses import replace
+
     from bench import tuning
     from bench.matrix import LADDER, LR_STEP, SEEDS
+    from bench.plan import PlanEntry
 
     rows = [_row("adamw", 4, 1e-3, final=2.0), _row("adamw", 4, 3e-3, final=0.95),
             _row("adamw", 4, 9e-3, final=0.9),   # the lowest end-of-budget loss: best, at the high edge
@@ -143,35 +146,35 @@ def test_tuning_picks_the_lowest_end_of_budget_loss_widens_edges_once_then_adds_
     assert tuning.winners(rows)[("tiny", "4")]["optimizer"] == "adamw"
     # every run of a batch diverged: no winner, so no bf16 or layout runs of a diverged "winner"
     assert tuning.winners([_row("adamw", 8, 1e-3, status="diverged"), _row("sgd", 8, 0.1, status="failed")]) == {}
-    base = dict(TrainConfig().__dict__, device="cpu", grad_accum=1, max_tokens=4096, seq_len=16)
-    plan = [{"config_id": r["config_id"], "config": dict(base, optimizer=r["optimizer"], global_batch=r["global_batch"],
-                                                         lr=r["lr"]), "phase": "grid"} for r in rows]
+    base = TrainConfig(device="cpu", grad_accum=1, max_tokens=4096, seq_len=16)
+    plan = [PlanEntry(replace(base, optimizer=r["optimizer"], global_batch=r["global_batch"], lr=r["lr"]),
+                      r["config_id"], phase="grid") for r in rows]
     more = tuning.followups("convergence", plan, rows)
-    got = [(e["phase"], e["config"]["optimizer"], e["config"]["lr"]) for e in more]
+    got = [(e.phase, e.config.optimizer, e.config.lr) for e in more]
     assert got == [("widen", "adamw", 9e-3 * LR_STEP)]
     # once widened, the group is settled even if the new lr wins again; then every finalist's ladder
     plan += more
-    rows.append(dict(_row("adamw", 4, 9e-3 * LR_STEP, final=0.85), config_id=more[0]["config_id"]))
+    rows.append(dict(_row("adamw", 4, 9e-3 * LR_STEP, final=0.85), config_id=more[0].config_id))
     more = tuning.followups("convergence", plan, rows)
-    assert {e["phase"] for e in more} == {"ladder"} and len(more) == 2 * (len(LADDER) * len(SEEDS) - 1)
-    ladder = {(e["config"]["optimizer"], e["config"]["lr"], e["config"]["max_tokens"], e["config"]["seed"])
+    assert {e.phase for e in more} == {"ladder"} and len(more) == 2 * (len(LADDER) * len(SEEDS) - 1)
+    ladder = {(e.config.optimizer, e.config.lr, e.config.max_tokens, e.config.seed)
               for e in more}
     assert ("adamw", 9e-3 * LR_STEP, 1024, 2) in ladder and ("sgd", 0.1, 2048, 0) in ladder
-    assert all(e["config"]["eval_every"] == e["config"]["steps"] for e in more)  # evals at the end only
-    assert not any(e["config"]["max_tokens"] == 4096 and e["config"]["seed"] == 0 for e in more)  # the tuning run
+    assert all(e.config.eval_every == e.config.steps for e in more)  # evals at the end only
+    assert not any(e.config.max_tokens == 4096 and e.config.seed == 0 for e in more)  # the tuning run
     # then the winner in bf16, then its shape's throughput rows on each layout (no evals)
     plan += more
-    rows += [dict(_row(e["config"]["optimizer"], 4, e["config"]["lr"]), config_id=e["config_id"]) for e in more]
+    rows += [dict(_row(e.config.optimizer, 4, e.config.lr), config_id=e.config_id) for e in more]
     more = tuning.followups("convergence", plan, rows)
-    got = [(e["phase"], e["config"]["precision"], e["config"]["lr"]) for e in more]
+    got = [(e.phase, e.config.precision, e.config.lr) for e in more]
     assert got == [("precision", "bf16", 9e-3 * LR_STEP)]
     assert tuning.followups("default", plan, rows) == []
     plan += more
-    rows.append(dict(_row("adamw", 4, 9e-3 * LR_STEP, precision="bf16"), config_id=more[0]["config_id"]))
+    rows.append(dict(_row("adamw", 4, 9e-3 * LR_STEP, precision="bf16"), config_id=more[0].config_id))
     more = tuning.followups("convergence", plan, rows)
-    assert {e["phase"] for e in more} == {"layouts"} and len(more) == len(tuning.BASE_LAYOUTS)
-    assert all(e["config"]["target_gap"] == 0 and e["config"]["eval_every"] == 0 for e in more)
-    layouts = {(e["config"]["dp"], e["config"]["tp"], e["config"]["pp"]) for e in more}
+    assert {e.phase for e in more} == {"layouts"} and len(more) == len(tuning.BASE_LAYOUTS)
+    assert all(e.config.target_gap == 0 and e.config.eval_every == 0 for e in more)
+    layouts = {(e.config.dp, e.config.tp, e.config.pp) for e in more}
     assert layouts == {(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)}
 
 
@@ -285,7 +288,7 @@ def test_convergence_matrix_end_to_end_and_a_resumed_sweep_adds_the_same_runs(tm
     out = tmp_path / "out"
     assert main(["--matrix", "convergence", "--device", "cpu", "--out", str(out), "--jobs", "2"]) == 0
     plan = json.loads((out / "plan.json").read_text())["plan"]
-    phases = [e["phase"] for e in plan]
+    phases = [e.get("phase") for e in plan]
     assert phases[:4] == ["grid"] * 4 and phases.count("ladder") == 2 * 5 and phases.count("layouts") == 1
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == len(plan) and {r["status"] for r in rows} == {"ok"}
@@ -309,8 +312,8 @@ def test_convergence_matrix_end_to_end_and_a_resumed_sweep_adds_the_same_runs(tm
     capsys.readouterr()
     assert main(["--resume", "--out", str(cut), "--jobs", "2"]) == 0
     resumed = json.loads((cut / "plan.json").read_text())["plan"]
-    assert [(e["config_id"], e["phase"], e["config"]["seed"]) for e in resumed] == \
-           [(e["config_id"], e["phase"], e["config"]["seed"]) for e in plan]
+    assert [(e["config_id"], e.get("phase"), e["config"]["seed"]) for e in resumed] == \
+           [(e["config_id"], e.get("phase"), e["config"]["seed"]) for e in plan]
     again = {r["config_id"]: r for r in csv.DictReader(open(cut / "results.csv"))}
     assert again.keys() == {r["config_id"] for r in rows}
     trained = [r for r in rows if r["phase"] != "layouts"]

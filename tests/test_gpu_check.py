@@ -11,8 +11,8 @@ from conftest import ROOT
 def test_gpu_matrices_are_valid_on_one_gpu():
     for name in ("gpu_mfu.toml", "gpu_grid.toml"):
         plan = expand(os.path.join(ROOT, "scripts", name), "cuda", 1)
-        assert plan and all(e["skipped"] is None for e in plan), [e["skipped"] for e in plan if e["skipped"]]
-        assert {e["config"]["preset"] for e in plan} == {"gpt2"} and {e["config"]["seq_len"] for e in plan} == {1024}
+        assert plan and all(e.skipped is None for e in plan), [e.skipped for e in plan if e.skipped]
+        assert {e.config.preset for e in plan} == {"gpt2"} and {e.config.seq_len for e in plan} == {1024}
 
 
 def test_dry_run_packs_each_run_into_out(tmp_path):

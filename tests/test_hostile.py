@@ -73,7 +73,7 @@ def test_config_ids_do_not_collide_and_huge_matrices_are_refused(tmp_path):
     (tmp_path / "m.toml").write_text("[matrix]\nseed = " + str(list(range(100))) + "\nlr = "
                                      + str([round(0.001 * (i + 1), 6) for i in range(100)]) + "\n")
     plan = expand(str(tmp_path / "m.toml"), "cpu", 4)
-    assert len({e["config_id"] for e in plan}) == len(plan) == 10_000
+    assert len({e.config_id for e in plan}) == len(plan) == 10_000
     (tmp_path / "big.toml").write_text("[matrix]\n" + "".join(f"{k} = {list(range(1, 1001))}\n"
                                                               for k in ("seed", "steps", "seq_len", "global_batch")))
     with pytest.raises(MatrixError, match="1,000,000,000,000 combinations"):
@@ -153,7 +153,7 @@ def test_a_bad_combination_of_valid_values_stays_a_skipped_row(tmp_path):
 
     (tmp_path / "m.toml").write_text("[matrix]\ntp = [1, 3]\n")
     plan = expand(str(tmp_path / "m.toml"), "cpu", 4)
-    skipped = [e["skipped"] for e in plan if e["skipped"]]
+    skipped = [e.skipped for e in plan if e.skipped]
     assert len(plan) == 2 and len(skipped) == 1 and "--tp 3 does not divide" in skipped[0]
 
 

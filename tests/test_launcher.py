@@ -15,6 +15,7 @@ import pytest
 from bench.executors import ExecutorError, Slot, Slots, config_env, resolve_jobs, slurm_parameters
 from bench.results import RESULT_COLUMNS
 from conftest import ROOT, bench_here, processes_with
+from llmopt.core.config import TrainConfig
 
 pytestmark = pytest.mark.multiprocess
 
@@ -183,14 +184,14 @@ def test_slots_pack_gpus_and_split_cores():
     gpus.give(a)
     assert gpus.take(1, running=1).gpus == (0,)
     assert gpus.too_big(8) == "needs 8 GPUs, this machine has 4" and gpus.too_big(4) is None
-    env = config_env({"dp": 2, "tp": 1, "pp": 1}, Slot(gpus=(2, 3)))
+    env = config_env(TrainConfig(dp=2, tp=1), Slot(gpus=(2, 3)))
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) >= 2:
         cpu = Slots("cpu", jobs=2)
         x, y = cpu.take(1, 0), cpu.take(4, 1)
         assert set(x.cpus).isdisjoint(y.cpus) and cpu.take(1, 2) is None
-        assert config_env({"dp": 1, "tp": 1, "pp": 1}, x)["OMP_NUM_THREADS"] == str(len(x.cpus))
+        assert config_env(TrainConfig(dp=1, tp=1), x)["OMP_NUM_THREADS"] == str(len(x.cpus))
     with pytest.raises(ExecutorError, match="--jobs"):
         Slots("cpu", jobs=len(cores) + 1)
     assert resolve_jobs("auto", "local", "cpu") == (1, 0)  # one at a time on CPU unless asked
@@ -199,7 +200,7 @@ def test_slots_pack_gpus_and_split_cores():
 
 
 def test_slurm_parameters_follow_the_world_size():
-    cfg = {"dp": 4, "tp": 4, "pp": 1}
+    cfg = TrainConfig(dp=4, tp=4)
     settings = {"gpus_per_node": 8, "cpus_per_node": 64, "partition": "gpu", "account": "proj",
                 "options": {"constraint": "h100"}}
     p = slurm_parameters(cfg, "cuda", 900, settings)
@@ -208,10 +209,10 @@ def test_slurm_parameters_follow_the_world_size():
                  "slurm_additional_parameters": {"constraint": "h100"}}
     # submitit's SIGUSR2 comes after llmopt's own timeout, and the limit after that
     assert 60 * p["timeout_min"] - p["slurm_signal_delay_s"] > 900
-    assert slurm_parameters({"dp": 2, "tp": 1, "pp": 1}, "cuda", 60, {})["gpus_per_node"] == 2
-    assert "slurm_exclusive" not in slurm_parameters({"dp": 1, "tp": 1, "pp": 1}, "cpu", 60, {"share": True})
+    assert slurm_parameters(TrainConfig(dp=2, tp=1), "cuda", 60, {})["gpus_per_node"] == 2
+    assert "slurm_exclusive" not in slurm_parameters(TrainConfig(dp=1, tp=1), "cpu", 60, {"share": True})
     with pytest.raises(ExecutorError, match="--gpus-per-node"):
-        slurm_parameters({"dp": 12, "tp": 1, "pp": 1}, "cuda", 60, {"gpus_per_node": 8})
+        slurm_parameters(TrainConfig(dp=12, tp=1), "cuda", 60, {"gpus_per_node": 8})
 
 
 def test_slurm_without_a_cluster_is_one_line(tmp_path):
@@ -232,8 +233,8 @@ def test_a_config_cancelled_right_after_its_fork_is_gone(tmp_path):
     from bench.matrix import expand
 
     (tmp_path / "m.toml").write_text("[base]\nsteps = 100000\nseq_len = 16\nglobal_batch = 4\n[matrix]\nseed = [0]\n")
-    os.makedirs(tmp_path / "o" / "logs")
-    os.makedirs(tmp_path / "o" / "metrics")
+    for sub in ("logs", "metrics", "configs"):
+        os.makedirs(tmp_path / "o" / sub)
     entry = expand(str(tmp_path / "m.toml"), "cpu", 4)[0]
     pool = Pool("local", "1", "cpu", str(tmp_path / "o"), 60.0, 1)
     for _ in range(3):

@@ -65,9 +65,9 @@ def test_a_toy_optimizer_from_one_file_runs_through_train_memory_a_matrix_and_th
     cfg = validate(TrainConfig(optimizer="toy-sgd"))
     assert cfg.lr == 0.5 and predict_memory(cfg).optimizer_state == 0  # its default lr, its state formula
     plan = expand("optimizers", "cpu", 2)
-    assert sum(e["config"]["optimizer"] == "toy-sgd" for e in plan) == 5  # one per baseline layout
+    assert sum(e.config.optimizer == "toy-sgd" for e in plan) == 5  # one per baseline layout
     conv = expand("convergence", "cpu", 2)
-    assert {e["config"]["lr"] for e in conv if e["config"]["optimizer"] == "toy-sgd"} == {0.5 / 3, 0.5, 1.5}
+    assert {e.config.lr for e in conv if e.config.optimizer == "toy-sgd"} == {0.5 / 3, 0.5, 1.5}
 
     metrics = tmp_path / "m.json"
     r = run_cli("-m", "llmopt.train", "--optimizer", "toy-sgd", "--steps", "4", "--metrics-out", str(metrics))
@@ -144,8 +144,8 @@ def test_schedule_free_takes_a_constant_schedule_only():
         validate(TrainConfig(optimizer="schedule-free", lr_schedule="cosine"))
     from bench.matrix import expand
 
-    conv = [e for e in expand("convergence", "cpu", 2) if e["config"]["optimizer"] == "schedule-free"]
-    assert conv and all(e["config"]["lr_schedule"] == "constant" and e["skipped"] is None for e in conv)
+    conv = [e for e in expand("convergence", "cpu", 2) if e.config.optimizer == "schedule-free"]
+    assert conv and all(e.config.lr_schedule == "constant" and e.skipped is None for e in conv)
 
 
 def test_schedule_free_evaluates_and_saves_its_average_and_trains_on(tmp_path):

@@ -254,7 +254,7 @@ def test_a_job_ended_by_slurm_gets_its_state(tmp_path, monkeypatch, state, statu
 
     monkeypatch.setattr(ex, "FILE_GRACE_S", 0.0)
     (tmp_path / "m.toml").write_text(TINY + "[matrix]\nseed = [0]\n")
-    for sub in ("logs", "metrics"):
+    for sub in ("logs", "metrics", "configs"):
         os.makedirs(tmp_path / "o" / sub)
     entry = expand(str(tmp_path / "m.toml"), "cpu", 4)[0]
     job = ex.SubmititJob(FakeExecutor(), FakeQueue(), None, 1, 600.0, entry, str(tmp_path / "o"), 60.0, 1, Slot())

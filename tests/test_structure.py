@@ -114,20 +114,23 @@ def test_a_slurm_jobs_peak_from_its_nodes_cache_imports_no_torch(tmp_path):
     import torch
 
     from bench.hardware import measure_node_peak
+    from llmopt.core.config import TrainConfig
     from llmopt.core.run_metrics import RunMetrics
 
-    entry = {"config": {"preset": "tiny", "device": "cpu", "global_batch": 4, "seq_len": 16}}
+    config = {"preset": "tiny", "device": "cpu", "global_batch": 4, "seq_len": 16}
     metrics = RunMetrics(config={"device": "cpu", "pp_microbatches": 1}, losses=[], flops_per_token=1.0)
     cache = str(tmp_path / "peak_flops" / "node.json")
     threads = torch.get_num_threads()
     try:  # the node's first job measures, with every core it has (restored after: this is the test's process)
-        measure_node_peak(entry, metrics, str(tmp_path / "first.json"), cache)
+        measure_node_peak(TrainConfig(**config), metrics, str(tmp_path / "first.json"), cache)
     finally:
         torch.set_num_threads(threads)
     code = ("import json, sys\nfrom bench.hardware import measure_node_peak\n"
+            "from llmopt.core.config import TrainConfig\n"
             "from llmopt.core.run_metrics import RunMetrics\nm = RunMetrics(**json.loads(sys.argv[1]))\n"
-            "measure_node_peak(json.loads(sys.argv[2]), m, sys.argv[3], sys.argv[4])\nprint('torch' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code, json.dumps(metrics.__dict__), json.dumps(entry),
+            "measure_node_peak(TrainConfig(**json.loads(sys.argv[2])), m, sys.argv[3], sys.argv[4])\n"
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(metrics.__dict__), json.dumps(config),
                         str(tmp_path / "later.json"), cache], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", (r.stdout, r.stderr[-2000:])
     first, later = (json.loads((tmp_path / f"{n}.json.peak").read_text()) for n in ("first", "later"))

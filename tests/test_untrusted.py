@@ -106,6 +106,7 @@ def test_a_planted_config_id_is_refused(copy, config_id):
     (lambda p: {**p, "plan": [{k: v for k, v in p["plan"][0].items() if k != "config"}]}, "no config"),
     (lambda p: {**p, "plan": {"a": 1}}, "no list"),
     (lambda p: {**p, "plan": [dict(p["plan"][0], config=dict(p["plan"][0]["config"], nope=1))]}, "nope"),
+    (lambda p: {**p, "plan": [dict(p["plan"][0], config=dict(p["plan"][0]["config"], dp="2"))]}, "dp is '2'"),
     (lambda p: {**p, "timing_warmup": "x"}, "timing_warmup"),
 ])
 def test_a_malformed_plan_is_one_line_naming_the_file(copy, damage, match):

@@ -15,7 +15,7 @@ timeout still kills all of it, and dies with the launcher, which dies with the s
 
 The package, in the order a config meets it: ``pool`` (the sweep's ``Pool``: slots, and which executor starts
 a config), ``local``, ``submitit`` and ``slurm`` (the executors; SLURM's queue and resources), ``common`` (what
-they share: ``Outcome``, ``Slot``, a config's argv and environment, exit code to status), ``job`` (the
+they share: ``Outcome``, ``Slot``, a config's file, argv and environment, exit code to status), ``job`` (the
 wrapper a submitit job runs: no torch) and ``forkserver`` (what the local launcher imports once).
 """
 from bench.executors.common import (  # noqa: F401 (the package's API)
@@ -27,7 +27,7 @@ from bench.executors.common import (  # noqa: F401 (the package's API)
     config_argv,
     config_env,
     resolve_jobs,
-    world_size,
+    write_config,
 )
 from bench.executors.local import SWEEP_PID_ENV, remove_dead_forkserver_dirs, signals_held  # noqa: F401
 from bench.executors.pool import Pool  # noqa: F401

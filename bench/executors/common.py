@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from bench.noise import RETIME
+from bench.plan import PlanEntry
 from llmopt.core.config import TrainConfig
 from llmopt.core.run_metrics import RunMetrics, read_metrics
 from llmopt.faults import RETIME_ENV
 from llmopt.launch import LAUNCH_T0_ENV
-from llmopt.safe_files import open_file
+from llmopt.safe_files import open_file, write_json
 
 EXECUTORS = ("local", "submitit-local", "slurm")
 SLURM_IN_FLIGHT = 256  # --jobs auto under slurm: the scheduler queues; this bounds what one sweep submits
@@ -36,11 +37,6 @@ class Slot:
     """The devices one running config may use: CPU cores (None: all) and GPU indices (None: as visible)."""
     cpus: tuple[int, ...] | None = None
     gpus: tuple[int, ...] | None = None
-
-
-def world_size(cfg: dict) -> int:
-    """Ranks of a plan entry's config (``TrainConfig.world_size``: one definition)."""
-    return TrainConfig(**cfg).world_size
 
 
 class Slots:
@@ -107,33 +103,22 @@ def resolve_jobs(jobs: str, executor: str, device: str) -> tuple[int, int]:
     return n, n_gpus
 
 
-def config_argv(entry: dict, metrics_path: str, warmup: int) -> list[str]:
-    """``llmopt.train``'s arguments for one config (after ``python -m llmopt.train``)."""
-    from llmopt.core.config import CHECKPOINT
-    from llmopt.train import unused_fields
-
-    argv = ["--quiet", "--memory-breakdown", "--timing-warmup", str(warmup), "--metrics-out", metrics_path]
-    no_effect = unused_fields(TrainConfig(**entry["config"]))  # llmopt.train refuses these given
-    for k, v in entry["config"].items():
-        flag = f"--{k.replace('_', '-')}"
-        if k == "preset" and v == CHECKPOINT:
-            continue  # the shape comes from --init: llmopt.train takes no --preset then
-        field = TrainConfig.__dataclass_fields__[k]
-        if field.metadata["given_positive"] and v == field.default:
-            continue  # 0 stands for the default (the optimizer's learning rate): given, it would be refused
-        if k in no_effect:
-            continue  # no effect in this combination: the run is the same without it
-        if isinstance(v, bool):
-            argv += [flag] if v else []
-        elif v is not None:
-            argv += [flag, str(v)]
-    return argv
+def config_argv(config_path: str, metrics_path: str, warmup: int) -> list[str]:
+    """``llmopt.train``'s arguments for one config (after ``python -m llmopt.train``): the config itself is the
+    file ``write_config`` wrote, read back as the ``TrainConfig`` it is (never rebuilt from flags)."""
+    return ["--config", config_path, "--quiet", "--memory-breakdown", "--timing-warmup", str(warmup),
+            "--metrics-out", metrics_path]
 
 
-def config_env(cfg: dict, slot: Slot) -> dict:
+def write_config(path: str, cfg: TrainConfig) -> None:
+    """The config a run is handed (``llmopt.train --config``): every field of the ``TrainConfig``, as JSON."""
+    write_json(path, asdict(cfg))
+
+
+def config_env(cfg: TrainConfig, slot: Slot) -> dict:
     """The config's environment: its ranks split the slot's cores (or the machine's) between them."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    world = world_size(cfg)
+    world = cfg.world_size
     cores = len(slot.cpus) if slot.cpus else (os.cpu_count() or 1)
     if world > 1 or slot.cpus:
         env["OMP_NUM_THREADS"] = str(max(1, cores // world))
@@ -193,18 +178,20 @@ class Job:
     """What every executor shares: the config's files (fresh ones: a process left over from an earlier
     attempt writes into the unlinked old inode, never into this attempt's), its clock and its timeout."""
 
-    def __init__(self, entry: dict, out_dir: str, timeout: float, warmup: int, slot: Slot):
-        cid = entry["config_id"]
+    def __init__(self, entry: PlanEntry, out_dir: str, timeout: float, warmup: int, slot: Slot):
+        cid = entry.config_id
         self.entry, self.slot, self.timeout = entry, slot, timeout
         self.metrics_path = os.path.join(out_dir, "metrics", f"{cid}.json")
         self.log_path = os.path.join(out_dir, "logs", f"{cid}.log")
+        config_path = os.path.join(out_dir, "configs", f"{cid}.json")
         for path in (self.metrics_path, self.log_path):
             if os.path.exists(path):
                 os.remove(path)  # a rerun after resume must not read (or share) a stale file
-        self.argv = config_argv(entry, self.metrics_path, warmup)
-        self.env = config_env(entry["config"], slot)
+        write_config(config_path, entry.config)
+        self.argv = config_argv(config_path, self.metrics_path, warmup)
+        self.env = config_env(entry.config, slot)
         self.env[LAUNCH_T0_ENV] = repr(time.time())  # start-up is measured from here (llmopt.loop)
-        if entry.get("phase") == RETIME:
+        if entry.phase == RETIME:
             self.env[RETIME_ENV] = "1"
         with open_file(self.log_path, "w") as log:
             log.write("$ llmopt.train " + " ".join(self.argv) + "\n")

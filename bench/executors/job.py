@@ -9,13 +9,14 @@ import os
 import sys
 import time
 
+from llmopt.core.config import TrainConfig
 from llmopt.core.run_metrics import read_metrics
 from llmopt.launch import LAUNCH_T0_ENV, die_with_parent
 from llmopt.safe_files import open_file
 
 
 def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: int | None,
-               nproc_per_node: int = 1, cancel_path: str | None = None, entry: dict | None = None,
+               nproc_per_node: int = 1, cancel_path: str | None = None, config: TrainConfig | None = None,
                peak_cache: str | None = None) -> int:
     """Inside a submitit job: mark the start, run the config with its output into the config's log, write its
     exit code, and return it. It stops when ``cancel_path`` appears (the sweep cancelled it) or, with
@@ -74,12 +75,12 @@ def run_in_job(argv: list[str], env: dict, log_path: str, cwd: str, sweep_pid: i
                 proc.kill()
                 proc.wait()
     if first:
-        if rc == 0 and peak_cache and entry is not None:
+        if rc == 0 and peak_cache and config is not None:
             metrics, _ = read_metrics(metrics_path)  # unreadable: the sweep reads it again and says so
             if metrics is not None:
                 from bench.hardware import measure_node_peak  # SLURM only; torch only for a measurement
 
-                measure_node_peak(entry, metrics, metrics_path,
+                measure_node_peak(config, metrics, metrics_path,
                                   os.path.join(peak_cache, f"{socket.gethostname()}.json"))
         with open_file(metrics_path + ".rc") as f:  # last: the sweep takes the job as ended once this exists
             f.write(f"{rc}\n")

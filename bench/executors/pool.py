@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 import os
 
-from bench.executors.common import ExecutorError, Outcome, Slot, Slots, resolve_jobs, world_size
+from bench.executors.common import ExecutorError, Outcome, Slot, Slots, resolve_jobs
 from bench.executors.local import LocalJob, start_forkserver
 from bench.executors.slurm import PENDING_TIMEOUT_S, SlurmQueue, cancel_leftovers, slurm_parameters
 from bench.executors.submitit import RefusedJob, SubmititJob, make_submitit_executor, sbatch_message
+from bench.plan import PlanEntry
 from llmopt.safe_files import open_file
 
 
@@ -59,12 +60,12 @@ class Pool:
         if self.executor == "local" and self._forkserver is None:
             self._forkserver = start_forkserver()
 
-    def start(self, entry: dict, slot: Slot):
+    def start(self, entry: PlanEntry, slot: Slot):
         args = (entry, self.out_dir, self.timeout, self.warmup, slot)
         if self.executor == "local":
             self.ready()
             return LocalJob(self._forkserver, *args)
-        params = slurm_parameters(entry["config"], self.device, self.timeout, self.slurm)
+        params = slurm_parameters(entry.config, self.device, self.timeout, self.slurm)
         if self.executor == "submitit-local":
             params = {"timeout_min": params["timeout_min"]}
             if slot.gpus:
@@ -72,7 +73,7 @@ class Pool:
         self._submitit.update_parameters(**params)
         from submitit.core.utils import FailedJobError
 
-        ranks_per_node = world_size(entry["config"]) // params.get("nodes", 1)
+        ranks_per_node = entry.config.world_size // params.get("nodes", 1)
         folder = os.path.join(self.out_dir, "submitit")
         before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
         try:
@@ -82,11 +83,11 @@ class Pool:
             for name in set(os.listdir(folder)) - before:  # the submission script and pickle it left
                 os.remove(os.path.join(folder, name))
             why = f"sbatch refused the job: {sbatch_message(e)}"
-            with open_file(os.path.join(self.out_dir, "logs", f"{entry['config_id']}.log"), "a") as log:
+            with open_file(os.path.join(self.out_dir, "logs", f"{entry.config_id}.log"), "a") as log:
                 log.write(f"# {why}\n")
             return RefusedJob(Outcome("failed", why, None, 0.0), slot)
         with open_file(self.jobs_file, "a") as f:  # what a resume after a SIGKILLed sweep must cancel
-            f.write(json.dumps({"config_id": entry["config_id"], "job_id": str(job.job.job_id)}) + "\n")
+            f.write(json.dumps({"config_id": entry.config_id, "job_id": str(job.job.job_id)}) + "\n")
         return job
 
 

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import time
 
-from bench.executors.common import ExecutorError, world_size
+from bench.executors.common import ExecutorError
+from llmopt.core.config import TrainConfig
 
 # SLURM job states after which a job runs no more (squeue's long names)
 SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -103,12 +104,12 @@ SLURM_SIGNAL_DELAY_S = 60
 SLURM_LIMIT_MARGIN_MIN = 2
 
 
-def slurm_parameters(cfg: dict, device: str, timeout: float, settings: dict) -> dict:
+def slurm_parameters(cfg: TrainConfig, device: str, timeout: float, settings: dict) -> dict:
     """submitit parameters for one config: nodes and GPUs from its world size, one task per node (llmopt's
     launcher or torchrun starts the ranks), a time limit above the harness's own timeout, its nodes to itself
     unless ``settings["share"]`` (timings taken beside another job are not the config's). ``settings``: the
     sweep's SLURM settings (``bench.run``: flags over the matrix's [slurm] table)."""
-    world = world_size(cfg)
+    world = cfg.world_size
     params = {"timeout_min": int(math.ceil(timeout / 60)) + SLURM_LIMIT_MARGIN_MIN, "tasks_per_node": 1,
               "slurm_signal_delay_s": SLURM_SIGNAL_DELAY_S}
     if device == "cuda":

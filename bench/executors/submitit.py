@@ -43,7 +43,7 @@ class SubmititJob(Job):
         if queue is not None:
             env.pop("OMP_NUM_THREADS", None)  # sized on the node, from the cores SLURM gave the job (run_in_job)
         self.job = executor.submit(run_in_job, self.argv, env, self.log_path, os.getcwd(), sweep_pid,
-                                   nproc_per_node, self.cancel_path, self.entry, peak_cache)
+                                   nproc_per_node, self.cancel_path, self.entry.config, peak_cache)
         self.job_id = str(self.job.job_id)
         with open_file(self.log_path, "a") as log:
             log.write(f"# submitit job {self.job_id} ({type(executor).__name__})\n")
@@ -114,7 +114,7 @@ class SubmititJob(Job):
         reason = seen[1] if seen[1] not in ("", "None", "(null)") else ""
         if reason and reason != self.reason_said:
             self.reason_said = reason
-            print(f"bench: job {self.job_id} ({self.entry['config_id']}) pending: {reason}", flush=True)
+            print(f"bench: job {self.job_id} ({self.entry.config_id}) pending: {reason}", flush=True)
         waited = now - self.t0
         if reason in SLURM_NEVER_STARTS:
             why = (f"job {self.job_id} can never start: SLURM says {reason} (it asks for more than the partition's "

@@ -157,6 +157,39 @@ class TrainConfig:
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    @classmethod
+    def from_dict(cls, d, where: str) -> "TrainConfig":
+        """The config a JSON object holds (``asdict`` of one: a plan entry's, ``llmopt.train --config``'s), each
+        value checked for its field's type, so that a file someone else wrote fails here with one line naming
+        ``where`` and the field, not as a TypeError deep in a check. Missing fields take their defaults (a file
+        from before a new flag); unknown ones are refused."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: a config is a JSON object of llmopt.train's fields, not a {type(d).__name__}")
+        unknown = sorted(set(d) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"{where}: fields llmopt does not have: {', '.join(map(str, unknown))}; remove them")
+        for f in fields(cls):
+            if f.name in d and not _of_type(d[f.name], str(f.type)):
+                raise ValueError(f"{where}: {f.name} is {d[f.name]!r}, not a{'n' if f.type == 'int' else ''} "
+                                 f"{f.type}; fix that value")
+        return cls(**{k: float(v) if cls.__dataclass_fields__[k].type == "float" else v for k, v in d.items()})
+
+
+def _of_type(value, kind: str) -> bool:
+    """Whether a JSON value can be a field of this annotation (a float field takes an integer, as JSON writes
+    1.0; a switch is never a number, nor a number a switch)."""
+    if value is None:
+        return "None" in kind
+    if isinstance(value, bool):
+        return kind == "bool"
+    if kind.startswith("str"):
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, int | float)
+    return False
+
 
 @functools.lru_cache(maxsize=None)
 def checkpoint_config(init: str) -> GPTConfig:
