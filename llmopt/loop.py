@@ -50,6 +50,10 @@ class RunOptions:
     metrics_out: str | None = None
     profile: str | None = None
     quiet: bool = False
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    checkpoint_keep: int = 2
+    resume_from: str | None = None          # a checkpoint directory (llmopt.dcp), checked by llmopt.train
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Timed:
     conv: Convergence | None = None
     power: dict = field(default_factory=dict)
     peak: int = 0
+    resumed_from: int | None = None  # the steps a checkpoint had done when this run resumed it
 
 
 def run(cfg: TrainConfig, opts: RunOptions) -> int:
@@ -88,12 +93,18 @@ def _run(cfg: TrainConfig, opts: RunOptions) -> int:
         log = rank == 0 and not opts.quiet
         if log:
             print(header_line(state), flush=True)
-        timed = timed_steps(state, rank, local_rank, opts.timing_warmup, log)
+        saver = None
+        if opts.checkpoint_dir is not None:
+            from llmopt.dcp import Saver
+
+            saver = Saver(opts.checkpoint_dir, opts.checkpoint_every, opts.checkpoint_keep, rank)
+        timed = timed_steps(state, rank, local_rank, opts.timing_warmup, log, opts.resume_from, saver)
         finished = timed.diverged_at is None
         if opts.save and finished:  # before any extra step: the model the losses describe
             save_model(state, opts.save, log)
         breakdown, memory_step_s = memory_step(state) if opts.memory_breakdown and finished else (None, None)
-        metrics = summarize(state, timed, breakdown, memory_step_s, startup_s=startup, build_s=build_s)
+        metrics = summarize(state, timed, breakdown, memory_step_s, startup_s=startup, build_s=build_s,
+                            resumed_from_step=timed.resumed_from, **(saver.figures() if saver else {}))
         if rank == 0:
             if opts.metrics_out:
                 with open_file(opts.metrics_out) as f:  # never through a link planted in a results directory
@@ -140,19 +151,29 @@ def _join(cfg: TrainConfig) -> tuple[torch.device, int, int, bool]:
     return device, (dist.get_rank() if distributed else 0), local_rank, distributed
 
 
-def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool) -> Timed:
+def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool, resume_from: str | None = None,
+                saver=None) -> Timed:
     """The timed loop: one optimizer step at a time, one host sync a step (the loss, for the per-step line and
-    the divergence check), held-out evals where due (off the clock), until the steps, the target or a divergence
-    end it. Returns what it saw; figures are made from it afterwards (``summarize``)."""
+    the divergence check), held-out evals where due (off the clock), a checkpoint where due (``saver``: off the
+    clock too), until the steps, the target or a divergence end it. With ``resume_from`` the run continues a
+    checkpoint's: its state, its record so far, from its step. Returns what it saw; figures are made from it
+    afterwards (``summarize``)."""
     from llmopt.step import train_step
 
     cfg, device = state.cfg, state.device
     timer, energy = StepTimer(device), EnergyMeter(device, local_rank)
     t = Timed(warmup=min(warmup, cfg.steps - 1), conv=Convergence(cfg, state.source.entropy_rate))
+    start = 0
+    if resume_from is not None:
+        from llmopt.dcp import load
+
+        start = t.resumed_from = load(state, resume_from, t)
+        if log:
+            print(f"resumed: {resume_from} (after step {start - 1}, {len(t.conv.evals)} evals)", flush=True)
     reset_peak_memory(device)
     slow = slow_steps(rank, cfg.seed)  # tests only: stalls inside the timing (empty otherwise)
-    stop = t.conv.due(0) and t.conv.evaluate(state, 0, 0.0)
-    for step in range(cfg.steps):
+    stop = t.conv.reached is not None if start else (t.conv.due(0) and t.conv.evaluate(state, 0, 0.0))
+    for step in range(start, cfg.steps):
         if stop and step > 0:  # at least one step, even when the target is met before training
             break
         maybe_fail(rank, step, cfg.seed)
@@ -170,8 +191,8 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool) -> Ti
         t.fp16_skipped += int(stats.fp16_skipped)
         if log:
             print(step_line(step, loss, t.step_ms[-1], stats), flush=True)
-        if step == ETA_STEP:
-            eta(cfg, t.step_ms[-1], rank)
+        if step == start + ETA_STEP:
+            eta(cfg, t.step_ms[-1], rank, cfg.steps - step - 1)
         t.diverged_why = t.conv.divergence(step, loss)
         if t.diverged_why is not None:
             t.diverged_at = step
@@ -181,15 +202,19 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool) -> Ti
             stop = t.conv.evaluate(state, step + 1, sum(t.step_ms) / 1e3) or t.conv.reached is not None
             if log:
                 print(eval_line(t.conv.evals[-1], stop), flush=True)
+        if saver is not None and saver.due(step + 1, last=stop or step + 1 == cfg.steps):
+            saver.save(state, step + 1, t)
+            if log:
+                print(f"checkpoint: after step {step} in {saver.root}", flush=True)
     t.power, t.peak = energy.stop(), peak_memory_bytes(device)
     return t
 
 
-def eta(cfg: TrainConfig, step_ms: float, rank: int) -> None:
+def eta(cfg: TrainConfig, step_ms: float, rank: int, steps_left: int) -> None:
     """Once the time per step is known: the rest of the run's time on one line (rank 0), and a budget that would
     take more than HORIZON_S refused (ValueError: exit 2) on every rank alike (the slowest rank's estimate,
     one all-reduce, so that no rank goes on alone)."""
-    left = (cfg.steps - ETA_STEP - 1) * step_ms / 1e3
+    left = steps_left * step_ms / 1e3
     if dist.is_initialized():
         t = torch.tensor([left], dtype=torch.float64)
         if dist.get_backend() == "nccl":
@@ -200,7 +225,7 @@ def eta(cfg: TrainConfig, step_ms: float, rank: int) -> None:
         raise ValueError(f"{cfg.steps:,} steps at {step_ms:.1f} ms each would take {left / 86400 / 365:,.1f} years "
                          f"(more than {HORIZON_S / 86400:.0f} days); lower --steps or --max-tokens")
     if rank == 0 and left > ETA_MIN_S:
-        print(f"eta: {cfg.steps - ETA_STEP - 1:,} more steps at {step_ms:.1f} ms: about "
+        print(f"eta: {steps_left:,} more steps at {step_ms:.1f} ms: about "
               f"{datetime.timedelta(seconds=round(left))} (evals not included)", flush=True)
 
 

@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--profile", default=None, metavar="DIR",
       help="after training, profile 2 more untimed steps: each rank's Chrome trace and operator table in DIR")
     a("--quiet", action="store_true", help="no per-step lines")
+    c = p.add_argument_group("checkpoints (llmopt.dcp: torch.distributed.checkpoint, resumable under any layout)")
+    c.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="write training checkpoints here (DIR/step-NNNNNNNN); a DIR already holding one is resumed")
+    c.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="a checkpoint every N steps (default 0: after the last step only)")
+    c.add_argument("--checkpoint-keep", type=int, default=2, metavar="K", help="keep the last K (default: 2)")
+    c.add_argument("--resume-from", default=None, metavar="DIR",
+                   help="continue from this checkpoint (a step-NNNNNNNN directory, or the latest in a checkpoint DIR)")
     return p
 
 
@@ -103,6 +111,7 @@ def _checked(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig]:
         cfg, tokenizer_dir = _check_data(cfg, raw)
     if int(os.environ.get("RANK", "0")) == 0:  # once: the launcher's parent, or rank 0 under torchrun
         _check_outputs(cfg, args, tokenizer_dir)
+    args.resume_from = _check_checkpoints(cfg, args, given_flags(argv, RUN_FLAGS))
     if cfg.device == "cuda":
         import torch
 
@@ -139,7 +148,9 @@ def _main(argv: list[str]) -> int:
         return launch(cfg.world_size, argv, cfg.device, main, decided=(cli.USER_ERROR, cli.DIVERGED))
 
     rc = run(cfg, RunOptions(timing_warmup=args.timing_warmup, memory_breakdown=args.memory_breakdown,
-                             save=args.save, metrics_out=args.metrics_out, profile=args.profile, quiet=args.quiet))
+                             save=args.save, metrics_out=args.metrics_out, profile=args.profile, quiet=args.quiet,
+                             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                             checkpoint_keep=args.checkpoint_keep, resume_from=args.resume_from))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A rank's work is done and written; leave without interpreter finalization, where gloo's worker
         # threads can still free tensors that need the GIL and abort the process (SIGABRT, "terminate called
@@ -150,12 +161,48 @@ def _main(argv: list[str]) -> int:
     return rc
 
 
-def given_flags(argv: list[str]) -> set[str]:
-    """The config fields the command line gave (whatever their value: ``--min-lr-ratio 0.1`` is given too)."""
+def given_flags(argv: list[str], names: list[str] | None = None) -> set[str]:
+    """The config fields (or ``names``) the command line gave, whatever their value (``--min-lr-ratio 0.1`` is
+    given too)."""
     unset = object()  # argparse fills in a default only where the namespace it is handed lacks the attribute
-    fields = TrainConfig.field_names()
+    fields = TrainConfig.field_names() if names is None else names
     ns = build_parser().parse_known_args(argv, namespace=argparse.Namespace(**dict.fromkeys(fields, unset)))[0]
     return {k for k in fields if getattr(ns, k) is not unset}
+
+
+RUN_FLAGS = ["checkpoint_every", "checkpoint_keep"]
+_HELD: dict = {}  # checkpoint directory -> its lock, held by this process (forked ranks inherit it)
+
+
+def _check_checkpoints(cfg: TrainConfig, args, given: set[str]) -> str | None:
+    """The checkpoint flags, checked before any work: returns the checkpoint to resume from (``--resume-from``,
+    or the latest in a ``--checkpoint-dir`` that holds one), checked against this run (llmopt.dcp), or None.
+    The run that writes a directory holds its lock (the launcher's parent, or rank 0 under torchrun)."""
+    from llmopt import dcp
+
+    root = args.checkpoint_dir
+    if root is None and given:
+        flag = "--" + sorted(given)[0].replace("_", "-")
+        raise ValueError(f"{flag} has no effect without --checkpoint-dir DIR; add it or drop {flag}")
+    if args.checkpoint_every < 0 or args.checkpoint_keep < 1:
+        raise ValueError(f"--checkpoint-every {args.checkpoint_every} / --checkpoint-keep {args.checkpoint_keep}: "
+                         f"use 0 or more steps and at least 1 checkpoint kept")
+    if (root or args.resume_from) and cfg.engine != "native":
+        raise ValueError("--checkpoint-dir/--resume-from: checkpoints are llmopt's own step's; use --engine native")
+    resume = args.resume_from
+    if resume is None and root is not None and dcp.complete(root):
+        resume = root
+    if resume is None:
+        path = None
+    else:
+        path = dcp.resolve(resume)
+        dcp.check_compatible(cfg, path)
+    if root is not None and int(os.environ.get("RANK", "0")) == 0 and root not in _HELD:
+        from llmopt.scratch import check_writable_dir
+
+        check_writable_dir(root, "--checkpoint-dir", may_exist=True)
+        _HELD[root] = dcp.hold(root)
+    return path
 
 
 # A flag with no effect in its combination: (field, when it has none, why). Given on the command line, it is

@@ -1,0 +1,177 @@
+"""Training checkpoints (llmopt.dcp): a run resumed from one continues the uninterrupted run's loss curve, bit
+for bit under the same layout, within the layouts' parity tolerance under another, for every optimizer; and
+what is not a checkpoint of this run is one error line before any training.
+
+The cross-layout cases run in forked ranks, every case of one world size in one set of ranks
+(tests/scripts/resume_runs.py); the references are the uninterrupted single-process runs, computed here.
+"""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tests", "scripts"))
+from llmopt.optimizers import names  # noqa: E402
+from llmopt.train import main  # noqa: E402
+from resume_runs import reference  # noqa: E402
+
+pytestmark = pytest.mark.multiprocess
+
+# Every optimizer saved and resumed across four layout pairs: FSDP2 shards to TP shards, TP to pipeline stages,
+# stages to a 2-D mesh, the 2-D mesh to one process (each kind of placement written and read by another);
+# accumulation, bf16 and fp16 (the loss scaler's state) once more.
+PAIRS = ("fsdp2>tp2", "tp2>pp2-1f1b", "pp2-1f1b>fsdp2xtp2", "fsdp2xtp2>single")
+CASES = [f"{p}:{o}" for o in names() for p in PAIRS] + [
+    "ddp2-accum2>fsdp2:adamw", "single>ddp2-accum2:muon", "tp2>fsdp2:adamw:bf16", "fsdp2>single:adamw:fp16"]
+EXACT = 1e-4  # tests/test_parity.py's tolerance for fp32 layouts
+AMP = 5e-2    # and for bf16/fp16 ones (bench.results.AMP_TOLERANCE)
+# tests/test_parity.py: SOAP's curve is held to its own rounding-noise floor (here the larger of the curves with
+# the gradient summed in two other orders, --grad-accum 2 and 4), times this
+SOAP_FLOOR = 2.0
+
+
+def _launch(nproc: int, *args) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "scripts", "resume_runs.py"), str(nproc), *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("resume")
+    for mode in ("save", "resume"):
+        for nproc in (1, 2, 4):
+            _launch(nproc, str(out), mode, *CASES)
+    name = lambda c: c.replace(">", "-to-").replace(":", "-")  # noqa: E731
+    return {c: (torch.load(out / f"{name(c)}.save.pt"), torch.load(out / f"{name(c)}.resume.pt")) for c in CASES}
+
+
+@functools.cache
+def tolerance(optimizer: str, precision: str) -> float:
+    if precision != "fp32":
+        return AMP
+    if optimizer != "soap":
+        return EXACT
+    ref = reference("soap")
+    return SOAP_FLOOR * max(abs(a - b) for k in (2, 4) for a, b in zip(reference("soap", grad_accum=k), ref))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_checkpoint_resumes_under_another_layout(resumed, case):
+    """The state loaded under the new layout is the state saved under the old one, tensor by tensor (whole),
+    exactly; and the resumed curve is the uninterrupted single-process run's within the layouts' tolerance.
+    SOAP's curve is held to its floor up to the first step after the resume (that step's loss is computed from
+    the loaded weights): beyond it, its own update under the new layout amplifies rounding noise by as much as
+    the floor, whatever was loaded (tests/test_parity.py; its state is checked exactly above)."""
+    saved, got = resumed[case]
+    optimizer, precision = (case.split(":")[1:] + ["fp32"])[:2]
+    ref = reference(optimizer, precision)
+    assert got["digest"] == saved["digest"] and any(k.startswith("optim/") for k in saved["digest"]), case
+    assert got["losses"][:2] == saved["losses"]  # the checkpoint's curve so far is the resumed run's start
+    assert len(got["losses"]) == len(ref) == 4
+    upto = 3 if optimizer == "soap" else 4
+    diff = max(abs(a - b) for a, b in zip(got["losses"][:upto], ref))
+    assert diff < tolerance(optimizer, precision), (case, got["losses"], ref)
+    assert abs(ref[-1] - ref[0]) > 1e-3  # the curve being matched moves
+    if precision == "fp16":
+        assert got["scale_loaded"] == saved["scale"]  # the loss scaler's state travels with it
+
+
+BASE = ["--preset", "nano", "--global-batch", "4", "--seq-len", "16", "--quiet", "--lr-schedule", "cosine",
+        "--lr-warmup", "1"]
+
+
+def _schedule(argv) -> list[str]:
+    """Schedule-Free AdamW takes no decaying schedule (its averaging is the decay)."""
+    return ["--lr-schedule", "constant"] if "schedule-free" in argv else []
+
+
+def _run(tmp_path, *argv) -> dict:
+    assert main([*BASE, *argv, *_schedule(argv), "--metrics-out", str(tmp_path / "m.json")]) == 0
+    return json.loads((tmp_path / "m.json").read_text())
+
+
+@pytest.mark.parametrize("optimizer", names())
+def test_the_same_layout_resumes_bit_for_bit(tmp_path, monkeypatch, optimizer):
+    """A 6-step run with a checkpoint after every step (the last 2 kept), failing at its fourth step, resumed
+    from the directory: the curve is the uninterrupted run's exactly, in fp32, for every optimizer (its
+    schedule, a cosine over the 6 steps, included)."""
+    from llmopt.faults import FAIL_ENV
+
+    full = _run(tmp_path, "--optimizer", optimizer, "--steps", "6")
+    ck = tmp_path / "ck"
+    monkeypatch.setenv(FAIL_ENV, "0:3:raise")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        main([*BASE, "--optimizer", optimizer, "--steps", "6", "--checkpoint-dir", str(ck), "--checkpoint-every", "1",
+              *_schedule([optimizer])])
+    monkeypatch.delenv(FAIL_ENV)
+    assert sorted(os.listdir(ck)) == [".lock", "step-00000002", "step-00000003"]
+    again = _run(tmp_path, "--optimizer", optimizer, "--steps", "6", "--checkpoint-dir", str(ck))
+    assert again["resumed_from_step"] == 3 and again["losses"] == full["losses"]
+    assert again["grad_norms"] == full["grad_norms"]
+    assert again["checkpoints_saved"] == 1 and again["checkpoint_bytes"] > 0 and again["checkpoint_save_s"] > 0
+    assert sorted(os.listdir(ck)) == [".lock", "step-00000003", "step-00000006"]  # the last two kept
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path):
+    """A save killed half-way leaves its ``.tmp-`` directory, never a step directory: the run resumes from the
+    last complete one, and the next save removes the remains."""
+    ck = tmp_path / "ck"
+    _run(tmp_path, "--steps", "2", "--checkpoint-dir", str(ck))
+    (ck / ".tmp-step-00000004").mkdir()
+    (ck / ".tmp-step-00000004" / "__0_0.distcp").write_bytes(b"half")
+    (ck / "step-00000003").mkdir()  # a directory without its llmopt.json is not a checkpoint either
+    again = _run(tmp_path, "--steps", "4", "--checkpoint-dir", str(ck))
+    assert again["resumed_from_step"] == 2 and not (ck / ".tmp-step-00000004").exists()
+
+
+def _error(capsys, *argv) -> str:
+    assert main([*BASE, *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    return lines[0]
+
+
+def test_a_checkpoint_that_does_not_fit_the_run_is_one_line(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    _run(tmp_path, "--steps", "2", "--checkpoint-dir", str(ck))
+    step = ck / "step-00000002"
+    before = {p: p.read_bytes() for p in step.iterdir()}
+    assert "--optimizer adamw, this run has lamb" in _error(capsys, "--steps", "4", "--resume-from", str(step),
+                                                               "--optimizer", "lamb")
+    assert "--precision fp32, this run has bf16" in _error(capsys, "--steps", "4", "--resume-from", str(ck),
+                                                           "--precision", "bf16")
+    assert "n_embd 64, this run's has 128" in _error(capsys, "--steps", "4", "--resume-from", str(ck),
+                                                     "--preset", "tiny")
+    assert "after step 2 of this run's 2" in _error(capsys, "--steps", "2", "--checkpoint-dir", str(ck))
+    assert "not a checkpoint" in _error(capsys, "--steps", "4", "--resume-from", str(tmp_path))
+    assert "has no effect without --checkpoint-dir" in _error(capsys, "--checkpoint-every", "2")
+    (step / "__0_0.distcp").write_bytes(b"truncated")
+    assert "cannot be loaded" in _error(capsys, "--steps", "4", "--resume-from", str(step))
+    (step / "llmopt.json").write_text("{")
+    assert "llmopt.json is unreadable" in _error(capsys, "--steps", "4", "--resume-from", str(step))
+    assert {p.name for p in step.iterdir()} == {p.name for p in before}  # nothing overwritten or removed
+
+
+def test_a_directory_another_run_is_writing_is_refused(tmp_path, capsys):
+    from llmopt import dcp
+
+    ck = tmp_path / "ck"
+    held = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                             f"os.makedirs({str(ck)!r}, exist_ok=True)\n"
+                             f"f = open({str(ck / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                             "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout.readline().strip() == "held"
+        assert "another run is writing checkpoints there" in _error(capsys, "--checkpoint-dir", str(ck))
+    finally:
+        held.kill()
+        held.wait()
+    assert not dcp.complete(str(ck))
