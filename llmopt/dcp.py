@@ -43,8 +43,9 @@ FORMAT = 1
 STEP_RE = re.compile(r"step-(\d{8})")
 # What must agree between a checkpoint and the run resuming it (the layout, accumulation, learning rate and
 # steps may change): the model's shape and vocabulary, the optimizer (its state), the precision (a loss
-# scaler's state, and bf16 curves are not fp32's) and the model implementation (its parameter names).
-MUST_MATCH = ("optimizer", "precision", "model_impl")
+# scaler's state, and bf16 curves are not fp32's), the model implementation (its parameter names) and the seed
+# (with the step, it says which batches come next).
+MUST_MATCH = ("optimizer", "precision", "model_impl", "seed")
 
 
 # Group entries that choose torch's kernels for this layout and precision (fused kernels in one process, foreach
@@ -102,6 +103,7 @@ def read_info(path: str) -> dict:
                               f"resume from another checkpoint")
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise CheckpointError(f"checkpoint {path}: DCP's .metadata is missing; the checkpoint is incomplete")
+    read_metadata(path)  # refused here, before any training, when it is not DCP's
     return info
 
 
@@ -143,6 +145,67 @@ def hold(root: str):
         raise CheckpointError(f"--checkpoint-dir {root}: another run is writing checkpoints there; wait for it to "
                               f"end or use another directory") from None
     return f
+
+
+# What a DCP .metadata file may name (torch 2.13 writes these): its own metadata classes, torch's dtypes,
+# Size and layout, and the path type. torch's FileSystemReader unpickles the file with plain ``pickle.load``, so
+# a planted one could run code on ``--resume-from``; ``SafeReader`` reads it with this list instead.
+METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
+                                              "ChunkStorageMetadata", "MetadataIndex", "StorageMeta",
+                                              "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+def read_metadata(path: str):
+    """A checkpoint's DCP metadata, unpickled with ``METADATA_GLOBALS`` only (a dtype such as ``torch.float32``
+    too); anything else is a ``CheckpointError``."""
+    import importlib
+    import pickle
+
+    import torch
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if name in METADATA_GLOBALS.get(module, ()) or (
+                    module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+                return getattr(importlib.import_module(module), name)
+            raise CheckpointError(f"checkpoint {path}: its .metadata names {module}.{name}, which a DCP checkpoint "
+                                  f"does not hold; it was not written by torch.distributed.checkpoint, do not "
+                                  f"load it")
+
+    try:
+        with open(os.path.join(path, ".metadata"), "rb") as f:
+            return Restricted(f).load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # a truncated or corrupted pickle
+        raise CheckpointError(f"checkpoint {path}: its .metadata is unreadable ({type(e).__name__}: {e}); resume "
+                              f"from another checkpoint") from None
+
+
+def safe_reader(path: str):
+    """torch's ``FileSystemReader`` for ``path``, its metadata read by ``read_metadata`` (the tensors themselves
+    it loads with ``weights_only``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if kwargs.get("rank") is not None:  # per-rank metadata files: not what llmopt writes
+                raise CheckpointError(f"checkpoint {path}: per-rank metadata is not an llmopt checkpoint")
+            metadata = read_metadata(path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
 
 
 # ----------------------------------------------------------------------------------------- the state
@@ -357,7 +420,9 @@ def load(state, path: str, timed) -> int:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(wanted, checkpoint_id=path, no_dist=not _distributed())
+            dcp.load(wanted, storage_reader=safe_reader(path), no_dist=not _distributed())
+    except CheckpointError:
+        raise
     except (Exception, CheckpointException) as e:  # DCP's wrapper of each rank's failure is a BaseException
         first = str(e).strip().splitlines()
         raise CheckpointError(f"checkpoint {path} cannot be loaded into this run ({first[-1] if first else e}); "

@@ -19,6 +19,23 @@ import torch
 from llmopt.checkpoint import SAVE_INFO
 
 
+def load_any(path: str, device: torch.device):
+    """``load``, of a saved model or of a training checkpoint (llmopt.dcp), exported first into a temporary
+    directory (``llmopt.export``)."""
+    from llmopt import dcp
+
+    if os.path.isfile(os.path.join(path, "config.json")) or not (os.path.isfile(os.path.join(path, dcp.STATE_FILE))
+                                                                 or dcp.complete(path)):
+        return load(path, device)
+    import tempfile
+
+    from llmopt.export import export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export(path, os.path.join(tmp, "model"))
+        return load(os.path.join(tmp, "model"), device)
+
+
 def load(path: str, device: torch.device):
     """(model, encode, decode) for a saved directory."""
     from llmopt.checkpoint import load_gpt2
@@ -93,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     from llmopt.core import cli
 
     p = cli.parser("python -m llmopt.sample", __doc__.split("\n\n")[0])
-    p.add_argument("dir", help="a directory written by python -m llmopt.train --save")
+    p.add_argument("dir", help="a directory written by python -m llmopt.train --save, or a training checkpoint "
+                               "(--checkpoint-dir, or one step-NNNNNNNN in it)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
@@ -115,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         from llmopt.core.config import resolve_device
 
         device = torch.device(resolve_device(args.device))
-        model, encode, decode = load(args.dir, device)
+        model, encode, decode = load_any(args.dir, device)
         ids = encode(args.prompt)
         if not ids:
             raise ValueError("--prompt encodes to no tokens; give some text")

@@ -120,6 +120,42 @@ def test_the_same_layout_resumes_bit_for_bit(tmp_path, monkeypatch, optimizer):
     assert sorted(os.listdir(ck)) == [".lock", "step-00000003", "step-00000006"]  # the last two kept
 
 
+def test_a_resumed_run_reads_the_batches_the_uninterrupted_one_would(tmp_path, monkeypatch):
+    """Text data too (a file of Python's own source, byte tokens): the data position is the step count, so the
+    resumed run's batches, and with them its losses, are the uninterrupted run's."""
+    import os as os_module
+
+    from llmopt.faults import FAIL_ENV
+
+    text = ["--data", os_module.__file__, "--optimizer", "adam", "--steps", "5"]
+    full = _run(tmp_path, *text)
+    monkeypatch.setenv(FAIL_ENV, "0:2:raise")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        main([*BASE, *text, "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "1"])
+    monkeypatch.delenv(FAIL_ENV)
+    again = _run(tmp_path, *text, "--checkpoint-dir", str(tmp_path / "ck"))
+    assert again["resumed_from_step"] == 2 and again["losses"] == full["losses"]
+
+
+def test_a_checkpoint_is_also_a_model(tmp_path, capsys):
+    """``llmopt.export`` writes from a checkpoint the very weights ``--save`` writes at the end of the same run,
+    and ``llmopt.sample`` reads a checkpoint directly."""
+    from safetensors.torch import load_file
+
+    from llmopt.export import main as export
+    from llmopt.sample import main as sample
+
+    text = ["--data", os.__file__, "--optimizer", "schedule-free", "--lr-schedule", "constant", "--steps", "3"]
+    _run(tmp_path, *text, "--checkpoint-dir", str(tmp_path / "ck"), "--save", str(tmp_path / "saved"))
+    assert export([str(tmp_path / "ck"), str(tmp_path / "exported")]) == 0
+    saved, exported = (load_file(tmp_path / d / "model.safetensors") for d in ("saved", "exported"))
+    assert saved.keys() == exported.keys() and all(torch.equal(saved[k], exported[k]) for k in saved)
+    capsys.readouterr()
+    assert sample([str(tmp_path / "ck"), "--max-new-tokens", "8", "--prompt", "def "]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    assert export([str(tmp_path / "ck"), str(tmp_path / "exported")]) == 2  # never over an existing directory
+
+
 def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path):
     """A save killed half-way leaves its ``.tmp-`` directory, never a step directory: the run resumes from the
     last complete one, and the next save removes the remains."""
@@ -148,11 +184,25 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_one_line(tmp_path, capsys):
                                                                "--optimizer", "lamb")
     assert "--precision fp32, this run has bf16" in _error(capsys, "--steps", "4", "--resume-from", str(ck),
                                                            "--precision", "bf16")
+    assert "--seed 0, this run has 1" in _error(capsys, "--steps", "4", "--resume-from", str(ck), "--seed", "1")
     assert "n_embd 64, this run's has 128" in _error(capsys, "--steps", "4", "--resume-from", str(ck),
                                                      "--preset", "tiny")
     assert "after step 2 of this run's 2" in _error(capsys, "--steps", "2", "--checkpoint-dir", str(ck))
     assert "not a checkpoint" in _error(capsys, "--steps", "4", "--resume-from", str(tmp_path))
     assert "has no effect without --checkpoint-dir" in _error(capsys, "--checkpoint-every", "2")
+    metadata = (step / ".metadata").read_bytes()
+    planted = tmp_path / "planted"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.mkdir, (str(planted),))
+
+    import pickle
+
+    (step / ".metadata").write_bytes(pickle.dumps(Evil()))
+    assert "names posix.mkdir" in _error(capsys, "--steps", "4", "--resume-from", str(step))
+    assert not planted.exists()  # torch's own reader would have unpickled it
+    (step / ".metadata").write_bytes(metadata)
     (step / "__0_0.distcp").write_bytes(b"truncated")
     assert "cannot be loaded" in _error(capsys, "--steps", "4", "--resume-from", str(step))
     (step / "llmopt.json").write_text("{")

@@ -144,8 +144,8 @@ def test_the_readme_flag_table_names_every_flag():
     assert documented <= flags, f"README's flag table names flags that do not exist: {sorted(documented - flags)}"
 
 
-ENTRY_POINTS = ["llmopt.train", "llmopt.sample", "llmopt.prepare", "bench.run", "bench.report", "bench.compare",
-                "bench.advise", "bench.kernels", "bench.targets"]
+ENTRY_POINTS = ["llmopt.train", "llmopt.sample", "llmopt.export", "llmopt.prepare", "bench.run", "bench.report",
+                "bench.compare", "bench.advise", "bench.kernels", "bench.targets"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
