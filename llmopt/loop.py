@@ -54,6 +54,7 @@ class RunOptions:
     checkpoint_every: int = 0
     checkpoint_keep: int = 2
     resume_from: str | None = None          # a checkpoint directory (llmopt.dcp), checked by llmopt.train
+    log_dir: str | None = None              # TensorBoard event files (``Board``)
 
 
 @dataclass
@@ -98,7 +99,8 @@ def _run(cfg: TrainConfig, opts: RunOptions) -> int:
             from llmopt.dcp import Saver
 
             saver = Saver(opts.checkpoint_dir, opts.checkpoint_every, opts.checkpoint_keep, rank)
-        timed = timed_steps(state, rank, local_rank, opts.timing_warmup, log, opts.resume_from, saver)
+        timed = timed_steps(state, rank, local_rank, opts.timing_warmup, log, opts.resume_from, saver,
+                            opts.log_dir if rank == 0 else None)
         finished = timed.diverged_at is None
         if opts.save and finished:  # before any extra step: the model the losses describe
             save_model(state, opts.save, log)
@@ -152,7 +154,7 @@ def _join(cfg: TrainConfig) -> tuple[torch.device, int, int, bool]:
 
 
 def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool, resume_from: str | None = None,
-                saver=None) -> Timed:
+                saver=None, log_dir: str | None = None) -> Timed:
     """The timed loop: one optimizer step at a time, one host sync a step (the loss, for the per-step line and
     the divergence check), held-out evals where due (off the clock), a checkpoint where due (``saver``: off the
     clock too), until the steps, the target or a divergence end it. With ``resume_from`` the run continues a
@@ -170,9 +172,12 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool, resum
         start = t.resumed_from = load(state, resume_from, t)
         if log:
             print(f"resumed: {resume_from} (after step {start - 1}, {len(t.conv.evals)} evals)", flush=True)
+    board = Board(log_dir, state, start) if log_dir else None
     reset_peak_memory(device)
     slow = slow_steps(rank, cfg.seed)  # tests only: stalls inside the timing (empty otherwise)
     stop = t.conv.reached is not None if start else (t.conv.due(0) and t.conv.evaluate(state, 0, 0.0))
+    if board is not None and t.conv.evals and not start:
+        board.eval(t.conv.evals[-1])
     for step in range(start, cfg.steps):
         if stop and step > 0:  # at least one step, even when the target is met before training
             break
@@ -191,6 +196,8 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool, resum
         t.fp16_skipped += int(stats.fp16_skipped)
         if log:
             print(step_line(step, loss, t.step_ms[-1], stats), flush=True)
+        if board is not None:
+            board.step(step + 1, loss, t.grad_norms[-1], t.step_ms[-1])
         if step == start + ETA_STEP:
             eta(cfg, t.step_ms[-1], rank, cfg.steps - step - 1)
         t.diverged_why = t.conv.divergence(step, loss)
@@ -202,12 +209,52 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool, resum
             stop = t.conv.evaluate(state, step + 1, sum(t.step_ms) / 1e3) or t.conv.reached is not None
             if log:
                 print(eval_line(t.conv.evals[-1], stop), flush=True)
+            if board is not None:
+                board.eval(t.conv.evals[-1])
         if saver is not None and saver.due(step + 1, last=stop or step + 1 == cfg.steps):
             saver.save(state, step + 1, t)
             if log:
                 print(f"checkpoint: after step {step} in {saver.root}", flush=True)
     t.power, t.peak = energy.stop(), peak_memory_bytes(device)
+    if board is not None:
+        board.close()
     return t
+
+
+class Board:
+    """``--log-dir``: TensorBoard event files (``torch.utils.tensorboard``), written by rank 0, one point per
+    step (numbered by steps done, as evals are) under torchtitan's names where it has one: the loss, the gradient
+    norm before clipping, the learning rate, tokens per second, model TFLOP/s per device and, on CUDA, the
+    allocator's peaks; ``eval/loss`` at each eval. A resumed run writes into the same directory from the step
+    after its checkpoint's (``purge_step``: what a killed run logged beyond it is dropped by TensorBoard)."""
+
+    def __init__(self, log_dir: str, state, start: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        from llmopt.core.shapes import flops_per_token
+
+        cfg = state.cfg
+        self.writer = SummaryWriter(log_dir, purge_step=start + 1 if start else None)
+        self.optimizer, self.cuda = state.optimizer, state.device.type == "cuda"
+        self.tokens = cfg.tokens_per_step
+        self.flops = flops_per_token(cfg.model_config, cfg.seq_len) / (cfg.world_size if self.cuda else 1)
+
+    def step(self, steps_done: int, loss: float, grad_norm: float, step_ms: float) -> None:
+        w, tps = self.writer, self.tokens / (step_ms / 1e3)
+        w.add_scalar("loss_metrics/global_avg_loss", loss, steps_done)
+        w.add_scalar("grad_norm", grad_norm, steps_done)
+        w.add_scalar("lr", float(self.optimizer.param_groups[0]["lr"]), steps_done)
+        w.add_scalar("throughput(tps)", tps, steps_done)
+        w.add_scalar("tflops", tps * self.flops / 1e12, steps_done)
+        if self.cuda:
+            w.add_scalar("memory/max_active(GiB)", torch.cuda.max_memory_allocated() / 2**30, steps_done)
+            w.add_scalar("memory/max_reserved(GiB)", torch.cuda.max_memory_reserved() / 2**30, steps_done)
+
+    def eval(self, point) -> None:
+        self.writer.add_scalar("eval/loss", point.loss, point.step)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def eta(cfg: TrainConfig, step_ms: float, rank: int, steps_left: int) -> None:

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="a checkpoint every N steps (default 0: after the last step only)")
     c.add_argument("--checkpoint-keep", type=int, default=2, metavar="K", help="keep the last K (default: 2)")
+    a("--log-dir", default=None, metavar="DIR",
+      help="TensorBoard event files here (rank 0; torchtitan's metric names), continued across a resume")
     c.add_argument("--resume-from", default=None, metavar="DIR",
                    help="continue from this checkpoint (a step-NNNNNNNN directory, or the latest in a checkpoint DIR)")
     return p
@@ -150,7 +152,8 @@ def _main(argv: list[str]) -> int:
     rc = run(cfg, RunOptions(timing_warmup=args.timing_warmup, memory_breakdown=args.memory_breakdown,
                              save=args.save, metrics_out=args.metrics_out, profile=args.profile, quiet=args.quiet,
                              checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                             checkpoint_keep=args.checkpoint_keep, resume_from=args.resume_from))
+                             checkpoint_keep=args.checkpoint_keep, resume_from=args.resume_from,
+                             log_dir=args.log_dir))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A rank's work is done and written; leave without interpreter finalization, where gloo's worker
         # threads can still free tensors that need the GIL and abort the process (SIGABRT, "terminate called
@@ -265,6 +268,10 @@ def _check_outputs(cfg: TrainConfig, args, tokenizer_dir: str | None) -> None:
         from llmopt.scratch import check_writable_file
 
         check_writable_file(args.metrics_out, "--metrics-out", [cfg.data, cfg.init and cfg.init[3:]])
+    if args.log_dir:
+        from llmopt.scratch import check_writable_dir
+
+        check_writable_dir(args.log_dir, "--log-dir", may_exist=True)
     if args.profile:
         from llmopt.instruments import check_profile_dir
 

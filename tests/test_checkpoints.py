@@ -24,10 +24,13 @@ from resume_runs import reference  # noqa: E402
 pytestmark = pytest.mark.multiprocess
 
 # Every optimizer saved and resumed across four layout pairs: FSDP2 shards to TP shards, TP to pipeline stages,
-# stages to a 2-D mesh, the 2-D mesh to one process (each kind of placement written and read by another);
-# accumulation, bf16 and fp16 (the loss scaler's state) once more.
-PAIRS = ("fsdp2>tp2", "tp2>pp2-1f1b", "pp2-1f1b>fsdp2xtp2", "fsdp2xtp2>single")
+# stages back to FSDP2, FSDP2 to one process (each kind of placement written by one layout and read by
+# another). The 2-D mesh (4 ranks on 2 cores: the costliest) both ways for the optimizers whose state is not
+# elementwise (whole-tensor and sharded paths) and AdamW; accumulation, bf16 and fp16 (the loss scaler's state)
+# once more.
+PAIRS = ("fsdp2>tp2", "tp2>pp2-1f1b", "pp2-1f1b>fsdp2", "fsdp2>single")
 CASES = [f"{p}:{o}" for o in names() for p in PAIRS] + [
+    *(f"single>fsdp2xtp2:{o}" for o in ("muon", "adafactor", "lamb", "soap")), "fsdp2xtp2>pp2-1f1b:adamw",
     "ddp2-accum2>fsdp2:adamw", "single>ddp2-accum2:muon", "tp2>fsdp2:adamw:bf16", "fsdp2>single:adamw:fp16"]
 EXACT = 1e-4  # tests/test_parity.py's tolerance for fp32 layouts
 AMP = 5e-2    # and for bf16/fp16 ones (bench.results.AMP_TOLERANCE)
@@ -154,6 +157,34 @@ def test_a_checkpoint_is_also_a_model(tmp_path, capsys):
     assert sample([str(tmp_path / "ck"), "--max-new-tokens", "8", "--prompt", "def "]) == 0
     assert capsys.readouterr().out.startswith("def ")
     assert export([str(tmp_path / "ck"), str(tmp_path / "exported")]) == 2  # never over an existing directory
+
+
+def _events(log_dir) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), purge_orphaned_data=True)
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_logs_continue_across_a_resume(tmp_path, monkeypatch):
+    """``--log-dir``: torchtitan's metric names, one point per step and eval; a run killed after 3 of 6 steps and
+    resumed into the same directory reads back as the uninterrupted run (each step once, its loss)."""
+    from llmopt.faults import FAIL_ENV
+
+    common = ["--steps", "6", "--eval-every", "2", "--eval-batches", "1", "--log-dir"]
+    full = _run(tmp_path, *common, str(tmp_path / "tb-full"))
+    monkeypatch.setenv(FAIL_ENV, "0:4:raise")  # after step 4 was logged, its checkpoint was not written
+    with pytest.raises(RuntimeError, match="injected failure"):
+        main([*BASE, *common, str(tmp_path / "tb"), "--checkpoint-dir", str(tmp_path / "ck"),
+              "--checkpoint-every", "3"])
+    monkeypatch.delenv(FAIL_ENV)
+    _run(tmp_path, *common, str(tmp_path / "tb"), "--checkpoint-dir", str(tmp_path / "ck"))
+    want, got = _events(tmp_path / "tb-full"), _events(tmp_path / "tb")
+    assert {"loss_metrics/global_avg_loss", "grad_norm", "lr", "throughput(tps)", "tflops", "eval/loss"} <= set(got)
+    assert got["loss_metrics/global_avg_loss"] == list(enumerate(full["losses"], start=1))  # each step once
+    assert got["eval/loss"] == want["eval/loss"] and [s for s, _ in got["eval/loss"]] == [0, 2, 4, 6]
+    assert got["lr"] == want["lr"] and got["grad_norm"] == want["grad_norm"]
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path):

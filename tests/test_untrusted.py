@@ -288,12 +288,12 @@ def test_a_long_run_says_its_eta_and_a_budget_beyond_a_year_is_refused(capsys):
     from llmopt.loop import HORIZON_S, eta
     from llmopt.train import main
 
-    eta(SimpleNamespace(steps=100_002), 1.0, rank=0)  # 100,000 steps left at 1 ms: 100 s
+    eta(SimpleNamespace(steps=100_002), 1.0, rank=0, steps_left=100_000)  # 100,000 steps left at 1 ms: 100 s
     assert "eta: 100,000 more steps at 1.0 ms: about 0:01:40" in capsys.readouterr().out
-    eta(SimpleNamespace(steps=1_000), 1.0, rank=0)  # a second: nothing said
+    eta(SimpleNamespace(steps=1_000), 1.0, rank=0, steps_left=998)  # a second: nothing said
     assert capsys.readouterr().out == ""
     with pytest.raises(ValueError, match="years"):
-        eta(SimpleNamespace(steps=int(HORIZON_S * 1e3) + 10), 1.0, rank=0)
+        eta(SimpleNamespace(steps=int(HORIZON_S * 1e3) + 10), 1.0, rank=0, steps_left=int(HORIZON_S * 1e3) + 8)
     assert main(["--seq-len", "16", "--quiet", "--max-tokens", str(10**30)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "years" in err and "--max-tokens" in err, err
