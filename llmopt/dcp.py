@@ -276,9 +276,12 @@ def _groups(optimizer) -> list[tuple[int, dict]]:
 
 
 def group_settings(optimizer) -> list[dict]:
+    """Each outer parameter group's settings, with what only its inner optimizers' groups hold (SOAP's step
+    count) added: an inner group's copy of an outer setting (``WholeTensors`` copies the learning rate in at each
+    step, so after a scheduler step it is the previous one) never replaces the outer's."""
     merged = [{} for _ in optimizer.param_groups]
-    for i, g in _groups(optimizer):
-        merged[i].update({k: _plain(v) for k, v in g.items() if k != "params"})
+    for i, g in _groups(optimizer):  # the outer groups first
+        merged[i].update({k: _plain(v) for k, v in g.items() if k != "params" and k not in merged[i]})
     return merged
 
 

@@ -72,6 +72,7 @@ class Timed:
     power: dict = field(default_factory=dict)
     peak: int = 0
     resumed_from: int | None = None  # the steps a checkpoint had done when this run resumed it
+    load_s: float | None = None      # seconds its loading took
 
 
 def run(cfg: TrainConfig, opts: RunOptions) -> int:
@@ -106,7 +107,8 @@ def _run(cfg: TrainConfig, opts: RunOptions) -> int:
             save_model(state, opts.save, log)
         breakdown, memory_step_s = memory_step(state) if opts.memory_breakdown and finished else (None, None)
         metrics = summarize(state, timed, breakdown, memory_step_s, startup_s=startup, build_s=build_s,
-                            resumed_from_step=timed.resumed_from, **(saver.figures() if saver else {}))
+                            resumed_from_step=timed.resumed_from, checkpoint_load_s=timed.load_s,
+                            **(saver.figures() if saver else {}))
         if rank == 0:
             if opts.metrics_out:
                 with open_file(opts.metrics_out) as f:  # never through a link planted in a results directory
@@ -169,7 +171,9 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool, resum
     if resume_from is not None:
         from llmopt.dcp import load
 
+        t0 = time.perf_counter()
         start = t.resumed_from = load(state, resume_from, t)
+        t.load_s = time.perf_counter() - t0
         if log:
             print(f"resumed: {resume_from} (after step {start - 1}, {len(t.conv.evals)} evals)", flush=True)
     board = Board(log_dir, state, start) if log_dir else None

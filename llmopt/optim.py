@@ -485,6 +485,12 @@ class WholeTensors(torch.optim.Optimizer):
                           "params": [self._proxies[p] for p in ps]} for i, ps in groups], **kw)
             self._inners.append((inner, [i for i, _ in groups]))
 
+    def inner_groups(self):
+        """(index of its group among ``param_groups``, group) of every inner optimizer's groups: where SOAP keeps
+        its step count (llmopt.dcp saves and restores them with the outer group's)."""
+        for inner, where in self._inners:
+            yield from zip(where, inner.param_groups)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

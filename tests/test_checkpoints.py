@@ -32,6 +32,7 @@ PAIRS = ("fsdp2>tp2", "tp2>pp2-1f1b", "pp2-1f1b>fsdp2", "fsdp2>single")
 CASES = [f"{p}:{o}" for o in names() for p in PAIRS] + [
     *(f"single>fsdp2xtp2:{o}" for o in ("muon", "adafactor", "lamb", "soap")), "fsdp2xtp2>pp2-1f1b:adamw",
     "ddp2-accum2>fsdp2:adamw", "single>ddp2-accum2:muon", "tp2>fsdp2:adamw:bf16", "fsdp2>single:adamw:fp16"]
+GROUP_COUNTERS = {"soap": "step", "schedule-free": "k"}  # steps taken, counted in the parameter groups
 EXACT = 1e-4  # tests/test_parity.py's tolerance for fp32 layouts
 AMP = 5e-2    # and for bf16/fp16 ones (bench.results.AMP_TOLERANCE)
 # tests/test_parity.py: SOAP's curve is held to its own rounding-noise floor (here the larger of the curves with
@@ -76,7 +77,15 @@ def test_a_checkpoint_resumes_under_another_layout(resumed, case):
     saved, got = resumed[case]
     optimizer, precision = (case.split(":")[1:] + ["fp32"])[:2]
     ref = reference(optimizer, precision)
-    assert got["digest"] == saved["digest"] and any(k.startswith("optim/") for k in saved["digest"]), case
+    tensors = {k for k in saved["digest"] if not k.startswith("group/")}
+    assert {k: got["digest"][k] for k in tensors} == {k: saved["digest"][k] for k in tensors}, case
+    assert any(k.startswith("optim/") for k in tensors)
+    for k in saved["digest"].keys() - tensors:  # the settings both layouts' optimizers have (ShardedMuon's are
+        g, s = got["digest"][k], saved["digest"][k]  # fewer than torch's Muon's): counters and schedule included
+        assert "lr" in g.keys() & s.keys() and {x: g[x] for x in g.keys() & s.keys()} == \
+               {x: s[x] for x in g.keys() & s.keys()}, (case, k, g, s)
+        if optimizer in GROUP_COUNTERS:  # kept in the groups, not the per-parameter state: resumed too
+            assert g[GROUP_COUNTERS[optimizer]] == s[GROUP_COUNTERS[optimizer]] == 2, (case, k, g, s)
     assert got["losses"][:2] == saved["losses"]  # the checkpoint's curve so far is the resumed run's start
     assert len(got["losses"]) == len(ref) == 4
     upto = 3 if optimizer == "soap" else 4
@@ -117,7 +126,7 @@ def test_the_same_layout_resumes_bit_for_bit(tmp_path, monkeypatch, optimizer):
     monkeypatch.delenv(FAIL_ENV)
     assert sorted(os.listdir(ck)) == [".lock", "step-00000002", "step-00000003"]
     again = _run(tmp_path, "--optimizer", optimizer, "--steps", "6", "--checkpoint-dir", str(ck))
-    assert again["resumed_from_step"] == 3 and again["losses"] == full["losses"]
+    assert again["resumed_from_step"] == 3 and again["losses"] == full["losses"] and again["checkpoint_load_s"] > 0
     assert again["grad_norms"] == full["grad_norms"]
     assert again["checkpoints_saved"] == 1 and again["checkpoint_bytes"] > 0 and again["checkpoint_save_s"] > 0
     assert sorted(os.listdir(ck)) == [".lock", "step-00000003", "step-00000006"]  # the last two kept

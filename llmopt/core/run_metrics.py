@@ -65,6 +65,7 @@ class RunMetrics:
     checkpoints_saved: int | None = _m()          # --checkpoint-dir: checkpoints written by this run
     checkpoint_bytes: int | None = _m()           # the last one's size on disk
     checkpoint_save_s: float | None = _m()        # seconds per save, mean (every rank writes its shards)
+    checkpoint_load_s: float | None = _m()        # seconds the resumed checkpoint took to load, on rank 0
 
     @classmethod
     def from_json(cls, d: dict) -> "RunMetrics":

@@ -21,7 +21,7 @@ from layouts import rank_setup
 from llmopt.convergence import Convergence
 from llmopt.core import cli
 from llmopt.core.config import TrainConfig, validate
-from llmopt.dcp import Saver, load, step_dir, tensors
+from llmopt.dcp import KERNEL_CHOICES, Saver, group_settings, load, step_dir, tensors
 from llmopt.launch import launch
 from llmopt.loop import Timed
 from llmopt.optimizers import spec as optimizer_spec
@@ -51,14 +51,17 @@ def config(layout: str, optimizer: str, precision: str = "fp32") -> TrainConfig:
 
 def digest(state) -> dict:
     """Every tensor of the checkpoint's state (``llmopt.dcp.tensors``: model and optimizer, by layout-free name)
-    as the whole tensor's float64 sum and sum of absolute values, merged over the ranks on rank 0. The same
-    state under any layout has the same digest, exactly (a DTensor is made whole before it is summed)."""
+    as the whole tensor's float64 sum and sum of absolute values, and each parameter group's settings and
+    counters (but the run's kernel choices), merged over the ranks. The same state under any layout has the same
+    digest, exactly (a DTensor is made whole before it is summed)."""
     from torch.distributed.tensor import DTensor
 
     local = {}
     for name, t in sorted(tensors(state).items()):
         whole = (t.full_tensor() if isinstance(t, DTensor) else t).double()
         local[name] = (whole.sum().item(), whole.abs().sum().item())
+    for i, group in enumerate(group_settings(state.optimizer)):  # counters too (SOAP's step, schedule-free's k)
+        local[f"group/{i}"] = {k: v for k, v in sorted(group.items()) if k not in KERNEL_CHOICES}
     merged = [None] * dist.get_world_size()
     dist.all_gather_object(merged, local)
     return {k: v for part in merged for k, v in part.items()}
