@@ -9,7 +9,7 @@ A checkpoint is a directory ``step-NNNNNNNN`` (the number of steps done) inside 
   a 0-dim tensor). FSDP2 and TP parameters and their states are DTensors, written as shards and resharded by
   DCP on load; whole-tensor states (``WholeTensors``' Adafactor and SOAP, torch's own optimizers in one
   process) are whole tensors. So the names do not depend on the layout, and neither do the shapes.
-* ``llmopt.json`` (rank 0; JSON, never a pickle): the format, the config it was saved under, the steps done,
+* ``train_state.json`` (rank 0; JSON, never a pickle): the format, the config it was saved under, the steps done,
   each optimizer parameter group's settings and counters (schedule-free's ``k``/``weight_sum``, SOAP's
   ``step``; a ``WholeTensors`` bucket's inner groups merged into their outer group), the learning-rate
   schedule, the loss scaler, the curve so far (losses, gradient norms, step times), the evals, the noise-scale
@@ -38,7 +38,7 @@ from llmopt.safe_files import makedirs, open_file
 
 # torch is imported inside the functions that write or read a checkpoint: the flags' checks stay torch-free
 
-STATE_FILE = "llmopt.json"
+STATE_FILE = "train_state.json"  # not --save's llmopt.json: a saved model is not a checkpoint
 FORMAT = 1
 STEP_RE = re.compile(r"step-(\d{8})")
 # What must agree between a checkpoint and the run resuming it (the layout, accumulation, learning rate and
@@ -64,7 +64,7 @@ def step_dir(root: str, step: int) -> str:
 
 def complete(root: str) -> list[str]:
     """The complete checkpoints in ``root``, oldest first (a ``.tmp-`` directory, or one without its
-    llmopt.json, is a save that did not finish)."""
+    train_state.json, is a save that did not finish)."""
     if not os.path.isdir(root):
         return []
     names = sorted(n for n in os.listdir(root) if STEP_RE.fullmatch(n))
@@ -72,7 +72,7 @@ def complete(root: str) -> list[str]:
 
 
 def resolve(path: str, flag: str = "--resume-from") -> str:
-    """A checkpoint directory: ``path`` itself (it holds llmopt.json) or the latest complete one inside it."""
+    """A checkpoint directory: ``path`` itself (it holds train_state.json) or the latest complete one inside it."""
     if os.path.isfile(os.path.join(path, STATE_FILE)):
         return path
     found = complete(path)
@@ -83,7 +83,7 @@ def resolve(path: str, flag: str = "--resume-from") -> str:
 
 
 def read_info(path: str) -> dict:
-    """A checkpoint's llmopt.json, checked for what resuming reads from it."""
+    """A checkpoint's train_state.json, checked for what resuming reads from it."""
     file = os.path.join(path, STATE_FILE)
     try:
         if os.path.getsize(file) > 256 * 2**20:

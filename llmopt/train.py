@@ -105,6 +105,7 @@ def _checked(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig]:
     else:
         raw = config_from_args(args)
         _refuse_unused(raw, given_flags(argv))  # as given: validate resolves the steps
+    _refuse_a_checkpoint_as_init(raw)
     cfg = validate(raw)
     if args.timing_warmup < 0:
         raise ValueError(f"--timing-warmup {args.timing_warmup}: must be 0 or more")
@@ -175,6 +176,18 @@ def given_flags(argv: list[str], names: list[str] | None = None) -> set[str]:
 
 RUN_FLAGS = ["checkpoint_every", "checkpoint_keep"]
 _HELD: dict = {}  # checkpoint directory -> its lock, held by this process (forked ranks inherit it)
+
+
+def _refuse_a_checkpoint_as_init(cfg: TrainConfig) -> None:
+    """``--init hf:DIR`` of a training checkpoint (llmopt.dcp), before Hugging Face reads it as a saved model and
+    fails with its own words."""
+    from llmopt import dcp
+
+    init = cfg.init[3:] if cfg.init else None
+    if init and os.path.isdir(init) and (os.path.isfile(os.path.join(init, dcp.STATE_FILE)) or dcp.complete(init)):
+        raise ValueError(f"--init {cfg.init}: a training checkpoint, not a saved model; continue it with "
+                         f"--resume-from {init}, or export it (python -m llmopt.export {init} DIR) and pass "
+                         f"--init hf:DIR")
 
 
 def _check_checkpoints(cfg: TrainConfig, args, given: set[str]) -> str | None:

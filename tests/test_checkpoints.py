@@ -166,6 +166,10 @@ def test_a_checkpoint_is_also_a_model(tmp_path, capsys):
     assert sample([str(tmp_path / "ck"), "--max-new-tokens", "8", "--prompt", "def "]) == 0
     assert capsys.readouterr().out.startswith("def ")
     assert export([str(tmp_path / "ck"), str(tmp_path / "exported")]) == 2  # never over an existing directory
+    capsys.readouterr()
+    assert "a training checkpoint, not a saved model" in _error(capsys, "--init", f"hf:{tmp_path / 'ck'}")
+    again = _run(tmp_path, "--data", os.__file__, "--init", f"hf:{tmp_path / 'exported'}", "--steps", "2")
+    assert again["losses"][0] < 5.0  # the trained model, not a fresh one (ln 256 = 5.5 nats for byte tokens)
 
 
 def _events(log_dir) -> dict[str, dict[int, float]]:
@@ -203,7 +207,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path):
     _run(tmp_path, "--steps", "2", "--checkpoint-dir", str(ck))
     (ck / ".tmp-step-00000004").mkdir()
     (ck / ".tmp-step-00000004" / "__0_0.distcp").write_bytes(b"half")
-    (ck / "step-00000003").mkdir()  # a directory without its llmopt.json is not a checkpoint either
+    (ck / "step-00000003").mkdir()  # a directory without its train_state.json is not a checkpoint either
     again = _run(tmp_path, "--steps", "4", "--checkpoint-dir", str(ck))
     assert again["resumed_from_step"] == 2 and not (ck / ".tmp-step-00000004").exists()
 
@@ -245,8 +249,8 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_one_line(tmp_path, capsys):
     (step / ".metadata").write_bytes(metadata)
     (step / "__0_0.distcp").write_bytes(b"truncated")
     assert "cannot be loaded" in _error(capsys, "--steps", "4", "--resume-from", str(step))
-    (step / "llmopt.json").write_text("{")
-    assert "llmopt.json is unreadable" in _error(capsys, "--steps", "4", "--resume-from", str(step))
+    (step / "train_state.json").write_text("{")
+    assert "train_state.json is unreadable" in _error(capsys, "--steps", "4", "--resume-from", str(step))
     assert {p.name for p in step.iterdir()} == {p.name for p in before}  # nothing overwritten or removed
 
 
