@@ -285,6 +285,11 @@ def group_settings(optimizer) -> list[dict]:
     return merged
 
 
+def _kind(v) -> str:
+    """A JSON value's kind, a number being one kind (an int step count may be saved where a float is now)."""
+    return "number" if isinstance(v, int | float) and not isinstance(v, bool) else type(v).__name__
+
+
 def load_group_settings(optimizer, saved: list[dict], path: str) -> None:
     import torch
 
@@ -296,6 +301,8 @@ def load_group_settings(optimizer, saved: list[dict], path: str) -> None:
             if k == "params" or k not in g or k in KERNEL_CHOICES:
                 continue
             old = g[k]
+            if _kind(_plain(old)) != _kind(v) and old is not None:
+                raise ValueError(f"parameter group {i}'s {k} is {v!r}, where this optimizer has {old!r}")
             if isinstance(old, torch.Tensor):
                 old.fill_(v)
             elif isinstance(old, tuple):
@@ -435,18 +442,42 @@ def load(state, path: str, timed) -> int:
         if p in names:
             for key in list(entry):
                 entry[key] = _put_back(entry[key], f"optim/{names[p]}/{key}", wanted)
+    try:  # train_state.json may come from someone else: a value of the wrong kind is its error, not a traceback
+        _restore_settings(state, info, path)
+        _restore_record(timed, info)
+        torch.set_rng_state(torch.tensor(info["rng"], dtype=torch.uint8))
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is malformed ({type(e).__name__}: {e}); resume "
+                              f"from another checkpoint") from None
+    return info["step"]
+
+
+def _restore_settings(state, info: dict, path: str) -> None:
+    """The optimizer's group settings and counters, the schedule, the loss scaler and the noise-scale averages."""
+    import torch
+
     load_group_settings(state.optimizer, info["groups"], path)
     if state.scheduler is not None and info.get("scheduler"):
-        state.scheduler.load_state_dict({**state.scheduler.state_dict(), **info["scheduler"]})
+        # the schedule's position (its learning rates come from the config and the restored groups)
+        saved = info["scheduler"]
+        step, last = saved.get("last_epoch"), saved.get("_last_lr")
+        if not isinstance(step, int) or isinstance(step, bool) or not isinstance(last, list) or \
+                not all(isinstance(x, int | float) and not isinstance(x, bool) for x in last):
+            raise ValueError(f"the schedule's last_epoch {step!r} / _last_lr {last!r}")
+        state.scheduler.load_state_dict({**state.scheduler.state_dict(), "last_epoch": step,
+                                         "_last_lr": [float(x) for x in last]})
     if state.scaler is not None and info.get("scaler"):
-        state.scaler.load_state_dict(info["scaler"])
+        saved = info["scaler"]
+        if not isinstance(saved, dict) or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                  for v in saved.values()):
+            raise ValueError(f"the loss scaler's state {saved!r}")
+        state.scaler.load_state_dict(saved)
     if state.noise_scale is not None and info.get("noise_scale"):
         g2, tr = info["noise_scale"]
         state.noise_scale.g2 = torch.tensor(g2, device=state.device)
         state.noise_scale.trace = torch.tensor(tr, device=state.device)
-    _restore_record(timed, info)
-    torch.set_rng_state(torch.tensor(info["rng"], dtype=torch.uint8))
-    return info["step"]
 
 
 def _restore_record(timed, info: dict) -> None:

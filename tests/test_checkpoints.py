@@ -247,6 +247,12 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_one_line(tmp_path, capsys):
     assert "names posix.mkdir" in _error(capsys, "--steps", "4", "--resume-from", str(step))
     assert not planted.exists()  # torch's own reader would have unpickled it
     (step / ".metadata").write_bytes(metadata)
+    state = (step / "train_state.json").read_text()
+    for key, bad in (("rng", ["x"]), ("evals", [{"nope": 1}]), ("scheduler", {"last_epoch": "late"}),
+                     ("groups", [{"lr": None}, {"lr": None}])):
+        (step / "train_state.json").write_text(json.dumps(dict(json.loads(state), **{key: bad})))
+        assert "train_state.json is malformed" in _error(capsys, "--steps", "4", "--resume-from", str(step))
+    (step / "train_state.json").write_text(state)
     (step / "__0_0.distcp").write_bytes(b"truncated")
     assert "cannot be loaded" in _error(capsys, "--steps", "4", "--resume-from", str(step))
     (step / "train_state.json").write_text("{")
