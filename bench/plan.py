@@ -32,15 +32,16 @@ def config_id(cfg: TrainConfig) -> str:
     """Readable and stable: the layout and toggles, then a hash of every field. 12 hex digits (48 bits): a
     million-config sweep collides with probability ~2e-3, and ``bench.matrix.expand`` refuses a plan where two
     different configs still share an id."""
+    fields = asdict(cfg)
     parts = [cfg.engine] if cfg.engine != "native" else []
     parts += [cfg.model_impl] if cfg.model_impl != "llmopt" else []
-    parts += [layout_name(cfg), cfg.precision, f"ga{cfg.grad_accum}", cfg.optimizer]
+    parts += [layout_name(fields), cfg.precision, f"ga{cfg.grad_accum}", cfg.optimizer]
     parts += [f"b{cfg.global_batch}"] if cfg.global_batch != TrainConfig.global_batch else []
     parts += [f"lr{cfg.lr:.3g}"] if cfg.lr else []
     parts += ["compile"] if cfg.compile else []
     parts += ["ac"] if cfg.activation_checkpointing else []
     parts += [f"opt-{cfg.optimizer_impl}"] if cfg.optimizer_impl != "auto" else []
-    digest = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     return "-".join(parts) + "-" + digest
 
 

@@ -27,7 +27,7 @@ from bench.matrix import NAMED, MatrixError, check_slurm_options, expand, parse_
 from bench.noise import NOISY_CV, NOISY_P90_P50, RETIME_SUFFIX
 from bench.plan import PlanEntry, PlanError, SweepPlan
 from bench.results import STATUSES, ResultFiles, Row, Unreadable, read_env
-from llmopt.safe_files import UnsafePath, makedirs, open_file, refuse_links, write_json
+from llmopt.safe_files import UnsafePath, hold_lock, makedirs, refuse_links, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(REPO, "results", "runs")
@@ -225,21 +225,10 @@ def _new_plan(args) -> SweepPlan:
 
 def _lock(out: str):
     """One writer per sweep directory: an advisory lock held for the whole sweep (resumes included)."""
-    import fcntl
-
-    f = open_file(os.path.join(out, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
+    f, holder = hold_lock(os.path.join(out, ".lock"))
+    if f is None:
         raise MatrixError(f"--out {out}: another bench.run (PID {holder}) is writing this sweep; wait for it to end "
-                          f"or stop it first") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
+                          f"or stop it first")
     return f
 
 

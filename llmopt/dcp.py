@@ -25,7 +25,6 @@ exists, in this layout's placement, to be loaded into in place. The batches of s
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -34,7 +33,7 @@ import shutil
 import time
 import warnings
 
-from llmopt.safe_files import makedirs, open_file
+from llmopt.safe_files import hold_lock, makedirs, open_file
 
 # torch is imported inside the functions that write or read a checkpoint: the flags' checks stay torch-free
 
@@ -137,13 +136,10 @@ def hold(root: str):
     """The lock of a checkpoint directory, held by the run writing it (an open file: released when the process
     ends). Another run on the same directory is refused."""
     makedirs(root)
-    f = open_file(os.path.join(root, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise CheckpointError(f"--checkpoint-dir {root}: another run is writing checkpoints there; wait for it to "
-                              f"end or use another directory") from None
+    f, holder = hold_lock(os.path.join(root, ".lock"))
+    if f is None:
+        raise CheckpointError(f"--checkpoint-dir {root}: another run (PID {holder}) is writing checkpoints there; "
+                              f"wait for it to end or use another directory")
     return f
 
 
@@ -233,7 +229,6 @@ def _leaves(prefix: str, value, out: dict) -> None:
 
 def _put_back(value, prefix: str, loaded: dict):
     """``value`` with its numbers replaced by their loaded ones (tensors were loaded in place)."""
-
     if isinstance(value, bool | int | float) and prefix in loaded:
         x = loaded[prefix].item()
         return type(value)(x) if not isinstance(value, bool) else bool(x)
@@ -379,9 +374,9 @@ def _info(state, steps_done: int, timed) -> dict:
     import torch
 
     conv = timed.conv
-    sched = state.scheduler.state_dict() if state.scheduler is not None else None
-    if sched is not None:
-        sched = {k: _plain(v) for k, v in sched.items() if k != "lr_lambdas"}
+    sched = None
+    if state.scheduler is not None:  # its position: the rates come from the config and the restored groups
+        sched = {"last_epoch": state.scheduler.last_epoch, "_last_lr": _plain(state.scheduler.get_last_lr())}
     noise = state.noise_scale
     return {
         "format": FORMAT, "config": asdict(state.cfg), "step": steps_done,

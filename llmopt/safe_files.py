@@ -106,6 +106,27 @@ def replace_text(path: str, text: str, newline: str | None = None) -> None:
         raise
 
 
+def hold_lock(path: str):
+    """An exclusive advisory lock (``flock``) on the file ``path`` (created, never through a link), held while the
+    returned file stays open, with this process's PID written in it: ``(file, None)``; ``(None, the holder's PID)``
+    when another process holds it. One writer per directory for a sweep and for a run's checkpoints."""
+    import fcntl
+
+    f = open_file(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        return None, holder
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f, None
+
+
 def write_json(path: str, obj) -> None:
     """``obj`` as JSON at ``path``, atomically and never through a link."""
     buf = io.StringIO()

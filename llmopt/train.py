@@ -100,11 +100,13 @@ def _checked(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig]:
     """The flags, parsed and checked (values, combinations, --data, outputs, devices, the launcher's world)
     before torch is imported; a mistake raises ValueError (the optimizers' registry, read by the parser, too)."""
     args = build_parser().parse_args(argv)
+    given = given_flags(argv, TrainConfig.field_names() + RUN_FLAGS)
+    fields_given = given - set(RUN_FLAGS)
     if args.config:
-        raw = config_from_file(args.config, given_flags(argv))
+        raw = config_from_file(args.config, fields_given)
     else:
         raw = config_from_args(args)
-        _refuse_unused(raw, given_flags(argv))  # as given: validate resolves the steps
+        _refuse_unused(raw, fields_given)  # as given: validate resolves the steps
     _refuse_a_checkpoint_as_init(raw)
     cfg = validate(raw)
     if args.timing_warmup < 0:
@@ -114,7 +116,7 @@ def _checked(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig]:
         cfg, tokenizer_dir = _check_data(cfg, raw)
     if int(os.environ.get("RANK", "0")) == 0:  # once: the launcher's parent, or rank 0 under torchrun
         _check_outputs(cfg, args, tokenizer_dir)
-    args.resume_from = _check_checkpoints(cfg, args, given_flags(argv, RUN_FLAGS))
+    args.resume_from = _check_checkpoints(cfg, args, given & set(RUN_FLAGS))
     if cfg.device == "cuda":
         import torch
 
@@ -214,8 +216,10 @@ def _check_checkpoints(cfg: TrainConfig, args, given: set[str]) -> str | None:
         path = dcp.resolve(resume)
         dcp.check_compatible(cfg, path)
     if root is not None and int(os.environ.get("RANK", "0")) == 0 and root not in _HELD:
+        from llmopt.safe_files import refuse_links
         from llmopt.scratch import check_writable_dir
 
+        refuse_links(root, "--checkpoint-dir")  # saves rename and delete inside it: never through a planted link
         check_writable_dir(root, "--checkpoint-dir", may_exist=True)
         _HELD[root] = dcp.hold(root)
     return path

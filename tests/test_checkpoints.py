@@ -267,11 +267,18 @@ def test_a_directory_another_run_is_writing_is_refused(tmp_path, capsys):
     held = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
                              f"os.makedirs({str(ck)!r}, exist_ok=True)\n"
                              f"f = open({str(ck / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                             "f.write(str(os.getpid())); f.flush()\n"
                              "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert held.stdout.readline().strip() == "held"
-        assert "another run is writing checkpoints there" in _error(capsys, "--checkpoint-dir", str(ck))
+        assert f"another run (PID {held.pid}) is writing checkpoints there" in _error(capsys, "--checkpoint-dir",
+                                                                                        str(ck))
     finally:
         held.kill()
         held.wait()
     assert not dcp.complete(str(ck))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (ck / ".tmp-step-00000002").symlink_to(elsewhere)  # a save would write into it, a later one delete it
+    assert "is a symbolic link" in _error(capsys, "--checkpoint-dir", str(ck), "--steps", "2")
+    assert list(elsewhere.iterdir()) == []
