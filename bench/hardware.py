@@ -15,31 +15,13 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from llmopt.core.peaks import DATASHEET, datasheet_peak  # noqa: F401 (re-exported: the advisor's probe reads them)
 from llmopt.cpu import NATIVE_BF16_FLAGS, cpu_flags, cpu_model  # noqa: F401 (re-exported for the report)
 from llmopt.safe_files import makedirs, write_json
 
 if TYPE_CHECKING:
     from llmopt.core.config import TrainConfig
     from llmopt.core.run_metrics import RunMetrics
-
-# Dense peak FLOP/s per GPU from NVIDIA's datasheets (SXM parts). fp32 is the non-tensor-core figure:
-# llmopt leaves torch's fp32 matmul precision at "highest" (no TF32).
-DATASHEET = {
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
-    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
-    "A10G": {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12},
-    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12},
-}
-
-
-def datasheet_peak(device_name: str, precision: str) -> float | None:
-    for key, table in DATASHEET.items():
-        if key in device_name:
-            return table[precision]
-    return None
-
 
 # On CPU the token dimension of the measured GEMMs stops here: a larger M adds time, not FLOP/s.
 CPU_GEMM_TOKENS = 2048
@@ -147,7 +129,7 @@ def row_peak(tc: TrainConfig, metrics: RunMetrics | None, cache: dict, measure: 
     """The peak FLOP/s a config's MFU is stated against (measured on first use, kept in ``cache``); from the
     finished config's resolved fields, or before it runs (``metrics`` None) from its own. A GPU's datasheet
     figure is looked up by the name the config's rank saw; ``measure`` False (the config ran elsewhere: on
-    SLURM the job measures its node itself, ``bench.executors.job.run_in_job``) gives None rather than a
+    SLURM the job measures its node itself, ``bench.executors.job.ConfigJob``) gives None rather than a
     measurement of this machine. ``threads``: torch's CPU threads for a measurement (``measure_matmul_peak``)."""
     if metrics is not None and metrics.flops_per_token is None:
         return None

@@ -21,6 +21,9 @@ Custom file (TOML):
     gpus_per_node = 8
     cpus_per_node = 64
     share = false          # true: configs' jobs may share nodes (default: each has its nodes, --exclusive)
+    time_limit = 240       # minutes per job (--slurm-time-limit); a longer config is requeued and resumed
+    max_requeues = 5       # fail a config requeued more often than this
+    ranks_per_node = 2     # CPU configs: ranks per node (a config of more ranks spans nodes)
     options = { constraint = "h100", qos = "high" }   # extra sbatch options
 """
 from __future__ import annotations
@@ -272,7 +275,7 @@ def load_toml(path: str, max_configs: int = 10_000) -> tuple[dict, list[dict]]:
 
 
 SLURM_KEYS = {"partition": str, "account": str, "gpus_per_node": int, "cpus_per_node": int, "share": bool,
-              "options": dict}
+              "options": dict, "time_limit": int, "max_requeues": int, "ranks_per_node": int}
 
 
 def slurm_table(path: str) -> dict:
@@ -288,9 +291,10 @@ def slurm_table(path: str) -> dict:
         kind = SLURM_KEYS.get(key)
         if kind is None:
             raise MatrixError(f"--matrix {path}: [slurm] {key} is not a setting; use {', '.join(SLURM_KEYS)}")
-        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
+        least = 0 if key == "max_requeues" else 1
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < least)):
             raise MatrixError(f"--matrix {path}: [slurm] {key} = {value!r} must be a {kind.__name__}"
-                              + (" of at least 1" if kind is int else ""))
+                              + (f" of at least {least}" if kind is int else ""))
     return {k: ({str(a): str(b) for a, b in v.items()} if k == "options" else v) for k, v in table.items()}
 
 
@@ -309,7 +313,8 @@ spread-job switches thread-spec threads-per-core time-min tmp use-min-nodes wait
 # Options llmopt or submitit sets for every job: the flag to use instead, or why it is llmopt's own.
 SBATCH_SET = {"partition": "--slurm-partition", "account": "--slurm-account", "cpus-per-task": "--cpus-per-node",
               "gpus-per-node": "--gpus-per-node", "exclusive": "--slurm-share (off: each job has its nodes)",
-              "time": "--timeout (the job's limit is set above it)", "nodes": "the config's world size",
+              "time": "--slurm-time-limit", "nodes": "the config's world size and --ranks-per-node",
+              "requeue": "llmopt (every job is requeueable: it resumes from its checkpoint)",
               "ntasks-per-node": "llmopt (one task per node; the launcher starts the ranks)",
               "job-name": "submitit", "output": "submitit", "error": "submitit", "open-mode": "submitit",
               "signal": "llmopt (the checkpoint signal before the limit)", "wckey": "submitit"}

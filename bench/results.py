@@ -42,7 +42,7 @@ HARNESS_COLUMNS = [
     "predicted_memory_bytes", "memory_prediction_error",
     *(f"memory_{c}_bytes" for c in (*MEMORY_CATEGORIES, "other")), *(f"predicted_{c}_bytes" for c in MEMORY_CATEGORIES),
     "mfu", "peak_flops", "peak_flops_source", "baseline_id", "loss_parity_max_abs", "parity_verdict",
-    "added_as_baseline", "phase", "wall_s",
+    "added_as_baseline", "phase", "wall_s", "requeues",
 ]
 RESULT_COLUMNS = ["config_id", "status", "error", *CONFIG_COLUMNS,
                   *(c for c in RUN_METRIC_COLUMNS + OK_METRIC_COLUMNS if c not in CONFIG_COLUMNS), *HARNESS_COLUMNS]
@@ -323,13 +323,14 @@ class Row:
     timing_warmup: int
     baseline_losses: tuple[float, ...] | None = None
     peak: tuple[float, str] | None = None
+    requeues: int = 0  # how many times SLURM requeued its job (resumed from its checkpoint each time)
 
     def columns(self) -> dict:
         cfg, m = self.entry.config, self.metrics
         row = cfg.to_dict()
         row.update(config_id=self.entry.config_id, status=self.status, error=self.error,
                    timing_warmup=self.timing_warmup, added_as_baseline=self.entry.added_as_baseline,
-                   phase=self.entry.phase, wall_s=round(self.wall_s, 2))
+                   phase=self.entry.phase, wall_s=round(self.wall_s, 2), requeues=self.requeues)
         # The target the run was given, "" when none (the config's 0 means "no target"); a --target-gap resolves
         # to a loss only inside the run, so a row without metrics leaves it empty and keeps target_gap
         row["target_loss"] = cfg.target_loss or None

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench.executors import EXECUTORS, PENDING_TIMEOUT_S, ExecutorError, Outcome, Pool, signals_held
+from bench.executors import EXECUTORS, MAX_REQUEUES, PENDING_TIMEOUT_S, ExecutorError, Outcome, Pool, signals_held
 from bench.hardware import environment, peak_seconds, row_peak
 from bench.matrix import NAMED, MatrixError, check_slurm_options, expand, parse_filter, rank_budget
 from bench.noise import NOISY_CV, NOISY_P90_P50, RETIME_SUFFIX
@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"local executor: time a noisy row (step-time cv > {NOISY_CV:g} or p90/p50 > "
                         f"{NOISY_P90_P50:g}) once more at the end of the sweep; the report uses the steadier "
                         f"(default: on)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="each config checkpoints every N steps into OUT/checkpoints/<id> (0: only when SIGTERM or "
+                        "SIGUSR2 stops it); a config stopped or killed resumes from it when run again (--resume); an "
+                        "ok row's are removed. Default: off, except under --executor slurm (0: a requeued job "
+                        "resumes)")
+    p.add_argument("--log-dir", default=None, metavar="DIR",
+                   help="TensorBoard event files of each config in DIR/<config id> (llmopt.train --log-dir)")
     p.add_argument("--jobs", default="auto", metavar="N|auto",
                    help="configs at once on disjoint devices (default auto: 1 on CPU, every GPU busy on CUDA)")
     p.add_argument("--executor", default=None, choices=EXECUTORS,
@@ -79,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pending-timeout", type=float, default=PENDING_TIMEOUT_S, metavar="S",
                    help="fail a config whose job is still queued after S seconds (default: %(default).0f, a day); a "
                         "pending reason that can never clear (PartitionConfig, ...) fails it at once")
+    s.add_argument("--slurm-time-limit", type=int, default=None, metavar="MIN",
+                   help="each job's time limit in minutes (default: --timeout plus 2); a config that runs longer is "
+                        "stopped with a checkpoint before it, requeued and resumed")
+    s.add_argument("--max-requeues", type=int, default=None, metavar="N",
+                   help=f"fail a config whose job was requeued more than N times (default: {MAX_REQUEUES})")
+    s.add_argument("--ranks-per-node", type=int, default=None, metavar="N",
+                   help="CPU configs: ranks per node; a config of more ranks spans nodes (torch's elastic agent, "
+                        "c10d rendezvous on the first node). Default: every rank on one node")
     s.add_argument("--slurm-share", action="store_true", default=None,
                    help="let configs' jobs share nodes (default: each job has its nodes to itself, --exclusive, "
                         "so its timings are its own; shared, the report says how many ran at once)")
@@ -188,6 +203,9 @@ def _check_args(args) -> set[str]:
         raise MatrixError(f"--pending-timeout {args.pending_timeout}: must be a positive number of seconds")
     if args.max_configs < 1:
         raise MatrixError(f"--max-configs {args.max_configs}: must be at least 1")
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise MatrixError(f"--checkpoint-every {args.checkpoint_every}: must be 0 (only when stopped by a signal) "
+                          f"or more steps")
     try:
         peak_seconds()
     except ValueError as e:
@@ -240,11 +258,15 @@ def _slurm_settings(args, matrix: str) -> dict:
     for key in ("partition", "account", "share"):
         if getattr(args, f"slurm_{key}"):
             settings[key] = getattr(args, f"slurm_{key}")
-    for key in ("gpus_per_node", "cpus_per_node"):
-        if getattr(args, key) is not None:
-            if getattr(args, key) < 1:
-                raise MatrixError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be at least 1")
-            settings[key] = getattr(args, key)
+    flags = {"gpus_per_node": args.gpus_per_node, "cpus_per_node": args.cpus_per_node,
+             "ranks_per_node": args.ranks_per_node, "time_limit": args.slurm_time_limit,
+             "max_requeues": args.max_requeues}
+    for key, value in flags.items():
+        if value is not None:
+            flag = "--slurm-time-limit" if key == "time_limit" else "--" + key.replace("_", "-")
+            if value < (0 if key == "max_requeues" else 1):
+                raise MatrixError(f"{flag} {value}: must be at least {0 if key == 'max_requeues' else 1}")
+            settings[key] = value
     options = dict(settings.get("options") or {})
     for opt in args.slurm_option:
         key, sep, value = opt.partition("=")
@@ -260,6 +282,9 @@ def _slurm_settings(args, matrix: str) -> dict:
         if args.slurm_partition or args.slurm_account or args.slurm_option or args.slurm_share:
             raise MatrixError("--slurm-partition/--slurm-account/--slurm-option/--slurm-share: use with "
                               "--executor slurm")
+    if (args.executor or "local") != "slurm" and any(v is not None for k, v in flags.items() if k not in
+                                                      ("gpus_per_node", "cpus_per_node")):
+        raise MatrixError("--slurm-time-limit/--max-requeues/--ranks-per-node: use with --executor slurm")
     return settings
 
 
@@ -295,12 +320,18 @@ class Sweep:
 
 def sweep(args, argv) -> int:
     retry = _check_args(args)
+    if args.log_dir is not None:  # the configs' event files: DIR/<config id>, from wherever the configs run
+        from llmopt.scratch import check_writable_dir
+
+        check_writable_dir(args.log_dir, "--log-dir", may_exist=True)
+        args.log_dir = os.path.abspath(args.log_dir)
+        makedirs(args.log_dir)
     out, saved = _resolve_out(args)
     plan = saved if saved is not None else _new_plan(args)
     # the executor's choices are checked before anything is written
     pool = Pool(args.executor or "local", args.jobs, plan.device, out, args.timeout, plan.timing_warmup,
-                _slurm_settings(args, plan.matrix), args.pending_timeout)
-    for sub in ("logs", "metrics", "configs"):
+                _slurm_settings(args, plan.matrix), args.pending_timeout, args.checkpoint_every, args.log_dir)
+    for sub in ("logs", "metrics", "configs") + (("checkpoints",) if pool.checkpoints else ()):
         makedirs(os.path.join(out, sub))
     local = pool.executor == "local"
     s = Sweep(out, plan, pool, resumed=saved is not None, retry=retry, argv=argv, named_out=bool(args.out),
@@ -440,6 +471,8 @@ class _Runner:
                 for k, job in list(running.items()):
                     outcome = job.poll()
                     if outcome is not None:
+                        if outcome.status == "ok":
+                            job.drop_checkpoints()
                         outcomes[k] = (outcome, job.slot)
                         self.pool.slots.give(job.slot)
                         del running[k]
@@ -511,7 +544,7 @@ class _Runner:
             share = len(slot.cpus) / (os.cpu_count() or 1)  # the config had these cores, not the whole CPU
             peak = (peak[0] * share, f"{peak[1]} x {len(slot.cpus)}/{os.cpu_count()} cores (--jobs)")
         row = self.files.append(Row(entry, outcome.status, outcome.error, outcome.wall, outcome.metrics,
-                                    self.warmup, None if base is None else tuple(base), peak))
+                                    self.warmup, None if base is None else tuple(base), peak, outcome.requeues))
         if outcome.status == "ok" and row.get("baseline_id") == entry.config_id:
             self.baselines[entry.config_id] = list(outcome.metrics.losses)
         self.rows.append(row)

@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import time
 import warnings
 
@@ -308,15 +309,19 @@ def load_group_settings(optimizer, saved: list[dict], path: str) -> None:
 
 # ----------------------------------------------------------------------------------------- save
 class Saver:
-    """``--checkpoint-dir DIR --checkpoint-every N --checkpoint-keep K``: a checkpoint every N steps (and after
-    the last), the last K kept. Its figures (``figures``) go into the run's metrics."""
+    """``--checkpoint-dir DIR --checkpoint-every N --checkpoint-keep K``: a checkpoint every N steps and after
+    the last (unless ``final`` is False: ``--no-final-checkpoint``), the last K kept. Its figures
+    (``figures``) go into the run's metrics."""
 
-    def __init__(self, root: str, every: int, keep: int, rank: int):
-        self.root, self.every, self.keep, self.rank = root, every, keep, rank
+    def __init__(self, root: str, every: int, keep: int, rank: int, final: bool = True):
+        self.root, self.every, self.keep, self.rank, self.final = root, every, keep, rank, final
         self.saves: list[dict] = []
 
     def due(self, steps_done: int, last: bool) -> bool:
-        return (self.every > 0 and steps_done % self.every == 0) or last
+        return (self.every > 0 and steps_done % self.every == 0) or (last and self.final)
+
+    def saved(self, steps_done: int) -> bool:
+        return bool(self.saves) and self.saves[-1]["step"] == steps_done
 
     def save(self, state, steps_done: int, timed) -> None:
         """Collective. Writes the checkpoint after ``steps_done`` steps (``timed``: the loop's record so far)."""
@@ -353,6 +358,40 @@ class Saver:
             return {}
         return {"checkpoints_saved": len(self.saves), "checkpoint_bytes": self.saves[-1]["bytes"],
                 "checkpoint_save_s": sum(s["seconds"] for s in self.saves) / len(self.saves)}
+
+
+# What SLURM sends a job it is about to stop: SIGUSR2 before its time limit (``--signal=USR2@S``, the signal
+# submitit asks for) and SIGTERM when it is requeued, preempted or cancelled (then SIGKILL after KillWait).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+class StopRequest:
+    """With ``--checkpoint-dir``: SIGTERM or SIGUSR2 asks the run to stop at the end of the step under way, with
+    a checkpoint, instead of dying mid-step (Lightning's SLURM auto-requeue does the same). A signal may reach
+    the ranks between two different steps, so they agree on where to stop: ``agreed()`` is one MAX all-reduce of
+    a one-element tensor a step (off the clock), and every rank stops after the same step."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {sig: signal.signal(sig, self._note) for sig in STOP_SIGNALS}
+
+    def _note(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def agreed(self, device) -> int:
+        """The signal some rank got (0: none); collective when there are several ranks."""
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _distributed() -> bool:

@@ -3,13 +3,16 @@
 ``LLMOPT_FAIL_AT="RANK:STEP:MODE[:SEED],..."`` makes that rank fail at that step (of configs of that seed
 only, when SEED is given, so one sweep can hold healthy and faulty configs). MODE: raise (an exception),
 exit (exit code 17), kill (SIGKILL, as the kernel's OOM killer would), segv (a real segmentation fault), hang
-(never returns), alloc (allocate until SIGKILLed). Read by ``llmopt.loop.timed_steps`` before each step.
+(never returns), alloc (allocate until SIGKILLed), wait (until SIGTERM or SIGUSR2 asks a checkpointing run to
+stop: the preemption tests' way to be signalled mid-run; it says so on stderr first). Read by
+``llmopt.loop.timed_steps`` before each step.
 MODE slow: that step takes SLOW_S longer, inside its timing (a stall a noisy machine would cause), on a
 config's first timing only: the harness's re-time of a noisy row (``RETIME_ENV`` set) runs clean.
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 FAIL_ENV = "LLMOPT_FAIL_AT"
@@ -29,9 +32,10 @@ def slow_steps(rank: int, seed: int) -> frozenset[int]:
     return frozenset(steps)
 
 
-def maybe_fail(rank: int, step: int, seed: int) -> None:
+def maybe_fail(rank: int, step: int, seed: int, stop_requested=lambda: False) -> None:
     """The fault-injection hook (tests only): LLMOPT_FAIL_AT="RANK:STEP:MODE[:SEED],...", a spec with SEED
-    applying only to configs of that seed (so one sweep can hold healthy and faulty configs)."""
+    applying only to configs of that seed (so one sweep can hold healthy and faulty configs).
+    ``stop_requested``: whether a stop signal has come (MODE wait)."""
     for spec in filter(None, os.environ.get(FAIL_ENV, "").split(",")):
         r, s, mode, *only = spec.split(":")
         if int(r) != rank or int(s) != step or (only and int(only[0]) != seed) or mode == "slow":
@@ -47,6 +51,11 @@ def maybe_fail(rank: int, step: int, seed: int) -> None:
         if mode == "hang":
             while True:
                 time.sleep(1)
+        if mode == "wait":
+            print(f"waiting for a stop signal before step {step} ({FAIL_ENV})", file=sys.stderr, flush=True)
+            while not stop_requested():
+                time.sleep(0.05)
+            continue
         if mode == "alloc":  # allocate until killed: 256 MiB in 16 MiB chunks, then SIGKILL as the OOM killer would
             hoard: list[bytearray] = []  # small: a larger one's page faults once outlasted a test's --timeout
             while len(hoard) < 16:

@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 
 from llmopt.core import cli
 from llmopt.scratch import private_dir
@@ -34,8 +35,11 @@ LAUNCHER_ENV = "LLMOPT_LAUNCHER"
 # measured from it to the rank's first line of work (llmopt.loop), so it covers imports and rank start-up.
 LAUNCH_T0_ENV = "LLMOPT_LAUNCH_T0"
 # Errors a rank raises because *another* rank went away: never the root cause when a real error exists.
-_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",
+SECONDARY_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",
               "Socket Timeout", "SIGTERM")
+# Set in the ranks this module starts: the launcher already checked the run's outputs and holds its checkpoint
+# directory's lock (under torchrun, rank 0 does both itself).
+LAUNCHED_ENV = "LLMOPT_LAUNCHED"
 RANKS_DIR = "llmopt-ranks-"  # <tmp>/llmopt-ranks-<launcher pid>-...: the ranks' error files or the agent's logs
 GRACE_S = 1.0  # after the first failure, how long the other ranks get to fail (and say why) on their own
 
@@ -53,27 +57,57 @@ def preload() -> None:
         importlib.import_module(name)
 
 
+@dataclass(frozen=True)
+class Nodes:
+    """A run across nodes (llmopt.train --nnodes): this node's place in it and where node 0's agent hosts the
+    c10d rendezvous."""
+    count: int
+    rank: int
+    endpoint: str
+    run_id: str
+
+
+def node_name() -> str:
+    """This node as SLURM names it (the name a user finds in squeue and sinfo), else its host name."""
+    import socket
+
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def launch(nproc: int, argv: list[str], device: str, rank_main, oom_exit: int = cli.OUT_OF_MEMORY,
-           decided: tuple[int, ...] = ()) -> int:
+           decided: tuple[int, ...] = (), graceful: bool = False, nodes: Nodes | None = None) -> int:
     """Run ``rank_main(argv)`` on ``nproc`` local ranks; returns the exit code the launcher should give
     (``oom_exit`` when a rank was SIGKILLed: nobody here sent it, so it was the kernel's OOM killer).
     ``decided``: exit codes every rank reaches alike and rank 0 explains itself (a divergence, a user error
     found once training started): when every failed rank, rank 0 among them, exits with one of them, the
-    launcher adds no "rank N failed" line of its own."""
-    how = os.environ.get(LAUNCHER_ENV) or ("fork" if device == "cpu" else "elastic")
+    launcher adds no "rank N failed" line of its own. ``graceful`` (the run checkpoints): SIGTERM, SIGHUP and
+    SIGUSR2 are passed on to the ranks, which stop after the step under way with a checkpoint
+    (``llmopt.dcp.StopRequest``), and waited for; otherwise SIGTERM and SIGHUP stop the ranks at once.
+    ``nodes``: this node's ``nproc`` ranks of a run across nodes, through torch's elastic agent (torchrun's)."""
+    how = "elastic" if nodes else os.environ.get(LAUNCHER_ENV) or ("fork" if device == "cpu" else "elastic")
     if how not in ("fork", "elastic"):
         return cli.error(f"{LAUNCHER_ENV}={how!r}: use fork or elastic")
     if how == "fork" and device != "cpu":
         return cli.error(f"{LAUNCHER_ENV}=fork: CUDA ranks cannot be forked safely; use elastic")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # SIGTERM and SIGHUP unwind like Ctrl-C, so the ranks are stopped and the launcher's files removed on the
-    # way out (by default they end the process at once and leave both behind)
-    previous = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    launched = os.environ.get(LAUNCHED_ENV)
+    os.environ[LAUNCHED_ENV] = "1"  # inherited by forked and exec'd ranks alike; this process's restored below
+    if graceful and how == "fork":
+        handlers = dict.fromkeys((signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2), _pass_on)
+    elif graceful:  # torch's agent stops its ranks on SIGTERM (after a grace); SIGUSR2 reaches them from SLURM
+        handlers = {signal.SIGTERM: _raise_exit, signal.SIGHUP: _raise_exit, signal.SIGUSR2: signal.SIG_IGN}
+    else:
+        # SIGTERM and SIGHUP unwind like Ctrl-C, so the ranks are stopped and the launcher's files removed on
+        # the way out (by default they end the process at once and leave both behind)
+        handlers = {signal.SIGTERM: _raise_exit, signal.SIGHUP: _raise_exit}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
-        code = _forked(nproc, argv, rank_main, decided) if how == "fork" else _elastic(nproc, argv, decided)
+        code = _forked(nproc, argv, rank_main, decided) if how == "fork" else _elastic(nproc, argv, decided, nodes)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if launched is None:
+            os.environ.pop(LAUNCHED_ENV, None)
     return oom_exit if code == -9 else code
 
 
@@ -81,19 +115,34 @@ def _raise_exit(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def _elastic(nproc: int, argv: list[str], decided: tuple[int, ...]) -> int:
+_RANKS: dict[int, int] = {}  # the forked ranks still running: pid -> rank (for _pass_on)
+
+
+def _pass_on(signum, frame):
+    """A graceful launcher's stop signal, passed on to its ranks (SLURM signals them too: twice is once)."""
+    for pid in list(_RANKS):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _elastic(nproc: int, argv: list[str], decided: tuple[int, ...], nodes: Nodes | None = None) -> int:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     logs = private_dir(RANKS_DIR)  # the agent's files, removed afterwards (or by the next run, after a SIGKILL)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"llmopt-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
-                          logs_specs=DefaultLogsSpecs(log_dir=logs))
+    where = dict(min_nodes=1, max_nodes=1, run_id=f"llmopt-{uuid.uuid4().hex[:8]}", rdzv_endpoint="localhost:0")
+    if nodes is not None:  # node 0 hosts the rendezvous's store: said, not guessed from host names
+        where = dict(min_nodes=nodes.count, max_nodes=nodes.count, run_id=nodes.run_id, rdzv_endpoint=nodes.endpoint,
+                     rdzv_configs={"is_host": nodes.rank == 0})
+    config = LaunchConfig(nproc_per_node=nproc, rdzv_backend="c10d", max_restarts=0, monitor_interval=0.2,
+                          logs_specs=DefaultLogsSpecs(log_dir=logs), **where)
     try:
         elastic_launch(config, sys.executable)("-m", "llmopt.train", *argv)
     except ChildFailedError as e:
-        return _report(e.failures, decided)
+        return _report(e.failures, decided, node_name() if nodes is not None else None)
     finally:
         shutil.rmtree(logs, ignore_errors=True)
     return 0
@@ -128,11 +177,12 @@ def _fork_and_wait(nproc: int, argv: list[str], rank_main, errors: str) -> dict[
         if pid == 0:  # the rank: only its own pipe's read end, so a launcher's death is EOF to every rank
             for fd in (w, *pipes.values()):
                 os.close(fd)
-            for sig in (signal.SIGTERM, signal.SIGHUP):  # a rank stops at once, as before (see launch)
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2):  # a rank's own (see launch)
                 signal.signal(sig, signal.SIG_DFL)
             _rank(rank, nproc, r, os.path.join(errors, f"{rank}.json"), argv, rank_main)
         os.close(r)
         pids[pid], pipes[rank] = rank, w
+        _RANKS[pid] = rank
     try:
         store = TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False)
         for w in pipes.values():
@@ -143,6 +193,7 @@ def _fork_and_wait(nproc: int, argv: list[str], rank_main, errors: str) -> dict[
         _stop(pids)
         raise
     finally:
+        _RANKS.clear()
         for w in pipes.values():
             try:
                 os.close(w)
@@ -242,14 +293,18 @@ def _stop(alive: dict[int, int]) -> None:
             return
 
 
-def _report(failures: dict, decided: tuple[int, ...] = ()) -> int:
+def _report(failures: dict, decided: tuple[int, ...] = (), node: str | None = None) -> int:
+    """The failure's one line; ``node``: this node's name, in a run across nodes (each node's agent reports
+    its own ranks, so the line says where)."""
     codes = {f.exitcode for f in failures.values()}
     if 0 in failures and len(codes) == 1 and codes <= set(decided):
         return codes.pop()  # every rank decided alike (diverged, say) and rank 0 has said why
+    if node is not None and len(codes) == 1 and codes <= set(decided):
+        return codes.pop()  # the same on a node without rank 0, which says why
     rank, line, code = root_cause(failures)
     if code == -9:
         line = f"killed by SIGKILL (the kernel's OOM killer?): {line}"
-    return cli.error(f"rank {rank} failed: {line}", code)
+    return cli.error(f"rank {rank}{f' on node {node}' if node else ''} failed: {line}", code)
 
 
 def root_cause(failures: dict) -> tuple[int, str, int]:
@@ -270,7 +325,7 @@ def root_cause(failures: dict) -> tuple[int, str, int]:
 
     def key(item):
         rank, f = item
-        return (any(s in last_line(f) for s in _SECONDARY), f.timestamp, seen[rank])
+        return (any(s in last_line(f) for s in SECONDARY_ERRORS), f.timestamp, seen[rank])
 
     rank, f = min(failures.items(), key=key)
     return rank, last_line(f), (f.exitcode if f.exitcode > 0 or f.exitcode == -9 else 1)

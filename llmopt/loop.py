@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -53,6 +54,7 @@ class RunOptions:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     checkpoint_keep: int = 2
+    final_checkpoint: bool = True           # False: --no-final-checkpoint (a checkpoint every N steps, on a signal)
     resume_from: str | None = None          # a checkpoint directory (llmopt.dcp), checked by llmopt.train
     log_dir: str | None = None              # TensorBoard event files (``Board``)
 
@@ -73,6 +75,7 @@ class Timed:
     peak: int = 0
     resumed_from: int | None = None  # the steps a checkpoint had done when this run resumed it
     load_s: float | None = None      # seconds its loading took
+    stopped_by: int = 0              # the signal that stopped the run early, with a checkpoint (StopRequest)
 
 
 def run(cfg: TrainConfig, opts: RunOptions) -> int:
@@ -99,9 +102,16 @@ def _run(cfg: TrainConfig, opts: RunOptions) -> int:
         if opts.checkpoint_dir is not None:
             from llmopt.dcp import Saver
 
-            saver = Saver(opts.checkpoint_dir, opts.checkpoint_every, opts.checkpoint_keep, rank)
+            saver = Saver(opts.checkpoint_dir, opts.checkpoint_every, opts.checkpoint_keep, rank,
+                          opts.final_checkpoint)
         timed = timed_steps(state, rank, local_rank, opts.timing_warmup, log, opts.resume_from, saver,
                             opts.log_dir if rank == 0 else None)
+        if timed.stopped_by:  # no metrics: the run is not over, and its next start continues it
+            if rank == 0:
+                return cli.error(f"stopped by {signal.Signals(timed.stopped_by).name} after {len(timed.losses)} "
+                                 f"steps, with a checkpoint in {saver.root}; the same command continues the run",
+                                 cli.PREEMPTED)
+            return cli.PREEMPTED
         finished = timed.diverged_at is None
         if opts.save and finished:  # before any extra step: the model the losses describe
             save_model(state, opts.save, log)
@@ -177,6 +187,11 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool, resum
         if log:
             print(f"resumed: {resume_from} (after step {start - 1}, {len(t.conv.evals)} evals)", flush=True)
     board = Board(log_dir, state, start) if log_dir else None
+    stop_request = None
+    if saver is not None:
+        from llmopt.dcp import StopRequest
+
+        stop_request = StopRequest()
     reset_peak_memory(device)
     slow = slow_steps(rank, cfg.seed)  # tests only: stalls inside the timing (empty otherwise)
     stop = t.conv.reached is not None if start else (t.conv.due(0) and t.conv.evaluate(state, 0, 0.0))
@@ -185,7 +200,7 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool, resum
     for step in range(start, cfg.steps):
         if stop and step > 0:  # at least one step, even when the target is met before training
             break
-        maybe_fail(rank, step, cfg.seed)
+        maybe_fail(rank, step, cfg.seed, lambda: stop_request is not None and stop_request.signum != 0)
         if step == t.warmup:
             energy.start()
         with timer:
@@ -215,10 +230,18 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool, resum
                 print(eval_line(t.conv.evals[-1], stop), flush=True)
             if board is not None:
                 board.eval(t.conv.evals[-1])
-        if saver is not None and saver.due(step + 1, last=stop or step + 1 == cfg.steps):
+        last = stop or step + 1 == cfg.steps
+        if saver is not None and saver.due(step + 1, last):
             saver.save(state, step + 1, t)
             if log:
                 print(f"checkpoint: after step {step} in {saver.root}", flush=True)
+        if stop_request is not None and not last and (signum := stop_request.agreed(device)):
+            if not saver.saved(step + 1):
+                saver.save(state, step + 1, t)
+            t.stopped_by = signum
+            break
+    if stop_request is not None:
+        stop_request.close()
     t.power, t.peak = energy.stop(), peak_memory_bytes(device)
     if board is not None:
         board.close()
@@ -228,13 +251,15 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool, resum
 class Board:
     """``--log-dir``: TensorBoard event files (``torch.utils.tensorboard``), written by rank 0, one point per
     step (numbered by steps done, as evals are) under torchtitan's names where it has one: the loss, the gradient
-    norm before clipping, the learning rate, tokens per second, model TFLOP/s per device and, on CUDA, the
-    allocator's peaks; ``eval/loss`` at each eval. A resumed run writes into the same directory from the step
-    after its checkpoint's (``purge_step``: what a killed run logged beyond it is dropped by TensorBoard)."""
+    norm before clipping, the learning rate, tokens per second, model TFLOP/s per device and, on CUDA, MFU
+    against a known GPU's datasheet peak and the allocator's peaks; ``eval/loss`` at each eval. A resumed run
+    writes into the same directory from the step after its checkpoint's (``purge_step``: what a killed run
+    logged beyond it is dropped by TensorBoard)."""
 
     def __init__(self, log_dir: str, state, start: int):
         from torch.utils.tensorboard import SummaryWriter
 
+        from llmopt.core.peaks import datasheet_peak
         from llmopt.core.shapes import flops_per_token
 
         cfg = state.cfg
@@ -242,6 +267,8 @@ class Board:
         self.optimizer, self.cuda = state.optimizer, state.device.type == "cuda"
         self.tokens = cfg.tokens_per_step
         self.flops = flops_per_token(cfg.model_config, cfg.seq_len) / (cfg.world_size if self.cuda else 1)
+        # MFU only against a stated peak: a known GPU's datasheet (a CPU's is measured by the harness, not here)
+        self.peak = datasheet_peak(torch.cuda.get_device_name(state.device), cfg.precision) if self.cuda else None
 
     def step(self, steps_done: int, loss: float, grad_norm: float, step_ms: float) -> None:
         w, tps = self.writer, self.tokens / (step_ms / 1e3)
@@ -250,6 +277,8 @@ class Board:
         w.add_scalar("lr", float(self.optimizer.param_groups[0]["lr"]), steps_done)
         w.add_scalar("throughput(tps)", tps, steps_done)
         w.add_scalar("tflops", tps * self.flops / 1e12, steps_done)
+        if self.peak:
+            w.add_scalar("mfu(%)", 100 * tps * self.flops / self.peak, steps_done)
         if self.cuda:
             w.add_scalar("memory/max_active(GiB)", torch.cuda.max_memory_allocated() / 2**30, steps_done)
             w.add_scalar("memory/max_reserved(GiB)", torch.cuda.max_memory_reserved() / 2**30, steps_done)

@@ -58,8 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="a checkpoint every N steps (default 0: after the last step only)")
     c.add_argument("--checkpoint-keep", type=int, default=2, metavar="K", help="keep the last K (default: 2)")
+    c.add_argument("--no-final-checkpoint", dest="final_checkpoint", action="store_false",
+                   help="no checkpoint after the last step: only every N steps and when SIGTERM or SIGUSR2 stops "
+                        "the run (bench.run's SLURM configs: their checkpoints are for requeues)")
     a("--log-dir", default=None, metavar="DIR",
       help="TensorBoard event files here (rank 0; torchtitan's metric names), continued across a resume")
+    n = p.add_argument_group("nodes (a run across nodes: start the same command on each; bench.run's SLURM jobs "
+                             "do, see --ranks-per-node there)")
+    n.add_argument("--nnodes", type=int, default=1, metavar="N",
+                   help="nodes the ranks span (default 1); each starts dp x tp x pp / N ranks through torch's "
+                        "elastic agent (torchrun's), which meets the others by c10d rendezvous at --rdzv-endpoint")
+    n.add_argument("--node-rank", type=int, default=0, metavar="K", help="this node's index, 0 to N-1 (0 hosts "
+                   "the rendezvous and writes the run's outputs)")
+    n.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="node 0's address and a free port")
+    n.add_argument("--rdzv-id", default="llmopt", metavar="ID", help="the same on every node of one run")
     c.add_argument("--resume-from", default=None, metavar="DIR",
                    help="continue from this checkpoint (a step-NNNNNNNN directory, or the latest in a checkpoint DIR)")
     return p
@@ -114,7 +126,8 @@ def _checked(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig]:
     tokenizer_dir = None
     if cfg.data is not None:
         cfg, tokenizer_dir = _check_data(cfg, raw)
-    if int(os.environ.get("RANK", "0")) == 0:  # once: the launcher's parent, or rank 0 under torchrun
+    _check_nodes(cfg, args)
+    if _first_process(args):
         _check_outputs(cfg, args, tokenizer_dir)
     args.resume_from = _check_checkpoints(cfg, args, given & set(RUN_FLAGS))
     if cfg.device == "cuda":
@@ -150,12 +163,20 @@ def _main(argv: list[str]) -> int:
     if cfg.world_size > 1 and not under_launcher():
         from llmopt.launch import launch
 
-        return launch(cfg.world_size, argv, cfg.device, main, decided=(cli.USER_ERROR, cli.DIVERGED))
+        nodes = None
+        if args.nnodes > 1:
+            from llmopt.launch import Nodes
+
+            nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id)
+        return launch(cfg.world_size // args.nnodes, argv, cfg.device, main,
+                      decided=(cli.USER_ERROR, cli.DIVERGED, cli.PREEMPTED), graceful=args.checkpoint_dir is not None,
+                      nodes=nodes)
 
     rc = run(cfg, RunOptions(timing_warmup=args.timing_warmup, memory_breakdown=args.memory_breakdown,
                              save=args.save, metrics_out=args.metrics_out, profile=args.profile, quiet=args.quiet,
                              checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                             checkpoint_keep=args.checkpoint_keep, resume_from=args.resume_from,
+                             checkpoint_keep=args.checkpoint_keep, final_checkpoint=args.final_checkpoint,
+                             resume_from=args.resume_from,
                              log_dir=args.log_dir))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A rank's work is done and written; leave without interpreter finalization, where gloo's worker
@@ -176,7 +197,7 @@ def given_flags(argv: list[str], names: list[str] | None = None) -> set[str]:
     return {k for k in fields if getattr(ns, k) is not unset}
 
 
-RUN_FLAGS = ["checkpoint_every", "checkpoint_keep"]
+RUN_FLAGS = ["checkpoint_every", "checkpoint_keep", "final_checkpoint"]
 _HELD: dict = {}  # checkpoint directory -> its lock, held by this process (forked ranks inherit it)
 
 
@@ -200,7 +221,8 @@ def _check_checkpoints(cfg: TrainConfig, args, given: set[str]) -> str | None:
 
     root = args.checkpoint_dir
     if root is None and given:
-        flag = "--" + sorted(given)[0].replace("_", "-")
+        name = sorted(given)[0]
+        flag = "--no-final-checkpoint" if name == "final_checkpoint" else "--" + name.replace("_", "-")
         raise ValueError(f"{flag} has no effect without --checkpoint-dir DIR; add it or drop {flag}")
     if args.checkpoint_every < 0 or args.checkpoint_keep < 1:
         raise ValueError(f"--checkpoint-every {args.checkpoint_every} / --checkpoint-keep {args.checkpoint_keep}: "
@@ -215,7 +237,7 @@ def _check_checkpoints(cfg: TrainConfig, args, given: set[str]) -> str | None:
     else:
         path = dcp.resolve(resume)
         dcp.check_compatible(cfg, path)
-    if root is not None and int(os.environ.get("RANK", "0")) == 0 and root not in _HELD:
+    if root is not None and _first_process(args) and root not in _HELD:
         from llmopt.safe_files import refuse_links
         from llmopt.scratch import check_writable_dir
 
@@ -277,6 +299,33 @@ def _check_eval_batches(cfg: TrainConfig, val_tokens: int) -> None:
     if cfg.eval_every and cfg.eval_batches > most:
         raise ValueError(f"--eval-batches {cfg.eval_batches}: the held-out split of --data has {val_tokens:,} "
                          f"tokens, {most} global batch(es) of {per:,}; use --eval-batches {most} or fewer")
+
+
+def _first_process(args) -> bool:
+    """The one process that checks the run's outputs and holds its checkpoint lock: node 0's llmopt.train
+    (whose launcher starts the ranks), or rank 0 under torchrun."""
+    from llmopt.launch import LAUNCHED_ENV
+
+    return int(os.environ.get("RANK", "0")) == 0 and args.node_rank == 0 and not os.environ.get(LAUNCHED_ENV)
+
+
+def _check_nodes(cfg: TrainConfig, args) -> None:
+    """--nnodes and its companions: the ranks must divide evenly between the nodes, and node 0 be reachable."""
+    given = [f for f in ("--node-rank", "--rdzv-endpoint") if getattr(args, f[2:].replace("-", "_")) not in (0, None)]
+    if args.nnodes < 1:
+        raise ValueError(f"--nnodes {args.nnodes}: must be at least 1")
+    if args.nnodes == 1:
+        if given:
+            raise ValueError(f"{given[0]} has no effect without --nnodes 2 or more; drop it")
+        return
+    if cfg.world_size % args.nnodes:
+        raise ValueError(f"--nnodes {args.nnodes}: dp x tp x pp = {cfg.world_size} ranks do not divide evenly "
+                         f"between {args.nnodes} nodes; use a node count that divides it")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise ValueError(f"--node-rank {args.node_rank}: must be 0 to {args.nnodes - 1}")
+    host, sep, port = (args.rdzv_endpoint or "").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--rdzv-endpoint {args.rdzv_endpoint!r}: give node 0's HOST:PORT (the same on every node)")
 
 
 def _check_outputs(cfg: TrainConfig, args, tokenizer_dir: str | None) -> None:

@@ -8,6 +8,7 @@ The cross-layout cases run in forked ranks, every case of one world size in one 
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -31,7 +32,9 @@ pytestmark = pytest.mark.multiprocess
 PAIRS = ("fsdp2>tp2", "tp2>pp2-1f1b", "pp2-1f1b>fsdp2", "fsdp2>single")
 CASES = [f"{p}:{o}" for o in names() for p in PAIRS] + [
     *(f"single>fsdp2xtp2:{o}" for o in ("muon", "adafactor", "lamb", "soap")), "fsdp2xtp2>pp2-1f1b:adamw",
-    "ddp2-accum2>fsdp2:adamw", "single>ddp2-accum2:muon", "tp2>fsdp2:adamw:bf16", "fsdp2>single:adamw:fp16"]
+    "ddp2-accum2>fsdp2:adamw", "single>ddp2-accum2:muon", "tp2>fsdp2:adamw:bf16", "fsdp2>single:adamw:fp16",
+    # and the rest of fsdp2's pairs both ways, once each: to pp2 and to the 2-D mesh, from one process and the mesh
+    "fsdp2>pp2-1f1b:adamw", "fsdp2>fsdp2xtp2:adamw", "fsdp2xtp2>fsdp2:muon", "single>fsdp2:lamb"]
 GROUP_COUNTERS = {"soap": "step", "schedule-free": "k"}  # steps taken, counted in the parameter groups
 EXACT = 1e-4  # tests/test_parity.py's tolerance for fp32 layouts
 AMP = 5e-2    # and for bf16/fp16 ones (bench.results.AMP_TOLERANCE)
@@ -282,3 +285,94 @@ def test_a_directory_another_run_is_writing_is_refused(tmp_path, capsys):
     (ck / ".tmp-step-00000002").symlink_to(elsewhere)  # a save would write into it, a later one delete it
     assert "is a symbolic link" in _error(capsys, "--checkpoint-dir", str(ck), "--steps", "2")
     assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("dp, sig", [(1, signal.SIGTERM), (2, signal.SIGUSR2)], ids=["single-SIGTERM", "dp2-SIGUSR2"])
+def test_a_stop_signal_checkpoints_after_the_step_under_way_and_the_same_command_continues(tmp_path, dp, sig):
+    """What SLURM's requeues rest on, without SLURM: a run with --checkpoint-dir waiting before its step 3
+    (LLMOPT_FAIL_AT wait) is sent SIGTERM or SIGUSR2 (to the launcher only, under dp2: it passes it on to its
+    ranks, which agree on the step), saves after that step, exits 75 with one line; the same command continues
+    it to the uninterrupted run's losses, bit for bit."""
+    from llmopt.core import cli as codes
+    from llmopt.faults import FAIL_ENV
+
+    argv = [*BASE, "--optimizer", "adamw", "--steps", "6", "--dp", str(dp)]
+    full = _run(tmp_path, *argv[len(BASE):])
+    ck = tmp_path / "ck"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **{FAIL_ENV: "0:3:wait"})
+    cmd = [sys.executable, "-m", "llmopt.train", *argv, "--checkpoint-dir", str(ck), "--no-final-checkpoint"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    said = []
+    while not said or "waiting for a stop signal before step 3" not in said[-1]:  # rank 0, before step 3
+        said.append(p.stderr.readline())
+        assert said[-1], "".join(said)  # not ended
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == codes.PREEMPTED, err
+    assert err.strip().splitlines()[-1] == (f"error: stopped by {signal.Signals(sig).name} after 4 steps, with a "
+                                            f"checkpoint in {ck}; the same command continues the run")
+    assert sorted(os.listdir(ck)) == [".lock", "step-00000004"]
+    again = _run(tmp_path, *argv[len(BASE):], "--checkpoint-dir", str(ck), "--no-final-checkpoint")
+    assert again["resumed_from_step"] == 4 and again["losses"] == full["losses"]
+    assert sorted(os.listdir(ck)) == [".lock", "step-00000004"]  # none after the last step
+
+
+def test_a_sweeps_configs_checkpoint_resume_and_log_each_their_own(tmp_path, cli):
+    """``bench.run --checkpoint-every 2 --log-dir DIR`` on the local executor: a config failing at step 5 keeps
+    its checkpoint (``OUT/checkpoints/<id>``), an ok row's is removed; ``--resume --retry failed`` continues the
+    failed config from it to the losses of an uninterrupted run; each config's TensorBoard events are in
+    ``DIR/<id>``, the resumed one's each step once."""
+    import csv
+
+    from llmopt.faults import FAIL_ENV
+
+    m = tmp_path / "m.toml"
+    m.write_text("[base]\nsteps = 6\nseq_len = 16\nglobal_batch = 4\npreset = \"nano\"\n[matrix]\nseed = [0, 1]\n")
+    out, tb = tmp_path / "o", tmp_path / "tb"
+    flags = ["--checkpoint-every", "2", "--log-dir", str(tb), "--no-warm-up", "--no-retime", "--no-report"]
+    r = cli("-m", "bench.run", "--matrix", str(m), "--out", str(out), *flags, env={FAIL_ENV: "0:5:raise:1"})
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    with open(out / "results.csv") as f:
+        first = {row["seed"]: row for row in csv.DictReader(f)}
+    ok, failed = first["0"], first["1"]
+    assert ok["status"] == "ok" and failed["status"] == "failed", failed
+    assert sorted(os.listdir(out / "checkpoints")) == [failed["config_id"]]
+    assert "step-00000004" in os.listdir(out / "checkpoints" / failed["config_id"])
+    r = cli("-m", "bench.run", "--resume", "--out", str(out), "--retry", "failed", *flags)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    with open(out / "results.csv") as f:
+        resumed = {row["seed"]: row for row in csv.DictReader(f)}["1"]
+    assert resumed["status"] == "ok" and resumed["resumed_from_step"] == "4", resumed
+    assert os.listdir(out / "checkpoints") == []
+    config = str(out / "configs" / f"{resumed['config_id']}.json")  # run as the sweep ran it: one thread
+    r = cli("-m", "llmopt.train", "--config", config, "--quiet", "--metrics-out", str(tmp_path / "m.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    uninterrupted = json.loads((tmp_path / "m.json").read_text())["losses"]
+    with open(out / "steps.csv") as f:
+        losses = [r["loss"] for r in csv.DictReader(f) if r["config_id"] == resumed["config_id"]]
+    assert losses == [f"{x:.8g}" for x in uninterrupted]
+    assert sorted(os.listdir(tb)) == sorted([ok["config_id"], failed["config_id"]])
+    steps = [s for s, _ in _events(tb / resumed["config_id"])["loss_metrics/global_avg_loss"]]
+    assert steps == list(range(1, 7))
+
+
+def test_tensorboard_mfu_is_against_a_datasheet_peak_only(tmp_path):
+    """``mfu(%)`` (torchtitan's name) is logged only where a peak is stated: a known GPU's datasheet figure
+    (``llmopt.core.peaks``); a CPU run has none, so none is logged. The arithmetic checked with a stand-in peak."""
+    from llmopt.core.config import TrainConfig, validate
+    from llmopt.core.peaks import datasheet_peak
+    from llmopt.loop import Board
+    from llmopt.step import build
+
+    assert datasheet_peak("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    cfg = validate(TrainConfig(preset="nano", steps=1, seq_len=16, global_batch=4))
+    board = Board(str(tmp_path / "cpu"), build(cfg, torch.device("cpu")), 0)
+    board.step(1, 2.0, 1.0, 100.0)
+    board.close()
+    assert board.peak is None and "mfu(%)" not in _events(tmp_path / "cpu")
+    board = Board(str(tmp_path / "gpu"), build(cfg, torch.device("cpu")), 0)
+    board.peak = 1e9  # as a GPU's datasheet would give
+    board.step(1, 2.0, 1.0, 100.0)
+    board.close()
+    ((step, got),) = _events(tmp_path / "gpu")["mfu(%)"]
+    assert step == 1 and got == pytest.approx(100 * cfg.tokens_per_step / 0.1 * board.flops / 1e9, rel=1e-6)

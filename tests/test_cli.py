@@ -28,6 +28,11 @@ BAD = [
     (["--optimizer", "adafactor", "--optimizer-impl", "fused"], "--optimizer-impl fused"),
     (["--lr", "0"], "--lr 0.0: must be above 0"),
     (["--optimizer", "muon", "--lr", "nan"], "--lr nan"),
+    (["--dp", "3", "--global-batch", "6", "--nnodes", "2", "--rdzv-endpoint", "n1:29500"], "--nnodes 2"),
+    (["--dp", "2", "--nnodes", "2"], "--rdzv-endpoint None"),
+    (["--dp", "2", "--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "n1:1"], "--node-rank 2"),
+    (["--node-rank", "1"], "--node-rank"),
+    (["--no-final-checkpoint"], "--no-final-checkpoint has no effect without --checkpoint-dir"),
 ]
 
 

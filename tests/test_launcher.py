@@ -206,13 +206,19 @@ def test_slurm_parameters_follow_the_world_size():
     p = slurm_parameters(cfg, "cuda", 900, settings)
     assert p == {"timeout_min": 17, "tasks_per_node": 1, "slurm_signal_delay_s": 60, "nodes": 2, "gpus_per_node": 8,
                  "cpus_per_task": 64, "slurm_exclusive": True, "slurm_partition": "gpu", "slurm_account": "proj",
-                 "slurm_additional_parameters": {"constraint": "h100"}}
+                 "slurm_additional_parameters": {"constraint": "h100", "requeue": True}}
     # submitit's SIGUSR2 comes after llmopt's own timeout, and the limit after that
     assert 60 * p["timeout_min"] - p["slurm_signal_delay_s"] > 900
     assert slurm_parameters(TrainConfig(dp=2, tp=1), "cuda", 60, {})["gpus_per_node"] == 2
     assert "slurm_exclusive" not in slurm_parameters(TrainConfig(dp=1, tp=1), "cpu", 60, {"share": True})
     with pytest.raises(ExecutorError, match="--gpus-per-node"):
         slurm_parameters(TrainConfig(dp=12, tp=1), "cuda", 60, {"gpus_per_node": 8})
+    # a CPU config spans nodes of --ranks-per-node ranks; a one-minute --slurm-time-limit signals 20 s before it
+    p = slurm_parameters(TrainConfig(dp=2, tp=2), "cpu", 900, {"ranks_per_node": 2, "time_limit": 1})
+    assert (p["nodes"], p["timeout_min"], p["slurm_signal_delay_s"]) == (2, 1, 20)
+    assert slurm_parameters(TrainConfig(dp=2, tp=2), "cpu", 900, {})["nodes"] == 1
+    with pytest.raises(ExecutorError, match="--ranks-per-node"):
+        slurm_parameters(TrainConfig(dp=3, tp=1), "cpu", 60, {"ranks_per_node": 2})
 
 
 def test_slurm_without_a_cluster_is_one_line(tmp_path):

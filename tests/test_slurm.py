@@ -15,22 +15,16 @@ import pytest
 
 from bench.results import RESULT_COLUMNS
 from conftest import ROOT, processes_with
-from slurm_cluster import PARTITION, Cluster, missing
+from slurm_cluster import PARTITION, start_or_skip
 
 pytestmark = pytest.mark.multiprocess
 
-REQUIRE = "LLMOPT_REQUIRE_SLURM"  # set by .ci/run: there a missing cluster fails, never skips
 TINY = "[base]\nsteps = 3\nseq_len = 16\nglobal_batch = 4\n"
 
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    why = missing()
-    if why:
-        if os.environ.get(REQUIRE):
-            pytest.fail(f"{REQUIRE} is set but no SLURM test cluster can start: {why}")
-        pytest.skip(f"no SLURM test cluster: {why}")
-    cluster = Cluster(str(tmp_path_factory.mktemp("slurm"))).start()
+    cluster = start_or_skip(str(tmp_path_factory.mktemp("slurm")))
     yield cluster
     cluster.stop()
 
@@ -257,8 +251,9 @@ def test_a_job_ended_by_slurm_gets_its_state(tmp_path, monkeypatch, state, statu
     for sub in ("logs", "metrics", "configs"):
         os.makedirs(tmp_path / "o" / sub)
     entry = expand(str(tmp_path / "m.toml"), "cpu", 4)[0]
-    job = ex.SubmititJob(FakeExecutor(), FakeQueue(), None, 1, 600.0, entry, str(tmp_path / "o"), 60.0, 1, Slot())
-    if state == "COMPLETED:rc":  # the config's metrics and exit code, as run_in_job leaves them
+    job = ex.SubmititJob(FakeExecutor(), FakeQueue(), None, 1, 600.0, 30.0, 5, entry, str(tmp_path / "o"), 60.0, 1,
+                         Slot())
+    if state == "COMPLETED:rc":  # the config's metrics and exit code, as ConfigJob leaves them
         import shutil
 
         ok = bench_smoke_metrics(tmp_path)
@@ -293,3 +288,60 @@ def test_a_slurm_command_that_does_not_answer_is_bounded(monkeypatch, capsys):
     queue.ids, queue.asked, queue.states = {"7"}, {"7"}, {"7": ("RUNNING", "")}
     monkeypatch.setattr(ex, "slurm_call", lambda argv: None)
     assert queue.state("7") == ("RUNNING", "")
+
+
+def job_of(out, config_id: str) -> str:
+    with open(os.path.join(out, "submitit", "jobs.jsonl")) as f:
+        return [j["job_id"] for j in map(json.loads, f) if j["config_id"] == config_id][-1]
+
+
+def uninterrupted_losses(out, config_id: str, tmp_path) -> list[str]:
+    """The config run again here, in one go, with the OpenMP threads its job had (the log says; another count
+    sums in another order), its losses as steps.csv writes them."""
+    log = (out / "logs" / f"{config_id}.log").read_text()
+    threads = log.split("OMP_NUM_THREADS=")[1].split(",")[0].split()[0]
+    m = str(tmp_path / f"{config_id}.json")
+    r = subprocess.run([sys.executable, "-m", "llmopt.train", "--config", str(out / "configs" / f"{config_id}.json"),
+                        "--quiet", "--metrics-out", m], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=threads),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(m) as f:
+        return [f"{x:.8g}" for x in json.load(f)["losses"]]
+
+
+def test_slurm_preempted_and_time_limited_jobs_resume_from_their_checkpoints(slurm, tmp_path):
+    """Requirement: a SLURM job stopped early checkpoints, is requeued, resumes and ends ok with the losses of an
+    uninterrupted run. Two configs at once on the node, each waiting mid-run for a stop signal (LLMOPT_FAIL_AT
+    wait, after its handler is installed): seed 0 gets SLURM's own SIGUSR2 before a one-minute
+    --slurm-time-limit (submitit checkpoints and requeues it), seed 1 an ``scontrol requeue`` (SIGTERM, as a
+    preemption). Each row says how many times it was requeued (once, or more where SLURM's time-limit signal,
+    which comes 10-40 s into a one-minute job, also caught a resumed run before it ended); an ok row's
+    checkpoints are removed."""
+    m = tmp_path / "m.toml"
+    m.write_text("[base]\nsteps = 8\nseq_len = 16\nglobal_batch = 4\npreset = \"nano\"\n[matrix]\nseed = [0, 1]\n")
+    out = tmp_path / "o"
+    p = sweep(slurm, "--matrix", m, "--out", out, "--executor", "slurm", "--slurm-share", "--cpus-per-node", "1",
+              "--slurm-time-limit", "1", "--timeout", "120",
+              env={"LLMOPT_FAIL_AT": "0:3:wait:0,0:3:wait:1"})
+    wait_for("both configs waiting", lambda: os.path.isdir(out / "logs") and sum(
+        "waiting for a stop signal" in (out / "logs" / n).read_text() for n in os.listdir(out / "logs")) == 2, 60)
+    ids = {}
+    for name in os.listdir(out / "logs"):
+        cfg = json.loads((out / "configs" / name.replace(".log", ".json")).read_text())
+        ids[cfg["seed"]] = name[:-len(".log")]
+    subprocess.run(["scontrol", "requeue", job_of(out, ids[1])], env=slurm.env, check=True)
+    rc, stdout, err = finish(p, timeout=240, cluster=slurm)
+    assert rc == 0, stdout[-2000:] + err[-3000:]
+    got = {int(row["seed"]): row for row in rows(out)}
+    for seed, signal_name in ((0, "SIGUSR2"), (1, "SIGTERM")):
+        row, cid = got[seed], ids[seed]
+        assert row["status"] == "ok" and int(row["requeues"]) >= 1, row
+        log = (out / "logs" / f"{cid}.log").read_text()
+        assert f"stopped by {signal_name} after 4 steps, with a checkpoint" in log, log
+        assert f"requeued {row['requeues']} time(s)" in log and f"requeued {int(row['requeues']) + 1} time" not in log
+        with open(out / "steps.csv") as f:
+            losses = [r["loss"] for r in csv.DictReader(f) if r["config_id"] == cid]
+        assert losses == uninterrupted_losses(out, cid, tmp_path), seed
+    assert os.listdir(out / "checkpoints") == []
+    assert "**Requeued**: 2 config(s) were stopped by SLURM" in (out / "report.md").read_text()
+    wait_for("an empty queue", lambda: slurm.squeue() == [], 30)

@@ -93,15 +93,15 @@ def test_the_core_is_torch_free():
 
 
 def test_a_jobs_wrapper_starts_without_torch():
-    """A submitit or SLURM job unpickles ``bench.executors.job.run_in_job`` and starts its config, which imports torch
+    """A submitit or SLURM job unpickles ``bench.executors.job.ConfigJob`` and starts its config, which imports torch
     itself: the wrapper importing torch first (through the ``llmopt`` package, a config or the metrics) delayed
     every job by one import."""
     import pickle
 
-    from bench.executors.job import run_in_job  # as the sweep submits it
+    from bench.executors.job import ConfigJob  # as the sweep submits it
 
     code = "import pickle, sys\npickle.loads(sys.stdin.buffer.read())\nprint('torch' in sys.modules)"
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, input=pickle.dumps(run_in_job), capture_output=True,
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, input=pickle.dumps(ConfigJob(30.0)), capture_output=True,
                        timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == b"False", (r.stdout, r.stderr[-2000:])
 

@@ -9,7 +9,7 @@ the predictions with the committed references. Sources and assumptions:
   activation checkpointing runs the forward twice, so it executes 8/6 of them (Chowdhery et al. 2022, app. B,
   count the recomputation as hardware, not model, FLOPs). Time = executed FLOPs of one rank over
   peak × achievable fraction. The peak is the datasheet's dense figure for known GPUs
-  (``bench.hardware.DATASHEET``), or on CPU the matmul peak measured on this machine. The achievable fraction
+  (``llmopt.core.peaks.DATASHEET``), or on CPU the matmul peak measured on this machine. The achievable fraction
   per precision and the per-micro-batch cost are fitted (least squares of step time) on the single-process
   rows the committed references hold for the device, else the ``ACHIEVABLE`` assumptions below. On CPU the
   ranks of a config share one CPU (the harness gives each cores / world threads), so the device peak is split

@@ -31,4 +31,4 @@ from bench.executors.common import (  # noqa: F401 (the package's API)
 )
 from bench.executors.local import SWEEP_PID_ENV, remove_dead_forkserver_dirs, signals_held  # noqa: F401
 from bench.executors.pool import Pool  # noqa: F401
-from bench.executors.slurm import PENDING_TIMEOUT_S, slurm_parameters  # noqa: F401
+from bench.executors.slurm import MAX_REQUEUES, PENDING_TIMEOUT_S, slurm_parameters  # noqa: F401

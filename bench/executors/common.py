@@ -3,16 +3,17 @@ process, how an exit code becomes a row status, and the job handle's files and c
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
 
 from bench.noise import RETIME
-from bench.plan import PlanEntry
+from bench.plan import WARMUP_PREFIX, PlanEntry
 from llmopt.core.config import TrainConfig
 from llmopt.core.run_metrics import RunMetrics, read_metrics
 from llmopt.faults import RETIME_ENV
-from llmopt.launch import LAUNCH_T0_ENV
+from llmopt.launch import LAUNCH_T0_ENV, SECONDARY_ERRORS
 from llmopt.safe_files import open_file, write_json
 
 EXECUTORS = ("local", "submitit-local", "slurm")
@@ -30,6 +31,7 @@ class Outcome:
     metrics: RunMetrics | None
     wall: float
     peak: tuple[float, str] | None = None  # peak FLOP/s (value, source) taken where the config ran (SLURM)
+    requeues: int = 0  # how many times SLURM requeued its job (each time resumed from its checkpoint)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,14 @@ def config_argv(config_path: str, metrics_path: str, warmup: int) -> list[str]:
             "--metrics-out", metrics_path]
 
 
+def checkpoint_argv(checkpoint_dir: str, every: int) -> list[str]:
+    """A sweep's config checkpoints for a requeue or a resumed sweep, not to be kept: the last one only, none
+    after the last step, one when SLURM's stop signal comes (llmopt.dcp.StopRequest) and every ``every`` steps
+    (0: only then). A directory that already holds one (an earlier attempt) is resumed."""
+    argv = ["--checkpoint-dir", checkpoint_dir, "--checkpoint-keep", "1", "--no-final-checkpoint"]
+    return argv + (["--checkpoint-every", str(every)] if every else [])
+
+
 def write_config(path: str, cfg: TrainConfig) -> None:
     """The config a run is handed (``llmopt.train --config``): every field of the ``TrainConfig``, as JSON."""
     write_json(path, asdict(cfg))
@@ -149,7 +159,9 @@ def last_error_line(log_path: str) -> str:
         return ""
     lines = [l for l in lines if not l.startswith("$ ")]  # the harness's own command line is never the error
     errors = [l for l in lines if l.startswith("error:")]
-    return (errors or lines or [""])[-1][:500]
+    # across nodes, each node's launcher says what failed there: a rank that lost its peers is not the cause
+    primary = [l for l in errors if not any(s in l for s in SECONDARY_ERRORS)]
+    return (primary or errors or lines or [""])[-1][:500]
 
 
 def outcome_of(rc: int | None, timed_out: bool, timeout: float, metrics_path: str, log_path: str, wall: float,
@@ -178,7 +190,8 @@ class Job:
     """What every executor shares: the config's files (fresh ones: a process left over from an earlier
     attempt writes into the unlinked old inode, never into this attempt's), its clock and its timeout."""
 
-    def __init__(self, entry: PlanEntry, out_dir: str, timeout: float, warmup: int, slot: Slot):
+    def __init__(self, entry: PlanEntry, out_dir: str, timeout: float, warmup: int, slot: Slot,
+                 checkpoint_every: int | None = None, log_dir: str | None = None):
         cid = entry.config_id
         self.entry, self.slot, self.timeout = entry, slot, timeout
         self.metrics_path = os.path.join(out_dir, "metrics", f"{cid}.json")
@@ -189,6 +202,13 @@ class Job:
                 os.remove(path)  # a rerun after resume must not read (or share) a stale file
         write_config(config_path, entry.config)
         self.argv = config_argv(config_path, self.metrics_path, warmup)
+        self.checkpoint_dir = None
+        if entry.phase != RETIME and not cid.startswith(WARMUP_PREFIX):  # timing runs: no resume, no log
+            if checkpoint_every is not None:
+                self.checkpoint_dir = os.path.join(out_dir, "checkpoints", cid)
+                self.argv += checkpoint_argv(self.checkpoint_dir, checkpoint_every)
+            if log_dir is not None:
+                self.argv += ["--log-dir", os.path.join(log_dir, cid)]
         self.env = config_env(entry.config, slot)
         self.env[LAUNCH_T0_ENV] = repr(time.time())  # start-up is measured from here (llmopt.loop)
         if entry.phase == RETIME:
@@ -196,5 +216,11 @@ class Job:
         with open_file(self.log_path, "w") as log:
             log.write("$ llmopt.train " + " ".join(self.argv) + "\n")
         self.t0 = time.monotonic()
+
+    def drop_checkpoints(self) -> None:
+        """After an ok row: the config's checkpoints were for a requeue or a resume, and a model's optimizer
+        state is several times its size; a row that did not end ok keeps them (a --resume continues it)."""
+        if self.checkpoint_dir is not None:
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
 

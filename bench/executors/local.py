@@ -15,8 +15,8 @@ class LocalJob(Job):
     Create it with the stop signals blocked (``signals_held``): a SIGTERM between the fork and the caller
     holding this handle would leave a config nobody kills."""
 
-    def __init__(self, launcher, *args):
-        super().__init__(*args)
+    def __init__(self, launcher, *args, **kw):
+        super().__init__(*args, **kw)
         # daemon: should the sweep ever exit with a config still running, multiprocessing terminates it
         # instead of waiting for it at interpreter exit
         self.proc = launcher.Process(target=config_process, daemon=True,

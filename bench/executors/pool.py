@@ -6,7 +6,14 @@ import os
 
 from bench.executors.common import ExecutorError, Outcome, Slot, Slots, resolve_jobs
 from bench.executors.local import LocalJob, start_forkserver
-from bench.executors.slurm import PENDING_TIMEOUT_S, SlurmQueue, cancel_leftovers, slurm_parameters
+from bench.executors.slurm import (
+    MAX_REQUEUES,
+    PENDING_TIMEOUT_S,
+    STOP_MARGIN_S,
+    SlurmQueue,
+    cancel_leftovers,
+    slurm_parameters,
+)
 from bench.executors.submitit import RefusedJob, SubmititJob, make_submitit_executor, sbatch_message
 from bench.plan import PlanEntry
 from llmopt.safe_files import open_file
@@ -16,9 +23,17 @@ class Pool:
     """The sweep's executor and device slots: ``start(entry, slot)`` gives a polled job handle."""
 
     def __init__(self, executor: str, jobs: str, device: str, out_dir: str, timeout: float, warmup: int,
-                 slurm: dict | None = None, pending_timeout: float = PENDING_TIMEOUT_S):
+                 slurm: dict | None = None, pending_timeout: float = PENDING_TIMEOUT_S,
+                 checkpoint_every: int | None = None, log_dir: str | None = None):
+        """``checkpoint_every``: configs checkpoint into ``out_dir/checkpoints/<id>`` every N steps (0: only when
+        stopped by a signal; None: not at all). SLURM configs always checkpoint (a requeue resumes them).
+        ``log_dir``: each config's TensorBoard events in ``log_dir/<id>``."""
         self.executor, self.device, self.out_dir, self.timeout, self.warmup = executor, device, out_dir, timeout, warmup
         self.pending_timeout = pending_timeout
+        if executor == "slurm" and checkpoint_every is None:
+            checkpoint_every = 0
+        self.run_flags = {"checkpoint_every": checkpoint_every, "log_dir": log_dir}
+        self.checkpoints = checkpoint_every is not None  # OUT/checkpoints/<id> per config
         self.jobs, n_gpus = resolve_jobs(jobs, executor, device)
         self.slurm = slurm or {}
         if executor == "slurm":  # the cluster places jobs; here only a bound on how many are in flight
@@ -35,7 +50,8 @@ class Pool:
             raise ExecutorError(f"--out {out_dir!r}: --executor {executor} cannot use a directory whose path holds "
                                 f"'%' or control characters; choose another --out")
         if executor != "local":  # a missing submitit or sbatch is said now, before the sweep writes anything
-            self._submitit = make_submitit_executor(executor, os.path.join(out_dir, "submitit"))
+            self._submitit = make_submitit_executor(executor, os.path.join(out_dir, "submitit"),
+                                                    self.slurm.get("max_requeues", MAX_REQUEUES))
         self.jobs_file = os.path.join(out_dir, "submitit", "jobs.jsonl")
         self.queue = SlurmQueue() if executor == "slurm" else None
         if executor == "slurm":
@@ -64,7 +80,7 @@ class Pool:
         args = (entry, self.out_dir, self.timeout, self.warmup, slot)
         if self.executor == "local":
             self.ready()
-            return LocalJob(self._forkserver, *args)
+            return LocalJob(self._forkserver, *args, **self.run_flags)
         params = slurm_parameters(entry.config, self.device, self.timeout, self.slurm)
         if self.executor == "submitit-local":
             params = {"timeout_min": params["timeout_min"]}
@@ -77,8 +93,10 @@ class Pool:
         folder = os.path.join(self.out_dir, "submitit")
         before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
         try:
+            stop_wait = max(5, params["slurm_signal_delay_s"] - STOP_MARGIN_S) if self.executor == "slurm" else 30
             job = SubmititJob(self._submitit, self.queue, os.getpid() if self.executor == "submitit-local" else None,
-                              ranks_per_node, self.pending_timeout, *args)
+                              ranks_per_node, self.pending_timeout, stop_wait,
+                              self.slurm.get("max_requeues", MAX_REQUEUES), *args, **self.run_flags)
         except FailedJobError as e:  # sbatch refused it: this config's row fails, not the sweep
             for name in set(os.listdir(folder)) - before:  # the submission script and pickle it left
                 os.remove(os.path.join(folder, name))

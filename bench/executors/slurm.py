@@ -45,7 +45,7 @@ class SlurmQueue:
     ``sacct`` watcher: clusters without accounting are common, and there ``sacct`` fails, every job's state
     reads UNKNOWN and submitit prints two warnings per poll. ``squeue --states=all`` shows a job until
     ``MinJobAge`` (300 s by default) after it ends; a job it no longer shows has ended, and then the job's own
-    exit-code file (``run_in_job``) is what says how."""
+    exit-code file (``ConfigJob``) is what says how."""
 
     def __init__(self, interval: float = 1.0):
         self.interval, self.t = interval, -math.inf
@@ -98,20 +98,32 @@ def _expand_nodes(nodes: str) -> list[str]:
 
 
 # submitit asks SLURM for SIGUSR2 this long before the job's time limit (its default, 90 s, fired at once under
-# a two-minute limit and ended the job as "timed out and not checkpointable"); the limit leaves room for it
-# after llmopt's own --timeout, which is what decides, counted from the job's start like SLURM's limit.
+# a two-minute limit and ended the job as "timed out and not checkpointable"), at most a third of the limit:
+# slurmctld checks every 30 s (PERIODIC_TIMEOUT) and sends the signal at the first check within delay + 30 s
+# of the limit, so under a one-minute limit a 20 s delay lands 10-40 s after the start, never before the job's
+# wrapper can catch it. The config then has the delay less STOP_MARGIN_S to write its checkpoint. Without
+# --slurm-time-limit the limit leaves room after llmopt's own --timeout, which is what decides, counted from
+# the job's start like SLURM's limit.
 SLURM_SIGNAL_DELAY_S = 60
 SLURM_LIMIT_MARGIN_MIN = 2
+STOP_MARGIN_S = 10
+MAX_REQUEUES = 5  # --max-requeues' default (SLURM's own MaxBatchRequeue default)
+
+
+def signal_delay_s(time_limit_min: int) -> int:
+    return min(SLURM_SIGNAL_DELAY_S, 20 * time_limit_min)
 
 
 def slurm_parameters(cfg: TrainConfig, device: str, timeout: float, settings: dict) -> dict:
-    """submitit parameters for one config: nodes and GPUs from its world size, one task per node (llmopt's
-    launcher or torchrun starts the ranks), a time limit above the harness's own timeout, its nodes to itself
-    unless ``settings["share"]`` (timings taken beside another job are not the config's). ``settings``: the
-    sweep's SLURM settings (``bench.run``: flags over the matrix's [slurm] table)."""
+    """submitit parameters for one config: nodes from its world size (GPUs per node, or ``ranks_per_node`` on
+    CPU), one task per node (llmopt's launcher, or torch's elastic agent across nodes, starts the ranks), a time
+    limit (``time_limit`` minutes, else above the harness's own timeout) with SIGUSR2 before it and the job
+    requeueable (it resumes from its checkpoint), its nodes to itself unless ``settings["share"]`` (timings
+    taken beside another job are not the config's). ``settings``: the sweep's SLURM settings (``bench.run``:
+    flags over the matrix's [slurm] table)."""
     world = cfg.world_size
-    params = {"timeout_min": int(math.ceil(timeout / 60)) + SLURM_LIMIT_MARGIN_MIN, "tasks_per_node": 1,
-              "slurm_signal_delay_s": SLURM_SIGNAL_DELAY_S}
+    limit = settings.get("time_limit") or int(math.ceil(timeout / 60)) + SLURM_LIMIT_MARGIN_MIN
+    params = {"timeout_min": limit, "tasks_per_node": 1, "slurm_signal_delay_s": signal_delay_s(limit)}
     if device == "cuda":
         gpus_per_node = settings.get("gpus_per_node") or 8
         per_node = min(world, gpus_per_node)
@@ -120,7 +132,11 @@ def slurm_parameters(cfg: TrainConfig, device: str, timeout: float, settings: di
                                 f"use --gpus-per-node that divides it")
         params.update(nodes=world // per_node, gpus_per_node=per_node)
     else:
-        params.update(nodes=1)
+        per_node = min(world, settings.get("ranks_per_node") or world)
+        if world % per_node:
+            raise ExecutorError(f"config of {world} ranks does not fill nodes of {per_node} ranks; use "
+                                f"--ranks-per-node that divides it")
+        params.update(nodes=world // per_node)
     if settings.get("cpus_per_node"):
         params["cpus_per_task"] = settings["cpus_per_node"]
     if not settings.get("share"):
@@ -128,8 +144,8 @@ def slurm_parameters(cfg: TrainConfig, device: str, timeout: float, settings: di
     for key in ("partition", "account"):
         if settings.get(key):
             params[f"slurm_{key}"] = settings[key]
-    if settings.get("options"):
-        params["slurm_additional_parameters"] = dict(settings["options"])
+    # requeueable whatever the cluster's JobRequeue default: a requeued config resumes from its checkpoint
+    params["slurm_additional_parameters"] = {**dict(settings.get("options") or {}), "requeue": True}
     return params
 
 

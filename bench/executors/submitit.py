@@ -11,29 +11,36 @@ import sys
 import time
 from dataclasses import replace
 
-from bench.executors.common import ExecutorError, Job, Outcome, Slot, outcome_of
-from bench.executors.job import run_in_job
+from bench.executors.common import ExecutorError, Job, Outcome, Slot, outcome_of, status_of
+from bench.executors.job import ConfigJob, node_rc_path
 from bench.executors.slurm import SLURM_ENDED, SLURM_NEVER_STARTS, SlurmQueue, slurm_call
 from llmopt.safe_files import open_file
 
 FILE_GRACE_S = 5.0  # a job SLURM says has ended, whose exit-code file the shared filesystem has not shown yet
+NODE_GRACE_S = 3.0  # across nodes, after one node's failure: how long the others get to say theirs
 
 
 class SubmititJob(Job):
-    """One config as one submitit job (local processes or SLURM). The job runs ``llmopt.train`` (or, across
-    nodes, torchrun on every node with c10d rendezvous on the first host) and writes, beside the config's
-    metrics, when it started and its exit code; the files come back through the sweep directory, which a
-    cluster must share between nodes. ``--timeout`` counts from the job's start, not its submission: time in
-    the queue is the scheduler's, not the config's."""
+    """One config as one submitit job (local processes or SLURM). The job runs ``llmopt.train`` (across nodes,
+    ``llmopt.train --nnodes`` on every node: torch's elastic agent, c10d rendezvous on the first) and writes,
+    beside the config's metrics, when it started and its exit code; the files come back through the sweep
+    directory, which a cluster must share between nodes. ``--timeout`` counts from the job's start, not its
+    submission: time in the queue is the scheduler's, not the config's. A job SLURM requeues (preempted, or
+    stopped before its time limit: ``bench.executors.job``) starts again and resumes its config from its
+    checkpoint; its clock restarts with it, its wall time counts from its first start, and its row says how many
+    times it was requeued."""
 
     def __init__(self, executor, queue: SlurmQueue | None, sweep_pid: int | None, nproc_per_node: int,
-                 pending_timeout: float, *args):
-        super().__init__(*args)
+                 pending_timeout: float, stop_wait_s: float, max_requeues: int, *args, **kw):
+        super().__init__(*args, **kw)
         self.queue, self.pending_timeout, self.reason_said = queue, pending_timeout, ""
+        self.max_requeues = max_requeues
         base = self.metrics_path
         self.cancel_path, self.started_path, self.rc_path, self.peak_path = (
             base + ".cancel", base + ".started", base + ".rc", base + ".peak")
-        for path in (self.cancel_path, self.started_path, self.rc_path, self.peak_path):
+        # across nodes, the others say only a failure (their ranks died): the row ends at once, the job cancelled
+        self.node_rc_paths = [node_rc_path(base, k) for k in range(1, self.entry.config.world_size // nproc_per_node)]
+        for path in self._files():
             if os.path.exists(path):
                 os.remove(path)
         # on SLURM the job measures its node's peak FLOP/s for MFU (a CPU node; a GPU's is the datasheet's)
@@ -41,18 +48,47 @@ class SubmititJob(Job):
         peak_cache = os.path.join(sweep_dir, "peak_flops") if queue is not None else None
         env = _job_env(self.env)
         if queue is not None:
-            env.pop("OMP_NUM_THREADS", None)  # sized on the node, from the cores SLURM gave the job (run_in_job)
-        self.job = executor.submit(run_in_job, self.argv, env, self.log_path, os.getcwd(), sweep_pid,
+            env.pop("OMP_NUM_THREADS", None)  # sized on the node, from the cores SLURM gave the job (ConfigJob)
+        self.job = executor.submit(ConfigJob(stop_wait_s), self.argv, env, self.log_path, os.getcwd(), sweep_pid,
                                    nproc_per_node, self.cancel_path, self.entry.config, peak_cache)
         self.job_id = str(self.job.job_id)
         with open_file(self.log_path, "a") as log:
             log.write(f"# submitit job {self.job_id} ({type(executor).__name__})\n")
-        self.run_t0: float | None = None  # when this sweep first saw the job's start file
+        self.first_t0: float | None = None  # when this sweep first saw the job's start file
+        self.run_t0: float | None = None  # ... and its latest (a requeued job starts again): --timeout counts from it
+        self.started = ""  # the start file as last read: "host epoch-seconds requeues"
+        self.requeues = 0  # how many times SLURM requeued the job (preempted, or stopped before its time limit)
         self.ended_t: float | None = None  # when the scheduler first said the job had ended
+        self.failed_t: float | None = None  # when a node of a config across nodes first said it failed
+
+    def _files(self) -> list[str]:
+        return [self.cancel_path, self.started_path, self.rc_path, self.peak_path, *self.node_rc_paths]
+
+    def _exit_codes(self) -> list[int]:
+        return [rc for rc in map(_read_int, (self.rc_path, *self.node_rc_paths)) if rc is not None]
+
+    def _exit_code(self) -> int | None:
+        """The config's exit code, None before any node has said one. Across nodes, where several failed, a
+        SIGKILLed or out-of-memory rank's (what the others then failed of), else the first failure's."""
+        codes = self._exit_codes()
+        failed = [rc for rc in codes if rc != 0]
+        if not failed:
+            return codes[0] if codes else None
+        return next((rc for rc in failed if status_of(rc, False) == "oom"), failed[0])
+
+    def _nodes_said(self, now: float) -> bool:
+        """Across nodes: every node that will say has said (each one whose ranks failed writes its code, the
+        first node always), or NODE_GRACE_S have passed since the first failure, so that the row's status and
+        error are the failure's cause, not a node that lost its peers."""
+        codes = self._exit_codes()
+        if not self.node_rc_paths or len(codes) == 1 + len(self.node_rc_paths) or not any(codes):
+            return True
+        self.failed_t = self.failed_t or now
+        return now - self.failed_t >= NODE_GRACE_S
 
     def _stopped(self) -> tuple[bool, str]:
         """(the job runs no more, SLURM's last word on it: its state, or GONE once squeue no longer shows it)."""
-        if os.path.exists(self.rc_path):
+        if any(os.path.exists(p) for p in (self.rc_path, *self.node_rc_paths)):
             return True, ""
         if self.queue is None:
             return self.job.done(), ""
@@ -62,29 +98,58 @@ class SubmititJob(Job):
         return True, seen[0] if seen is not None else "GONE"
 
     def poll(self) -> Outcome | None:
+        outcome = self._poll()
+        return None if outcome is None else replace(outcome, requeues=self.requeues)
+
+    def _read_start(self, now: float) -> None:
+        """A new start of the job (its first, or after a requeue): its clock restarts, its requeues counted."""
+        try:
+            with open(self.started_path) as f:
+                started = f.read()
+        except OSError:
+            return
+        if started and started != self.started:
+            self.started, self.run_t0 = started, now
+            self.first_t0 = self.first_t0 or now
+            fields = started.split()
+            self.requeues = int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else 0
+
+    def _poll(self) -> Outcome | None:
         now = time.monotonic()
-        if self.run_t0 is None and os.path.exists(self.started_path):
-            self.run_t0 = now
+        self._read_start(now)
         if self.run_t0 is None and self.queue is not None:
             refused = self._pending(now)
             if refused is not None:
                 return refused
+        if self.requeues > self.max_requeues:
+            why = (f"job {self.job_id} requeued {self.requeues} times, more than --max-requeues {self.max_requeues} "
+                   f"(preempted or stopped at its time limit each time); raise --slurm-time-limit or --max-requeues")
+            self.cancel()
+            self._forget()
+            with open_file(self.log_path, "a") as log:
+                log.write(f"# {why}\n")
+            return Outcome("failed", why, None, now - (self.first_t0 or self.t0))
         stopped, state = self._stopped()
+        if stopped and not state and not self._nodes_said(now):
+            return None
         if stopped and state and self.queue is not None:
             # ended as SLURM tells it: the exit-code file may lag on a shared filesystem; give it a moment
             self.ended_t = self.ended_t or now
             stopped = now - self.ended_t > FILE_GRACE_S
         # the clock starts with the job; a local job is started at once, so it never waits for its start file
         t_start = self.run_t0 if self.run_t0 is not None or self.queue is not None else self.t0
-        timed_out = not stopped and t_start is not None and now - t_start > self.timeout
+        # a requeued job waiting to start again is the scheduler's time, as its first wait in the queue was
+        timed_out = not stopped and t_start is not None and now - t_start > self.timeout and state != "PENDING"
         if not stopped and not timed_out:
             return None
-        wall = now - (t_start if t_start is not None else self.t0)
+        wall = now - (self.first_t0 if self.first_t0 is not None else t_start if t_start is not None else self.t0)
         if timed_out:
             self.cancel()
             self._forget()
             return outcome_of(None, True, self.timeout, self.metrics_path, self.log_path, wall)
-        rc, peak = _read_int(self.rc_path), _read_peak(self.peak_path)
+        rc, peak = self._exit_code(), _read_peak(self.peak_path)
+        if rc not in (None, 0) and self.queue is not None and self.entry.config.world_size > 1:
+            slurm_call(["scancel", self.job_id])  # across nodes, the others' ranks may still wait for the lost one
         self._forget()
         if rc is not None:
             return replace(outcome_of(rc, False, self.timeout, self.metrics_path, self.log_path, wall), peak=peak)
@@ -133,7 +198,7 @@ class SubmititJob(Job):
     def _forget(self) -> None:
         if self.queue is not None:
             self.queue.forget(self.job_id)
-        for path in (self.cancel_path, self.started_path, self.rc_path, self.peak_path):
+        for path in self._files():
             if os.path.exists(path):
                 os.remove(path)
 
@@ -177,6 +242,9 @@ class RefusedJob:
     def cancel(self) -> None:
         pass
 
+    def drop_checkpoints(self) -> None:
+        pass
+
 
 def sbatch_message(error: Exception) -> str:
     """sbatch's own words from submitit's FailedJobError: its ``error:`` lines, without the prefix, once each."""
@@ -218,7 +286,7 @@ def _job_env(env: dict) -> dict:
 
 
 
-def make_submitit_executor(kind: str, folder: str):
+def make_submitit_executor(kind: str, folder: str, max_requeues: int = 3):
     try:
         import submitit
     except ImportError:
@@ -227,6 +295,8 @@ def make_submitit_executor(kind: str, folder: str):
         if shutil.which("sbatch") is None:
             raise ExecutorError("--executor slurm: no sbatch on PATH (not a SLURM login node?); run from one, or "
                                 "use --executor submitit-local to run the same jobs here")
-        return submitit.AutoExecutor(folder=folder, cluster="slurm")
+        # submitit requeues a job stopped at its time limit this many times (a preemption it always requeues;
+        # SubmititJob fails a row requeued more than --max-requeues times either way)
+        return submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=max_requeues)
     return submitit.LocalExecutor(folder=folder)
 

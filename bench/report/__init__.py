@@ -274,6 +274,12 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
                      f"at most {most} per node seen by squeue)")
     elif env.get("executor", "local") != "local" or env.get("jobs", 1) > 1:
         L.append(f"- Executor: {env.get('executor', 'local')}, up to {env.get('jobs', 1)} configs at once")
+    requeues = pd.to_numeric(results["requeues"], errors="coerce").fillna(0) if "requeues" in results else None
+    if requeues is not None and (requeues > 0).any():
+        L.append(f"- **Requeued**: {int((requeues > 0).sum())} config(s) were stopped by SLURM (preempted, or at "
+                 f"their time limit) and resumed from their checkpoints ({int(requeues.sum())} requeue(s) in all, "
+                 f"column `requeues`): their losses are an uninterrupted run's, their timings span several jobs, "
+                 f"each start's first step cold.")
     if env.get("concurrent_cpu"):
         L.append(f"- **Figures taken concurrently**: up to {env['jobs']} CPU configs ran side by side, each pinned to "
                  f"its own share of the cores (MFU against that share of the peak). They shared memory bandwidth "

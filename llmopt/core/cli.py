@@ -18,6 +18,8 @@ from typing import NoReturn
 USER_ERROR = 2     # a user's mistake, found before or while training: one error: line
 DIVERGED = 3       # the loss diverged (llmopt.convergence): one error: line saying at which step and why
 OUT_OF_MEMORY = 4  # a rank ran out of memory (or the kernel's OOM killer took it)
+PREEMPTED = 75     # stopped by SIGTERM or SIGUSR2 after writing a checkpoint: the same command continues it
+                   # (75 is sysexits' EX_TEMPFAIL, "try again later": SLURM requeues the job and it resumes)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -61,11 +61,11 @@ class RunMetrics:
     torch_version: str = _m()
     startup_s: float | None = _m("run")           # from the harness's launch to the first line of rank 0's work
     build_s: float | None = _m("run")             # building the model, layout, optimizer and data
-    resumed_from_step: int | None = _m()          # the steps done by the checkpoint this run resumed (llmopt.dcp)
-    checkpoints_saved: int | None = _m()          # --checkpoint-dir: checkpoints written by this run
-    checkpoint_bytes: int | None = _m()           # the last one's size on disk
-    checkpoint_save_s: float | None = _m()        # seconds per save, mean (every rank writes its shards)
-    checkpoint_load_s: float | None = _m()        # seconds the resumed checkpoint took to load, on rank 0
+    resumed_from_step: int | None = _m("run")          # the steps done by the checkpoint this run resumed (llmopt.dcp)
+    checkpoints_saved: int | None = _m("run")          # --checkpoint-dir: checkpoints written by this run
+    checkpoint_bytes: int | None = _m("run")           # the last one's size on disk
+    checkpoint_save_s: float | None = _m("run")        # seconds per save, mean (every rank writes its shards)
+    checkpoint_load_s: float | None = _m("run")        # seconds the resumed checkpoint took to load, on rank 0
 
     @classmethod
     def from_json(cls, d: dict) -> "RunMetrics":
