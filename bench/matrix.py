@@ -367,8 +367,10 @@ def _paths_resolved(cfg: dict, preset_given: bool) -> dict:
     cfg = dict(cfg)
     if cfg.get("data") and cfg["data"] not in BUILTIN and os.path.exists(cfg["data"]):
         cfg["data"] = os.path.abspath(cfg["data"])
-    if cfg.get("init") and str(cfg["init"]).startswith("hf:") and os.path.exists(cfg["init"][3:]):
-        cfg["init"] = "hf:" + os.path.abspath(cfg["init"][3:])
+    if cfg.get("init") and ":" in str(cfg["init"]):
+        kind, path = str(cfg["init"]).split(":", 1)
+        if os.path.exists(path):
+            cfg["init"] = f"{kind}:{os.path.abspath(path)}"
     if cfg.get("init") and not preset_given:
         from llmopt.core.config import CHECKPOINT
 

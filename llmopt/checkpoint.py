@@ -5,7 +5,8 @@ Gathered with torch's distributed-checkpoint state-dict API (``get_model_state_d
 checkpointing, compile) are dropped. Pipeline stages each hold their own blocks; one rank per stage sends its
 part to rank 0, which merges them (the last stage's copy of the tied head is left out), loads them into a
 single-device model and writes ``save_pretrained`` (with the tokenizer the data was prepared with, if any)
-into a temporary sibling directory renamed into place: the directory is complete or absent.
+into a temporary sibling directory renamed into place: the directory is complete or absent. And the other way:
+``--init ckpt:DIR``'s model, a training checkpoint's exported once per run (``exported_for_init``).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 
 import torch
 import torch.distributed as dist
@@ -253,3 +255,35 @@ def tokenizer_dir(source) -> str | None:
     if meta and meta.get("tokenizer_dir"):
         return os.path.join(source.path, meta["tokenizer_dir"])
     return None
+
+
+# Set by the process that exported ``--init ckpt:DIR`` (``exported_for_init``): "<init>\n<model directory>". Its
+# ranks, forked or exec'd, inherit it and load that directory instead of exporting again.
+INIT_EXPORT_ENV = "LLMOPT_INIT_EXPORTED"
+
+
+def exported_for_init(init: str) -> str:
+    """``--init ckpt:DIR``: the checkpoint's model in Hugging Face format, written once per run (by the process
+    that checks the flags, before any rank exists) into a private directory removed when that process exits;
+    its ranks find it through ``INIT_EXPORT_ENV``. The export runs in a process of its own (``python -m
+    llmopt.export``): torch ops here would start OpenMP's threads in a process that then forks its ranks, and
+    DCP's reader would meet this process's process group, if it had one. So ``--init ckpt:DIR`` is exactly
+    ``python -m llmopt.export DIR OUT`` then ``--init hf:OUT``."""
+    import atexit
+    import subprocess
+
+    from llmopt.scratch import private_dir
+
+    said = os.environ.get(INIT_EXPORT_ENV, "").split("\n")
+    if len(said) == 2 and said[0] == init and os.path.isdir(said[1]):
+        return said[1]
+    tmp = private_dir("llmopt-init-")
+    atexit.register(shutil.rmtree, tmp, True)
+    out = os.path.join(tmp, "model")
+    r = subprocess.run([sys.executable, "-m", "llmopt.export", init.removeprefix("ckpt:"), out], capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+    if r.returncode != 0:
+        said = [line for line in r.stderr.splitlines() if line.startswith("error:")] or r.stderr.splitlines()[-1:]
+        raise ValueError(f"--init {init}: " + (said[-1].removeprefix("error: ") if said else f"exit {r.returncode}"))
+    os.environ[INIT_EXPORT_ENV] = f"{init}\n{out}"
+    return out

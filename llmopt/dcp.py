@@ -12,7 +12,8 @@ A checkpoint is a directory ``step-NNNNNNNN`` (the number of steps done) inside 
 * ``train_state.json`` (rank 0; JSON, never a pickle): the format, the config it was saved under, the steps done,
   each optimizer parameter group's settings and counters (schedule-free's ``k``/``weight_sum``, SOAP's
   ``step``; a ``WholeTensors`` bucket's inner groups merged into their outer group), the learning-rate
-  schedule, the loss scaler, the curve so far (losses, gradient norms, step times), the evals, the noise-scale
+  schedule, the loss scaler, the curve so far (losses, gradient norms, step times, the steps it started at), the
+  evals, the noise-scale
   averages and rank 0's RNG state. Written last: a directory without it is not a checkpoint.
 
 It is saved into ``.tmp-step-NNNNNNNN`` and renamed when every rank has written (a rename is atomic), so a
@@ -28,19 +29,25 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import time
 import warnings
 
+from llmopt.core.checkpoint_files import (  # noqa: F401 (the directory's format: dcp's API too)
+    FORMAT,
+    STATE_FILE,
+    STEP_RE,
+    CheckpointError,
+    complete,
+    read_state,
+    resolve,
+    step_dir,
+)
 from llmopt.safe_files import hold_lock, makedirs, open_file
 
 # torch is imported inside the functions that write or read a checkpoint: the flags' checks stay torch-free
 
-STATE_FILE = "train_state.json"  # not --save's llmopt.json: a saved model is not a checkpoint
-FORMAT = 1
-STEP_RE = re.compile(r"step-(\d{8})")
 # What must agree between a checkpoint and the run resuming it (the layout, accumulation, learning rate and
 # steps may change): the model's shape and vocabulary, the optimizer (its state), the precision (a loss
 # scaler's state, and bf16 curves are not fp32's), the model implementation (its parameter names) and the seed
@@ -53,54 +60,9 @@ MUST_MATCH = ("optimizer", "precision", "model_impl", "seed")
 KERNEL_CHOICES = {"foreach", "fused", "capturable", "differentiable"}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed: one line naming what differs, exit 2."""
-
-
-# ----------------------------------------------------------------------------------------- finding one
-def step_dir(root: str, step: int) -> str:
-    return os.path.join(root, f"step-{step:08d}")
-
-
-def complete(root: str) -> list[str]:
-    """The complete checkpoints in ``root``, oldest first (a ``.tmp-`` directory, or one without its
-    train_state.json, is a save that did not finish)."""
-    if not os.path.isdir(root):
-        return []
-    names = sorted(n for n in os.listdir(root) if STEP_RE.fullmatch(n))
-    return [os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n, STATE_FILE))]
-
-
-def resolve(path: str, flag: str = "--resume-from") -> str:
-    """A checkpoint directory: ``path`` itself (it holds train_state.json) or the latest complete one inside it."""
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
-        return path
-    found = complete(path)
-    if not found:
-        raise CheckpointError(f"{flag} {path}: not a checkpoint (no {STATE_FILE}) and holds none (no complete "
-                              f"step-NNNNNNNN inside); pass a --checkpoint-dir a run wrote")
-    return found[-1]
-
-
 def read_info(path: str) -> dict:
-    """A checkpoint's train_state.json, checked for what resuming reads from it."""
-    file = os.path.join(path, STATE_FILE)
-    try:
-        if os.path.getsize(file) > 256 * 2**20:
-            raise ValueError("larger than 256 MiB")
-        with open(file) as f:
-            info = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is unreadable ({e}); resume from another "
-                              f"checkpoint") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is not an llmopt checkpoint of format {FORMAT}")
-    step, losses = info.get("step"), info.get("losses")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 1 or not isinstance(losses, list) or \
-            len(losses) != step or not isinstance(info.get("config"), dict) or \
-            not isinstance(info.get("groups"), list):
-        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} is malformed (step, losses, config or groups); "
-                              f"resume from another checkpoint")
+    """A checkpoint's train_state.json, checked for what resuming reads from it, and its DCP metadata."""
+    info = read_state(path)
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise CheckpointError(f"checkpoint {path}: DCP's .metadata is missing; the checkpoint is incomplete")
     read_metadata(path)  # refused here, before any training, when it is not DCP's
@@ -422,7 +384,7 @@ def _info(state, steps_done: int, timed) -> dict:
         "groups": group_settings(state.optimizer), "scheduler": sched,
         "scaler": {k: _plain(v) for k, v in state.scaler.state_dict().items()} if state.scaler is not None else None,
         "losses": timed.losses, "grad_norms": timed.grad_norms, "step_time_ms": timed.step_ms,
-        "optimizer_ms": timed.optimizer_ms, "fp16_skipped": timed.fp16_skipped,
+        "optimizer_ms": timed.optimizer_ms, "fp16_skipped": timed.fp16_skipped, "starts": timed.starts,
         "evals": [asdict(e) for e in conv.evals], "eval_seconds": conv.eval_seconds,
         "reached": conv.evals.index(conv.reached) if conv.reached is not None else None,
         "divergence_reference": conv._reference,
@@ -522,6 +484,8 @@ def _restore_record(timed, info: dict) -> None:
     timed.step_ms = list(info.get("step_time_ms") or [])
     timed.optimizer_ms = list(info.get("optimizer_ms") or [])
     timed.fp16_skipped = int(info.get("fp16_skipped") or 0)
+    # where the run started before (a checkpoint without them: once, at 0), and now at the checkpoint's step
+    timed.starts = sorted({int(s) for s in info.get("starts") or [0]} | {int(info["step"])})
     conv = timed.conv
     conv.evals = [EvalPoint(**e) for e in info.get("evals") or []]
     conv.eval_seconds = float(info.get("eval_seconds") or 0.0)

@@ -5,8 +5,8 @@ a checkpoint holds, whatever layout saved it.
 The checkpoint is loaded into one process (its config with every parallel degree 1: DCP reshards the saved
 shards into whole tensors) and written by ``llmopt.checkpoint.save_pretrained``: the weights the optimizer
 evaluates (a schedule-free optimizer's average), the data's tokenizer beside them. The result is what
-``llmopt.sample`` and ``--init hf:OUT`` read; ``llmopt.sample`` also takes a checkpoint directly (it exports
-into a temporary directory first).
+``llmopt.sample`` and ``--init hf:OUT`` read; ``llmopt.sample`` and ``--init ckpt:DIR`` also take a checkpoint
+directly (they export into a temporary directory first).
 """
 from __future__ import annotations
 

@@ -4,7 +4,9 @@
 only, when SEED is given, so one sweep can hold healthy and faulty configs). MODE: raise (an exception),
 exit (exit code 17), kill (SIGKILL, as the kernel's OOM killer would), segv (a real segmentation fault), hang
 (never returns), alloc (allocate until SIGKILLed), wait (until SIGTERM or SIGUSR2 asks a checkpointing run to
-stop: the preemption tests' way to be signalled mid-run; it says so on stderr first). Read by
+stop, then on: the preemption tests' way to be signalled mid-run; it says so on stderr first), park (the same
+wait, then the rank dies of that SIGTERM, as it would without a checkpoint: ranks parked outside any
+collective, so that a test can kill one and no peer is left blocked on a parked one). Read by
 ``llmopt.loop.timed_steps`` before each step.
 MODE slow: that step takes SLOW_S longer, inside its timing (a stall a noisy machine would cause), on a
 config's first timing only: the harness's re-time of a noisy row (``RETIME_ENV`` set) runs clean.
@@ -51,10 +53,16 @@ def maybe_fail(rank: int, step: int, seed: int, stop_requested=lambda: False) ->
         if mode == "hang":
             while True:
                 time.sleep(1)
-        if mode == "wait":
-            print(f"waiting for a stop signal before step {step} ({FAIL_ENV})", file=sys.stderr, flush=True)
+        if mode in ("wait", "park"):
+            print(f"rank {rank} waiting for a stop signal before step {step} ({FAIL_ENV})", file=sys.stderr,
+                  flush=True)
             while not stop_requested():
                 time.sleep(0.05)
+            if mode == "park":
+                import signal
+
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
             continue
         if mode == "alloc":  # allocate until killed: 256 MiB in 16 MiB chunks, then SIGKILL as the OOM killer would
             hoard: list[bytearray] = []  # small: a larger one's page faults once outlasted a test's --timeout

@@ -56,9 +56,11 @@ def percentile(values: list[float], q: float) -> float:
     return float(torch.tensor(values, dtype=torch.float64).quantile(q / 100))
 
 
-def measured_steps(times_ms: list[float], warmup: int) -> list[float]:
-    """Step times after the warm-up steps (all of them when there are no more)."""
-    return times_ms[warmup:] or times_ms
+def measured_steps(times_ms: list[float], warmup: int, starts=(0,)) -> list[float]:
+    """Step times without the warm-up steps after each start (all of them when none are left): a resumed run
+    (a requeued SLURM job) pays first-call costs again at the step it resumed at."""
+    cold = {s + i for s in starts for i in range(warmup)}
+    return [x for i, x in enumerate(times_ms) if i not in cold] or times_ms
 
 
 def coefficient_of_variation(values: list[float]) -> float | None:

@@ -76,6 +76,7 @@ class Timed:
     resumed_from: int | None = None  # the steps a checkpoint had done when this run resumed it
     load_s: float | None = None      # seconds its loading took
     stopped_by: int = 0              # the signal that stopped the run early, with a checkpoint (StopRequest)
+    starts: list = field(default_factory=lambda: [0])  # the steps the run started at: 0 and each resume's
 
 
 def run(cfg: TrainConfig, opts: RunOptions) -> int:
@@ -355,8 +356,8 @@ def summarize(state, t: Timed, breakdown: dict | None, memory_step_s: float | No
     per_rank = state.layout.gather_object({"peak": peak, "rss": peak_rss_bytes(), "breakdown": breakdown,
                                            "energy_j": t.power["energy_j"], "gpu_util": t.power["gpu_util_mean"],
                                            "gpu_power": t.power["gpu_power_w_mean"]})
-    times = measured_steps(t.step_ms, t.warmup)
-    updates = measured_steps(t.optimizer_ms, t.warmup)
+    times = measured_steps(t.step_ms, t.warmup, t.starts)
+    updates = measured_steps(t.optimizer_ms, t.warmup, t.starts)
     tokens = cfg.global_batch * cfg.seq_len
     energies = [r["energy_j"] for r in per_rank if r["energy_j"] is not None]
     worst = max(per_rank, key=lambda r: r["peak"])

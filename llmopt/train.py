@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from llmopt.core.config import CHECKPOINT, TrainConfig, validate
+from llmopt.core.config import CHECKPOINT, TrainConfig, init_path, validate
 from llmopt.launch import LAUNCH_T0_ENV, under_launcher
 
 
@@ -121,6 +121,10 @@ def _checked(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig]:
         _refuse_unused(raw, fields_given)  # as given: validate resolves the steps
     _refuse_a_checkpoint_as_init(raw)
     cfg = validate(raw)
+    if cfg.init and cfg.init.startswith("ckpt:"):
+        from llmopt.checkpoint import exported_for_init
+
+        exported_for_init(cfg.init)  # once, before any rank starts: the ranks load the model it writes
     if args.timing_warmup < 0:
         raise ValueError(f"--timing-warmup {args.timing_warmup}: must be 0 or more")
     tokenizer_dir = None
@@ -206,11 +210,10 @@ def _refuse_a_checkpoint_as_init(cfg: TrainConfig) -> None:
     fails with its own words."""
     from llmopt import dcp
 
-    init = cfg.init[3:] if cfg.init else None
+    init = cfg.init[3:] if cfg.init and cfg.init.startswith("hf:") else None
     if init and os.path.isdir(init) and (os.path.isfile(os.path.join(init, dcp.STATE_FILE)) or dcp.complete(init)):
-        raise ValueError(f"--init {cfg.init}: a training checkpoint, not a saved model; continue it with "
-                         f"--resume-from {init}, or export it (python -m llmopt.export {init} DIR) and pass "
-                         f"--init hf:DIR")
+        raise ValueError(f"--init {cfg.init}: a training checkpoint, not a saved model; start from its model with "
+                         f"--init ckpt:{init}, or continue its run with --resume-from {init}")
 
 
 def _check_checkpoints(cfg: TrainConfig, args, given: set[str]) -> str | None:
@@ -333,7 +336,7 @@ def _check_outputs(cfg: TrainConfig, args, tokenizer_dir: str | None) -> None:
     if args.metrics_out:
         from llmopt.scratch import check_writable_file
 
-        check_writable_file(args.metrics_out, "--metrics-out", [cfg.data, cfg.init and cfg.init[3:]])
+        check_writable_file(args.metrics_out, "--metrics-out", [cfg.data, cfg.init and init_path(cfg.init)])
     if args.log_dir:
         from llmopt.scratch import check_writable_dir
 

@@ -152,11 +152,14 @@ def test_a_resumed_run_reads_the_batches_the_uninterrupted_one_would(tmp_path, m
     assert again["resumed_from_step"] == 2 and again["losses"] == full["losses"]
 
 
-def test_a_checkpoint_is_also_a_model(tmp_path, capsys):
+def test_a_checkpoint_is_also_a_model(tmp_path, capsys, monkeypatch):
     """``llmopt.export`` writes from a checkpoint the very weights ``--save`` writes at the end of the same run,
-    and ``llmopt.sample`` reads a checkpoint directly."""
+    ``llmopt.sample`` reads a checkpoint directly, and ``--init ckpt:DIR`` starts a run from its model: the
+    losses of ``--init hf:`` of the export (Hugging Face's loader), in one process and under dp2 (its ranks
+    load what the launcher exported once)."""
     from safetensors.torch import load_file
 
+    from llmopt.checkpoint import INIT_EXPORT_ENV
     from llmopt.export import main as export
     from llmopt.sample import main as sample
 
@@ -170,9 +173,16 @@ def test_a_checkpoint_is_also_a_model(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("def ")
     assert export([str(tmp_path / "ck"), str(tmp_path / "exported")]) == 2  # never over an existing directory
     capsys.readouterr()
-    assert "a training checkpoint, not a saved model" in _error(capsys, "--init", f"hf:{tmp_path / 'ck'}")
+    assert "start from its model with --init ckpt:" in _error(capsys, "--init", f"hf:{tmp_path / 'ck'}")
     again = _run(tmp_path, "--data", os.__file__, "--init", f"hf:{tmp_path / 'exported'}", "--steps", "2")
     assert again["losses"][0] < 5.0  # the trained model, not a fresh one (ln 256 = 5.5 nats for byte tokens)
+    monkeypatch.delenv(INIT_EXPORT_ENV, raising=False)  # what this process exports is its own, not a leftover
+    direct = _run(tmp_path, "--data", os.__file__, "--init", f"ckpt:{tmp_path / 'ck'}", "--steps", "2")
+    assert direct["losses"] == again["losses"]
+    dp2 = _run(tmp_path, "--data", os.__file__, "--init", f"ckpt:{tmp_path / 'ck'}", "--steps", "2", "--dp", "2")
+    assert dp2["losses"] == pytest.approx(again["losses"], abs=1e-4)  # the parity tests' fp32 tolerance
+    monkeypatch.delenv(INIT_EXPORT_ENV)
+    assert "not a checkpoint" in _error(capsys, "--init", f"ckpt:{tmp_path / 'saved'}")
 
 
 def _events(log_dir) -> dict[str, dict[int, float]]:
@@ -315,6 +325,9 @@ def test_a_stop_signal_checkpoints_after_the_step_under_way_and_the_same_command
     again = _run(tmp_path, *argv[len(BASE):], "--checkpoint-dir", str(ck), "--no-final-checkpoint")
     assert again["resumed_from_step"] == 4 and again["losses"] == full["losses"]
     assert sorted(os.listdir(ck)) == [".lock", "step-00000004"]  # none after the last step
+    # the timing warm-up (1 step) left out at the start and again after the resume: steps 1, 2, 3 and 5 timed
+    timed = [ms for i, ms in enumerate(again["step_time_ms"]) if i not in (0, 4)]
+    assert again["tokens_per_s"] == pytest.approx(4 * 16 * len(timed) / (sum(timed) / 1e3))
 
 
 def test_a_sweeps_configs_checkpoint_resume_and_log_each_their_own(tmp_path, cli):

@@ -148,11 +148,13 @@ class SubmititJob(Job):
             self._forget()
             return outcome_of(None, True, self.timeout, self.metrics_path, self.log_path, wall)
         rc, peak = self._exit_code(), _read_peak(self.peak_path)
-        if rc not in (None, 0) and self.queue is not None and self.entry.config.world_size > 1:
-            slurm_call(["scancel", self.job_id])  # across nodes, the others' ranks may still wait for the lost one
-        self._forget()
         if rc is not None:
-            return replace(outcome_of(rc, False, self.timeout, self.metrics_path, self.log_path, wall), peak=peak)
+            outcome = replace(outcome_of(rc, False, self.timeout, self.metrics_path, self.log_path, wall), peak=peak)
+            if rc != 0 and self.queue is not None and self.entry.config.world_size > 1:
+                slurm_call(["scancel", self.job_id])  # across nodes, the others' ranks may still wait for the lost one
+            self._forget()
+            return outcome
+        self._forget()
         # no exit code: the job ended before its config did (the scheduler's limit, memory, a node, a cancel)
         if self.queue is None:
             exc = self.job.exception()

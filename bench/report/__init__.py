@@ -278,8 +278,8 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
     if requeues is not None and (requeues > 0).any():
         L.append(f"- **Requeued**: {int((requeues > 0).sum())} config(s) were stopped by SLURM (preempted, or at "
                  f"their time limit) and resumed from their checkpoints ({int(requeues.sum())} requeue(s) in all, "
-                 f"column `requeues`): their losses are an uninterrupted run's, their timings span several jobs, "
-                 f"each start's first step cold.")
+                 f"column `requeues`): their losses are an uninterrupted run's; their timings span several jobs "
+                 f"(the timing warm-up left out after each start).")
     if env.get("concurrent_cpu"):
         L.append(f"- **Figures taken concurrently**: up to {env['jobs']} CPU configs ran side by side, each pinned to "
                  f"its own share of the cores (MFU against that share of the peak). They shared memory bandwidth "

@@ -56,9 +56,18 @@ def _check_tokenizer(value) -> None:
         tokenizer_vocab_size(value)  # N must be a number in range
 
 
+INIT_KINDS = ("hf:", "ckpt:")  # --init: a Hugging Face GPT-2 (name or directory), or a training checkpoint's model
+
+
+def init_path(init: str) -> str:
+    """The name or path of ``--init KIND:PATH``."""
+    return init.split(":", 1)[1]
+
+
 def _check_init(value) -> None:
-    if value is not None and (not str(value).startswith("hf:") or len(value) == 3):
-        raise ValueError(f"--init {value!r}: use hf:NAME_OR_PATH (a Hugging Face GPT-2 name or a local directory)")
+    if value is not None and (not str(value).startswith(INIT_KINDS) or not init_path(str(value))):
+        raise ValueError(f"--init {value!r}: use hf:NAME_OR_PATH (a Hugging Face GPT-2 name or a local directory) or "
+                         f"ckpt:DIR (the model of a training checkpoint, --checkpoint-dir)")
 
 
 @dataclass(frozen=True)
@@ -106,8 +115,9 @@ class TrainConfig:
                               check=_check_data)
     tokenizer: str = option("bytes", "for raw text: bytes, a Hugging Face tokenizer name or path, or train:N",
                             check=_check_tokenizer)
-    init: str | None = option(None, "hf:NAME_OR_PATH: start from GPT2LMHeadModel.from_pretrained weights",
-                              check=_check_init, metavar="hf:NAME_OR_PATH")
+    init: str | None = option(None, "hf:NAME_OR_PATH: start from GPT2LMHeadModel.from_pretrained weights; "
+                              "ckpt:DIR: from a training checkpoint's model (what llmopt.export writes)",
+                              check=_check_init, metavar="hf:NAME_OR_PATH|ckpt:DIR")
     eval_every: int = option(0, "held-out eval every N steps (and before the first and after the last; 0: none)",
                              low=0)
     eval_batches: int = option(4, "global batches of the held-out split in each eval", low=1)
@@ -193,15 +203,22 @@ def _of_type(value, kind: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def checkpoint_config(init: str) -> GPTConfig:
-    """The model shape of ``hf:NAME_OR_PATH`` from its config alone (``AutoConfig``: no weights are read)."""
+    """The model shape of ``hf:NAME_OR_PATH`` from its config alone (``AutoConfig``: no weights are read), or of
+    ``ckpt:DIR`` from the config its run saved (its shape, its data's vocabulary)."""
+    _check_init(init)
+    if init.startswith("ckpt:"):
+        from llmopt.core.checkpoint_files import read_state, resolve
+
+        path = resolve(init_path(init), "--init ckpt:DIR:")
+        try:
+            return TrainConfig.from_dict(read_state(path)["config"], f"--init {init}").model_config
+        except ValueError as e:
+            raise ValueError(f"--init {init}: its run's config cannot be built here ({e})") from None
     from transformers import AutoConfig
 
-    from llmopt.model import config_from_hf
-
-    if not init.startswith("hf:") or len(init) == 3:
-        raise ValueError(f"--init {init!r}: use hf:NAME_OR_PATH (a Hugging Face GPT-2 name or a local directory)")
     from llmopt import hub
     from llmopt.checkpoint import check_weights
+    from llmopt.model import config_from_hf
 
     name = init[3:]
     hf = hub.load(AutoConfig.from_pretrained, name, f"--init {init}")
@@ -348,7 +365,8 @@ def _check_init_and_data(cfg: TrainConfig, m: GPTConfig) -> None:
         if cfg.data is not None and data_vocab_size(cfg.data, cfg.tokenizer) != m.vocab_size:
             raise ValueError(f"--init {cfg.init} has a vocabulary of {m.vocab_size} but --data {cfg.data} has "
                              f"{data_vocab_size(cfg.data, cfg.tokenizer)}; prepare the data with the checkpoint's "
-                             f"tokenizer (--tokenizer {cfg.init[3:]})")
+                             f"tokenizer" + (f" (--tokenizer {init_path(cfg.init)})" if cfg.init.startswith("hf:")
+                                              else ""))
     elif cfg.data is not None:
         data_vocab_size(cfg.data, cfg.tokenizer)  # raises on a missing or malformed --data
     if cfg.data is not None and os.path.isfile(cfg.data) and cfg.tokenizer == "bytes":

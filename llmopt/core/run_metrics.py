@@ -23,7 +23,7 @@ class RunMetrics:
     grad_norms: list = _m()                       # gradient norm before clipping, per step
     step_time_ms: list = _m()                     # per step, warm-up included
     optimizer_ms: list = _m()                     # the optimizer's update alone, per step
-    timing_warmup: int = _m("run", 0)             # steps left out of the figures below
+    timing_warmup: int = _m("run", 0)             # steps left out of the figures below, after each (re)start
     step_time_ms_p50: float = _m("ok")
     step_time_ms_p90: float = _m("ok")
     step_time_cv: float | None = _m("ok")         # the timed steps' standard deviation over their mean

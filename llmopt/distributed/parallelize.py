@@ -59,10 +59,13 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
 
 def load_pretrained(init: str) -> nn.Module:
-    """``hf:NAME_OR_PATH`` loaded and checked by ``llmopt.checkpoint.load_gpt2``."""
-    from llmopt.checkpoint import load_gpt2
+    """``hf:NAME_OR_PATH`` loaded and checked by ``llmopt.checkpoint.load_gpt2``; ``ckpt:DIR`` is the model
+    ``llmopt.export`` wrote from that checkpoint before the ranks started (``exported_for_init``)."""
+    from llmopt.checkpoint import exported_for_init, load_gpt2
+    from llmopt.core.config import init_path
 
-    return load_gpt2(init[3:], f"--init {init}")
+    path = exported_for_init(init) if init.startswith("ckpt:") else init_path(init)
+    return load_gpt2(path, f"--init {init}")
 
 
 class Layout:
