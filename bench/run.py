@@ -325,7 +325,6 @@ def sweep(args, argv) -> int:
 
         check_writable_dir(args.log_dir, "--log-dir", may_exist=True)
         args.log_dir = os.path.abspath(args.log_dir)
-        makedirs(args.log_dir)
     out, saved = _resolve_out(args)
     plan = saved if saved is not None else _new_plan(args)
     # the executor's choices are checked before anything is written
@@ -333,6 +332,8 @@ def sweep(args, argv) -> int:
                 _slurm_settings(args, plan.matrix), args.pending_timeout, args.checkpoint_every, args.log_dir)
     for sub in ("logs", "metrics", "configs") + (("checkpoints",) if pool.checkpoints else ()):
         makedirs(os.path.join(out, sub))
+    if args.log_dir is not None:
+        makedirs(args.log_dir)
     local = pool.executor == "local"
     s = Sweep(out, plan, pool, resumed=saved is not None, retry=retry, argv=argv, named_out=bool(args.out),
               warm_up=args.warm_up and local, retime=args.retime and local, repair=args.repair,

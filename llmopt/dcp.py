@@ -13,8 +13,8 @@ A checkpoint is a directory ``step-NNNNNNNN`` (the number of steps done) inside 
   each optimizer parameter group's settings and counters (schedule-free's ``k``/``weight_sum``, SOAP's
   ``step``; a ``WholeTensors`` bucket's inner groups merged into their outer group), the learning-rate
   schedule, the loss scaler, the curve so far (losses, gradient norms, step times, the steps it started at), the
-  evals, the noise-scale
-  averages and rank 0's RNG state. Written last: a directory without it is not a checkpoint.
+  evals, the noise-scale averages and rank 0's RNG state. Written last: a directory without it is not a
+  checkpoint.
 
 It is saved into ``.tmp-step-NNNNNNNN`` and renamed when every rank has written (a rename is atomic), so a
 kill during a save leaves the previous checkpoint as it was; the last ``--checkpoint-keep`` are kept.

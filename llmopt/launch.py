@@ -35,8 +35,8 @@ LAUNCHER_ENV = "LLMOPT_LAUNCHER"
 # measured from it to the rank's first line of work (llmopt.loop), so it covers imports and rank start-up.
 LAUNCH_T0_ENV = "LLMOPT_LAUNCH_T0"
 # Errors a rank raises because *another* rank went away: never the root cause when a real error exists.
-SECONDARY_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",
-              "Socket Timeout", "SIGTERM")
+SECONDARY_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                    "communicator was aborted", "Socket Timeout", "SIGTERM")
 # Set in the ranks this module starts: the launcher already checked the run's outputs and holds its checkpoint
 # directory's lock (under torchrun, rank 0 does both itself).
 LAUNCHED_ENV = "LLMOPT_LAUNCHED"
@@ -80,9 +80,10 @@ def launch(nproc: int, argv: list[str], device: str, rank_main, oom_exit: int = 
     (``oom_exit`` when a rank was SIGKILLed: nobody here sent it, so it was the kernel's OOM killer).
     ``decided``: exit codes every rank reaches alike and rank 0 explains itself (a divergence, a user error
     found once training started): when every failed rank, rank 0 among them, exits with one of them, the
-    launcher adds no "rank N failed" line of its own. ``graceful`` (the run checkpoints): SIGTERM, SIGHUP and
-    SIGUSR2 are passed on to the ranks, which stop after the step under way with a checkpoint
-    (``llmopt.dcp.StopRequest``), and waited for; otherwise SIGTERM and SIGHUP stop the ranks at once.
+    launcher adds no "rank N failed" line of its own. ``graceful`` (the run checkpoints): SIGTERM and SIGUSR2
+    are passed on to the ranks, which stop after the step under way with a checkpoint
+    (``llmopt.dcp.StopRequest``), and waited for; a second SIGTERM (a rank stuck in a collective never reaches
+    the end of its step) and SIGHUP stop them at once, as SIGTERM does without ``graceful``.
     ``nodes``: this node's ``nproc`` ranks of a run across nodes, through torch's elastic agent (torchrun's)."""
     how = "elastic" if nodes else os.environ.get(LAUNCHER_ENV) or ("fork" if device == "cpu" else "elastic")
     if how not in ("fork", "elastic"):
@@ -93,7 +94,8 @@ def launch(nproc: int, argv: list[str], device: str, rank_main, oom_exit: int = 
     launched = os.environ.get(LAUNCHED_ENV)
     os.environ[LAUNCHED_ENV] = "1"  # inherited by forked and exec'd ranks alike; this process's restored below
     if graceful and how == "fork":
-        handlers = dict.fromkeys((signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2), _pass_on)
+        _PASSED.clear()
+        handlers = {signal.SIGTERM: _pass_on, signal.SIGHUP: _raise_exit, signal.SIGUSR2: _pass_on}
     elif graceful:  # torch's agent stops its ranks on SIGTERM (after a grace); SIGUSR2 reaches them from SLURM
         handlers = {signal.SIGTERM: _raise_exit, signal.SIGHUP: _raise_exit, signal.SIGUSR2: signal.SIG_IGN}
     else:
@@ -116,10 +118,15 @@ def _raise_exit(signum, frame):
 
 
 _RANKS: dict[int, int] = {}  # the forked ranks still running: pid -> rank (for _pass_on)
+_PASSED: set[int] = set()  # the stop signals a graceful launcher has passed on
 
 
 def _pass_on(signum, frame):
-    """A graceful launcher's stop signal, passed on to its ranks (SLURM signals them too: twice is once)."""
+    """A graceful launcher's stop signal, passed on to its ranks (SLURM signals them too: twice is once); the
+    same signal again from someone else stops them at once."""
+    if signum == signal.SIGTERM and signum in _PASSED:
+        raise SystemExit(128 + signum)
+    _PASSED.add(signum)
     for pid in list(_RANKS):
         try:
             os.kill(pid, signum)

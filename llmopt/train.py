@@ -121,10 +121,6 @@ def _checked(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig]:
         _refuse_unused(raw, fields_given)  # as given: validate resolves the steps
     _refuse_a_checkpoint_as_init(raw)
     cfg = validate(raw)
-    if cfg.init and cfg.init.startswith("ckpt:"):
-        from llmopt.checkpoint import exported_for_init
-
-        exported_for_init(cfg.init)  # once, before any rank starts: the ranks load the model it writes
     if args.timing_warmup < 0:
         raise ValueError(f"--timing-warmup {args.timing_warmup}: must be 0 or more")
     tokenizer_dir = None
@@ -146,6 +142,10 @@ def _checked(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig]:
         from llmopt.distributed.dims import ParallelDims
 
         ParallelDims.from_config(cfg).check_world(int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.init and cfg.init.startswith("ckpt:"):  # last: it takes seconds, and every other mistake is said first
+        from llmopt.checkpoint import exported_for_init
+
+        exported_for_init(cfg.init)  # once, before any rank starts: the ranks load the model it writes
     return args, cfg
 
 

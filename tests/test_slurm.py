@@ -345,3 +345,57 @@ def test_slurm_preempted_and_time_limited_jobs_resume_from_their_checkpoints(slu
     assert os.listdir(out / "checkpoints") == []
     assert "**Requeued**: 2 config(s) were stopped by SLURM" in (out / "report.md").read_text()
     wait_for("an empty queue", lambda: slurm.squeue() == [], 30)
+
+
+def test_a_requeued_job_restarts_its_clock_and_fails_past_max_requeues(tmp_path, monkeypatch):
+    """Without a cluster: each start of a job (its start file, with SLURM's restart count) restarts --timeout's
+    clock and sets the row's requeues; waiting in the queue after a requeue is not timed out; a job requeued more
+    than --max-requeues times is cancelled and its row fails saying so."""
+    import bench.executors.submitit as ex
+    from bench.executors import Slot
+    from bench.executors.slurm import SlurmQueue
+    from bench.matrix import expand
+
+    states = {"now": ("RUNNING", "")}
+    cancelled = []
+
+    class FakeJob:
+        job_id = "7"
+
+    class FakeExecutor:
+        def submit(self, *args):
+            return FakeJob()
+
+    class FakeQueue(SlurmQueue):
+        def state(self, job_id):
+            return ("CANCELLED", "") if cancelled else states["now"]
+
+    monkeypatch.setattr(ex, "slurm_call", lambda argv: cancelled.append(argv))
+    (tmp_path / "m.toml").write_text(TINY + "[matrix]\nseed = [0]\n")
+    for sub in ("logs", "metrics", "configs"):
+        os.makedirs(tmp_path / "o" / sub)
+    entry = expand(str(tmp_path / "m.toml"), "cpu", 4)[0]
+    job = ex.SubmititJob(FakeExecutor(), FakeQueue(), None, 1, 600.0, 30.0, 1, entry, str(tmp_path / "o"), 0.3, 1,
+                         Slot())
+    clock = [1000.0]
+    monkeypatch.setattr(ex.time, "monotonic", lambda: clock[0])
+
+    def started(requeues: int) -> None:
+        with open(job.started_path, "w") as f:
+            f.write(f"n1 {1e9 + requeues} {requeues}\n")
+
+    started(0)
+    assert job.poll() is None and job.requeues == 0
+    clock[0] += 0.2
+    started(1)  # requeued: a new start, its own --timeout (0.3 s) from here
+    clock[0] += 0.2
+    assert job.poll() is None and job.requeues == 1
+    states["now"] = ("PENDING", "BeginTime")  # requeued again, waiting: the scheduler's time
+    clock[0] += 5.0
+    assert job.poll() is None
+    states["now"] = ("RUNNING", "")
+    started(2)
+    outcome = job.poll()
+    assert outcome.status == "failed" and outcome.requeues == 2, outcome
+    assert "requeued 2 times, more than --max-requeues 1" in outcome.error
+    assert ["scancel", "7"] in cancelled
