@@ -217,6 +217,30 @@ def test_slurm_ctrl_c_leaves_no_job(slurm, tmp_path):
     assert slurm.squeue() == [] and processes_with(token) == []
 
 
+def fake_slurm_job(tmp_path, queue, timeout: float = 60.0, max_requeues: int = 5, stderr: str = ""):
+    """A SubmititJob of one tiny config whose submission and squeue are stand-ins (``queue``: a SlurmQueue)."""
+    import bench.executors.submitit as ex
+    from bench.executors import Slot
+    from bench.matrix import expand
+
+    class FakeJob:
+        job_id = "7"
+
+        def stderr(self):
+            return stderr
+
+    class FakeExecutor:
+        def submit(self, *args):
+            return FakeJob()
+
+    (tmp_path / "m.toml").write_text(TINY + "[matrix]\nseed = [0]\n")
+    for sub in ("logs", "metrics", "configs"):
+        os.makedirs(tmp_path / "o" / sub)
+    entry = expand(str(tmp_path / "m.toml"), "cpu", 4)[0]
+    return ex.SubmititJob(FakeExecutor(), queue, None, 1, 600.0, 30.0, max_requeues, entry, str(tmp_path / "o"),
+                          timeout, 1, Slot())
+
+
 @pytest.mark.parametrize("state, status, error", [
     ("CANCELLED", "failed", "job 7 ended CANCELLED: KeyboardInterrupt"),
     ("OUT_OF_MEMORY", "oom", "job 7 ended OUT_OF_MEMORY: KeyboardInterrupt"),
@@ -228,31 +252,14 @@ def test_a_job_ended_by_slurm_gets_its_state(tmp_path, monkeypatch, state, statu
     """Without a cluster: a job squeue shows ended with no exit-code file (the scheduler ended it before its
     config did) gets SLURM's state and the last line of submitit's log; one whose file is there, its code."""
     import bench.executors.submitit as ex
-    from bench.executors import Slot
     from bench.executors.slurm import SlurmQueue
-    from bench.matrix import expand
-
-    class FakeJob:
-        job_id = "7"
-
-        def stderr(self):
-            return "Traceback (most recent call last):\n  ...\nKeyboardInterrupt\n"
-
-    class FakeExecutor:
-        def submit(self, *args):
-            return FakeJob()
 
     class FakeQueue(SlurmQueue):
         def state(self, job_id):
             return None if state is None else (state.split(":")[0], "")
 
     monkeypatch.setattr(ex, "FILE_GRACE_S", 0.0)
-    (tmp_path / "m.toml").write_text(TINY + "[matrix]\nseed = [0]\n")
-    for sub in ("logs", "metrics", "configs"):
-        os.makedirs(tmp_path / "o" / sub)
-    entry = expand(str(tmp_path / "m.toml"), "cpu", 4)[0]
-    job = ex.SubmititJob(FakeExecutor(), FakeQueue(), None, 1, 600.0, 30.0, 5, entry, str(tmp_path / "o"), 60.0, 1,
-                         Slot())
+    job = fake_slurm_job(tmp_path, FakeQueue(), stderr="Traceback (most recent call last):\n  ...\nKeyboardInterrupt\n")
     if state == "COMPLETED:rc":  # the config's metrics and exit code, as ConfigJob leaves them
         import shutil
 
@@ -352,31 +359,17 @@ def test_a_requeued_job_restarts_its_clock_and_fails_past_max_requeues(tmp_path,
     clock and sets the row's requeues; waiting in the queue after a requeue is not timed out; a job requeued more
     than --max-requeues times is cancelled and its row fails saying so."""
     import bench.executors.submitit as ex
-    from bench.executors import Slot
     from bench.executors.slurm import SlurmQueue
-    from bench.matrix import expand
 
     states = {"now": ("RUNNING", "")}
     cancelled = []
-
-    class FakeJob:
-        job_id = "7"
-
-    class FakeExecutor:
-        def submit(self, *args):
-            return FakeJob()
 
     class FakeQueue(SlurmQueue):
         def state(self, job_id):
             return ("CANCELLED", "") if cancelled else states["now"]
 
     monkeypatch.setattr(ex, "slurm_call", lambda argv: cancelled.append(argv))
-    (tmp_path / "m.toml").write_text(TINY + "[matrix]\nseed = [0]\n")
-    for sub in ("logs", "metrics", "configs"):
-        os.makedirs(tmp_path / "o" / sub)
-    entry = expand(str(tmp_path / "m.toml"), "cpu", 4)[0]
-    job = ex.SubmititJob(FakeExecutor(), FakeQueue(), None, 1, 600.0, 30.0, 1, entry, str(tmp_path / "o"), 0.3, 1,
-                         Slot())
+    job = fake_slurm_job(tmp_path, FakeQueue(), timeout=0.3, max_requeues=1)
     clock = [1000.0]
     monkeypatch.setattr(ex.time, "monotonic", lambda: clock[0])
 
