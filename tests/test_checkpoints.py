@@ -73,10 +73,9 @@ def tolerance(optimizer: str, precision: str) -> float:
 @pytest.mark.parametrize("case", CASES)
 def test_a_checkpoint_resumes_under_another_layout(resumed, case):
     """The state loaded under the new layout is the state saved under the old one, tensor by tensor (whole),
-    exactly; and the resumed curve is the uninterrupted single-process run's within the layouts' tolerance.
-    SOAP's curve is held to its floor up to the first step after the resume (that step's loss is computed from
-    the loaded weights): beyond it, its own update under the new layout amplifies rounding noise by as much as
-    the floor, whatever was loaded (tests/test_parity.py; its state is checked exactly above)."""
+    exactly; and the resumed curve is the uninterrupted single-process run's within the layouts' tolerance, the
+    whole curve: SOAP's within its own rounding-noise floor as in tests/test_parity.py (its update under another
+    layout amplifies rounding noise: the last step's deviation reached 0.8 of that tolerance here)."""
     saved, got = resumed[case]
     optimizer, precision = (case.split(":")[1:] + ["fp32"])[:2]
     ref = reference(optimizer, precision)
@@ -91,8 +90,7 @@ def test_a_checkpoint_resumes_under_another_layout(resumed, case):
             assert g[GROUP_COUNTERS[optimizer]] == s[GROUP_COUNTERS[optimizer]] == 2, (case, k, g, s)
     assert got["losses"][:2] == saved["losses"]  # the checkpoint's curve so far is the resumed run's start
     assert len(got["losses"]) == len(ref) == 4
-    upto = 3 if optimizer == "soap" else 4
-    diff = max(abs(a - b) for a, b in zip(got["losses"][:upto], ref))
+    diff = max(abs(a - b) for a, b in zip(got["losses"], ref))
     assert diff < tolerance(optimizer, precision), (case, got["losses"], ref)
     assert abs(ref[-1] - ref[0]) > 1e-3  # the curve being matched moves
     if precision == "fp16":
