@@ -280,10 +280,12 @@ def exported_for_init(init: str) -> str:
     tmp = private_dir("llmopt-init-")
     atexit.register(shutil.rmtree, tmp, True)
     out = os.path.join(tmp, "model")
-    r = subprocess.run([sys.executable, "-m", "llmopt.export", init.removeprefix("ckpt:"), out], capture_output=True,
-                       text=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+    # absolute: a path from a file someone handed us never reaches the command line as an option (``-x``)
+    path = os.path.abspath(init.removeprefix("ckpt:"))
+    r = subprocess.run([sys.executable, "-m", "llmopt.export", path, out], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
     if r.returncode != 0:
-        said = [line for line in r.stderr.splitlines() if line.startswith("error:")] or r.stderr.splitlines()[-1:]
-        raise ValueError(f"--init {init}: " + (said[-1].removeprefix("error: ") if said else f"exit {r.returncode}"))
+        lines = [line for line in r.stderr.splitlines() if line.startswith("error:")] or r.stderr.splitlines()[-1:]
+        raise ValueError(f"--init {init}: " + (lines[-1].removeprefix("error: ") if lines else f"exit {r.returncode}"))
     os.environ[INIT_EXPORT_ENV] = f"{init}\n{out}"
     return out

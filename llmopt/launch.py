@@ -304,10 +304,8 @@ def _report(failures: dict, decided: tuple[int, ...] = (), node: str | None = No
     """The failure's one line; ``node``: this node's name, in a run across nodes (each node's agent reports
     its own ranks, so the line says where)."""
     codes = {f.exitcode for f in failures.values()}
-    if 0 in failures and len(codes) == 1 and codes <= set(decided):
-        return codes.pop()  # every rank decided alike (diverged, say) and rank 0 has said why
-    if node is not None and len(codes) == 1 and codes <= set(decided):
-        return codes.pop()  # the same on a node without rank 0, which says why
+    if (0 in failures or node is not None) and len(codes) == 1 and codes <= set(decided):
+        return codes.pop()  # every rank decided alike (diverged, say): rank 0, on whichever node, says why
     rank, line, code = root_cause(failures)
     if code == -9:
         line = f"killed by SIGKILL (the kernel's OOM killer?): {line}"

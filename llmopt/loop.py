@@ -188,11 +188,12 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool, resum
         if log:
             print(f"resumed: {resume_from} (after step {start - 1}, {len(t.conv.evals)} evals)", flush=True)
     board = Board(log_dir, state, start) if log_dir else None
-    stop_request = None
+    stop_request, stopped = None, lambda: False  # stopped: asked by the fault hook's wait (tests only)
     if saver is not None:
         from llmopt.dcp import StopRequest
 
         stop_request = StopRequest()
+        stopped = lambda: stop_request.signum != 0  # noqa: E731
     reset_peak_memory(device)
     slow = slow_steps(rank, cfg.seed)  # tests only: stalls inside the timing (empty otherwise)
     stop = t.conv.reached is not None if start else (t.conv.due(0) and t.conv.evaluate(state, 0, 0.0))
@@ -201,7 +202,7 @@ def timed_steps(state, rank: int, local_rank: int, warmup: int, log: bool, resum
     for step in range(start, cfg.steps):
         if stop and step > 0:  # at least one step, even when the target is met before training
             break
-        maybe_fail(rank, step, cfg.seed, lambda: stop_request is not None and stop_request.signum != 0)
+        maybe_fail(rank, step, cfg.seed, stopped)
         if step == t.warmup:
             energy.start()
         with timer:

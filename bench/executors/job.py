@@ -25,8 +25,8 @@ import time
 from llmopt.core import cli
 from llmopt.core.config import TrainConfig
 from llmopt.core.run_metrics import read_metrics
-from llmopt.launch import LAUNCH_T0_ENV, die_with_parent
-from llmopt.safe_files import open_file
+from llmopt.launch import LAUNCH_T0_ENV, die_with_parent, node_name
+from llmopt.safe_files import open_file, replace_text
 
 STOP_RESEND_S = 2.0  # the stop signal is sent again this often until the config has stopped (it may not yet
 # have installed its handler when the first one came: until then it ignores SIGUSR2, see _child_setup)
@@ -81,9 +81,8 @@ class ConfigJob:
         first = job_env.global_rank == 0  # across nodes, the first node's task speaks for the job
         t_start = time.time()
         requeues = int(os.environ.get("SLURM_RESTART_COUNT") or 0)  # SLURM's count of this job's requeues
-        if first:
-            with open_file(metrics_path + ".started") as f:
-                f.write(f"{socket.gethostname()} {t_start} {requeues}\n")
+        if first:  # the files the sweep polls for appear whole (renamed into place), never half-written
+            replace_text(metrics_path + ".started", f"{socket.gethostname()} {t_start} {requeues}\n")
         cmd = [sys.executable, "-m", "llmopt.train", *argv]
         if job_env.num_nodes > 1:
             host = os.environ.get("SLURM_LAUNCH_NODE_IPADDR") or job_env.hostnames[0]  # the first node's
@@ -98,9 +97,8 @@ class ConfigJob:
         self.finish_args = (first, metrics_path, config, peak_cache, job_env.node)
         if job_env.cluster == "slurm":  # SLURM ending the job (requeue, preemption, scancel): see the end
             signal.signal(signal.SIGTERM, self._terminating)
-        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         with open_file(log_path, "a") as log:
-            log.write(f"# job {job_env.job_id} running on {node}, OMP_NUM_THREADS="
+            log.write(f"# job {job_env.job_id} running on {node_name()}, OMP_NUM_THREADS="
                       f"{env.get('OMP_NUM_THREADS', '(unset)')}" + (f", requeued {requeues} time(s)" if requeues
                                                                      else "") + "\n")
             log.flush()
@@ -148,7 +146,7 @@ class ConfigJob:
         first, metrics_path, config, peak_cache, node = self.finish_args
         if not first:  # another node of a config across nodes: only a failure is said, so the row ends at once
             if rc != 0:
-                _write_whole(node_rc_path(metrics_path, node), f"{rc}\n")
+                replace_text(node_rc_path(metrics_path, node), f"{rc}\n")
             return
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
         try:
@@ -161,7 +159,7 @@ class ConfigJob:
 
                     measure_node_peak(config, metrics, metrics_path,
                                       os.path.join(peak_cache, f"{socket.gethostname()}.json"))
-            _write_whole(metrics_path + ".rc", f"{rc}\n")  # last: the sweep takes the job as ended once it exists
+            replace_text(metrics_path + ".rc", f"{rc}\n")  # last: the sweep takes the job as ended once it exists
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
@@ -182,13 +180,6 @@ class ConfigJob:
             return again
         self._finish(rc)
         return None
-
-
-def _write_whole(path: str, text: str) -> None:
-    """A file the sweep polls for: it appears whole (renamed into place), never empty or half-written."""
-    with open_file(path + ".tmp") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def _child_setup() -> None:

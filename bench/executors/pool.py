@@ -36,6 +36,7 @@ class Pool:
         self.checkpoints = checkpoint_every is not None  # OUT/checkpoints/<id> per config
         self.jobs, n_gpus = resolve_jobs(jobs, executor, device)
         self.slurm = slurm or {}
+        self.max_requeues = self.slurm.get("max_requeues", MAX_REQUEUES)
         if executor == "slurm":  # the cluster places jobs; here only a bound on how many are in flight
             self.slots = Slots("cpu", self.jobs, pin=False)
         else:
@@ -50,8 +51,7 @@ class Pool:
             raise ExecutorError(f"--out {out_dir!r}: --executor {executor} cannot use a directory whose path holds "
                                 f"'%' or control characters; choose another --out")
         if executor != "local":  # a missing submitit or sbatch is said now, before the sweep writes anything
-            self._submitit = make_submitit_executor(executor, os.path.join(out_dir, "submitit"),
-                                                    self.slurm.get("max_requeues", MAX_REQUEUES))
+            self._submitit = make_submitit_executor(executor, os.path.join(out_dir, "submitit"), self.max_requeues)
         self.jobs_file = os.path.join(out_dir, "submitit", "jobs.jsonl")
         self.queue = SlurmQueue() if executor == "slurm" else None
         if executor == "slurm":
@@ -95,8 +95,8 @@ class Pool:
         try:
             stop_wait = max(5, params["slurm_signal_delay_s"] - STOP_MARGIN_S) if self.executor == "slurm" else 30
             job = SubmititJob(self._submitit, self.queue, os.getpid() if self.executor == "submitit-local" else None,
-                              ranks_per_node, self.pending_timeout, stop_wait,
-                              self.slurm.get("max_requeues", MAX_REQUEUES), *args, **self.run_flags)
+                              ranks_per_node, self.pending_timeout, stop_wait, self.max_requeues, *args,
+                              **self.run_flags)
         except FailedJobError as e:  # sbatch refused it: this config's row fails, not the sweep
             for name in set(os.listdir(folder)) - before:  # the submission script and pickle it left
                 os.remove(os.path.join(folder, name))

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from bench.executors.common import ExecutorError, Job, Outcome, Slot, outcome_of, status_of
 from bench.executors.job import ConfigJob, node_rc_path
-from bench.executors.slurm import SLURM_ENDED, SLURM_NEVER_STARTS, SlurmQueue, slurm_call
+from bench.executors.slurm import MAX_REQUEUES, SLURM_ENDED, SLURM_NEVER_STARTS, SlurmQueue, slurm_call
 from llmopt.safe_files import open_file
 
 FILE_GRACE_S = 5.0  # a job SLURM says has ended, whose exit-code file the shared filesystem has not shown yet
@@ -288,7 +288,7 @@ def _job_env(env: dict) -> dict:
 
 
 
-def make_submitit_executor(kind: str, folder: str, max_requeues: int = 3):
+def make_submitit_executor(kind: str, folder: str, max_requeues: int = MAX_REQUEUES):
     try:
         import submitit
     except ImportError:
