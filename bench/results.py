@@ -37,9 +37,12 @@ OK_METRIC_COLUMNS = RunMetrics.columns("ok")
 # each in one place there): work done, the steps' spread, memory by category beside its prediction, MFU and the
 # peak it is stated against, parity with the baseline, and where the row came from.
 MEMORY_CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
+# Derived from every row together once the sweep has finished (``ResultFiles.fill``): the update's prediction
+# counts the optimizers' steps in a subprocess, which must not run beside a timed config.
+FILLED_AT_END = ("predicted_optimizer_ms", "optimizer_ms_prediction_error")
 HARNESS_COLUMNS = [
     "steps_run", "tokens_seen", "train_seconds", "final_loss", "step_time_p90_p50", "noisy",
-    "predicted_memory_bytes", "memory_prediction_error",
+    "predicted_memory_bytes", "memory_prediction_error", *FILLED_AT_END,
     *(f"memory_{c}_bytes" for c in (*MEMORY_CATEGORIES, "other")), *(f"predicted_{c}_bytes" for c in MEMORY_CATEGORIES),
     "mfu", "peak_flops", "peak_flops_source", "baseline_id", "loss_parity_max_abs", "parity_verdict",
     "added_as_baseline", "phase", "wall_s", "requeues",
@@ -123,7 +126,7 @@ def read_env(out_dir: str) -> dict:
 
 
 # Numeric columns that may hold a negative value (an error ratio; a noise-scale estimate below zero is noise)
-SIGNED_COLUMNS = {"memory_prediction_error", "gns_b_simple"}
+SIGNED_COLUMNS = {"memory_prediction_error", "optimizer_ms_prediction_error", "gns_b_simple"}
 FLOAT32_MAX = 3.4028234663852886e38  # every figure a run records fits in float32: beyond it is no measurement
 # Loss columns where a diverged run records NaN or inf (its last loss): allowed there, never in an ok row
 LOSS_COLUMNS = {"loss", "final_loss", "final_eval_loss", "best_eval_loss"}
@@ -252,6 +255,19 @@ class ResultFiles:
         self._rewrite(self.results_path, RESULT_COLUMNS, [r for r in results if r["config_id"] not in config_ids])
         for name, (columns, _) in DETAILS.items():
             self._rewrite(self.paths[name], columns, [d for d in details[name] if d["config_id"] not in config_ids])
+
+    def fill(self, values: dict[str, dict]) -> None:
+        """Set FILLED_AT_END columns of finished rows (config_id -> {column: value}) after the sweep, rewriting
+        results.csv atomically; every other field stays as recorded."""
+        if not values:
+            return
+        unknown = {k for v in values.values() for k in v} - set(FILLED_AT_END)
+        if unknown:
+            raise ValueError(f"ResultFiles.fill: {sorted(unknown)} are recorded by the run, not filled in after it")
+        results, _ = self.load()
+        for row in results:
+            row.update({k: _fmt(v) for k, v in values.get(row["config_id"], {}).items()})
+        self._rewrite(self.results_path, RESULT_COLUMNS, results)
 
     @staticmethod
     def _rewrite(path: str, columns: list[str], rows: list[dict]) -> None:

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-from llmopt.optimizers import ns_flops, spec
+from llmopt.optimizers import bucket_indices, ns_flops, spec
 
 # The hidden weight matrices Muon updates (names in llmopt's GPT and in HF's GPT2LMHeadModel alike)
 HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -375,8 +375,7 @@ class ShardedMuon(torch.optim.Optimizer):
             inner.update(lr=lr, adjust_lr_fn=group["adjust_lr_fn"])
             todo = [p for p in group["params"] if p.grad is not None]
             ranks = todo[0].device_mesh.size() if todo and isinstance(todo[0], DTensor) else 1
-            # a bucket of about one largest matrix per rank, so that every rank has Newton-Schulz work in each
-            for bucket in size_buckets(todo, times=2 * ranks):
+            for bucket in size_buckets(todo, times=spec("muon").bucket_times(ranks)):
                 momenta = []  # on the shards: DTensor's per-operator cost was most of the sharded step
                 for p in bucket:
                     state = self.state[p]
@@ -443,18 +442,10 @@ def owners(shapes: list[tuple[int, ...]], ranks: int) -> list[int]:
 
 def size_buckets(params: list[torch.Tensor], times: int = 1) -> list[list[torch.Tensor]]:
     """``params`` in order, cut into buckets of at most ``times`` the largest one's element count (the largest
-    alone): a bucket gathered whole with its gradients holds no more than twice that, the transient
-    ``llmopt.memory`` predicts (``times`` 1), in a handful of collectives instead of one per tensor."""
-    cap = times * max((p.numel() for p in params), default=0)
-    buckets: list[list[torch.Tensor]] = []
-    size = cap + 1
-    for p in params:
-        if size + p.numel() > cap:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(p)
-        size += p.numel()
-    return buckets
+    alone; ``llmopt.optimizers.bucket_indices``): a bucket gathered whole with its gradients holds no more than
+    twice that, the transient ``llmopt.memory`` predicts (``times`` 1), in a handful of collectives instead of
+    one per tensor."""
+    return [[params[i] for i in idx] for idx in bucket_indices([p.numel() for p in params], times)]
 
 
 def whole_tensor_optimizer(cls, groups: list[dict], **kw) -> torch.optim.Optimizer:

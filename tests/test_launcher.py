@@ -173,7 +173,11 @@ def test_resume_after_sigkill_under_each_executor(tmp_path, executor):
     assert r.returncode == 0, r.stderr[-2000:]
     after = rows(out)
     assert len(after) == 3 and len({row["config_id"] for row in after}) == 3
-    assert {row["status"] for row in after} == {"ok"} and after[:1] == before
+    assert {row["status"] for row in after} == {"ok"}
+    from bench.results import FILLED_AT_END  # the update's prediction is filled in once the sweep finishes
+
+    assert [{k: v for k, v in r.items() if k not in FILLED_AT_END} for r in after[:1]] == [
+        {k: v for k, v in r.items() if k not in FILLED_AT_END} for r in before]
     assert sorted(len(c) for c in losses(out).values()) == [3] * 3  # no steps duplicated either
 
 

@@ -86,9 +86,13 @@ def test_a_toy_optimizer_from_one_file_runs_through_train_memory_a_matrix_and_th
     assert len(rows) == 2 and all(row["status"] == "ok" for row in rows), rows
     assert all(float(row["predicted_optimizer_state_bytes"]) == 0 for row in rows)
     assert all(abs(float(row["memory_prediction_error"])) < 0.15 for row in rows), rows
+    for row in rows:  # its update priced from its own counted step (the file, in the counting subprocess too)
+        predicted, measured = float(row["predicted_optimizer_ms"]), float(row["optimizer_ms_p50"])
+        assert predicted > 0 and float(row["optimizer_ms_prediction_error"]) == pytest.approx(
+            predicted / measured - 1, rel=1e-6, abs=1e-7), row
     report = (out / "report.md").read_text()
     section = report.split("## The optimizer's step", 1)[1].split("\n## ", 1)[0]
-    assert "toy-sgd" in section, section
+    assert "toy-sgd" in section and "Median absolute error of the predicted update" in section, section
 
 
 @pytest.mark.parametrize("text, why", [

@@ -35,15 +35,20 @@ the predictions with the committed references. Sources and assumptions:
   the critical path and are exposed in full. On CPU nothing overlaps: the same cores compute and communicate.
 * **Bubble**: GPipe and 1F1B idle (p-1)/(m+p-1) of the time with p stages and m chunks (Narayanan et al. 2021,
   section 2.2): 1F1B saves memory, not time.
-* **The optimizer step** (``optimizer_flops``, ``optimizer_comm``): Muon's Newton-Schulz iteration, 5 steps of
-  X X^T, then (b A + c A A), then a X + B X on each hidden matrix with m <= n its two sides: 4 m^2 n + 2 m^3
-  FLOPs a step, in bf16 (Jordan et al. 2024), run on the whole matrix by every rank (``llmopt.optim``); under
-  FSDP2 and TP each matrix is first all-gathered (fp32), as is, for Adafactor, every tensor and its gradient.
-  Both sit after the backward, on the critical path. The elementwise updates of every optimizer are
-  memory-bound and not priced.
+* **The optimizer step** (``update_seconds``: what ``optimizer_ms`` measures): the operations and bytes of one
+  step, counted on a stand-in of the model (``bench.advisor.update``: on plain tensors, and on FSDP2's DTensor
+  shards), at the hardware's dispatch cost per operation (plain, per DTensor call, per DTensor in a foreach
+  call), its memory bandwidth and its matmul rate; plus the spec's ``update_flops`` (Muon's Newton-Schulz, 5
+  steps of 4 m^2 n + 2 m^3 FLOPs on each hidden matrix, Jordan et al. 2024; SOAP's projections), divided among
+  the ranks of a 1-D mesh where the optimizer splits that work (Muon, one owner per matrix); plus its
+  collectives (``optimizer_comm``: gathers per bucket and placement, LAMB's norms), after the backward, on the
+  critical path. On CPU the five costs are fitted on a committed sweep of every optimizer and layout
+  (``probe.cpu_update_constants``); on GPUs the bandwidth is the datasheet's HBM at HBM_ACHIEVABLE and the
+  dispatch costs are the CPU's (the host dispatches; it overlaps the device's work, so the slower counts).
 
-Not modelled: memory-bandwidth-bound ops (LayerNorm, GELU, the optimizer's elementwise update), congestion of
-several groups sharing one link, and the compile or AMP casts' own cost.
+Not modelled: memory-bandwidth-bound ops of the forward and backward (LayerNorm, GELU), congestion of several
+groups sharing one link, the compile or AMP casts' own cost, and the step-time fit's double count of the update
+on CPU (the per-micro-batch cost fitted on single-process rows includes their AdamW-sized updates).
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from llmopt.core.config import TrainConfig
-from llmopt.core.shapes import flops_per_token, stage_params
+from llmopt.core.shapes import flops_per_token, stage_params, stage_tensors, tp_split
 
 GIB = 2**30
 
@@ -82,6 +87,10 @@ GPUS = {
     "A10G": (24 * GIB, Link(25e9, 15e-6, "PCIe 4 x16 (32 GB/s)"), Link(10e9, 30e-6, "100 GbE")),
     "L4": (24 * GIB, Link(25e9, 15e-6, "PCIe 4 x16 (32 GB/s)"), Link(10e9, 30e-6, "100 GbE")),
 }
+# Per GPU generation: HBM bandwidth in bytes/s (datasheet: H100 SXM 3.35 TB/s, H200 4.8, A100 80GB 2.0, L40S
+# 0.864, A10G 0.6, L4 0.3), of which an elementwise kernel reaches about 80% (STREAM-like copies on H100).
+HBM_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12, "A10G": 0.6e12, "L4": 0.3e12}
+HBM_ACHIEVABLE = 0.8
 # Per-device memory the advisor keeps back for the CUDA context, NCCL buffers and allocator fragmentation.
 GPU_RESERVE_BYTES = 2 * GIB
 
@@ -100,6 +109,13 @@ class Hardware:
     shared: bool = False             # CPU: every rank of a node shares one peak
     call_overhead: float = 0.0       # seconds of framework work per collective call (calibrated on CPU)
     calibration: dict = field(default_factory=dict)  # what each calibrated figure comes from
+    # the optimizer's update (``update_seconds``): seconds per operation on plain tensors, per DTensor call and
+    # per DTensor in a call, memory bytes/s, and the matmul FLOP/s of one rank (0: the bf16 peak's share)
+    op_overhead: float = 0.0
+    dtensor_call_overhead: float = 0.0
+    dtensor_op_overhead: float = 0.0
+    memory_bandwidth: float = float("inf")
+    update_flop_rate: float = 0.0
 
     @property
     def world(self) -> int:
@@ -111,7 +127,8 @@ class StepPrediction:
     compute_s: float                 # forward and backward
     bubble_s: float
     comm_s: float                    # exposed communication, the optimizer's gathers included
-    optimizer_s: float               # the optimizer's own compute (Muon's Newton-Schulz)
+    optimizer_s: float               # the optimizer's own work (operations, bytes, Muon's Newton-Schulz)
+    update_s: float                  # the whole update, its collectives included: what optimizer_ms measures
     step_s: float
     tokens_per_s: float
     mfu: float
@@ -159,35 +176,125 @@ def _stages(cfg: TrainConfig) -> list:
     return [stage_view(cfg, s, stage_params(cfg, s)) for s in range(cfg.pp)]
 
 
-def optimizer_flops(cfg: TrainConfig) -> float:
-    """FLOPs of one rank's optimizer step beyond the elementwise update, on its most loaded stage: the
-    optimizer's own formula (its spec's ``update_flops``: Muon's Newton-Schulz on every hidden matrix, whole)."""
+def _busiest(cfg: TrainConfig):
+    """The ``Stage`` of the pipeline stage with the most parameter values: the one the update waits for."""
+    return max(_stages(cfg), key=lambda st: sum(math.prod(t) for t in st.tensors))
+
+
+def _split(cfg: TrainConfig) -> int:
+    """Ranks the whole-tensor work is divided over: a mesh's ranks when the optimizer splits it (its spec's
+    ``splits_work``: Muon's Newton-Schulz, one owner per matrix) and the mesh is 1-D (FSDP2 or TP alone)."""
     from llmopt.optimizers import spec
 
-    return max(float(spec(cfg.optimizer).update_flops(st)) for st in _stages(cfg))
+    fsdp = cfg.dp if cfg.dp > 1 and cfg.dp_mode == "fsdp" else 1
+    one_d = (fsdp > 1) != (cfg.tp > 1)
+    return fsdp * cfg.tp if spec(cfg.optimizer).splits_work and one_d else 1
+
+
+def optimizer_flops(cfg: TrainConfig) -> float:
+    """FLOPs of one rank's optimizer step beyond the elementwise update, on its most loaded stage: the
+    optimizer's own formula (its spec's ``update_flops``: Muon's Newton-Schulz on every hidden matrix, whole),
+    divided among the ranks where the optimizer splits that work (``_split``)."""
+    from llmopt.optimizers import spec
+
+    return max(float(spec(cfg.optimizer).update_flops(st)) for st in _stages(cfg)) / _split(cfg)
+
+
+def _placements(cfg: TrainConfig, stage: int) -> list[tuple]:
+    """Per parameter tensor of ``stage`` (``stage_tensors``' order), how its DTensor is laid out, as the mesh
+    dimensions it is sharded over: () replicated, ("dp",) FSDP2's dim-0 shard, ("tp",) a TP shard, ("dp",
+    "tp") both, and the TP dimension it is sharded along (to tell groups of one placement apart). FSDP2 over a
+    TP shard of dim 0 shards dim 0 again: torch's strided shard, marked "strided" (DTensor gathers it itself)."""
+    fsdp = cfg.dp > 1 and cfg.dp_mode == "fsdp"
+    out = []
+    for split in tp_split(cfg, stage):
+        dims = (("dp",) if fsdp else ()) + (("tp",) if cfg.tp > 1 and split is not None else ())
+        strided = fsdp and cfg.tp > 1 and split == 0
+        out.append((dims, split if cfg.tp > 1 else None, strided))
+    return out
 
 
 def optimizer_comm(cfg: TrainConfig) -> list[tuple]:
-    """The optimizer's gathers (as ``comm_bytes``' tuples): under FSDP2 (dp) and TP the whole of each tensor it
-    needs, fp32, on its most loaded stage (its spec's ``gathers``: Muon each hidden matrix's momentum,
-    Adafactor each tensor and its gradient). A tensor sharded over both is gathered over tp, then dp (its
-    buffers are the shard of dp's, then the whole)."""
-    from llmopt.optimizers import spec
+    """The optimizer's collectives per step (as ``comm_bytes``' tuples) on its most loaded stage, as
+    ``llmopt.optim`` makes them. Whole-tensor optimizers (their spec's ``gathers``: Muon each hidden matrix's
+    momentum, Adafactor and SOAP each tensor and its gradient) gather in buckets (``bucket_indices`` with the
+    spec's ``bucket_times``, in the parameter groups' order: matrices and embeddings, then the rest): per bucket,
+    one all-gather per placement and mesh dimension it is sharded over (a tensor and its gradient together),
+    and two per tensor FSDP2 shards strided (DTensor gathers those itself, one at a time). Where the optimizer
+    splits the work (``_split``) the updates come back in one more all-gather per bucket. Norms over shards (the
+    spec's ``reductions``, per parameter group: LAMB's) are one all-reduce per placement and sharded mesh
+    dimension. ``tests/test_costmodel_update.py`` holds the counts to the collectives a real step makes."""
+    from llmopt.optimizers import bucket_indices, spec, stage_view
 
     fsdp = cfg.dp > 1 and cfg.dp_mode == "fsdp"
-    opt = spec(cfg.optimizer)
-    tensors = max((opt.gathers(st) for st in _stages(cfg)), key=lambda ts: sum(math.prod(t) for t in ts))
-    if not tensors or not (fsdp or cfg.tp > 1):
+    if not (fsdp or cfg.tp > 1):
         return []
-    per_tensor = opt.gathered_per_tensor
-    whole = 4 * sum(math.prod(t) for t in tensors)
-    out = []
-    if cfg.tp > 1:
-        out.append(("tp", "all_gather", cfg.tp, whole / len(tensors) / (cfg.dp if fsdp else 1),
-                    per_tensor * len(tensors)))
-    if fsdp:
-        out.append(("dp", "all_gather", cfg.dp, whole / len(tensors), per_tensor * len(tensors)))
-    return out
+    opt = spec(cfg.optimizer)
+    s = max(range(cfg.pp), key=lambda i: sum(math.prod(t) for t in stage_tensors(cfg, i)))
+    tensors, layout = stage_tensors(cfg, s), _placements(cfg, s)
+    ranks = {"tp": cfg.tp, "dp": cfg.dp}
+    calls: dict[tuple, list[float]] = {}  # (dimension, kind) -> per call, the bytes one rank ends up with
+
+    def collect(kind: str, group_keys, size: float) -> None:
+        for dims, _split, _ in group_keys:
+            for d in dims:
+                calls.setdefault((d, kind), []).append(size / max(len(group_keys), 1))
+
+    for decay in (True, False):  # the parameter groups: matrices and embeddings decay, the rest does not
+        keys = {p for t, p in zip(tensors, layout) if (len(t) >= 2) == decay and p[0]}
+        for _ in range(opt.reductions):
+            collect("all_reduce", sorted(keys, key=str), 8.0 * len(tensors))
+    gathered = set(map(tuple, opt.gathers(stage_view(cfg, s, stage_params(cfg, s)))))
+    order = sorted((i for i, t in enumerate(tensors) if t in gathered), key=lambda i: len(tensors[i]) < 2)
+    if order:
+        mesh = (cfg.dp if fsdp else 1) * cfg.tp
+        for idx in bucket_indices([math.prod(tensors[i]) for i in order], opt.bucket_times(mesh)):
+            members = [order[j] for j in idx]
+            size = sum(4 * opt.gathered_per_tensor * math.prod(tensors[i]) for i in members)
+            for i in members:
+                if layout[i][2]:  # strided: DTensor's full_tensor, the tensor and its gradient apart
+                    for d in layout[i][0]:
+                        calls.setdefault((d, "all_gather"), []).extend(
+                            [4 * math.prod(tensors[i])] * opt.gathered_per_tensor)
+            keys = {layout[i] for i in members if layout[i][0] and not layout[i][2]}
+            collect("all_gather", sorted(keys, key=str), size)
+            if _split(cfg) > 1:
+                calls.setdefault((("dp", "tp")[cfg.tp > 1], "all_gather"), []).append(size / opt.gathered_per_tensor)
+    return [(d, kind, ranks[d], sum(sizes) / len(sizes), len(sizes)) for (d, kind), sizes in calls.items()]
+
+
+def update_seconds(cfg: TrainConfig, hw: "Hardware", profile) -> tuple[float, float]:
+    """(the update's own time, its collectives' time) on one rank of the most loaded stage: what
+    ``optimizer_ms`` measures. The own time is the counted operations (``bench.advisor.update``'s profile: per
+    parameter tensor, on plain tensors and on DTensors) at the hardware's dispatch cost each, the bytes they
+    move at its memory bandwidth, and the spec's ``update_flops`` at its matmul rate; work on whole tensors is
+    divided where the optimizer splits it (``_split``), DTensor work by the ranks a tensor is sharded over. On a
+    CPU the dispatch and the work add up (the same cores); on a GPU the host dispatches ahead of the device, so
+    the slower of the two counts. Without a profile (None) only the FLOPs and collectives are priced."""
+    stage, split = _busiest(cfg), _split(cfg)
+    whole = sum(math.prod(t) for t in stage.tensors)
+    device = optimizer_flops(cfg) / update_flop_rate(cfg, hw)
+    host = 0.0
+    if profile is not None:
+        n = len(stage.tensors)
+        host = n * (profile.plain_ops / split * hw.op_overhead + profile.dtensor_calls * hw.dtensor_call_overhead
+                    + profile.dtensor_ops * hw.dtensor_op_overhead)
+        moved = profile.plain_bytes * whole / split + profile.dtensor_bytes * whole / stage.shards
+        device += moved / hw.memory_bandwidth
+    # a CPU dispatches and computes on the same cores; a GPU's host dispatches ahead while the device works
+    own = host + device if hw.shared else max(host, device)
+    comm = sum(_comm_time(cfg, hw, *c) for c in optimizer_comm(cfg))
+    return own, comm
+
+
+def update_flop_rate(cfg: TrainConfig, hw: "Hardware") -> float:
+    """FLOP/s of the update's matmuls on one rank (Muon's Newton-Schulz runs in bf16): the calibrated rate where
+    there is one (CPU: fitted on a measured sweep), else the bf16 peak at its achievable fraction, shared among
+    the ranks of a CPU."""
+    if hw.update_flop_rate:
+        return hw.update_flop_rate
+    bf16 = hw.peak_flops.get("bf16", hw.peak_flops[cfg.precision]) * hw.achievable.get("bf16", ACHIEVABLE["bf16"])
+    return bf16 / cfg.world_size if hw.shared else bf16
 
 
 def ring_factor(kind: str, n: int) -> tuple[float, int]:
@@ -224,8 +331,10 @@ def executed_flops(cfg: TrainConfig) -> float:
     return model_flops(cfg) * (8 / 6 if cfg.activation_checkpointing else 1)
 
 
-def predict_step(cfg: TrainConfig, hw: Hardware) -> StepPrediction:
-    """Predicted time of one optimizer step of a validated, resolved config on ``hw``."""
+def predict_step(cfg: TrainConfig, hw: Hardware, update=None) -> StepPrediction:
+    """Predicted time of one optimizer step of a validated, resolved config on ``hw``; ``update``: the
+    optimizer's counted step (``bench.advisor.update.UpdateProfile``; None prices its FLOPs and collectives
+    only)."""
     world = cfg.world_size
     rate = hw.peak_flops[cfg.precision] * hw.achievable[cfg.precision]
     per_rank_rate = rate / world if hw.shared else rate
@@ -245,15 +354,15 @@ def predict_step(cfg: TrainConfig, hw: Hardware) -> StepPrediction:
     # on a CPU the same cores compute and communicate, so nothing overlaps
     overlappable = 0.0 if hw.shared else compute * (1.0 if cfg.dp_mode == "fsdp" else 2 / 3)
     exposed += max(0.0, dp_time - overlappable)
-    exposed += sum(_comm_time(cfg, hw, *c) for c in optimizer_comm(cfg))  # after the backward: nothing to hide in
-    bf16 = hw.peak_flops.get("bf16", hw.peak_flops[cfg.precision]) * hw.achievable.get("bf16", ACHIEVABLE["bf16"])
-    optimizer = optimizer_flops(cfg) / (bf16 / world if hw.shared else bf16)
+    optimizer, optimizer_comm_s = update_seconds(cfg, hw, update)
+    exposed += optimizer_comm_s  # after the backward: nothing to hide in
     step = compute + bubble + exposed + optimizer
     tokens = cfg.global_batch * cfg.seq_len
     devices = 1 if hw.shared else world
     mfu = model_flops(cfg) / step / (hw.peak_flops[cfg.precision] * devices)
     parts = {"compute": compute, "communication": exposed, "bubble": bubble, "optimizer": optimizer}
-    return StepPrediction(compute, bubble, exposed, optimizer, step, tokens / step, mfu, max(parts, key=parts.get))
+    return StepPrediction(compute, bubble, exposed, optimizer, optimizer + optimizer_comm_s, step, tokens / step, mfu,
+                          max(parts, key=parts.get))
 
 
 def _comm_time(cfg: TrainConfig, hw: Hardware, dim: str, kind: str, n: int, size: float, calls: int) -> float:

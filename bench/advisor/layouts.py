@@ -69,6 +69,17 @@ def layout_memory(cfg: TrainConfig) -> tuple[int, float, float]:
     return total, total / (1 + hi), total / (1 + lo)
 
 
+def update_profile(cfg: TrainConfig):
+    """The counted step of ``cfg``'s optimizer on plain or sharded tensors as its layout has them
+    (``bench.advisor.update``; counted once, cached), or None where it could not be counted (the update is
+    then priced by its FLOPs and collectives alone)."""
+    from bench.advisor.update import profiles
+
+    sharded = (cfg.dp > 1 and cfg.dp_mode == "fsdp") or cfg.tp > 1
+    p = profiles(cfg.model_config, cfg.optimizer_impl, sharded, [cfg.optimizer])[cfg.optimizer]
+    return None if isinstance(p, str) else p
+
+
 def advise_table(cands, hw: Hardware) -> "pd.DataFrame":
     import pandas as pd
 
@@ -76,14 +87,14 @@ def advise_table(cands, hw: Hardware) -> "pd.DataFrame":
     for cfg in cands:
         mem, lower, upper = layout_memory(cfg)
         fits = "yes" if upper <= hw.memory_bytes else ("marginal" if mem <= hw.memory_bytes else "no")
-        p = predict_step(cfg, hw)
+        p = predict_step(cfg, hw, update_profile(cfg))
         rows.append({"layout": layout_label(cfg), **{f: getattr(cfg, f) for f in LAYOUT_FIELDS},
                      "micro_batch": cfg.micro_batch,
                      "pred_memory_gib": mem / GIB, "pred_memory_low_gib": lower / GIB,
                      "pred_memory_high_gib": upper / GIB, "fits": fits,
                      "pred_tokens_per_s": p.tokens_per_s, "pred_step_ms": p.step_s * 1e3, "pred_mfu": p.mfu,
                      "pred_compute_ms": p.compute_s * 1e3, "pred_comm_ms": p.comm_s * 1e3,
-                     "pred_bubble_ms": p.bubble_s * 1e3,
+                     "pred_bubble_ms": p.bubble_s * 1e3, "pred_update_ms": p.update_s * 1e3,
                      "bottleneck": p.bottleneck if fits != "no" else "memory"})
     t = pd.DataFrame(rows)
     order = t.fits.map({"yes": 0, "marginal": 1, "no": 2})

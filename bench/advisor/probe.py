@@ -37,6 +37,11 @@ def _gpu_key(name: str) -> str | None:
     return None
 
 
+UPDATE_REFERENCE = "cpu-optimizers"  # the sweep the CPU's update costs are fitted on (every optimizer and layout)
+UPDATE_CONSTANTS = ("op_overhead", "dtensor_call_overhead", "dtensor_op_overhead", "memory_bandwidth",
+                    "update_flop_rate")
+
+
 # ------------------------------------------------------------------------------------- calibration data
 @functools.lru_cache(maxsize=None)
 def reference_rows() -> "pd.DataFrame":
@@ -93,6 +98,84 @@ def calibrate(device: str, rows=None) -> dict:
             a, b = float(np.median(y / x[:, 0])), 0.0
         out[prec] = (1 / float(a), float(b), f"fitted on {len(group)} measured single-process rows")
     return out
+
+
+def update_features(cfg, profile, link: Link, call_overhead: float) -> tuple[list[float], float]:
+    """(the update's time per unit of each of UPDATE_CONSTANTS, in that order (the bandwidth and the rate as
+    their inverses), the time of its collectives): ``costmodel.update_seconds`` is linear in those five."""
+    from dataclasses import replace
+
+    from bench.advisor.costmodel import update_seconds
+
+    zero = Hardware("cpu", {"fp32": 1.0}, 1.0, 2, 1, link, link, shared=True, call_overhead=call_overhead,
+                    update_flop_rate=float("inf"))
+    units = [replace(zero, op_overhead=1.0), replace(zero, dtensor_call_overhead=1.0),
+             replace(zero, dtensor_op_overhead=1.0), replace(zero, memory_bandwidth=1.0),
+             replace(zero, update_flop_rate=1.0)]
+    x = [update_seconds(cfg, hw, profile)[0] for hw in units]
+    return x, update_seconds(cfg, zero, None)[1]
+
+
+def calibrate_update(rows, link: Link, call_overhead: float, source: str) -> dict:
+    """The CPU's update constants (UPDATE_CONSTANTS) fitted on measured rows' ``optimizer_ms_p50``: the
+    update's time is linear in the dispatch costs and the inverses of the bandwidth and the rate
+    (``update_features``), fitted by non-negative least squares on the relative error (each row weighed by
+    1 / its measured time: small updates count as much as large ones), the collectives priced by the link and
+    the per-call overhead, not fitted. A constant the rows cannot see (no DTensor rows) stays at 0 (its
+    inverse: unpriced)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    from bench.advisor.update import profiles
+
+    rows = rows[rows.optimizer_ms_p50.notna() & (rows.optimizer_ms_p50 > 0)]
+    x, y = [], []
+    for _, r in rows.iterrows():
+        cfg = row_config(r)
+        profile = profiles(cfg.model_config, cfg.optimizer_impl, _sharded(cfg), [cfg.optimizer])[cfg.optimizer]
+        if isinstance(profile, str):
+            continue
+        features, comm = update_features(cfg, profile, link, call_overhead)
+        measured = r.optimizer_ms_p50 / 1e3
+        x.append([f / measured for f in features])
+        y.append((measured - comm) / measured)
+    if len(x) < len(UPDATE_CONSTANTS):
+        return {"source": "none (too few measured rows)"}
+    c, _ = nnls(np.array(x), np.array(y))
+    out = dict(zip(UPDATE_CONSTANTS, map(float, c)))
+    for k in ("memory_bandwidth", "update_flop_rate"):  # fitted as inverses
+        out[k] = 1 / out[k] if out[k] > 0 else (float("inf") if k == "memory_bandwidth" else 0.0)
+    out["source"] = f"fitted on {len(x)} rows of {source}"
+    return out
+
+
+def _sharded(cfg) -> bool:
+    return (cfg.dp > 1 and cfg.dp_mode == "fsdp") or cfg.tp > 1
+
+
+UPDATE_FIT = "update-fit.json"  # in UPDATE_REFERENCE: the fitted constants and the link they were fitted with
+
+
+def fit_update_reference(link: Link) -> dict:
+    """UPDATE_CONSTANTS fitted on UPDATE_REFERENCE with ``link`` and the per-call overhead ``cpu_call_overhead``
+    fits for it, with what they were fitted with: what ``scripts/fit_update_costs.py`` commits as UPDATE_FIT."""
+    path = REFERENCES / UPDATE_REFERENCE
+    overhead, source = cpu_call_overhead(link, exclude=UPDATE_REFERENCE)
+    fit = calibrate_update(_native_cpu_rows(path), link, overhead, f"results/reference/{UPDATE_REFERENCE}")
+    return {**fit, "link_bandwidth": link.bandwidth, "link_latency": link.latency, "call_overhead": overhead,
+            "call_overhead_source": source}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_update_constants() -> dict:
+    """This CPU's update constants (UPDATE_CONSTANTS and their source) as committed in UPDATE_FIT; {"source":
+    ...} alone where none is committed (the update's operations and bytes are then not priced)."""
+    path = REFERENCES / UPDATE_REFERENCE / UPDATE_FIT
+    try:
+        fit = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"source": f"none ({path.name} not committed)"}
+    return {k: fit[k] for k in (*UPDATE_CONSTANTS, "source") if k in fit}
 
 
 def _hw_calibration(cal: dict) -> dict:
@@ -184,6 +267,7 @@ def cpu_hardware(model, tokens: int, devices: int, memory: float | None, refresh
     kw = _hw_calibration(calibrate("cpu"))
     overhead, source = cpu_call_overhead(link)
     kw["calibration"]["call_overhead"] = source
+    kw.update(update_kw(cpu_update_constants(), kw["calibration"]))
     if memory is None:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(devices, 1)
     return Hardware("cpu", c["peaks"], memory_bytes=memory, devices_per_node=devices, nodes=1, intra=link,
@@ -208,8 +292,52 @@ def gpu_hardware(name: str, devices: int, nodes: int, memory: float | None, peak
             mem = memory
         if peak_tflops is not None:
             peaks.update(bf16=peak_tflops * 1e12, fp16=peak_tflops * 1e12)
+    kw = _hw_calibration(calibrate(key or name))
+    kw.update(gpu_update_kw(key, kw["calibration"]))
     return Hardware(key or name, peaks, memory_bytes=mem - GPU_RESERVE_BYTES, devices_per_node=devices,
-                    nodes=nodes, intra=intra, inter=inter, **_hw_calibration(calibrate(key or name)))
+                    nodes=nodes, intra=intra, inter=inter, **kw)
+
+
+def update_kw(constants: dict, calibration: dict) -> dict:
+    """Hardware keyword arguments from ``cpu_update_constants``' result (its source noted in ``calibration``)."""
+    calibration["update"] = constants.get("source", "")
+    return {k: constants[k] for k in UPDATE_CONSTANTS if k in constants}
+
+
+def gpu_update_kw(key: str | None, calibration: dict) -> dict:
+    """A GPU's update constants: its HBM bandwidth at HBM_ACHIEVABLE (datasheet), the matmuls at the bf16 peak's
+    achievable fraction, and the dispatch costs of this machine's CPU fit, assumed for the GPU's host (each
+    operation is dispatched by the host; a kernel longer than its dispatch hides it, so this is an upper
+    bound). No GPU sweep with optimizer_ms calibrates them yet."""
+    from bench.advisor.costmodel import HBM_ACHIEVABLE, HBM_BANDWIDTH
+
+    cpu = cpu_update_constants()
+    out = {k: cpu[k] for k in ("op_overhead", "dtensor_call_overhead", "dtensor_op_overhead") if k in cpu}
+    if key in HBM_BANDWIDTH:
+        out["memory_bandwidth"] = HBM_BANDWIDTH[key] * HBM_ACHIEVABLE
+    calibration["update"] = (f"assumed: HBM at {HBM_ACHIEVABLE:.0%} of the datasheet, the host's dispatch costs "
+                             f"from this CPU ({cpu.get('source', 'none')})")
+    return out
+
+
+def cached_link() -> Link:
+    """gloo's link on this machine, probed once (``allreduce_probe``) and cached per CPU model and torch."""
+    import importlib.metadata as md
+
+    path = probe_cache_path().with_name("gloo-link.json")
+    key = f"{cpu_model()}|{os.cpu_count()}|torch {md.version('torch')}"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        link = allreduce_probe()
+        cache[key] = {"bandwidth": link.bandwidth, "latency": link.latency}
+        makedirs(str(path.parent))
+        write_json(str(path), cache)
+    c = cache[key]
+    return Link(c["bandwidth"], c["latency"], f"gloo on this machine ({c['bandwidth'] / 1e9:.2f} GB/s, "
+                                              f"{c['latency'] * 1e6:.0f} us, probed)")
 
 
 # ------------------------------------------------------------------------- the model against references
@@ -291,3 +419,73 @@ def check_reference(ref_dir: str, link: Link | None = None) -> tuple["pd.DataFra
              "median_abs_error": float(t.error.abs().median()), "call_overhead_s": overhead,
              "call_overhead_source": source}
     return t, stats
+
+
+# ------------------------------------------------------------------- a sweep's rows, their update predicted
+def fill_predicted_updates(files, log=print) -> None:
+    """Every ok row's ``predicted_optimizer_ms`` (``predicted_update_ms``) and its error against the measured
+    ``optimizer_ms_p50``, written into a sweep's results.csv (``bench.results.ResultFiles``)."""
+    import pandas as pd
+
+    rows = pd.read_csv(files.results_path)
+    if rows.empty or "optimizer_ms_p50" not in rows:
+        return
+    predicted = predicted_update_ms(rows, log)
+    measured = dict(zip(rows.config_id, pd.to_numeric(rows.optimizer_ms_p50, errors="coerce")))
+    files.fill({cid: {"predicted_optimizer_ms": ms,
+                      "optimizer_ms_prediction_error": ms / measured[cid] - 1 if measured[cid] > 0 else None}
+                for cid, ms in predicted.items()})
+
+
+def predicted_update_ms(rows, log=print) -> dict[str, float]:
+    """config_id -> the cost model's ``optimizer_ms`` for every ok row of a sweep (a data frame of results.csv)
+    that measured one: on CPU with this machine's constants (``probe.cpu_update_constants``, fitted on a
+    committed sweep; the row's own measured peak; gloo's link, probed once where a row's update has
+    collectives), on a GPU of the datasheet table with ``probe.gpu_update_kw``'s. Rows it cannot price (another
+    device, an optimizer that could not be counted) are left out."""
+    import pandas as pd
+
+    from bench.advisor.costmodel import optimizer_comm, update_seconds
+    from bench.advisor.update import profiles
+
+    NO_LINK = Link(1.0, 0.0, "none: no row's update has collectives")
+    rows = rows[(rows.status == "ok") & pd.to_numeric(rows.optimizer_ms_p50, errors="coerce").notna()]
+    configs = {r.config_id: row_config(r) for _, r in rows.iterrows()}
+    if not configs:
+        return {}
+    link = cached_link() if any(optimizer_comm(c) for c in configs.values()) else None
+    cpu_kw: dict | None = None
+    out = {}
+    for _, r in rows.iterrows():
+        cfg = configs[r.config_id]
+        sharded = (cfg.dp > 1 and cfg.dp_mode == "fsdp") or cfg.tp > 1
+        try:
+            profile = profiles(cfg.model_config, cfg.optimizer_impl, sharded, [cfg.optimizer], log)[cfg.optimizer]
+        except (RuntimeError, OSError, ValueError) as e:  # the counting subprocess failed or timed out
+            log(f"optimizer_ms not predicted: {e}")
+            return out
+        if isinstance(profile, str):
+            continue
+        source = str(r.get("peak_flops_source", ""))
+        if cfg.device == "cpu" or r.get("device") == "cpu":
+            if cpu_kw is None:
+                constants = cpu_update_constants()
+                if "op_overhead" not in constants:
+                    return out  # nothing calibrated: no prediction rather than one that prices half the update
+                cpu_kw = {**update_kw(constants, {}), "call_overhead": cpu_call_overhead(link)[0] if link else 0.0}
+            hw = Hardware("cpu", {cfg.precision: float(r.peak_flops or 0) or 1.0}, float("inf"), 1, 1,
+                          link or NO_LINK, link or NO_LINK, shared=True, **cpu_kw)
+        elif source.startswith("datasheet:") and _gpu_key(source) is not None:
+            from bench.advisor.costmodel import GPUS
+
+            key = _gpu_key(source)
+            _, intra, inter = GPUS[key]
+            kw = _hw_calibration(calibrate(key))
+            kw.update(gpu_update_kw(key, kw["calibration"]))
+            hw = Hardware(key, {cfg.precision: float(r.peak_flops) / cfg.world_size}, float("inf"), cfg.world_size,
+                          1, intra, inter, **kw)  # a GPU row's peak_flops is its devices' together
+        else:
+            continue
+        own, comm = update_seconds(cfg, hw, profile)
+        out[r.config_id] = (own + comm) * 1e3
+    return out

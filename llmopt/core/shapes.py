@@ -76,16 +76,30 @@ def stage_params(cfg, stage: int) -> int:
 
 
 def stage_tensors(cfg, stage: int) -> list[tuple[int, ...]]:
-    """The whole (unsharded) shape of every parameter tensor of pipeline stage ``stage`` (the tied head once)."""
+    """The whole (unsharded) shape of every parameter tensor of pipeline stage ``stage`` (the tied head once), in
+    the model's parameter order (embeddings, blocks, final LayerNorm): the order optimizers bucket them in."""
+    return [shape for shape, _ in _stage_tensors(cfg, stage)]
+
+
+def tp_split(cfg, stage: int) -> list[int | None]:
+    """For each of ``stage_tensors``, the dimension tensor parallelism shards it along (Megatron's column-
+    parallel QKV and MLP-in weights and biases: 0; the row-parallel projections: 1), or None where it is
+    replicated (embeddings, LayerNorms, the row-parallel biases)."""
+    return [split for _, split in _stage_tensors(cfg, stage)]
+
+
+def _stage_tensors(cfg, stage: int) -> list[tuple[tuple[int, ...], int | None]]:
     m = cfg.model_config
     C, V = m.n_embd, m.vocab_size
-    block = [(3 * C, C), (3 * C,), (C, C), (C,), (4 * C, C), (4 * C,), (C, 4 * C), (C,), (C,), (C,), (C,), (C,)]
-    shapes = block * len(stage_layers(m.n_layer, cfg.pp, stage))
-    if stage == 0:
-        shapes += [(V, C), (m.block_size, C)]
+    block = [((C,), None), ((C,), None),                               # ln_1
+             ((3 * C, C), 0), ((3 * C,), 0), ((C, C), 1), ((C,), None),  # attn: c_attn, c_proj
+             ((C,), None), ((C,), None),                               # ln_2
+             ((4 * C, C), 0), ((4 * C,), 0), ((C, 4 * C), 1), ((C,), None)]  # mlp: c_fc, c_proj
+    out = [((V, C), None), ((m.block_size, C), None)] if stage == 0 else []
+    out += block * len(stage_layers(m.n_layer, cfg.pp, stage))
     if stage == cfg.pp - 1:
-        shapes += [(C,), (C,)] + ([(V, C)] if cfg.pp > 1 else [])
-    return shapes
+        out += [((C,), None), ((C,), None)] + ([((V, C), None)] if cfg.pp > 1 else [])
+    return out
 
 
 def hidden_matrix_params(cfg, stage: int) -> int:

@@ -37,6 +37,8 @@ class Stage:
     tensors: tuple[tuple[int, ...], ...]  # the whole shape of every parameter tensor of the stage (tied head once)
     hidden: tuple[tuple[int, int], ...]   # the whole shapes of the stage's hidden matrices
     shards: int                           # ranks each tensor is split over (tp x FSDP2's dp); 1: whole tensors
+    steps: int = 0                        # the run's optimizer steps: a transient only some steps pay counts
+                                          # where the run reaches one (SOAP's eigenbasis refresh every 10)
 
 
 def nothing(stage: Stage) -> int:
@@ -70,6 +72,22 @@ def ns_flops(shape: tuple[int, ...]) -> int:
     return m * m * (2 * n + m)
 
 
+def bucket_indices(sizes: list[int], times: int = 1) -> list[list[int]]:
+    """Indices of ``sizes`` in order, cut into buckets of at most ``times`` the largest size (the largest
+    alone): how ``llmopt.optim.size_buckets`` groups tensors for one gather each, and how the cost model counts
+    those gathers."""
+    cap = times * max(sizes, default=0)
+    buckets: list[list[int]] = []
+    size = cap + 1
+    for i, n in enumerate(sizes):
+        if size + n > cap:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(i)
+        size += n
+    return buckets
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     """Everything llmopt knows about one optimizer."""
@@ -84,6 +102,9 @@ class OptimizerSpec:
     update_flops: Callable[[Stage], float] = nothing    # FLOPs beyond the elementwise update (Newton-Schulz, ...)
     gathers: Callable[[Stage], list] = lambda stage: []  # whole shapes all-gathered per step under FSDP2/TP
     gathered_per_tensor: int = 1      # tensors gathered per shape (a tensor and its gradient: 2)
+    bucket_times: Callable[[int], int] = lambda ranks: 1  # a gather bucket's cap, in largest tensors, on `ranks`
+    splits_work: bool = False  # on a 1-D mesh each rank does the whole-tensor work of its share (one more gather)
+    reductions: int = 0       # small all-reduces per step, parameter group and placement (norms over shards)
     accelerate: bool = True   # a torch.optim optimizer that --engine accelerate can wrap
     lr_schedules: tuple[str, ...] | None = None         # the --lr-schedule values it takes (None: every one)
     packages: tuple[tuple[str, str], ...] = ()          # (module, pip name) its build imports beyond torch
@@ -171,4 +192,4 @@ def stage_view(cfg, stage: int, values: int) -> Stage:
     fsdp = cfg.dp if cfg.dp > 1 and cfg.dp_mode == "fsdp" else 1
     hidden = hidden_matrix_params(cfg, stage)
     return Stage(values=values, hidden_values=-(-hidden // fsdp), tensors=tuple(stage_tensors(cfg, stage)),
-                 hidden=tuple(stage_matrices(cfg, stage)), shards=fsdp * cfg.tp)
+                 hidden=tuple(stage_matrices(cfg, stage)), shards=fsdp * cfg.tp, steps=cfg.steps)

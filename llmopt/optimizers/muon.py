@@ -37,7 +37,14 @@ def update_flops(stage: Stage) -> float:
     return sum(NS_STEPS * 2 * ns_flops(shape) for shape in stage.hidden)
 
 
+def bucket_times(ranks: int) -> int:
+    """``ShardedMuon``'s gather buckets: about one largest matrix per rank and a spare, so that every rank has
+    Newton-Schulz work in each."""
+    return 2 * ranks
+
+
 SPEC = OptimizerSpec(
     name="muon", about="Muon on the hidden matrices, AdamW on the rest (torch.optim.Muon + AdamW)", build=build,
     default_lr=3e-3, lr_centre=1e-2, state_bytes=state_bytes, transient_bytes=transient_bytes,
-    update_flops=update_flops, gathers=hidden_matrices, gathered_per_tensor=1, order=50)
+    update_flops=update_flops, gathers=hidden_matrices, gathered_per_tensor=1, bucket_times=bucket_times,
+    splits_work=True, order=50)

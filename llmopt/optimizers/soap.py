@@ -10,6 +10,7 @@ import math
 from llmopt.optimizers import OptimizerSpec, Stage, all_tensors, largest
 
 MAX_SIDE = 10_000  # pytorch-optimizer's max_precondition_dim
+REFRESH_EVERY = 10  # pytorch-optimizer's precondition_frequency: steps between eigenbasis refreshes
 
 
 def build(model, lr: float, weight_decay: float, impl: str, fused_ok: bool):
@@ -29,10 +30,21 @@ def state_bytes(stage: Stage) -> int:
 
 
 def transient_bytes(stage: Stage) -> int:
-    """One tensor's gradient in the eigenbasis, its square, the projected momentum and the update, fp32; under
-    FSDP2/TP also the largest tensor and its gradient, gathered whole."""
+    """The larger of two moments of its step, fp32: the update of one tensor (its gradient in the eigenbasis, its
+    square, the projected momentum and the update), and the eigenbasis refresh every 10 steps, which for each
+    matrix builds its new bases beside the old ones, one side at a time (the product GG Q, its columns sorted,
+    and QR's Q and R: four d x d on the side under way, the finished sides' new bases, and two re-ordered
+    copies of the second moment). Under FSDP2/TP also the largest tensor and its gradient, gathered whole.
+    The refresh counts where the run reaches one (``stage.steps``; the first is the 10th step): a sweep of 6 steps
+    never pays it, one of 20 measured it (results/README.md, "The optimizer's update, priced")."""
     big = largest(stage.tensors)
-    return 4 * 4 * big + (2 * 4 * big if stage.shards > 1 else 0)
+    refresh = 0
+    if stage.steps >= REFRESH_EVERY:
+        for t in (t for t in stage.tensors if len(t) >= 2):
+            sides = [d * d for d in t if d <= MAX_SIDE]
+            if sides:
+                refresh = max(refresh, sum(sides) + 4 * max(sides) + 2 * math.prod(t))
+    return 4 * max(4 * big, refresh) + (2 * 4 * big if stage.shards > 1 else 0)
 
 
 def update_flops(stage: Stage) -> float:
