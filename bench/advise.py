@@ -87,6 +87,15 @@ def parse_args(argv):
     p.add_argument("--optimizer", default="adamw", choices=optimizer_names(),
                    help="its state, update FLOPs and whole-tensor gathers are priced from its spec "
                         "(llmopt/optimizers/; default adamw)")
+    p.add_argument("--tokens", metavar="N",
+                   help="tokens to train: adds hours per layout (e.g. 2.5e9, 2.5B, 300M, or 20x: tokens per "
+                        "parameter). With --speedup-from: AdamW's tokens to your target, divided by --optimizer's "
+                        "token speed-up measured there")
+    p.add_argument("--speedup-from", metavar="DIR",
+                   help="a convergence reference (e.g. results/reference/cpu-convergence) whose token speed-up of "
+                        "--optimizer over AdamW scales --tokens")
+    p.add_argument("--speedup-batch", type=int, metavar="B",
+                   help="the reference's batch size to read the speed-up at (default: its longest horizon)")
     p.add_argument("--precisions", default="bf16,fp32", help=f"comma-separated, of {', '.join(PRECISIONS)} "
                                                              "(default bf16,fp32)")
     p.add_argument("--intra", help="intra-node link: GB/s[,latency us] (default: per GPU generation, stated)")
@@ -100,6 +109,56 @@ def parse_args(argv):
     p.add_argument("--check", metavar="DIR", help="compare the time model with a measured CPU sweep and exit")
     p.add_argument("--out", help="output directory (default results/runs/<UTC>-advise)")
     return p.parse_args(argv)
+
+
+SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_tokens(text: str, params: int) -> float:
+    """--tokens: a count (2.5e9, 2.5B, 300M) or tokens per parameter (20x: Chinchilla's compute-optimal ratio)."""
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([kKmMbBgGtT]?|[xX])\s*", text)
+    try:
+        value = float(m.group(1)) if m else math.nan
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise AdviseError(f"--tokens {text!r}: give a positive count (2.5e9, 2.5B, 300M) or tokens per parameter "
+                          "(20x)")
+    unit = m.group(2).lower()
+    return value * params if unit == "x" else value * SUFFIXES[unit]
+
+
+def _target(a, base: dict):
+    """(tokens to train with --optimizer, the reference's TokenSpeedup or None) from --tokens/--speedup-from."""
+    from llmopt.core.config import TrainConfig
+    from llmopt.core.shapes import param_count
+
+    if a.tokens is None:
+        if a.speedup_from or a.speedup_batch is not None:
+            raise AdviseError("--speedup-from/--speedup-batch scale --tokens: give --tokens too (AdamW's tokens to "
+                              "your target, e.g. --tokens 20x)")
+        return None, None
+    tokens = parse_tokens(a.tokens, param_count(TrainConfig(**base).model_config))
+    if not a.speedup_from:
+        if a.speedup_batch is not None:
+            raise AdviseError("--speedup-batch reads a batch of --speedup-from DIR: give that too")
+        return tokens, None
+    import pandas as pd
+
+    from bench.report.quality import token_speedup
+
+    path = Path(a.speedup_from) / "results.csv"
+    if not path.is_file():
+        raise AdviseError(f"--speedup-from {a.speedup_from}: no results.csv there; name a convergence sweep, e.g. "
+                          "results/reference/cpu-convergence")
+    if a.optimizer == "adamw":
+        raise AdviseError("--speedup-from with --optimizer adamw: the speed-up is over AdamW's tokens; name the "
+                          "optimizer to compare (e.g. --optimizer muon), or drop --speedup-from")
+    try:
+        sp = token_speedup(pd.read_csv(path), a.optimizer, a.speedup_batch)
+    except (ValueError, KeyError) as e:
+        raise AdviseError(f"--speedup-from {a.speedup_from}: {e}") from None
+    return tokens / sp.speedup, sp
 
 
 def _custom_preset(text: str, seq_len: int) -> str:
@@ -195,12 +254,17 @@ def run(a) -> int:
         raise AdviseError(f"no layout of {a.preset} runs on {world} ranks ({refused} refused by llmopt's checks: "
                           f"e.g. tp must divide the heads, pp at most the layers, dp x grad_accum must divide "
                           f"--global-batch {a.global_batch}); change --devices or --global-batch")
+    tokens, speedup = _target(a, base)  # a bad target is refused before this machine is probed
     hw = _hardware(a, base)
     t = advise_table(cands, hw)
+    if tokens is not None:
+        t["pred_hours"] = tokens / t.pred_tokens_per_s / 3600
     out = Path(a.out or os.path.join("results", "runs", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-advise"))
     refuse_links(str(out), "--out")
     makedirs(str(out))
     text = advice(t, hw, a.preset, a.global_batch, a.seq_len)
+    if tokens is not None:
+        text += " " + hours_sentence(t, tokens, a.optimizer, speedup)
     k = a.measure or 5
     top = best_distinct(t[t.fits == "yes"], k)
     measured = None
@@ -232,15 +296,30 @@ def run(a) -> int:
     return 0
 
 
+def hours_sentence(t, tokens: float, optimizer: str, speedup) -> str:
+    """The hours to the target on the fastest layout that fits, and where the tokens come from."""
+    fit = t[t.fits == "yes"]
+    where = (f"{tokens * speedup.speedup:,.3g} AdamW tokens over {speedup.optimizer}'s {speedup.speedup:.2f}x = "
+             if speedup is not None else "")
+    s = (f"Training {optimizer} for {where}{tokens:,.3g} tokens takes {fit.pred_hours.iloc[0]:,.3g} hours on "
+         f"{fit.layout.iloc[0]}" if not fit.empty else f"Training {optimizer} for {tokens:,.3g} tokens fits no layout")
+    s += " (predicted, the update included)."
+    if speedup is not None:
+        s += " " + speedup.caveat()[0].upper() + speedup.caveat()[1:] + "."
+    return s
+
+
 def _shown(t):
     import pandas as pd
 
+    hours = ({"pred hours": t.pred_hours.map(lambda v: fmt(v, ",.3g"))} if "pred_hours" in t else {})
     return pd.DataFrame({
         "layout": t.layout, "pred GiB/rank": [f"{m:.3g} ({lo:.3g}-{hi:.3g})" for m, lo, hi in
                                               zip(t.pred_memory_gib, t.pred_memory_low_gib, t.pred_memory_high_gib)],
         "fits": t.fits, "pred tokens/s": t.pred_tokens_per_s.map(lambda v: fmt(v, ",.0f")),
         "pred MFU": t.pred_mfu.map(lambda v: fmt(v, ".0%")),
         "pred step ms": t.pred_step_ms.map(lambda v: fmt(v, ".1f")),
+        "pred update ms": t.pred_update_ms.map(lambda v: fmt(v, ".1f")), **hours,
         "bottleneck": t.bottleneck})
 
 
@@ -269,6 +348,10 @@ def write_outputs(out: Path, t, hw: Hardware, text: str, measured, a) -> None:
          + ", ".join(f"{p} {f:.2f} and {hw.micro_batch_overhead.get(p, 0) * 1e3:.2f} ms "
                      f"({hw.calibration.get(p, 'assumed')})" for p, f in hw.achievable.items()),
          f"- Links: intra-node {hw.intra.name or hw.intra}; inter-node {hw.inter.name or hw.inter}",
+         f"- The optimizer's update ({a.optimizer}): its step counted (bench/advisor/update.py), priced at "
+         f"{hw.op_overhead * 1e6:.2g} us per operation, {hw.dtensor_call_overhead * 1e6:.2g} us per DTensor call "
+         f"+ {hw.dtensor_op_overhead * 1e6:.2g} us per DTensor in it, {hw.memory_bandwidth / 1e9:,.0f} GB/s "
+         f"({hw.calibration.get('update', 'assumed')})",
          f"- Usable memory per rank: {hw.memory_bytes / GIB:.1f} GiB"
          + (f" (device memory less {GPU_RESERVE_BYTES / GIB:.0f} GiB for the CUDA context and NCCL)"
             if hw.name != "cpu" else ""),

@@ -1,5 +1,6 @@
 """The layout advisor: its memory is the harness's, its communication volumes are the hand-computed ones,
 impossible requests are one-line errors, and the matrix it emits runs through the harness unchanged."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,17 @@ def _advise(*args, env=None):
     *[([f"--{k}", v], f"--{k} '{v}'") for k in ("intra", "inter") for v in ("nan", "inf,10", "400,nan")],
     (["--emit-matrix", "/proc/llmopt-test.toml"], "--emit-matrix '/proc/llmopt-test.toml' cannot be written"),
     (["--bad-flag"], "unrecognized arguments"),
+    # a target that cannot be priced: said before anything is probed
+    *[(["--tokens", v], f"--tokens '{v}'") for v in ("0", "abc", "inf", "0B", "1e400", "20y", "nanx")],
+    (["--speedup-from", "results/reference/cpu-convergence"], "give --tokens too"),
+    (["--tokens", "1B", "--speedup-batch", "8"], "give that too"),
+    (["--tokens", "1B", "--optimizer", "muon", "--speedup-from", "/nonexistent"], "no results.csv there"),
+    (["--tokens", "1B", "--optimizer", "muon", "--speedup-from", "results/reference/cpu"], "no convergence ladder"),
+    (["--tokens", "1B", "--optimizer", "soap", "--speedup-from", "results/reference/cpu-convergence"],
+     "has no finalist of soap"),
+    (["--tokens", "1B", "--optimizer", "muon", "--speedup-from", "results/reference/cpu-convergence",
+      "--speedup-batch", "3"], "has no batch 3"),
+    (["--tokens", "1B", "--speedup-from", "results/reference/cpu-convergence"], "--optimizer adamw"),
     # no layout exists: said before this CPU is probed (the probe once ran 100 s first)
     (["--device", "cpu", "--devices", "3", "--preset", "tiny", "--global-batch", "7", "--seq-len", "64"],
      "no layout of tiny runs on 3 ranks"),
@@ -98,6 +110,26 @@ def test_impossible_requests_are_one_line_errors(args, needle, tmp_path, capsys,
         return
     assert rc == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+
+
+def test_hours_to_a_target_apply_the_references_token_speedup(tmp_path):
+    """--tokens 20x --speedup-from: AdamW's tokens at 20 per parameter, over Muon's token speed-up in the
+    convergence reference (recomputed here from its rows), at each layout's predicted tokens/s; the sentence
+    names the reference's model size and horizon and says published speed-ups shrink with scale."""
+    from bench.report.quality import token_speedup
+    from llmopt.core.shapes import PRESETS, param_count
+
+    r = _advise("--preset", "gpt2", "--device", "H100", "--devices", "8", "--global-batch", "512", "--precisions",
+                "bf16", "--optimizer", "muon", "--tokens", "20x", "--speedup-from",
+                "results/reference/cpu-convergence", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    t = pd.read_csv(tmp_path / "advise.csv")
+    sp = token_speedup(pd.read_csv(ROOT / "results" / "reference" / "cpu-convergence" / "results.csv"), "muon")
+    tokens = 20 * param_count(PRESETS["gpt2"]) / sp.speedup
+    assert sp.speedup > 0 and (t.pred_hours * 3600 * t.pred_tokens_per_s).sub(tokens).abs().max() < 1e-6 * tokens
+    text = (tmp_path / "advise.md").read_text()
+    assert f"{sp.speedup:.2f}x" in text and "published speed-ups shrink with scale" in text
+    assert f"{sp.params / 1e6:.2g}M-parameter model" in text and "tokens per parameter" in text
 
 
 def test_divisors_of_a_huge_batch_come_from_its_square_root():
@@ -180,3 +212,20 @@ def test_repredict_rewrites_only_the_prediction_columns(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0 and "1 row(s) re-predicted" in r.stdout, r.stderr[-2000:]
     assert (ref / "results.csv").read_bytes() == (src / "results.csv").read_bytes()
+
+
+def test_an_optimizer_whose_step_cannot_be_counted_is_one_error_line(tmp_path):
+    """An optimizer (here from a file) whose step fails on the stand-in cannot be priced: one error line naming
+    it and why, exit 2, not a table that leaves its update out."""
+    path = tmp_path / "broken.py"
+    path.write_text(
+        "from llmopt.optimizers import OptimizerSpec, nothing\n\n\n"
+        "class Broken:\n    def step(self):\n        raise RuntimeError('no step here')\n\n\n"
+        "SPEC = OptimizerSpec(name='broken', about='a step that raises', build=lambda *a: Broken(),\n"
+        "                     default_lr=0.1, lr_centre=0.1, state_bytes=nothing)\n")
+    env = dict(os.environ, LLMOPT_OPTIMIZERS=str(path), LLMOPT_CACHE=str(tmp_path / "cache"))
+    r = _advise("--preset", "gpt2", "--device", "H100", "--devices", "8", "--optimizer", "broken",
+                "--out", str(tmp_path / "o"), env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --optimizer broken") and "no step here" in lines[0], lines

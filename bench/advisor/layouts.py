@@ -71,13 +71,20 @@ def layout_memory(cfg: TrainConfig) -> tuple[int, float, float]:
 
 def update_profile(cfg: TrainConfig):
     """The counted step of ``cfg``'s optimizer on plain or sharded tensors as its layout has them
-    (``bench.advisor.update``; counted once, cached), or None where it could not be counted (the update is
-    then priced by its FLOPs and collectives alone)."""
+    (``bench.advisor.update``; counted once, cached). An optimizer whose step cannot be counted cannot be
+    priced: an AdviseError names why, rather than a table that leaves its update out."""
     from bench.advisor.update import profiles
 
     sharded = (cfg.dp > 1 and cfg.dp_mode == "fsdp") or cfg.tp > 1
-    p = profiles(cfg.model_config, cfg.optimizer_impl, sharded, [cfg.optimizer])[cfg.optimizer]
-    return None if isinstance(p, str) else p
+    try:
+        p = profiles(cfg.model_config, cfg.optimizer_impl, sharded, [cfg.optimizer])[cfg.optimizer]
+    except RuntimeError as e:
+        raise AdviseError(f"--optimizer {cfg.optimizer}: {e}") from None
+    if isinstance(p, str):
+        raise AdviseError(f"--optimizer {cfg.optimizer}: its step could not be run on a stand-in of the model "
+                          f"({'sharded' if sharded else 'plain'} tensors: {p}), so its update cannot be priced; "
+                          f"fix its build, or advise another optimizer")
+    return p
 
 
 def advise_table(cands, hw: Hardware) -> "pd.DataFrame":

@@ -465,6 +465,8 @@ def predicted_update_ms(rows, log=print) -> dict[str, float]:
             log(f"optimizer_ms not predicted: {e}")
             return out
         if isinstance(profile, str):
+            log(f"optimizer_ms of {r.config_id} not predicted: {cfg.optimizer}'s step could not be counted "
+                f"({profile})")
             continue
         source = str(r.get("peak_flops_source", ""))
         if cfg.device == "cpu" or r.get("device") == "cpu":

@@ -19,6 +19,7 @@ Every sentence is computed from the rows (results.csv, evals.csv); nothing is pr
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -369,6 +370,65 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
         L.append(f"![{title}](plots/{os.path.basename(path)})")
         L.append("")
     return L
+
+
+@dataclass(frozen=True)
+class TokenSpeedup:
+    """An optimizer's speed-up in tokens to target over AdamW's, as a convergence reference measured it."""
+    optimizer: str
+    batch: int
+    speedup: float           # AdamW's mean tokens to target over the optimizer's
+    preset: str
+    params: int              # the reference's model
+    tokens_per_param: float  # AdamW's mean tokens to target per parameter: the horizon the speed-up is read at
+    target: float            # the loss (nats)
+    seeds: int
+
+    def caveat(self) -> str:
+        where = (f"a {self.params / 1e6:.2g}M-parameter model ({self.preset}) at batch {self.batch}, to a loss of "
+                 f"{self.target:.3f} nats reached at {self.tokens_per_param:.2g} tokens per parameter "
+                 f"({self.seeds} seeds)")
+        bound = ", so at a larger model it is an optimistic bound" if self.speedup > 1 else ""
+        return (f"{self.optimizer}'s token speed-up over AdamW, {self.speedup:.2f}x, is from {where}; published "
+                f"speed-ups shrink with scale and change with the horizon (Wen et al. 2025: matrix optimizers at "
+                f"most ~1.4x at 0.1B, less beyond){bound}")
+
+
+def token_speedup(results: pd.DataFrame, optimizer: str, batch: int | None = None) -> TokenSpeedup:
+    """``optimizer``'s token speed-up over AdamW in a convergence sweep's rows (its finalists' mean tokens to
+    target, as "Time to quality" reads them), at ``batch`` (default: the batch where both reached the target
+    with the most tokens, the longest horizon). A ValueError names what the reference lacks."""
+    conv = convergence_rows(results)
+    if conv.empty or "phase" not in conv or not conv.phase.isin(["ladder"]).any():
+        raise ValueError("holds no convergence ladder (run python -m bench.run --matrix convergence)")
+    best = best_runs(conv)
+    lad = ladder(conv, best)
+    fs = finalist_stats(lad, targets(lad))
+    for name in (optimizer, "adamw"):
+        if name not in set(fs.optimizer):
+            raise ValueError(f"has no finalist of {name} (optimizers: {', '.join(sorted(set(fs.optimizer)))})")
+    done = fs[fs.all_reached]
+    both = sorted(set(done[done.optimizer == optimizer].global_batch)
+                  & set(done[done.optimizer == "adamw"].global_batch))
+    batches = sorted(set(fs.global_batch))
+    if batch is not None and batch not in batches:
+        raise ValueError(f"has no batch {batch} (batches: {', '.join(str(int(b)) for b in batches)})")
+    if batch is not None and batch not in both:
+        raise ValueError(f"at batch {batch}, {optimizer} or AdamW did not reach the target on every seed: no "
+                         f"speed-up to apply (batches where both did: {', '.join(map(str, map(int, both))) or 'none'})")
+    if not both:
+        raise ValueError(f"{optimizer} and AdamW reached the target together at no batch: no speed-up to apply")
+    mean = {}
+    for name in (optimizer, "adamw"):
+        rows = done[done.optimizer == name].set_index("global_batch")
+        mean[name] = {b: stats.mean_std(rows.loc[b].tokens)[0] for b in both}
+    if batch is None:
+        batch = max(both, key=lambda b: mean["adamw"][b])
+    r = done[(done.optimizer == "adamw") & (done.global_batch == batch)].iloc[0]
+    params = model_params(conv)[r.preset][0]
+    target = targets(lad)[(r.preset, batch)]
+    return TokenSpeedup(optimizer, int(batch), mean["adamw"][batch] / mean[optimizer][batch], r.preset, params,
+                        mean["adamw"][batch] / params, target, int(r.seeds))
 
 
 def precision_table(conv: pd.DataFrame, best: pd.DataFrame) -> str | None:
