@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, replace
+from typing import TYPE_CHECKING
 
 from bench.layouts import BASE_LAYOUTS
-from bench.matrix import CONVERGENCE, LADDER, LR_STEP, SEEDS, at_budget, rank_budget
+from bench.matrix import CONVERGENCE, LADDER, LR_STEP, SEEDS, TARGET_FRACTION, at_budget, rank_budget
 from bench.plan import PlanEntry
 from llmopt.core.config import TrainConfig
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 GROUP = ("preset", "optimizer", "global_batch", "precision")
 TUNING = ("grid", "widen")  # the phases whose runs tune the learning rate (the whole budget, seed 0)
@@ -81,12 +85,105 @@ def winners(rows: list[dict], precision: str = "fp32") -> dict[tuple, dict]:
     return out
 
 
+# ------------------------------------------------------------------ the ladder's analysis (report and follow-ups)
+def has_target(results: "pd.DataFrame") -> "pd.Series":
+    """Rows of runs given a target (a loss, or a gap above the entropy floor): convergence runs of sweeps made
+    before the ladder, whether they finished or not. A target of 0 means none."""
+    import pandas as pd
+
+    given = pd.Series(False, index=results.index)
+    for col in ("target_loss", "target_gap"):  # rows made outside a sweep (the follow-ups' own) may lack them
+        if col in results:
+            given |= pd.to_numeric(results[col], errors="coerce").fillna(0) > 0
+    return given
+
+
+def convergence_rows(results: "pd.DataFrame") -> "pd.DataFrame":
+    """Rows of a convergence matrix (tuning, ladder and precision phases), skipped ones left out."""
+    import pandas as pd
+
+    phase = results.phase if "phase" in results else pd.Series("", index=results.index)
+    mask = phase.isin(["grid", "widen", "ladder", "precision"]) | (phase.fillna("").eq("") & has_target(results))
+    return results[mask & (results.status != "skipped")].copy()
+
+
+def _records(df: "pd.DataFrame") -> list[dict]:
+    return df.astype(object).where(df.notna(), None).to_dict("records")
+
+
+def best_runs(conv: "pd.DataFrame") -> "pd.DataFrame":
+    """The best tuning run of each (preset, optimizer, global batch, precision), with its grid's edge status."""
+    import pandas as pd
+
+    tune = conv[conv.phase.isin(TUNING)] if "phase" in conv else conv
+    out = []
+    for g in groups(_records(tune)).values():
+        b = dict(best(g))
+        b["edge"] = edge(g)
+        b["lrs_tried"] = len(g)
+        out.append(b)
+    return pd.DataFrame(out)
+
+
+def ladder(conv: "pd.DataFrame", best_rows: "pd.DataFrame") -> "pd.DataFrame":
+    """Every ok fp32 run of each finalist (its best learning rate, ``best_runs``), at every budget and seed:
+    columns preset, optimizer, global_batch, lr, max_tokens, seed, final_eval_loss."""
+    keys = ["preset", "optimizer", "global_batch", "lr"]
+    fin = best_rows[(best_rows.precision == "fp32") & (best_rows.status == "ok")][keys]
+    runs = conv[(conv.precision == "fp32") & (conv.status == "ok")]
+    return runs.merge(fin, on=keys)[keys + ["max_tokens", "seed", "final_eval_loss", "config_id"]]
+
+
+def targets(lad: "pd.DataFrame") -> dict[tuple, float]:
+    """(preset, batch) -> the target: AdamW's mean end-of-budget loss at the ladder's budget nearest
+    TARGET_FRACTION of the largest (without AdamW, the median over the optimizers of their means there)."""
+    out = {}
+    for (preset, batch), g in lad.groupby(["preset", "global_batch"]):
+        budgets = sorted(g.max_tokens.unique())
+        at = min(budgets, key=lambda b: abs(b - TARGET_FRACTION * budgets[-1]))
+        means = g[g.max_tokens == at].groupby("optimizer").final_eval_loss.mean()
+        out[(preset, batch)] = float(means["adamw"]) if "adamw" in means else float(means.median())
+    return out
+
+
+def finalist_stats(lad: "pd.DataFrame", target: dict) -> "pd.DataFrame":
+    """Per finalist: its end-of-budget loss at the largest budget and its tokens to target, each seed's and
+    their mean and standard deviation. ``tokens`` holds the interpolated crossings only; a finalist at or below
+    the target already at the smallest budget on every seed is ``bounded`` (its tokens are at most ``bound``)."""
+    import pandas as pd
+
+    import bench.report.stats as stats
+
+    rows = []
+    for (preset, opt, batch, lr), g in lad.groupby(["preset", "optimizer", "global_batch", "lr"]):
+        top = g.max_tokens.max()
+        end = g[g.max_tokens == top].sort_values("seed")
+        crossings = {}
+        for seed, s in g.groupby("seed"):
+            crossings[seed] = stats.tokens_to_target(list(s.max_tokens), list(s.final_eval_loss),
+                                                     target[(preset, batch)])
+        status = [c.status for c in crossings.values()]
+        rows.append({"preset": preset, "optimizer": opt, "global_batch": batch, "lr": lr, "budget": top,
+                     "budgets": sorted(g.max_tokens.unique()), "seeds": len(crossings),
+                     "seed_list": sorted(int(sd) for sd in crossings),
+                     "end_losses": list(end.final_eval_loss),
+                     "tokens": [c.tokens for c in crossings.values() if c.status == stats.REACHED],
+                     "by_seed": {int(sd): c.tokens for sd, c in crossings.items() if c.status == stats.REACHED},
+                     "statuses": sorted(set(status)), "bound": float(g.max_tokens.min()),
+                     "all_reached": status.count(stats.REACHED) == len(status),
+                     "bounded": status.count(stats.AT_FIRST) == len(status)})
+    return pd.DataFrame(rows)
+
+
+
+# ------------------------------------------------------------------------------------------- follow-ups
 def followups(matrix: str, plan: list[PlanEntry], rows: list[dict]) -> list[PlanEntry]:
     """Entries a convergence matrix adds once every planned entry has its row, one phase at a time: a learning
     rate beyond the edge of each fp32 grid whose best sits there (once per group); then the ladder: every
     finalist (the best learning rate of each model, optimizer and batch) at every budget and seed; then each
-    batch's winner in bf16; then the overall winner's shape as throughput rows on each layout. Each entry is a
-    pure function of the rows before it, so a resumed sweep adds the same ones."""
+    batch's winner in bf16; then every finalist's shape as throughput rows on single, ddp2, fsdp2 and tp2; then
+    each finalist that reached the target trained to it under fsdp2 (the check of seconds to target). Each entry
+    is a pure function of the rows before it, so a resumed sweep adds the same ones."""
     if matrix not in CONVERGENCE:
         return []
     phases = {e.config_id: e.phase for e in plan}
@@ -128,14 +225,54 @@ def followups(matrix: str, plan: list[PlanEntry], rows: list[dict]) -> list[Plan
         add(replace(by_id[win["config_id"]], precision="bf16"), "precision")
     if new or not wins:
         return new
-    # Last, the best winner's shape as throughput rows on each 2-rank layout (and single-process), so the
-    # report can estimate seconds to target per layout: its steps to target x the layout's step time.
-    best_win = min(wins.values(), key=rank_key)
-    cfg = replace(by_id[best_win["config_id"]], eval_every=0, target_loss=0.0, target_gap=0.0, gns=False,
-                  max_tokens=0, steps=LAYOUT_STEPS, lr_warmup=0)
-    for layout in BASE_LAYOUTS:
-        add(replace(cfg, **layout), "layouts")
+    # Then every finalist's shape as throughput rows on single, ddp2, fsdp2 and tp2 (no evals), so that the
+    # report can state seconds to target per optimizer and layout: its tokens to target over its tokens/s there
+    for g in fp32.values():
+        b = best(g)
+        if rank_key(b)[0] == 0:
+            cfg = replace(by_id[b["config_id"]], eval_every=0, target_loss=0.0, target_gap=0.0, gns=False,
+                          max_tokens=0, steps=LAYOUT_STEPS, lr_warmup=0)
+            for layout in THROUGHPUT_LAYOUTS:
+                add(replace(cfg, **layout), "layouts")
+    if new:
+        return new
+    # Last, the check of that estimate: each finalist that reached the target on every seed, trained under
+    # fsdp2 for its mean tokens to target (its own full schedule, seed 0); the report sets its measured seconds
+    # beside the estimate
+    for cfg in to_target_runs(rows, phases, by_id):
+        add(cfg, "to-target")
     return new
 
 
+def to_target_runs(rows: list[dict], phases: dict, by_id: dict) -> list[TrainConfig]:
+    """The to-target check's configs (``followups``' last phase), from the rows as the report reads them."""
+    import pandas as pd
+
+    frame = pd.DataFrame([dict(r, phase=phases.get(r["config_id"], r.get("phase"))) for r in rows])
+    for col in frame.columns:  # resumed rows come back as text
+        numeric = pd.to_numeric(frame[col], errors="coerce")
+        if numeric.notna().sum() == frame[col].replace("", None).notna().sum():
+            frame[col] = numeric
+    conv = convergence_rows(frame)
+    best_rows = best_runs(conv)
+    lad = ladder(conv, best_rows)
+    if lad.empty:
+        return []
+    out = []
+    for r in finalist_stats(lad, targets(lad)).itertuples():
+        if not r.all_reached:
+            continue
+        run = best_rows[(best_rows.preset == r.preset) & (best_rows.optimizer == r.optimizer)
+                        & (best_rows.global_batch == r.global_batch) & (best_rows.precision == "fp32")].iloc[0]
+        whole = asdict(by_id[run.config_id])
+        tokens = math.ceil(sum(r.tokens) / len(r.tokens))
+        # no noise-scale instrument (it needs DDP, and the throughput rows run without it)
+        out.append(replace(TrainConfig(**at_budget(whole, tokens / whole["max_tokens"], 0)), gns=False,
+                           **CHECK_LAYOUT))
+    return out
+
+
 LAYOUT_STEPS = 8
+# The layouts seconds to target are stated for (issue 38: single, ddp2, fsdp2, tp2), and the one it is checked on
+THROUGHPUT_LAYOUTS = tuple(layout for layout in BASE_LAYOUTS if not layout.get("pp"))
+CHECK_LAYOUT = dict(dp=2, dp_mode="fsdp")

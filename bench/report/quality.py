@@ -24,62 +24,12 @@ from dataclasses import dataclass
 import pandas as pd
 
 import bench.report.stats as stats
-from bench import tuning
 from bench.layouts import layout_name
 from bench.matrix import TARGET_FRACTION
 from bench.report.markdown import fmt, md_table
+from bench.tuning import best_runs, convergence_rows, finalist_stats, ladder, targets
 
 SIGNIFICANCE = 0.05  # the two-sided p below which a lead counts
-
-
-def has_target(results: pd.DataFrame) -> pd.Series:
-    """Rows of runs given a target (a loss, or a gap above the entropy floor): convergence runs of sweeps made
-    before the ladder, whether they finished or not. A target of 0 means none."""
-    return (results.target_loss > 0) | (results.target_gap > 0)
-
-
-def convergence_rows(results: pd.DataFrame) -> pd.DataFrame:
-    """Rows of a convergence matrix (tuning, ladder and precision phases), skipped ones left out."""
-    phase = results.phase if "phase" in results else pd.Series("", index=results.index)
-    mask = phase.isin(["grid", "widen", "ladder", "precision"]) | (phase.fillna("").eq("") & has_target(results))
-    return results[mask & (results.status != "skipped")].copy()
-
-
-def _records(df: pd.DataFrame) -> list[dict]:
-    return df.astype(object).where(df.notna(), None).to_dict("records")
-
-
-def best_runs(conv: pd.DataFrame) -> pd.DataFrame:
-    """The best tuning run of each (preset, optimizer, global batch, precision), with its grid's edge status."""
-    tune = conv[conv.phase.isin(tuning.TUNING)] if "phase" in conv else conv
-    out = []
-    for g in tuning.groups(_records(tune)).values():
-        b = dict(tuning.best(g))
-        b["edge"] = tuning.edge(g)
-        b["lrs_tried"] = len(g)
-        out.append(b)
-    return pd.DataFrame(out)
-
-
-def ladder(conv: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
-    """Every ok fp32 run of each finalist (its best learning rate), at every budget and seed: columns preset,
-    optimizer, global_batch, lr, max_tokens, seed, final_eval_loss."""
-    keys = ["preset", "optimizer", "global_batch", "lr"]
-    fin = best[(best.precision == "fp32") & (best.status == "ok")][keys]
-    runs = conv[(conv.precision == "fp32") & (conv.status == "ok")]
-    return runs.merge(fin, on=keys)[keys + ["max_tokens", "seed", "final_eval_loss", "config_id"]]
-
-
-def targets(lad: pd.DataFrame) -> dict[tuple, float]:
-    """(preset, batch) -> the target: AdamW's mean end-of-budget loss at the ladder's budget nearest
-    TARGET_FRACTION of the largest (without AdamW, the median over the optimizers of their means there)."""
-    out = {}
-    for (preset, batch), g in lad.groupby(["preset", "global_batch"]):
-        budgets = sorted(g.max_tokens.unique())
-        at = min(budgets, key=lambda b: abs(b - TARGET_FRACTION * budgets[-1]))
-        means = g[g.max_tokens == at].groupby("optimizer").final_eval_loss.mean()
-        out[(preset, batch)] = float(means["adamw"]) if "adamw" in means else float(means.median())
-    return out
 
 
 def target_source(lad: pd.DataFrame, preset: str, batch) -> str:
@@ -103,31 +53,6 @@ def targets_table(rows: pd.DataFrame) -> list[str]:
             "learning-rate schedule still running there, so this is not an end-of-budget comparison: for that, "
             "run `--matrix convergence` or `convergence-text`). Empty: not reached within the run.", "",
             md_table(t), ""]
-
-
-def finalist_stats(lad: pd.DataFrame, target: dict) -> pd.DataFrame:
-    """Per finalist: its end-of-budget loss at the largest budget and its tokens to target, each seed's and
-    their mean and standard deviation. ``tokens`` holds the interpolated crossings only; a finalist at or below
-    the target already at the smallest budget on every seed is ``bounded`` (its tokens are at most ``bound``)."""
-    rows = []
-    for (preset, opt, batch, lr), g in lad.groupby(["preset", "optimizer", "global_batch", "lr"]):
-        top = g.max_tokens.max()
-        end = g[g.max_tokens == top].sort_values("seed")
-        crossings = {}
-        for seed, s in g.groupby("seed"):
-            crossings[seed] = stats.tokens_to_target(list(s.max_tokens), list(s.final_eval_loss),
-                                                     target[(preset, batch)])
-        status = [c.status for c in crossings.values()]
-        rows.append({"preset": preset, "optimizer": opt, "global_batch": batch, "lr": lr, "budget": top,
-                     "budgets": sorted(g.max_tokens.unique()), "seeds": len(crossings),
-                     "seed_list": sorted(int(sd) for sd in crossings),
-                     "end_losses": list(end.final_eval_loss),
-                     "tokens": [c.tokens for c in crossings.values() if c.status == stats.REACHED],
-                     "by_seed": {int(sd): c.tokens for sd, c in crossings.items() if c.status == stats.REACHED},
-                     "statuses": sorted(set(status)), "bound": float(g.max_tokens.min()),
-                     "all_reached": status.count(stats.REACHED) == len(status),
-                     "bounded": status.count(stats.AT_FIRST) == len(status)})
-    return pd.DataFrame(rows)
 
 
 def _ranked_tokens(r) -> dict[int, float]:
@@ -358,11 +283,7 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
     if prec is not None:
         L.append("### Precision (each batch's winner in bf16, the largest budget, seed 0)")
         L.append(prec)
-    est = layout_estimates(results, fs)
-    if est is not None:
-        L.append("### Seconds to target per layout (estimate: the fastest finalist's mean tokens to target / tokens "
-                 "per step × the layout's p50 step)")
-        L.append(est)
+    L += layout_estimates(results, fs)
     from bench.report.plots import quality_plots
 
     for title, path in quality_plots(conv, lad, fs, target, sizes, plot_dir).items():
@@ -447,23 +368,60 @@ def precision_table(conv: pd.DataFrame, best: pd.DataFrame) -> str | None:
     return md_table(pd.DataFrame(rows)) if rows else None
 
 
-def layout_estimates(results: pd.DataFrame, fs: pd.DataFrame) -> str | None:
-    """Seconds to target with layout L = the fastest finalist's mean tokens to target / its tokens per step x L's
-    p50 step time, for throughput rows (phase layouts) of the same model, batch and sequence length."""
+def layout_estimates(results: pd.DataFrame, fs: pd.DataFrame) -> list[str]:
+    """Seconds to target per optimizer and layout: its finalist's mean tokens to target over the tokens/s its
+    throughput row measured on that layout (the update included), with the wall-clock speed-up over AdamW beside
+    the token speed-up; then the check, each finalist trained to its tokens to target under fsdp2 (phase
+    to-target): its measured training seconds against that estimate."""
     if "phase" not in results:
-        return None
-    thr = results[(results.status == "ok") & (results.phase == "layouts")]
-    done = fs[fs.all_reached]
+        return []
+    ok = results[results.status == "ok"]
+    thr, done = ok[ok.phase == "layouts"], fs[fs.all_reached]
     if thr.empty or done.empty:
-        return None
-    rows = []
-    for _, r in thr.iterrows():
-        g = done[(done.preset == r.preset) & (done.global_batch == r.global_batch)]
-        if g.empty:
-            continue
-        tokens = min(g.tokens.map(lambda t: stats.mean_std(t)[0]))
-        steps = tokens / (r.global_batch * r.seq_len)
-        rows.append({"batch": int(r.global_batch), "layout": layout_name(r), "config_id": r.config_id,
-                     "p50 ms": f"{r.step_time_ms_p50:.1f}",
-                     "est. seconds to target": f"{steps * r.step_time_ms_p50 / 1e3:.1f}"})
-    return md_table(pd.DataFrame(rows)) if rows else None
+        return []
+    thr = thr.assign(layout=thr.apply(layout_name, axis=1))
+    rate = {(r.preset, r.global_batch, r.optimizer, r.layout): r.tokens_per_s for r in thr.itertuples()}
+    tokens = {(r.preset, r.global_batch, r.optimizer): stats.mean_std(r.tokens)[0] for r in done.itertuples()}
+    layouts = sorted(thr.layout.unique(), key=lambda l: (l != "single", l))
+    L = ["### Seconds to target per layout", "",
+         "Each finalist's mean tokens to target over the tokens/s its own throughput row measured on the layout "
+         "(8 steps, the optimizer's update included); in brackets, AdamW's seconds over the optimizer's on that "
+         "layout: the token speed-up net of the step's cost. Empty: no throughput row (references made before "
+         "every finalist had them) or not reached on every seed.", ""]
+    for (preset, batch), g in done.groupby(["preset", "global_batch"]):
+        rows = []
+        for opt in sorted(g.optimizer, key=lambda o: (o != "adamw", o)):
+            row = {"optimizer": opt, "token speed-up": ""}
+            base = tokens.get((preset, batch, "adamw"))
+            if base is not None:
+                row["token speed-up"] = f"{base / tokens[preset, batch, opt]:.2f}x"
+            for lay in layouts:
+                tps = rate.get((preset, batch, opt, lay))
+                if tps is None:
+                    row[lay] = ""
+                    continue
+                sec = tokens[preset, batch, opt] / tps
+                ref = rate.get((preset, batch, "adamw", lay))
+                wall = f" ({base / ref / sec:.2f}x)" if base is not None and ref is not None else ""
+                row[lay] = f"{sec:.1f} s{wall}"
+            rows.append(row)
+        if any(row[lay] for row in rows for lay in layouts):
+            L += [f"{preset}, batch {int(batch)}:", md_table(pd.DataFrame(rows)), ""]
+    check = ok[ok.phase == "to-target"]
+    if not check.empty:
+        out = []
+        for _, r in check.iterrows():
+            tps = rate.get((r.preset, r.global_batch, r.optimizer, layout_name(r)))
+            predicted = r.tokens_seen / tps if tps else float("nan")
+            out.append({"optimizer": r.optimizer, "batch": int(r.global_batch), "layout": layout_name(r),
+                        "tokens": f"{int(r.tokens_seen):,}", "estimated s": fmt(predicted, ".1f"),
+                        "measured s": fmt(r.train_seconds, ".1f"),
+                        "error": fmt(predicted / r.train_seconds - 1, "+.0%")})
+        t = pd.DataFrame(out)
+        err = pd.to_numeric(t.error.str.rstrip("%"), errors="coerce").abs().dropna() / 100
+        within = (f"within 15% for {int((err <= 0.15).sum())} of the {len(err)} with an estimate, median error "
+                  f"{err.median():.0%}" if len(err) else "none has an fsdp2 throughput row to estimate from")
+        L += ["The estimate checked: each finalist trained for its mean tokens to target under fsdp2 (its own full "
+              "schedule, seed 0); its training seconds (the steps, evals excluded) against the estimate above "
+              f"(tokens over the fsdp2 row's tokens/s): {within}.", md_table(t), ""]
+    return L
