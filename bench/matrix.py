@@ -69,7 +69,10 @@ PEERS_SHAPE = {"cpu": dict(preset="mini", seq_len=256, global_batch=8, optimizer
 #            with evals every EVAL_EVERY_TOKENS (also the old method's first crossing, for comparison)
 #   widen    one more learning rate beyond a grid's edge where the best (lowest end-of-budget eval loss) sits
 #   ladder   the best learning rate of each optimizer and batch (a finalist) at every budget and seed
-#   precision, layouts   the winners in bf16, and their shape's step time per layout
+#   precision    each batch's winner in bf16
+#   layouts      every finalist's shape timed for 24 steps on single, ddp2, fsdp2 and tp2 (seconds to target)
+#   to-target    each finalist that reached the target on every seed, trained under fsdp2 for its mean tokens
+#                to target: the check of the seconds the report estimates from the layouts rows
 # The target loss is chosen in the report from these rows (AdamW's mean end-of-budget loss at half the
 # budget), so runs never stop early. Sized so that `convergence` finished in about 20 minutes on a 2-core CPU with
 # six optimizers; each optimizer added costs about a sixth more.

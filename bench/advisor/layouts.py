@@ -73,16 +73,16 @@ def update_profile(cfg: TrainConfig):
     """The counted step of ``cfg``'s optimizer on plain or sharded tensors as its layout has them
     (``bench.advisor.update``; counted once, cached). An optimizer whose step cannot be counted cannot be
     priced: an AdviseError names why, rather than a table that leaves its update out."""
-    from bench.advisor.update import profiles
+    from bench.advisor.update import profiles, sharded
 
-    sharded = (cfg.dp > 1 and cfg.dp_mode == "fsdp") or cfg.tp > 1
+    on_shards = sharded(cfg)
     try:
-        p = profiles(cfg.model_config, cfg.optimizer_impl, sharded, [cfg.optimizer])[cfg.optimizer]
+        p = profiles(cfg.model_config, cfg.optimizer_impl, on_shards, [cfg.optimizer])[cfg.optimizer]
     except RuntimeError as e:
         raise AdviseError(f"--optimizer {cfg.optimizer}: {e}") from None
     if isinstance(p, str):
         raise AdviseError(f"--optimizer {cfg.optimizer}: its step could not be run on a stand-in of the model "
-                          f"({'sharded' if sharded else 'plain'} tensors: {p}), so its update cannot be priced; "
+                          f"({'sharded' if on_shards else 'plain'} tensors: {p}), so its update cannot be priced; "
                           f"fix its build, or advise another optimizer")
     return p
 

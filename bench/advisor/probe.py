@@ -71,7 +71,8 @@ def memory_band() -> tuple[float, float, int]:
 def calibrate(device: str, rows=None) -> dict:
     """precision -> (achievable fraction of the peak, framework seconds per micro-batch, source), fitted on
     the single-process llmopt rows measured on ``device`` in the committed references (or ``rows``): step time
-    = executed FLOPs / (peak x fraction) + micro-batches x overhead, by least squares. Where the rows cannot
+    less the measured update (``optimizer_ms_p50``, priced on its own: ``costmodel.update_seconds``) = executed
+    FLOPs / (peak x fraction) + micro-batches x overhead, by least squares. Where the rows cannot
     separate the two terms (one shape, no accumulation), the overhead is 0 and the fraction the median MFU;
     where there are no rows, the ACHIEVABLE assumption."""
     import numpy as np
@@ -91,13 +92,19 @@ def calibrate(device: str, rows=None) -> dict:
         for _, r in group.iterrows():
             c = row_config(r)
             x.append([executed_flops(c) / r.peak_flops, c.grad_accum])  # seconds at the peak, micro-batches
-            y.append(c.tokens_per_step / r.tokens_per_s)                 # measured step seconds
+            y.append(c.tokens_per_step / r.tokens_per_s - _measured_update(r))  # the step without its update
         x, y = np.array(x), np.array(y)
         (a, b), *_ = np.linalg.lstsq(x, y, rcond=None)
         if np.linalg.matrix_rank(x) < 2 or a <= 0 or b < 0:
             a, b = float(np.median(y / x[:, 0])), 0.0
         out[prec] = (1 / float(a), float(b), f"fitted on {len(group)} measured single-process rows")
     return out
+
+
+def _measured_update(r) -> float:
+    """A row's measured update in seconds (0 where its sweep predates ``optimizer_ms_p50``)."""
+    ms = r.get("optimizer_ms_p50")
+    return float(ms) / 1e3 if ms is not None and ms == ms else 0.0
 
 
 def update_features(cfg, profile, link: Link, call_overhead: float) -> tuple[list[float], float]:
@@ -126,13 +133,13 @@ def calibrate_update(rows, link: Link, call_overhead: float, source: str) -> dic
     import numpy as np
     from scipy.optimize import nnls
 
-    from bench.advisor.update import profiles
+    from bench.advisor.update import profiles, sharded
 
     rows = rows[rows.optimizer_ms_p50.notna() & (rows.optimizer_ms_p50 > 0)]
     x, y = [], []
     for _, r in rows.iterrows():
         cfg = row_config(r)
-        profile = profiles(cfg.model_config, cfg.optimizer_impl, _sharded(cfg), [cfg.optimizer])[cfg.optimizer]
+        profile = profiles(cfg.model_config, cfg.optimizer_impl, sharded(cfg), [cfg.optimizer])[cfg.optimizer]
         if isinstance(profile, str):
             continue
         features, comm = update_features(cfg, profile, link, call_overhead)
@@ -147,10 +154,6 @@ def calibrate_update(rows, link: Link, call_overhead: float, source: str) -> dic
         out[k] = 1 / out[k] if out[k] > 0 else (float("inf") if k == "memory_bandwidth" else 0.0)
     out["source"] = f"fitted on {len(x)} rows of {source}"
     return out
-
-
-def _sharded(cfg) -> bool:
-    return (cfg.dp > 1 and cfg.dp_mode == "fsdp") or cfg.tp > 1
 
 
 UPDATE_FIT = "update-fit.json"  # in UPDATE_REFERENCE: the fitted constants and the link they were fitted with
@@ -358,25 +361,35 @@ def _native_cpu_rows(path: Path) -> "pd.DataFrame":
     return rows
 
 
-def _row_prediction(r, cal: dict, link: Link, overhead: float):
+def _row_prediction(r, cal: dict, link: Link, overhead: float, update: dict | None = None):
+    """(config, StepPrediction) of a CPU row, with its own measured peak; ``update``: the update's constants
+    (``cpu_update_constants``) to price it with its counted step, else its FLOPs and collectives alone."""
+    from bench.advisor.update import profiles, sharded
+
     cfg = row_config(r)
     hw = Hardware("cpu", {cfg.precision: r.peak_flops}, memory_bytes=float("inf"), devices_per_node=os.cpu_count() or 1,
-                  nodes=1, intra=link, inter=link, shared=True, call_overhead=overhead, **_hw_calibration(cal))
-    return cfg, predict_step(cfg, hw)
+                  nodes=1, intra=link, inter=link, shared=True, call_overhead=overhead, **_hw_calibration(cal),
+                  **update_kw(update or {}, {}))
+    profile = None
+    if update and "op_overhead" in update:
+        counted = profiles(cfg.model_config, cfg.optimizer_impl, sharded(cfg), [cfg.optimizer])[cfg.optimizer]
+        profile = None if isinstance(counted, str) else counted
+    return cfg, predict_step(cfg, hw, profile)
 
 
 def calibrate_call_overhead(rows, cal: dict, link: Link) -> float:
-    """Seconds per collective call that the compute and wire model leave unexplained: the median over the
-    multi-rank rows of (measured step - predicted step) / calls, at least 0."""
-    from bench.advisor.costmodel import comm_bytes, optimizer_comm
+    """Seconds per collective call of the forward and backward that the compute and wire model leave
+    unexplained: the median over the multi-rank rows of (measured step - measured update - predicted step
+    without its update) / calls, at least 0 (the update is priced on its own)."""
+    from bench.advisor.costmodel import comm_bytes
 
     per_call = []
     for _, r in rows.iterrows():
         cfg, p = _row_prediction(r, cal, link, 0.0)
-        calls = sum(c[-1] for c in comm_bytes(cfg) + optimizer_comm(cfg))
+        calls = sum(c[-1] for c in comm_bytes(cfg))
         if calls:
-            measured = cfg.tokens_per_step / r.tokens_per_s
-            per_call.append((measured - p.step_s) / calls)
+            measured = cfg.tokens_per_step / r.tokens_per_s - _measured_update(r)
+            per_call.append((measured - (p.step_s - p.update_s)) / calls)
     per_call.sort()
     return max(0.0, per_call[len(per_call) // 2]) if per_call else 0.0
 
@@ -396,7 +409,9 @@ def check_reference(ref_dir: str, link: Link | None = None) -> tuple["pd.DataFra
     """Predicted against measured tokens/s for every ok native llmopt row of a committed CPU sweep: the
     per-row table and {spearman, median_abs_error, rows, ...}. Each row is predicted with its own sweep's
     measured peak for its dtype, the achievable fraction of the sweep's single-process rows, the link probed
-    on this machine (or ``link``) and the per-call overhead fitted on another sweep."""
+    on this machine (or ``link``), the per-call overhead fitted on another sweep, and its update priced from
+    its counted step at the committed update fit (``cpu_update_constants``, fitted on cpu-optimizers: that
+    sweep's own check is in-sample for the update)."""
     import pandas as pd
 
     path = Path(ref_dir)
@@ -406,8 +421,9 @@ def check_reference(ref_dir: str, link: Link | None = None) -> tuple["pd.DataFra
         link = allreduce_probe()
     overhead, source = cpu_call_overhead(link, exclude=path.resolve().name)
     out = []
+    update = cpu_update_constants()
     for _, r in rows.iterrows():
-        _, p = _row_prediction(r, cal, link, overhead)
+        _, p = _row_prediction(r, cal, link, overhead, update)
         out.append({"config_id": r.config_id, "measured_tokens_per_s": r.tokens_per_s,
                     "pred_tokens_per_s": p.tokens_per_s, "bottleneck": p.bottleneck})
     t = pd.DataFrame(out)
@@ -446,7 +462,7 @@ def predicted_update_ms(rows, log=print) -> dict[str, float]:
     import pandas as pd
 
     from bench.advisor.costmodel import optimizer_comm, update_seconds
-    from bench.advisor.update import profiles
+    from bench.advisor.update import profiles, sharded
 
     NO_LINK = Link(1.0, 0.0, "none: no row's update has collectives")
     rows = rows[(rows.status == "ok") & pd.to_numeric(rows.optimizer_ms_p50, errors="coerce").notna()]
@@ -454,16 +470,20 @@ def predicted_update_ms(rows, log=print) -> dict[str, float]:
     if not configs:
         return {}
     link = cached_link() if any(optimizer_comm(c) for c in configs.values()) else None
+    wanted: dict[tuple, set] = {}  # what is not cached yet is counted in one subprocess per group, not per row
+    for cfg in configs.values():
+        wanted.setdefault((cfg.model_config, cfg.optimizer_impl, sharded(cfg)), set()).add(cfg.optimizer)
+    try:
+        for (model, impl, on_shards), names in wanted.items():
+            profiles(model, impl, on_shards, sorted(names), log)
+    except (RuntimeError, OSError, ValueError) as e:  # the counting subprocess failed or timed out
+        log(f"optimizer_ms not predicted: {e}")
+        return {}
     cpu_kw: dict | None = None
     out = {}
     for _, r in rows.iterrows():
         cfg = configs[r.config_id]
-        sharded = (cfg.dp > 1 and cfg.dp_mode == "fsdp") or cfg.tp > 1
-        try:
-            profile = profiles(cfg.model_config, cfg.optimizer_impl, sharded, [cfg.optimizer], log)[cfg.optimizer]
-        except (RuntimeError, OSError, ValueError) as e:  # the counting subprocess failed or timed out
-            log(f"optimizer_ms not predicted: {e}")
-            return out
+        profile = profiles(cfg.model_config, cfg.optimizer_impl, sharded(cfg), [cfg.optimizer])[cfg.optimizer]
         if isinstance(profile, str):
             log(f"optimizer_ms of {r.config_id} not predicted: {cfg.optimizer}'s step could not be counted "
                 f"({profile})")

@@ -59,6 +59,11 @@ class UpdateProfile:
     dtensor_bytes: float       # the same for DTensor operations, of the whole tensor (a rank moves its shard's)
 
 
+def sharded(cfg) -> bool:
+    """Whether ``cfg``'s parameters are DTensor shards (FSDP2 or TP): which profile prices its update."""
+    return (cfg.dp > 1 and cfg.dp_mode == "fsdp") or cfg.tp > 1
+
+
 def stand_in(model: GPTConfig) -> GPTConfig:
     """The model the counting runs: the same layers and heads, width and vocabulary capped."""
     width = min(model.n_embd, max(MAX_WIDTH // model.n_head, 1) * model.n_head)
@@ -130,19 +135,17 @@ def _count(model: GPTConfig, impl: str, sharded: bool, names: list[str]) -> dict
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._python_dispatch import TorchDispatchMode  # where torch keeps dispatch modes (no public alias)
 
     from llmopt.model import GPT
     from llmopt.optim import build_optimizer
 
-    def nbytes(x, local: bool = False) -> int:
-        if isinstance(x, DTensor):
-            x = x._local_tensor if local else x
-            return x.numel() * x.element_size()
+    def nbytes(x) -> int:
+        """Bytes of a tensor (a DTensor's whole tensor: on the one-rank mesh, its shard) or of a list of them."""
         if isinstance(x, torch.Tensor):
             return x.numel() * x.element_size()
         if isinstance(x, (list, tuple)):
-            return sum(nbytes(y, local) for y in x)
+            return sum(nbytes(y) for y in x)
         return 0
 
     def dtensors(x) -> int:
@@ -171,6 +174,9 @@ def _count(model: GPTConfig, impl: str, sharded: bool, names: list[str]) -> dict
             else:
                 self.plain_ops += 1
             if name not in MATMUL_OPS and name not in NO_BYTES_OPS:
+                # the arguments an operation writes in place, from its schema's alias annotations (Tensor(a!)):
+                # OpOverload has no public accessor for them; tests/test_costmodel_update.py fails (AdamW's
+                # bytes) if this stops finding them
                 written = sum(nbytes(a) for a, arg in zip(args, func._schema.arguments)
                               if arg.alias_info is not None and arg.alias_info.is_write)
                 moved = nbytes(inputs) + written + (0 if name.endswith("_") else nbytes(out))

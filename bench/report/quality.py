@@ -385,9 +385,9 @@ def layout_estimates(results: pd.DataFrame, fs: pd.DataFrame) -> list[str]:
     layouts = sorted(thr.layout.unique(), key=lambda l: (l != "single", l))
     L = ["### Seconds to target per layout", "",
          "Each finalist's mean tokens to target over the tokens/s its own throughput row measured on the layout "
-         "(8 steps, the optimizer's update included); in brackets, AdamW's seconds over the optimizer's on that "
-         "layout: the token speed-up net of the step's cost. Empty: no throughput row (references made before "
-         "every finalist had them) or not reached on every seed.", ""]
+         f"({int(thr.steps_run.median())} steps, the optimizer's update included); in brackets, AdamW's seconds "
+         "over the optimizer's on that layout: the token speed-up net of the step's cost. Empty: no throughput "
+         "row (references made before every finalist had them) or not reached on every seed.", ""]
     for (preset, batch), g in done.groupby(["preset", "global_batch"]):
         rows = []
         for opt in sorted(g.optimizer, key=lambda o: (o != "adamw", o)):
