@@ -443,7 +443,9 @@ def fill_predicted_updates(files, log=print) -> None:
     ``optimizer_ms_p50``, written into a sweep's results.csv (``bench.results.ResultFiles``)."""
     import pandas as pd
 
-    rows = pd.read_csv(files.results_path)
+    from bench.report import load_all
+
+    rows = load_all(os.path.dirname(files.results_path))[0]  # as the report reads it: a bad line left out
     if rows.empty or "optimizer_ms_p50" not in rows:
         return
     predicted = predicted_update_ms(rows, log)

@@ -81,8 +81,11 @@ def cache_key(model: GPTConfig, impl: str, sharded: bool) -> str:
     except md.PackageNotFoundError:
         torch_version = "?"
     s = stand_in(model)
+    # optimizer files by path and modification time: an edited file is counted again
+    files = [f"{p}@{os.path.getmtime(p) if os.path.isfile(p) else 0:.0f}"
+             for p in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if p]
     return (f"v{PROFILE_VERSION}|torch {torch_version}|L{s.n_layer} H{s.n_head} C{s.n_embd} V{s.vocab_size} "
-            f"T{s.block_size}|{impl}|{'sharded' if sharded else 'plain'}|{os.environ.get(PLUGINS_ENV, '')}")
+            f"T{s.block_size}|{impl}|{'sharded' if sharded else 'plain'}|{os.pathsep.join(files)}")
 
 
 def _cache_path() -> str:
@@ -100,24 +103,33 @@ def profiles(model: GPTConfig, impl: str, sharded: bool, names=None, log=None) -
 
     names = list(all_names() if names is None else names)
     key, path = cache_key(model, impl, sharded), _cache_path()
-    missing = [n for n in names if n not in _read_cache(path).get(key, {})]
+    missing = [n for n in names if n not in _cached(path, key)]
     if missing:
         if log is not None:
             log(f"counting the steps of {', '.join(missing)} ({'sharded' if sharded else 'plain'} tensors); "
                 f"cached in {path}")
         spec = json.dumps({"model": asdict(stand_in(model)), "impl": impl, "sharded": sharded, "names": missing})
-        done = subprocess.run([sys.executable, "-m", "bench.advisor.update", spec], capture_output=True, text=True,
-                              timeout=600)
+        try:
+            done = subprocess.run([sys.executable, "-m", "bench.advisor.update", spec], capture_output=True,
+                                  text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError("counting the optimizers' steps took over 10 minutes; not priced") from None
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise RuntimeError(f"counting the optimizers' steps failed: {tail}")
         cache = _read_cache(path)  # another sweep may have added its own meanwhile
-        cache.setdefault(key, {}).update(json.loads(done.stdout.strip().splitlines()[-1]))
+        cache[key] = {**_cached(path, key), **json.loads(done.stdout.strip().splitlines()[-1])}
         makedirs(os.path.dirname(path))
         replace_text(path, json.dumps(cache, indent=1, sort_keys=True))
-    counted = _read_cache(path).get(key, {})
+    counted = _cached(path, key)
     return {n: (UpdateProfile(**counted[n]) if isinstance(counted.get(n), dict) else str(counted.get(n)))
             for n in names}
+
+
+def _cached(path: str, key: str) -> dict:
+    """The cache's profiles under ``key`` (an entry that is not a table counts as none)."""
+    entry = _read_cache(path).get(key)
+    return entry if isinstance(entry, dict) else {}
 
 
 def _read_cache(path: str) -> dict:
