@@ -249,9 +249,10 @@ def to_target_runs(rows: list[dict], phases: dict, by_id: dict) -> list[TrainCon
     import pandas as pd
 
     frame = pd.DataFrame([dict(r, phase=phases.get(r["config_id"], r.get("phase"))) for r in rows])
-    for col in frame.columns:  # resumed rows come back as text
+    for col in frame.columns:  # resumed rows come back as text: a column whose every value is a number is one
         numeric = pd.to_numeric(frame[col], errors="coerce")
-        if numeric.notna().sum() == frame[col].replace("", None).notna().sum():
+        present = frame[col].notna() & (frame[col] != "")
+        if numeric.notna().sum() == present.sum():
             frame[col] = numeric
     conv = convergence_rows(frame)
     best_rows = best_runs(conv)
@@ -273,7 +274,7 @@ def to_target_runs(rows: list[dict], phases: dict, by_id: dict) -> list[TrainCon
 
 
 # Steps of a throughput row: its first 8 steps run 8-15% slower than the steps after 20 (allocator, caches; the
-# fsdp2 to-target runs of cpu-convergence-layouts), so 8-step rows overstated seconds to target by 10-20%
+# fsdp2 to-target runs of cpu-convergence-b8), so 8-step rows overstated seconds to target by up to 20%
 LAYOUT_STEPS = 24
 # The layouts seconds to target are stated for (issue 38: single, ddp2, fsdp2, tp2), and the one it is checked on
 THROUGHPUT_LAYOUTS = tuple(layout for layout in BASE_LAYOUTS if not layout.get("pp"))
