@@ -143,8 +143,7 @@ def _target(a, base: dict):
         if a.speedup_batch is not None:
             raise AdviseError("--speedup-batch reads a batch of --speedup-from DIR: give that too")
         return tokens, None
-    import pandas as pd
-
+    from bench.report import load_all
     from bench.report.quality import token_speedup
 
     path = Path(a.speedup_from) / "results.csv"
@@ -155,7 +154,8 @@ def _target(a, base: dict):
         raise AdviseError("--speedup-from with --optimizer adamw: the speed-up is over AdamW's tokens; name the "
                           "optimizer to compare (e.g. --optimizer muon), or drop --speedup-from")
     try:
-        sp = token_speedup(pd.read_csv(path), a.optimizer, a.speedup_batch)
+        # read as the report reads a sweep: a line no run could have written is left out, not taken as a figure
+        sp = token_speedup(load_all(a.speedup_from)[0], a.optimizer, a.speedup_batch)
     except (ValueError, KeyError) as e:
         raise AdviseError(f"--speedup-from {a.speedup_from}: {e}") from None
     return tokens / sp.speedup, sp

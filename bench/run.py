@@ -21,7 +21,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench.advisor.probe import fill_predicted_updates
 from bench.executors import EXECUTORS, MAX_REQUEUES, PENDING_TIMEOUT_S, ExecutorError, Outcome, Pool, signals_held
 from bench.hardware import environment, peak_seconds, row_peak
 from bench.matrix import NAMED, MatrixError, check_slurm_options, expand, parse_filter, rank_budget
@@ -388,6 +387,8 @@ def _run_sweep(s: Sweep) -> int:
     finally:
         _note_concurrency(out, pool)  # again: on SLURM, how many configs were seen at once on one node
     # the predicted updates count the optimizers' steps in a subprocess: after the last timed config, not beside one
+    from bench.advisor.probe import fill_predicted_updates
+
     fill_predicted_updates(files, log=lambda m: print(f"bench: {m}", flush=True))
     env = read_env(out)
     env["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

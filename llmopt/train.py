@@ -210,7 +210,7 @@ def _refuse_a_checkpoint_as_init(cfg: TrainConfig) -> None:
     fails with its own words."""
     from llmopt import dcp
 
-    init = cfg.init[3:] if cfg.init and cfg.init.startswith("hf:") else None
+    init = init_path(cfg.init) if cfg.init and cfg.init.startswith("hf:") else None
     if init and os.path.isdir(init) and (os.path.isfile(os.path.join(init, dcp.STATE_FILE)) or dcp.complete(init)):
         raise ValueError(f"--init {cfg.init}: a training checkpoint, not a saved model; start from its model with "
                          f"--init ckpt:{init}, or continue its run with --resume-from {init}")

@@ -446,7 +446,7 @@ def fill_predicted_updates(files, log=print) -> None:
     from bench.report import load_all
 
     rows = load_all(os.path.dirname(files.results_path))[0]  # as the report reads it: a bad line left out
-    if rows.empty or "optimizer_ms_p50" not in rows:
+    if rows.empty:
         return
     predicted = predicted_update_ms(rows, log)
     measured = dict(zip(rows.config_id, pd.to_numeric(rows.optimizer_ms_p50, errors="coerce")))

@@ -147,20 +147,14 @@ def optimizer_section(ok: pd.DataFrame) -> list[str]:
     return L + update_prediction(d, layouts, order) + [""]
 
 
-def _column(d: pd.DataFrame, name: str) -> pd.Series:
-    """A column that references written before it existed lack: empty there."""
-    return pd.to_numeric(d[name], errors="coerce") if name in d else pd.Series(float("nan"), index=d.index)
-
-
 def update_prediction(d: pd.DataFrame, layouts: list[str], order: list[str]) -> list[str]:
     """The cost model's update time beside the measured one, per optimizer and layout, and its median absolute
     error over the rows (``predicted_optimizer_ms``: ``bench.advisor.update``)."""
-    err = _column(d, "optimizer_ms_prediction_error")
+    err = d.optimizer_ms_prediction_error  # empty in references made before it existed
     if err.isna().all():
         return []
-    d = d.assign(pred=_column(d, "predicted_optimizer_ms"), err=err)
-    g = d.groupby(["optimizer", "layout"]).agg(ms=("optimizer_ms_p50", "median"), pred=("pred", "median"),
-                                                err=("err", "median"))
+    g = d.groupby(["optimizer", "layout"]).agg(pred=("predicted_optimizer_ms", "median"),
+                                                err=("optimizer_ms_prediction_error", "median"))
     cell = {k: r for k, r in zip(g.index, g.itertuples())}
     rows = [{"optimizer": o, **{l: (f"{cell[o, l].pred:.2f} ms ({cell[o, l].err:+.0%})"
                                     if (o, l) in cell and pd.notna(cell[o, l].pred) else "") for l in layouts}}
@@ -191,8 +185,8 @@ def summary_sections(ok: pd.DataFrame, env: dict, memory_budget_mib: float | Non
         "pred MiB": (ok.predicted_memory_bytes / MIB).map(lambda v: fmt(v, ".1f")),
         "pred err": ok.memory_prediction_error.map(lambda v: fmt(v, "+.1%")),
         "update ms": ok.optimizer_ms_p50.map(lambda v: fmt(v, ".2f")),
-        "pred update ms": _column(ok, "predicted_optimizer_ms").map(lambda v: fmt(v, ".2f")),
-        "update err": _column(ok, "optimizer_ms_prediction_error").map(lambda v: fmt(v, "+.0%")),
+        "pred update ms": ok.predicted_optimizer_ms.map(lambda v: fmt(v, ".2f")),
+        "update err": ok.optimizer_ms_prediction_error.map(lambda v: fmt(v, "+.0%")),
         "MFU": ok.mfu.map(lambda v: fmt(v, ".2%")),
         "final loss": ok.final_loss.map(lambda v: fmt(v, ".4f")),
         "parity |Δ|max": ok.loss_parity_max_abs.map(lambda v: fmt(v, ".1e")),

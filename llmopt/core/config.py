@@ -220,7 +220,7 @@ def checkpoint_config(init: str) -> GPTConfig:
     from llmopt.checkpoint import check_weights
     from llmopt.model import config_from_hf
 
-    name = init[3:]
+    name = init_path(init)
     hf = hub.load(AutoConfig.from_pretrained, name, f"--init {init}")
     if getattr(hf, "model_type", None) != "gpt2":
         raise ValueError(f"--init {init}: a {getattr(hf, 'model_type', '?')} checkpoint; llmopt trains GPT-2 models")
