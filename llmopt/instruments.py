@@ -152,9 +152,10 @@ def _step_tracker():
 
         def _track_optimizer_states(self, reftype, optimizer):
             """Every tensor of the state, nested ones too: MemTracker reads only a state's top-level tensors,
-            and SOAP keeps its preconditioners in lists (unseen, they were missing from the forward's peak)."""
+            and SOAP keeps its preconditioners in lists (unseen, they were missing from the forward's peak);
+            a state that is a mapping but not a dict (``llmopt.optim.ShardState``) read as a dict."""
             for states in optimizer.state.values():
-                for val in tree_flatten(states)[0]:
+                for val in tree_flatten(dict(states))[0]:
                     if isinstance(val, torch.Tensor):
                         self._update_and_maybe_create_winfos(val, reftype)
 

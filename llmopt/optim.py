@@ -1,6 +1,6 @@
 """What the optimizers of ``llmopt.optimizers`` are built from: ``build_optimizer`` (the spec's builder), the
 parameter groups and kernel choice they share, LAMB (You et al. 2019: torch has none), Muon beside AdamW, the
-wrappers that give a whole-tensor optimizer DTensor shards (``ShardedMuon``, ``WholeTensors``), the
+optimizers for DTensor shards (``OnShards``, ``ShardedMuon``, ``ShardedAdafactor``, ``WholeTensors``), the
 weights a schedule-free optimizer evaluates (``eval_weights``), and the learning-rate schedule (linear
 warm-up, then constant, cosine or linear decay, or wsd) as torch's ``LambdaLR``.
 
@@ -23,23 +23,29 @@ Adafactor (Shazeer & Stern 2018) is torch's, with torch's defaults (``beta2_deca
 ``d`` 1.0): factored second moments (a row and a column statistic per matrix), no first moment, and a step
 relative to the parameter's RMS, ``--lr`` capping it (torch's ``lr``, 1e-2 by default).
 
-Sharded parameters (FSDP2, TP: DTensors). Neither torch optimizer computes the whole tensor's update on shards
+Sharded parameters (FSDP2, TP: DTensors). An elementwise optimizer's update of a shard is the shard of its
+update, but stepped on the DTensors themselves every operator of every tensor pays DTensor's dispatch (AdamW's
+update was 3-4x its single-process one under FSDP2 on 2 CPU ranks): ``OnShards`` steps torch's (or a
+package's) optimizer on the local shards as plain tensors, fused kernels included, and shows its state as
+DTensors. LAMB (llmopt's own) does its arithmetic on the shards too and reduces every tensor's norms together
+(``whole_norms``). Neither torch's Muon nor its Adafactor computes the whole tensor's update on shards
 (torch 2.13): Muon runs, but its Newton-Schulz then runs as DTensor matmuls whose bf16 partial products are
 reduced across ranks, and the update drifted 4e-3 from the whole matrix's within two steps at lr 0.1 (2 gloo
-ranks); Adafactor raises (an in-place ``pow_`` on a partial norm). So both are wrapped, not forked:
-``ShardedMuon`` keeps the momentum sharded, gathers each matrix's Nesterov momentum (``full_tensor``), has
-torch's Muon orthogonalise the whole matrix and keeps this rank's shard of the update; ``WholeTensors``
-gathers each tensor and its gradient, steps torch's Adafactor on the whole tensor (its factored statistics are
-then the whole tensor's: a row and a column vector, kept on every rank) and keeps this rank's shard; it takes
-any optimizer class (SOAP's preconditioners are whole-matrix too). The gathers go in buckets
-(``size_buckets``, ``gather_wholes``: one all-gather per bucket and mesh dimension, not one per tensor), so the
-transient memory stays a small multiple of the largest tensor's. On a 1-D mesh ShardedMuon splits the
-Newton-Schulz work across the ranks (``ShardedMuon._updates``, as Moonlight's distributed Muon); elsewhere, and
-for Adafactor and SOAP, every rank does the whole work.
+ranks); Adafactor raises (an in-place ``pow_`` on a partial norm). So Muon is wrapped, not forked:
+``ShardedMuon`` keeps the momentum sharded, gathers each matrix's Nesterov momentum, has torch's Muon
+orthogonalise the whole matrix and keeps this rank's shard of the update; on a 1-D mesh it splits the
+Newton-Schulz work across the ranks (``ShardedMuon._updates``, as Moonlight's distributed Muon). Adafactor on
+a 1-D mesh is computed from the shards (``ShardedAdafactor``: its row and column sums summed over the ranks,
+two all-reduces per step); elsewhere ``WholeTensors`` gathers each tensor and its gradient, steps torch's
+optimizer on the whole tensor (Adafactor's statistics, SOAP's preconditioners) and keeps this rank's shard.
+The gathers go in buckets (``size_buckets``, ``gather_wholes``: one all-gather per bucket and mesh dimension,
+not one per tensor), so the transient memory stays a small multiple of the largest tensor's.
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
+import functools
 import math
 
 import torch
@@ -59,17 +65,17 @@ def local_sq_norm(t: torch.Tensor) -> torch.Tensor:
 
 def whole_norms(parts: list[tuple[DTensor, torch.Tensor]]) -> list[torch.Tensor]:
     """The whole tensors' 2-norms, given for each a DTensor laid out as it is (mesh, placements) and this rank's
-    sum of squares of its shard (``local_sq_norm``): the sums of the tensors with one mesh and one set of
-    placements are reduced over their sharded mesh dimensions in one collective (a 0-dim ``full_tensor`` per
-    tensor was one collective per tensor: LAMB's two norms per parameter made it the slowest optimizer under
-    sharded layouts)."""
+    sum of squares of its shard (``local_sq_norm``): the sums of the tensors sharded over the same mesh
+    dimensions (whichever tensor dimension each splits) are reduced over them in one collective (a 0-dim
+    ``full_tensor`` per tensor was one collective per tensor: LAMB's two norms per parameter made it the
+    slowest optimizer under sharded layouts)."""
     norms = [sq for _, sq in parts]
     groups: dict[tuple, list[int]] = {}
-    for i, (like, _) in enumerate(parts):
-        groups.setdefault((like.device_mesh, tuple(like.placements)), []).append(i)
-    for (mesh, placements), idx in groups.items():
+    for i, (like, _) in enumerate(parts):  # tensors summed over the same mesh dimensions share a collective
+        summed = tuple(Replicate() if p.is_replicate() else Partial("sum") for p in like.placements)
+        groups.setdefault((like.device_mesh, summed), []).append(i)
+    for (mesh, summed), idx in groups.items():
         local = torch.stack([norms[i] for i in idx])
-        summed = [Replicate() if p.is_replicate() else Partial("sum") for p in placements]
         whole = DTensor.from_local(local, mesh, summed, run_check=False).full_tensor().sqrt()
         for j, i in enumerate(idx):
             norms[i] = whole[j]
@@ -87,10 +93,12 @@ class Lamb(torch.optim.Optimizer):
         w <- w - lr*ratio*r
 
     The norms are over the whole tensor. A plain tensor is updated in one pass. DTensor parameters (TP or
-    FSDP shards) take two: the first updates the moments and computes the local parts of every ||w|| and
-    ||r||, reduced over the mesh together (``whole_norms``); the second recomputes r (the same operations on
-    the same values, so the same r: holding every r would cost a copy of the parameters) and updates the
-    local shard with the whole tensor's trust ratio.
+    FSDP shards) take two, on the local shards as plain tensors (DTensor's per-operator cost was most of the
+    sharded step): the first updates the moments, computes each r and the local parts of every ||w|| and
+    ||r||, reduced over the mesh together (``whole_norms``); the second updates each shard with the whole
+    tensor's trust ratio. Every r is held between the passes: a transient copy of the rank's parameters
+    (``llmopt.optimizers.lamb``), which recomputing r instead made a second pass of the moments' arithmetic
+    (2.4x the single-process update under FSDP2).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
@@ -104,9 +112,9 @@ class Lamb(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        sharded, parts = [], []  # every group's norms in one reduction: a collective costs its latency
         for group in self.param_groups:
             b1, b2 = group["betas"]
-            lr, sharded, parts = group["lr"], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -116,21 +124,25 @@ class Lamb(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)  # on DTensors: the gradient in the moments' placements
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                if isinstance(p, DTensor):  # the moments are laid out as p: the rest is elementwise on shards
-                    sharded.append(p)
+                grad = p.grad
+                if isinstance(grad, DTensor) and grad.placements != p.placements:
+                    grad = grad.redistribute(p.device_mesh, p.placements)
+                # on the shards: the moments are laid out as p, and DTensor's per-operator cost was most of the step
+                m, v, grad = _local(state["exp_avg"]), _local(state["exp_avg_sq"]), _local(grad)
+                m.mul_(b1).add_(grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                if isinstance(p, DTensor):  # the rest is elementwise on shards but for the norms
                     r = _direction(p.to_local(), state, group)
+                    sharded.append((p, r, group["lr"]))
                     parts += [(p, local_sq_norm(p.to_local())), (p, local_sq_norm(r))]
                 else:
                     r = _direction(p, state, group)
                     ratio = _trust_ratio(torch.linalg.vector_norm(p), torch.linalg.vector_norm(r))
-                    p.sub_(r * (lr * ratio))
-            norms = whole_norms(parts)
-            for j, p in enumerate(sharded):
-                ratio = _trust_ratio(norms[2 * j], norms[2 * j + 1])
-                p.to_local().sub_(_direction(p.to_local(), self.state[p], group) * (lr * ratio))
+                    p.sub_(r * (group["lr"] * ratio))
+        norms = whole_norms(parts)
+        for j, (p, r, lr) in enumerate(sharded):
+            ratio = _trust_ratio(norms[2 * j], norms[2 * j + 1])
+            p.to_local().sub_(r.mul_(lr * ratio))
         return loss
 
 
@@ -166,17 +178,13 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and n.endswith(HIDDEN_MATRICES)]
 
 
-def impl_kwargs(impl: str, params: list, fused_ok: bool) -> dict:
-    """torch's keyword for --optimizer-impl on ``params`` (tensors, or parameter groups): auto takes the fused
-    kernels for plain tensors on CPU/CUDA, foreach where DTensors are involved or fused is ruled out."""
-    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+def impl_kwargs(impl: str, fused_ok: bool) -> dict:
+    """torch's keyword for --optimizer-impl: auto takes the fused kernels unless the step's loss scaler rules
+    them out (``fused_ok``). Sharded parameters step their local shards as plain tensors (``OnShards``), so
+    the fused kernels apply to them too."""
     if impl == "for-loop":
         return {"foreach": False}
-    if impl == "foreach":
-        return {"foreach": True}
-    if impl == "fused":
-        return {"fused": True}
-    if not fused_ok or any(isinstance(p, DTensor) for p in tensors):
+    if impl == "foreach" or (impl == "auto" and not fused_ok):
         return {"foreach": True}
     return {"fused": True}
 
@@ -186,7 +194,7 @@ def torch_optimizer(cls, model: nn.Module, lr: float, weight_decay: float, impl:
     """torch's optimizer ``cls`` over ``model``'s parameter groups (``param_groups``), with --optimizer-impl's
     kernels (``impl_kwargs``): what the specs of SGD, Adam and AdamW build."""
     groups = param_groups(model, weight_decay)
-    return cls(groups, lr=lr, **impl_kwargs(impl, groups, fused_ok), **kw)
+    return shard_optimizer(cls, groups, lr=lr, **impl_kwargs(impl, fused_ok), **kw)
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float = 0.0,
@@ -225,8 +233,7 @@ class MuonAdamW(torch.optim.Optimizer):
         muon_cls = ShardedMuon if any(isinstance(p, DTensor) for p in matrices) else torch.optim.Muon
         self.muon = muon_cls(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn=MUON_ADJUST_LR)
         adamw_impl = "for-loop" if impl == "for-loop" else "auto"
-        rest_params = [p for g in rest for p in g["params"]]
-        self.adamw = torch.optim.AdamW(rest, lr=lr, **impl_kwargs(adamw_impl, rest_params, fused_ok))
+        self.adamw = shard_optimizer(torch.optim.AdamW, rest, lr=lr, **impl_kwargs(adamw_impl, fused_ok))
         super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
 
     @torch.no_grad()
@@ -504,6 +511,259 @@ class WholeTensors(torch.optim.Optimizer):
                 proxy.grad, proxy.data = None, torch.empty(0)
                 self.state[p] = inner.state[proxy]
         return loss
+
+
+def on_one_mesh_dim(groups: list[dict]) -> bool:
+    """Whether every DTensor among ``groups``' parameters is a vector or a matrix on one 1-D mesh, placed plainly
+    (``Shard`` or ``Replicate``): FSDP2 or TP alone, where ``ShardedAdafactor`` computes from the shards."""
+    ds = [p for g in groups for p in g["params"] if isinstance(p, DTensor)]
+    return len({p.device_mesh for p in ds}) == 1 and all(
+        p.device_mesh.ndim == 1 and type(p.placements[0]) in (Shard, Replicate) and p.dim() <= 2 for p in ds)
+
+
+class ShardedAdafactor(torch.optim.Optimizer):
+    """torch's Adafactor (``torch.optim.Adafactor``'s single-tensor algorithm, its settings and its state) on
+    the shards of a 1-D mesh (FSDP2 or TP alone: ``on_one_mesh_dim``), computed from the shards. Per step, for
+    every tensor together (one all-reduce over the mesh each, not a gather per tensor):
+
+        1. each parameter's sum of squares, and each matrix's row and column sums of g^2: a sum across the
+           sharded dimension is this rank's part, summed over the ranks; one along it is this rank's rows (or
+           columns), complete, placed at their offset among zeros, so the sum hands every rank every row
+        2. the row and column statistics (whole, on every rank, as ``WholeTensors`` keeps them: a checkpoint
+           reads the same under every layout), the shard's update from its rows and columns of their outer
+           product (a vector's second moment: elementwise, laid out as the vector), and its sum of squares
+        3. the update's whole RMS (clipped by ``d``) and the parameter's (the step size), then the shard
+
+    A sum across a sharded dimension adds the ranks' parts, so the update is torch's to rounding
+    (``tests/test_parity.py`` holds it to the whole tensor's), not to the bit as ``WholeTensors``' is. Every
+    update is held between the two all-reduces: a transient copy of the rank's parameters."""
+
+    def __init__(self, params, lr: float = 1e-2, beta2_decay: float = -0.8, eps=(None, 1e-3), d: float = 1.0,
+                 weight_decay: float = 0.0, foreach: bool | None = None, maximize: bool = False):
+        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
+                                      foreach=foreach, maximize=maximize))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        todo = []  # (parameter, its group, this rank's gradient, its state)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if isinstance(grad, DTensor) and grad.placements != p.placements:
+                    grad = grad.redistribute(p.device_mesh, p.placements)
+                state = self.state[p]
+                if not state:  # torch's Adafactor's state, the statistics of the whole tensor
+                    state["step"] = torch.tensor(0.0)
+                    if p.dim() > 1:
+                        state["row_var"] = _local(grad).new_zeros(p.shape[:-1] + (1,))
+                        state["col_var"] = _local(grad).new_zeros(p.shape[:-2] + (1, p.shape[-1]))
+                    else:
+                        state["variance"] = torch.zeros_like(grad)  # laid out as the parameter
+                state["step"] += 1
+                g = _local(grad)
+                todo.append((p, group, -g if group["maximize"] else g, state))
+        params = [p for p, *_ in todo]
+        first = _summed(params, [_first_sums(p, g) for p, _, g, _ in todo])
+        updates = [_factored_update(p, group, g, state, sums) for (p, group, g, state), sums in zip(todo, first)]
+        second = _summed(params, [[_square_sum(p, u)] for p, u in zip(params, updates)])
+        for (p, group, _, state), u, (x_sq, *_), (u_sq,) in zip(todo, updates, first, second):
+            lr, eps2, n = float(group["lr"]), group["eps"][1], p.numel()
+            alpha = max(eps2, x_sq.sqrt().item() / n**0.5) * min(lr, 1 / state["step"].item() ** 0.5)
+            denom = max(1.0, u_sq.sqrt().item() / (n**0.5 * group["d"]))
+            x = _local(p)
+            if group["weight_decay"] != 0:
+                x.mul_(1 - lr * group["weight_decay"])
+            x.add_(u, alpha=-alpha / denom)
+        return loss
+
+
+def _split_dim(p: torch.Tensor) -> int | None:
+    """The dimension a parameter is sharded along on its 1-D mesh (None: plain or replicated)."""
+    if isinstance(p, DTensor) and p.placements[0].is_shard():
+        return p.placements[0].dim
+    return None
+
+
+def _offset(p: DTensor, dim: int) -> tuple[int, int]:
+    """(offset, length) of this rank's piece of ``p`` along ``dim``: torch.chunk's, as DTensor splits."""
+    sizes = _chunk_sizes(p.shape[dim], p.device_mesh.size())
+    me = p.device_mesh.get_local_rank()
+    return sum(sizes[:me]), sizes[me]
+
+
+def _square_sum(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the whole tensor's sum of squares: a shard's to be summed over the mesh, a whole
+    tensor's as torch's Adafactor computes it (its norm, squared)."""
+    return (t.square().sum() if _split_dim(p) is not None else t.norm(2).square()).reshape(1)
+
+
+def _first_sums(p: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
+    """Step 1 of ``ShardedAdafactor``: [the parameter's sum of squares] and, for a matrix, [rows' sums of g^2
+    (R, 1), columns' (1, C)], this rank's part of each (see the class)."""
+    out = [_square_sum(p, _local(p))]
+    if p.dim() < 2:
+        return out
+    rows = torch.norm(g, dim=-1, keepdim=True).square_()  # as torch's: (g * g).sum(-1) without a g-sized temporary
+    cols = torch.norm(g, dim=-2, keepdim=True).square_()
+    dim = _split_dim(p)
+    if dim is not None:  # the pieces along the split dimension go to their place among zeros
+        at, n = _offset(p, dim)
+        whole = (rows if dim == 0 else cols).new_zeros(p.shape[:-1] + (1,) if dim == 0 else (1, p.shape[-1]))
+        whole.narrow(dim, at, n).copy_(rows if dim == 0 else cols)
+        rows, cols = (whole, cols) if dim == 0 else (rows, whole)
+    return out + [rows, cols]
+
+
+def _factored_update(p: torch.Tensor, group: dict, g: torch.Tensor, state: dict, sums: list) -> torch.Tensor:
+    """Step 2 of ``ShardedAdafactor``: the statistics updated from the whole sums, and this rank's shard of
+    torch's unscaled update rsqrt(V) g."""
+    t = state["step"].item()
+    beta = t ** group["beta2_decay"]
+    eps1 = group["eps"][0] if group["eps"][0] is not None else torch.finfo(p.dtype).eps
+    if p.dim() > 1:
+        row_var, col_var = state["row_var"], state["col_var"]
+        row_var.lerp_(sums[1].div_(p.shape[-1]), beta)
+        col_var.lerp_(sums[2].div_(p.shape[-2]), beta)
+        rows, cols, dim = row_var, col_var, _split_dim(p)
+        if dim is not None:
+            at, n = _offset(p, dim)
+            rows, cols = (rows.narrow(0, at, n), cols) if dim == 0 else (rows, cols.narrow(1, at, n))
+        var = (rows @ cols).div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+    else:
+        variance = _local(state["variance"])
+        variance.lerp_(g * g, beta)
+        var = variance.clone()
+    return var.clamp_(min=eps1 * eps1).rsqrt_().mul_(g)
+
+
+def _summed(params: list[torch.Tensor], parts: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """``parts`` (per parameter, its pieces) summed over the mesh for the sharded parameters, all in one
+    all-reduce; a plain or replicated parameter's as they are."""
+    sharded = [i for i, p in enumerate(params) if _split_dim(p) is not None]
+    if not sharded:
+        return parts
+    flat = torch.cat([x.reshape(-1) for i in sharded for x in parts[i]])
+    torch.distributed.all_reduce(flat, group=params[sharded[0]].device_mesh.get_group(0))
+    at = 0
+    for i in sharded:
+        pieces = []
+        for x in parts[i]:
+            pieces.append(flat[at:at + x.numel()].view(x.shape))
+            at += x.numel()
+        parts[i] = pieces
+    return parts
+
+
+def shard_optimizer(cls, groups: list[dict], **kw) -> torch.optim.Optimizer:
+    """``cls(groups, **kw)`` for an optimizer whose update is elementwise, wrapped in ``OnShards`` where any
+    parameter is a DTensor."""
+    if any(isinstance(p, DTensor) for g in groups for p in g["params"]):
+        return OnShards(cls, groups, **kw)
+    return cls(groups, **kw)
+
+
+class OnShards(torch.optim.Optimizer):
+    """An elementwise optimizer (SGD, Adam, AdamW, Lion, Schedule-Free AdamW) stepped on the local shards of
+    DTensor parameters as plain tensors. Elementwise, each rank's shard of the update is the update of its
+    shard, so nothing is gathered; stepping the DTensors themselves gives the same numbers but pays DTensor's
+    dispatch on every operator of every tensor, which made AdamW's update 3-4x its single-process one under
+    FSDP2 and TP on 2 CPU cores (``results/reference/cpu-optimizers``), and rules out torch's fused kernels.
+
+    The inner optimizer ``cls`` steps proxies: parameters that alias each DTensor's local shard, their
+    gradients the gradient's local shard (laid out as the parameter first, should it not be). Its state is
+    plain tensors on the shards; ``state`` shows it as the DTensors the parameters are (``ShardState``), so a
+    checkpoint (``llmopt.dcp``) writes and reshards it as it does any sharded state, and the memory tracker
+    sees it. A schedule-free optimizer's ``eval()``/``train()`` (which move the parameters between its two
+    points) and its own group settings (``inner_groups``) are the inner's."""
+
+    def __init__(self, cls, params, **kw):
+        super().__init__(params, kw)
+        self._proxies = {p: nn.Parameter(_local(p).detach()) for g in self.param_groups for p in g["params"]}
+        self.inner = cls([{**{k: v for k, v in g.items() if k != "params"},
+                           "params": [self._proxies[p] for p in g["params"]]} for g in self.param_groups], **kw)
+        if callable(getattr(self.inner, "eval", None)) and callable(getattr(self.inner, "train", None)):
+            self.eval = functools.partial(self._switch, "eval")
+            self.train = functools.partial(self._switch, "train")
+
+    def inner_groups(self):
+        """(index of its group among ``param_groups``, group) of the inner optimizer's groups: where a
+        schedule-free optimizer keeps its averaging weights (llmopt.dcp saves them with the outer group's)."""
+        yield from enumerate(self.inner.param_groups)
+
+    def _point(self) -> None:
+        """Each proxy at its parameter's local shard (a resharded or reloaded parameter may have moved)."""
+        for p, proxy in self._proxies.items():
+            local = _local(p)
+            if proxy.data_ptr() != local.data_ptr() or proxy.shape != local.shape:
+                proxy.data = local
+
+    @torch.no_grad()
+    def _switch(self, mode: str) -> None:
+        self._point()
+        getattr(self.inner, mode)()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._point()
+        for g, inner in zip(self.param_groups, self.inner.param_groups):
+            inner["lr"], inner["weight_decay"] = g["lr"], g["weight_decay"]
+        for p, proxy in self._proxies.items():
+            grad = p.grad
+            if isinstance(grad, DTensor) and grad.placements != p.placements:
+                grad = grad.redistribute(p.device_mesh, p.placements)
+            proxy.grad = None if grad is None else _local(grad)
+        self.inner.step()
+        for p, proxy in self._proxies.items():
+            proxy.grad = None  # the gradient is the step's own: zero_grad frees it
+            held = self.inner.state.get(proxy)
+            if held is not None and getattr(self.state.get(p), "inner", self.state.get(p)) is not held:
+                self.state[p] = ShardState(held, p) if isinstance(p, DTensor) else held
+        return loss
+
+
+class ShardState(collections.abc.MutableMapping):
+    """One parameter's state in ``OnShards``' inner optimizer, read as the parameter is laid out: a tensor the
+    shape of the local shard reads as the DTensor it is a shard of (the same storage: a checkpoint loads into it
+    in place), anything else (a step count, a scalar) as it is; a DTensor written back is stored as its shard."""
+
+    def __init__(self, inner: dict, like: DTensor):
+        self.inner, self.like = inner, like
+
+    def __getitem__(self, key):
+        value = self.inner[key]
+        local = _local(self.like)
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == local.shape:
+            with torch.no_grad():
+                return DTensor.from_local(value, self.like.device_mesh, self.like.placements, run_check=False,
+                                          shape=self.like.shape, stride=self.like.stride())
+        return value
+
+    def __setitem__(self, key, value):
+        if isinstance(value, DTensor):
+            value = value.to_local()
+            held = self.inner.get(key)
+            if isinstance(held, torch.Tensor) and held.data_ptr() == value.data_ptr() and held.shape == value.shape:
+                return  # this state's own storage (a checkpoint was loaded into it in place)
+        self.inner[key] = value
+
+    def __delitem__(self, key):
+        del self.inner[key]
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def __len__(self):
+        return len(self.inner)
 
 
 def lr_factor(step: int, schedule: str, warmup: int, total: int, min_ratio: float,

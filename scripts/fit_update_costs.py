@@ -8,7 +8,7 @@ per-call overhead the fit priced the collectives with; the sweeps' ``predicted_o
 read that file. Re-run this after re-making that reference (``python -m bench.run --matrix optimizers --steps 20
 --out results/reference/cpu-optimizers``) or when the counting changes: it refits, rewrites the reference's
 ``predicted_optimizer_ms`` columns with the new fit (in-sample there, and its report says the figures are
-the fit's own) and those of every other sweep directory named (``results/reference/cpu-optimizers-check``, the
+the fit's own) and those of every other sweep directory named (``results/reference/cpu-update-check``, the
 held-out check), and re-renders their reports.
 
 Usage: python scripts/fit_update_costs.py [SWEEP_DIR ...]

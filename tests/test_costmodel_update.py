@@ -33,7 +33,8 @@ def collectives(tmp_path_factory):
 def test_the_update_makes_the_collectives_the_cost_model_prices(collectives, layout):
     """One step of Muon, Adafactor, SOAP and LAMB under FSDP2, TP and both: the collectives DTensor's
     CommDebugMode counts are the calls ``optimizer_comm`` prices (gathers per bucket and placement, strided
-    shards one at a time, Muon's updates handed back on a 1-D mesh, LAMB's norms per group and placement)."""
+    shards one at a time, Muon's updates handed back on a 1-D mesh, LAMB's norms and Adafactor's sums per sharded
+    mesh dimension)."""
     got = json.loads((collectives / f"{layout}.json").read_text())
     assert set(got) == {"muon", "adafactor", "soap", "lamb"}
     for name, counts in got.items():
@@ -45,8 +46,8 @@ def test_the_counted_steps_are_what_the_optimizers_code_does():
     """The counting (``bench.advisor.update``) against facts of the implementations: torch's fused AdamW is a
     couple of calls for the whole model and reads the parameter, gradient and both moments and writes three of
     them (28 bytes per value at least); lion-pytorch steps each tensor in several operations; on FSDP2 shards
-    Lion's operations are DTensor calls and AdamW's are foreach calls over every tensor at once, while
-    Adafactor and SOAP gather whole tensors and step plain ones."""
+    both step the local shards as plain tensors (``OnShards``): the same operations as on whole tensors and no
+    DTensor call, and so do Adafactor (its sums from the shards) and SOAP (whole tensors gathered)."""
     from bench.advisor.update import profiles
 
     plain = profiles(PRESETS["tiny"], "auto", False, ["adamw", "lion", "adafactor"])
@@ -54,9 +55,9 @@ def test_the_counted_steps_are_what_the_optimizers_code_does():
     tensors = 2 + 12 * PRESETS["tiny"].n_layer + 2
     assert plain["adamw"].plain_ops * tensors <= 6 and 28 <= plain["adamw"].plain_bytes <= 40, plain["adamw"]
     assert plain["lion"].plain_ops >= 4 and plain["lion"].plain_bytes >= 20, plain["lion"]
-    assert sharded["lion"].dtensor_calls >= 4 and sharded["lion"].plain_ops == 0, sharded["lion"]
-    assert sharded["adamw"].dtensor_calls * tensors <= 20 <= sharded["adamw"].dtensor_ops * tensors, sharded["adamw"]
-    for name in ("adafactor", "soap"):
+    for name in ("adamw", "lion"):
+        assert sharded[name].plain_ops == plain[name].plain_ops, (name, sharded[name], plain[name])
+    for name in ("adamw", "lion", "adafactor", "soap"):
         assert sharded[name].dtensor_calls == 0 and sharded[name].plain_ops > 0, (name, sharded[name])
 
 

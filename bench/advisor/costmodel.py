@@ -222,8 +222,9 @@ def optimizer_comm(cfg: TrainConfig) -> list[tuple]:
     one all-gather per placement and mesh dimension it is sharded over (a tensor and its gradient together),
     and two per tensor FSDP2 shards strided (DTensor gathers those itself, one at a time). Where the optimizer
     splits the work (``_split``) the updates come back in one more all-gather per bucket. Norms over shards (the
-    spec's ``reductions``, per parameter group: LAMB's) are one all-reduce per placement and sharded mesh
-    dimension. ``tests/test_costmodel_update.py`` holds the counts to the collectives a real step makes."""
+    spec's ``reductions``: LAMB's) are one all-reduce per set of mesh dimensions tensors are sharded over, and
+    per such dimension; sums over a 1-D mesh (``mesh_reductions``: Adafactor's statistics, every tensor's in one) one
+    all-reduce each. ``tests/test_costmodel_update.py`` holds the counts to the collectives a real step makes."""
     from llmopt.optimizers import bucket_indices, spec, stage_view
 
     fsdp = cfg.dp > 1 and cfg.dp_mode == "fsdp"
@@ -240,11 +241,18 @@ def optimizer_comm(cfg: TrainConfig) -> list[tuple]:
             for d in dims:
                 calls.setdefault((d, kind), []).append(size / max(len(group_keys), 1))
 
-    for decay in (True, False):  # the parameter groups: matrices and embeddings decay, the rest does not
-        keys = {p for t, p in zip(tensors, layout) if (len(t) >= 2) == decay and p[0]}
-        for _ in range(opt.reductions):
-            collect("all_reduce", sorted(keys, key=str), 8.0 * len(tensors))
-    gathered = set(map(tuple, opt.gathers(stage_view(cfg, s, stage_params(cfg, s)))))
+    summed = sorted({p[0] for p in layout if p[0]})  # the sets of mesh dimensions tensors are sharded over
+    for _ in range(opt.reductions):
+        for dims in summed:
+            for d in dims:
+                calls.setdefault((d, "all_reduce"), []).append(8.0 * len(tensors) / len(summed))
+    view = stage_view(cfg, s, stage_params(cfg, s))
+    if opt.mesh_reductions and view.mesh_dims == 1 and any(p[0] for p in layout):
+        dim = "dp" if fsdp else "tp"  # per tensor its sum of squares, a matrix's rows and columns: 4 bytes each
+        sums = sum(4 * (1 + (sum(t) if len(t) == 2 else 0)) for t, p in zip(tensors, layout) if p[0])
+        calls.setdefault((dim, "all_reduce"), []).extend(
+            [sums] + [4.0 * sum(1 for p in layout if p[0])] * (opt.mesh_reductions - 1))  # then one sum each
+    gathered = set(map(tuple, opt.gathers(view)))
     order = sorted((i for i, t in enumerate(tensors) if t in gathered), key=lambda i: len(tensors[i]) < 2)
     if order:
         mesh = (cfg.dp if fsdp else 1) * cfg.tp
@@ -267,10 +275,13 @@ def update_seconds(cfg: TrainConfig, hw: "Hardware", profile) -> tuple[float, fl
     """(the update's own time, its collectives' time) on one rank of the most loaded stage: what
     ``optimizer_ms`` measures. The own time is the counted operations (``bench.advisor.update``'s profile: per
     parameter tensor, on plain tensors and on DTensors) at the hardware's dispatch cost each, the bytes they
-    move at its memory bandwidth, and the spec's ``update_flops`` at its matmul rate; work on whole tensors is
-    divided where the optimizer splits it (``_split``), DTensor work by the ranks a tensor is sharded over. On a
+    move at its memory bandwidth, and the spec's ``update_flops`` at its matmul rate; work on whole tensors (an
+    optimizer that gathers them) is divided where the optimizer splits it (``_split``), the rest (on shards,
+    plain or DTensor) by the ranks a tensor is sharded over. On a
     CPU the dispatch and the work add up (the same cores); on a GPU the host dispatches ahead of the device, so
     the slower of the two counts. Without a profile (None) only the FLOPs and collectives are priced."""
+    from llmopt.optimizers import spec
+
     stage, split = _busiest(cfg), _split(cfg)
     whole = sum(math.prod(t) for t in stage.tensors)
     device = optimizer_flops(cfg) / update_flop_rate(cfg, hw)
@@ -279,7 +290,9 @@ def update_seconds(cfg: TrainConfig, hw: "Hardware", profile) -> tuple[float, fl
         n = len(stage.tensors)
         host = n * (profile.plain_ops / split * hw.op_overhead + profile.dtensor_calls * hw.dtensor_call_overhead
                     + profile.dtensor_ops * hw.dtensor_op_overhead)
-        moved = profile.plain_bytes * whole / split + profile.dtensor_bytes * whole / stage.shards
+        # plain work is on whole tensors where the optimizer gathers them, else on the rank's shards
+        plain_share = split if spec(cfg.optimizer).gathers(stage) else stage.shards
+        moved = profile.plain_bytes * whole / plain_share + profile.dtensor_bytes * whole / stage.shards
         device += moved / hw.memory_bandwidth
     # a CPU dispatches and computes on the same cores; a GPU's host dispatches ahead while the device works
     own = host + device if hw.shared else max(host, device)

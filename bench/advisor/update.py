@@ -21,6 +21,7 @@ width changes (SOAP's unpreconditioned sides above 10,000, the eigenbasis refres
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -45,7 +46,7 @@ NO_BYTES_OPS = frozenset({"empty_like", "new_empty", "new_empty_strided", "empty
 # Operations whose time is FLOPs (priced by the spec's update_flops), not bytes.
 MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "matmul", "baddbmm", "_linalg_eigh", "linalg_eigh", "linalg_qr",
                         "geqrf", "linalg_householder_product", "_linalg_svd", "linalg_svd"})
-PROFILE_VERSION = 2  # bump when what is counted changes: cached profiles of another version are recounted
+PROFILE_VERSION = 3  # bump when what is counted changes: cached profiles of another version are recounted
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,15 @@ def cache_key(model: GPTConfig, impl: str, sharded: bool) -> str:
         torch_version = md.version("torch")
     except md.PackageNotFoundError:
         torch_version = "?"
+    import llmopt.optimizers
+
     s = stand_in(model)
-    # optimizer files by path and modification time: an edited file is counted again
+    # optimizer files by path and modification time, llmopt's own (the specs and llmopt/optim.py, no torch
+    # imported here) and the plugins: an edited file is counted again
+    specs = os.path.dirname(llmopt.optimizers.__file__)
+    own = [os.path.join(os.path.dirname(specs), "optim.py"), *sorted(glob.glob(os.path.join(specs, "*.py")))]
     files = [f"{p}@{os.path.getmtime(p) if os.path.isfile(p) else 0:.0f}"
-             for p in os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if p]
+             for p in own + os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if p]
     return (f"v{PROFILE_VERSION}|torch {torch_version}|L{s.n_layer} H{s.n_head} C{s.n_embd} V{s.vocab_size} "
             f"T{s.block_size}|{impl}|{'sharded' if sharded else 'plain'}|{os.pathsep.join(files)}")
 

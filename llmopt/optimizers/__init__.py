@@ -11,8 +11,9 @@ needs when it is called. The pattern is torchtitan's name-to-builder and Hugging
 
 The memory and cost figures are functions of ``Stage``, one rank's view of one pipeline stage: what the rank
 holds (its shards) and the whole shapes behind them. An optimizer whose update is elementwise runs on the
-shards as they are; one that needs whole tensors (Muon's orthogonalisation, Adafactor's factored statistics,
-SOAP's preconditioners) says which in ``gathers`` and is wrapped in ``llmopt.optim`` to gather them.
+shards (``llmopt.optim.shard_optimizer``); one that needs whole tensors (Muon's orthogonalisation, SOAP's
+preconditioners, Adafactor's statistics on a 2-D mesh) says which in ``gathers`` and is wrapped in
+``llmopt.optim`` to gather them.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class Stage:
     shards: int                           # ranks each tensor is split over (tp x FSDP2's dp); 1: whole tensors
     steps: int = 0                        # the run's optimizer steps: a transient only some steps pay counts
                                           # where the run reaches one (SOAP's eigenbasis refresh every 10)
+    mesh_dims: int = 1                    # mesh dimensions splitting each tensor (FSDP2 over TP: 2, strided)
 
 
 def nothing(stage: Stage) -> int:
@@ -104,7 +106,8 @@ class OptimizerSpec:
     gathered_per_tensor: int = 1      # tensors gathered per shape (a tensor and its gradient: 2)
     bucket_times: Callable[[int], int] = lambda ranks: 1  # a gather bucket's cap, in largest tensors, on `ranks`
     splits_work: bool = False  # on a 1-D mesh each rank does the whole-tensor work of its share (one more gather)
-    reductions: int = 0       # small all-reduces per step, parameter group and placement (norms over shards)
+    reductions: int = 0       # small all-reduces per step and set of sharded mesh dimensions (norms over shards)
+    mesh_reductions: int = 0  # all-reduces per step over a 1-D mesh, every tensor's sums in one (Adafactor's)
     accelerate: bool = True   # a torch.optim optimizer that --engine accelerate can wrap
     lr_schedules: tuple[str, ...] | None = None         # the --lr-schedule values it takes (None: every one)
     packages: tuple[tuple[str, str], ...] = ()          # (module, pip name) its build imports beyond torch
@@ -113,8 +116,10 @@ class OptimizerSpec:
 
     @property
     def whole_tensors(self) -> bool:
-        """Whether its update needs whole tensors (gathered under FSDP2/TP), on a stage of one 2 x 2 matrix."""
-        return bool(self.gathers(Stage(values=4, hidden_values=4, tensors=((2, 2),), hidden=((2, 2),), shards=2)))
+        """Whether its update needs whole tensors under some sharded layout (gathered, or their statistics
+        summed), on a stage of one 2 x 2 matrix split by FSDP2 over TP."""
+        return bool(self.gathers(Stage(values=4, hidden_values=4, tensors=((2, 2),), hidden=((2, 2),), shards=4,
+                                       mesh_dims=2)))
 
 
 def _check(spec, where: str) -> OptimizerSpec:
@@ -192,4 +197,5 @@ def stage_view(cfg, stage: int, values: int) -> Stage:
     fsdp = cfg.dp if cfg.dp > 1 and cfg.dp_mode == "fsdp" else 1
     hidden = hidden_matrix_params(cfg, stage)
     return Stage(values=values, hidden_values=-(-hidden // fsdp), tensors=tuple(stage_tensors(cfg, stage)),
-                 hidden=tuple(stage_matrices(cfg, stage)), shards=fsdp * cfg.tp, steps=cfg.steps)
+                 hidden=tuple(stage_matrices(cfg, stage)), shards=fsdp * cfg.tp, steps=cfg.steps,
+                 mesh_dims=max(1, (fsdp > 1) + (cfg.tp > 1)))

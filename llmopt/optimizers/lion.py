@@ -2,16 +2,16 @@
 momentum and the gradient, one momentum of state. The update is lion-pytorch's ``Lion`` (betas (0.9,
 0.99); weight decay w <- w (1 - lr wd); its authors suggest a learning rate 3-10x below AdamW's; its default
 and centre here were measured: results/README.md, "Learning-rate centres"). It
-is elementwise, so it runs on FSDP2/TP shards as they are."""
+is elementwise, so it steps FSDP2/TP shards as plain tensors (``llmopt.optim.shard_optimizer``)."""
 from llmopt.optimizers import OptimizerSpec, Stage, largest, moments
 
 
 def build(model, lr: float, weight_decay: float, impl: str, fused_ok: bool):
     from lion_pytorch import Lion
 
-    from llmopt.optim import param_groups
+    from llmopt.optim import param_groups, shard_optimizer
 
-    return Lion(param_groups(model, weight_decay), lr=lr)
+    return shard_optimizer(Lion, param_groups(model, weight_decay), lr=lr)
 
 
 def transient_bytes(stage: Stage) -> int:

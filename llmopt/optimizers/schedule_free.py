@@ -3,18 +3,18 @@ evaluated and saved are an average of the iterates, the gradient is taken at an 
 average and the base iterate. The update is Meta's ``schedulefree.AdamWScheduleFree`` with its defaults
 (betas (0.9, 0.999), warm-up by llmopt's --lr-warmup, which the method keeps). Its ``train()``/``eval()``
 switch the model between the two points: llmopt evaluates and saves inside ``llmopt.optim.eval_weights``.
-Elementwise, so it runs on FSDP2/TP shards as they are. It takes --lr-schedule constant only: its averaging is
-the decay."""
+Elementwise, so it steps FSDP2/TP shards as plain tensors (``llmopt.optim.shard_optimizer``). It takes
+--lr-schedule constant only: its averaging is the decay."""
 from llmopt.optimizers import OptimizerSpec, Stage, moments
 
 
 def build(model, lr: float, weight_decay: float, impl: str, fused_ok: bool):
     from schedulefree import AdamWScheduleFree
 
-    from llmopt.optim import param_groups
+    from llmopt.optim import param_groups, shard_optimizer
 
     kw = {} if impl == "auto" else {"foreach": impl == "foreach"}
-    optimizer = AdamWScheduleFree(param_groups(model, weight_decay), lr=lr, **kw)
+    optimizer = shard_optimizer(AdamWScheduleFree, param_groups(model, weight_decay), lr=lr, **kw)
     optimizer.train()  # it starts in eval mode and refuses to step there
     return optimizer
 

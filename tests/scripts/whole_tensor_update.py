@@ -1,6 +1,6 @@
-"""The update of a sharded tensor is the whole tensor's: llmopt's ShardedMuon and WholeTensors (Adafactor, SOAP)
-on DTensor shards against torch's Muon and Adafactor and pytorch-optimizer's SOAP on the whole tensors, given
-the same gradients.
+"""The update of a sharded tensor is the whole tensor's: llmopt's ShardedMuon, WholeTensors (Adafactor, SOAP) and
+ShardedAdafactor (on a 1-D mesh) on DTensor shards against torch's Muon and Adafactor and pytorch-optimizer's
+SOAP on the whole tensors, given the same gradients.
 
     python tests/scripts/whole_tensor_update.py NPROC OUT.json
 
@@ -21,7 +21,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from layouts import rank_setup
 from llmopt.core import cli
 from llmopt.launch import launch
-from llmopt.optim import MUON_ADJUST_LR, ShardedMuon, WholeTensors
+from llmopt.optim import MUON_ADJUST_LR, ShardedAdafactor, ShardedMuon, WholeTensors
 
 SHAPES = [(48, 32), (32, 96), (96,)]  # a tall and a wide matrix (Muon transposes the tall one), a vector
 LR = 0.05
@@ -47,6 +47,8 @@ def make(name: str, params, sharded: bool):
 
         kw = dict(lr=LR, precondition_frequency=2)
         return (WholeTensors(SOAP, groups, **kw) if sharded else SOAP(groups, **kw)), params
+    if name == "adafactor-shards":  # its statistics summed from the shards
+        return (ShardedAdafactor(groups, lr=LR) if sharded else torch.optim.Adafactor(groups, lr=LR)), params
     if sharded:
         return WholeTensors(torch.optim.Adafactor, groups, lr=LR), params
     return torch.optim.Adafactor(groups, lr=LR), params
@@ -79,9 +81,11 @@ def ranks(argv: list[str]) -> int:
     if world == 4:
         meshes["Shard(0),Shard(1)"] = (init_device_mesh("cpu", (2, 2)), [Shard(0), Shard(1)])
     out = {}
-    for name in ("muon", "adafactor", "soap", "muon-no-gather"):
+    for name in ("muon", "adafactor", "soap", "muon-no-gather", "adafactor-shards"):
         reference = steps(name.split("-")[0], weights, grads)
         for where, (mesh, placements) in meshes.items():
+            if name == "adafactor-shards" and mesh.ndim > 1:
+                continue  # a 2-D mesh gathers (WholeTensors)
             got = steps(name, weights, grads, placements, mesh)
             out[f"{name} {where}"] = max((a - b).abs().max().item() for a, b in zip(got, reference))
     if dist.get_rank() == 0:
