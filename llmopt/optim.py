@@ -59,6 +59,14 @@ HIDDEN_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 MUON_ADJUST_LR = "match_rms_adamw"
 
 
+def closure_loss(closure):
+    """torch's optimizer contract: ``step(closure)`` re-evaluates the loss, with gradients, before stepping."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def local_sq_norm(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t) ** 2
 
@@ -108,10 +116,7 @@ class Lamb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         sharded, parts = [], []  # every group's norms in one reduction: a collective costs its latency
         for group in self.param_groups:
             b1, b2 = group["betas"]
@@ -238,10 +243,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self.muon.step()
         self.adamw.step()
         self.state.update(self.muon.state)
@@ -372,10 +374,7 @@ class ShardedMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         inner = self._orthogonalise.param_groups[0]
         for group in self.param_groups:
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
@@ -491,10 +490,7 @@ class WholeTensors(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for bucket, (inner, where) in zip(self._buckets, self._inners):
             for i, g in zip(where, inner.param_groups):
                 g["lr"], g["weight_decay"] = self.param_groups[i]["lr"], self.param_groups[i]["weight_decay"]
@@ -545,10 +541,7 @@ class ShardedAdafactor(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         todo = []  # (parameter, its group, this rank's gradient, its state)
         for group in self.param_groups:
             for p in group["params"]:
@@ -573,6 +566,7 @@ class ShardedAdafactor(torch.optim.Optimizer):
         updates = [_factored_update(p, group, g, state, sums) for (p, group, g, state), sums in zip(todo, first)]
         second = _summed(params, [[_square_sum(p, u)] for p, u in zip(params, updates)])
         for (p, group, _, state), u, (x_sq, *_), (u_sq,) in zip(todo, updates, first, second):
+            # host numbers per tensor (.item()), as torch's Adafactor takes them: its step size is a Python float
             lr, eps2, n = float(group["lr"]), group["eps"][1], p.numel()
             alpha = max(eps2, x_sq.sqrt().item() / n**0.5) * min(lr, 1 / state["step"].item() ** 0.5)
             denom = max(1.0, u_sq.sqrt().item() / (n**0.5 * group["d"]))
@@ -710,10 +704,7 @@ class OnShards(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self._point()
         for g, inner in zip(self.param_groups, self.inner.param_groups):
             inner["lr"], inner["weight_decay"] = g["lr"], g["weight_decay"]

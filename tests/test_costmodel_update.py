@@ -86,10 +86,18 @@ def test_the_committed_update_fit_recomputes_from_its_reference():
     per-call overhead it records (the fit is a figure: it must recompute)."""
     from bench.advisor.costmodel import Link
     from bench.advisor.probe import REFERENCES, UPDATE_CONSTANTS, UPDATE_FIT, UPDATE_REFERENCE, fit_update_reference
+    from bench.advisor.update import profiles
 
     committed = json.loads((REFERENCES / UPDATE_REFERENCE / UPDATE_FIT).read_text())
     fit = fit_update_reference(Link(committed["link_bandwidth"], committed["link_latency"]))
     assert fit["call_overhead"] == pytest.approx(committed["call_overhead"], rel=1e-9)
     for k in UPDATE_CONSTANTS:
         assert fit[k] == pytest.approx(committed[k], rel=1e-6), k
-    assert committed["op_overhead"] > 0 and committed["dtensor_call_overhead"] > committed["op_overhead"]
+    assert committed["op_overhead"] > 0 and committed["memory_bandwidth"] > 0
+    if committed["dtensor_call_overhead"] > 0:  # a DTensor call dispatches more than a plain operation
+        assert committed["dtensor_call_overhead"] > committed["op_overhead"]
+    else:  # unidentified: the sweep's optimizers step plain shards; a zero price is harmless only while they do
+        from llmopt.optimizers import names
+
+        sharded = profiles(PRESETS["tiny"], "auto", True, list(names()))
+        assert all(p.dtensor_calls == 0 for p in sharded.values()), sharded
