@@ -24,12 +24,12 @@ Adafactor (Shazeer & Stern 2018) is torch's, with torch's defaults (``beta2_deca
 relative to the parameter's RMS, ``--lr`` capping it (torch's ``lr``, 1e-2 by default).
 
 Sharded parameters (FSDP2, TP: DTensors). An elementwise optimizer's update of a shard is the shard of its
-update, but stepped on the DTensors themselves every operator of every tensor pays DTensor's dispatch (AdamW's
-update was 3-4x its single-process one under FSDP2 on 2 CPU ranks): ``OnShards`` steps torch's (or a
-package's) optimizer on the local shards as plain tensors, fused kernels included, and shows its state as
-DTensors. LAMB (llmopt's own) does its arithmetic on the shards too and reduces every tensor's norms together
-(``whole_norms``). Neither torch's Muon nor its Adafactor computes the whole tensor's update on shards
-(torch 2.13): Muon runs, but its Newton-Schulz then runs as DTensor matmuls whose bf16 partial products are
+update, but stepped on the DTensors themselves every operator of every tensor pays DTensor's dispatch (most of
+AdamW's sharded update on CPU ranks: results/README.md, "Sharded updates on the shards"): ``OnShards`` steps
+torch's (or a package's) optimizer on the local shards as plain tensors, fused kernels included, and shows
+its state as DTensors. LAMB (llmopt's own) does its arithmetic on the shards too and reduces every tensor's
+norms together (``whole_norms``). Neither torch's Muon nor its Adafactor computes the whole tensor's update on
+shards (torch 2.13): Muon runs, but its Newton-Schulz then runs as DTensor matmuls whose bf16 partial products are
 reduced across ranks, and the update drifted 4e-3 from the whole matrix's within two steps at lr 0.1 (2 gloo
 ranks); Adafactor raises (an in-place ``pow_`` on a partial norm). So Muon is wrapped, not forked:
 ``ShardedMuon`` keeps the momentum sharded, gathers each matrix's Nesterov momentum, has torch's Muon
@@ -105,8 +105,7 @@ class Lamb(torch.optim.Optimizer):
     sharded step): the first updates the moments, computes each r and the local parts of every ||w|| and
     ||r||, reduced over the mesh together (``whole_norms``); the second updates each shard with the whole
     tensor's trust ratio. Every r is held between the passes: a transient copy of the rank's parameters
-    (``llmopt.optimizers.lamb``), which recomputing r instead made a second pass of the moments' arithmetic
-    (2.4x the single-process update under FSDP2).
+    (``llmopt.optimizers.lamb``), where recomputing r instead cost a second pass of the moments' arithmetic.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
@@ -666,8 +665,8 @@ class OnShards(torch.optim.Optimizer):
     """An elementwise optimizer (SGD, Adam, AdamW, Lion, Schedule-Free AdamW) stepped on the local shards of
     DTensor parameters as plain tensors. Elementwise, each rank's shard of the update is the update of its
     shard, so nothing is gathered; stepping the DTensors themselves gives the same numbers but pays DTensor's
-    dispatch on every operator of every tensor, which made AdamW's update 3-4x its single-process one under
-    FSDP2 and TP on 2 CPU cores (``results/reference/cpu-optimizers``), and rules out torch's fused kernels.
+    dispatch on every operator of every tensor, most of the sharded update on CPU ranks (results/README.md,
+    "Sharded updates on the shards"), and rules out torch's fused kernels.
 
     The inner optimizer ``cls`` steps proxies: parameters that alias each DTensor's local shard, their
     gradients the gradient's local shard (laid out as the parameter first, should it not be). Its state is
