@@ -101,3 +101,19 @@ def test_the_committed_update_fit_recomputes_from_its_reference():
 
         sharded = profiles(PRESETS["tiny"], "auto", True, list(names()))
         assert all(p.dtensor_calls == 0 for p in sharded.values()), sharded
+
+
+def test_the_counting_cache_key_follows_the_optimizers_code(tmp_path, monkeypatch):
+    """A cached count is reused only for the same code: editing an optimizer file changes the key; the same
+    bytes checked out again (a fresh clone: new modification times) keep it."""
+    from bench.advisor.update import cache_key
+    from llmopt.optimizers import PLUGINS_ENV
+
+    plugin = tmp_path / "toy.py"
+    plugin.write_text("SPEC = None\n")
+    monkeypatch.setenv(PLUGINS_ENV, str(plugin))
+    first = cache_key(PRESETS["tiny"], "auto", True)
+    os.utime(plugin, (1, 1))  # touched, not edited
+    assert cache_key(PRESETS["tiny"], "auto", True) == first
+    plugin.write_text("SPEC = None  # edited\n")
+    assert cache_key(PRESETS["tiny"], "auto", True) != first

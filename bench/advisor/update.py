@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import subprocess
@@ -84,14 +85,23 @@ def cache_key(model: GPTConfig, impl: str, sharded: bool) -> str:
     import llmopt.optimizers
 
     s = stand_in(model)
-    # optimizer files by path and modification time, llmopt's own (the specs and llmopt/optim.py, no torch
-    # imported here) and the plugins: an edited file is counted again
+    # the optimizers' code by content, llmopt's own (the specs and llmopt/optim.py, no torch imported here) and
+    # the plugins': an edited file is counted again, a fresh clone of the same code is not
     specs = os.path.dirname(llmopt.optimizers.__file__)
     own = [os.path.join(os.path.dirname(specs), "optim.py"), *sorted(glob.glob(os.path.join(specs, "*.py")))]
-    files = [f"{p}@{os.path.getmtime(p) if os.path.isfile(p) else 0:.0f}"
-             for p in own + os.environ.get(PLUGINS_ENV, "").split(os.pathsep) if p]
+    files = [f"{os.path.basename(p)}@{_digest(p)}" for p in own + os.environ.get(PLUGINS_ENV, "").split(os.pathsep)
+             if p]
     return (f"v{PROFILE_VERSION}|torch {torch_version}|L{s.n_layer} H{s.n_head} C{s.n_embd} V{s.vocab_size} "
             f"T{s.block_size}|{impl}|{'sharded' if sharded else 'plain'}|{os.pathsep.join(files)}")
+
+
+def _digest(path: str) -> str:
+    """A short hash of a file's bytes ("-" where it cannot be read: the spec loader reports that)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:12]
+    except OSError:
+        return "-"
 
 
 def _cache_path() -> str:
