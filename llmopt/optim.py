@@ -67,6 +67,15 @@ def closure_loss(closure):
         return closure()
 
 
+def grad_as_param(p: torch.Tensor) -> torch.Tensor | None:
+    """``p``'s gradient laid out as ``p`` is (a DTensor's may come back in other placements), so that the local
+    shards of the two line up: what every optimizer that steps local shards reads."""
+    grad = p.grad
+    if isinstance(grad, DTensor) and grad.placements != p.placements:
+        grad = grad.redistribute(p.device_mesh, p.placements)
+    return grad
+
+
 def local_sq_norm(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t) ** 2
 
@@ -128,9 +137,7 @@ class Lamb(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                grad = p.grad
-                if isinstance(grad, DTensor) and grad.placements != p.placements:
-                    grad = grad.redistribute(p.device_mesh, p.placements)
+                grad = grad_as_param(p)
                 # on the shards: the moments are laid out as p, and DTensor's per-operator cost was most of the step
                 m, v, grad = _local(state["exp_avg"]), _local(state["exp_avg_sq"]), _local(grad)
                 m.mul_(b1).add_(grad, alpha=1 - b1)
@@ -546,9 +553,7 @@ class ShardedAdafactor(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if isinstance(grad, DTensor) and grad.placements != p.placements:
-                    grad = grad.redistribute(p.device_mesh, p.placements)
+                grad = grad_as_param(p)
                 state = self.state[p]
                 if not state:  # torch's Adafactor's state, the statistics of the whole tensor
                     state["step"] = torch.tensor(0.0)
@@ -624,9 +629,8 @@ def _factored_update(p: torch.Tensor, group: dict, g: torch.Tensor, state: dict,
         row_var.lerp_(sums[1].div_(p.shape[-1]), beta)
         col_var.lerp_(sums[2].div_(p.shape[-2]), beta)
         rows, cols, dim = row_var, col_var, _split_dim(p)
-        if dim is not None:
-            at, n = _offset(p, dim)
-            rows, cols = (rows.narrow(0, at, n), cols) if dim == 0 else (rows, cols.narrow(1, at, n))
+        if dim is not None:  # this rank's rows (or columns) of the statistic along the split dimension
+            rows, cols = (_shard_of(rows, p), cols) if dim == 0 else (rows, _shard_of(cols, p))
         var = (rows @ cols).div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
     else:
         variance = _local(state["variance"])
@@ -708,9 +712,7 @@ class OnShards(torch.optim.Optimizer):
         for g, inner in zip(self.param_groups, self.inner.param_groups):
             inner["lr"], inner["weight_decay"] = g["lr"], g["weight_decay"]
         for p, proxy in self._proxies.items():
-            grad = p.grad
-            if isinstance(grad, DTensor) and grad.placements != p.placements:
-                grad = grad.redistribute(p.device_mesh, p.placements)
+            grad = grad_as_param(p)
             proxy.grad = None if grad is None else _local(grad)
         self.inner.step()
         for p, proxy in self._proxies.items():
