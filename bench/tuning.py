@@ -126,19 +126,39 @@ def best_runs(conv: "pd.DataFrame") -> "pd.DataFrame":
 
 
 def ladder(conv: "pd.DataFrame", best_rows: "pd.DataFrame") -> "pd.DataFrame":
-    """Every ok fp32 run of each finalist (its best learning rate, ``best_runs``), at every budget and seed:
-    columns preset, optimizer, global_batch, lr, max_tokens, seed, final_eval_loss."""
+    """Every fp32 run of each finalist (its best learning rate, ``best_runs``) that finished or diverged, at
+    every budget and seed: columns preset, optimizer, global_batch, lr, max_tokens, seed, final_eval_loss (NaN
+    where the run diverged: it has no end-of-budget loss), diverged, config_id, task. A diverged budget stays in
+    the ladder so that it counts as not reached there (``stats.tokens_to_target``); a failed run (the harness's
+    fault, not the optimizer's) is left out."""
     keys = ["preset", "optimizer", "global_batch", "lr"]
     fin = best_rows[(best_rows.precision == "fp32") & (best_rows.status == "ok")][keys]
-    runs = conv[(conv.precision == "fp32") & (conv.status == "ok")]
-    return runs.merge(fin, on=keys)[keys + ["max_tokens", "seed", "final_eval_loss", "config_id"]]
+    runs = conv[(conv.precision == "fp32") & conv.status.isin(["ok", "diverged"])]
+    lad = runs.assign(task=task_of(runs)).merge(fin, on=keys)
+    lad["diverged"] = lad.status.eq("diverged")
+    lad.loc[lad.diverged, "final_eval_loss"] = float("nan")
+    return lad[keys + ["max_tokens", "seed", "final_eval_loss", "diverged", "config_id", "task"]]
+
+
+def task_of(rows: "pd.DataFrame") -> "pd.Series":
+    """The task a row's loss measures (its data, tokenizer and sequence length): losses, and so targets, are
+    comparable across model sizes and batch sizes within a task, not across tasks."""
+    import pandas as pd
+
+    def col(name, default):
+        if name not in rows:
+            return pd.Series(default, index=rows.index)
+        return rows[name].astype(object).fillna("").astype(str).replace("", default)
+
+    return col("data", "generated data") + ", " + col("tokenizer", "bytes") + " tokens, sequence " + col("seq_len", "?")
 
 
 def targets(lad: "pd.DataFrame") -> dict[tuple, float]:
-    """(preset, batch) -> the target: AdamW's mean end-of-budget loss at the ladder's budget nearest
-    TARGET_FRACTION of the largest (without AdamW, the median over the optimizers of their means there)."""
+    """(preset, batch) -> the per-batch target: AdamW's mean end-of-budget loss at the ladder's budget nearest
+    TARGET_FRACTION of the largest (without AdamW, the median over the optimizers of their means there). It
+    moves with the batch size, so speed-ups at it are not compared across batches (``common_targets`` are)."""
     out = {}
-    for (preset, batch), g in lad.groupby(["preset", "global_batch"]):
+    for (preset, batch), g in lad[~lad.diverged].groupby(["preset", "global_batch"]):
         budgets = sorted(g.max_tokens.unique())
         at = min(budgets, key=lambda b: abs(b - TARGET_FRACTION * budgets[-1]))
         means = g[g.max_tokens == at].groupby("optimizer").final_eval_loss.mean()
@@ -146,10 +166,38 @@ def targets(lad: "pd.DataFrame") -> dict[tuple, float]:
     return out
 
 
+def common_targets(lad: "pd.DataFrame") -> dict[str, dict[str, float]]:
+    """task -> {"moderate": loss, "hard": loss}: two targets shared by every model and batch size of the task,
+    each reached by AdamW's finalist on every seed, at every model and batch size, within the ladder.
+
+    hard: the highest end-of-budget loss at the largest budget over AdamW's seeds, models and batch sizes
+    (rounded up to 0.001 nats), so the slowest of them reaches it by its last budget. moderate: halfway from
+    hard to the lowest loss AdamW had at its smallest budget, so it is crossed inside the ladder wherever that
+    loss is above hard (else, halfway to the highest loss at the smallest budget: some batches then reach it by
+    the smallest budget, a bound). A task without AdamW, or where AdamW's finalist diverged at its largest
+    budget, gets none (the per-batch targets stand alone)."""
+    out = {}
+    for task, g in lad.groupby("task"):
+        a = g[g.optimizer == "adamw"]
+        if a.empty:
+            continue
+        largest = a[a.max_tokens == a.groupby(["preset", "global_batch"]).max_tokens.transform("max")]
+        smallest = a[a.max_tokens == a.groupby(["preset", "global_batch"]).max_tokens.transform("min")]
+        if largest.diverged.any():
+            continue
+        hard = math.ceil(largest.final_eval_loss.max() * 1000) / 1000
+        start = smallest.final_eval_loss.dropna()
+        easy = start.min() if start.min() > hard else start.max()
+        out[task] = {"moderate": round((hard + easy) / 2, 3), "hard": hard}
+    return out
+
+
 def finalist_stats(lad: "pd.DataFrame", target: dict) -> "pd.DataFrame":
-    """Per finalist: its end-of-budget loss at the largest budget and its tokens to target, each seed's and
-    their mean and standard deviation. ``tokens`` holds the interpolated crossings only; a finalist at or below
-    the target already at the smallest budget on every seed is ``bounded`` (its tokens are at most ``bound``)."""
+    """Per finalist: its end-of-budget loss at the largest budget and its tokens to target, each seed's.
+    ``by_seed`` (and ``tokens``, the same figures in seed order) holds a figure per seed where the target was
+    crossed: interpolated, or the budget that reached it after a diverged one (an upper bound, those seeds in
+    ``after_diverged``). A finalist at or below the target already at the smallest budget on every seed is ``bounded`` (its
+    tokens are at most ``bound``). ``unstable``: a run of its ladder diverged (``diverged_runs`` of ``runs``)."""
     import pandas as pd
 
     import bench.report.stats as stats
@@ -157,21 +205,25 @@ def finalist_stats(lad: "pd.DataFrame", target: dict) -> "pd.DataFrame":
     rows = []
     for (preset, opt, batch, lr), g in lad.groupby(["preset", "optimizer", "global_batch", "lr"]):
         top = g.max_tokens.max()
-        end = g[g.max_tokens == top].sort_values("seed")
+        end = g[(g.max_tokens == top) & ~g.diverged].sort_values("seed")
         crossings = {}
         for seed, s in g.groupby("seed"):
             crossings[seed] = stats.tokens_to_target(list(s.max_tokens), list(s.final_eval_loss),
                                                      target[(preset, batch)])
         status = [c.status for c in crossings.values()]
+        counted = (stats.REACHED, stats.AFTER_DIVERGED)
         rows.append({"preset": preset, "optimizer": opt, "global_batch": batch, "lr": lr, "budget": top,
                      "budgets": sorted(g.max_tokens.unique()), "seeds": len(crossings),
                      "seed_list": sorted(int(sd) for sd in crossings),
                      "end_losses": list(end.final_eval_loss),
-                     "tokens": [c.tokens for c in crossings.values() if c.status == stats.REACHED],
-                     "by_seed": {int(sd): c.tokens for sd, c in crossings.items() if c.status == stats.REACHED},
+                     "tokens": [c.tokens for c in crossings.values() if c.status in counted],
+                     "by_seed": {int(sd): c.tokens for sd, c in crossings.items() if c.status in counted},
+                     "after_diverged": sorted(int(sd) for sd, c in crossings.items()
+                                              if c.status == stats.AFTER_DIVERGED),
                      "statuses": sorted(set(status)), "bound": float(g.max_tokens.min()),
-                     "all_reached": status.count(stats.REACHED) == len(status),
-                     "bounded": status.count(stats.AT_FIRST) == len(status)})
+                     "all_reached": all(st in counted for st in status),
+                     "bounded": status.count(stats.AT_FIRST) == len(status),
+                     "runs": len(g), "diverged_runs": int(g.diverged.sum()), "unstable": bool(g.diverged.any())})
     return pd.DataFrame(rows)
 
 

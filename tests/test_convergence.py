@@ -194,7 +194,7 @@ def test_tuning_picks_the_lowest_end_of_budget_loss_widens_edges_once_then_adds_
 
 
 def test_tokens_to_target_interpolates_between_budgets_and_never_guesses():
-    from bench.report.stats import AT_FIRST, NOT_REACHED, REACHED, tokens_to_target
+    from bench.report.stats import AFTER_DIVERGED, AT_FIRST, NOT_REACHED, REACHED, tokens_to_target
 
     # log-linear: halfway in loss between 2^10 and 2^12 tokens is 2^11
     c = tokens_to_target([1024, 2048, 4096], [3.0, 2.5, 2.0], 2.25)
@@ -203,6 +203,12 @@ def test_tokens_to_target_interpolates_between_budgets_and_never_guesses():
     assert tokens_to_target([1024, 2048], [1.0, 0.9], 2.0) == (1024, AT_FIRST)  # an upper bound, marked
     assert tokens_to_target([1024, 2048], [3.0, 2.9], 2.0) == (None, NOT_REACHED)  # no extrapolation
     assert tokens_to_target([1024, 2048, 4096], [3.0, 1.0, 2.0], 2.0).status == REACHED  # the first crossing
+    # a diverged budget (no end-of-budget loss) is not reached there and never interpolated across or from
+    nan = float("nan")
+    assert tokens_to_target([1024, 2048, 4096], [3.0, nan, 1.0], 2.0) == (4096, AFTER_DIVERGED)
+    assert tokens_to_target([1024, 2048, 4096], [3.0, None, 2.5], 2.0) == (None, NOT_REACHED)
+    assert tokens_to_target([1024, 2048], [nan, 1.0], 2.0) == (2048, AFTER_DIVERGED)
+    assert tokens_to_target([1024, 2048, 4096], [3.0, 1.0, nan], 2.0).status == REACHED  # crossed before it
 
 
 def test_welch_and_the_winner_rule_on_constructed_rows():
@@ -235,7 +241,45 @@ def test_welch_and_the_winner_rule_on_constructed_rows():
     d = paired(hard[0][1], hard[1][1])  # differences -110, -90, -105: mean -101.67, sd 10.41, t = -16.91, 2 df
     assert d.kind == "paired" and d.df == 2 and abs(d.t - (-101.6667 / (10.4083 / math.sqrt(3)))) < 1e-3
     assert abs(d.p - student_t_two_sided(d.t, 2)) < 1e-12 and d.p < 0.01
-    assert verdict(fs(*hard)).startswith("**muon** reached the target first") and "paired t = " in verdict(fs(*hard))
+    # the verdict tests log tokens (a speed-up is a ratio): the same 1.1x on every seed is a clear lead
+    steady = (("muon", [1000, 2000, 1500]), ("adamw", [1100, 2210, 1650]))
+    assert verdict(fs(*steady)).startswith("**muon** reached the target first")
+    assert "paired t = " in verdict(fs(*steady)) and welch(*[t for _, t in steady]).p > 0.5
+
+
+def test_speedups_are_paired_geometric_means_with_t_intervals_and_verdicts_are_holm_corrected():
+    """The speed-up over AdamW: exp(mean log ratio) over seeds with exp(mean ± t(0.975, n-1) sd / sqrt(n)),
+    computed here by hand with the tabled t quantile; Holm's adjustment against the worked example of Holm
+    (1979)'s procedure; and a verdict whose every raw p passes but whose Holm-adjusted p does not is a tie."""
+    import pandas as pd
+
+    from bench.report.quality import verdict
+    from bench.report.stats import holm, paired_speedup
+
+    base, other = {0: 2000.0, 1: 3000.0, 2: 2400.0}, {0: 1000.0, 1: 1200.0, 2: 1000.0}
+    logs = [math.log(2.0), math.log(2.5), math.log(2.4)]
+    m = sum(logs) / 3
+    sd = math.sqrt(sum((x - m) ** 2 for x in logs) / 2)
+    sp = paired_speedup(base, other)
+    assert sp.seeds == 3 and abs(sp.ratio - math.exp(m)) < 1e-12 and abs(sp.ratio - (2.0 * 2.5 * 2.4) ** (1 / 3)) < 1e-9
+    half = 4.302652730 * sd / math.sqrt(3)  # Student's t, 97.5% quantile, 2 df (tables)
+    assert abs(sp.low - math.exp(m - half)) < 1e-6 and abs(sp.high - math.exp(m + half)) < 1e-6
+    assert paired_speedup(base, {5: 1.0}) is None and math.isnan(paired_speedup({0: 2.0}, {0: 1.0}).low)
+    # Holm: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 -> 0.02, 0.03, 0.06, 0.04 -> running max 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm([0.02]) == [0.02]
+
+    def fs(*opts):
+        return pd.DataFrame([{"optimizer": o, "tokens": t, "by_seed": dict(enumerate(t)), "all_reached": True}
+                             for o, t in opts])
+
+    # muon's lead: p = 0.031 against adamw and 0.034 against adam, each a pass alone; Holm's step-down over the
+    # two tests (0.031 x 2 = 0.062) keeps the family's error at 5%, so the verdict is a tie
+    lead = ("muon", [1000, 1000, 1000])
+    two = verdict(fs(lead, ("adamw", [1100, 1150, 1200]), ("adam", [1100, 1200, 1200])))
+    assert "p = 0.0311, Holm p = 0.0622" in two and "p = 0.034, Holm p = 0.0622" in two
+    assert two.startswith("tie within noise between muon and adamw, adam")
+    assert verdict(fs(lead, ("adamw", [1100, 1150, 1200]))).startswith("**muon**")  # one test: no correction
 
 
 def test_a_finalist_there_by_the_smallest_budget_is_ranked_at_that_bound():

@@ -173,92 +173,131 @@ def _panels(keys: list[tuple]) -> tuple:
     return fig, axes[0]
 
 
-def budget_curves(lad: pd.DataFrame, target: dict, path: str) -> str:
-    """End-of-budget eval loss against the budget in tokens, per optimizer: the mean over seeds, with the band
-    between the lowest and highest seed; the target dashed. One panel per model and batch size."""
+def _colours(lad: pd.DataFrame) -> dict[str, tuple]:
+    """One colour per optimizer, the same in every panel and plot of the section."""
+    names = sorted(lad.optimizer.unique())
+    return dict(zip(names, sns.color_palette(n_colors=len(names))))
+
+
+def budget_curves(lad: pd.DataFrame, target: dict, common: list, path: str) -> str:
+    """End-of-budget eval loss against the budget in tokens, per optimizer: the mean over the seeds that
+    finished, with the band between the lowest and highest; a diverged budget as an x on the panel's top edge
+    in its optimizer's colour, labelled with how many seeds diverged there; the batch's own target dashed and
+    the task's common targets dotted. One panel per model and batch size."""
     keys = sorted(target)
+    colour = _colours(lad)
     fig, axes = _panels(keys)
     for ax, key in zip(axes, keys):
         g = lad[(lad.preset == key[0]) & (lad.global_batch == key[1])]
         for opt, o in g.groupby("optimizer"):
-            by = o.groupby("max_tokens").final_eval_loss
-            line, = ax.plot(by.mean().index, by.mean().values, marker="o", markersize=3, label=opt)
-            ax.fill_between(by.min().index, by.min().values, by.max().values, alpha=0.2, color=line.get_color())
-        ax.axhline(target[key], color="black", linestyle="--", linewidth=1, label="target")
+            by = o[~o.diverged].groupby("max_tokens").final_eval_loss
+            ax.plot(by.mean().index, by.mean().values, marker="o", markersize=3, label=opt, color=colour[opt])
+            ax.fill_between(by.min().index, by.min().values, by.max().values, alpha=0.2, color=colour[opt])
+        ax.axhline(target[key], color="black", linestyle="--", linewidth=1, label="this batch's target")
+        for ct in common:
+            if ct.task == g.task.iloc[0]:
+                ax.axhline(ct.loss, color="grey", linestyle=":", linewidth=1.2)
+                ax.annotate(f"{ct.name} (common)", (0.01, ct.loss), xycoords=("axes fraction", "data"), fontsize=6,
+                            va="bottom", color="grey")
+        top = ax.get_ylim()[1]
+        for (opt, budget), d in g[g.diverged].groupby(["optimizer", "max_tokens"]):
+            ax.scatter([budget], [top], marker="x", color=colour[opt], s=40, clip_on=False, zorder=5)
+            ax.annotate(f"{len(d)} seed{'s' if len(d) > 1 else ''}", (budget, top), fontsize=6, color=colour[opt],
+                        xytext=(3, -8), textcoords="offset points")
         ax.set(xscale="log", title=f"{key[0]}, batch {int(key[1])}", xlabel="budget (tokens)",
                ylabel="end-of-budget eval loss")
         budgets = sorted(g.max_tokens.unique())  # the ladder's own budgets as ticks: log minor labels collide
         ax.set_xticks(budgets, [f"{b / 1024:g}k" for b in budgets])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend(fontsize=6)
-    fig.suptitle("End-of-budget loss vs budget (band: the seeds' range)")
+    fig.suptitle("End-of-budget loss vs budget (band: the seeds' range; x: a diverged budget)")
     return _save(fig, path)
 
 
-def speedup_vs_size(fs: pd.DataFrame, sizes: dict, path: str) -> str | None:
-    """Each optimizer's speed-up over AdamW (AdamW's tokens to target over its own) against the model's
-    non-embedding parameters, with its standard deviation; one line per optimizer and batch size."""
-    import bench.report.stats as stats
+def speedup_at_targets(common: list, sizes: dict, path: str) -> str | None:
+    """Each optimizer's speed-up over AdamW at each common target (one panel per task and target), against the
+    batch size (or the model's non-embedding parameters where the task has one batch size), with its paired 95%
+    confidence interval; points are joined only where there are three or more (two points are not a trend)."""
+    import bench.report.quality as quality
 
     rows = []
-    for (preset, batch), g in fs.groupby(["preset", "global_batch"]):
-        adamw = g[g.optimizer == "adamw"]
-        if adamw.empty or not adamw.iloc[0].all_reached:
-            continue
-        for _, r in g[g.all_reached & (g.optimizer != "adamw")].iterrows():
-            v, sd = stats.ratio(stats.mean_std(adamw.iloc[0].tokens), stats.mean_std(r.tokens))
-            rows.append({"optimizer": f"{r.optimizer} (b{int(batch)})", "params": sizes[preset][1], "speedup": v,
-                         "sd": sd})
+    for i, ct in enumerate(common):
+        for _, r in ct.fs[(ct.fs.optimizer != "adamw") & ~ct.fs.bounded].iterrows():
+            sp = quality.speedup(r, quality._adamw(ct.fs, r.preset, r.global_batch))
+            if sp is not None and sp.seeds > 1:
+                rows.append({"panel": i, "optimizer": r.optimizer, "preset": r.preset, "batch": int(r.global_batch),
+                             "params": sizes[r.preset][1], "speedup": sp.ratio, "low": sp.low, "high": sp.high})
     d = pd.DataFrame(rows)
-    if d.empty or d.params.nunique() < 2:
+    if d.empty:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, o in d.groupby("optimizer"):
-        o = o.sort_values("params")
-        ax.errorbar(o.params, o.speedup, yerr=o.sd, marker="o", capsize=3, label=name)
-    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
-    ax.set(xscale="log", xlabel="non-embedding parameters", ylabel="speed-up over AdamW (tokens to target)",
-           title="Speed-up over AdamW vs model size (error bars: one standard deviation over seeds)")
-    ax.legend(fontsize=7)
+    colour = _colours(d)
+    fig, axes = plt.subplots(1, len(common), figsize=(5.2 * len(common), 4.2), squeeze=False)
+    for i, (ax, ct) in enumerate(zip(axes[0], common)):
+        p = d[d.panel == i]
+        x = "batch" if p.batch.nunique() > 1 else "params"
+        for (opt, preset), o in p.groupby(["optimizer", "preset"]):
+            o = o.sort_values(x)
+            ax.errorbar(o[x], o.speedup, yerr=[o.speedup - o.low, o.high - o.speedup], color=colour[opt],
+                        marker="o", capsize=3, linestyle="-" if len(o) >= 3 else "none",
+                        label=opt if p.preset.nunique() == 1 else f"{opt} ({preset})")
+        ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+        ax.set(xscale="log", yscale="log", ylabel="speed-up over AdamW (tokens to target)",
+               xlabel="global batch (sequences)" if x == "batch" else "non-embedding parameters",
+               title=f"{ct.name} target, {ct.loss:.3f} nats")
+        if x == "batch":
+            ax.set_xticks(sorted(p.batch.unique()), [str(b) for b in sorted(p.batch.unique())])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        if p.empty:
+            ax.text(0.5, 0.5, "no speed-up measured here\n(by the smallest budget, or not reached)",
+                    transform=ax.transAxes, ha="center", fontsize=8)
+        else:
+            ax.legend(fontsize=6)
+    fig.suptitle("Speed-up over AdamW at the common targets\n(geometric mean of paired ratios over seeds, 95% CI)",
+                 fontsize=10)
     return _save(fig, path)
 
 
 def tuning_curves(conv: pd.DataFrame, lad: pd.DataFrame, target: dict, path: str) -> str:
-    """End-of-budget eval loss at the largest budget against the learning rate, per optimizer (seed 0), with
-    each finalist's mean and standard deviation over seeds as an error bar; not-ok runs as x. One panel per
-    model and batch size."""
+    """End-of-budget eval loss at the largest budget against the learning rate, per optimizer (seed 0), on a
+    log loss axis (batches whose losses differ by 10x share a figure), with each finalist's mean and standard
+    deviation over seeds as an error bar; a run that diverged or failed as an x in its optimizer's colour on
+    the panel's top edge. One panel per model and batch size."""
     keys = sorted(target)
+    colour = _colours(conv)
     fig, axes = _panels(keys)
     top = conv.max_tokens.max()
     for ax, key in zip(axes, keys):
         g = conv[(conv.preset == key[0]) & (conv.global_batch == key[1]) & (conv.precision == "fp32")
                  & conv.phase.isin(["grid", "widen"])]
+        here = lad[(lad.preset == key[0]) & (lad.global_batch == key[1])]
         for opt, o in g[g.status == "ok"].sort_values("lr").groupby("optimizer"):
-            line, = ax.plot(o.lr, o.final_eval_loss, marker="o", markersize=3, label=opt)
-            f = lad[(lad.preset == key[0]) & (lad.global_batch == key[1]) & (lad.optimizer == opt)
-                    & (lad.max_tokens == lad[(lad.preset == key[0]) & (lad.global_batch == key[1])].max_tokens.max())]
+            ax.plot(o.lr, o.final_eval_loss, marker="o", markersize=3, label=opt, color=colour[opt])
+            f = here[(here.optimizer == opt) & (here.max_tokens == here.max_tokens.max()) & ~here.diverged]
             if len(f) > 1:
                 ax.errorbar([f.lr.iloc[0]], [f.final_eval_loss.mean()], yerr=[f.final_eval_loss.std()],
-                            color=line.get_color(), capsize=4, marker="s", markersize=5)
-        bad = g[g.status != "ok"]
-        if not bad.empty and g.final_eval_loss.notna().any():
-            ax.scatter(bad.lr, [g.final_eval_loss.max()] * len(bad), marker="x", color="red", label="not ok")
+                            color=colour[opt], capsize=4, marker="s", markersize=5)
+        ax.set_yscale("log")
+        ceiling = ax.get_ylim()[1]
+        for opt, bad in g[g.status != "ok"].groupby("optimizer"):
+            ax.scatter(bad.lr, [ceiling] * len(bad), marker="x", color=colour[opt], s=40, clip_on=False, zorder=5,
+                       label=f"{opt}: {', '.join(sorted(set(bad.status)))}")
         ax.set(xscale="log", title=f"{key[0]}, batch {int(key[1])}", xlabel="learning rate",
                ylabel=f"end-of-budget loss ({int(top):,} tokens)")
         ax.legend(fontsize=6)
-    fig.suptitle("Tuning curves (squares: the finalist's mean over seeds, one standard deviation)")
+    fig.suptitle("Tuning curves (squares: the finalist's mean over seeds, one standard deviation; "
+                 "x: diverged or failed)", fontsize=10)
     return _save(fig, path)
 
 
-def quality_plots(conv: pd.DataFrame, lad: pd.DataFrame, fs: pd.DataFrame, target: dict, sizes: dict,
-                  plot_dir: str) -> dict[str, str]:
+def quality_plots(conv: pd.DataFrame, lad: pd.DataFrame, target: dict, common: list,
+                  sizes: dict, plot_dir: str) -> dict[str, str]:
     makedirs(plot_dir)
-    out = {"End-of-budget loss vs budget, over seeds": budget_curves(lad, target,
+    out = {"End-of-budget loss vs budget, over seeds": budget_curves(lad, target, common,
                                                                      os.path.join(plot_dir, "budgets.png")),
            "Tuning curves": tuning_curves(conv, lad, target, os.path.join(plot_dir, "tuning.png"))}
-    speed = speedup_vs_size(fs, sizes, os.path.join(plot_dir, "speedup_vs_size.png"))
+    speed = speedup_at_targets(common, sizes, os.path.join(plot_dir, "speedup_at_targets.png"))
     if speed:
-        out["Speed-up over AdamW vs model size"] = speed
+        out["Speed-up over AdamW at the common targets"] = speed
     return out
 
 

@@ -18,6 +18,7 @@ Every sentence is computed from the rows (results.csv, evals.csv); nothing is pr
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ import bench.report.stats as stats
 from bench.layouts import layout_name
 from bench.matrix import TARGET_FRACTION
 from bench.report.markdown import fmt, md_table
-from bench.tuning import best_runs, convergence_rows, finalist_stats, ladder, targets
+from bench.tuning import best_runs, common_targets, convergence_rows, finalist_stats, ladder, targets
 
 SIGNIFICANCE = 0.05  # the two-sided p below which a lead counts
 
@@ -61,47 +62,59 @@ def _ranked_tokens(r) -> dict[int, float]:
     return dict(r.by_seed) if r.all_reached else {s: r.bound for s in r.seed_list}
 
 
+def _geomean(tokens: dict[int, float]) -> float:
+    return math.exp(sum(math.log(t) for t in tokens.values()) / len(tokens))
+
+
 def compare(a: dict[int, float], b: dict[int, float]) -> stats.TTest:
-    """Tokens to target of two finalists over seeds: paired over the seeds both have (a seed draws the same
-    initial weights, training sequences and held-out sample for every optimizer, so a seed that is hard for
-    one is hard for all: on real text seed 1's losses were the highest for 11 of 12 finalists), else Welch's."""
+    """Tokens to target of two finalists over seeds, on the log scale (a speed-up is a ratio): paired over the
+    seeds both have (a seed draws the same initial weights, training sequences and held-out sample for every
+    optimizer, so a seed that is hard for one is hard for all: on real text seed 1's losses were the highest
+    for 11 of 12 finalists), else Welch's."""
     common = sorted(set(a) & set(b))
     if len(common) >= 2:
-        return stats.paired([a[s] for s in common], [b[s] for s in common])
-    return stats.welch(list(a.values()), list(b.values()))
+        return stats.paired([math.log(a[s]) for s in common], [math.log(b[s]) for s in common])
+    return stats.welch([math.log(t) for t in a.values()], [math.log(t) for t in b.values()])
 
 
 def verdict(fs: pd.DataFrame) -> str:
-    """Who reached the target first at one (model, batch): the optimizer with the fewest mean tokens among
-    those that reached it on every seed (a finalist there by the smallest budget counts at that budget, an upper
-    bound), declared the winner only where a t-test over seeds (``compare``) puts it ahead of every other such
-    optimizer at p < SIGNIFICANCE; otherwise the tie, named, with the numbers."""
+    """Who reached the target first at one (model, batch, target): the optimizer with the fewest tokens
+    (geometric mean over seeds) among those that reached it on every seed (a finalist there by the smallest
+    budget counts at that budget, an upper bound), declared the winner only where a t-test on log tokens over
+    seeds (``compare``) puts it ahead of every other such optimizer at p < SIGNIFICANCE after Holm's correction
+    for the number of those tests; otherwise the tie, named, with the numbers."""
     bounded = fs.bounded if "bounded" in fs else pd.Series(False, index=fs.index)
     seeds = fs.seeds if "seeds" in fs else fs.tokens.map(len)
     ok = fs[(fs.all_reached & (fs.tokens.map(len) >= 2)) | (bounded & (seeds >= 2))]
     if ok.empty:
-        return "no optimizer reached the target on every seed by interpolation between budgets, so none is ranked"
+        return "no optimizer reached the target on every seed, so none is ranked"
     ranked = ok.apply(_ranked_tokens, axis=1)
-    mean = ranked.map(lambda t: stats.mean_std(list(t.values()))[0])
+    mean = ranked.map(_geomean)
     lead = ok.loc[mean.idxmin()]
-    tests = [(other.optimizer, compare(ranked[mean.idxmin()], ranked[i]))
-             for i, other in ok.drop(index=mean.idxmin()).iterrows()]
-    tied = [name for name, w in tests if w.p >= SIGNIFICANCE]
-    numbers = "; ".join(f"vs {name}: {w.kind} t = {w.t:.2f}, df = {w.df:.1f}, p = {w.p:.3g}" for name, w in tests)
+    others = ok.drop(index=mean.idxmin())
+    tests = [(other.optimizer, compare(ranked[mean.idxmin()], ranked[i])) for i, other in others.iterrows()]
+    adjusted = stats.holm([w.p for _, w in tests])
+    tied = [name for (name, _), p in zip(tests, adjusted) if p >= SIGNIFICANCE]
+    numbers = "; ".join(f"vs {name}: {w.kind} t = {w.t:.2f}, df = {w.df:.1f}, p = {w.p:.3g}"
+                        + (f", Holm p = {p:.3g}" if len(tests) > 1 else "")
+                        for (name, w), p in zip(tests, adjusted))
     if tests and getattr(lead, "bounded", False):
         numbers += (f"; {lead.optimizer}'s tokens taken as the smallest budget, {lead.bound:,.0f}, which it had "
                     f"already reached on every seed")
     also = [n for n in tied if bool(ok[ok.optimizer == n].bounded.iloc[0])] if "bounded" in ok else []
     if also:
         numbers += f"; {', '.join(also)} too reached it by the smallest budget, so this ladder cannot order them"
+    unstable = sorted(ok[ok.unstable].optimizer) if "unstable" in ok else []
+    if unstable:
+        numbers += f"; unstable (a ladder run diverged): {', '.join(unstable)}"
     if not tests:
         return f"{lead.optimizer} was the only optimizer to reach the target on every seed"
-    test = "t-test on tokens to target over seeds (paired by seed where both ran the same seeds)"
+    test = "t-test on log tokens to target over seeds, paired by seed where both ran the same seeds"
     if tied:
-        return (f"tie within noise between {lead.optimizer} and {', '.join(tied)} ({test}, two-sided, "
-                f"p >= {SIGNIFICANCE}: {numbers})")
+        return (f"tie within noise between {lead.optimizer} and {', '.join(tied)} ({test}, two-sided, Holm-"
+                f"corrected p >= {SIGNIFICANCE}: {numbers})")
     return (f"**{lead.optimizer}** reached the target first; the {test} puts its lead at p < {SIGNIFICANCE} "
-            f"against every other ({numbers})")
+            f"against every other after Holm's correction ({numbers})")
 
 
 def _pm(xs: list[float], spec: str) -> str:
@@ -111,23 +124,37 @@ def _pm(xs: list[float], spec: str) -> str:
     return f"{m:{spec}} ± {s:{spec}}" + (f" (n={len(xs)})" if len(xs) != 3 else "")
 
 
+def speedup(row, adamw) -> stats.Speedup | None:
+    """AdamW's tokens over the optimizer's, paired by seed (``stats.paired_speedup``); None where either did not
+    reach the target on every seed or shares no seed with the other."""
+    if adamw is None or not adamw.all_reached or not row.all_reached:
+        return None
+    return stats.paired_speedup(adamw.by_seed, row.by_seed)
+
+
 def _speedup(row, adamw) -> str:
     if row.optimizer == "adamw":
         return "1 (the reference)"
     if adamw is None or not adamw.all_reached:
         return "—"
     if getattr(row, "bounded", False):  # its tokens are at most the bound: the speed-up is at least this
-        return f"≥ {stats.mean_std(adamw.tokens)[0] / row.bound:.2f} (reached by the smallest budget)"
-    if not row.all_reached:
+        return f"≥ {_geomean(adamw.by_seed) / row.bound:.2f} (reached by the smallest budget)"
+    sp = speedup(row, adamw)
+    if sp is None:
         return "—"
-    r, sd = stats.ratio(stats.mean_std(adamw.tokens), stats.mean_std(row.tokens))
-    return f"{r:.2f} ± {sd:.2f}"
+    cell = f"{sp.ratio:.2f}" + (f" [{sp.low:.2f}, {sp.high:.2f}]" if sp.seeds > 1 else " (one seed)")
+    bounds = [f"{name} seed {', '.join(map(str, r.after_diverged))}" for name, r in ((row.optimizer, row),
+                                                                                      ("adamw", adamw))
+              if len(getattr(r, "after_diverged", []))]
+    return cell + (f" ({'; '.join(bounds)}: tokens at most, reached after a diverged budget)" if bounds else "")
 
 
 def _tokens_cell(r) -> str:
     if getattr(r, "bounded", False):
         return f"≤ {r.bound:,.0f} (by the smallest budget, every seed)"
-    return _pm(r.tokens, ",.0f") + ("" if r.all_reached else f" ({', '.join(r.statuses)})")
+    after = list(getattr(r, "after_diverged", []))
+    note = f" (seed {', '.join(map(str, after))}: at most, reached after a diverged budget)" if after else ""
+    return _pm(r.tokens, ",.0f") + note + ("" if r.all_reached else f" ({', '.join(r.statuses)})")
 
 
 def first_crossing(conv: pd.DataFrame, evals: pd.DataFrame, row, target: float) -> str:
@@ -151,8 +178,11 @@ def batch_table(fs: pd.DataFrame, conv: pd.DataFrame, evals: pd.DataFrame, best:
         b = best[(best.preset == r.preset) & (best.optimizer == r.optimizer) & (best.global_batch == r.global_batch)
                  & (best.precision == "fp32")]
         edge = b.edge.iloc[0] if len(b) else None
+        unstable = (f", unstable: {r.diverged_runs} of {r.runs} ladder runs diverged"
+                    if getattr(r, "unstable", False) else "")
         rows.append({"optimizer": r.optimizer,
-                     "best lr": f"{r.lr:.3g}" + {"low": " (grid's lowest)", "high": " (grid's highest)"}.get(edge, ""),
+                     "best lr": f"{r.lr:.3g}" + {"low": " (grid's lowest)", "high": " (grid's highest)"}.get(edge, "")
+                     + unstable,
                      f"end-of-budget loss at {int(r.budget):,} tokens": _pm(r.end_losses, ".4f"),
                      "tokens to target": _tokens_cell(r),
                      "speed-up over AdamW": _speedup(r, adamw),
@@ -162,8 +192,7 @@ def batch_table(fs: pd.DataFrame, conv: pd.DataFrame, evals: pd.DataFrame, best:
 
 def scaling_sentences(fs: pd.DataFrame, preset: str) -> list[str]:
     """Across batch sizes, at the same token budget: the lowest mean end-of-budget loss of each batch size and
-    whose it was. Tokens to target are not compared across batch sizes: each batch has its own target (AdamW's
-    loss there at half the budget), so they answer different questions."""
+    whose it was (a fixed budget is a common yardstick too: fewer steps at a bigger batch)."""
     g = fs[(fs.preset == preset) & fs.end_losses.map(len).gt(0)]
     if g.global_batch.nunique() < 2:
         return []
@@ -173,8 +202,100 @@ def scaling_sentences(fs: pd.DataFrame, preset: str) -> list[str]:
         top = x.loc[means.idxmin()]
         parts.append(f"batch {int(batch)} {means.min():.4f} ({top.optimizer})")
     budget = int(g.budget.max())
-    return [f"At {budget:,} tokens the lowest mean end-of-budget loss by global batch: " + ", ".join(parts)
-            + ". Tokens to target are compared within a batch size only (each has its own target)."]
+    return [f"At {budget:,} tokens the lowest mean end-of-budget loss by global batch: " + ", ".join(parts) + "."]
+
+
+@dataclass(frozen=True)
+class CommonTarget:
+    """One loss shared by every model and batch size of a task (``bench.tuning.common_targets``), and every
+    finalist's tokens to it."""
+    task: str
+    name: str           # "moderate" or "hard"
+    loss: float
+    fs: pd.DataFrame    # finalist_stats at this loss
+
+
+def at_common_targets(lad: pd.DataFrame) -> list[CommonTarget]:
+    out = []
+    for task, named in common_targets(lad).items():
+        sub = lad[lad.task == task]
+        keys = set(zip(sub.preset, sub.global_batch))
+        for name, loss in named.items():
+            out.append(CommonTarget(task, name, loss, finalist_stats(sub, {k: loss for k in keys})))
+    return out
+
+
+def _settings(fs: pd.DataFrame, sizes: dict) -> list[tuple]:
+    """(preset, batch) pairs, smallest model first, then smallest batch."""
+    return sorted(set(zip(fs.preset, fs.global_batch)), key=lambda k: (sizes[k[0]][1], k[1]))
+
+
+def _adamw(fs: pd.DataFrame, preset, batch):
+    a = fs[(fs.preset == preset) & (fs.global_batch == batch) & (fs.optimizer == "adamw")]
+    return None if a.empty else a.iloc[0]
+
+
+def common_table(ct: CommonTarget, sizes: dict) -> str:
+    """Optimizers x (model, batch): the speed-up over AdamW at one common target, paired geometric mean [95%
+    confidence interval]."""
+    cols = _settings(ct.fs, sizes)
+    rows = []
+    for opt in sorted(set(ct.fs.optimizer) - {"adamw"}):
+        row = {"optimizer": opt}
+        for preset, batch in cols:
+            r = ct.fs[(ct.fs.preset == preset) & (ct.fs.global_batch == batch) & (ct.fs.optimizer == opt)]
+            cell = "—" if r.empty else _speedup(r.iloc[0], _adamw(ct.fs, preset, batch))
+            if not r.empty and r.iloc[0].unstable:
+                cell += " (unstable)"
+            row[f"{preset}, batch {int(batch)}"] = cell
+        rows.append(row)
+    return md_table(pd.DataFrame(rows))
+
+
+def _trend(points: list[tuple[str, stats.Speedup]], over: str) -> str:
+    """A trend in words, only as strong as the points: three or more, monotone, and the first and last
+    intervals apart, else said to be within noise or absent; two points are listed, not called a trend."""
+    listed = ", ".join(f"{sp.ratio:.2f}x at {x}" for x, sp in points)
+    if len(points) < 3:
+        return f"{listed} (fewer than three {over}: no trend claimed)"
+    r = [sp.ratio for _, sp in points]
+    steps = [b - a for a, b in zip(r, r[1:])]
+    first, last = points[0][1], points[-1][1]
+    apart = first.high < last.low or last.high < first.low
+    if all(d > 0 for d in steps) or all(d < 0 for d in steps):
+        way = "rises" if steps[0] > 0 else "falls"
+        sure = ("the first and last intervals do not overlap" if apart
+                else "but the first and last intervals overlap: within noise")
+        return f"{listed}: {way} with every step in {over}, {sure}"
+    return f"{listed}: no monotone trend over {over}"
+
+
+def trend_sentences(cts: list[CommonTarget], sizes: dict) -> list[str]:
+    """Each optimizer's speed-up over AdamW across batch sizes (per model) and across model sizes (per batch),
+    at each common target: the only place this report speaks of a trend."""
+    out = []
+    for ct in cts:
+        fs = ct.fs
+        for opt in sorted(set(fs.optimizer) - {"adamw"}):
+            mine = fs[fs.optimizer == opt]
+            for axis, fixed, moving in (("batch sizes", "preset", "global_batch"), ("model sizes", "global_batch",
+                                                                                     "preset")):
+                for key, g in mine.groupby(fixed):
+                    order = sorted(g[moving], key=lambda v: sizes[v][1] if moving == "preset" else v)
+                    pts = []
+                    for v in order:
+                        r = g[g[moving] == v].iloc[0]
+                        sp = None if r.bounded else speedup(r, _adamw(fs, r.preset, r.global_batch))
+                        if sp is not None:
+                            pts.append((f"batch {int(v)}" if moving == "global_batch" else str(v), sp))
+                    if len(order) < 2 or len(pts) < 2:
+                        continue
+                    where = f"{key}" if fixed == "preset" else f"batch {int(key)}"
+                    out.append(f"{opt} over AdamW at the {ct.name} target ({ct.loss:.3f} nats), {where}, across "
+                               f"{axis}: {_trend(pts, axis)}"
+                               + ("" if len(pts) == len(order) else f" ({len(order) - len(pts)} without a "
+                                                                     f"measured speed-up left out)") + ".")
+    return out
 
 
 def model_params(conv: pd.DataFrame) -> dict[str, tuple[int, int]]:
@@ -190,32 +311,59 @@ def model_params(conv: pd.DataFrame) -> dict[str, tuple[int, int]]:
 
 
 def size_sentences(fs: pd.DataFrame, sizes: dict) -> list[str]:
-    """Across model sizes (smallest first): whether the ranking (mean end-of-budget loss at the largest budget)
-    and the speed-ups over AdamW hold from the smaller model to the larger."""
+    """Across model sizes (smallest first): whether the ranking by mean end-of-budget loss at the largest
+    budget (a budget every size shares) holds from the smaller model to the larger."""
     presets = sorted(fs.preset.unique(), key=lambda p: sizes[p][1])
     if len(presets) < 2:
         return []
-    out, orders, speed = [], {}, {}
+    orders = {}
     for p in presets:
-        g = fs[fs.preset == p]
+        g = fs[(fs.preset == p) & fs.end_losses.map(len).gt(0)]
         orders[p] = list(g.assign(m=g.end_losses.map(lambda x: stats.mean_std(x)[0])).sort_values("m").optimizer)
-        adamw = g[g.optimizer == "adamw"]
-        for _, r in g.iterrows():
-            if len(adamw) and r.all_reached and adamw.iloc[0].all_reached and r.optimizer != "adamw":
-                speed.setdefault(r.optimizer, {})[p] = stats.ratio(stats.mean_std(adamw.iloc[0].tokens),
-                                                                   stats.mean_std(r.tokens))[0]
     same = len({tuple(o) for o in orders.values()}) == 1
-    out.append("Ranking by mean end-of-budget loss at the largest budget (best first): "
-               + "; ".join(f"{p} ({sizes[p][1]:,} non-embedding parameters): {' < '.join(orders[p])}" for p in presets)
-               + (". The same at every size." if same else ". It changes with the model size."))
-    for opt, by in sorted(speed.items()):
-        if len(by) == len(presets):
-            vals = [by[p] for p in presets]
-            trend = ("holds (above 1 at every size)" if min(vals) > 1 else "holds (below 1 at every size)"
-                     if max(vals) < 1 else "does not hold (it crosses 1)")
-            out.append(f"{opt}'s speed-up over AdamW: " + ", ".join(f"{v:.2f}x at {p}" for p, v in zip(presets, vals))
-                       + f"; its sign {trend}.")
-    return out
+    return ["Ranking by mean end-of-budget loss at the largest budget (best first): "
+            + "; ".join(f"{p} ({sizes[p][1]:,} non-embedding parameters): {' < '.join(orders[p])}" for p in presets)
+            + (". The same at every size." if same else ". It changes with the model size.")]
+
+
+def _method(conv: pd.DataFrame, lad: pd.DataFrame) -> str:
+    budgets = sorted(lad.max_tokens.unique())
+    return (f"Method: every loss compared is an eval loss measured at the end of a completed "
+            f"{conv.lr_schedule.iloc[0]} schedule. Each optimizer's learning rate is tuned at the largest budget "
+            f"(seed 0; a grid whose best sits at an edge is widened once); its best (the finalist) then runs at "
+            f"budgets {', '.join(f'{int(b):,}' for b in budgets)} tokens, each with its own full schedule, with "
+            f"seeds {', '.join(str(int(s)) for s in sorted(lad.seed.unique()))} (a seed draws the initial weights, "
+            f"the training sequences and the held-out sample, the same for every optimizer; the task is the same "
+            f"for every seed). Tokens to target are interpolated log-linearly between the two budgets whose "
+            f"end-of-budget losses bracket the target, never extrapolated, and never across or from a budget whose "
+            f"run diverged: that budget did not reach the target, and a target first reached just after it counts "
+            f"at the budget that reached it (an upper bound). Speed-ups are read at two targets common to every "
+            f"model and batch size of a task (\"Common targets\"); each batch's own target (AdamW's mean "
+            f"end-of-budget loss at {TARGET_FRACTION:g} of the largest budget) is kept as a labelled extra. A "
+            f"speed-up over AdamW is the geometric mean over seeds of AdamW's tokens over the optimizer's, paired by "
+            f"seed, with its 95% confidence interval (Student's t on the log ratios). A winner is declared only "
+            f"where a t-test on log tokens to target over seeds, paired by seed (Welch's where two finalists share "
+            f"fewer than two seeds), gives p < {SIGNIFICANCE} against every other optimizer after Holm's correction "
+            f"for the number of those tests.")
+
+
+def _common_lines(cts: list[CommonTarget], sizes: dict, floor: pd.Series) -> list[str]:
+    if not cts:
+        return ["### Common targets", "", "No task has AdamW finishing every budget of its ladder, so no target "
+                "common to its models and batch sizes is set; only the per-batch targets below.", ""]
+    L = ["### Common targets", "",
+         "Per task, two losses shared by every model and batch size: hard, the highest end-of-budget loss AdamW's "
+         "finalists had at the largest budget over every model, batch size and seed (so each reaches it within the "
+         "ladder), and moderate, halfway from there to AdamW's lowest loss at the smallest budget. Speed-up over "
+         "AdamW: geometric mean over seeds of the paired ratios [95% confidence interval].", ""]
+    for ct in cts:
+        gap = f", {ct.loss - floor.iloc[0]:.3f} above the entropy floor" if len(floor) else ""
+        L += [f"#### {ct.task}: the {ct.name} target, {ct.loss:.3f} nats{gap}", "", common_table(ct, sizes), ""]
+        for preset, batch in _settings(ct.fs, sizes):
+            g = ct.fs[(ct.fs.preset == preset) & (ct.fs.global_batch == batch)]
+            L.append(f"- {preset}, batch {int(batch)}: {verdict(g)}.")
+        L.append("")
+    return L
 
 
 def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[str]:
@@ -231,24 +379,15 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
         return L + ["No finalist finished its ladder of budgets; see \"Not ok\".", ""]
     target = targets(lad)
     fs = finalist_stats(lad, target)
-    budgets = sorted(lad.max_tokens.unique())
-    L.append(f"Method: every loss compared is an eval loss measured at the end of a completed "
-             f"{conv.lr_schedule.iloc[0]} schedule. Each optimizer's learning rate is tuned at the largest budget "
-             f"(seed 0; a grid whose best sits at an edge is widened once); its best (the finalist) then runs at "
-             f"budgets {', '.join(f'{int(b):,}' for b in budgets)} tokens, each with its own full schedule, with "
-             f"seeds {', '.join(str(int(s)) for s in sorted(lad.seed.unique()))} (a seed draws the initial weights, "
-             f"the training sequences and the held-out sample, the same for every optimizer; the task is the same "
-             f"for every seed). Tokens to target are interpolated log-linearly between the two budgets whose "
-             f"end-of-budget losses bracket the target, never extrapolated. The target, per model and batch size, "
-             f"is AdamW's mean end-of-budget loss at {TARGET_FRACTION:g} of the largest budget (without AdamW, "
-             f"the median over the optimizers, said in the batch's heading). A winner is "
-             f"declared only where a t-test on tokens to target over seeds, paired by seed (Welch's where two "
-             f"finalists share fewer than two seeds), gives p < {SIGNIFICANCE} against every other optimizer.")
-    L.append("")
+    sizes = model_params(conv)
+    cts = at_common_targets(lad)
     floor = conv.entropy_floor_nats.dropna()
+    L += [_method(conv, lad), ""] + _common_lines(cts, sizes, floor)
+    L += ["### Per-batch targets (an extra: each batch's own target moves with the batch size, so these speed-ups "
+          "are not compared across batches)", ""]
     for (preset, batch), g in fs.groupby(["preset", "global_batch"]):
         t = target[(preset, batch)]
-        L.append(f"### {preset}, global batch {int(batch)} sequences: target {t:.4f} nats"
+        L.append(f"#### {preset}, global batch {int(batch)} sequences: target {t:.4f} nats"
                  + (f" ({t - floor.iloc[0]:.3f} above the entropy floor)" if len(floor) else "")
                  + ("" if (src := target_source(lad, preset, batch)).startswith("AdamW") else f" ({src})"))
         L.append(batch_table(g, conv, evals, best, t))
@@ -257,13 +396,14 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
     done = set(zip(fs.preset, fs.global_batch))
     for (preset, batch), _ in conv.groupby(["preset", "global_batch"]):
         if (preset, batch) not in done:
-            L += [f"### {preset}, global batch {int(batch)} sequences",
+            L += [f"#### {preset}, global batch {int(batch)} sequences",
                   f"At batch {int(batch)} no run finished its ladder of budgets ({preset}); see \"Not ok\".", ""]
     L.append("### What the runs say")
+    L += [f"- {s}" for s in trend_sentences(cts, sizes)]
     for preset in sorted(fs.preset.unique()):
         L += [f"- {preset}: {s}" for s in scaling_sentences(fs, preset)]
-    sizes = model_params(conv)
     L += [f"- {s}" for s in size_sentences(fs, sizes)]
+    budgets = sorted(lad.max_tokens.unique())
     for preset in sorted(fs.preset.unique()):
         n, non_embedding = sizes[preset]
         L.append(f"- {preset} ({n:,} parameters, {non_embedding:,} without embeddings): the budgets are "
@@ -276,7 +416,7 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
                  "means the grid may still be too narrow): " + ", ".join(where) + ".")
     div = conv[conv.status == "diverged"]
     if not div.empty:
-        L.append(f"- {len(div)} runs diverged (kept as rows): "
+        L.append(f"- {len(div)} runs diverged (kept as rows; a diverged ladder budget counts as not reached): "
                  + ", ".join(f"{r.optimizer} b{int(r.global_batch)} lr {r.lr:.3g}" for _, r in div.iterrows()) + ".")
     L.append("")
     prec = precision_table(conv, best)
@@ -286,7 +426,7 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
     L += layout_estimates(results, fs)
     from bench.report.plots import quality_plots
 
-    for title, path in quality_plots(conv, lad, fs, target, sizes, plot_dir).items():
+    for title, path in quality_plots(conv, lad, target, cts, sizes, plot_dir).items():
         L.append(f"### {title}")
         L.append(f"![{title}](plots/{os.path.basename(path)})")
         L.append("")
@@ -298,17 +438,20 @@ class TokenSpeedup:
     """An optimizer's speed-up in tokens to target over AdamW's, as a convergence reference measured it."""
     optimizer: str
     batch: int
-    speedup: float           # AdamW's mean tokens to target over the optimizer's
+    speedup: float           # AdamW's tokens to target over the optimizer's: geometric mean of the seeds' ratios
     preset: str
     params: int              # the reference's model
-    tokens_per_param: float  # AdamW's mean tokens to target per parameter: the horizon the speed-up is read at
-    target: float            # the loss (nats)
+    tokens_per_param: float  # AdamW's tokens to target per parameter (geometric mean): the horizon it is read at
+    target: float            # the loss (nats): the task's hard common target
     seeds: int
+    low: float = math.nan    # the speed-up's 95% confidence interval
+    high: float = math.nan
 
     def caveat(self) -> str:
         where = (f"a {self.params / 1e6:.2g}M-parameter model ({self.preset}) at batch {self.batch}, to a loss of "
                  f"{self.target:.3f} nats reached at {self.tokens_per_param:.2g} tokens per parameter "
-                 f"({self.seeds} seeds)")
+                 f"({self.seeds} seeds" + ("" if math.isnan(self.low) else
+                                           f"; 95% interval {self.low:.2f}-{self.high:.2f}x") + ")")
         bound = ", so at a larger model it is an optimistic bound" if self.speedup > 1 else ""
         return (f"{self.optimizer}'s token speed-up over AdamW, {self.speedup:.2f}x, is from {where}; published "
                 f"speed-ups shrink with scale and change with the horizon (Wen et al. 2025: matrix optimizers at "
@@ -316,40 +459,43 @@ class TokenSpeedup:
 
 
 def token_speedup(results: pd.DataFrame, optimizer: str, batch: int | None = None) -> TokenSpeedup:
-    """``optimizer``'s token speed-up over AdamW in a convergence sweep's rows (its finalists' mean tokens to
-    target, as "Time to quality" reads them), at ``batch`` (default: the batch where both reached the target
-    with the most tokens, the longest horizon). A ValueError names what the reference lacks."""
+    """``optimizer``'s token speed-up over AdamW in a convergence sweep's rows, as "Time to quality" reads it at
+    the task's hard common target (paired by seed), on the largest model, at ``batch`` (default: the batch where
+    AdamW needed the most tokens, the longest horizon). A ValueError names what the reference lacks."""
     conv = convergence_rows(results)
     if conv.empty or "phase" not in conv or not conv.phase.isin(["ladder"]).any():
         raise ValueError("holds no convergence ladder (run python -m bench.run --matrix convergence)")
-    best = best_runs(conv)
-    lad = ladder(conv, best)
-    fs = finalist_stats(lad, targets(lad))
+    lad = ladder(conv, best_runs(conv))
+    hard = [ct for ct in at_common_targets(lad) if ct.name == "hard"]
+    if not hard:
+        raise ValueError("has no common target (AdamW did not finish every budget of its ladder)")
+    sizes = model_params(conv)
+    fs = hard[0].fs
+    fs = fs[fs.preset == max(fs.preset.unique(), key=lambda p: sizes[p][0])]
     for name in (optimizer, "adamw"):
         if name not in set(fs.optimizer):
             raise ValueError(f"has no finalist of {name} (optimizers: {', '.join(sorted(set(fs.optimizer)))})")
-    done = fs[fs.all_reached]
-    both = sorted(set(done[done.optimizer == optimizer].global_batch)
-                  & set(done[done.optimizer == "adamw"].global_batch))
+    measured = {}
+    for b in sorted(set(fs.global_batch)):
+        adamw, mine = _adamw(fs, fs.preset.iloc[0], b), fs[(fs.global_batch == b) & (fs.optimizer == optimizer)]
+        sp = None if mine.empty or mine.iloc[0].bounded else speedup(mine.iloc[0], adamw)
+        if sp is not None:
+            measured[b] = (sp, adamw)
     batches = sorted(set(fs.global_batch))
     if batch is not None and batch not in batches:
         raise ValueError(f"has no batch {batch} (batches: {', '.join(str(int(b)) for b in batches)})")
-    if batch is not None and batch not in both:
+    if batch is not None and batch not in measured:
         raise ValueError(f"at batch {batch}, {optimizer} or AdamW did not reach the target on every seed: no "
-                         f"speed-up to apply (batches where both did: {', '.join(map(str, map(int, both))) or 'none'})")
-    if not both:
+                         f"speed-up to apply (batches where both did: "
+                         f"{', '.join(str(int(b)) for b in measured) or 'none'})")
+    if not measured:
         raise ValueError(f"{optimizer} and AdamW reached the target together at no batch: no speed-up to apply")
-    mean = {}
-    for name in (optimizer, "adamw"):
-        rows = done[done.optimizer == name].set_index("global_batch")
-        mean[name] = {b: stats.mean_std(rows.loc[b].tokens)[0] for b in both}
     if batch is None:
-        batch = max(both, key=lambda b: mean["adamw"][b])
-    r = done[(done.optimizer == "adamw") & (done.global_batch == batch)].iloc[0]
-    params = model_params(conv)[r.preset][0]
-    target = targets(lad)[(r.preset, batch)]
-    return TokenSpeedup(optimizer, int(batch), mean["adamw"][batch] / mean[optimizer][batch], r.preset, params,
-                        mean["adamw"][batch] / params, target, int(r.seeds))
+        batch = max(measured, key=lambda b: _geomean(measured[b][1].by_seed))
+    sp, adamw = measured[batch]
+    params = sizes[adamw.preset][0]
+    return TokenSpeedup(optimizer, int(batch), sp.ratio, adamw.preset, params, _geomean(adamw.by_seed) / params,
+                        hard[0].loss, sp.seeds, sp.low, sp.high)
 
 
 def precision_table(conv: pd.DataFrame, best: pd.DataFrame) -> str | None:

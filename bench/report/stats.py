@@ -9,6 +9,9 @@
   (``scipy.stats.ttest_rel``, ``ttest_ind(equal_var=False)``), two-sided, with the cases scipy leaves undefined
   (no variance at all) decided here; scipy is imported when a test is made, so a sweep's report without a
   convergence section does not need it.
+* ``paired_speedup``: a speed-up as the geometric mean of per-seed ratios with its 95% confidence interval (t on
+  the log ratios): the interval a paired test's verdict rests on, not an unpaired spread of a ratio of means.
+* ``holm``: Holm's step-down adjustment of the p-values of the tests behind one verdict (Holm 1979).
 * ``ratio``: a ratio of two means and its standard deviation by first-order error propagation.
 """
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import NamedTuple
 
 REACHED = "interpolated"        # between two budgets of the ladder
 AT_FIRST = "by the smallest budget"  # already at or below the target at the smallest budget: an upper bound
-NOT_REACHED = "not reached"     # above the target at every budget
+AFTER_DIVERGED = "after a diverged budget"  # reached at a budget whose smaller neighbour diverged: an upper bound
+NOT_REACHED = "not reached"     # above the target at every budget (or diverged)
 
 
 class Crossing(NamedTuple):
@@ -31,14 +35,24 @@ def tokens_to_target(budgets: list[float], losses: list[float], target: float) -
     """Where the end-of-budget loss crosses ``target``: between consecutive budgets B_i < B_j with
     L_i > target >= L_j, log B = log B_i + (L_i - target) / (L_i - L_j) (log B_j - log B_i). The first such pair
     of budgets counts. At or below the target already at the smallest budget: that budget, marked AT_FIRST (an
-    upper bound, not an estimate). Above it at every budget: NOT_REACHED."""
-    pts = sorted(zip(budgets, losses))
+    upper bound, not an estimate). Above it at every budget: NOT_REACHED.
+
+    A budget whose run diverged has a loss of None (or NaN): it did not reach the target there, and nothing is
+    interpolated across or from it (a diverged run has no end-of-budget loss). When the first budget at or below
+    the target follows a diverged one, the crossing is that budget, marked AFTER_DIVERGED: an upper bound that
+    charges the optimizer the whole budget (the issue 34 review found two diverged budgets interpolated over,
+    which read Adafactor's tokens 2.3x too few)."""
+    pts = sorted((b, None if loss is None or math.isnan(loss) else loss) for b, loss in zip(budgets, losses))
     if not pts:
         return Crossing(None, NOT_REACHED)
-    if pts[0][1] <= target:
+    if pts[0][1] is not None and pts[0][1] <= target:
         return Crossing(pts[0][0], AT_FIRST)
     for (b0, l0), (b1, l1) in zip(pts, pts[1:]):
-        if l0 > target >= l1:
+        if l1 is None or l1 > target:
+            continue
+        if l0 is None:
+            return Crossing(b1, AFTER_DIVERGED)
+        if l0 > target:
             frac = (l0 - target) / (l0 - l1)
             return Crossing(math.exp(math.log(b0) + frac * (math.log(b1) - math.log(b0))), REACHED)
     return Crossing(None, NOT_REACHED)
@@ -95,6 +109,44 @@ def student_t_two_sided(t: float, df: float) -> float:
     from scipy.stats import t as student_t
 
     return float(2 * (norm.sf(abs(t)) if math.isinf(df) else student_t.sf(abs(t), df)))
+
+
+class Speedup(NamedTuple):
+    ratio: float                # the geometric mean of the per-seed ratios
+    low: float                  # its confidence interval (NaN with a single seed)
+    high: float
+    seeds: int
+
+
+def paired_speedup(base: dict, other: dict, level: float = 0.95) -> Speedup | None:
+    """How many times fewer tokens ``other`` needed than ``base`` (seed -> tokens each), over the seeds both
+    have: exp(mean of log(base_s / other_s)), and the interval exp(mean ± t_{(1+level)/2, n-1} sd / sqrt(n)) on
+    those logs. A ratio is averaged on the log scale (2x and 0.5x cancel) and the interval is the one the
+    paired test's verdict rests on: what a seed makes hard for every optimizer cancels. None without a common
+    seed."""
+    common = sorted(set(base) & set(other))
+    if not common:
+        return None
+    logs = [math.log(base[s] / other[s]) for s in common]
+    m, sd = mean_std(logs)
+    if len(logs) < 2:
+        return Speedup(math.exp(m), math.nan, math.nan, 1)
+    from scipy.stats import t as student_t
+
+    half = float(student_t.ppf((1 + level) / 2, len(logs) - 1)) * sd / math.sqrt(len(logs))
+    return Speedup(math.exp(m), math.exp(m - half), math.exp(m + half), len(logs))
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: the i-th smallest (from 0) times (m - i), each
+    at least the one before it, at most 1. A test passes at level a where its adjusted p < a; the family-wise
+    error stays at most a over the m tests (Holm 1979), which uncorrected p-values do not."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    out, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
 
 
 def ratio(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
