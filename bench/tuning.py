@@ -196,8 +196,9 @@ def finalist_stats(lad: "pd.DataFrame", target: dict) -> "pd.DataFrame":
     """Per finalist: its end-of-budget loss at the largest budget and its tokens to target, each seed's.
     ``by_seed`` (and ``tokens``, the same figures in seed order) holds a figure per seed where the target was
     crossed: interpolated, or the budget that reached it after a diverged one (an upper bound, those seeds in
-    ``after_diverged``). A finalist at or below the target already at the smallest budget on every seed is ``bounded`` (its
-    tokens are at most ``bound``). ``unstable``: a run of its ladder diverged (``diverged_runs`` of ``runs``)."""
+    ``after_diverged``). A finalist at or below the target already at the smallest budget on every seed is
+    ``bounded`` (its tokens are at most ``bound``). ``unstable``: a run of its ladder diverged (``diverged_runs``
+    of ``runs``)."""
     import pandas as pd
 
     import bench.report.stats as stats
