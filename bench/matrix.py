@@ -61,21 +61,29 @@ PEERS_SHAPE = {"cpu": dict(preset="mini", seq_len=256, global_batch=8, optimizer
 
 
 # Convergence: which optimizer reaches a loss first, measured the way careful optimizer studies do (Wen et al.
-# 2025): every loss compared is measured at the end of a completed learning-rate schedule. A ladder of budgets
-# (LADDER, fractions of max_tokens), each its own run with its own full schedule: each point is an ordinary
-# run (no checkpoint or branch machinery), resumable and independent, for about 1.94x the longest run's tokens.
+# 2025; Semenov et al. 2025; AlgoPerf): every loss compared is measured at the end of a completed learning-rate
+# schedule. A ladder of budgets (LADDER, fractions of max_tokens), each its own run with its own full schedule:
+# each point is an ordinary run (no checkpoint or branch machinery), resumable and independent.
 # Phases (plan entries carry theirs; tuning.followups adds the later ones from the rows):
-#   grid     every optimizer x batch x learning rate (LR_MULTIPLES of its lr_centre) at the whole budget, seed 0,
-#            with evals every EVAL_EVERY_TOKENS (also the old method's first crossing, for comparison)
-#   widen    one more learning rate beyond a grid's edge where the best (lowest end-of-budget eval loss) sits
-#   ladder   the best learning rate of each optimizer and batch (a finalist) at every budget and seed
+#   grid     every optimizer x batch x learning rate (LR_MULTIPLES of its lr_centre, x LR_STEP apart) at the
+#            whole budget, the tuning seed, weight decay WEIGHT_DECAYS[0], with evals every EVAL_EVERY_TOKENS
+#            (also the old method's first crossing, for comparison)
+#   widen    one more learning rate beyond a grid's edge where the best (lowest end-of-budget eval loss) sits,
+#            until the best is bracketed by two worse neighbours (at most MAX_WIDENINGS per grid)
+#   decay    the best learning rate at each other weight decay (WEIGHT_DECAYS[1:]); the best of all is the
+#            finalist
+#   ladder   each finalist at every budget and evaluation seed (SEEDS: not the tuning seed, so the run that
+#            selected a finalist is not evidence for it)
+#   stable   a finalist with a diverged ladder run is unstable: the next smaller learning rate of its grid
+#            (one that finished) runs the same ladder, reported beside it
+#   seeds    where a verdict's test has MORE_SEEDS_BAND[0] <= p < MORE_SEEDS_BAND[1], both finalists run
+#            SEED_STEP more seeds, up to MAX_SEEDS, before the verdict is called
 #   precision    each batch's winner in bf16
 #   layouts      every finalist's shape timed for 24 steps on single, ddp2, fsdp2 and tp2 (seconds to target)
 #   to-target    each finalist that reached the target on every seed, trained under fsdp2 for its mean tokens
 #                to target: the check of the seconds the report estimates from the layouts rows
-# The target loss is chosen in the report from these rows (AdamW's mean end-of-budget loss at half the
-# budget), so runs never stop early. Sized so that `convergence` finished in about 20 minutes on a 2-core CPU with
-# six optimizers; each optimizer added costs about a sixth more.
+# The targets are chosen in the report from these rows (bench.tuning: two common to every model and batch
+# size, and each batch's own), so runs never stop early.
 CONVERGENCE_BASE = {
     "cpu": dict(preset="tiny-v256", seq_len=64, max_tokens=2**17, lr_schedule="cosine", grad_accum=2, gns=True),
     "cuda": dict(preset="mini", seq_len=256, max_tokens=2**22, lr_schedule="cosine", grad_accum=2, gns=True),
@@ -92,10 +100,15 @@ TEXT_BASE = {"cpu": dict(data="python-stdlib", tokenizer="train:4096", seq_len=1
                           lr_schedule="cosine", grad_accum=1)}
 TEXT_SIZES = ("nano", "tiny")
 TEXT_BATCH = 16
-# The learning-rate grid: the same multiples of each optimizer's centre, log-spaced by LR_STEP.
-LR_STEP = 3.0
-LR_MULTIPLES = {"convergence": (1 / 3, 1, 3), "convergence-full": (1 / 9, 1 / 3, 1, 3, 9),
-                "convergence-text": (1 / 3, 1, 3)}
+# The learning-rate grid: the same multiples of each optimizer's centre, log-spaced by LR_STEP (x2: a x3 grid
+# left AdamW's optimum unresolved, its neighbours 0.87 and 3.38 nats apart at batch 32), widened until the best
+# has a worse neighbour on each side, at most MAX_WIDENINGS times per grid (one at an edge after that is said).
+LR_STEP = 2.0
+LR_MULTIPLES = {"convergence": (1 / 2, 1, 2), "convergence-full": (1 / 4, 1 / 2, 1, 2, 4),
+                "convergence-text": (1 / 2, 1, 2)}
+MAX_WIDENINGS = 3
+# Weight decay: the grid at 0.1 (Semenov et al. 2025 find it a robust default), then 0.01 at the grid's best
+WEIGHT_DECAYS = (0.1, 0.01)
 # Each optimizer's centre (its spec's lr_centre, llmopt.optimizers), measured for it on the generated data
 # (tiny-v256, batch 16, 2^18 tokens, cosine), never borrowed from another: results/README.md, "Learning-rate
 # centres"
@@ -103,8 +116,16 @@ LR_MULTIPLES = {"convergence": (1 / 3, 1, 3), "convergence-full": (1 / 9, 1 / 3,
 # tokens to target sit at TARGET_FRACTION by construction) is still measured, not only bounded (1.94x the
 # longest run's tokens in all); with (1/4, 1/2, 1) Muon and Adafactor reached the target by the smallest budget.
 LADDER = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)
-TARGET_FRACTION = 1 / 2        # the target: AdamW's mean end-of-budget loss at this fraction of the budget
-SEEDS = (0, 1, 2)              # the finalists' seeds (initial weights, training sequences, held-out sample)
+TARGET_FRACTION = 1 / 2        # the per-batch target: AdamW's mean end-of-budget loss at this fraction of the budget
+TUNING_SEED = 0                # the seed the learning rate and weight decay are chosen on
+SEEDS = (1, 2, 3)              # the finalists' evaluation seeds (initial weights, training sequences, held-out sample)
+MORE_SEEDS_BAND = (0.01, 0.1)  # a verdict's p in this band gets more seeds before it is called
+SEED_STEP = 2
+MAX_SEEDS = 8
+# Warm-up: WARMUP_FRACTION of the steps, at least WARMUP_MIN_STEPS (a 32-step run once warmed up for 1), at most
+# half the run (the smallest ladder budgets are a few steps)
+WARMUP_FRACTION = 0.05
+WARMUP_MIN_STEPS = 3
 EVAL_EVERY_TOKENS = 2**14
 EVAL_SEQUENCES = 64
 CONVERGENCE = (*CONVERGENCE_BATCHES, "convergence-text")
@@ -121,10 +142,11 @@ def wrapped_optimizers() -> list[str]:
 
 def convergence_run(device: str, batch: int, base: dict | None = None, **fields) -> dict:
     """One tuning run at global batch ``batch`` over the whole budget (``base``'s max_tokens; by default the
-    device's CONVERGENCE_BASE), with its complete schedule (warm-up over its first 5% of steps, decay to its
-    last step) and an eval every EVAL_EVERY_TOKENS on the first EVAL_SEQUENCES held-out sequences (the same set
-    at every batch size)."""
-    base = dict(base or CONVERGENCE_BASE[device], global_batch=batch, **fields)
+    device's CONVERGENCE_BASE), on the tuning seed at the grid's weight decay, with its complete schedule
+    (warm-up: ``warmup_steps``; decay to its last step) and an eval every EVAL_EVERY_TOKENS on the first
+    EVAL_SEQUENCES held-out sequences (the same set at every batch size)."""
+    base = dict(base or CONVERGENCE_BASE[device], global_batch=batch, weight_decay=WEIGHT_DECAYS[0],
+                seed=TUNING_SEED, **fields)
     schedules = optimizer_spec(base.get("optimizer", "adamw")).lr_schedules
     if schedules and base.get("lr_schedule", "constant") not in schedules:
         base["lr_schedule"] = schedules[0]  # a schedule-free optimizer: its averaging is the decay
@@ -135,13 +157,18 @@ def convergence_run(device: str, batch: int, base: dict | None = None, **fields)
 
 def at_budget(cfg: dict, fraction: float, seed: int) -> dict:
     """``cfg`` (a whole-budget run) at ``fraction`` of its budget and with ``seed``: its own complete schedule
-    over fewer steps (warm-up over the first 5%), and an eval only before the first and after the last step:
+    over fewer steps (warm-up: ``warmup_steps``), and an eval only before the first and after the last step:
     the end-of-budget loss is all a ladder point needs."""
     max_tokens = int(cfg["max_tokens"] * fraction)
     steps = -(-max_tokens // (cfg["global_batch"] * cfg["seq_len"]))
     every = cfg.get("eval_every") if fraction == 1 and seed == cfg.get("seed", 0) else steps
-    return dict(cfg, max_tokens=max_tokens, steps=steps, lr_warmup=max(1, steps // 20), eval_every=every or steps,
+    return dict(cfg, max_tokens=max_tokens, steps=steps, lr_warmup=warmup_steps(steps), eval_every=every or steps,
                 seed=seed)
+
+
+def warmup_steps(steps: int) -> int:
+    """WARMUP_FRACTION of ``steps``, at least WARMUP_MIN_STEPS, at most half of them."""
+    return min(max(math.ceil(WARMUP_FRACTION * steps), WARMUP_MIN_STEPS), steps // 2)
 
 
 def layouts(max_ranks: int, degrees=(2,)) -> list[dict]:

@@ -409,9 +409,18 @@ def prediction_columns(pred: dict, peak) -> dict:
     return cols
 
 
+FLOAT_DIGITS = 8  # significant digits of a float in results.csv
+
+
+def as_written(v: float) -> float:
+    """``v`` as results.csv holds it, so that a row read back from the file and one still in memory compare
+    equal (a resumed sweep's rows are both)."""
+    return float(f"{v:.{FLOAT_DIGITS}g}")
+
+
 def _fmt(v):
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.8g}"
+        return f"{v:.{FLOAT_DIGITS}g}"
     return v

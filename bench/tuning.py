@@ -1,11 +1,11 @@
 """Tuning, stated: which learning rate won for each (model, optimizer, batch size, precision), whether it sits
 at the edge of its grid, and the follow-up runs a convergence matrix adds (see bench.matrix, "Convergence").
 
-Everything is computed from the rows. "Best" is the tuning run (grid or widen phase: the whole budget, seed 0)
-with the lowest end-of-budget eval loss, the loss measured after its learning-rate schedule completed; a run
-that diverged or failed ranks last. Wen et al. 2025 ("Fantastic pretraining optimizers") show that an
-untuned baseline inflates claimed speed-ups about 2x: every optimizer gets the same relative grid around a
-centre measured for it, widened once where it was too narrow.
+Everything is computed from the rows. "Best" is the tuning run (grid, widen or decay phase: the whole budget,
+the tuning seed) with the lowest end-of-budget eval loss, the loss measured after its learning-rate schedule
+completed; a run that diverged or failed ranks last. Wen et al. 2025 ("Fantastic pretraining optimizers") show
+that an untuned baseline inflates claimed speed-ups about 2x: every optimizer, AdamW included, gets the same
+relative grid around a centre measured for it, widened until its best is bracketed, and the same weight decays.
 """
 from __future__ import annotations
 
@@ -14,15 +14,32 @@ from dataclasses import asdict, replace
 from typing import TYPE_CHECKING
 
 from bench.layouts import BASE_LAYOUTS
-from bench.matrix import CONVERGENCE, LADDER, LR_STEP, SEEDS, TARGET_FRACTION, at_budget, rank_budget
+from bench.matrix import (
+    CONVERGENCE,
+    LADDER,
+    LR_STEP,
+    MAX_SEEDS,
+    MAX_WIDENINGS,
+    MORE_SEEDS_BAND,
+    SEED_STEP,
+    SEEDS,
+    TARGET_FRACTION,
+    WEIGHT_DECAYS,
+    at_budget,
+    rank_budget,
+)
 from bench.plan import PlanEntry
+from bench.results import as_written
 from llmopt.core.config import TrainConfig
 
 if TYPE_CHECKING:
     import pandas as pd
 
 GROUP = ("preset", "optimizer", "global_batch", "precision")
-TUNING = ("grid", "widen")  # the phases whose runs tune the learning rate (the whole budget, seed 0)
+TUNING = ("grid", "widen", "decay")  # the phases whose runs tune (the whole budget, the tuning seed)
+# the phases whose runs can be a point of a finalist's ladder (its tuning run is one only where its seed has
+# other budgets too: references made before the tuning seed was kept apart from the evaluation seeds)
+LADDER_PHASES = (*TUNING, "ladder", "seeds")
 
 
 def _num(v) -> float | None:
@@ -55,9 +72,16 @@ def best(rows: list[dict]) -> dict:
     return min(rows, key=lambda r: (rank_key(r), _num(r["lr"])))
 
 
+def lr_grid(rows: list[dict]) -> list[dict]:
+    """A group's learning-rate grid: its runs but the weight-decay follow-ups (phase decay), by learning rate."""
+    return [r for r in rows if r.get("phase") != "decay"]
+
+
 def edge(rows: list[dict]) -> str | None:
-    """'low' or 'high' when the best learning rate is the smallest or largest tried (the grid may be too
-    narrow), else None. A group of one run has no interior."""
+    """'low' or 'high' when the best learning rate of the grid is the smallest or largest tried (it is not
+    bracketed by two worse neighbours: the grid may be too narrow), else None. A group of one run has no
+    interior."""
+    rows = lr_grid(rows)
     if len(rows) < 2:
         return None
     b = best(rows)
@@ -103,7 +127,8 @@ def convergence_rows(results: "pd.DataFrame") -> "pd.DataFrame":
     import pandas as pd
 
     phase = results.phase if "phase" in results else pd.Series("", index=results.index)
-    mask = phase.isin(["grid", "widen", "ladder", "precision"]) | (phase.fillna("").eq("") & has_target(results))
+    mask = (phase.isin([*LADDER_PHASES, "stable", "precision"])
+            | (phase.fillna("").eq("") & has_target(results)))
     return results[mask & (results.status != "skipped")].copy()
 
 
@@ -112,7 +137,8 @@ def _records(df: "pd.DataFrame") -> list[dict]:
 
 
 def best_runs(conv: "pd.DataFrame") -> "pd.DataFrame":
-    """The best tuning run of each (preset, optimizer, global batch, precision), with its grid's edge status."""
+    """The best tuning run of each (preset, optimizer, global batch, precision), with its grid's edge status and
+    the number of tuning runs and their training seconds (the tuning budget each optimizer had)."""
     import pandas as pd
 
     tune = conv[conv.phase.isin(TUNING)] if "phase" in conv else conv
@@ -120,24 +146,68 @@ def best_runs(conv: "pd.DataFrame") -> "pd.DataFrame":
     for g in groups(_records(tune)).values():
         b = dict(best(g))
         b["edge"] = edge(g)
-        b["lrs_tried"] = len(g)
+        b["lrs_tried"] = len(lr_grid(g))
+        b["tuning_runs"] = len(g)
+        b["tuning_seconds"] = sum(_num(r.get("wall_s")) or 0.0 for r in g)
         out.append(b)
     return pd.DataFrame(out)
 
 
 def ladder(conv: "pd.DataFrame", best_rows: "pd.DataFrame") -> "pd.DataFrame":
-    """Every fp32 run of each finalist (its best learning rate, ``best_runs``) that finished or diverged, at
-    every budget and seed: columns preset, optimizer, global_batch, lr, max_tokens, seed, final_eval_loss (NaN
-    where the run diverged: it has no end-of-budget loss), diverged, config_id, task. A diverged budget stays in
-    the ladder so that it counts as not reached there (``stats.tokens_to_target``); a failed run (the harness's
-    fault, not the optimizer's) is left out."""
-    keys = ["preset", "optimizer", "global_batch", "lr"]
-    fin = best_rows[(best_rows.precision == "fp32") & (best_rows.status == "ok")][keys]
+    """Every fp32 run of each finalist (its best learning rate and weight decay, ``best_runs``; role
+    "finalist") and of each unstable finalist's next stable learning rate (phase stable; role "stable") that
+    finished or diverged, at every budget and seed where that seed ran two budgets or more: columns preset,
+    optimizer, global_batch, lr, weight_decay, role, max_tokens, seed, final_eval_loss (NaN where the run
+    diverged: it has no end-of-budget loss), diverged, config_id, tuning_id (the config_id of the whole-budget
+    tuning run it repeats), task. A diverged budget stays so that it
+    counts as not reached there (``stats.tokens_to_target``); a failed run (the harness's fault, not the
+    optimizer's) is left out; the tuning run alone (the tuning seed at the whole budget) selected the finalist
+    and is not evidence for it."""
+    import pandas as pd
+
+    keys = ["preset", "optimizer", "global_batch", "lr", "weight_decay"]
     runs = conv[(conv.precision == "fp32") & conv.status.isin(["ok", "diverged"])]
-    lad = runs.assign(task=task_of(runs)).merge(fin, on=keys)
+    # the keys as results.csv writes them: a resumed sweep's tuning rows come from the file, its ladder's from
+    # memory, and a learning rate of 0.1 / 3 must match itself
+    runs = runs.assign(task=task_of(runs), weight_decay=_column(runs, "weight_decay", 0.0).map(as_written),
+                       lr=runs.lr.map(as_written), phase=_column(runs, "phase", ""))
+    fin = best_rows[(best_rows.precision == "fp32") & (best_rows.status == "ok")]
+    fin = fin.assign(weight_decay=_column(fin, "weight_decay", 0.0).map(as_written),
+                     lr=fin.lr.map(as_written))[keys + ["config_id"]]
+    alt = runs[runs.phase == "stable"]
+    tuned = runs[runs.phase.isin(TUNING) | runs.phase.eq("")].drop_duplicates(keys)[keys + ["config_id"]]
+    lad = pd.concat([runs[runs.phase.isin(LADDER_PHASES) | runs.phase.eq("")]
+                     .merge(fin.rename(columns={"config_id": "tuning_id"}), on=keys).assign(role="finalist"),
+                     alt.merge(tuned.rename(columns={"config_id": "tuning_id"}), on=keys, how="left")
+                     .assign(role="stable")], ignore_index=True)
+    budgets = lad.groupby(keys + ["role", "seed"]).max_tokens.transform("nunique")
+    lad = lad[budgets >= 2].copy()
     lad["diverged"] = lad.status.eq("diverged")
     lad.loc[lad.diverged, "final_eval_loss"] = float("nan")
-    return lad[keys + ["max_tokens", "seed", "final_eval_loss", "diverged", "config_id", "task"]]
+    return lad[keys + ["role", "max_tokens", "seed", "final_eval_loss", "diverged", "config_id", "tuning_id", "task"]]
+
+
+def _column(df: "pd.DataFrame", name: str, default) -> "pd.Series":
+    """``df[name]`` with its gaps filled, or ``default`` everywhere where rows made before it lack it."""
+    import pandas as pd
+
+    return df[name].fillna(default) if name in df else pd.Series(default, index=df.index)
+
+
+def ranked(fs: "pd.DataFrame") -> "pd.DataFrame":
+    """The rows of ``fs`` a verdict ranks, with column ``ranked`` (seed -> tokens): those that reached the target
+    on every seed of two or more, at their crossings, and those there by the smallest budget on every seed, at
+    that budget (an upper bound, so a lead computed from it understates theirs)."""
+    bounded = fs.bounded if "bounded" in fs else False
+    seeds = fs.seeds if "seeds" in fs else fs.tokens.map(len)
+    ok = fs[(fs.all_reached & (fs.tokens.map(len) >= 2)) | (bounded & (seeds >= 2))]
+    return ok.assign(ranked=[dict(r.by_seed) if r.all_reached else {s: r.bound for s in r.seed_list}
+                             for r in ok.itertuples()])
+
+
+def finalists(fs: "pd.DataFrame") -> "pd.DataFrame":
+    """The finalists' rows of ``finalist_stats`` (not the stable alternatives reported beside them)."""
+    return fs[fs.role == "finalist"] if "role" in fs else fs
 
 
 def task_of(rows: "pd.DataFrame") -> "pd.Series":
@@ -158,7 +228,7 @@ def targets(lad: "pd.DataFrame") -> dict[tuple, float]:
     TARGET_FRACTION of the largest (without AdamW, the median over the optimizers of their means there). It
     moves with the batch size, so speed-ups at it are not compared across batches (``common_targets`` are)."""
     out = {}
-    for (preset, batch), g in lad[~lad.diverged].groupby(["preset", "global_batch"]):
+    for (preset, batch), g in lad[~lad.diverged & lad.role.eq("finalist")].groupby(["preset", "global_batch"]):
         budgets = sorted(g.max_tokens.unique())
         at = min(budgets, key=lambda b: abs(b - TARGET_FRACTION * budgets[-1]))
         means = g[g.max_tokens == at].groupby("optimizer").final_eval_loss.mean()
@@ -177,7 +247,7 @@ def common_targets(lad: "pd.DataFrame") -> dict[str, dict[str, float]]:
     the smallest budget, a bound). A task without AdamW, or where AdamW's finalist diverged at its largest
     budget, gets none (the per-batch targets stand alone)."""
     out = {}
-    for task, g in lad.groupby("task"):
+    for task, g in lad[lad.role == "finalist"].groupby("task"):
         a = g[g.optimizer == "adamw"]
         if a.empty:
             continue
@@ -204,7 +274,8 @@ def finalist_stats(lad: "pd.DataFrame", target: dict) -> "pd.DataFrame":
     import bench.report.stats as stats
 
     rows = []
-    for (preset, opt, batch, lr), g in lad.groupby(["preset", "optimizer", "global_batch", "lr"]):
+    for (preset, opt, batch, lr, wd, role), g in lad.groupby(["preset", "optimizer", "global_batch", "lr",
+                                                             "weight_decay", "role"]):
         top = g.max_tokens.max()
         end = g[(g.max_tokens == top) & ~g.diverged].sort_values("seed")
         crossings = {}
@@ -213,7 +284,8 @@ def finalist_stats(lad: "pd.DataFrame", target: dict) -> "pd.DataFrame":
                                                      target[(preset, batch)])
         status = [c.status for c in crossings.values()]
         counted = (stats.REACHED, stats.AFTER_DIVERGED)
-        rows.append({"preset": preset, "optimizer": opt, "global_batch": batch, "lr": lr, "budget": top,
+        rows.append({"preset": preset, "optimizer": opt, "global_batch": batch, "lr": lr, "weight_decay": wd,
+                     "role": role, "tuning_id": g.tuning_id.iloc[0], "budget": top,
                      "budgets": sorted(g.max_tokens.unique()), "seeds": len(crossings),
                      "seed_list": sorted(int(sd) for sd in crossings),
                      "end_losses": list(end.final_eval_loss),
@@ -231,20 +303,17 @@ def finalist_stats(lad: "pd.DataFrame", target: dict) -> "pd.DataFrame":
 
 # ------------------------------------------------------------------------------------------- follow-ups
 def followups(matrix: str, plan: list[PlanEntry], rows: list[dict]) -> list[PlanEntry]:
-    """Entries a convergence matrix adds once every planned entry has its row, one phase at a time: a learning
-    rate beyond the edge of each fp32 grid whose best sits there (once per group); then the ladder: every
-    finalist (the best learning rate of each model, optimizer and batch) at every budget and seed; then each
-    batch's winner in bf16; then every finalist's shape as throughput rows on single, ddp2, fsdp2 and tp2; then
-    each finalist that reached the target trained to it under fsdp2 (the check of seconds to target). Each entry
-    is a pure function of the rows before it, so a resumed sweep adds the same ones."""
+    """Entries a convergence matrix adds once every planned entry has its row, one phase at a time (the
+    phases: bench.matrix, "Convergence"): widen, decay, ladder, stable, seeds (repeated until no verdict is
+    close or MAX_SEEDS), precision, layouts, to-target. Each entry is a pure function of the rows before it, so
+    a resumed sweep adds the same ones."""
     if matrix not in CONVERGENCE:
         return []
     phases = {e.config_id: e.phase for e in plan}
     by_id = {e.config_id: e.config for e in plan}
-    tuning_rows = [r for r in rows if phases.get(r["config_id"]) in TUNING]
+    tuning_rows = [dict(r, phase=phases.get(r["config_id"])) for r in rows if phases.get(r["config_id"]) in TUNING]
     device = plan[0].config.device
     budget = rank_budget(device)
-    widened = {tuple(str(getattr(by_id[cid], k)) for k in GROUP) for cid, ph in phases.items() if ph == "widen"}
     new: list[PlanEntry] = []
     ids = set(by_id)
 
@@ -254,23 +323,43 @@ def followups(matrix: str, plan: list[PlanEntry], rows: list[dict]) -> list[Plan
             ids.add(entry.config_id)
             new.append(entry)
 
+    def key_of(cid: str) -> tuple:
+        return tuple(str(getattr(by_id[cid], k)) for k in GROUP)
+
     fp32 = {k: g for k, g in groups(tuning_rows).items() if k[3] == "fp32"}
+    widenings = [key_of(cid) for cid, ph in phases.items() if ph == "widen"]
     for key, g in fp32.items():
         side = edge(g)
-        if side is None or key in widened:
+        if side is None or widenings.count(key) >= MAX_WIDENINGS:
             continue
-        end = g[0] if side == "low" else g[-1]
+        grid = lr_grid(g)
+        end = grid[0] if side == "low" else grid[-1]
         lr = _num(end["lr"]) / LR_STEP if side == "low" else _num(end["lr"]) * LR_STEP
         add(replace(by_id[end["config_id"]], lr=lr), "widen")
+    if new:
+        return new
+    for g in fp32.values():  # the grid's best at every other weight decay
+        b = best(lr_grid(g))
+        if rank_key(b)[0] == 0 and _num(b.get("weight_decay")) in (None, WEIGHT_DECAYS[0]):
+            for wd in WEIGHT_DECAYS[1:]:
+                add(replace(by_id[b["config_id"]], weight_decay=wd), "decay")
     if new:
         return new
     for g in fp32.values():
         b = best(g)
         if rank_key(b)[0] == 0:
-            for fraction in LADDER:
-                for seed in SEEDS:
-                    if (fraction, seed) != (1, 0):  # the tuning run itself
-                        add(TrainConfig(**at_budget(asdict(by_id[b["config_id"]]), fraction, seed)), "ladder")
+            for cfg in _ladder_configs(by_id[b["config_id"]], SEEDS):
+                add(cfg, "ladder")
+    if new:
+        return new
+    lad, fs = _ladder_analysis(rows, phases)
+    for cfg in stable_alternatives(fp32, fs, by_id):
+        add(cfg, "stable")
+    if new:
+        return new
+    for cid, seeds in more_seeds(lad, fs).items():
+        for cfg in _ladder_configs(by_id[cid], seeds):
+            add(cfg, "seeds")
     if new:
         return new
     wins = winners(tuning_rows)
@@ -290,15 +379,20 @@ def followups(matrix: str, plan: list[PlanEntry], rows: list[dict]) -> list[Plan
     if new:
         return new
     # Last, the check of that estimate: each finalist that reached the target on every seed, trained under
-    # fsdp2 for its mean tokens to target (its own full schedule, seed 0); the report sets its measured seconds
-    # beside the estimate
+    # fsdp2 for its mean tokens to target (its own full schedule, the tuning seed); the report sets its measured
+    # seconds beside the estimate
     for cfg in to_target_runs(rows, phases, by_id):
         add(cfg, "to-target")
     return new
 
 
-def to_target_runs(rows: list[dict], phases: dict, by_id: dict) -> list[TrainConfig]:
-    """The to-target check's configs (``followups``' last phase), from the rows as the report reads them."""
+def _ladder_configs(whole: TrainConfig, seeds) -> list[TrainConfig]:
+    """A whole-budget run's ladder: every budget of LADDER at every one of ``seeds``."""
+    return [TrainConfig(**at_budget(asdict(whole), fraction, seed)) for fraction in LADDER for seed in seeds]
+
+
+def _frame(rows: list[dict], phases: dict) -> "pd.DataFrame":
+    """The rows as the report reads them (the plan's phases; resumed rows' numbers back from text)."""
     import pandas as pd
 
     frame = pd.DataFrame([dict(r, phase=phases.get(r["config_id"], r.get("phase"))) for r in rows])
@@ -307,21 +401,80 @@ def to_target_runs(rows: list[dict], phases: dict, by_id: dict) -> list[TrainCon
         present = frame[col].notna() & (frame[col] != "")
         if numeric.notna().sum() == present.sum():
             frame[col] = numeric
-    conv = convergence_rows(frame)
-    best_rows = best_runs(conv)
-    lad = ladder(conv, best_rows)
+    return frame
+
+
+def _ladder_analysis(rows: list[dict], phases: dict) -> tuple:
+    """(the ladder, its finalist_stats at the per-batch targets) from the rows, or two empty frames."""
+    import pandas as pd
+
+    conv = convergence_rows(_frame(rows, phases))
+    lad = ladder(conv, best_runs(conv)) if len(conv) else pd.DataFrame()
     if lad.empty:
-        return []
+        return lad, pd.DataFrame()
+    return lad, finalist_stats(lad, targets(lad))
+
+
+def stable_alternatives(fp32: dict, fs: "pd.DataFrame", by_id: dict) -> list[TrainConfig]:
+    """For each unstable finalist (a run of its ladder diverged): the largest smaller learning rate of its grid,
+    at its weight decay, whose tuning run finished, at every budget and evaluation seed."""
     out = []
-    for r in finalist_stats(lad, targets(lad)).itertuples():
+    if fs.empty:
+        return out
+    for r in finalists(fs)[finalists(fs).unstable].itertuples():
+        g = fp32.get((str(r.preset), str(r.optimizer), str(r.global_batch), "fp32"), [])
+        below = [x for x in g if rank_key(x)[0] == 0 and _num(x["lr"]) < r.lr
+                 and (_num(x.get("weight_decay")) or 0.0) == r.weight_decay]
+        if below:
+            out += _ladder_configs(by_id[max(below, key=lambda x: _num(x["lr"]))["config_id"]], r.seed_list)
+    return out
+
+
+def more_seeds(lad: "pd.DataFrame", fs: "pd.DataFrame") -> dict[str, list[int]]:
+    """config_id of a finalist's tuning run -> the seeds its ladder should have: where a verdict's test (at the
+    per-batch target or a common one) has MORE_SEEDS_BAND[0] <= p < MORE_SEEDS_BAND[1], the lead and the other
+    optimizer both get SEED_STEP more seeds (the same ones), up to MAX_SEEDS: a verdict that close is not called
+    on three seeds."""
+    import bench.report.stats as stats
+
+    out: dict[str, list[int]] = {}
+    if fs.empty:
+        return out
+    settings = [fs]
+    for task, named in common_targets(lad).items():
+        sub = lad[lad.task == task]
+        settings += [finalist_stats(sub, dict.fromkeys(zip(sub.preset, sub.global_batch), loss))
+                     for loss in named.values()]
+    for at in settings:
+        for _, g in finalists(at).groupby(["preset", "global_batch"]):
+            ok = ranked(g)
+            if len(ok) < 2:
+                continue
+            lead, tests, _ = stats.lead_tests(dict(zip(ok.optimizer, ok.ranked)))
+            for other, w in tests:
+                if not MORE_SEEDS_BAND[0] <= w.p < MORE_SEEDS_BAND[1]:
+                    continue
+                pair = g[g.optimizer.isin([lead, other])]
+                have = sorted(set().union(*pair.seed_list))
+                if len(have) >= MAX_SEEDS:
+                    continue
+                want = have + list(range(max(have) + 1, max(have) + 1 + min(SEED_STEP, MAX_SEEDS - len(have))))
+                for cid in pair.tuning_id:
+                    out[cid] = sorted(set(out.get(cid, [])) | set(want))
+    return out
+
+
+def to_target_runs(rows: list[dict], phases: dict, by_id: dict) -> list[TrainConfig]:
+    """The to-target check's configs (``followups``' last phase), from the rows as the report reads them."""
+    lad, fs = _ladder_analysis(rows, phases)
+    out = []
+    for r in (finalists(fs).itertuples() if len(fs) else []):
         if not r.all_reached:
             continue
-        run = best_rows[(best_rows.preset == r.preset) & (best_rows.optimizer == r.optimizer)
-                        & (best_rows.global_batch == r.global_batch) & (best_rows.precision == "fp32")].iloc[0]
-        whole = asdict(by_id[run.config_id])
+        whole = asdict(by_id[r.tuning_id])
         tokens = math.ceil(sum(r.tokens) / len(r.tokens))
         # no noise-scale instrument (it needs DDP, and the throughput rows run without it)
-        out.append(replace(TrainConfig(**at_budget(whole, tokens / whole["max_tokens"], 0)), gns=False,
+        out.append(replace(TrainConfig(**at_budget(whole, tokens / whole["max_tokens"], whole["seed"])), gns=False,
                            **CHECK_LAYOUT))
     return out
 

@@ -123,74 +123,142 @@ def test_bad_convergence_settings_are_refused(kw, match):
         validate(TrainConfig(**kw))
 
 
-def _row(opt, batch, lr, final=1.0, status="ok", precision="fp32"):
-    return {"config_id": f"{opt}-{batch}-{lr}-{precision}", "preset": "tiny", "optimizer": opt, "global_batch": batch,
-            "lr": lr, "precision": precision, "status": status, "final_eval_loss": final}
+def _row(opt, batch, lr, final=1.0, status="ok", precision="fp32", wd=0.1):
+    return {"config_id": f"{opt}-{batch}-{lr}-{wd}-{precision}", "preset": "tiny", "optimizer": opt,
+            "global_batch": batch, "lr": lr, "weight_decay": wd, "precision": precision, "status": status,
+            "final_eval_loss": final}
 
 
-def test_tuning_picks_the_lowest_end_of_budget_loss_widens_edges_once_then_adds_the_ladder():
+def test_tuning_brackets_each_optimum_tries_both_weight_decays_then_adds_the_ladder_on_other_seeds():
+    """Every optimizer gets the same protocol (issue 34): a grid x2 apart, widened until its best has a worse
+    neighbour on each side (at most MAX_WIDENINGS times), the best at the other weight decay, and the finalist's
+    ladder on the evaluation seeds, which exclude the tuning seed; then an unstable finalist's next stable rate;
+    then the bf16 winner, the layouts, the to-target check."""
     from dataclasses import replace
 
     from bench import tuning
-    from bench.matrix import LADDER, LR_STEP, SEEDS
+    from bench.matrix import LADDER, LR_STEP, MAX_WIDENINGS, SEEDS, TUNING_SEED, WEIGHT_DECAYS
     from bench.plan import PlanEntry
 
+    assert LR_STEP <= 2 and TUNING_SEED not in SEEDS and set(WEIGHT_DECAYS) == {0.01, 0.1}
     rows = [_row("adamw", 4, 1e-3, final=2.0), _row("adamw", 4, 3e-3, final=0.95),
-            _row("adamw", 4, 9e-3, final=0.9),   # the lowest end-of-budget loss: best, at the high edge
-            _row("sgd", 4, 0.03, final=1.5), _row("sgd", 4, 0.1, final=1.2), _row("sgd", 4, 0.3, status="diverged")]
+            _row("adamw", 4, 6e-3, final=0.9),   # the lowest end-of-budget loss: best, at the high edge
+            _row("sgd", 4, 0.03, final=1.5), _row("sgd", 4, 0.1, final=1.2), _row("sgd", 4, 0.3, status="diverged"),
+            _row("lamb", 4, 0.01, final=2.0), _row("lamb", 4, 0.02, final=1.0)]
     g = tuning.groups(rows)
-    assert tuning.best(g[("tiny", "adamw", "4", "fp32")])["lr"] == 9e-3
+    assert tuning.best(g[("tiny", "adamw", "4", "fp32")])["lr"] == 6e-3
     assert tuning.edge(g[("tiny", "adamw", "4", "fp32")]) == "high"
     sgd = g[("tiny", "sgd", "4", "fp32")]
-    assert tuning.best(sgd)["lr"] == 0.1 and tuning.edge(sgd) is None
+    assert tuning.best(sgd)["lr"] == 0.1 and tuning.edge(sgd) is None  # a diverged neighbour is a worse one
     assert tuning.winners(rows)[("tiny", "4")]["optimizer"] == "adamw"
     # every run of a batch diverged: no winner, so no bf16 or layout runs of a diverged "winner"
     assert tuning.winners([_row("adamw", 8, 1e-3, status="diverged"), _row("sgd", 8, 0.1, status="failed")]) == {}
-    base = TrainConfig(device="cpu", grad_accum=1, max_tokens=4096, seq_len=16)
-    plan = [PlanEntry(replace(base, optimizer=r["optimizer"], global_batch=r["global_batch"], lr=r["lr"]),
-                      r["config_id"], phase="grid") for r in rows]
-    more = tuning.followups("convergence", plan, rows)
-    got = [(e.phase, e.config.optimizer, e.config.lr) for e in more]
-    assert got == [("widen", "adamw", 9e-3 * LR_STEP)]
-    # once widened, the group is settled even if the new lr wins again; then every finalist's ladder
-    plan += more
-    rows.append(dict(_row("adamw", 4, 9e-3 * LR_STEP, final=0.85), config_id=more[0].config_id))
-    more = tuning.followups("convergence", plan, rows)
-    assert {e.phase for e in more} == {"ladder"} and len(more) == 2 * (len(LADDER) * len(SEEDS) - 1)
-    ladder = {(e.config.optimizer, e.config.lr, e.config.max_tokens, e.config.seed)
+    base = TrainConfig(device="cpu", grad_accum=1, max_tokens=4096, seq_len=16, seed=TUNING_SEED)
+    plan = [PlanEntry(replace(base, optimizer=r["optimizer"], global_batch=r["global_batch"], lr=r["lr"],
+                              weight_decay=r["weight_decay"]), r["config_id"], phase="grid") for r in rows]
+
+    def step(losses: dict) -> list:
+        """The next phase's entries, after giving the last ones their rows (loss by (optimizer, lr, wd))."""
+        more = tuning.followups("convergence", plan, rows)
+        plan.extend(more)
+        for e in more:
+            c = e.config
+            rows.append(dict(_row(c.optimizer, 4, c.lr, final=losses.get((c.optimizer, c.lr, c.weight_decay), 3.0),
+                                  wd=c.weight_decay, precision=c.precision), config_id=e.config_id))
+        return more
+
+    # adamw at 0.012 wins again, so it widens again; at 0.024 it is worse: bracketed. lamb improves every time:
+    # it stops at MAX_WIDENINGS, still at its edge (the report says so)
+    widen = {("adamw", 0.012, 0.1): 0.85, ("adamw", 0.024, 0.1): 0.88}
+    widen |= {("lamb", 0.02 * 2 ** k, 0.1): 1.0 - 0.1 * k for k in range(1, MAX_WIDENINGS + 1)}
+    lrs = []
+    while (more := step(widen)) and more[0].phase == "widen":
+        lrs += [(e.config.optimizer, round(e.config.lr, 6)) for e in more]
+    assert sorted(lrs) == sorted([("adamw", 0.012), ("adamw", 0.024)]
+                                 + [("lamb", round(0.02 * 2 ** k, 6)) for k in range(1, MAX_WIDENINGS + 1)])
+    # the grid's best at weight decay 0.01 (adamw's finalist becomes that one: 0.80 < 0.85)
+    assert {(e.phase, e.config.optimizer, round(e.config.lr, 6), e.config.weight_decay) for e in more} == \
+        {("decay", "adamw", 0.012, 0.01), ("decay", "sgd", 0.1, 0.01), ("decay", "lamb", 0.16, 0.01)}
+    rows[-3:] = [dict(r, final_eval_loss=v) for r, v in zip(rows[-3:], (0.80, 1.3, 0.75))]
+    more = step({})
+    assert {e.phase for e in more} == {"ladder"} and len(more) == 3 * len(LADDER) * len(SEEDS)
+    ladder = {(e.config.optimizer, round(e.config.lr, 6), e.config.weight_decay, e.config.max_tokens, e.config.seed)
               for e in more}
-    assert ("adamw", 9e-3 * LR_STEP, 1024, 2) in ladder and ("sgd", 0.1, 2048, 0) in ladder
+    assert ("adamw", 0.012, 0.01, 1024, SEEDS[-1]) in ladder and ("sgd", 0.1, 0.1, 2048, SEEDS[0]) in ladder
     assert all(e.config.eval_every == e.config.steps for e in more)  # evals at the end only
-    assert not any(e.config.max_tokens == 4096 and e.config.seed == 0 for e in more)  # the tuning run
-    # then the winner in bf16, then its shape's throughput rows on each layout (no evals)
-    plan += more
-    rows += [dict(_row(e.config.optimizer, 4, e.config.lr), config_id=e.config_id) for e in more]
-    more = tuning.followups("convergence", plan, rows)
-    got = [(e.phase, e.config.precision, e.config.lr) for e in more]
-    assert got == [("precision", "bf16", 9e-3 * LR_STEP)]
+    assert not any(e.config.seed == TUNING_SEED for e in more)  # selection and evaluation never share a run
+    assert all(e.config.lr_warmup >= min(3, e.config.steps // 2) for e in more)  # never 1 step of 32
+    # sgd's ladder diverges once: unstable, so its next smaller rate that finished (0.03) runs the same ladder
+    for r in rows[-len(more):]:
+        cfg = next(e.config for e in more if e.config_id == r["config_id"])
+        r.update(max_tokens=cfg.max_tokens, seed=cfg.seed, final_eval_loss=3.0 - cfg.max_tokens / 4096)
+        if cfg.optimizer == "sgd" and cfg.seed == SEEDS[0] and cfg.max_tokens == 1024:
+            r.update(status="diverged")
+    for r in rows:
+        r.setdefault("max_tokens", 4096)
+        r.setdefault("seed", TUNING_SEED)
+    more = step({})
+    assert {(e.phase, e.config.optimizer, e.config.lr) for e in more} == {("stable", "sgd", 0.03)}
+    assert len(more) == len(LADDER) * len(SEEDS)
     assert tuning.followups("default", plan, rows) == []
-    plan += more
-    rows.append(dict(_row("adamw", 4, 9e-3 * LR_STEP, precision="bf16"), config_id=more[0].config_id))
-    more = tuning.followups("convergence", plan, rows)
-    assert {e.phase for e in more} == {"layouts"} and len(more) == 2 * len(tuning.THROUGHPUT_LAYOUTS)
+    for r in rows[-len(more):]:
+        cfg = next(e.config for e in more if e.config_id == r["config_id"])
+        r.update(max_tokens=cfg.max_tokens, seed=cfg.seed, final_eval_loss=3.2 - cfg.max_tokens / 4096)
+    # every finalist's seeds alike (no verdict is close: no more seeds); then the winner in bf16 (lamb's last
+    # widening, 0.70 at weight decay 0.1: its 0.75 at 0.01 lost), then every finalist's shape as throughput rows
+    # on each layout (no evals)
+    more = step({})
+    assert [(e.phase, e.config.optimizer, e.config.precision, e.config.weight_decay) for e in more] == \
+        [("precision", "lamb", "bf16", 0.1)]
+    more = step({})
+    assert {e.phase for e in more} == {"layouts"} and len(more) == 3 * len(tuning.THROUGHPUT_LAYOUTS)
     assert all(e.config.target_gap == 0 and e.config.eval_every == 0 for e in more)
     layouts = {(e.config.optimizer, e.config.dp, e.config.dp_mode, e.config.tp, e.config.pp) for e in more}
-    assert layouts == {(o, *l) for o in ("adamw", "sgd")
+    assert layouts == {(o, *l) for o in ("adamw", "sgd", "lamb")
                        for l in ((1, "ddp", 1, 1), (2, "ddp", 1, 1), (2, "fsdp", 1, 1), (1, "ddp", 2, 1))}
-    # last, the finalists that reached the target on every seed, trained to it under fsdp2: AdamW's ladder falls
-    # 1.85 - budget/4096 (its tuning run's 0.85 at the whole budget; the target: its 1.35 at half), SGD's ladder
-    # stays at 3.0 (only its seed-0 tuning run gets below the target: not reached on every seed)
-    plan += more
-    cfgs = {e.config_id: e.config for e in plan}
-    for r in rows:
-        cfg = cfgs[r["config_id"]]
-        r.update(max_tokens=cfg.max_tokens, seed=cfg.seed, phase=next(e.phase for e in plan
-                                                                        if e.config_id == r["config_id"]))
-        if r["phase"] == "ladder":
-            r["final_eval_loss"] = 1.85 - cfg.max_tokens / 4096 if cfg.optimizer == "adamw" else 3.0
-    more = tuning.followups("convergence", plan, rows)
-    assert [(e.phase, e.config.optimizer, e.config.dp, e.config.dp_mode, e.config.max_tokens, e.config.seed)
-            for e in more] == [("to-target", "adamw", 2, "fsdp", 2048, 0)]
+    # last, each finalist that reached its batch's target (AdamW's 2.5 at half the budget) on every seed, trained
+    # to it under fsdp2 on the tuning seed: sgd too, its diverged seed counted at the budget after it (2048)
+    more = step({})
+    got = {(e.phase, e.config.optimizer, e.config.dp, e.config.dp_mode, e.config.seed) for e in more}
+    assert got == {("to-target", o, 2, "fsdp", TUNING_SEED) for o in ("adamw", "lamb", "sgd")}
+    assert {e.config.max_tokens for e in more if e.config.optimizer == "adamw"} == {2048}
+
+
+def _ladder_frame(tokens_scale: dict):
+    """A ladder at budgets 1024, 2048, 4096 where AdamW's losses are 3, 2, 1 on every seed (its target, 2.0 at
+    half the budget, is crossed at 2048 tokens) and muon's reach 2.0 after 2048 / r tokens on a seed with scale
+    r (``tokens_scale``: seed -> r): its loss at 2048 is 3 - 1 / (1 - log2 r)."""
+    import pandas as pd
+
+    rows = []
+    for seed, r in tokens_scale.items():
+        mid = 3 - 1 / (1 - math.log2(r))
+        for opt, losses in (("adamw", (3.0, 2.0, 1.0)), ("muon", (3.0, mid, 0.5))):
+            for budget, loss in zip((1024, 2048, 4096), losses):
+                rows.append({"preset": "tiny", "optimizer": opt, "global_batch": 8, "lr": 0.01, "weight_decay": 0.1,
+                             "role": "finalist", "max_tokens": budget, "seed": seed, "final_eval_loss": loss,
+                             "diverged": False, "config_id": f"{opt}-{budget}-{seed}", "tuning_id": f"{opt}-tune",
+                             "task": "generated"})
+    return pd.DataFrame(rows)
+
+
+def test_a_close_verdict_gets_more_seeds_before_it_is_called(monkeypatch):
+    """Where the lead's test against another optimizer has 0.01 <= p < 0.1, both run SEED_STEP more seeds (the
+    same ones), up to MAX_SEEDS; a clear verdict (the same ratio on every seed) adds none."""
+    import bench.tuning as bt
+    from bench.report.stats import lead_tests, paired_speedup
+
+    close = _ladder_frame({1: math.exp(0.10), 2: math.exp(0.15), 3: math.exp(0.20)})
+    fs = bt.finalist_stats(close, bt.targets(close))
+    by = {r.optimizer: r.by_seed for r in fs.itertuples()}
+    assert paired_speedup(by["adamw"], by["muon"]).ratio == pytest.approx(math.exp(0.15), rel=1e-6)
+    lead, tests, _ = lead_tests(by)
+    assert lead == "muon" and 0.01 <= tests[0][1].p < 0.1  # t = 0.15 / (0.05 / sqrt 3) = 5.2, 2 df: p = 0.035
+    assert bt.more_seeds(close, fs) == {"adamw-tune": [1, 2, 3, 4, 5], "muon-tune": [1, 2, 3, 4, 5]}
+    clear = _ladder_frame(dict.fromkeys((1, 2, 3), math.exp(0.15)))
+    assert bt.more_seeds(clear, bt.finalist_stats(clear, bt.targets(clear))) == {}
+    monkeypatch.setattr(bt, "MAX_SEEDS", 3)
+    assert bt.more_seeds(close, fs) == {}
 
 
 def test_tokens_to_target_interpolates_between_budgets_and_never_guesses():

@@ -214,25 +214,16 @@ def budget_curves(lad: pd.DataFrame, target: dict, common: list, path: str) -> s
     return _save(fig, path)
 
 
-def speedup_at_targets(common: list, sizes: dict, path: str) -> str | None:
-    """Each optimizer's speed-up over AdamW at each common target (one panel per task and target), against the
-    batch size (or the model's non-embedding parameters where the task has one batch size), with its paired 95%
-    confidence interval; points are joined only where there are three or more (two points are not a trend)."""
-    import bench.report.quality as quality
-
-    rows = []
-    for i, ct in enumerate(common):
-        for _, r in ct.fs[(ct.fs.optimizer != "adamw") & ~ct.fs.bounded].iterrows():
-            sp = quality.speedup(r, quality._adamw(ct.fs, r.preset, r.global_batch))
-            if sp is not None and sp.seeds > 1:
-                rows.append({"panel": i, "optimizer": r.optimizer, "preset": r.preset, "batch": int(r.global_batch),
-                             "params": sizes[r.preset][1], "speedup": sp.ratio, "low": sp.low, "high": sp.high})
-    d = pd.DataFrame(rows)
+def speedup_at_targets(d: pd.DataFrame, titles: list[str], path: str) -> str | None:
+    """Each optimizer's speed-up over AdamW at each common target (one panel per title; ``d``'s rows: panel,
+    optimizer, preset, batch, params, speedup, low, high, from ``bench.report.quality.speedup_points``) against
+    the batch size (or the model's non-embedding parameters where the task has one batch size), with its paired
+    95% confidence interval; points are joined only where there are three or more (two are not a trend)."""
     if d.empty:
         return None
     colour = _colours(d)
-    fig, axes = plt.subplots(1, len(common), figsize=(5.2 * len(common), 4.2), squeeze=False)
-    for i, (ax, ct) in enumerate(zip(axes[0], common)):
+    fig, axes = plt.subplots(1, len(titles), figsize=(5.2 * len(titles), 4.2), squeeze=False)
+    for i, (ax, title) in enumerate(zip(axes[0], titles)):
         p = d[d.panel == i]
         x = "batch" if p.batch.nunique() > 1 else "params"
         for (opt, preset), o in p.groupby(["optimizer", "preset"]):
@@ -243,7 +234,7 @@ def speedup_at_targets(common: list, sizes: dict, path: str) -> str | None:
         ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
         ax.set(xscale="log", yscale="log", ylabel="speed-up over AdamW (tokens to target)",
                xlabel="global batch (sequences)" if x == "batch" else "non-embedding parameters",
-               title=f"{ct.name} target, {ct.loss:.3f} nats")
+               title=title)
         if x == "batch":
             ax.set_xticks(sorted(p.batch.unique()), [str(b) for b in sorted(p.batch.unique())])
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -289,13 +280,14 @@ def tuning_curves(conv: pd.DataFrame, lad: pd.DataFrame, target: dict, path: str
     return _save(fig, path)
 
 
-def quality_plots(conv: pd.DataFrame, lad: pd.DataFrame, target: dict, common: list,
-                  sizes: dict, plot_dir: str) -> dict[str, str]:
+def quality_plots(conv: pd.DataFrame, lad: pd.DataFrame, target: dict, common: list, speedups: pd.DataFrame,
+                  plot_dir: str) -> dict[str, str]:
     makedirs(plot_dir)
     out = {"End-of-budget loss vs budget, over seeds": budget_curves(lad, target, common,
                                                                      os.path.join(plot_dir, "budgets.png")),
            "Tuning curves": tuning_curves(conv, lad, target, os.path.join(plot_dir, "tuning.png"))}
-    speed = speedup_at_targets(common, sizes, os.path.join(plot_dir, "speedup_at_targets.png"))
+    titles = [f"{ct.name} target, {ct.loss:.3f} nats" for ct in common]
+    speed = speedup_at_targets(speedups, titles, os.path.join(plot_dir, "speedup_at_targets.png"))
     if speed:
         out["Speed-up over AdamW at the common targets"] = speed
     return out

@@ -28,7 +28,7 @@ import bench.report.stats as stats
 from bench.layouts import layout_name
 from bench.matrix import TARGET_FRACTION
 from bench.report.markdown import fmt, md_table
-from bench.tuning import best_runs, common_targets, convergence_rows, finalist_stats, ladder, targets
+from bench.tuning import best_runs, common_targets, convergence_rows, finalist_stats, finalists, ladder, ranked, targets
 
 SIGNIFICANCE = 0.05  # the two-sided p below which a lead counts
 
@@ -56,44 +56,17 @@ def targets_table(rows: pd.DataFrame) -> list[str]:
             md_table(t), ""]
 
 
-def _ranked_tokens(r) -> dict[int, float]:
-    """seed -> the tokens a finalist is ranked on: its crossings, or for a bounded one its bound on every seed
-    (an upper bound, so a lead computed from it understates the bounded finalist's)."""
-    return dict(r.by_seed) if r.all_reached else {s: r.bound for s in r.seed_list}
-
-
-def _geomean(tokens: dict[int, float]) -> float:
-    return math.exp(sum(math.log(t) for t in tokens.values()) / len(tokens))
-
-
-def compare(a: dict[int, float], b: dict[int, float]) -> stats.TTest:
-    """Tokens to target of two finalists over seeds, on the log scale (a speed-up is a ratio): paired over the
-    seeds both have (a seed draws the same initial weights, training sequences and held-out sample for every
-    optimizer, so a seed that is hard for one is hard for all: on real text seed 1's losses were the highest
-    for 11 of 12 finalists), else Welch's."""
-    common = sorted(set(a) & set(b))
-    if len(common) >= 2:
-        return stats.paired([math.log(a[s]) for s in common], [math.log(b[s]) for s in common])
-    return stats.welch([math.log(t) for t in a.values()], [math.log(t) for t in b.values()])
-
-
 def verdict(fs: pd.DataFrame) -> str:
     """Who reached the target first at one (model, batch, target): the optimizer with the fewest tokens
     (geometric mean over seeds) among those that reached it on every seed (a finalist there by the smallest
     budget counts at that budget, an upper bound), declared the winner only where a t-test on log tokens over
-    seeds (``compare``) puts it ahead of every other such optimizer at p < SIGNIFICANCE after Holm's correction
-    for the number of those tests; otherwise the tie, named, with the numbers."""
-    bounded = fs.bounded if "bounded" in fs else pd.Series(False, index=fs.index)
-    seeds = fs.seeds if "seeds" in fs else fs.tokens.map(len)
-    ok = fs[(fs.all_reached & (fs.tokens.map(len) >= 2)) | (bounded & (seeds >= 2))]
+    seeds (``stats.lead_tests``) puts it ahead of every other such optimizer at p < SIGNIFICANCE after Holm's
+    correction for the number of those tests; otherwise the tie, named, with the numbers."""
+    ok = ranked(finalists(fs))
     if ok.empty:
         return "no optimizer reached the target on every seed, so none is ranked"
-    ranked = ok.apply(_ranked_tokens, axis=1)
-    mean = ranked.map(_geomean)
-    lead = ok.loc[mean.idxmin()]
-    others = ok.drop(index=mean.idxmin())
-    tests = [(other.optimizer, compare(ranked[mean.idxmin()], ranked[i])) for i, other in others.iterrows()]
-    adjusted = stats.holm([w.p for _, w in tests])
+    lead_name, tests, adjusted = stats.lead_tests(dict(zip(ok.optimizer, ok.ranked)))
+    lead = ok[ok.optimizer == lead_name].iloc[0]
     tied = [name for (name, _), p in zip(tests, adjusted) if p >= SIGNIFICANCE]
     numbers = "; ".join(f"vs {name}: {w.kind} t = {w.t:.2f}, df = {w.df:.1f}, p = {w.p:.3g}"
                         + (f", Holm p = {p:.3g}" if len(tests) > 1 else "")
@@ -138,7 +111,7 @@ def _speedup(row, adamw) -> str:
     if adamw is None or not adamw.all_reached:
         return "—"
     if getattr(row, "bounded", False):  # its tokens are at most the bound: the speed-up is at least this
-        return f"≥ {_geomean(adamw.by_seed) / row.bound:.2f} (reached by the smallest budget)"
+        return f"≥ {stats.geomean(adamw.by_seed) / row.bound:.2f} (reached by the smallest budget)"
     sp = speedup(row, adamw)
     if sp is None:
         return "—"
@@ -147,6 +120,11 @@ def _speedup(row, adamw) -> str:
                                                                                       ("adamw", adamw))
               if len(getattr(r, "after_diverged", []))]
     return cell + (f" ({'; '.join(bounds)}: tokens at most, reached after a diverged budget)" if bounds else "")
+
+
+def _name(r) -> str:
+    """An optimizer's row label: its name, or for an unstable finalist's next stable rate, says so."""
+    return r.optimizer if getattr(r, "role", "finalist") == "finalist" else f"{r.optimizer} (next stable lr)"
 
 
 def _tokens_cell(r) -> str:
@@ -171,16 +149,16 @@ def first_crossing(conv: pd.DataFrame, evals: pd.DataFrame, row, target: float) 
 
 def batch_table(fs: pd.DataFrame, conv: pd.DataFrame, evals: pd.DataFrame, best: pd.DataFrame,
                 target: float) -> str:
-    adamw = fs[fs.optimizer == "adamw"]
+    adamw = finalists(fs)[finalists(fs).optimizer == "adamw"]
     adamw = None if adamw.empty else adamw.iloc[0]
     rows = []
-    for _, r in fs.sort_values("optimizer").iterrows():
+    for _, r in fs.sort_values(["optimizer", "lr"], ascending=[True, False]).iterrows():
         b = best[(best.preset == r.preset) & (best.optimizer == r.optimizer) & (best.global_batch == r.global_batch)
                  & (best.precision == "fp32")]
         edge = b.edge.iloc[0] if len(b) else None
         unstable = (f", unstable: {r.diverged_runs} of {r.runs} ladder runs diverged"
                     if getattr(r, "unstable", False) else "")
-        rows.append({"optimizer": r.optimizer,
+        rows.append({"optimizer": _name(r),
                      "best lr": f"{r.lr:.3g}" + {"low": " (grid's lowest)", "high": " (grid's highest)"}.get(edge, "")
                      + unstable,
                      f"end-of-budget loss at {int(r.budget):,} tokens": _pm(r.end_losses, ".4f"),
@@ -231,6 +209,7 @@ def _settings(fs: pd.DataFrame, sizes: dict) -> list[tuple]:
 
 
 def _adamw(fs: pd.DataFrame, preset, batch):
+    fs = finalists(fs)
     a = fs[(fs.preset == preset) & (fs.global_batch == batch) & (fs.optimizer == "adamw")]
     return None if a.empty else a.iloc[0]
 
@@ -240,16 +219,32 @@ def common_table(ct: CommonTarget, sizes: dict) -> str:
     confidence interval]."""
     cols = _settings(ct.fs, sizes)
     rows = []
-    for opt in sorted(set(ct.fs.optimizer) - {"adamw"}):
-        row = {"optimizer": opt}
+    fs = ct.fs.assign(role=ct.fs.role if "role" in ct.fs else "finalist")
+    for (opt, role), mine in sorted(fs[fs.optimizer != "adamw"].groupby(["optimizer", "role"])):
+        row = {"optimizer": opt if role == "finalist" else f"{opt} (next stable lr)"}
         for preset, batch in cols:
-            r = ct.fs[(ct.fs.preset == preset) & (ct.fs.global_batch == batch) & (ct.fs.optimizer == opt)]
-            cell = "—" if r.empty else _speedup(r.iloc[0], _adamw(ct.fs, preset, batch))
+            r = mine[(mine.preset == preset) & (mine.global_batch == batch)]
+            cell = "—" if r.empty else _speedup(r.iloc[0], _adamw(fs, preset, batch))
             if not r.empty and r.iloc[0].unstable:
                 cell += " (unstable)"
+            if not r.empty and role != "finalist":
+                cell += f" (lr {r.iloc[0].lr:.3g})"
             row[f"{preset}, batch {int(batch)}"] = cell
         rows.append(row)
     return md_table(pd.DataFrame(rows))
+
+
+def speedup_points(cts: list[CommonTarget], sizes: dict) -> pd.DataFrame:
+    """Every measured speed-up over AdamW at the common targets (bounded ones and single seeds left out), for
+    the plot: columns panel (the index in ``cts``), optimizer, preset, batch, params, speedup, low, high."""
+    rows = []
+    for i, ct in enumerate(cts):
+        for _, r in finalists(ct.fs)[(finalists(ct.fs).optimizer != "adamw") & ~finalists(ct.fs).bounded].iterrows():
+            sp = speedup(r, _adamw(ct.fs, r.preset, r.global_batch))
+            if sp is not None and sp.seeds > 1:
+                rows.append({"panel": i, "optimizer": r.optimizer, "preset": r.preset, "batch": int(r.global_batch),
+                             "params": sizes[r.preset][1], "speedup": sp.ratio, "low": sp.low, "high": sp.high})
+    return pd.DataFrame(rows)
 
 
 def _trend(points: list[tuple[str, stats.Speedup]], over: str) -> str:
@@ -275,7 +270,7 @@ def trend_sentences(cts: list[CommonTarget], sizes: dict) -> list[str]:
     at each common target: the only place this report speaks of a trend."""
     out = []
     for ct in cts:
-        fs = ct.fs
+        fs = finalists(ct.fs)
         for opt in sorted(set(fs.optimizer) - {"adamw"}):
             mine = fs[fs.optimizer == opt]
             for axis, fixed, moving in (("batch sizes", "preset", "global_batch"), ("model sizes", "global_batch",
@@ -327,19 +322,37 @@ def size_sentences(fs: pd.DataFrame, sizes: dict) -> list[str]:
 
 
 def _method(conv: pd.DataFrame, lad: pd.DataFrame) -> str:
+    """The protocol as these rows ran it (references made before the protocol changed say so themselves)."""
     budgets = sorted(lad.max_tokens.unique())
+    tune = conv[conv.phase.isin(["grid", "widen", "decay"])]
+    decays = sorted(tune.weight_decay.dropna().unique()) if "weight_decay" in tune else []
+    reused = bool((lad.config_id == lad.tuning_id).any())
+    whole = tune[tune.max_tokens == tune.max_tokens.max()]
+    def span(col):
+        lo, hi = int(whole[col].min()), int(whole[col].max())
+        return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+    warm = (f"warm-up {span('lr_warmup')} of {span('steps')} steps at the largest budget"
+            if "lr_warmup" in whole and len(whole) else "")
     return (f"Method: every loss compared is an eval loss measured at the end of a completed "
-            f"{conv.lr_schedule.iloc[0]} schedule. Each optimizer's learning rate is tuned at the largest budget "
-            f"(seed 0; a grid whose best sits at an edge is widened once); its best (the finalist) then runs at "
-            f"budgets {', '.join(f'{int(b):,}' for b in budgets)} tokens, each with its own full schedule, with "
-            f"seeds {', '.join(str(int(s)) for s in sorted(lad.seed.unique()))} (a seed draws the initial weights, "
-            f"the training sequences and the held-out sample, the same for every optimizer; the task is the same "
-            f"for every seed). Tokens to target are interpolated log-linearly between the two budgets whose "
+            f"{conv.lr_schedule.iloc[0]} schedule ({warm}). Each optimizer's learning rate is tuned at the largest "
+            f"budget on seed {int(tune.seed.min()) if len(tune) else 0}, AdamW's too, on a grid of the same "
+            f"multiples of a centre measured for each optimizer, widened where its best sat at an edge; weight "
+            f"decay {' and '.join(f'{d:g}' for d in decays) or 'as configured'}"
+            + (" (the grid at the first, its best learning rate at the other)" if len(decays) > 1 else "")
+            + f". The best (the finalist) then runs at budgets {', '.join(f'{int(b):,}' for b in budgets)} tokens, "
+            f"each with its own full schedule, with seeds {', '.join(str(int(s)) for s in sorted(lad.seed.unique()))}"
+            + (" (the tuning run counts as its seed's largest budget: this reference was made before selection and "
+               "evaluation used separate seeds)" if reused else " (not the tuning seed: the run that selected a "
+               "finalist is not evidence for it)")
+            + ". A seed draws the initial weights, the training sequences and the held-out sample, the same for "
+            f"every optimizer. Tokens to target are interpolated log-linearly between the two budgets whose "
             f"end-of-budget losses bracket the target, never extrapolated, and never across or from a budget whose "
             f"run diverged: that budget did not reach the target, and a target first reached just after it counts "
             f"at the budget that reached it (an upper bound). Speed-ups are read at two targets common to every "
             f"model and batch size of a task (\"Common targets\"); each batch's own target (AdamW's mean "
-            f"end-of-budget loss at {TARGET_FRACTION:g} of the largest budget) is kept as a labelled extra. A "
+            f"end-of-budget loss at {TARGET_FRACTION:g} of the largest budget; without AdamW, the median over the "
+            f"optimizers, said in the batch's heading) is kept as a labelled extra. A "
             f"speed-up over AdamW is the geometric mean over seeds of AdamW's tokens over the optimizer's, paired by "
             f"seed, with its 95% confidence interval (Student's t on the log ratios). A winner is declared only "
             f"where a t-test on log tokens to target over seeds, paired by seed (Welch's where two finalists share "
@@ -349,8 +362,9 @@ def _method(conv: pd.DataFrame, lad: pd.DataFrame) -> str:
 
 def _common_lines(cts: list[CommonTarget], sizes: dict, floor: pd.Series) -> list[str]:
     if not cts:
-        return ["### Common targets", "", "No task has AdamW finishing every budget of its ladder, so no target "
-                "common to its models and batch sizes is set; only the per-batch targets below.", ""]
+        return ["### Common targets", "", "No task has an AdamW finalist whose largest budget finished on every "
+                "seed, so no target common to its models and batch sizes is set (they are read off AdamW's runs); "
+                "only the per-batch targets below.", ""]
     L = ["### Common targets", "",
          "Per task, two losses shared by every model and batch size: hard, the highest end-of-budget loss AdamW's "
          "finalists had at the largest budget over every model, batch size and seed (so each reaches it within the "
@@ -401,8 +415,8 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
     L.append("### What the runs say")
     L += [f"- {s}" for s in trend_sentences(cts, sizes)]
     for preset in sorted(fs.preset.unique()):
-        L += [f"- {preset}: {s}" for s in scaling_sentences(fs, preset)]
-    L += [f"- {s}" for s in size_sentences(fs, sizes)]
+        L += [f"- {preset}: {s}" for s in scaling_sentences(finalists(fs), preset)]
+    L += [f"- {s}" for s in size_sentences(finalists(fs), sizes)]
     budgets = sorted(lad.max_tokens.unique())
     for preset in sorted(fs.preset.unique()):
         n, non_embedding = sizes[preset]
@@ -419,6 +433,7 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
         L.append(f"- {len(div)} runs diverged (kept as rows; a diverged ladder budget counts as not reached): "
                  + ", ".join(f"{r.optimizer} b{int(r.global_batch)} lr {r.lr:.3g}" for _, r in div.iterrows()) + ".")
     L.append("")
+    L += tuning_budget(best)
     prec = precision_table(conv, best)
     if prec is not None:
         L.append("### Precision (each batch's winner in bf16, the largest budget, seed 0)")
@@ -426,7 +441,7 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
     L += layout_estimates(results, fs)
     from bench.report.plots import quality_plots
 
-    for title, path in quality_plots(conv, lad, target, cts, sizes, plot_dir).items():
+    for title, path in quality_plots(conv, lad, target, cts, speedup_points(cts, sizes), plot_dir).items():
         L.append(f"### {title}")
         L.append(f"![{title}](plots/{os.path.basename(path)})")
         L.append("")
@@ -470,7 +485,7 @@ def token_speedup(results: pd.DataFrame, optimizer: str, batch: int | None = Non
     if not hard:
         raise ValueError("has no common target (AdamW did not finish every budget of its ladder)")
     sizes = model_params(conv)
-    fs = hard[0].fs
+    fs = finalists(hard[0].fs)
     fs = fs[fs.preset == max(fs.preset.unique(), key=lambda p: sizes[p][0])]
     for name in (optimizer, "adamw"):
         if name not in set(fs.optimizer):
@@ -491,11 +506,27 @@ def token_speedup(results: pd.DataFrame, optimizer: str, batch: int | None = Non
     if not measured:
         raise ValueError(f"{optimizer} and AdamW reached the target together at no batch: no speed-up to apply")
     if batch is None:
-        batch = max(measured, key=lambda b: _geomean(measured[b][1].by_seed))
+        batch = max(measured, key=lambda b: stats.geomean(measured[b][1].by_seed))
     sp, adamw = measured[batch]
     params = sizes[adamw.preset][0]
-    return TokenSpeedup(optimizer, int(batch), sp.ratio, adamw.preset, params, _geomean(adamw.by_seed) / params,
+    return TokenSpeedup(optimizer, int(batch), sp.ratio, adamw.preset, params, stats.geomean(adamw.by_seed) / params,
                         hard[0].loss, sp.seeds, sp.low, sp.high)
+
+
+def tuning_budget(best: pd.DataFrame) -> list[str]:
+    """What each optimizer's tuning cost (AlgoPerf states it): its tuning runs (the learning-rate grid, its
+    widenings, the other weight decays) over every model and batch size, and their seconds."""
+    b = best[best.precision == "fp32"]
+    if "tuning_runs" not in b or b.empty:
+        return []
+    t = b.groupby("optimizer").agg(runs=("tuning_runs", "sum"), seconds=("tuning_seconds", "sum"),
+                                   settings=("tuning_runs", "size")).reset_index()
+    t["seconds"] = t.seconds.map(lambda v: f"{v:,.0f}")
+    return ["### Tuning budget", "",
+            "Tuning runs per optimizer (every model and batch size; each at the whole budget on the tuning seed) "
+            "and their seconds (wall, each run alone on the machine): the same protocol for every optimizer, so "
+            "the counts differ only by the widenings a grid needed before its best was bracketed.", "",
+            md_table(t.rename(columns={"settings": "models x batch sizes"})), ""]
 
 
 def precision_table(conv: pd.DataFrame, best: pd.DataFrame) -> str | None:
@@ -522,7 +553,7 @@ def layout_estimates(results: pd.DataFrame, fs: pd.DataFrame) -> list[str]:
     if "phase" not in results:
         return []
     ok = results[results.status == "ok"]
-    thr, done = ok[ok.phase == "layouts"], fs[fs.all_reached]
+    thr, done = ok[ok.phase == "layouts"], finalists(fs)[finalists(fs).all_reached]
     if thr.empty or done.empty:
         return []
     thr = thr.assign(layout=thr.apply(layout_name, axis=1))
