@@ -37,6 +37,7 @@ from dataclasses import asdict, fields
 
 from bench.layouts import BASE_LAYOUTS
 from bench.plan import PlanEntry, baseline_of, config_id
+from bench.study import STUDIES, Study
 from llmopt.core.config import PRECISIONS, TrainConfig, check_given
 from llmopt.optimizers import names as optimizer_names
 from llmopt.optimizers import registry as optimizer_registry
@@ -60,75 +61,28 @@ PEERS_SHAPE = {"cpu": dict(preset="mini", seq_len=256, global_batch=8, optimizer
                "cuda": dict(preset="gpt2", seq_len=1024, global_batch=16, optimizer="adamw", steps=12)}
 
 
-# Convergence: which optimizer reaches a loss first, measured the way careful optimizer studies do (Wen et al.
-# 2025; Semenov et al. 2025; AlgoPerf): every loss compared is measured at the end of a completed learning-rate
-# schedule. A ladder of budgets (LADDER, fractions of max_tokens), each its own run with its own full schedule:
-# each point is an ordinary run (no checkpoint or branch machinery), resumable and independent.
-# Phases (plan entries carry theirs; tuning.followups adds the later ones from the rows):
-#   grid     every optimizer x batch x learning rate (LR_MULTIPLES of its lr_centre, x LR_STEP apart) at the
-#            whole budget, the tuning seed, weight decay WEIGHT_DECAYS[0], with evals every EVAL_EVERY_TOKENS
-#            (also the old method's first crossing, for comparison)
-#   widen    one more learning rate beyond a grid's edge where the best (lowest end-of-budget eval loss) sits,
-#            until the best is bracketed by two worse neighbours (at most MAX_WIDENINGS per grid)
-#   decay    the best learning rate at each other weight decay (WEIGHT_DECAYS[1:]); the best of all is the
-#            finalist
-#   ladder   each finalist at every budget and evaluation seed (SEEDS: not the tuning seed, so the run that
-#            selected a finalist is not evidence for it)
-#   stable   a finalist with a diverged ladder run is unstable: the next smaller learning rate of its grid
-#            (one that finished) runs the same ladder, reported beside it
-#   seeds    where a verdict's test has MORE_SEEDS_BAND[0] <= p < MORE_SEEDS_BAND[1], both finalists run
-#            SEED_STEP more seeds, up to MAX_SEEDS, before the verdict is called
-#   precision    each batch's winner in bf16
-#   layouts      every finalist's shape timed for 24 steps on single, ddp2, fsdp2 and tp2 (seconds to target)
-#   to-target    each finalist that reached the target on every seed, trained under fsdp2 for its mean tokens
-#                to target: the check of the seconds the report estimates from the layouts rows
-# The targets are chosen in the report from these rows (bench.tuning: two common to every model and batch
-# size, and each batch's own), so runs never stop early.
+# Convergence studies (bench.study: the protocol, its phases and the named studies). The base fields of the
+# named ones, per device; the targets are chosen in the report from the rows (bench.tuning: two common to every
+# model and batch size, and each batch's own), so runs never stop early.
 CONVERGENCE_BASE = {
     "cpu": dict(preset="tiny-v256", seq_len=64, max_tokens=2**17, lr_schedule="cosine", grad_accum=2, gns=True),
     "cuda": dict(preset="mini", seq_len=256, max_tokens=2**22, lr_schedule="cosine", grad_accum=2, gns=True),
 }
-# convergence: the CPU's default batch (8) and 8x it, within about 20 minutes on 2 cores (4, 16 and 64 took 28
-# min; the smallest batch, all per-step overhead, was 43% of it); convergence-full: every power of two between
-CONVERGENCE_BATCHES = {"convergence": (8, 64), "convergence-full": (4, 8, 16, 32, 64)}
 # Real text: the Python standard library's sources with a BPE trained on them (prepared once into the cache,
-# offline), at two model sizes 4x apart in non-embedding parameters (nano: 0.20M, tiny: 0.79M), one batch size;
-# sized to finish within about an hour on a 2-core CPU (tiny and mini at 2^19 tokens would take about three).
+# offline), at two model sizes (bench.study); sized to finish within about an hour on a 2-core CPU (tiny and mini at
+# 2^19 tokens would take about three).
 TEXT_BASE = {"cpu": dict(data="python-stdlib", tokenizer="train:4096", seq_len=128, max_tokens=2**18,
                          lr_schedule="cosine", grad_accum=1),
              "cuda": dict(data="python-stdlib", tokenizer="train:4096", seq_len=256, max_tokens=2**24,
                           lr_schedule="cosine", grad_accum=1)}
-TEXT_SIZES = ("nano", "tiny")
-TEXT_BATCH = 16
-# The learning-rate grid: the same multiples of each optimizer's centre, log-spaced by LR_STEP (x2: a x3 grid
-# left AdamW's optimum unresolved, its neighbours 0.87 and 3.38 nats apart at batch 32), widened until the best
-# has a worse neighbour on each side, at most MAX_WIDENINGS times per grid (one at an edge after that is said).
-LR_STEP = 2.0
-LR_MULTIPLES = {"convergence": (1 / 2, 1, 2), "convergence-full": (1 / 4, 1 / 2, 1, 2, 4),
-                "convergence-text": (1 / 2, 1, 2)}
-MAX_WIDENINGS = 3
-# Weight decay: the grid at 0.1 (Semenov et al. 2025 find it a robust default), then 0.01 at the grid's best
-WEIGHT_DECAYS = (0.1, 0.01)
-# Each optimizer's centre (its spec's lr_centre, llmopt.optimizers), measured for it on the generated data
-# (tiny-v256, batch 16, 2^18 tokens, cosine), never borrowed from another: results/README.md, "Learning-rate
-# centres"
-# Budgets, as fractions of max_tokens: down to 1/16 so that an optimizer up to 8x faster than AdamW (whose
-# tokens to target sit at TARGET_FRACTION by construction) is still measured, not only bounded (1.94x the
-# longest run's tokens in all); with (1/4, 1/2, 1) Muon and Adafactor reached the target by the smallest budget.
-LADDER = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)
 TARGET_FRACTION = 1 / 2        # the per-batch target: AdamW's mean end-of-budget loss at this fraction of the budget
-TUNING_SEED = 0                # the seed the learning rate and weight decay are chosen on
-SEEDS = (1, 2, 3)              # the finalists' evaluation seeds (initial weights, training sequences, held-out sample)
-MORE_SEEDS_BAND = (0.01, 0.1)  # a verdict's p in this band gets more seeds before it is called
-SEED_STEP = 2
-MAX_SEEDS = 8
 # Warm-up: WARMUP_FRACTION of the steps, at least WARMUP_MIN_STEPS (a 32-step run once warmed up for 1), at most
 # half the run (the smallest ladder budgets are a few steps)
 WARMUP_FRACTION = 0.05
 WARMUP_MIN_STEPS = 3
 EVAL_EVERY_TOKENS = 2**14
 EVAL_SEQUENCES = 64
-CONVERGENCE = (*CONVERGENCE_BATCHES, "convergence-text")
+CONVERGENCE = tuple(STUDIES)
 
 
 # The layouts every optimizer and speed toggle is shown on: one process, and each 2-rank layout once
@@ -140,19 +94,61 @@ def wrapped_optimizers() -> list[str]:
     return [s.name for s in optimizer_registry().values() if s.whole_tensors]
 
 
-def convergence_run(device: str, batch: int, base: dict | None = None, **fields) -> dict:
-    """One tuning run at global batch ``batch`` over the whole budget (``base``'s max_tokens; by default the
-    device's CONVERGENCE_BASE), on the tuning seed at the grid's weight decay, with its complete schedule
-    (warm-up: ``warmup_steps``; decay to its last step) and an eval every EVAL_EVERY_TOKENS on the first
-    EVAL_SEQUENCES held-out sequences (the same set at every batch size)."""
-    base = dict(base or CONVERGENCE_BASE[device], global_batch=batch, weight_decay=WEIGHT_DECAYS[0],
-                seed=TUNING_SEED, **fields)
+def convergence_run(base: dict, batch: int, study: Study, **fields) -> dict:
+    """One tuning run at global batch ``batch`` over the whole budget (``base``'s max_tokens), on the study's
+    tuning seed at its grid's weight decay, with its complete schedule (warm-up: ``warmup_steps``; decay to its
+    last step) and an eval every EVAL_EVERY_TOKENS on the first EVAL_SEQUENCES held-out sequences (the same set
+    at every batch size)."""
+    base = dict(base, global_batch=batch, weight_decay=study.weight_decays[0], seed=study.tuning_seed, **fields)
     schedules = optimizer_spec(base.get("optimizer", "adamw")).lr_schedules
     if schedules and base.get("lr_schedule", "constant") not in schedules:
         base["lr_schedule"] = schedules[0]  # a schedule-free optimizer: its averaging is the decay
-    cfg = at_budget(base, 1, base.get("seed", 0))
+    cfg = at_budget(base, 1, base["seed"])
     return dict(cfg, eval_every=max(1, EVAL_EVERY_TOKENS // (batch * base["seq_len"])),
                 eval_batches=max(1, EVAL_SEQUENCES // batch))
+
+
+def study_grid(study: Study, base: dict) -> list[dict]:
+    """A study's tuning runs (phase grid): every model, optimizer, batch size and learning-rate multiple, each
+    model's whole budget its ``tokens_per_param`` times its parameters (all of them, the data's vocabulary's
+    embedding included) where that is set."""
+    from llmopt.core.shapes import param_count
+
+    out = []
+    for preset in study.presets or (base["preset"],):
+        b = dict(base, preset=preset)
+        if study.tokens_per_param:
+            model = TrainConfig(**{k: v for k, v in b.items() if k in FIELDS}).model_config
+            b["max_tokens"] = max(1, round(study.tokens_per_param * param_count(model)))
+        for o in study.optimizers or optimizer_names():
+            for batch in study.batches:
+                out += [convergence_run(b, batch, study, optimizer=o, lr=optimizer_spec(o).lr_centre * m)
+                        for m in study.lr_multiples]
+    return out
+
+
+def study_of(matrix: str, device: str) -> tuple[Study, dict] | None:
+    """(the study, its base fields) of a named convergence matrix or of a matrix file with a [convergence]
+    table, else None."""
+    if matrix in STUDIES:
+        base = dict(TEXT_BASE if matrix == "convergence-text" else CONVERGENCE_BASE)[device]
+        return STUDIES[matrix], dict(base, device=device)
+    if matrix in NAMED or not (matrix.endswith(".toml") or os.path.sep in matrix):
+        return None
+    doc = _read_toml(matrix)
+    if "convergence" not in doc:
+        return None
+    try:
+        study = Study.from_mapping(doc["convergence"], f"--matrix {matrix} [convergence]")
+    except ValueError as e:
+        raise MatrixError(str(e)) from None
+    if study.optimizers:
+        known = set(optimizer_names())
+        bad = [o for o in study.optimizers if o not in known]
+        if bad:
+            raise MatrixError(f"--matrix {matrix} [convergence]: unknown optimizer(s) {bad}; use "
+                              f"{', '.join(sorted(known))}")
+    return study, dict(CONVERGENCE_BASE[device], device=device)
 
 
 def at_budget(cfg: dict, fraction: float, seed: int) -> dict:
@@ -210,13 +206,9 @@ def _named(name: str, device: str, max_ranks: int) -> list[dict]:
                 if not (t.get("optimizer_impl") and l)]  # optimizer kernels: single process is enough
     if name == "optimizers":  # every optimizer on every baseline layout: its step's share, memory, parity
         return [dict(l, optimizer=o) for l in BASE_LAYOUTS for o in optimizer_names()]
-    if name == "convergence-text":
-        return [convergence_run(device, TEXT_BATCH, base=dict(TEXT_BASE[device], preset=size), optimizer=o,
-                                lr=optimizer_spec(o).lr_centre * m)
-                for size in TEXT_SIZES for o in optimizer_names() for m in LR_MULTIPLES[name]]
-    if name in CONVERGENCE:
-        return [convergence_run(device, b, optimizer=o, lr=optimizer_spec(o).lr_centre * m)
-                for o in optimizer_names() for b in CONVERGENCE_BATCHES[name] for m in LR_MULTIPLES[name]]
+    if name in STUDIES:
+        study, base = study_of(name, device)
+        return study_grid(study, base)
     if name == "full":
         return ([dict(l, precision=p, grad_accum=g, optimizer=o)
                  for l in layouts(max_ranks) for p in PRECISIONS for g in (1, 2)
@@ -267,7 +259,7 @@ def _as_type(field: str, value, where: str):
     return value if value is None else str(value)
 
 
-def load_toml(path: str, max_configs: int = 10_000) -> tuple[dict, list[dict]]:
+def _read_toml(path: str) -> dict:
     if not os.path.isfile(path):
         raise MatrixError(f"--matrix: no such file {path!r}; use one of {', '.join(NAMED)} or a .toml file")
     try:
@@ -275,10 +267,27 @@ def load_toml(path: str, max_configs: int = 10_000) -> tuple[dict, list[dict]]:
             doc = tomllib.load(f)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise MatrixError(f"--matrix {path}: not valid TOML ({e})") from None
-    extra = set(doc) - {"base", "matrix", "config", "slurm"}
+    extra = set(doc) - {"base", "matrix", "config", "slurm", "convergence"}
     if extra:
-        raise MatrixError(f"--matrix {path}: unknown table(s) {sorted(extra)}; use [base], [matrix], [[config]] "
-                          f"and [slurm]")
+        raise MatrixError(f"--matrix {path}: unknown table(s) {sorted(extra)}; use [base], [matrix], [[config]], "
+                          f"[convergence] and [slurm]")
+    if "convergence" in doc and ("matrix" in doc or "config" in doc):
+        raise MatrixError(f"--matrix {path}: a [convergence] study plans its own runs from [base]; drop [matrix] "
+                          f"and [[config]] (or make them a separate sweep)")
+    return doc
+
+
+def _base_table(doc: dict, path: str) -> dict:
+    if not isinstance(doc.get("base", {}), dict):
+        raise MatrixError(f"--matrix {path}: base must be a table ([base] with field = value lines)")
+    return {k: _coerce(k, v, f"{path} [base]") for k, v in doc.get("base", {}).items()}
+
+
+def load_toml(path: str, max_configs: int = 10_000) -> tuple[dict, list[dict]]:
+    """([base]'s fields, every config of [matrix] and [[config]]); a [convergence] study: ([base], [])."""
+    doc = _read_toml(path)
+    if "convergence" in doc:
+        return _base_table(doc, path), []
     listed = doc.get("config", [])
     if not isinstance(listed, list) or not all(isinstance(c, dict) for c in listed):
         raise MatrixError(f"--matrix {path}: config must be an array of tables ([[config]] with field = value lines)")
@@ -287,9 +296,7 @@ def load_toml(path: str, max_configs: int = 10_000) -> tuple[dict, list[dict]]:
     if not doc.get("matrix") and not listed:
         raise MatrixError(f"--matrix {path}: needs a [matrix] table mapping config fields to lists of values, "
                           f"or [[config]] tables, one per config")
-    if not isinstance(doc.get("base", {}), dict):
-        raise MatrixError(f"--matrix {path}: base must be a table ([base] with field = value lines)")
-    base = {k: _coerce(k, v, f"{path} [base]") for k, v in doc.get("base", {}).items()}
+    base = _base_table(doc, path)
     grid = doc.get("matrix", {})
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
@@ -414,11 +421,14 @@ def expand(matrix: str, device: str, max_ranks: int, steps: int | None = None,
     (each ok config's loss curve is compared with one)."""
     base = dict(DEVICE_BASE[device], device=device)
     extra: dict = {}
+    study = study_of(matrix, device)
     if matrix in NAMED:
         combos = _named(matrix, device, max_ranks)
     elif matrix.endswith(".toml") or os.path.sep in matrix:
         extra, combos = load_toml(matrix, max_configs)
         base.update(extra)
+        if study is not None:
+            combos = study_grid(study[0], {**study[1], **extra})
     else:
         raise MatrixError(f"--matrix: unknown matrix {matrix!r}; use one of {', '.join(NAMED)} or a .toml file")
     if steps is not None:
@@ -445,11 +455,11 @@ def expand(matrix: str, device: str, max_ranks: int, steps: int | None = None,
             return
         seen[cid] = cfg
         plan.append(PlanEntry.of(cfg, device, max_ranks, added_as_baseline=added,
-                                 phase="grid" if matrix in CONVERGENCE else None))
+                                 phase="grid" if study is not None else None))
 
     for cfg in configs:
         add(TrainConfig(**cfg), False)
-    if matrix not in CONVERGENCE:  # convergence rows are compared with each other, not with a fp32 baseline
+    if study is None:  # convergence rows are compared with each other, not with a fp32 baseline
         for entry in list(plan):
             if entry.skipped is None:
                 add(baseline_of(entry.config), True)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from bench.layouts import layout_name
 from bench.noise import RETIME, RETIME_SUFFIX
+from bench.study import STUDIES, Study
 from llmopt.core.config import TrainConfig, validate
 from llmopt.safe_files import write_json
 
@@ -136,10 +137,12 @@ class SweepPlan:
     device: str
     timing_warmup: int
     entries: list[PlanEntry] = field(default_factory=list)
+    study: Study | None = None  # a convergence study's protocol (bench.study): what its follow-ups follow
 
     def save(self, out_dir: str) -> None:
         write_json(os.path.join(out_dir, "plan.json"),
                    {"matrix": self.matrix, "device": self.device, "timing_warmup": self.timing_warmup,
+                    "study": self.study.to_json() if self.study else None,
                     "plan": [e.to_json() for e in self.entries]})
 
     @classmethod
@@ -168,4 +171,12 @@ class SweepPlan:
                 entries.append(PlanEntry.from_json(d, f"entry {i}"))
             except PlanError as e:
                 raise bad(str(e)) from None
-        return cls(saved["matrix"], saved["device"], warmup, entries)
+        study = saved.get("study")
+        if study is None:  # a plan written before studies travelled in it: a named one's protocol as it is now
+            study = STUDIES.get(saved["matrix"])
+        else:
+            try:
+                study = Study.from_mapping(study, "study")
+            except ValueError as e:
+                raise bad(str(e)) from None
+        return cls(saved["matrix"], saved["device"], warmup, entries, study)

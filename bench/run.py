@@ -226,7 +226,7 @@ def _check_args(args) -> set[str]:
 
 
 def _new_plan(args) -> SweepPlan:
-    from bench.matrix import WARMUP_STEPS
+    from bench.matrix import WARMUP_STEPS, study_of
     from llmopt.core.config import resolve_device
 
     device = resolve_device(args.device or "auto")
@@ -238,7 +238,8 @@ def _new_plan(args) -> SweepPlan:
     matrix = args.matrix or "default"
     entries = expand(matrix, device, rank_budget(device), args.steps, parse_filter(args.filter), args.max_configs)
     warmup = min(WARMUP_STEPS[device], max(0, entries[0].config.steps - 1))
-    return SweepPlan(matrix, device, warmup, entries)
+    study = study_of(matrix, device)
+    return SweepPlan(matrix, device, warmup, entries, study[0] if study else None)
 
 
 def _lock(out: str):
@@ -371,7 +372,7 @@ def _run_sweep(s: Sweep) -> int:
             runner.run(plan.entries)
             # Adaptive matrices (convergence) add configs computed from the rows so far: a learning-rate grid
             # widened at its edge, the winner in another precision. Stored in plan.json, so resume sees them.
-            more = (followups(plan.matrix, plan.entries, runner.rows)
+            more = (followups(plan.study, plan.entries, runner.rows)
                     or (retimes(plan.entries, runner.rows) if s.retime else []))
             if not more:
                 break

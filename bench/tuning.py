@@ -14,22 +14,10 @@ from dataclasses import asdict, replace
 from typing import TYPE_CHECKING
 
 from bench.layouts import BASE_LAYOUTS
-from bench.matrix import (
-    CONVERGENCE,
-    LADDER,
-    LR_STEP,
-    MAX_SEEDS,
-    MAX_WIDENINGS,
-    MORE_SEEDS_BAND,
-    SEED_STEP,
-    SEEDS,
-    TARGET_FRACTION,
-    WEIGHT_DECAYS,
-    at_budget,
-    rank_budget,
-)
+from bench.matrix import TARGET_FRACTION, at_budget, rank_budget
 from bench.plan import PlanEntry
 from bench.results import as_written
+from bench.study import Study
 from llmopt.core.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -159,10 +147,10 @@ def ladder(conv: "pd.DataFrame", best_rows: "pd.DataFrame") -> "pd.DataFrame":
     finished or diverged, at every budget and seed where that seed ran two budgets or more: columns preset,
     optimizer, global_batch, lr, weight_decay, role, max_tokens, seed, final_eval_loss (NaN where the run
     diverged: it has no end-of-budget loss), diverged, config_id, tuning_id (the config_id of the whole-budget
-    tuning run it repeats), task. A diverged budget stays so that it
-    counts as not reached there (``stats.tokens_to_target``); a failed run (the harness's fault, not the
-    optimizer's) is left out; the tuning run alone (the tuning seed at the whole budget) selected the finalist
-    and is not evidence for it."""
+    tuning run it repeats), task, floor (the data's entropy floor in nats where it is known, else 0). A
+    diverged budget stays so that it counts as not reached there (``stats.tokens_to_target``); a failed run (the
+    harness's fault, not the optimizer's) is left out; the tuning run alone (the tuning seed at the whole
+    budget) selected the finalist and is not evidence for it."""
     import pandas as pd
 
     keys = ["preset", "optimizer", "global_batch", "lr", "weight_decay"]
@@ -170,7 +158,8 @@ def ladder(conv: "pd.DataFrame", best_rows: "pd.DataFrame") -> "pd.DataFrame":
     # the keys as results.csv writes them: a resumed sweep's tuning rows come from the file, its ladder's from
     # memory, and a learning rate of 0.1 / 3 must match itself
     runs = runs.assign(task=task_of(runs), weight_decay=_column(runs, "weight_decay", 0.0).map(as_written),
-                       lr=runs.lr.map(as_written), phase=_column(runs, "phase", ""))
+                       lr=runs.lr.map(as_written), phase=_column(runs, "phase", ""),
+                       floor=_column(runs, "entropy_floor_nats", 0.0))
     fin = best_rows[(best_rows.precision == "fp32") & (best_rows.status == "ok")]
     fin = fin.assign(weight_decay=_column(fin, "weight_decay", 0.0).map(as_written),
                      lr=fin.lr.map(as_written))[keys + ["config_id"]]
@@ -184,7 +173,8 @@ def ladder(conv: "pd.DataFrame", best_rows: "pd.DataFrame") -> "pd.DataFrame":
     lad = lad[budgets >= 2].copy()
     lad["diverged"] = lad.status.eq("diverged")
     lad.loc[lad.diverged, "final_eval_loss"] = float("nan")
-    return lad[keys + ["role", "max_tokens", "seed", "final_eval_loss", "diverged", "config_id", "tuning_id", "task"]]
+    return lad[keys + ["role", "max_tokens", "seed", "final_eval_loss", "diverged", "config_id", "tuning_id", "task",
+                       "floor"]]
 
 
 def _column(df: "pd.DataFrame", name: str, default) -> "pd.Series":
@@ -236,16 +226,20 @@ def targets(lad: "pd.DataFrame") -> dict[tuple, float]:
     return out
 
 
-def common_targets(lad: "pd.DataFrame") -> dict[str, dict[str, float]]:
+def common_targets(lad: "pd.DataFrame", given: tuple = ()) -> dict[str, dict[str, float]]:
     """task -> {"moderate": loss, "hard": loss}: two targets shared by every model and batch size of the task,
     each reached by AdamW's finalist on every seed, at every model and batch size, within the ladder.
 
     hard: the highest end-of-budget loss at the largest budget over AdamW's seeds, models and batch sizes
-    (rounded up to 0.001 nats), so the slowest of them reaches it by its last budget. moderate: halfway from
-    hard to the lowest loss AdamW had at its smallest budget, so it is crossed inside the ladder wherever that
-    loss is above hard (else, halfway to the highest loss at the smallest budget: some batches then reach it by
-    the smallest budget, a bound). A task without AdamW, or where AdamW's finalist diverged at its largest
-    budget, gets none (the per-batch targets stand alone)."""
+    (rounded up to 0.001 nats), so the slowest of them reaches it by its last budget. moderate: halfway, on a
+    log scale of the loss above the data's entropy floor (0 where unknown), from hard to the lowest loss AdamW
+    had at its smallest budget, so it is crossed inside the ladder wherever that loss is above hard (else,
+    halfway to the highest loss at the smallest budget: some batches then reach it by the smallest budget, a
+    bound). A loss's distance from the floor falls about geometrically with training, so a log-scale midpoint
+    sits mid-ladder. A task without AdamW, or where AdamW's finalist diverged at its largest budget, gets none
+    (the per-batch targets stand alone). ``given``: the study's own target losses instead, for every task."""
+    if given:
+        return {task: {f"given #{i + 1}": float(loss) for i, loss in enumerate(given)} for task in lad.task.unique()}
     out = {}
     for task, g in lad[lad.role == "finalist"].groupby("task"):
         a = g[g.optimizer == "adamw"]
@@ -258,7 +252,8 @@ def common_targets(lad: "pd.DataFrame") -> dict[str, dict[str, float]]:
         hard = math.ceil(largest.final_eval_loss.max() * 1000) / 1000
         start = smallest.final_eval_loss.dropna()
         easy = start.min() if start.min() > hard else start.max()
-        out[task] = {"moderate": round((hard + easy) / 2, 3), "hard": hard}
+        floor = float(g.floor.max())
+        out[task] = {"moderate": round(floor + math.sqrt((hard - floor) * (easy - floor)), 3), "hard": hard}
     return out
 
 
@@ -302,12 +297,12 @@ def finalist_stats(lad: "pd.DataFrame", target: dict) -> "pd.DataFrame":
 
 
 # ------------------------------------------------------------------------------------------- follow-ups
-def followups(matrix: str, plan: list[PlanEntry], rows: list[dict]) -> list[PlanEntry]:
-    """Entries a convergence matrix adds once every planned entry has its row, one phase at a time (the
-    phases: bench.matrix, "Convergence"): widen, decay, ladder, stable, seeds (repeated until no verdict is
-    close or MAX_SEEDS), precision, layouts, to-target. Each entry is a pure function of the rows before it, so
-    a resumed sweep adds the same ones."""
-    if matrix not in CONVERGENCE:
+def followups(study: Study | None, plan: list[PlanEntry], rows: list[dict]) -> list[PlanEntry]:
+    """Entries a convergence study adds once every planned entry has its row, one phase at a time (the phases:
+    bench.study): widen, decay, ladder, stable, seeds (repeated until no verdict is close or the study's
+    max_seeds), precision, layouts, to-target. Each entry is a pure function of the rows before it, so a
+    resumed sweep adds the same ones. None: a sweep that is not a study adds nothing."""
+    if study is None:
         return []
     phases = {e.config_id: e.phase for e in plan}
     by_id = {e.config_id: e.config for e in plan}
@@ -330,35 +325,35 @@ def followups(matrix: str, plan: list[PlanEntry], rows: list[dict]) -> list[Plan
     widenings = [key_of(cid) for cid, ph in phases.items() if ph == "widen"]
     for key, g in fp32.items():
         side = edge(g)
-        if side is None or widenings.count(key) >= MAX_WIDENINGS:
+        if side is None or widenings.count(key) >= study.max_widenings:
             continue
         grid = lr_grid(g)
         end = grid[0] if side == "low" else grid[-1]
-        lr = _num(end["lr"]) / LR_STEP if side == "low" else _num(end["lr"]) * LR_STEP
+        lr = _num(end["lr"]) / study.lr_step if side == "low" else _num(end["lr"]) * study.lr_step
         add(replace(by_id[end["config_id"]], lr=lr), "widen")
     if new:
         return new
     for g in fp32.values():  # the grid's best at every other weight decay
         b = best(lr_grid(g))
-        if rank_key(b)[0] == 0 and _num(b.get("weight_decay")) in (None, WEIGHT_DECAYS[0]):
-            for wd in WEIGHT_DECAYS[1:]:
+        if rank_key(b)[0] == 0 and _num(b.get("weight_decay")) in (None, study.weight_decays[0]):
+            for wd in study.weight_decays[1:]:
                 add(replace(by_id[b["config_id"]], weight_decay=wd), "decay")
     if new:
         return new
     for g in fp32.values():
         b = best(g)
         if rank_key(b)[0] == 0:
-            for cfg in _ladder_configs(by_id[b["config_id"]], SEEDS):
+            for cfg in _ladder_configs(by_id[b["config_id"]], study.seeds, study.ladder):
                 add(cfg, "ladder")
     if new:
         return new
     lad, fs = _ladder_analysis(rows, phases)
-    for cfg in stable_alternatives(fp32, fs, by_id):
+    for cfg in stable_alternatives(fp32, fs, by_id, study.ladder):
         add(cfg, "stable")
     if new:
         return new
-    for cid, seeds in more_seeds(lad, fs).items():
-        for cfg in _ladder_configs(by_id[cid], seeds):
+    for cid, seeds in more_seeds(lad, fs, study).items():
+        for cfg in _ladder_configs(by_id[cid], seeds, study.ladder):
             add(cfg, "seeds")
     if new:
         return new
@@ -386,9 +381,9 @@ def followups(matrix: str, plan: list[PlanEntry], rows: list[dict]) -> list[Plan
     return new
 
 
-def _ladder_configs(whole: TrainConfig, seeds) -> list[TrainConfig]:
-    """A whole-budget run's ladder: every budget of LADDER at every one of ``seeds``."""
-    return [TrainConfig(**at_budget(asdict(whole), fraction, seed)) for fraction in LADDER for seed in seeds]
+def _ladder_configs(whole: TrainConfig, seeds, ladder: tuple) -> list[TrainConfig]:
+    """A whole-budget run's ladder: every budget of ``ladder`` (fractions of its own) at every one of ``seeds``."""
+    return [TrainConfig(**at_budget(asdict(whole), fraction, seed)) for fraction in ladder for seed in seeds]
 
 
 def _frame(rows: list[dict], phases: dict) -> "pd.DataFrame":
@@ -415,7 +410,7 @@ def _ladder_analysis(rows: list[dict], phases: dict) -> tuple:
     return lad, finalist_stats(lad, targets(lad))
 
 
-def stable_alternatives(fp32: dict, fs: "pd.DataFrame", by_id: dict) -> list[TrainConfig]:
+def stable_alternatives(fp32: dict, fs: "pd.DataFrame", by_id: dict, ladder: tuple) -> list[TrainConfig]:
     """For each unstable finalist (a run of its ladder diverged): the largest smaller learning rate of its grid,
     at its weight decay, whose tuning run finished, at every budget and evaluation seed."""
     out = []
@@ -426,22 +421,22 @@ def stable_alternatives(fp32: dict, fs: "pd.DataFrame", by_id: dict) -> list[Tra
         below = [x for x in g if rank_key(x)[0] == 0 and _num(x["lr"]) < r.lr
                  and (_num(x.get("weight_decay")) or 0.0) == r.weight_decay]
         if below:
-            out += _ladder_configs(by_id[max(below, key=lambda x: _num(x["lr"]))["config_id"]], r.seed_list)
+            out += _ladder_configs(by_id[max(below, key=lambda x: _num(x["lr"]))["config_id"]], r.seed_list, ladder)
     return out
 
 
-def more_seeds(lad: "pd.DataFrame", fs: "pd.DataFrame") -> dict[str, list[int]]:
+def more_seeds(lad: "pd.DataFrame", fs: "pd.DataFrame", study: Study) -> dict[str, list[int]]:
     """config_id of a finalist's tuning run -> the seeds its ladder should have: where a verdict's test (at the
-    per-batch target or a common one) has MORE_SEEDS_BAND[0] <= p < MORE_SEEDS_BAND[1], the lead and the other
-    optimizer both get SEED_STEP more seeds (the same ones), up to MAX_SEEDS: a verdict that close is not called
-    on three seeds."""
+    per-batch target or a common one) has p in the study's more_seeds_band, the lead and the other optimizer
+    both get seed_step more seeds (the same ones), up to max_seeds: a verdict that close is not called on three
+    seeds."""
     import bench.report.stats as stats
 
     out: dict[str, list[int]] = {}
     if fs.empty:
         return out
     settings = [fs]
-    for task, named in common_targets(lad).items():
+    for task, named in common_targets(lad, study.targets).items():
         sub = lad[lad.task == task]
         settings += [finalist_stats(sub, dict.fromkeys(zip(sub.preset, sub.global_batch), loss))
                      for loss in named.values()]
@@ -452,13 +447,14 @@ def more_seeds(lad: "pd.DataFrame", fs: "pd.DataFrame") -> dict[str, list[int]]:
                 continue
             lead, tests, _ = stats.lead_tests(dict(zip(ok.optimizer, ok.ranked)))
             for other, w in tests:
-                if not MORE_SEEDS_BAND[0] <= w.p < MORE_SEEDS_BAND[1]:
+                if not study.more_seeds_band[0] <= w.p < study.more_seeds_band[1]:
                     continue
                 pair = g[g.optimizer.isin([lead, other])]
                 have = sorted(set().union(*pair.seed_list))
-                if len(have) >= MAX_SEEDS:
+                if len(have) >= study.max_seeds:
                     continue
-                want = have + list(range(max(have) + 1, max(have) + 1 + min(SEED_STEP, MAX_SEEDS - len(have))))
+                more = min(study.seed_step, study.max_seeds - len(have))
+                want = have + list(range(max(have) + 1, max(have) + 1 + more))
                 for cid in pair.tuning_id:
                     out[cid] = sorted(set(out.get(cid, [])) | set(want))
     return out

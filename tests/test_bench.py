@@ -91,6 +91,46 @@ def test_bad_matrix_files(tmp_path, text, match):
         load_toml(write_toml(tmp_path / "m.toml", text))
 
 
+@pytest.mark.parametrize("text,match", [
+    ("[convergence]\nseeds = [1, 2]\n", "needs batches"),
+    ("[convergence]\nbatches = [8]\nseed = [1]\n", "unknown setting.*'seed'"),
+    ("[convergence]\nbatches = 8\n", "batches = 8 must be a list"),
+    ("[convergence]\nbatches = [8]\nseeds = [0, 1]\n", "not one of the evaluation seeds"),
+    ("[convergence]\nbatches = [8]\nseeds = [1]\n", "two or more distinct seeds"),
+    ("[convergence]\nbatches = [8]\nladder = [0.5, 2]\n", "ladder must be"),
+    ("[convergence]\nbatches = [8]\nlr_step = 1\n", "lr_step must be above 1"),
+    ("[convergence]\nbatches = [8]\ntokens_per_param = 'lots'\n", "is not a number"),
+    ("[convergence]\nbatches = [8]\ntargets = [-1]\n", "targets must be positive"),
+    ("[convergence]\nbatches = [8]\noptimizers = ['adamw', 'adam-w']\n", "unknown optimizer.*adam-w"),
+    ("[convergence]\nbatches = [8]\n[matrix]\ndp = [1]\n", "plans its own runs"),
+])
+def test_bad_convergence_studies_are_refused_before_any_run(tmp_path, text, match):
+    """A matrix file's [convergence] table is checked key by key: one line naming the key and the fix."""
+    with pytest.raises(MatrixError, match=match):
+        expand(write_toml(tmp_path / "m.toml", text), "cpu", 4)
+
+
+def test_a_convergence_study_file_plans_the_grid_of_its_settings(tmp_path):
+    """Every model x optimizer x batch x learning-rate multiple, on the tuning seed at the grid's weight decay,
+    at the whole budget of tokens_per_param times the model's parameters; the study rides in the plan."""
+    from bench.study import Study
+    from llmopt.core.shapes import PRESETS, param_count
+    from llmopt.optimizers import spec
+
+    path = write_toml(tmp_path / "s.toml", "[base]\nseq_len = 16\n[convergence]\nbatches = [4, 8]\n"
+                      "presets = ['tiny-v256', 'nano']\noptimizers = ['adamw', 'muon']\n"
+                      "tokens_per_param = 0.01\nlr_multiples = [0.5, 2]\n")
+    plan = expand(path, "cpu", 4)
+    assert len(plan) == 2 * 2 * 2 * 2 and {e.phase for e in plan} == {"grid"}
+    assert not any(e.added_as_baseline for e in plan)  # compared with each other, not with a fp32 baseline
+    for e in plan:
+        c = e.config
+        assert c.seq_len == 16 and c.seed == 0 and c.weight_decay == 0.1 and c.lr_schedule == "cosine"
+        assert c.max_tokens == round(0.01 * param_count(PRESETS[c.preset]))
+        assert c.lr in {spec(c.optimizer).lr_centre * m for m in (0.5, 2)}
+    assert Study.from_mapping({"batches": [4, 8], "presets": ["a"]}, "x").to_json()["batches"] == [4, 8]
+
+
 def test_filters():
     assert parse_filter("precision=fp32,dp=2") == {"precision": ["fp32"], "dp": [2]}
     plan = expand("default", "cpu", 4, filters={"precision": ["bf16"]})

@@ -137,10 +137,12 @@ def test_tuning_brackets_each_optimum_tries_both_weight_decays_then_adds_the_lad
     from dataclasses import replace
 
     from bench import tuning
-    from bench.matrix import LADDER, LR_STEP, MAX_WIDENINGS, SEEDS, TUNING_SEED, WEIGHT_DECAYS
     from bench.plan import PlanEntry
+    from bench.study import STUDIES
 
-    assert LR_STEP <= 2 and TUNING_SEED not in SEEDS and set(WEIGHT_DECAYS) == {0.01, 0.1}
+    study = STUDIES["convergence"]
+    LADDER, SEEDS, TUNING_SEED, MAX_WIDENINGS = study.ladder, study.seeds, study.tuning_seed, study.max_widenings
+    assert study.lr_step <= 2 and TUNING_SEED not in SEEDS and set(study.weight_decays) == {0.01, 0.1}
     rows = [_row("adamw", 4, 1e-3, final=2.0), _row("adamw", 4, 3e-3, final=0.95),
             _row("adamw", 4, 6e-3, final=0.9),   # the lowest end-of-budget loss: best, at the high edge
             _row("sgd", 4, 0.03, final=1.5), _row("sgd", 4, 0.1, final=1.2), _row("sgd", 4, 0.3, status="diverged"),
@@ -159,7 +161,7 @@ def test_tuning_brackets_each_optimum_tries_both_weight_decays_then_adds_the_lad
 
     def step(losses: dict) -> list:
         """The next phase's entries, after giving the last ones their rows (loss by (optimizer, lr, wd))."""
-        more = tuning.followups("convergence", plan, rows)
+        more = tuning.followups(study, plan, rows)
         plan.extend(more)
         for e in more:
             c = e.config
@@ -200,7 +202,7 @@ def test_tuning_brackets_each_optimum_tries_both_weight_decays_then_adds_the_lad
     more = step({})
     assert {(e.phase, e.config.optimizer, e.config.lr) for e in more} == {("stable", "sgd", 0.03)}
     assert len(more) == len(LADDER) * len(SEEDS)
-    assert tuning.followups("default", plan, rows) == []
+    assert tuning.followups(None, plan, rows) == []  # not a study
     for r in rows[-len(more):]:
         cfg = next(e.config for e in more if e.config_id == r["config_id"])
         r.update(max_tokens=cfg.max_tokens, seed=cfg.seed, final_eval_loss=3.2 - cfg.max_tokens / 4096)
@@ -238,15 +240,16 @@ def _ladder_frame(tokens_scale: dict):
                 rows.append({"preset": "tiny", "optimizer": opt, "global_batch": 8, "lr": 0.01, "weight_decay": 0.1,
                              "role": "finalist", "max_tokens": budget, "seed": seed, "final_eval_loss": loss,
                              "diverged": False, "config_id": f"{opt}-{budget}-{seed}", "tuning_id": f"{opt}-tune",
-                             "task": "generated"})
+                             "task": "generated", "floor": 0.0})
     return pd.DataFrame(rows)
 
 
-def test_a_close_verdict_gets_more_seeds_before_it_is_called(monkeypatch):
+def test_a_close_verdict_gets_more_seeds_before_it_is_called():
     """Where the lead's test against another optimizer has 0.01 <= p < 0.1, both run SEED_STEP more seeds (the
     same ones), up to MAX_SEEDS; a clear verdict (the same ratio on every seed) adds none."""
     import bench.tuning as bt
     from bench.report.stats import lead_tests, paired_speedup
+    from bench.study import Study
 
     close = _ladder_frame({1: math.exp(0.10), 2: math.exp(0.15), 3: math.exp(0.20)})
     fs = bt.finalist_stats(close, bt.targets(close))
@@ -254,11 +257,15 @@ def test_a_close_verdict_gets_more_seeds_before_it_is_called(monkeypatch):
     assert paired_speedup(by["adamw"], by["muon"]).ratio == pytest.approx(math.exp(0.15), rel=1e-6)
     lead, tests, _ = lead_tests(by)
     assert lead == "muon" and 0.01 <= tests[0][1].p < 0.1  # t = 0.15 / (0.05 / sqrt 3) = 5.2, 2 df: p = 0.035
-    assert bt.more_seeds(close, fs) == {"adamw-tune": [1, 2, 3, 4, 5], "muon-tune": [1, 2, 3, 4, 5]}
+    study = Study(batches=(8,))
+    assert bt.more_seeds(close, fs, study) == {"adamw-tune": [1, 2, 3, 4, 5], "muon-tune": [1, 2, 3, 4, 5]}
     clear = _ladder_frame(dict.fromkeys((1, 2, 3), math.exp(0.15)))
-    assert bt.more_seeds(clear, bt.finalist_stats(clear, bt.targets(clear))) == {}
-    monkeypatch.setattr(bt, "MAX_SEEDS", 3)
-    assert bt.more_seeds(close, fs) == {}
+    assert bt.more_seeds(clear, bt.finalist_stats(clear, bt.targets(clear)), study) == {}
+    assert bt.more_seeds(close, fs, Study(batches=(8,), max_seeds=3)) == {}  # at the cap
+    # the common targets: AdamW's worst end loss at the largest budget (1.0) and halfway, on a log scale, to its
+    # lowest at the smallest (3.0): sqrt(1 x 3); or the losses a study was given
+    assert bt.common_targets(close) == {"generated": {"moderate": round(math.sqrt(3.0), 3), "hard": 1.0}}
+    assert bt.common_targets(close, (2.5, 1.5)) == {"generated": {"given #1": 2.5, "given #2": 1.5}}
 
 
 def test_tokens_to_target_interpolates_between_budgets_and_never_guesses():
@@ -380,49 +387,65 @@ def test_wsd_stays_at_the_peak_then_decays_linearly_to_the_floor():
     assert [round(x, 6) for x in f[15:]] == [0.82, 0.64, 0.46, 0.28, 0.1]  # linear, the last at the floor
 
 
-def _toy_convergence(monkeypatch):
-    """The convergence matrix at a toy size (the children get explicit flags, so shrinking the matrix here
-    shrinks what they run): AdamW and SGD, one batch size, two learning rates, a ladder of three budgets, two
-    seeds, the layout rows on one layout."""
-    import bench.matrix as bm
+TOY_STUDY = """
+# a convergence study at a toy size, as a user writes one for their own model, data and hardware
+[base]
+preset = "tiny-v256"
+seq_len = 16
+lr_schedule = "cosine"
+[convergence]
+batches = [8]
+tokens_per_param = 0.005         # 4,294 tokens: 34 steps of 8 x 16
+optimizers = ["adamw", "sgd"]
+lr_multiples = [0.333333, 1]
+ladder = [0.25, 0.5, 1]
+seeds = [1, 2]
+"""
 
-    monkeypatch.setitem(bm.CONVERGENCE_BASE, "cpu", dict(bm.CONVERGENCE_BASE["cpu"], seq_len=16, max_tokens=4096))
-    monkeypatch.setitem(bm.CONVERGENCE_BATCHES, "convergence", (8,))
-    monkeypatch.setitem(bm.LR_MULTIPLES, "convergence", (1 / 3, 1))
-    monkeypatch.setattr(bm, "optimizer_names", lambda: ("adamw", "sgd"))
-    monkeypatch.setattr(bm, "LADDER", (1 / 4, 1 / 2, 1))
-    monkeypatch.setattr(bm, "SEEDS", (0, 1))
+
+def _toy_study(tmp_path, monkeypatch) -> str:
+    """A convergence study from a matrix file at a toy size: AdamW and SGD, one batch size, two learning rates,
+    a ladder of three budgets, two evaluation seeds; the layout rows on one layout."""
     import bench.tuning as bt
 
-    monkeypatch.setattr(bt, "LADDER", (1 / 4, 1 / 2, 1))
-    monkeypatch.setattr(bt, "SEEDS", (0, 1))
     monkeypatch.setattr(bt, "THROUGHPUT_LAYOUTS", (dict(),))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = tmp_path / "study.toml"
+    path.write_text(TOY_STUDY)
+    return str(path)
 
 
-def test_convergence_matrix_end_to_end_and_a_resumed_sweep_adds_the_same_runs(tmp_path, monkeypatch, capsys):
-    """Grid, widening, ladder, precision and layout phases from the rows, and the report's section; then the
-    same sweep as if killed after its first rows and resumed: it plans exactly the same configs (seeds and
-    follow-ups included) and ends with the same rows. Two configs run at a time (--jobs 2, a core each): each
-    config computes as one thread alone, so the rows still match to the bit."""
+def test_a_convergence_study_from_a_file_end_to_end_and_a_resumed_sweep_adds_the_same_runs(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A [convergence] table plans the grid (its budget in tokens per parameter), then the widening, weight
+    decay, ladder, seeds, precision, layout and to-target phases from the rows, and the report's section; then
+    the same sweep as if killed after its first rows and resumed after the file was edited (the study travels
+    in plan.json): it plans exactly the same configs and ends with the same rows. Two configs run at a time
+    (--jobs 2, a core each): each config computes as one thread alone, so the rows still match to the bit."""
     import csv
     import json
     import shutil
 
     from bench.run import main
+    from llmopt.core.shapes import PRESETS, param_count
 
-    _toy_convergence(monkeypatch)
+    study = _toy_study(tmp_path, monkeypatch)
     out = tmp_path / "out"
-    assert main(["--matrix", "convergence", "--device", "cpu", "--out", str(out), "--jobs", "2"]) == 0
-    plan = json.loads((out / "plan.json").read_text())["plan"]
-    phases = [e.get("phase") for e in plan]
-    assert phases[:4] == ["grid"] * 4 and phases.count("ladder") == 2 * 5 and phases.count("layouts") == 2
-    assert 1 <= phases.count("to-target") <= 2  # AdamW reaches its own target by construction
+    assert main(["--matrix", study, "--device", "cpu", "--out", str(out), "--jobs", "2"]) == 0
+    saved = json.loads((out / "plan.json").read_text())
+    plan, phases = saved["plan"], [e.get("phase") for e in saved["plan"]]
+    assert saved["study"]["seeds"] == [1, 2] and saved["study"]["ladder"] == [0.25, 0.5, 1]
+    whole = round(0.005 * param_count(PRESETS["tiny-v256"]))
+    assert {e["config"]["max_tokens"] for e in plan if e.get("phase") == "grid"} == {whole}
+    assert phases[:4] == ["grid"] * 4 and phases.count("ladder") == 2 * 3 * 2 and phases.count("layouts") == 2
+    assert phases.count("decay") == 2 and 1 <= phases.count("to-target") <= 2
+    assert all(e["config"]["seed"] in (1, 2, 3, 4, 5, 6, 7, 8) for e in plan if e.get("phase") in ("ladder", "seeds"))
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == len(plan) and {r["status"] for r in rows} == {"ok"}
-    assert {r["phase"] for r in rows} >= {"grid", "ladder", "precision", "layouts", "to-target"}
+    assert {r["phase"] for r in rows} >= {"grid", "decay", "ladder", "precision", "layouts", "to-target"}
     report = (out / "report.md").read_text()
-    assert "## Time to quality" in report and "### tiny-v256, global batch 8 sequences: target" in report
+    assert "## Time to quality" in report and "### Common targets" in report and "the hard target" in report
+    assert "#### tiny-v256, global batch 8 sequences: target" in report and "### Tuning budget" in report
     assert "Verdict: " in report and "old method: first crossing" in report and "tokens per parameter" in report
     assert "### Seconds to target per layout" in report and "The estimate checked" in report
     assert (out / "plots" / "budgets.png").exists() and (out / "plots" / "tuning.png").exists()
@@ -430,14 +453,15 @@ def test_convergence_matrix_end_to_end_and_a_resumed_sweep_adds_the_same_runs(tm
     cut = tmp_path / "cut"
     shutil.copytree(out, cut, ignore=shutil.ignore_patterns(".lock", "report.md", "plots"))
     first_ladder = phases.index("ladder")
-    saved = json.loads((cut / "plan.json").read_text())
-    saved["plan"] = plan[:first_ladder + 2] if phases[first_ladder - 1] != "widen" else plan[:first_ladder]
+    saved["plan"] = plan[:first_ladder + 2]
     (cut / "plan.json").write_text(json.dumps(saved))
     keep = {e["config_id"] for e in saved["plan"][:first_ladder]}
     with open(cut / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(r for r in rows if r["config_id"] in keep)
+    with open(study, "w") as f:  # edited since: the resume follows the protocol the sweep started with
+        f.write(TOY_STUDY.replace("seeds = [1, 2]", "seeds = [5, 6]"))
     capsys.readouterr()
     assert main(["--resume", "--out", str(cut), "--jobs", "2"]) == 0
     resumed = json.loads((cut / "plan.json").read_text())["plan"]

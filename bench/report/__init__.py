@@ -241,6 +241,21 @@ def summary_sections(ok: pd.DataFrame, env: dict, memory_budget_mib: float | Non
     return L
 
 
+def study_targets(out_dir: str) -> tuple | None:
+    """The common target losses a convergence study was given (its plan.json), () where none were, None where
+    plan.json cannot be read (the report then says so and uses its own rule)."""
+    from bench.plan import PlanError, SweepPlan
+
+    path = os.path.join(out_dir, "plan.json")
+    if not os.path.exists(path):
+        return ()
+    try:
+        study = SweepPlan.load(path).study
+    except PlanError:
+        return None
+    return study.targets if study is not None else ()
+
+
 def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
     from bench.report.plots import all_plots
     from bench.report.quality import section as quality_section
@@ -318,7 +333,7 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
         L += optimizer_section(ok)
     if not ok.empty and ok.groupby(["engine", "model_impl"]).ngroups > 1:
         L += peers_section(ok)
-    L += quality_section(results, details["evals"], os.path.join(out_dir, "plots"))
+    L += quality_section(results, details["evals"], os.path.join(out_dir, "plots"), study_targets(out_dir))
     bad = results[results.status != "ok"]
     if not bad.empty:
         L.append("## Not ok")

@@ -193,9 +193,9 @@ class CommonTarget:
     fs: pd.DataFrame    # finalist_stats at this loss
 
 
-def at_common_targets(lad: pd.DataFrame) -> list[CommonTarget]:
+def at_common_targets(lad: pd.DataFrame, given: tuple = ()) -> list[CommonTarget]:
     out = []
-    for task, named in common_targets(lad).items():
+    for task, named in common_targets(lad, given).items():
         sub = lad[lad.task == task]
         keys = set(zip(sub.preset, sub.global_batch))
         for name, loss in named.items():
@@ -360,16 +360,19 @@ def _method(conv: pd.DataFrame, lad: pd.DataFrame) -> str:
             f"for the number of those tests.")
 
 
-def _common_lines(cts: list[CommonTarget], sizes: dict, floor: pd.Series) -> list[str]:
+def _common_lines(cts: list[CommonTarget], sizes: dict, floor: pd.Series, given: bool) -> list[str]:
     if not cts:
         return ["### Common targets", "", "No task has an AdamW finalist whose largest budget finished on every "
                 "seed, so no target common to its models and batch sizes is set (they are read off AdamW's runs); "
                 "only the per-batch targets below.", ""]
-    L = ["### Common targets", "",
-         "Per task, two losses shared by every model and batch size: hard, the highest end-of-budget loss AdamW's "
-         "finalists had at the largest budget over every model, batch size and seed (so each reaches it within the "
-         "ladder), and moderate, halfway from there to AdamW's lowest loss at the smallest budget. Speed-up over "
-         "AdamW: geometric mean over seeds of the paired ratios [95% confidence interval].", ""]
+    rule = ("The losses the study was given (its [convergence] targets), shared by every model and batch size."
+            if given else
+            "Per task, two losses shared by every model and batch size: hard, the highest end-of-budget loss "
+            "AdamW's finalists had at the largest budget over every model, batch size and seed (so each reaches it "
+            "within the ladder), and moderate, halfway from there (on a log scale of the loss above the entropy "
+            "floor, where the data has one) to AdamW's lowest loss at the smallest budget.")
+    L = ["### Common targets", "", rule + " Speed-up over AdamW: geometric mean over seeds of the paired ratios [95% "
+         "confidence interval].", ""]
     for ct in cts:
         gap = f", {ct.loss - floor.iloc[0]:.3f} above the entropy floor" if len(floor) else ""
         L += [f"#### {ct.task}: the {ct.name} target, {ct.loss:.3f} nats{gap}", "", common_table(ct, sizes), ""]
@@ -380,7 +383,9 @@ def _common_lines(cts: list[CommonTarget], sizes: dict, floor: pd.Series) -> lis
     return L
 
 
-def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[str]:
+def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str, given: tuple | None = ()) -> list[str]:
+    """The section; ``given``: the study's own common target losses (``bench.report.study_targets``; None: its
+    plan.json could not be read, so the rule's are used and the section says so)."""
     conv = convergence_rows(results)
     if conv.empty:
         return []
@@ -394,9 +399,13 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
     target = targets(lad)
     fs = finalist_stats(lad, target)
     sizes = model_params(conv)
-    cts = at_common_targets(lad)
+    cts = at_common_targets(lad, given or ())
     floor = conv.entropy_floor_nats.dropna()
-    L += [_method(conv, lad), ""] + _common_lines(cts, sizes, floor)
+    L += [_method(conv, lad), ""]
+    if given is None:
+        L += ["plan.json could not be read, so any targets the study was given are not known here: the common "
+              "targets below are the report's own rule's.", ""]
+    L += _common_lines(cts, sizes, floor, bool(given))
     L += ["### Per-batch targets (an extra: each batch's own target moves with the batch size, so these speed-ups "
           "are not compared across batches)", ""]
     for (preset, batch), g in fs.groupby(["preset", "global_batch"]):
@@ -426,8 +435,8 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str) -> list[s
     if not edges.empty:
         where = [f"{r.preset} {r.optimizer} at batch {int(r.global_batch)} ({r.edge}, lr {r.lr:.3g})"
                  for _, r in edges.iterrows()]
-        L.append("- Grids whose best learning rate sits at an edge (widened once automatically; still at the edge "
-                 "means the grid may still be too narrow): " + ", ".join(where) + ".")
+        L.append("- Grids whose best learning rate still sits at an edge after their widenings (the grid may still "
+                 "be too narrow: read those figures as bounds): " + ", ".join(where) + ".")
     div = conv[conv.status == "diverged"]
     if not div.empty:
         L.append(f"- {len(div)} runs diverged (kept as rows; a diverged ladder budget counts as not reached): "
@@ -475,15 +484,16 @@ class TokenSpeedup:
 
 def token_speedup(results: pd.DataFrame, optimizer: str, batch: int | None = None) -> TokenSpeedup:
     """``optimizer``'s token speed-up over AdamW in a convergence sweep's rows, as "Time to quality" reads it at
-    the task's hard common target (paired by seed), on the largest model, at ``batch`` (default: the batch where
+    the task's hardest common target (paired by seed), on the largest model, at ``batch`` (default: the batch where
     AdamW needed the most tokens, the longest horizon). A ValueError names what the reference lacks."""
     conv = convergence_rows(results)
     if conv.empty or "phase" not in conv or not conv.phase.isin(["ladder"]).any():
         raise ValueError("holds no convergence ladder (run python -m bench.run --matrix convergence)")
     lad = ladder(conv, best_runs(conv))
-    hard = [ct for ct in at_common_targets(lad) if ct.name == "hard"]
-    if not hard:
+    cts = at_common_targets(lad)
+    if not cts:
         raise ValueError("has no common target (AdamW did not finish every budget of its ladder)")
+    hard = [min(cts, key=lambda ct: ct.loss)]
     sizes = model_params(conv)
     fs = finalists(hard[0].fs)
     fs = fs[fs.preset == max(fs.preset.unique(), key=lambda p: sizes[p][0])]
