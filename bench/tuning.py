@@ -154,13 +154,14 @@ def ladder(conv: "pd.DataFrame", best_rows: "pd.DataFrame") -> "pd.DataFrame":
     import pandas as pd
 
     keys = ["preset", "optimizer", "global_batch", "lr", "weight_decay"]
-    runs = conv[(conv.precision == "fp32") & conv.status.isin(["ok", "diverged"])]
+    main = main_precision(conv)
+    runs = conv[(conv.precision == main) & conv.status.isin(["ok", "diverged"])]
     # the keys as results.csv writes them: a resumed sweep's tuning rows come from the file, its ladder's from
     # memory, and a learning rate of 0.1 / 3 must match itself
     runs = runs.assign(task=task_of(runs), weight_decay=_column(runs, "weight_decay", 0.0).map(as_written),
                        lr=runs.lr.map(as_written), phase=_column(runs, "phase", ""),
                        floor=_column(runs, "entropy_floor_nats", 0.0))
-    fin = best_rows[(best_rows.precision == "fp32") & (best_rows.status == "ok")]
+    fin = best_rows[(best_rows.precision == main) & (best_rows.status == "ok")]
     fin = fin.assign(weight_decay=_column(fin, "weight_decay", 0.0).map(as_written),
                      lr=fin.lr.map(as_written))[keys + ["config_id"]]
     alt = runs[runs.phase == "stable"]
@@ -193,6 +194,13 @@ def ranked(fs: "pd.DataFrame") -> "pd.DataFrame":
     ok = fs[(fs.all_reached & (fs.tokens.map(len) >= 2)) | (bounded & (seeds >= 2))]
     return ok.assign(ranked=[dict(r.by_seed) if r.all_reached else {s: r.bound for s in r.seed_list}
                              for r in ok.itertuples()])
+
+
+def main_precision(conv: "pd.DataFrame") -> str:
+    """The precision a study tunes and ladders in: its grid's (the [base] precision; fp32 unless set). The
+    precision phase runs each batch's winner in the other one (bf16 beside fp32, fp32 beside any other)."""
+    grid = conv[conv.phase == "grid"] if "phase" in conv else conv
+    return str(grid.precision.mode().iloc[0]) if len(grid) else "fp32"
 
 
 def finalists(fs: "pd.DataFrame") -> "pd.DataFrame":
@@ -321,7 +329,8 @@ def followups(study: Study | None, plan: list[PlanEntry], rows: list[dict]) -> l
     def key_of(cid: str) -> tuple:
         return tuple(str(getattr(by_id[cid], k)) for k in GROUP)
 
-    fp32 = {k: g for k, g in groups(tuning_rows).items() if k[3] == "fp32"}
+    main = next((e.config.precision for e in plan if e.phase == "grid"), "fp32")
+    fp32 = {k: g for k, g in groups(tuning_rows).items() if k[3] == main}  # the tuned groups
     widenings = [key_of(cid) for cid, ph in phases.items() if ph == "widen"]
     for key, g in fp32.items():
         side = edge(g)
@@ -357,9 +366,9 @@ def followups(study: Study | None, plan: list[PlanEntry], rows: list[dict]) -> l
             add(cfg, "seeds")
     if new:
         return new
-    wins = winners(tuning_rows)
+    wins = winners(tuning_rows, main)
     for win in wins.values():
-        add(replace(by_id[win["config_id"]], precision="bf16"), "precision")
+        add(replace(by_id[win["config_id"]], precision="bf16" if main == "fp32" else "fp32"), "precision")
     if new or not wins:
         return new
     # Then every finalist's shape as throughput rows on single, ddp2, fsdp2 and tp2 (no evals), so that the
@@ -417,7 +426,8 @@ def stable_alternatives(fp32: dict, fs: "pd.DataFrame", by_id: dict, ladder: tup
     if fs.empty:
         return out
     for r in finalists(fs)[finalists(fs).unstable].itertuples():
-        g = fp32.get((str(r.preset), str(r.optimizer), str(r.global_batch), "fp32"), [])
+        g = fp32.get(next((k for k in fp32 if k[:3] == (str(r.preset), str(r.optimizer), str(r.global_batch))),
+                          None), [])
         below = [x for x in g if rank_key(x)[0] == 0 and _num(x["lr"]) < r.lr
                  and (_num(x.get("weight_decay")) or 0.0) == r.weight_decay]
         if below:

@@ -226,6 +226,37 @@ def test_tuning_brackets_each_optimum_tries_both_weight_decays_then_adds_the_lad
     assert {e.config.max_tokens for e in more if e.config.optimizer == "adamw"} == {2048}
 
 
+def test_a_study_tuned_in_bf16_ladders_in_bf16_and_checks_its_winner_in_fp32():
+    """The grid's precision is the study's ([base] precision = "bf16" on a GPU): its groups are the ones tuned,
+    laddered and checked; the precision phase runs the winner in the other precision."""
+    from dataclasses import replace
+
+    from bench import tuning
+    from bench.plan import PlanEntry
+    from bench.study import Study
+
+    study = Study(batches=(4,), ladder=(0.5, 1), seeds=(1, 2))
+    rows = [_row("adamw", 4, lr, final=f, precision="bf16") for lr, f in ((1e-3, 2.0), (3e-3, 0.9), (9e-3, 1.5))]
+    base = TrainConfig(device="cpu", grad_accum=1, max_tokens=4096, seq_len=16, precision="bf16")
+    plan = [PlanEntry(replace(base, optimizer="adamw", global_batch=4, lr=r["lr"], weight_decay=0.1), r["config_id"],
+                      phase="grid") for r in rows]
+    seen = []
+    for _ in range(4):
+        more = tuning.followups(study, plan, rows)
+        seen.append({(e.phase, e.config.precision) for e in more})
+        plan += more
+        for e in more:
+            c = e.config
+            rows.append(dict(_row("adamw", 4, c.lr, final=1.0 + c.max_tokens / 8192 + 0.01 * c.seed,
+                                  precision=c.precision, wd=c.weight_decay), config_id=e.config_id,
+                             max_tokens=c.max_tokens, seed=c.seed))
+    for r in rows:
+        r.setdefault("max_tokens", 4096)
+        r.setdefault("seed", 0)
+    assert seen[:2] == [{("decay", "bf16")}, {("ladder", "bf16")}]
+    assert {("precision", "fp32")} in seen
+
+
 def _ladder_frame(tokens_scale: dict):
     """A ladder at budgets 1024, 2048, 4096 where AdamW's losses are 3, 2, 1 on every seed (its target, 2.0 at
     half the budget, is crossed at 2048 tokens) and muon's reach 2.0 after 2048 / r tokens on a seed with scale

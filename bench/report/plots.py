@@ -258,8 +258,7 @@ def tuning_curves(conv: pd.DataFrame, lad: pd.DataFrame, target: dict, path: str
     fig, axes = _panels(keys)
     top = conv.max_tokens.max()
     for ax, key in zip(axes, keys):
-        g = conv[(conv.preset == key[0]) & (conv.global_batch == key[1]) & (conv.precision == "fp32")
-                 & conv.phase.isin(["grid", "widen"])]
+        g = conv[(conv.preset == key[0]) & (conv.global_batch == key[1]) & conv.phase.isin(["grid", "widen"])]
         here = lad[(lad.preset == key[0]) & (lad.global_batch == key[1])]
         for opt, o in g[g.status == "ok"].sort_values("lr").groupby("optimizer"):
             ax.plot(o.lr, o.final_eval_loss, marker="o", markersize=3, label=opt, color=colour[opt])

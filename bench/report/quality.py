@@ -28,7 +28,17 @@ import bench.report.stats as stats
 from bench.layouts import layout_name
 from bench.matrix import TARGET_FRACTION
 from bench.report.markdown import fmt, md_table
-from bench.tuning import best_runs, common_targets, convergence_rows, finalist_stats, finalists, ladder, ranked, targets
+from bench.tuning import (
+    best_runs,
+    common_targets,
+    convergence_rows,
+    finalist_stats,
+    finalists,
+    ladder,
+    main_precision,
+    ranked,
+    targets,
+)
 
 SIGNIFICANCE = 0.05  # the two-sided p below which a lead counts
 
@@ -137,9 +147,8 @@ def _tokens_cell(r) -> str:
 
 def first_crossing(conv: pd.DataFrame, evals: pd.DataFrame, row, target: float) -> str:
     """The old method: the first eval at or below the target during the finalist's whole-budget tuning run
-    (seed 0), whose schedule had not finished there."""
-    run = conv[(conv.preset == row.preset) & (conv.optimizer == row.optimizer) & (conv.global_batch == row.global_batch)
-               & (conv.lr == row.lr) & (conv.max_tokens == row.budget) & (conv.seed == 0) & (conv.precision == "fp32")]
+    (the tuning seed), whose schedule had not finished there."""
+    run = conv[conv.config_id == row.tuning_id] if hasattr(row, "tuning_id") else conv.iloc[:0]
     if run.empty or evals.empty:
         return "—"
     e = evals[evals.config_id == run.config_id.iloc[0]].sort_values("step")
@@ -154,7 +163,7 @@ def batch_table(fs: pd.DataFrame, conv: pd.DataFrame, evals: pd.DataFrame, best:
     rows = []
     for _, r in fs.sort_values(["optimizer", "lr"], ascending=[True, False]).iterrows():
         b = best[(best.preset == r.preset) & (best.optimizer == r.optimizer) & (best.global_batch == r.global_batch)
-                 & (best.precision == "fp32")]
+                 & (best.precision == main_precision(conv))]
         edge = b.edge.iloc[0] if len(b) else None
         unstable = (f", unstable: {r.diverged_runs} of {r.runs} ladder runs diverged"
                     if getattr(r, "unstable", False) else "")
@@ -431,7 +440,8 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str, given: tu
         n, non_embedding = sizes[preset]
         L.append(f"- {preset} ({n:,} parameters, {non_embedding:,} without embeddings): the budgets are "
                  + ", ".join(f"{b / n:.2g}" for b in budgets) + " tokens per parameter.")
-    edges = best[best.edge.notna() & (best.precision == "fp32")]
+    main = main_precision(conv)
+    edges = best[best.edge.notna() & (best.precision == main)]
     if not edges.empty:
         where = [f"{r.preset} {r.optimizer} at batch {int(r.global_batch)} ({r.edge}, lr {r.lr:.3g})"
                  for _, r in edges.iterrows()]
@@ -442,10 +452,10 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str, given: tu
         L.append(f"- {len(div)} runs diverged (kept as rows; a diverged ladder budget counts as not reached): "
                  + ", ".join(f"{r.optimizer} b{int(r.global_batch)} lr {r.lr:.3g}" for _, r in div.iterrows()) + ".")
     L.append("")
-    L += tuning_budget(best)
-    prec = precision_table(conv, best)
+    L += tuning_budget(best[best.precision == main])
+    prec = precision_table(conv, best, main)
     if prec is not None:
-        L.append("### Precision (each batch's winner in bf16, the largest budget, seed 0)")
+        L.append("### Precision (each batch's winner in the other precision, the largest budget, the tuning seed)")
         L.append(prec)
     L += layout_estimates(results, fs)
     from bench.report.plots import quality_plots
@@ -526,7 +536,7 @@ def token_speedup(results: pd.DataFrame, optimizer: str, batch: int | None = Non
 def tuning_budget(best: pd.DataFrame) -> list[str]:
     """What each optimizer's tuning cost (AlgoPerf states it): its tuning runs (the learning-rate grid, its
     widenings, the other weight decays) over every model and batch size, and their seconds."""
-    b = best[best.precision == "fp32"]
+    b = best
     if "tuning_runs" not in b or b.empty:
         return []
     t = b.groupby("optimizer").agg(runs=("tuning_runs", "sum"), seconds=("tuning_seconds", "sum"),
@@ -539,19 +549,20 @@ def tuning_budget(best: pd.DataFrame) -> list[str]:
             md_table(t.rename(columns={"settings": "models x batch sizes"})), ""]
 
 
-def precision_table(conv: pd.DataFrame, best: pd.DataFrame) -> str | None:
-    bf16 = conv[(conv.precision == "bf16") & (conv.status == "ok")]
+def precision_table(conv: pd.DataFrame, best: pd.DataFrame, main: str) -> str | None:
+    """Each batch's winner in the other precision (phase precision) beside its run in the study's own."""
+    other = conv[(conv.phase == "precision") & (conv.status == "ok")] if "phase" in conv else conv.iloc[:0]
     rows = []
-    for _, r in bf16.iterrows():
-        f32 = best[(best.preset == r.preset) & (best.optimizer == r.optimizer) & (best.global_batch == r.global_batch)
-                   & (best.precision == "fp32")]
-        if f32.empty:
+    for _, r in other.iterrows():
+        same = best[(best.preset == r.preset) & (best.optimizer == r.optimizer)
+                    & (best.global_batch == r.global_batch) & (best.precision == main)]
+        if same.empty:
             continue
-        f = f32.iloc[0]
+        f, p = same.iloc[0], r.precision
         rows.append({"preset": r.preset, "optimizer": r.optimizer, "batch": int(r.global_batch), "lr": f"{r.lr:.3g}",
-                     "fp32 end-of-budget loss": fmt(f.final_eval_loss, ".4f"),
-                     "bf16 end-of-budget loss": fmt(r.final_eval_loss, ".4f"),
-                     "fp32 training s": fmt(f.train_seconds, ".1f"), "bf16 training s": fmt(r.train_seconds, ".1f")})
+                     f"{main} end-of-budget loss": fmt(f.final_eval_loss, ".4f"),
+                     f"{p} end-of-budget loss": fmt(r.final_eval_loss, ".4f"),
+                     f"{main} training s": fmt(f.train_seconds, ".1f"), f"{p} training s": fmt(r.train_seconds, ".1f")})
     return md_table(pd.DataFrame(rows)) if rows else None
 
 
