@@ -257,6 +257,22 @@ def test_a_study_tuned_in_bf16_ladders_in_bf16_and_checks_its_winner_in_fp32():
     assert {("precision", "fp32")} in seen
 
 
+def test_the_loss_plot_compares_precisions_on_twins_only():
+    """Beyond a handful of configs the loss plot shows a median per precision: over the configs run in every
+    precision, each beside its twin, not every fp32 config against the few winners a sweep ran in bf16."""
+    import pandas as pd
+
+    from bench.report.plots import paired_by_precision
+
+    rows = [dict(config_id=f"c{i}", optimizer=o, lr=lr, precision=p)
+            for i, (o, lr, p) in enumerate([("adamw", 1e-3, "fp32"), ("adamw", 3e-3, "fp32"), ("sgd", 0.1, "fp32"),
+                                            ("adamw", 3e-3, "bf16")])]
+    twins = paired_by_precision(pd.DataFrame(rows))
+    assert sorted(twins.config_id) == ["c1", "c3"]
+    alone = pd.DataFrame(rows[:3])  # one precision: every config is its own twin
+    assert len(paired_by_precision(alone)) == 3
+
+
 def _ladder_frame(tokens_scale: dict):
     """A ladder at budgets 1024, 2048, 4096 where AdamW's losses are 3, 2, 1 on every seed (its target, 2.0 at
     half the budget, is crossed at 2048 tokens) and muon's reach 2.0 after 2048 / r tokens on a seed with scale

@@ -99,25 +99,40 @@ def memory(ok: pd.DataFrame, path: str) -> str:
 MAX_CURVES = 16
 
 
+def paired_by_precision(ok: pd.DataFrame) -> pd.DataFrame:
+    """The configs that ran in every precision of the sweep, each beside its twin (the same config in every
+    other field): a median per precision over these compares precisions on the same configs, not on whichever
+    ran in each (a convergence sweep runs only its winners in bf16, beside every fp32 config)."""
+    from llmopt.core.config import TrainConfig
+
+    fields = [c for c in TrainConfig.field_names() if c in ok and c != "precision"]
+    key = ok[fields].apply(lambda row: "|".join(map(str, row)), axis=1)
+    counts = ok.precision.groupby(key).nunique()
+    return ok[key.map(counts).eq(ok.precision.nunique()).to_numpy()]
+
+
 def loss_curves(steps: pd.DataFrame, ok: pd.DataFrame, path: str) -> str:
     """Each config's loss curve; beyond MAX_CURVES configs, the median curve per precision with the band
-    between the quartiles (a line per config is unreadable there, and slow: 5,000 took 25 s)."""
-    d = steps[steps.config_id.isin(ok.config_id)].merge(ok[["config_id", "precision"]], on="config_id")
+    between the quartiles over the configs run in every precision (``paired_by_precision``; a line per config
+    is unreadable there, and slow: 5,000 took 25 s)."""
     fig, ax = plt.subplots(figsize=(9, 5))
     if len(ok) <= MAX_CURVES:
+        d = steps[steps.config_id.isin(ok.config_id)].merge(ok[["config_id", "precision"]], on="config_id")
         sns.lineplot(data=d, x="step", y="loss", hue="config_id", style="precision", ax=ax, linewidth=1)
+        ax.set_title("Loss curves (dashed: the data's entropy floor)")
     else:
+        twins = paired_by_precision(ok)
+        d = steps[steps.config_id.isin(twins.config_id)].merge(twins[["config_id", "precision"]], on="config_id")
         sns.lineplot(data=d, x="step", y="loss", hue="precision", estimator="median", errorbar=("pi", 50), ax=ax,
                      linewidth=1.5)
-        ax.set_title(f"Median loss per precision over {len(ok)} configs (band: quartiles)")
+        ax.set_title(f"Median loss per precision over the {len(twins)} of {len(ok)} configs run in every "
+                     f"precision\n(each beside its twin; band: quartiles)", fontsize=10)
     floor = ok["entropy_floor_nats"].dropna()
     if len(floor):
         ax.axhline(float(floor.iloc[0]), color="black", linestyle="--", linewidth=1,
                    label=f"entropy floor {float(floor.iloc[0]):.3f} nats")
         ax.legend(fontsize=6, ncol=2)
     ax.set(ylabel="loss (nats/token)")
-    if len(ok) <= MAX_CURVES:
-        ax.set_title("Loss curves (dashed: the data's entropy floor)")
     return _save(fig, path)
 
 
