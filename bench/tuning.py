@@ -268,10 +268,10 @@ def common_targets(lad: "pd.DataFrame", given: tuple = ()) -> dict[str, dict[str
 def finalist_stats(lad: "pd.DataFrame", target: dict) -> "pd.DataFrame":
     """Per finalist: its end-of-budget loss at the largest budget and its tokens to target, each seed's.
     ``by_seed`` (and ``tokens``, the same figures in seed order) holds a figure per seed where the target was
-    crossed: interpolated, or the budget that reached it after a diverged one (an upper bound, those seeds in
-    ``after_diverged``). A finalist at or below the target already at the smallest budget on every seed is
-    ``bounded`` (its tokens are at most ``bound``). ``unstable``: a run of its ladder diverged (``diverged_runs``
-    of ``runs``)."""
+    crossed: interpolated, or an upper bound: the budget that reached it after a diverged one (those seeds in
+    ``after_diverged``) or the smallest budget, already at or below it (``at_first``). A finalist there by the
+    smallest budget on every seed is ``bounded`` (its tokens are at most ``bound``). ``unstable``: a run of its
+    ladder diverged (``diverged_runs`` of ``runs``)."""
     import pandas as pd
 
     import bench.report.stats as stats
@@ -286,7 +286,7 @@ def finalist_stats(lad: "pd.DataFrame", target: dict) -> "pd.DataFrame":
             crossings[seed] = stats.tokens_to_target(list(s.max_tokens), list(s.final_eval_loss),
                                                      target[(preset, batch)])
         status = [c.status for c in crossings.values()]
-        counted = (stats.REACHED, stats.AFTER_DIVERGED)
+        counted = (stats.REACHED, stats.AFTER_DIVERGED, stats.AT_FIRST)
         rows.append({"preset": preset, "optimizer": opt, "global_batch": batch, "lr": lr, "weight_decay": wd,
                      "role": role, "tuning_id": g.tuning_id.iloc[0], "budget": top,
                      "budgets": sorted(g.max_tokens.unique()), "seeds": len(crossings),
@@ -296,6 +296,7 @@ def finalist_stats(lad: "pd.DataFrame", target: dict) -> "pd.DataFrame":
                      "by_seed": {int(sd): c.tokens for sd, c in crossings.items() if c.status in counted},
                      "after_diverged": sorted(int(sd) for sd, c in crossings.items()
                                               if c.status == stats.AFTER_DIVERGED),
+                     "at_first": sorted(int(sd) for sd, c in crossings.items() if c.status == stats.AT_FIRST),
                      "statuses": sorted(set(status)), "bound": float(g.max_tokens.min()),
                      "all_reached": all(st in counted for st in status),
                      "bounded": status.count(stats.AT_FIRST) == len(status),

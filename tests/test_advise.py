@@ -86,7 +86,7 @@ def _advise(*args, env=None):
     (["--tokens", "1B", "--speedup-batch", "8"], "give that too"),
     (["--tokens", "1B", "--optimizer", "muon", "--speedup-from", "/nonexistent"], "no results.csv there"),
     (["--tokens", "1B", "--optimizer", "muon", "--speedup-from", "results/reference/cpu"], "no convergence ladder"),
-    (["--tokens", "1B", "--optimizer", "soap", "--speedup-from", "results/reference/cpu-convergence"],
+    (["--tokens", "1B", "--optimizer", "soap", "--speedup-from", "results/reference/cpu-convergence-full"],
      "has no finalist of soap"),
     (["--tokens", "1B", "--optimizer", "muon", "--speedup-from", "results/reference/cpu-convergence",
       "--speedup-batch", "3"], "has no batch 3"),

@@ -126,10 +126,23 @@ def _speedup(row, adamw) -> str:
     if sp is None:
         return "—"
     cell = f"{sp.ratio:.2f}" + (f" [{sp.low:.2f}, {sp.high:.2f}]" if sp.seeds > 1 else " (one seed)")
-    bounds = [f"{name} seed {', '.join(map(str, r.after_diverged))}" for name, r in ((row.optimizer, row),
-                                                                                      ("adamw", adamw))
-              if len(getattr(r, "after_diverged", []))]
-    return cell + (f" ({'; '.join(bounds)}: tokens at most, reached after a diverged budget)" if bounds else "")
+    return cell + "".join(f" ({name} {note})" for name, r in ((row.optimizer, row), ("adamw", adamw))
+                          if (note := _bounds_note(r)))
+
+
+def _bounds_note(r) -> str:
+    """Which seeds' tokens are upper bounds, and why: '' where none are."""
+    parts = [f"seed {', '.join(map(str, seeds))}: tokens at most, {why}"
+             for seeds, why in ((list(getattr(r, "at_first", [])), "by the smallest budget"),
+                                (list(getattr(r, "after_diverged", [])), "reached after a diverged budget")) if seeds]
+    return "; ".join(parts)
+
+
+def measured(r) -> bool:
+    """A finalist whose tokens to target are a crossing on every seed, none an upper bound: what a trend is
+    drawn from."""
+    return (r.all_reached and not getattr(r, "bounded", False) and not len(getattr(r, "at_first", []))
+            and not len(getattr(r, "after_diverged", [])))
 
 
 def _name(r) -> str:
@@ -140,8 +153,7 @@ def _name(r) -> str:
 def _tokens_cell(r) -> str:
     if getattr(r, "bounded", False):
         return f"≤ {r.bound:,.0f} (by the smallest budget, every seed)"
-    after = list(getattr(r, "after_diverged", []))
-    note = f" (seed {', '.join(map(str, after))}: at most, reached after a diverged budget)" if after else ""
+    note = f" ({n})" if (n := _bounds_note(r)) else ""
     return _pm(r.tokens, ",.0f") + note + ("" if r.all_reached else f" ({', '.join(r.statuses)})")
 
 
@@ -244,12 +256,13 @@ def common_table(ct: CommonTarget, sizes: dict) -> str:
 
 
 def speedup_points(cts: list[CommonTarget], sizes: dict) -> pd.DataFrame:
-    """Every measured speed-up over AdamW at the common targets (bounded ones and single seeds left out), for
+    """Every measured speed-up over AdamW at the common targets (any with a bound, and single seeds, left out), for
     the plot: columns panel (the index in ``cts``), optimizer, preset, batch, params, speedup, low, high."""
     rows = []
     for i, ct in enumerate(cts):
-        for _, r in finalists(ct.fs)[(finalists(ct.fs).optimizer != "adamw") & ~finalists(ct.fs).bounded].iterrows():
-            sp = speedup(r, _adamw(ct.fs, r.preset, r.global_batch))
+        for _, r in finalists(ct.fs)[finalists(ct.fs).optimizer != "adamw"].iterrows():
+            adamw = _adamw(ct.fs, r.preset, r.global_batch)
+            sp = speedup(r, adamw) if measured(r) and adamw is not None and measured(adamw) else None
             if sp is not None and sp.seeds > 1:
                 rows.append({"panel": i, "optimizer": r.optimizer, "preset": r.preset, "batch": int(r.global_batch),
                              "params": sizes[r.preset][1], "speedup": sp.ratio, "low": sp.low, "high": sp.high})
@@ -289,7 +302,8 @@ def trend_sentences(cts: list[CommonTarget], sizes: dict) -> list[str]:
                     pts = []
                     for v in order:
                         r = g[g[moving] == v].iloc[0]
-                        sp = None if r.bounded else speedup(r, _adamw(fs, r.preset, r.global_batch))
+                        adamw = _adamw(fs, r.preset, r.global_batch)
+                        sp = speedup(r, adamw) if measured(r) and adamw is not None and measured(adamw) else None
                         if sp is not None:
                             pts.append((f"batch {int(v)}" if moving == "global_batch" else str(v), sp))
                     if len(order) < 2 or len(pts) < 2:
@@ -334,7 +348,8 @@ def _method(conv: pd.DataFrame, lad: pd.DataFrame) -> str:
     """The protocol as these rows ran it (references made before the protocol changed say so themselves)."""
     budgets = sorted(lad.max_tokens.unique())
     tune = conv[conv.phase.isin(["grid", "widen", "decay"])]
-    decays = sorted(tune.weight_decay.dropna().unique()) if "weight_decay" in tune else []
+    decays = list(dict.fromkeys(tune.sort_values("phase", key=lambda p: p.ne("grid")).weight_decay.dropna())
+                  ) if "weight_decay" in tune else []  # the grid's first
     reused = bool((lad.config_id == lad.tuning_id).any())
     whole = tune[tune.max_tokens == tune.max_tokens.max()]
     def span(col):
@@ -510,24 +525,25 @@ def token_speedup(results: pd.DataFrame, optimizer: str, batch: int | None = Non
     for name in (optimizer, "adamw"):
         if name not in set(fs.optimizer):
             raise ValueError(f"has no finalist of {name} (optimizers: {', '.join(sorted(set(fs.optimizer)))})")
-    measured = {}
+    found = {}
     for b in sorted(set(fs.global_batch)):
         adamw, mine = _adamw(fs, fs.preset.iloc[0], b), fs[(fs.global_batch == b) & (fs.optimizer == optimizer)]
-        sp = None if mine.empty or mine.iloc[0].bounded else speedup(mine.iloc[0], adamw)
+        usable = not mine.empty and adamw is not None and measured(mine.iloc[0]) and measured(adamw)
+        sp = speedup(mine.iloc[0], adamw) if usable else None
         if sp is not None:
-            measured[b] = (sp, adamw)
+            found[b] = (sp, adamw)
     batches = sorted(set(fs.global_batch))
     if batch is not None and batch not in batches:
         raise ValueError(f"has no batch {batch} (batches: {', '.join(str(int(b)) for b in batches)})")
-    if batch is not None and batch not in measured:
+    if batch is not None and batch not in found:
         raise ValueError(f"at batch {batch}, {optimizer} or AdamW did not reach the target on every seed: no "
                          f"speed-up to apply (batches where both did: "
-                         f"{', '.join(str(int(b)) for b in measured) or 'none'})")
-    if not measured:
+                         f"{', '.join(str(int(b)) for b in found) or 'none'})")
+    if not found:
         raise ValueError(f"{optimizer} and AdamW reached the target together at no batch: no speed-up to apply")
     if batch is None:
-        batch = max(measured, key=lambda b: stats.geomean(measured[b][1].by_seed))
-    sp, adamw = measured[batch]
+        batch = max(found, key=lambda b: stats.geomean(found[b][1].by_seed))
+    sp, adamw = found[batch]
     params = sizes[adamw.preset][0]
     return TokenSpeedup(optimizer, int(batch), sp.ratio, adamw.preset, params, stats.geomean(adamw.by_seed) / params,
                         hard[0].loss, sp.seeds, sp.low, sp.high)
