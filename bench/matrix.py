@@ -148,7 +148,9 @@ def study_of(matrix: str, device: str) -> tuple[Study, dict] | None:
         if bad:
             raise MatrixError(f"--matrix {matrix} [convergence]: unknown optimizer(s) {bad}; use "
                               f"{', '.join(sorted(known))}")
-    return study, dict(CONVERGENCE_BASE[device], device=device)
+    # a study of the user's own: a cosine schedule (each budget's run ends its decay) and what [base] says; no
+    # instrument the named matrices add (the noise scale needs DDP, which a [base] layout may not be)
+    return study, dict(lr_schedule="cosine", device=device)
 
 
 def at_budget(cfg: dict, fraction: float, seed: int) -> dict:
@@ -428,6 +430,9 @@ def expand(matrix: str, device: str, max_ranks: int, steps: int | None = None,
         extra, combos = load_toml(matrix, max_configs)
         base.update(extra)
         if study is not None:
+            if not (study[0].tokens_per_param or extra.get("max_tokens")):
+                raise MatrixError(f"--matrix {matrix}: a [convergence] study needs its whole budget: tokens_per_param "
+                                  f"in [convergence], or max_tokens in [base]")
             combos = study_grid(study[0], {**study[1], **extra})
     else:
         raise MatrixError(f"--matrix: unknown matrix {matrix!r}; use one of {', '.join(NAMED)} or a .toml file")

@@ -18,8 +18,10 @@ way careful optimizer studies do (Wen et al. 2025; Semenov et al. 2025; AlgoPerf
     lr_multiples = [0.5, 1, 2]  # the grid around each optimizer's measured centre
     targets = [3.3, 3.1]        # common target losses (default: the report's rule, bench.tuning.common_targets)
 
-Every key but ``batches`` has the default of the named matrices. The study travels in plan.json, so a resumed
-sweep follows the protocol it started with.
+Every key but ``batches`` has the default of the named matrices; the whole budget is ``tokens_per_param`` or
+[base]'s max_tokens. The runs are [base]'s fields on a cosine schedule (the named matrices' bases, with their
+noise-scale instrument, are theirs alone). The study travels in plan.json, so a resumed sweep follows the
+protocol it started with.
 
 Phases (plan entries carry theirs; ``bench.tuning.followups`` adds the later ones from the rows):
   grid     every optimizer x model x batch x learning rate (``lr_multiples`` of its lr_centre) at the whole

@@ -142,11 +142,11 @@ def best_runs(conv: "pd.DataFrame") -> "pd.DataFrame":
 
 
 def ladder(conv: "pd.DataFrame", best_rows: "pd.DataFrame") -> "pd.DataFrame":
-    """Every fp32 run of each finalist (its best learning rate and weight decay, ``best_runs``; role
-    "finalist") and of each unstable finalist's next stable learning rate (phase stable; role "stable") that
-    finished or diverged, at every budget and seed where that seed ran two budgets or more: columns preset,
-    optimizer, global_batch, lr, weight_decay, role, max_tokens, seed, final_eval_loss (NaN where the run
-    diverged: it has no end-of-budget loss), diverged, config_id, tuning_id (the config_id of the whole-budget
+    """Every run in the study's own precision of each finalist (its best learning rate and weight decay,
+    ``best_runs``; role "finalist") and of each unstable finalist's next stable learning rate (phase stable; role
+    "stable") that finished or diverged, at every budget and seed where that seed ran two budgets or more:
+    columns preset, optimizer, global_batch, lr, weight_decay, role, max_tokens, seed, final_eval_loss (NaN where
+    the run diverged: it has no end-of-budget loss), diverged, config_id, tuning_id (the config_id of the whole-budget
     tuning run it repeats), task, floor (the data's entropy floor in nats where it is known, else 0). A
     diverged budget stays so that it counts as not reached there (``stats.tokens_to_target``); a failed run (the
     harness's fault, not the optimizer's) is left out; the tuning run alone (the tuning seed at the whole
@@ -331,9 +331,9 @@ def followups(study: Study | None, plan: list[PlanEntry], rows: list[dict]) -> l
         return tuple(str(getattr(by_id[cid], k)) for k in GROUP)
 
     main = next((e.config.precision for e in plan if e.phase == "grid"), "fp32")
-    fp32 = {k: g for k, g in groups(tuning_rows).items() if k[3] == main}  # the tuned groups
+    tuned = {k: g for k, g in groups(tuning_rows).items() if k[3] == main}  # in the study's own precision
     widenings = [key_of(cid) for cid, ph in phases.items() if ph == "widen"]
-    for key, g in fp32.items():
+    for key, g in tuned.items():
         side = edge(g)
         if side is None or widenings.count(key) >= study.max_widenings:
             continue
@@ -343,14 +343,14 @@ def followups(study: Study | None, plan: list[PlanEntry], rows: list[dict]) -> l
         add(replace(by_id[end["config_id"]], lr=lr), "widen")
     if new:
         return new
-    for g in fp32.values():  # the grid's best at every other weight decay
+    for g in tuned.values():  # the grid's best at every other weight decay
         b = best(lr_grid(g))
         if rank_key(b)[0] == 0 and _num(b.get("weight_decay")) in (None, study.weight_decays[0]):
             for wd in study.weight_decays[1:]:
                 add(replace(by_id[b["config_id"]], weight_decay=wd), "decay")
     if new:
         return new
-    for g in fp32.values():
+    for g in tuned.values():
         b = best(g)
         if rank_key(b)[0] == 0:
             for cfg in _ladder_configs(by_id[b["config_id"]], study.seeds, study.ladder):
@@ -358,7 +358,7 @@ def followups(study: Study | None, plan: list[PlanEntry], rows: list[dict]) -> l
     if new:
         return new
     lad, fs = _ladder_analysis(rows, phases)
-    for cfg in stable_alternatives(fp32, fs, by_id, study.ladder):
+    for cfg in stable_alternatives(tuned, fs, by_id, study.ladder):
         add(cfg, "stable")
     if new:
         return new
@@ -374,7 +374,7 @@ def followups(study: Study | None, plan: list[PlanEntry], rows: list[dict]) -> l
         return new
     # Then every finalist's shape as throughput rows on single, ddp2, fsdp2 and tp2 (no evals), so that the
     # report can state seconds to target per optimizer and layout: its tokens to target over its tokens/s there
-    for g in fp32.values():
+    for g in tuned.values():
         b = best(g)
         if rank_key(b)[0] == 0:
             cfg = replace(by_id[b["config_id"]], eval_every=0, target_loss=0.0, target_gap=0.0, gns=False,
@@ -420,17 +420,17 @@ def _ladder_analysis(rows: list[dict], phases: dict) -> tuple:
     return lad, finalist_stats(lad, targets(lad))
 
 
-def stable_alternatives(fp32: dict, fs: "pd.DataFrame", by_id: dict, ladder: tuple) -> list[TrainConfig]:
+def stable_alternatives(tuned: dict, fs: "pd.DataFrame", by_id: dict, ladder: tuple) -> list[TrainConfig]:
     """For each unstable finalist (a run of its ladder diverged): the largest smaller learning rate of its grid,
     at its weight decay, whose tuning run finished, at every budget and evaluation seed."""
     out = []
     if fs.empty:
         return out
     for r in finalists(fs)[finalists(fs).unstable].itertuples():
-        g = fp32.get(next((k for k in fp32 if k[:3] == (str(r.preset), str(r.optimizer), str(r.global_batch))),
-                          None), [])
+        g = tuned.get(next((k for k in tuned if k[:3] == (str(r.preset), str(r.optimizer), str(r.global_batch))),
+                           None), [])
         below = [x for x in g if rank_key(x)[0] == 0 and _num(x["lr"]) < r.lr
-                 and (_num(x.get("weight_decay")) or 0.0) == r.weight_decay]
+                 and as_written(_num(x.get("weight_decay")) or 0.0) == r.weight_decay]
         if below:
             out += _ladder_configs(by_id[max(below, key=lambda x: _num(x["lr"]))["config_id"]], r.seed_list, ladder)
     return out

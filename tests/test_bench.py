@@ -103,6 +103,7 @@ def test_bad_matrix_files(tmp_path, text, match):
     ("[convergence]\nbatches = [8]\ntargets = [-1]\n", "targets must be positive"),
     ("[convergence]\nbatches = [8]\noptimizers = ['adamw', 'adam-w']\n", "unknown optimizer.*adam-w"),
     ("[convergence]\nbatches = [8]\n[matrix]\ndp = [1]\n", "plans its own runs"),
+    ("[convergence]\nbatches = [8]\n", "needs its whole budget"),
 ])
 def test_bad_convergence_studies_are_refused_before_any_run(tmp_path, text, match):
     """A matrix file's [convergence] table is checked key by key: one line naming the key and the fix."""

@@ -67,7 +67,7 @@ def test_a_toy_optimizer_from_one_file_runs_through_train_memory_a_matrix_and_th
     plan = expand("optimizers", "cpu", 2)
     assert sum(e.config.optimizer == "toy-sgd" for e in plan) == 5  # one per baseline layout
     conv = expand("convergence", "cpu", 2)
-    assert {e.config.lr for e in conv if e.config.optimizer == "toy-sgd"} == {0.5 / 3, 0.5, 1.5}
+    assert {e.config.lr for e in conv if e.config.optimizer == "toy-sgd"} == {0.25, 0.5, 1.0}  # x1/2, x1, x2 its centre
 
     metrics = tmp_path / "m.json"
     r = run_cli("-m", "llmopt.train", "--optimizer", "toy-sgd", "--steps", "4", "--metrics-out", str(metrics))
