@@ -209,7 +209,7 @@ class CommonTarget:
     """One loss shared by every model and batch size of a task (``bench.tuning.common_targets``), and every
     finalist's tokens to it."""
     task: str
-    name: str           # "moderate" or "hard"
+    name: str           # "moderate" or "hard" (the rule's), or "given #1", ... (the study's own)
     loss: float
     fs: pd.DataFrame    # finalist_stats at this loss
 
@@ -240,9 +240,9 @@ def common_table(ct: CommonTarget, sizes: dict) -> str:
     confidence interval]."""
     cols = _settings(ct.fs, sizes)
     rows = []
-    fs = ct.fs.assign(role=ct.fs.role if "role" in ct.fs else "finalist")
-    for (opt, role), mine in sorted(fs[fs.optimizer != "adamw"].groupby(["optimizer", "role"])):
-        row = {"optimizer": opt if role == "finalist" else f"{opt} (next stable lr)"}
+    fs = ct.fs
+    for (_, role), mine in fs[fs.optimizer != "adamw"].groupby(["optimizer", "role"]):  # sorted by name
+        row = {"optimizer": _name(mine.iloc[0])}
         for preset, batch in cols:
             r = mine[(mine.preset == preset) & (mine.global_batch == batch)]
             cell = "—" if r.empty else _speedup(r.iloc[0], _adamw(fs, preset, batch))
