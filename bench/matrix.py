@@ -82,7 +82,6 @@ WARMUP_FRACTION = 0.05
 WARMUP_MIN_STEPS = 3
 EVAL_EVERY_TOKENS = 2**14
 EVAL_SEQUENCES = 64
-CONVERGENCE = tuple(STUDIES)
 
 
 # The layouts every optimizer and speed toggle is shown on: one process, and each 2-rank layout once
@@ -220,7 +219,7 @@ def _named(name: str, device: str, max_ranks: int) -> list[dict]:
     raise KeyError(name)
 
 
-NAMED = ("smoke", "default", "parity", "full", "peers", "extras", "optimizers", *CONVERGENCE)
+NAMED = ("smoke", "default", "parity", "full", "peers", "extras", "optimizers", *STUDIES)
 
 
 class MatrixError(ValueError):

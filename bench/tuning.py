@@ -10,7 +10,7 @@ relative grid around a centre measured for it, widened until its best is bracket
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from bench.layouts import BASE_LAYOUTS
@@ -134,7 +134,6 @@ def best_runs(conv: "pd.DataFrame") -> "pd.DataFrame":
     for g in groups(_records(tune)).values():
         b = dict(best(g))
         b["edge"] = edge(g)
-        b["lrs_tried"] = len(lr_grid(g))
         b["tuning_runs"] = len(g)
         b["tuning_seconds"] = sum(_num(r.get("wall_s")) or 0.0 for r in g)
         out.append(b)
@@ -265,6 +264,28 @@ def common_targets(lad: "pd.DataFrame", given: tuple = ()) -> dict[str, dict[str
     return out
 
 
+@dataclass(frozen=True)
+class CommonTarget:
+    """One loss shared by every model and batch size of a task (``common_targets``), and every finalist's
+    tokens to it."""
+    task: str
+    name: str           # "moderate" or "hard" (the rule's), or "given #1", ... (the study's own)
+    loss: float
+    fs: "pd.DataFrame"  # finalist_stats at this loss
+
+
+def at_common_targets(lad: "pd.DataFrame", given: tuple = ()) -> list[CommonTarget]:
+    """Each task's common targets (``common_targets``) with every finalist's statistics at them: what the
+    report's tables and verdicts read, and what decides where a study adds seeds."""
+    out = []
+    for task, named in common_targets(lad, given).items():
+        sub = lad[lad.task == task]
+        keys = set(zip(sub.preset, sub.global_batch))
+        out += [CommonTarget(task, name, loss, finalist_stats(sub, dict.fromkeys(keys, loss)))
+                for name, loss in named.items()]
+    return out
+
+
 def finalist_stats(lad: "pd.DataFrame", target: dict) -> "pd.DataFrame":
     """Per finalist: its end-of-budget loss at the largest budget and its tokens to target, each seed's.
     ``by_seed`` (and ``tokens``, the same figures in seed order) holds a figure per seed where the target was
@@ -386,7 +407,7 @@ def followups(study: Study | None, plan: list[PlanEntry], rows: list[dict]) -> l
     # Last, the check of that estimate: each finalist that reached the target on every seed, trained under
     # fsdp2 for its mean tokens to target (its own full schedule, the tuning seed); the report sets its measured
     # seconds beside the estimate
-    for cfg in to_target_runs(rows, phases, by_id):
+    for cfg in to_target_runs(fs, by_id):
         add(cfg, "to-target")
     return new
 
@@ -446,12 +467,7 @@ def more_seeds(lad: "pd.DataFrame", fs: "pd.DataFrame", study: Study) -> dict[st
     out: dict[str, list[int]] = {}
     if fs.empty:
         return out
-    settings = [fs]
-    for task, named in common_targets(lad, study.targets).items():
-        sub = lad[lad.task == task]
-        settings += [finalist_stats(sub, dict.fromkeys(zip(sub.preset, sub.global_batch), loss))
-                     for loss in named.values()]
-    for at in settings:
+    for at in [fs] + [ct.fs for ct in at_common_targets(lad, study.targets)]:
         for _, g in finalists(at).groupby(["preset", "global_batch"]):
             ok = ranked(g)
             if len(ok) < 2:
@@ -471,9 +487,9 @@ def more_seeds(lad: "pd.DataFrame", fs: "pd.DataFrame", study: Study) -> dict[st
     return out
 
 
-def to_target_runs(rows: list[dict], phases: dict, by_id: dict) -> list[TrainConfig]:
-    """The to-target check's configs (``followups``' last phase), from the rows as the report reads them."""
-    lad, fs = _ladder_analysis(rows, phases)
+def to_target_runs(fs: "pd.DataFrame", by_id: dict) -> list[TrainConfig]:
+    """The to-target check's configs (``followups``' last phase), from the finalists' statistics at their
+    per-batch targets (``_ladder_analysis``, as the report reads them)."""
     out = []
     for r in (finalists(fs).itertuples() if len(fs) else []):
         if not r.all_reached:

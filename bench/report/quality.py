@@ -29,8 +29,9 @@ from bench.layouts import layout_name
 from bench.matrix import TARGET_FRACTION
 from bench.report.markdown import fmt, md_table
 from bench.tuning import (
+    CommonTarget,
+    at_common_targets,
     best_runs,
-    common_targets,
     convergence_rows,
     finalist_stats,
     finalists,
@@ -145,6 +146,13 @@ def measured(r) -> bool:
             and not len(getattr(r, "after_diverged", [])))
 
 
+def measured_speedup(fs: pd.DataFrame, r) -> stats.Speedup | None:
+    """``r``'s speed-up over its model and batch's AdamW finalist in ``fs`` where both are ``measured`` (no seed
+    a bound): what trends, the plot and the advisor read; else None."""
+    adamw = _adamw(fs, r.preset, r.global_batch)
+    return speedup(r, adamw) if measured(r) and adamw is not None and measured(adamw) else None
+
+
 def _name(r) -> str:
     """An optimizer's row label: its name, or for an unstable finalist's next stable rate, says so."""
     return r.optimizer if getattr(r, "role", "finalist") == "finalist" else f"{r.optimizer} (next stable lr)"
@@ -204,26 +212,6 @@ def scaling_sentences(fs: pd.DataFrame, preset: str) -> list[str]:
     return [f"At {budget:,} tokens the lowest mean end-of-budget loss by global batch: " + ", ".join(parts) + "."]
 
 
-@dataclass(frozen=True)
-class CommonTarget:
-    """One loss shared by every model and batch size of a task (``bench.tuning.common_targets``), and every
-    finalist's tokens to it."""
-    task: str
-    name: str           # "moderate" or "hard" (the rule's), or "given #1", ... (the study's own)
-    loss: float
-    fs: pd.DataFrame    # finalist_stats at this loss
-
-
-def at_common_targets(lad: pd.DataFrame, given: tuple = ()) -> list[CommonTarget]:
-    out = []
-    for task, named in common_targets(lad, given).items():
-        sub = lad[lad.task == task]
-        keys = set(zip(sub.preset, sub.global_batch))
-        for name, loss in named.items():
-            out.append(CommonTarget(task, name, loss, finalist_stats(sub, {k: loss for k in keys})))
-    return out
-
-
 def _settings(fs: pd.DataFrame, sizes: dict) -> list[tuple]:
     """(preset, batch) pairs, smallest model first, then smallest batch."""
     return sorted(set(zip(fs.preset, fs.global_batch)), key=lambda k: (sizes[k[0]][1], k[1]))
@@ -261,8 +249,7 @@ def speedup_points(cts: list[CommonTarget], sizes: dict) -> pd.DataFrame:
     rows = []
     for i, ct in enumerate(cts):
         for _, r in finalists(ct.fs)[finalists(ct.fs).optimizer != "adamw"].iterrows():
-            adamw = _adamw(ct.fs, r.preset, r.global_batch)
-            sp = speedup(r, adamw) if measured(r) and adamw is not None and measured(adamw) else None
+            sp = measured_speedup(ct.fs, r)
             if sp is not None and sp.seeds > 1:
                 rows.append({"panel": i, "optimizer": r.optimizer, "preset": r.preset, "batch": int(r.global_batch),
                              "params": sizes[r.preset][1], "speedup": sp.ratio, "low": sp.low, "high": sp.high})
@@ -302,8 +289,7 @@ def trend_sentences(cts: list[CommonTarget], sizes: dict) -> list[str]:
                     pts = []
                     for v in order:
                         r = g[g[moving] == v].iloc[0]
-                        adamw = _adamw(fs, r.preset, r.global_batch)
-                        sp = speedup(r, adamw) if measured(r) and adamw is not None and measured(adamw) else None
+                        sp = measured_speedup(fs, r)
                         if sp is not None:
                             pts.append((f"batch {int(v)}" if moving == "global_batch" else str(v), sp))
                     if len(order) < 2 or len(pts) < 2:
@@ -518,20 +504,19 @@ def token_speedup(results: pd.DataFrame, optimizer: str, batch: int | None = Non
     cts = at_common_targets(lad)
     if not cts:
         raise ValueError("has no common target (AdamW did not finish every budget of its ladder)")
-    hard = [min(cts, key=lambda ct: ct.loss)]
+    hard = min(cts, key=lambda ct: ct.loss)
     sizes = model_params(conv)
-    fs = finalists(hard[0].fs)
+    fs = finalists(hard.fs)
     fs = fs[fs.preset == max(fs.preset.unique(), key=lambda p: sizes[p][0])]
     for name in (optimizer, "adamw"):
         if name not in set(fs.optimizer):
             raise ValueError(f"has no finalist of {name} (optimizers: {', '.join(sorted(set(fs.optimizer)))})")
     found = {}
     for b in sorted(set(fs.global_batch)):
-        adamw, mine = _adamw(fs, fs.preset.iloc[0], b), fs[(fs.global_batch == b) & (fs.optimizer == optimizer)]
-        usable = not mine.empty and adamw is not None and measured(mine.iloc[0]) and measured(adamw)
-        sp = speedup(mine.iloc[0], adamw) if usable else None
+        mine = fs[(fs.global_batch == b) & (fs.optimizer == optimizer)]
+        sp = None if mine.empty else measured_speedup(fs, mine.iloc[0])
         if sp is not None:
-            found[b] = (sp, adamw)
+            found[b] = (sp, _adamw(fs, fs.preset.iloc[0], b))
     batches = sorted(set(fs.global_batch))
     if batch is not None and batch not in batches:
         raise ValueError(f"has no batch {batch} (batches: {', '.join(str(int(b)) for b in batches)})")
@@ -546,7 +531,7 @@ def token_speedup(results: pd.DataFrame, optimizer: str, batch: int | None = Non
     sp, adamw = found[batch]
     params = sizes[adamw.preset][0]
     return TokenSpeedup(optimizer, int(batch), sp.ratio, adamw.preset, params, stats.geomean(adamw.by_seed) / params,
-                        hard[0].loss, sp.seeds, sp.low, sp.high)
+                        hard.loss, sp.seeds, sp.low, sp.high)
 
 
 def tuning_budget(best: pd.DataFrame) -> list[str]:

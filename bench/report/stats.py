@@ -14,7 +14,6 @@
 * ``holm``: Holm's step-down adjustment of the p-values of the tests behind one verdict (Holm 1979).
 * ``lead_tests``: a verdict's tests: the optimizer with the fewest tokens to target against every other, on log
   tokens, paired by seed, Holm-adjusted (the report words them; the sweep adds seeds where they are close).
-* ``ratio``: a ratio of two means and its standard deviation by first-order error propagation.
 """
 from __future__ import annotations
 
@@ -172,11 +171,3 @@ def lead_tests(tokens: dict) -> tuple[str, list[tuple[str, TTest]], list[float]]
     lead = min(tokens, key=lambda n: geomean(tokens[n]))
     tests = [(n, compare_tokens(tokens[lead], t)) for n, t in tokens.items() if n != lead]
     return lead, tests, holm([w.p for _, w in tests])
-
-
-def ratio(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
-    """(mean a / mean b, its standard deviation) from (mean, std) pairs, to first order:
-    sd(r) = r sqrt((sd_a / a)^2 + (sd_b / b)^2)."""
-    (ma, sa), (mb, sb) = a, b
-    r = ma / mb
-    return r, abs(r) * math.sqrt((sa / ma) ** 2 + (sb / mb) ** 2)
