@@ -107,10 +107,16 @@ def convergence_run(base: dict, batch: int, study: Study, **fields) -> dict:
                 eval_batches=max(1, EVAL_SEQUENCES // batch))
 
 
+def waits_for_adamw(study: Study, optimizer: str) -> bool:
+    """Whether ``optimizer``'s grid waits for AdamW's tuned rate: it has an AdamW part (Muon's embeddings, head
+    and gains), which runs at that rate, and the study tunes AdamW (``bench.tuning.followups`` adds the grid)."""
+    return optimizer_spec(optimizer).adamw_part and "adamw" in (study.optimizers or optimizer_names())
+
+
 def study_grid(study: Study, base: dict) -> list[dict]:
     """A study's tuning runs (phase grid): every model, optimizer, batch size and learning-rate multiple, each
     model's whole budget its ``tokens_per_param`` times its parameters (all of them, the data's vocabulary's
-    embedding included) where that is set."""
+    embedding included) where that is set. An optimizer that ``waits_for_adamw`` is left to the follow-ups."""
     from llmopt.core.shapes import param_count
 
     out = []
@@ -120,6 +126,8 @@ def study_grid(study: Study, base: dict) -> list[dict]:
             model = TrainConfig(**{k: v for k, v in b.items() if k in FIELDS}).model_config
             b["max_tokens"] = max(1, round(study.tokens_per_param * param_count(model)))
         for o in study.optimizers or optimizer_names():
+            if waits_for_adamw(study, o):
+                continue
             for batch in study.batches:
                 out += [convergence_run(b, batch, study, optimizer=o, lr=optimizer_spec(o).lr_centre * m)
                         for m in study.lr_multiples]

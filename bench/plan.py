@@ -25,6 +25,10 @@ CONFIG_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,200}")
 ENTRY_KEYS = {"config_id", "config", "skipped", "added_as_baseline", "phase", "compare_with_baseline"}
 
 
+# Fields TrainConfig gained after references were made: at their default they leave a config's id unchanged
+HASHED_WHEN_SET = ("adamw_lr",)
+
+
 class PlanError(ValueError):
     """A plan that cannot be made or read back: one line for the user, exit 2."""
 
@@ -32,13 +36,16 @@ class PlanError(ValueError):
 def config_id(cfg: TrainConfig) -> str:
     """Readable and stable: the layout and toggles, then a hash of every field. 12 hex digits (48 bits): a
     million-config sweep collides with probability ~2e-3, and ``bench.matrix.expand`` refuses a plan where two
-    different configs still share an id."""
-    fields = asdict(cfg)
+    different configs still share an id. A field added after plans were written is hashed only where it is set
+    (``HASHED_WHEN_SET``), so an older plan's ids, and the rows that name them, still match."""
+    fields = {k: v for k, v in asdict(cfg).items()
+              if k not in HASHED_WHEN_SET or v != TrainConfig.__dataclass_fields__[k].default}
     parts = [cfg.engine] if cfg.engine != "native" else []
     parts += [cfg.model_impl] if cfg.model_impl != "llmopt" else []
     parts += [layout_name(fields), cfg.precision, f"ga{cfg.grad_accum}", cfg.optimizer]
     parts += [f"b{cfg.global_batch}"] if cfg.global_batch != TrainConfig.global_batch else []
     parts += [f"lr{cfg.lr:.3g}"] if cfg.lr else []
+    parts += [f"adamw-lr{cfg.adamw_lr:.3g}"] if cfg.adamw_lr else []
     parts += ["compile"] if cfg.compile else []
     parts += ["ac"] if cfg.activation_checkpointing else []
     parts += [f"opt-{cfg.optimizer_impl}"] if cfg.optimizer_impl != "auto" else []

@@ -37,8 +37,8 @@ Phases (plan entries carry theirs; ``bench.tuning.followups`` adds the later one
   seeds    where a verdict's test has more_seeds_band[0] <= p < more_seeds_band[1], both finalists run
            ``seed_step`` more seeds, up to ``max_seeds``, before the verdict is called
   precision    each batch's winner in bf16
-  layouts      every finalist's shape timed on single, ddp2, fsdp2 and tp2 (seconds to target)
-  to-target    each finalist that reached the target on every seed, trained under fsdp2 for its mean tokens
+  layouts      (wall_clock) every finalist's shape timed on single, ddp2, fsdp2 and tp2 (seconds to target)
+  to-target    (wall_clock) each finalist that reached the target on every seed, trained under fsdp2 for its mean tokens
                to target: the check of the seconds the report estimates from the layouts rows
 """
 from __future__ import annotations
@@ -72,6 +72,9 @@ class Study:
     seed_step: int = 2
     max_seeds: int = 8
     targets: tuple[float, ...] = ()              # common target losses given; empty: the report's rule
+    # the layouts and to-target phases (seconds to target per layout); false: tokens to target only, a study of
+    # losses alone, which may then run several configs at once (--jobs) without a timing beside another
+    wall_clock: bool = True
 
     @classmethod
     def from_mapping(cls, d: dict, where: str) -> "Study":
@@ -88,7 +91,11 @@ class Study:
         out = {}
         for name, value in d.items():
             kind = str(known[name].type)
-            if kind.startswith("tuple"):
+            if kind == "bool":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{where}: {name} = {value!r} must be true or false")
+                out[name] = value
+            elif kind.startswith("tuple"):
                 if not isinstance(value, (list, tuple)):
                     raise ValueError(f"{where}: {name} = {value!r} must be a list, e.g. {name} = [...]")
                 item = str if "str" in kind else int if "int" in kind else float

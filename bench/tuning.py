@@ -14,17 +14,20 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from bench.layouts import BASE_LAYOUTS
-from bench.matrix import TARGET_FRACTION, at_budget, rank_budget
+from bench.matrix import TARGET_FRACTION, at_budget, rank_budget, waits_for_adamw
 from bench.plan import PlanEntry
 from bench.results import as_written
 from bench.study import Study
 from llmopt.core.config import TrainConfig
+from llmopt.optimizers import names as optimizer_names
+from llmopt.optimizers import spec as optimizer_spec
 
 if TYPE_CHECKING:
     import pandas as pd
 
 GROUP = ("preset", "optimizer", "global_batch", "precision")
 TUNING = ("grid", "widen", "decay")  # the phases whose runs tune (the whole budget, the tuning seed)
+ADAMW_LR_PHASE = "adamw-lr"  # a finalist with an AdamW part, that part at its own rate (own_rate_runs)
 # the phases whose runs can be a point of a finalist's ladder (its tuning run is one only where its seed has
 # other budgets too: references made before the tuning seed was kept apart from the evaluation seeds)
 LADDER_PHASES = (*TUNING, "ladder", "seeds")
@@ -169,12 +172,15 @@ def ladder(conv: "pd.DataFrame", best_rows: "pd.DataFrame") -> "pd.DataFrame":
                      .merge(fin.rename(columns={"config_id": "tuning_id"}), on=keys).assign(role="finalist"),
                      alt.merge(tuned.rename(columns={"config_id": "tuning_id"}), on=keys, how="left")
                      .assign(role="stable")], ignore_index=True)
+    columns = keys + ["role", "max_tokens", "seed", "final_eval_loss", "diverged", "config_id", "tuning_id", "task",
+                      "floor"]
+    if lad.empty:  # no finalist yet (every tuning run failed, or none has finished)
+        return pd.DataFrame(columns=columns)
     budgets = lad.groupby(keys + ["role", "seed"]).max_tokens.transform("nunique")
     lad = lad[budgets >= 2].copy()
     lad["diverged"] = lad.status.eq("diverged")
     lad.loc[lad.diverged, "final_eval_loss"] = float("nan")
-    return lad[keys + ["role", "max_tokens", "seed", "final_eval_loss", "diverged", "config_id", "tuning_id", "task",
-                       "floor"]]
+    return lad[columns]
 
 
 def _column(df: "pd.DataFrame", name: str, default) -> "pd.Series":
@@ -354,14 +360,18 @@ def followups(study: Study | None, plan: list[PlanEntry], rows: list[dict]) -> l
     main = next((e.config.precision for e in plan if e.phase == "grid"), "fp32")
     tuned = {k: g for k, g in groups(tuning_rows).items() if k[3] == main}  # in the study's own precision
     widenings = [key_of(cid) for cid, ph in phases.items() if ph == "widen"]
+    settled = {}  # the groups no widening is added for: bracketed, or out of widenings
     for key, g in tuned.items():
         side = edge(g)
         if side is None or widenings.count(key) >= study.max_widenings:
+            settled[key] = g
             continue
         grid = lr_grid(g)
         end = grid[0] if side == "low" else grid[-1]
         lr = _num(end["lr"]) / study.lr_step if side == "low" else _num(end["lr"]) * study.lr_step
         add(replace(by_id[end["config_id"]], lr=lr), "widen")
+    for cfg in adamw_part_grids(study, settled, by_id):
+        add(cfg, "grid")
     if new:
         return new
     for g in tuned.values():  # the grid's best at every other weight decay
@@ -381,6 +391,8 @@ def followups(study: Study | None, plan: list[PlanEntry], rows: list[dict]) -> l
     lad, fs = _ladder_analysis(rows, phases)
     for cfg in stable_alternatives(tuned, fs, by_id, study.ladder):
         add(cfg, "stable")
+    for cfg in own_rate_runs(tuned, by_id, study.seeds):
+        add(cfg, ADAMW_LR_PHASE)
     if new:
         return new
     for cid, seeds in more_seeds(lad, fs, study).items():
@@ -391,7 +403,7 @@ def followups(study: Study | None, plan: list[PlanEntry], rows: list[dict]) -> l
     wins = winners(tuning_rows, main)
     for win in wins.values():
         add(replace(by_id[win["config_id"]], precision="bf16" if main == "fp32" else "fp32"), "precision")
-    if new or not wins:
+    if new or not wins or not study.wall_clock:
         return new
     # Then every finalist's shape as throughput rows on single, ddp2, fsdp2 and tp2 (no evals), so that the
     # report can state seconds to target per optimizer and layout: its tokens to target over its tokens/s there
@@ -410,6 +422,39 @@ def followups(study: Study | None, plan: list[PlanEntry], rows: list[dict]) -> l
     for cfg in to_target_runs(fs, by_id):
         add(cfg, "to-target")
     return new
+
+
+def adamw_part_grids(study: Study, settled: dict, by_id: dict) -> list[TrainConfig]:
+    """The grid of each optimizer that ``waits_for_adamw`` (Muon), once AdamW's grid at the same model, batch
+    and precision is settled (``settled``: bracketed, or out of widenings): its learning-rate multiples at the
+    tuning seed and the grid's weight decay, with its AdamW part at AdamW's best rate there (at its own rate
+    where every AdamW run failed). Muon's best rate was 3-10x AdamW's in the first studies, so one rate for both
+    parts ran its embeddings, head and gains far above AdamW's optimum."""
+    out = []
+    for (_, opt, _, _), g in settled.items():
+        if opt != "adamw":
+            continue
+        b = best(lr_grid(g))
+        rate = _num(b["lr"]) if rank_key(b)[0] == 0 else 0.0
+        adamw = by_id[b["config_id"]]
+        for o in study.optimizers or optimizer_names():
+            if waits_for_adamw(study, o):
+                out += [replace(adamw, optimizer=o, lr=optimizer_spec(o).lr_centre * m, adamw_lr=rate)
+                        for m in study.lr_multiples]
+    return out
+
+
+def own_rate_runs(tuned: dict, by_id: dict, seeds) -> list[TrainConfig]:
+    """What running the AdamW part at AdamW's rate changed, measured: each finalist whose AdamW part ran at
+    AdamW's tuned rate, again at the whole budget on every evaluation seed with that part at its own rate
+    (``--adamw-lr`` 0, as before), paired with its ladder's whole-budget runs by seed (phase adamw-lr)."""
+    out = []
+    for g in tuned.values():
+        b = best(g)
+        whole = by_id[b["config_id"]]
+        if rank_key(b)[0] == 0 and whole.adamw_lr:
+            out += [replace(c, adamw_lr=0.0) for c in _ladder_configs(whole, seeds, (1,))]
+    return out
 
 
 def _ladder_configs(whole: TrainConfig, seeds, ladder: tuple) -> list[TrainConfig]:

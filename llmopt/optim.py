@@ -209,10 +209,16 @@ def torch_optimizer(cls, model: nn.Module, lr: float, weight_decay: float, impl:
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float = 0.0,
-                    impl: str = "auto", fused_ok: bool = True) -> torch.optim.Optimizer:
+                    impl: str = "auto", fused_ok: bool = True, adamw_lr: float = 0.0) -> torch.optim.Optimizer:
     """The optimizer ``name`` (``llmopt.optimizers``) on ``model``'s parameters. ``fused_ok=False`` keeps
-    ``auto`` off the fused kernels (see ``llmopt.precision.fused_optimizer_ok``)."""
-    return spec(name).build(model, lr, weight_decay, impl, fused_ok)
+    ``auto`` off the fused kernels (see ``llmopt.precision.fused_optimizer_ok``). ``adamw_lr``: the rate of an
+    optimizer's AdamW part (0: ``lr``), for one that has one (``OptimizerSpec.adamw_part``)."""
+    s = spec(name)
+    if not s.adamw_part:
+        if adamw_lr:
+            raise ValueError(f"--adamw-lr: --optimizer {name} has no AdamW part; drop --adamw-lr")
+        return s.build(model, lr, weight_decay, impl, fused_ok)
+    return s.build(model, lr, weight_decay, impl, fused_ok, adamw_lr=adamw_lr or lr)
 
 
 @contextlib.contextmanager
@@ -235,7 +241,8 @@ class MuonAdamW(torch.optim.Optimizer):
     param_groups are the two optimizers' own (the same dicts), so a learning-rate schedule, a loss scaler and
     ``zero_grad`` reach both, and its ``state`` holds both optimizers' state (for memory accounting)."""
 
-    def __init__(self, model: nn.Module, lr: float, weight_decay: float, impl: str = "auto", fused_ok: bool = True):
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float, impl: str = "auto", fused_ok: bool = True,
+                 adamw_lr: float | None = None):
         matrices = hidden_matrices(model)
         if not matrices:
             raise ValueError("--optimizer muon: the model has no hidden 2-D weight matrix for Muon to update; "
@@ -244,7 +251,7 @@ class MuonAdamW(torch.optim.Optimizer):
         muon_cls = ShardedMuon if any(isinstance(p, DTensor) for p in matrices) else torch.optim.Muon
         self.muon = muon_cls(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn=MUON_ADJUST_LR)
         adamw_impl = "for-loop" if impl == "for-loop" else "auto"
-        self.adamw = shard_optimizer(torch.optim.AdamW, rest, lr=lr, **impl_kwargs(adamw_impl, fused_ok))
+        self.adamw = shard_optimizer(torch.optim.AdamW, rest, lr=adamw_lr or lr, **impl_kwargs(adamw_impl, fused_ok))
         super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
 
     @torch.no_grad()

@@ -104,6 +104,7 @@ def test_bad_matrix_files(tmp_path, text, match):
     ("[convergence]\nbatches = [8]\noptimizers = ['adamw', 'adam-w']\n", "unknown optimizer.*adam-w"),
     ("[convergence]\nbatches = [8]\n[matrix]\ndp = [1]\n", "plans its own runs"),
     ("[convergence]\nbatches = [8]\n", "needs its whole budget"),
+    ("[convergence]\nbatches = [8]\nwall_clock = 1\n", "wall_clock = 1 must be true or false"),
 ])
 def test_bad_convergence_studies_are_refused_before_any_run(tmp_path, text, match):
     """A matrix file's [convergence] table is checked key by key: one line naming the key and the fix."""
@@ -119,10 +120,12 @@ def test_a_convergence_study_file_plans_the_grid_of_its_settings(tmp_path):
     from llmopt.optimizers import spec
 
     path = write_toml(tmp_path / "s.toml", "[base]\nseq_len = 16\n[convergence]\nbatches = [4, 8]\n"
-                      "presets = ['tiny-v256', 'nano']\noptimizers = ['adamw', 'muon']\n"
+                      "presets = ['tiny-v256', 'nano']\noptimizers = ['adamw', 'muon', 'lamb']\n"
                       "tokens_per_param = 0.01\nlr_multiples = [0.5, 2]\n")
     plan = expand(path, "cpu", 4)
     assert len(plan) == 2 * 2 * 2 * 2 and {e.phase for e in plan} == {"grid"}
+    # Muon's AdamW part runs at AdamW's tuned rate: its grid waits for AdamW's (bench.tuning.adamw_part_grids)
+    assert {e.config.optimizer for e in plan} == {"adamw", "lamb"}
     assert not any(e.added_as_baseline for e in plan)  # compared with each other, not with a fp32 baseline
     for e in plan:
         c = e.config

@@ -140,7 +140,7 @@ def test_tuning_brackets_each_optimum_tries_both_weight_decays_then_adds_the_lad
     from bench.plan import PlanEntry
     from bench.study import STUDIES
 
-    study = STUDIES["convergence"]
+    study = replace(STUDIES["convergence"], optimizers=("sgd", "adamw", "lamb"))  # Muon's grid: the next test
     LADDER, SEEDS, TUNING_SEED, MAX_WIDENINGS = study.ladder, study.seeds, study.tuning_seed, study.max_widenings
     assert study.lr_step <= 2 and TUNING_SEED not in SEEDS and set(study.weight_decays) == {0.01, 0.1}
     rows = [_row("adamw", 4, 1e-3, final=2.0), _row("adamw", 4, 3e-3, final=0.95),
@@ -235,7 +235,7 @@ def test_a_study_tuned_in_bf16_ladders_in_bf16_and_checks_its_winner_in_fp32():
     from bench.plan import PlanEntry
     from bench.study import Study
 
-    study = Study(batches=(4,), ladder=(0.5, 1), seeds=(1, 2))
+    study = Study(batches=(4,), optimizers=("adamw",), ladder=(0.5, 1), seeds=(1, 2))
     rows = [_row("adamw", 4, lr, final=f, precision="bf16") for lr, f in ((1e-3, 2.0), (3e-3, 0.9), (9e-3, 1.5))]
     base = TrainConfig(device="cpu", grad_accum=1, max_tokens=4096, seq_len=16, precision="bf16")
     plan = [PlanEntry(replace(base, optimizer="adamw", global_batch=4, lr=r["lr"], weight_decay=0.1), r["config_id"],
@@ -255,6 +255,57 @@ def test_a_study_tuned_in_bf16_ladders_in_bf16_and_checks_its_winner_in_fp32():
         r.setdefault("seed", 0)
     assert seen[:2] == [{("decay", "bf16")}, {("ladder", "bf16")}]
     assert {("precision", "fp32")} in seen
+
+
+def test_muons_adamw_part_runs_at_adamws_tuned_rate_and_what_that_changes_is_measured():
+    """Issue 34: Muon's AdamW part (embeddings, head, gains) runs at AdamW's tuned rate for the same setting, so
+    Muon's grid waits until AdamW's is bracketed; its finalist then runs again with that part at its own rate
+    on the evaluation seeds (phase adamw-lr), the measured difference."""
+    from dataclasses import replace
+
+    from bench import tuning
+    from bench.matrix import study_grid, waits_for_adamw
+    from bench.plan import PlanEntry
+    from bench.study import Study
+
+    study = Study(batches=(4,), optimizers=("adamw", "muon"), ladder=(0.5, 1), seeds=(1, 2))
+    assert waits_for_adamw(study, "muon") and not waits_for_adamw(replace(study, optimizers=("muon",)), "muon")
+    base = dict(device="cpu", preset="tiny", grad_accum=1, seq_len=16, max_tokens=4096, lr_schedule="cosine")
+    assert {c["optimizer"] for c in study_grid(study, base)} == {"adamw"}
+    assert {c["optimizer"] for c in study_grid(replace(study, optimizers=("muon",)), base)} == {"muon"}
+    # AdamW's best is at its grid's high edge: it widens first, and Muon waits
+    rows = [_row("adamw", 4, lr, final=f) for lr, f in ((1.5e-3, 2.0), (3e-3, 1.0), (6e-3, 0.9))]
+    cfg = TrainConfig(device="cpu", grad_accum=1, max_tokens=4096, seq_len=16)
+    plan = [PlanEntry(replace(cfg, optimizer="adamw", global_batch=4, lr=r["lr"], weight_decay=0.1), r["config_id"],
+                      phase="grid") for r in rows]
+    losses = {("adamw", 0.012): 0.95, ("muon", 0.005): 0.9, ("muon", 0.01): 0.7, ("muon", 0.02): 0.8}
+
+    def step() -> list:
+        more = tuning.followups(study, plan, rows)
+        plan.extend(more)
+        for e in more:
+            c = e.config
+            later = c.seed / 100 + (4096 - c.max_tokens) / 1e4 if c.seed else 0.0  # ladder runs: by seed, budget
+            own = 0.05 if c.optimizer == "muon" and c.adamw_lr == 0 else 0.0
+            rows.append(dict(_row(c.optimizer, 4, c.lr, final=losses.get((c.optimizer, round(c.lr, 6)), 1.5)
+                                  + later + own,
+                                  wd=c.weight_decay), config_id=e.config_id, max_tokens=c.max_tokens, seed=c.seed,
+                             adamw_lr=c.adamw_lr))
+        return more
+
+    more = step()
+    assert [(e.phase, e.config.optimizer, e.config.lr) for e in more] == [("widen", "adamw", 0.012)]
+    more = step()  # 0.012 is worse: AdamW's rate is 0.006, and Muon's grid runs its AdamW part at it
+    assert {(e.phase, e.config.optimizer, e.config.adamw_lr) for e in more} == {("grid", "muon", 0.006)}
+    assert sorted(e.config.lr for e in more) == [0.005, 0.01, 0.02]
+    assert all(e.config.weight_decay == 0.1 and e.config.seed == study.tuning_seed for e in more)
+    phases = [{e.phase for e in step()} for _ in range(3)]
+    assert phases == [{"decay"}, {"ladder"}, {"adamw-lr"}]
+    own = [e.config for e in plan if e.phase == "adamw-lr"]
+    assert {(c.optimizer, c.lr, c.adamw_lr, c.max_tokens, c.seed) for c in own} == \
+        {("muon", 0.01, 0.0, 4096, seed) for seed in study.seeds}
+    ladder = [e.config for e in plan if e.phase == "ladder" and e.config.optimizer == "muon"]
+    assert ladder and all(c.adamw_lr == 0.006 for c in ladder)
 
 
 def test_the_loss_plot_compares_precisions_on_twins_only():
@@ -443,7 +494,7 @@ lr_schedule = "cosine"
 [convergence]
 batches = [8]
 tokens_per_param = 0.005         # 4,294 tokens: 34 steps of 8 x 16
-optimizers = ["adamw", "sgd"]
+optimizers = ["adamw", "muon"]
 lr_multiples = [0.333333, 1]
 ladder = [0.25, 0.5, 1]
 seeds = [1, 2]
@@ -451,7 +502,7 @@ seeds = [1, 2]
 
 
 def _toy_study(tmp_path, monkeypatch) -> str:
-    """A convergence study from a matrix file at a toy size: AdamW and SGD, one batch size, two learning rates,
+    """A convergence study from a matrix file at a toy size: AdamW and Muon, one batch size, two learning rates,
     a ladder of three budgets, two evaluation seeds; the layout rows on one layout."""
     import bench.tuning as bt
 
@@ -484,8 +535,16 @@ def test_a_convergence_study_from_a_file_end_to_end_and_a_resumed_sweep_adds_the
     assert saved["study"]["seeds"] == [1, 2] and saved["study"]["ladder"] == [0.25, 0.5, 1]
     whole = round(0.005 * param_count(PRESETS["tiny-v256"]))
     assert {e["config"]["max_tokens"] for e in plan if e.get("phase") == "grid"} == {whole}
-    assert phases[:4] == ["grid"] * 4 and phases.count("ladder") == 2 * 3 * 2 and phases.count("layouts") == 2
+    assert phases[:2] == ["grid"] * 2 and phases.count("ladder") == 2 * 3 * 2 and phases.count("layouts") == 2
     assert phases.count("decay") == 2 and 1 <= phases.count("to-target") <= 2
+    # Muon's grid after AdamW's is settled, its AdamW part at AdamW's best rate; its finalist then again on the
+    # evaluation seeds with that part at its own rate (phase adamw-lr)
+    adamw = min((r for r in csv.DictReader(open(out / "results.csv")) if r["phase"] in ("grid", "widen")
+                 and r["optimizer"] == "adamw"), key=lambda r: float(r["final_eval_loss"]))
+    muon = [e["config"] for e in plan if e.get("phase") == "grid" and e["config"]["optimizer"] == "muon"]
+    assert len(muon) == 2 and {c["adamw_lr"] for c in muon} == {float(adamw["lr"])}
+    assert min(i for i, e in enumerate(plan) if e["config"]["optimizer"] == "muon") >= 2  # after AdamW's grid
+    assert [e["config"]["adamw_lr"] for e in plan if e.get("phase") == "adamw-lr"] == [0.0, 0.0]
     assert all(e["config"]["seed"] in (1, 2, 3, 4, 5, 6, 7, 8) for e in plan if e.get("phase") in ("ladder", "seeds"))
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == len(plan) and {r["status"] for r in rows} == {"ok"}
@@ -495,6 +554,7 @@ def test_a_convergence_study_from_a_file_end_to_end_and_a_resumed_sweep_adds_the
     assert "#### tiny-v256, global batch 8 sequences: target" in report and "### Tuning budget" in report
     assert "Verdict: " in report and "old method: first crossing" in report and "tokens per parameter" in report
     assert "### Seconds to target per layout" in report and "The estimate checked" in report
+    assert "### The AdamW part's learning rate" in report
     assert (out / "plots" / "budgets.png").exists() and (out / "plots" / "tuning.png").exists()
     # killed after the grid and part of the ladder: the plan as saved then, the rows written by then
     cut = tmp_path / "cut"

@@ -522,3 +522,5 @@ def test_python_stdlib_corpus_trains_without_downloading(tmp_path, cli):
     (prepared,) = os.listdir(tmp_path / "cache" / "prepared")
     meta = json.loads((tmp_path / "cache" / "prepared" / prepared / "meta.json").read_text())
     assert meta["source"] == "python-stdlib" and meta["train_tokens"] > 1_000_000
+    # a held-out split that one eval of the convergence studies fits in (64 sequences of 128 tokens)
+    assert meta["documents"]["val"] > 1 and meta["val_tokens"] > 64 * 128

@@ -28,7 +28,9 @@ import bench.report.stats as stats
 from bench.layouts import layout_name
 from bench.matrix import TARGET_FRACTION
 from bench.report.markdown import fmt, md_table
+from bench.results import as_written
 from bench.tuning import (
+    ADAMW_LR_PHASE,
     CommonTarget,
     at_common_targets,
     best_runs,
@@ -454,6 +456,7 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str, given: tu
                  + ", ".join(f"{r.optimizer} b{int(r.global_batch)} lr {r.lr:.3g}" for _, r in div.iterrows()) + ".")
     L.append("")
     L += tuning_budget(best[best.precision == main])
+    L += adamw_part_lines(results, best[best.precision == main], lad)
     prec = precision_table(conv, best, main)
     if prec is not None:
         L.append("### Precision (each batch's winner in the other precision, the largest budget, the tuning seed)")
@@ -548,6 +551,43 @@ def tuning_budget(best: pd.DataFrame) -> list[str]:
             "and their seconds (wall, each run alone on the machine): the same protocol for every optimizer, so "
             "the counts differ only by the widenings a grid needed before its best was bracketed.", "",
             md_table(t.rename(columns={"settings": "models x batch sizes"})), ""]
+
+
+def adamw_part_lines(results: pd.DataFrame, best: pd.DataFrame, lad: pd.DataFrame) -> list[str]:
+    """What running an optimizer's AdamW part (Muon's embeddings, head and gains) at AdamW's tuned rate changed:
+    its finalist's whole-budget loss on each evaluation seed (the ladder's) beside the same run with that part at
+    the optimizer's own rate (phase adamw-lr), paired by seed."""
+    if "phase" not in results or "adamw_lr" not in best:
+        return []
+    own = results[(results.phase == ADAMW_LR_PHASE) & results.status.isin(["ok", "diverged"])]
+    rows = []
+    for r in best[pd.to_numeric(best.adamw_lr, errors="coerce").fillna(0) > 0].itertuples():
+        mine = own[(own.preset == r.preset) & (own.optimizer == r.optimizer) & (own.global_batch == r.global_batch)
+                   & (own.lr.map(as_written) == as_written(r.lr))]
+        at = lad[(lad.role == "finalist") & (lad.preset == r.preset) & (lad.optimizer == r.optimizer)
+                 & (lad.global_batch == r.global_batch) & (lad.tuning_id == r.config_id)]
+        at = at[at.max_tokens == at.max_tokens.max()]
+        pairs = [(a, float(o.final_eval_loss) if o.status == "ok" else math.nan)
+                 for s, a in zip(at.seed, at.final_eval_loss) for o in mine[mine.seed == s].itertuples()]
+        if not pairs:
+            continue
+        diffs = [o - a for a, o in pairs]
+        m, lo, hi = stats.mean_ci(diffs) if all(math.isfinite(d) for d in diffs) else (math.nan,) * 3
+        rows.append({"preset": r.preset, "optimizer": r.optimizer, "batch": int(r.global_batch), "lr": f"{r.lr:.3g}",
+                     "AdamW part's rate": f"{r.adamw_lr:.3g}",
+                     "loss, part at AdamW's rate": _pm([a for a, _ in pairs], ".4f"),
+                     "loss, part at lr": _pm([o for _, o in pairs], ".4f"),
+                     "difference [95% CI]": "diverged" if not math.isfinite(m) else
+                     f"{m:+.4f}" + ("" if math.isnan(lo) else f" [{lo:+.4f}, {hi:+.4f}]"),
+                     "seeds": len(pairs)})
+    if not rows:
+        return []
+    return ["### The AdamW part's learning rate", "",
+            "An optimizer with an AdamW part (Muon: embeddings, head, LayerNorm gains and biases) is tuned with that "
+            "part at AdamW's tuned rate for the same model and batch size. Its finalist's end-of-budget loss at the "
+            "largest budget on each evaluation seed, beside the same run with that part at the optimizer's own "
+            "rate (as before): the difference is own rate minus AdamW's, paired by seed (positive: AdamW's rate "
+            "was better).", "", md_table(pd.DataFrame(rows)), ""]
 
 
 def precision_table(conv: pd.DataFrame, best: pd.DataFrame, main: str) -> str | None:

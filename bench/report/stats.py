@@ -66,6 +66,18 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0)
 
 
+def mean_ci(xs: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and its confidence interval (Student's t, n - 1 degrees of freedom; NaN
+    bounds for a single value)."""
+    m, sd = mean_std(xs)
+    if len(xs) < 2:
+        return m, math.nan, math.nan
+    from scipy.stats import t as student_t
+
+    half = float(student_t.ppf((1 + level) / 2, len(xs) - 1)) * sd / math.sqrt(len(xs))
+    return m, m - half, m + half
+
+
 @dataclass(frozen=True)
 class TTest:
     t: float                    # (mean a - mean b) / standard error

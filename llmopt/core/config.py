@@ -97,6 +97,8 @@ class TrainConfig:
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward")
     lr: float = option(0.0, "learning rate (default: the optimizer's default_lr, llmopt.optimizers)", low=0.0,
                        given_positive=True)
+    adamw_lr: float = option(0.0, "learning rate of an optimizer's AdamW part (Muon's embeddings, head, LayerNorm "
+                                  "gains and biases; 0: --lr)", low=0.0)
     lr_schedule: str = option("constant", "after the warm-up: constant, cosine or linear decay, or wsd (stable, then a "
                                           "linear decay over the last --lr-decay-fraction of the steps)",
                               choices=LR_SCHEDULES)
@@ -327,6 +329,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError("--model-impl hf supports data parallelism only; use --model-impl llmopt with --tp/--pp")
     opt = optimizer_spec(cfg.optimizer)
     check_installed(opt)
+    if cfg.adamw_lr and not opt.adamw_part:
+        parts = [n for n in optimizer_names() if optimizer_spec(n).adamw_part]
+        raise ValueError(f"--adamw-lr sets the rate of an optimizer's AdamW part; --optimizer {cfg.optimizer} has "
+                         f"none (those that do: {', '.join(parts) or 'none'}); drop --adamw-lr")
     if cfg.optimizer_impl != "auto" and cfg.optimizer_impl not in opt.impls:
         raise ValueError(f"--optimizer-impl {cfg.optimizer_impl}: torch has no such kernels for --optimizer "
                          f"{cfg.optimizer}; use --optimizer-impl auto or {' or '.join(opt.impls)}")

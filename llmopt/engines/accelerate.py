@@ -70,7 +70,7 @@ def build(cfg: TrainConfig, device: torch.device) -> TrainState:
     apply_speed_toggles(model, cfg)
     # "auto" means what Accelerate's users get: torch's default kernels (foreach on CUDA, for-loop on CPU)
     impl = cfg.optimizer_impl if cfg.optimizer_impl != "auto" else ("foreach" if device.type == "cuda" else "for-loop")
-    optimizer = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, impl)
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, impl, adamw_lr=cfg.adamw_lr)
     scheduler = build_scheduler(optimizer, cfg)  # on torch's optimizer: stepped once per step, not per micro-batch
     model, optimizer = acc.prepare(model, optimizer)
     state = TrainState(cfg, acc.device, AccelerateLayout(acc, model), optimizer, None,

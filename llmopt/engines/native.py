@@ -24,7 +24,7 @@ class NativeEngine:
     def build(self, cfg, device: torch.device) -> TrainState:
         layout = parallelize(cfg, device)
         optimizer = build_optimizer(cfg.optimizer, layout.model, cfg.lr, cfg.weight_decay, cfg.optimizer_impl,
-                                    fused_optimizer_ok(cfg.precision, cfg.world_size))
+                                    fused_optimizer_ok(cfg.precision, cfg.world_size), cfg.adamw_lr)
         source = build_source(cfg.data, cfg.model_config.vocab_size, cfg.seed, cfg.tokenizer)
         noise = NoiseScale(cfg.micro_batch, cfg.global_batch) if cfg.gns else None
         scaler = grad_scaler(cfg.precision, device.type, cfg.world_size)

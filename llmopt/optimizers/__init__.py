@@ -112,6 +112,9 @@ class OptimizerSpec:
     lr_schedules: tuple[str, ...] | None = None         # the --lr-schedule values it takes (None: every one)
     packages: tuple[tuple[str, str], ...] = ()          # (module, pip name) its build imports beyond torch
     reproducible: bool = True  # its loss curve keeps to rounding when only the gradients' summation order changes
+    # some parameters are stepped by AdamW (Muon: embeddings, head, gains, biases); its build takes adamw_lr=,
+    # their rate (--adamw-lr; a convergence study sets AdamW's tuned rate)
+    adamw_part: bool = False
     order: int = 1000         # where it sorts in tables and matrices (llmopt's own: 10 to 90, in tens)
 
     @property

@@ -7,10 +7,10 @@ from llmopt.optimizers import OptimizerSpec, Stage, hidden_matrices, largest, ns
 NS_STEPS = 5  # torch.optim.Muon's default Newton-Schulz steps
 
 
-def build(model, lr: float, weight_decay: float, impl: str, fused_ok: bool):
+def build(model, lr: float, weight_decay: float, impl: str, fused_ok: bool, adamw_lr: float):
     from llmopt.optim import MuonAdamW
 
-    return MuonAdamW(model, lr, weight_decay, impl, fused_ok)
+    return MuonAdamW(model, lr, weight_decay, impl, fused_ok, adamw_lr)
 
 
 def state_bytes(stage: Stage) -> int:
@@ -47,4 +47,4 @@ SPEC = OptimizerSpec(
     name="muon", about="Muon on the hidden matrices, AdamW on the rest (torch.optim.Muon + AdamW)", build=build,
     default_lr=3e-3, lr_centre=1e-2, state_bytes=state_bytes, transient_bytes=transient_bytes,
     update_flops=update_flops, gathers=hidden_matrices, gathered_per_tensor=1, bucket_times=bucket_times,
-    splits_work=True, order=50)
+    splits_work=True, adamw_part=True, order=50)
