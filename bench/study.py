@@ -17,6 +17,10 @@ way careful optimizer studies do (Wen et al. 2025; Semenov et al. 2025; AlgoPerf
     seeds = [1, 2, 3]           # evaluation seeds (never the tuning seed)
     lr_multiples = [0.5, 1, 2]  # the grid around each optimizer's measured centre
     targets = [3.3, 3.1]        # common target losses (default: the report's rule, bench.tuning.common_targets)
+    wall_clock = true           # the layouts and to-target phases (false: tokens to target only)
+
+Comparing horizons (the same task, model and batch at different ``tokens_per_param``): one study per horizon,
+then ``python -m bench.report.horizons DIR DIR --out OUT`` (``bench.report.horizons``).
 
 Every key but ``batches`` has the default of the named matrices; the whole budget is ``tokens_per_param`` or
 [base]'s max_tokens. The runs are [base]'s fields on a cosine schedule (the named matrices' bases, with their
@@ -26,7 +30,8 @@ protocol it started with.
 Phases (plan entries carry theirs; ``bench.tuning.followups`` adds the later ones from the rows):
   grid     every optimizer x model x batch x learning rate (``lr_multiples`` of its lr_centre) at the whole
            budget on the tuning seed at weight decay ``weight_decays[0]``, with evals along the way (the old
-           method's first crossing, for comparison)
+           method's first crossing, for comparison); an optimizer with an AdamW part (Muon) runs that part at
+           AdamW's tuned rate, so its grid starts once AdamW's is bracketed
   widen    one more learning rate (x or / ``lr_step``) beyond a grid's edge where its best sits, until the best
            has a worse neighbour on each side, at most ``max_widenings`` times per grid
   decay    the grid's best at every other weight decay; the best of all is the finalist
@@ -34,6 +39,8 @@ Phases (plan entries carry theirs; ``bench.tuning.followups`` adds the later one
            not the tuning seed, so the run that selected a finalist is not evidence for it)
   stable   a finalist with a diverged ladder run is unstable: its grid's next smaller learning rate that
            finished runs the same ladder, reported beside it
+  adamw-lr a finalist with an AdamW part, again at the whole budget on the evaluation seeds with that part at
+           its own rate: what AdamW's rate changed, measured
   seeds    where a verdict's test has more_seeds_band[0] <= p < more_seeds_band[1], both finalists run
            ``seed_step`` more seeds, up to ``max_seeds``, before the verdict is called
   precision    each batch's winner in bf16
@@ -162,6 +169,7 @@ STUDIES = {
     "convergence": Study(batches=(8, 64)),
     # every power of two between, and a wider grid
     "convergence-full": Study(batches=(4, 8, 16, 32, 64), lr_multiples=(1 / 4, 1 / 2, 1, 2, 4)),
-    # real text at two model sizes 4x apart in non-embedding parameters (nano: 0.20M, tiny: 0.79M)
-    "convergence-text": Study(batches=(16,), presets=("nano", "tiny")),
+    # real text at two model sizes 4x apart in non-embedding parameters (nano: 0.20M, tiny: 0.79M), tokens to
+    # target only (seconds to target per layout: convergence's), so that it can run two configs at once
+    "convergence-text": Study(batches=(16,), presets=("nano", "tiny"), wall_clock=False),
 }

@@ -374,6 +374,10 @@ def followups(study: Study | None, plan: list[PlanEntry], rows: list[dict]) -> l
         add(cfg, "grid")
     if new:
         return new
+    for cfg in equal_budgets(tuned, by_id, study.lr_step):
+        add(cfg, "widen")
+    if new:
+        return new
     for g in tuned.values():  # the grid's best at every other weight decay
         b = best(lr_grid(g))
         if rank_key(b)[0] == 0 and _num(b.get("weight_decay")) in (None, study.weight_decays[0]):
@@ -441,6 +445,34 @@ def adamw_part_grids(study: Study, settled: dict, by_id: dict) -> list[TrainConf
             if waits_for_adamw(study, o):
                 out += [replace(adamw, optimizer=o, lr=optimizer_spec(o).lr_centre * m, adamw_lr=rate)
                         for m in study.lr_multiples]
+    return out
+
+
+def equal_budgets(tuned: dict, by_id: dict, step: float) -> list[TrainConfig]:
+    """The same number of tuning runs for every optimizer of a model, batch and precision (AlgoPerf's rule):
+    once every grid is bracketed or out of widenings, each with fewer learning rates than the most any of them
+    needed is widened further to that count, alternately on both sides, starting on the side of its best's
+    better neighbour (where the optimum more likely lies), never beyond an edge whose run diverged or failed
+    (a larger rate would too). A grid whose every run failed gets none."""
+    out = []
+    most: dict[tuple, int] = {}
+    for (preset, _, batch, prec), g in tuned.items():
+        most[(preset, batch, prec)] = max(most.get((preset, batch, prec), 0), len(lr_grid(g)))
+    for (preset, _, batch, prec), g in tuned.items():
+        grid = lr_grid(g)
+        b = best(grid)
+        missing = most[(preset, batch, prec)] - len(grid)
+        if missing <= 0 or rank_key(b)[0] == 1:
+            continue
+        i = grid.index(b)
+        sides = [side for side, edge_run in (("low", grid[0]), ("high", grid[-1])) if rank_key(edge_run)[0] == 0]
+        if i == len(grid) - 1 or (0 < i and rank_key(grid[i + 1]) < rank_key(grid[i - 1])):
+            sides.reverse()  # the high side first: the best is there, or its higher neighbour is the better
+        lrs = {"low": _num(grid[0]["lr"]), "high": _num(grid[-1]["lr"])}
+        for k in range(missing if sides else 0):
+            side = sides[k % len(sides)]
+            lrs[side] = lrs[side] / step if side == "low" else lrs[side] * step
+            out.append(replace(by_id[grid[0 if side == "low" else -1]["config_id"]], lr=lrs[side]))
     return out
 
 

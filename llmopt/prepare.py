@@ -451,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default="bytes", help="bytes, a Hugging Face name or path, or train:N")
     p.add_argument("--out", required=True, help="the directory to write (must not exist)")
     p.add_argument("--val-fraction", type=float, default=None,
-                   help=f"documents held out (default: {VAL_FRACTION}; {BUILTIN_VAL_FRACTION} for {', '.join(BUILTIN)})")
+                   help=f"documents held out (default: {VAL_FRACTION}; {BUILTIN_VAL_FRACTION} for "
+                        f"{', '.join(BUILTIN)})")
     p.add_argument("--ext", default=",".join(DEFAULT_EXTENSIONS), help="file extensions read from a directory")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)

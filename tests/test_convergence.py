@@ -176,7 +176,9 @@ def test_tuning_brackets_each_optimum_tries_both_weight_decays_then_adds_the_lad
     lrs = []
     while (more := step(widen)) and more[0].phase == "widen":
         lrs += [(e.config.optimizer, round(e.config.lr, 6)) for e in more]
-    assert sorted(lrs) == sorted([("adamw", 0.012), ("adamw", 0.024)]
+    # then every grid to the same number of runs as the largest (lamb's 5): sgd's best (0.1) has a diverged
+    # higher neighbour, so it widens downwards only
+    assert sorted(lrs) == sorted([("adamw", 0.012), ("adamw", 0.024), ("sgd", 0.015), ("sgd", 0.0075)]
                                  + [("lamb", round(0.02 * 2 ** k, 6)) for k in range(1, MAX_WIDENINGS + 1)])
     # the grid's best at weight decay 0.01 (adamw's finalist becomes that one: 0.80 < 0.85)
     assert {(e.phase, e.config.optimizer, round(e.config.lr, 6), e.config.weight_decay) for e in more} == \
@@ -299,6 +301,9 @@ def test_muons_adamw_part_runs_at_adamws_tuned_rate_and_what_that_changes_is_mea
     assert {(e.phase, e.config.optimizer, e.config.adamw_lr) for e in more} == {("grid", "muon", 0.006)}
     assert sorted(e.config.lr for e in more) == [0.005, 0.01, 0.02]
     assert all(e.config.weight_decay == 0.1 and e.config.seed == study.tuning_seed for e in more)
+    more = step()  # as many tuning runs as AdamW's 4: one more, beside Muon's best's better neighbour (0.02)
+    assert [(e.phase, e.config.optimizer, e.config.lr, e.config.adamw_lr) for e in more] == \
+        [("widen", "muon", 0.04, 0.006)]
     phases = [{e.phase for e in step()} for _ in range(3)]
     assert phases == [{"decay"}, {"ladder"}, {"adamw-lr"}]
     own = [e.config for e in plan if e.phase == "adamw-lr"]
@@ -461,7 +466,7 @@ def test_a_finalist_there_by_the_smallest_budget_is_ranked_at_that_bound():
     and two such optimizers are a tie the ladder cannot break."""
     import pandas as pd
 
-    from bench.report.quality import _speedup, _tokens_cell, verdict
+    from bench.report.quality import _tokens_cell, speedup_cell, verdict
 
     def row(o, tokens=(), bounded=False):
         return {"optimizer": o, "tokens": list(tokens), "by_seed": dict(enumerate(tokens)), "seed_list": [0, 1, 2],
@@ -474,7 +479,7 @@ def test_a_finalist_there_by_the_smallest_budget_is_ranked_at_that_bound():
     two = verdict(pd.DataFrame([row("muon", bounded=True), row("adafactor", bounded=True), adamw]))
     assert two.startswith("tie within noise between") and "cannot order them" in two
     r = pd.Series(row("muon", bounded=True))
-    assert _speedup(r, pd.Series(adamw)).startswith("≥ 2.00") and _tokens_cell(r).startswith("≤ 1,000")
+    assert speedup_cell(r, pd.Series(adamw)).startswith("≥ 2.00") and _tokens_cell(r).startswith("≤ 1,000")
 
 
 def test_wsd_stays_at_the_peak_then_decays_linearly_to_the_floor():
@@ -578,3 +583,58 @@ def test_a_convergence_study_from_a_file_end_to_end_and_a_resumed_sweep_adds_the
     assert again.keys() == {r["config_id"] for r in rows}
     trained = [r for r in rows if r["phase"] != "layouts"]
     assert all(again[r["config_id"]]["final_eval_loss"] == r["final_eval_loss"] for r in trained)
+
+
+HORIZON_STUDY = """
+[base]
+preset = "tiny-v256"
+seq_len = 16
+lr_schedule = "cosine"
+[convergence]
+batches = [8]
+tokens_per_param = {horizon}
+optimizers = ["adamw", "lion"]
+lr_multiples = [0.5, 1]
+max_widenings = 0
+weight_decays = [0.1]
+ladder = [0.5, 1]
+seeds = [1, 2]
+more_seeds_band = [0, 0]
+wall_clock = false
+"""
+
+
+def test_studies_at_two_horizons_are_compared_side_by_side(tmp_path, monkeypatch):
+    """Issue 34: the same task, model and batch at two horizons, each tuned at its own (a study of losses only:
+    no layouts or to-target phase), then side by side: speed-ups at each horizon's common targets, verdicts,
+    the rankings and the tuned learning rates' transfer. Studies of different tasks, or one study twice, are
+    refused in one line."""
+    import csv
+    import os
+
+    from bench.report import horizons
+    from bench.run import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    dirs = []
+    for h in (0.002, 0.004):
+        (tmp_path / f"{h}.toml").write_text(HORIZON_STUDY.format(horizon=h))
+        dirs.append(str(tmp_path / f"h{h}"))
+        assert main(["--matrix", str(tmp_path / f"{h}.toml"), "--device", "cpu", "--out", dirs[-1], "--jobs", "2",
+                     "--no-retime", "--no-report"]) == 0
+        phases = {r["phase"] for r in csv.DictReader(open(os.path.join(dirs[-1], "results.csv")))}
+        assert phases == {"grid", "ladder", "precision"}  # wall_clock = false: no layouts, no to-target
+    out = tmp_path / "cmp"
+    assert horizons.main([*dirs, "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "## Speed-up over AdamW at each horizon's common targets" in text and "## Does the ranking hold?" in text
+    assert "0.002 tokens/parameter" in text and "0.004 tokens/parameter" in text and "lr ratio" in text
+    assert text.count("the hard target (") == 2 and text.count("the moderate target (") == 2  # one verdict each
+    hs = [horizons.read_horizon(d) for d in dirs]
+    assert hs[1].budget == 2 * hs[0].budget and hs[0].params == hs[1].params
+    d = horizons.speedups(hs)
+    assert set(d.optimizer) == {"adamw", "lion"} and set(d.horizon) == {h.tokens_per_param for h in hs}
+    with pytest.raises(ValueError, match="same largest budget"):
+        horizons.report([dirs[0], dirs[0]], str(out))
+    with pytest.raises(ValueError, match="holds no results.csv"):
+        horizons.report([dirs[0], str(tmp_path)], str(out))

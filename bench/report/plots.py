@@ -294,6 +294,40 @@ def tuning_curves(conv: pd.DataFrame, lad: pd.DataFrame, target: dict, path: str
     return _save(fig, path)
 
 
+def speedup_vs_horizon(d: pd.DataFrame, path: str) -> str | None:
+    """Each optimizer's speed-up over AdamW against the horizon (tokens per parameter), one panel per target name
+    (each horizon's own loss of that name), with its paired 95% confidence interval; only speed-ups measured on
+    every seed are drawn (``d``: ``bench.report.horizons.speedups``), joined only where there are three or more
+    horizons (two are not a trend)."""
+    d = d[d.optimizer != "adamw"].dropna(subset=["ratio"])
+    if d.empty:
+        return None
+    names = list(dict.fromkeys(d.target))
+    colour = _colours(d)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for opt, o in d[d.target == name].groupby("optimizer"):
+            o = o.sort_values("horizon")
+            ax.errorbar(o.horizon, o.ratio, yerr=[o.ratio - o.low, o.high - o.ratio], color=colour[opt], marker="o",
+                        capsize=3, linestyle="-" if len(o) >= 3 else "none", label=opt)
+        ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+        ax.set(xscale="log", yscale="log", xlabel="whole budget (tokens per parameter)",
+               ylabel="speed-up over AdamW (tokens to target)", title=f"each horizon's {name} target")
+        ticks = sorted(d.horizon.unique())
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
+        ax.set_xlim(ticks[0] / 1.6, ticks[-1] * 1.6)
+        lo, hi = min(d.low.min(), 1.0), max(d.high.max(), 1.0)
+        ys = [v for v in (1 / 8, 1 / 4, 1 / 2, 1, 1.5, 2, 3, 4, 6, 8, 16, 32) if lo / 1.3 <= v <= hi * 1.3]
+        ax.set_yticks(ys, [f"{v:g}" for v in ys])
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.legend(fontsize=6)
+    fig.suptitle("Speed-up over AdamW against the horizon\n(geometric mean of paired ratios over seeds, 95% CI)",
+                 fontsize=10)
+    makedirs(os.path.dirname(path))
+    return _save(fig, path)
+
+
 def quality_plots(conv: pd.DataFrame, lad: pd.DataFrame, target: dict, common: list, speedups: pd.DataFrame,
                   plot_dir: str) -> dict[str, str]:
     makedirs(plot_dir)

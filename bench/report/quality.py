@@ -118,7 +118,9 @@ def speedup(row, adamw) -> stats.Speedup | None:
     return stats.paired_speedup(adamw.by_seed, row.by_seed)
 
 
-def _speedup(row, adamw) -> str:
+def speedup_cell(row, adamw) -> str:
+    """A table's speed-up over AdamW: the paired ratio [95% CI], a lower bound where ``row`` was there by the
+    smallest budget, which seeds are bounds, or — where there is none."""
     if row.optimizer == "adamw":
         return "1 (the reference)"
     if adamw is None or not adamw.all_reached:
@@ -151,7 +153,7 @@ def measured(r) -> bool:
 def measured_speedup(fs: pd.DataFrame, r) -> stats.Speedup | None:
     """``r``'s speed-up over its model and batch's AdamW finalist in ``fs`` where both are ``measured`` (no seed
     a bound): what trends, the plot and the advisor read; else None."""
-    adamw = _adamw(fs, r.preset, r.global_batch)
+    adamw = adamw_finalist(fs, r.preset, r.global_batch)
     return speedup(r, adamw) if measured(r) and adamw is not None and measured(adamw) else None
 
 
@@ -194,7 +196,7 @@ def batch_table(fs: pd.DataFrame, conv: pd.DataFrame, evals: pd.DataFrame, best:
                      + unstable,
                      f"end-of-budget loss at {int(r.budget):,} tokens": _pm(r.end_losses, ".4f"),
                      "tokens to target": _tokens_cell(r),
-                     "speed-up over AdamW": _speedup(r, adamw),
+                     "speed-up over AdamW": speedup_cell(r, adamw),
                      "old method: first crossing (seed 0)": first_crossing(conv, evals, r, target)})
     return md_table(pd.DataFrame(rows))
 
@@ -219,7 +221,7 @@ def _settings(fs: pd.DataFrame, sizes: dict) -> list[tuple]:
     return sorted(set(zip(fs.preset, fs.global_batch)), key=lambda k: (sizes[k[0]][1], k[1]))
 
 
-def _adamw(fs: pd.DataFrame, preset, batch):
+def adamw_finalist(fs: pd.DataFrame, preset, batch):
     fs = finalists(fs)
     a = fs[(fs.preset == preset) & (fs.global_batch == batch) & (fs.optimizer == "adamw")]
     return None if a.empty else a.iloc[0]
@@ -235,7 +237,7 @@ def common_table(ct: CommonTarget, sizes: dict) -> str:
         row = {"optimizer": _name(mine.iloc[0])}
         for preset, batch in cols:
             r = mine[(mine.preset == preset) & (mine.global_batch == batch)]
-            cell = "—" if r.empty else _speedup(r.iloc[0], _adamw(fs, preset, batch))
+            cell = "—" if r.empty else speedup_cell(r.iloc[0], adamw_finalist(fs, preset, batch))
             if not r.empty and r.iloc[0].unstable:
                 cell += " (unstable)"
             if not r.empty and role != "finalist":
@@ -519,7 +521,7 @@ def token_speedup(results: pd.DataFrame, optimizer: str, batch: int | None = Non
         mine = fs[(fs.global_batch == b) & (fs.optimizer == optimizer)]
         sp = None if mine.empty else measured_speedup(fs, mine.iloc[0])
         if sp is not None:
-            found[b] = (sp, _adamw(fs, fs.preset.iloc[0], b))
+            found[b] = (sp, adamw_finalist(fs, fs.preset.iloc[0], b))
     batches = sorted(set(fs.global_batch))
     if batch is not None and batch not in batches:
         raise ValueError(f"has no batch {batch} (batches: {', '.join(str(int(b)) for b in batches)})")
@@ -548,8 +550,10 @@ def tuning_budget(best: pd.DataFrame) -> list[str]:
     t["seconds"] = t.seconds.map(lambda v: f"{v:,.0f}")
     return ["### Tuning budget", "",
             "Tuning runs per optimizer (every model and batch size; each at the whole budget on the tuning seed) "
-            "and their seconds (wall, each run alone on the machine): the same protocol for every optimizer, so "
-            "the counts differ only by the widenings a grid needed before its best was bracketed.", "",
+            "and their wall seconds (a sweep run with --jobs N ran N at once, each on its own cores): the same "
+            "protocol for every optimizer, and since issue 34 the same number of learning rates for every optimizer "
+            "of a model and batch size (a grid bracketed early is widened to the count of the one that needed the "
+            "most widenings); references made before differ by those widenings.", "",
             md_table(t.rename(columns={"settings": "models x batch sizes"})), ""]
 
 
