@@ -490,13 +490,14 @@ def test_wsd_stays_at_the_peak_then_decays_linearly_to_the_floor():
     assert [round(x, 6) for x in f[15:]] == [0.82, 0.64, 0.46, 0.28, 0.1]  # linear, the last at the floor
 
 
-TOY_STUDY = """
-# a convergence study at a toy size, as a user writes one for their own model, data and hardware
+TOY_BASE = """
 [base]
 preset = "tiny-v256"
 seq_len = 16
 lr_schedule = "cosine"
-[convergence]
+"""
+# a convergence study at a toy size, as a user writes one for their own model, data and hardware
+TOY_STUDY = TOY_BASE + """[convergence]
 batches = [8]
 tokens_per_param = 0.005         # 4,294 tokens: 34 steps of 8 x 16
 optimizers = ["adamw", "muon"]
@@ -585,12 +586,7 @@ def test_a_convergence_study_from_a_file_end_to_end_and_a_resumed_sweep_adds_the
     assert all(again[r["config_id"]]["final_eval_loss"] == r["final_eval_loss"] for r in trained)
 
 
-HORIZON_STUDY = """
-[base]
-preset = "tiny-v256"
-seq_len = 16
-lr_schedule = "cosine"
-[convergence]
+HORIZON_STUDY = TOY_BASE + """[convergence]
 batches = [8]
 tokens_per_param = {horizon}
 optimizers = ["adamw", "lion"]
