@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "results" / "reference"
-REFERENCES = sorted(p.parent.name for p in REFERENCE_DIR.glob("*/results.csv"))
+# every sweep in a reference, those a reference holds several of (cpu-convergence-horizon/short, .../long) too
+REFERENCES = sorted(str(p.parent.relative_to(REFERENCE_DIR)) for p in REFERENCE_DIR.rglob("results.csv"))
 
 
 @pytest.mark.parametrize("reference", REFERENCES)

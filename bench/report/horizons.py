@@ -151,7 +151,8 @@ def lr_table(hs: list[Horizon]) -> str:
     for h in hs:
         for r in h.best.itertuples():
             row = rows.setdefault(r.optimizer, {"optimizer": r.optimizer})
-            row[f"lr (wd), {h.label}"] = (f"{r.lr:.3g} ({r.weight_decay:g})" + (" at an edge" if r.edge else ""))
+            edge = f", at its grid's {r.edge} edge" if isinstance(r.edge, str) else ""  # None reads back as NaN
+            row[f"lr (wd), {h.label}"] = f"{r.lr:.3g} ({r.weight_decay:g}){edge}"
             losses = h.end_losses.get(r.optimizer, [])
             m, s = stats.mean_std(losses) if losses else (math.nan, math.nan)
             row[f"end loss, {h.label}"] = f"{m:.4f} ± {s:.4f}" if losses else "—"

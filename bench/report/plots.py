@@ -306,10 +306,11 @@ def speedup_vs_horizon(d: pd.DataFrame, path: str) -> str | None:
     colour = _colours(d)
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), squeeze=False)
     for ax, name in zip(axes[0], names):
-        for opt, o in d[d.target == name].groupby("optimizer"):
+        for i, (opt, o) in enumerate(d[d.target == name].groupby("optimizer")):
             o = o.sort_values("horizon")
-            ax.errorbar(o.horizon, o.ratio, yerr=[o.ratio - o.low, o.high - o.ratio], color=colour[opt], marker="o",
-                        capsize=3, linestyle="-" if len(o) >= 3 else "none", label=opt)
+            dodge = 1.04 ** (i - len(colour) / 2)  # side by side at each horizon (a log axis: a factor)
+            ax.errorbar(o.horizon * dodge, o.ratio, yerr=[o.ratio - o.low, o.high - o.ratio], color=colour[opt],
+                        marker="o", capsize=3, linestyle="-" if len(o) >= 3 else "none", label=opt)
         ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
         ax.set(xscale="log", yscale="log", xlabel="whole budget (tokens per parameter)",
                ylabel="speed-up over AdamW (tokens to target)", title=f"each horizon's {name} target")
