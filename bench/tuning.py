@@ -370,7 +370,8 @@ def followups(study: Study | None, plan: list[PlanEntry], rows: list[dict]) -> l
         end = grid[0] if side == "low" else grid[-1]
         lr = _num(end["lr"]) / study.lr_step if side == "low" else _num(end["lr"]) * study.lr_step
         add(replace(by_id[end["config_id"]], lr=lr), "widen")
-    for cfg in adamw_part_grids(study, settled, by_id):
+    gridded = {key_of(cid) for cid, ph in phases.items() if ph == "grid" and by_id[cid].adamw_lr}
+    for cfg in adamw_part_grids(study, settled, by_id, gridded):
         add(cfg, "grid")
     if new:
         return new
@@ -428,21 +429,22 @@ def followups(study: Study | None, plan: list[PlanEntry], rows: list[dict]) -> l
     return new
 
 
-def adamw_part_grids(study: Study, settled: dict, by_id: dict) -> list[TrainConfig]:
+def adamw_part_grids(study: Study, settled: dict, by_id: dict, gridded: set) -> list[TrainConfig]:
     """The grid of each optimizer that ``waits_for_adamw`` (Muon), once AdamW's grid at the same model, batch
     and precision is settled (``settled``: bracketed, or out of widenings): its learning-rate multiples at the
     tuning seed and the grid's weight decay, with its AdamW part at AdamW's best rate there (at its own rate
     where every AdamW run failed). Muon's best rate was 3-10x AdamW's in the first studies, so one rate for both
-    parts ran its embeddings, head and gains far above AdamW's optimum."""
+    parts ran its embeddings, head and gains far above AdamW's optimum. Once planned (``gridded``: its group's
+    keys), a grid keeps its rate: AdamW's later equal-budget widenings may move AdamW's best, not Muon's part."""
     out = []
-    for (_, opt, _, _), g in settled.items():
+    for (preset, opt, batch, prec), g in settled.items():
         if opt != "adamw":
             continue
         b = best(lr_grid(g))
         rate = _num(b["lr"]) if rank_key(b)[0] == 0 else 0.0
         adamw = by_id[b["config_id"]]
         for o in study.optimizers or optimizer_names():
-            if waits_for_adamw(study, o):
+            if waits_for_adamw(study, o) and (preset, o, batch, prec) not in gridded:
                 out += [replace(adamw, optimizer=o, lr=optimizer_spec(o).lr_centre * m, adamw_lr=rate)
                         for m in study.lr_multiples]
     return out

@@ -313,6 +313,37 @@ def test_muons_adamw_part_runs_at_adamws_tuned_rate_and_what_that_changes_is_mea
     assert ladder and all(c.adamw_lr == 0.006 for c in ladder)
 
 
+def test_muons_grid_keeps_its_adamw_rate_when_adamws_equal_budget_widening_moves_adamws_best():
+    """Muon's grid needs two widenings, so AdamW's grid is widened to the same count, and one of those runs
+    becomes AdamW's best: Muon's AdamW part keeps the rate its grid started with (no second grid), and every
+    grid ends with as many learning rates as the other's."""
+    from dataclasses import replace
+
+    from bench import tuning
+    from bench.plan import PlanEntry
+    from bench.study import Study
+
+    study = Study(batches=(4,), optimizers=("adamw", "muon"), ladder=(0.5, 1), seeds=(1, 2))
+    rows = [_row("adamw", 4, lr, final=f) for lr, f in ((3e-3, 1.0), (6e-3, 0.9), (1.2e-2, 0.95))]
+    cfg = TrainConfig(device="cpu", grad_accum=1, max_tokens=4096, seq_len=16)
+    plan = [PlanEntry(replace(cfg, optimizer="adamw", global_batch=4, lr=r["lr"], weight_decay=0.1), r["config_id"],
+                      phase="grid") for r in rows]
+    losses = {("adamw", 0.024): 0.85, ("muon", 0.005): 0.9, ("muon", 0.01): 0.8, ("muon", 0.02): 0.75,
+              ("muon", 0.04): 0.7, ("muon", 0.08): 0.9}
+    for _ in range(8):
+        more = tuning.followups(study, plan, rows)
+        if any(e.phase == "decay" for e in more):
+            break
+        plan.extend(more)
+        rows += [dict(_row(e.config.optimizer, 4, e.config.lr, final=losses.get((e.config.optimizer,
+                                                                                 round(e.config.lr, 6)), 1.5)),
+                      config_id=e.config_id) for e in more]
+    grids = tuning.groups(rows)
+    assert {k[1]: len(g) for k, g in grids.items()} == {"adamw": 6, "muon": 6}
+    assert tuning.best(grids[("tiny", "adamw", "4", "fp32")])["lr"] == 0.024  # moved by a widening to equal runs
+    assert {e.config.adamw_lr for e in plan if e.config.optimizer == "muon"} == {0.006}
+
+
 def test_the_loss_plot_compares_precisions_on_twins_only():
     """Beyond a handful of configs the loss plot shows a median per precision: over the configs run in every
     precision, each beside its twin, not every fp32 config against the few winners a sweep ran in bf16."""
