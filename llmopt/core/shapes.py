@@ -28,8 +28,8 @@ PRESETS: dict[str, GPTConfig] = {
     "tiny-v256": GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=256, block_size=256),
     # `tiny` at half the width: a quarter of its non-embedding parameters (the real-text matrix's smaller model)
     "nano": GPTConfig(n_layer=4, n_head=4, n_embd=64, vocab_size=1024, block_size=256),
-    # the horizon study's model (bench/study.py): 2 layers of width 48 over a 512-token vocabulary, 87k parameters,
-    # so that 20 tokens per parameter (1.7M tokens) is about 20 s a run on 2 cores
+    # the horizon reference's model: 2 layers of width 48 over a 512-token vocabulary, 87k parameters, so that a
+    # study at 20 tokens per parameter fits a 2-core machine (results/README.md, "Does the ranking hold...")
     "pico": GPTConfig(n_layer=2, n_head=4, n_embd=48, vocab_size=512, block_size=128),
     # the CPU speed target's shape: 4 layers, 4 heads, width 256, vocabulary 8192, sequences of 256
     "mini": GPTConfig(n_layer=4, n_head=4, n_embd=256, vocab_size=8192, block_size=256),
