@@ -34,7 +34,13 @@ class Horizon:
     budget: int                # its largest ladder budget, in tokens
     targets: list[CommonTarget]
     best: pd.DataFrame         # its tuning's best runs in its own precision (bench.tuning.best_runs)
-    end_losses: dict           # optimizer -> its finalist's end-of-budget losses at the largest budget
+
+    @property
+    def end_losses(self) -> dict:
+        """optimizer -> its finalist's end-of-budget losses at the largest budget (finalist_stats' own, the same
+        at every target; none without a common target)."""
+        fs = finalists(self.targets[0].fs) if self.targets else pd.DataFrame(columns=["optimizer", "end_losses"])
+        return dict(zip(fs.optimizer, fs.end_losses))
 
     @property
     def tokens_per_param(self) -> float:
@@ -66,11 +72,8 @@ def read_horizon(directory: str) -> Horizon:
                          f"a horizon comparison takes studies of one model, batch size and task each")
     (preset, batch), task = settings[0], lad.task.iloc[0]
     given = study_targets(directory)
-    fin = lad[(lad.role == "finalist") & ~lad.diverged]
-    top = fin[fin.max_tokens == fin.max_tokens.max()]
     return Horizon(directory, preset, int(batch), task, model_params(conv)[preset][0], int(lad.max_tokens.max()),
-                   at_common_targets(lad, given or ()), best[best.precision == main_precision(conv)],
-                   {o: list(g.final_eval_loss) for o, g in top.groupby("optimizer")})
+                   at_common_targets(lad, given or ()), best[best.precision == main_precision(conv)])
 
 
 def check_comparable(hs: list[Horizon]) -> None:
@@ -172,6 +175,9 @@ def report(directories: list[str], out: str) -> str:
         raise ValueError("pass two or more studies' directories, one per horizon")
     check_comparable(hs)
     d = speedups(hs)
+    if d.empty:
+        raise ValueError("no study here has common targets (they are read off AdamW's finalists): run the studies "
+                         "with adamw among their optimizers")
     h0 = hs[0]
     L = [f"# Optimizers at {len(hs)} horizons: {h0.preset}, global batch {h0.batch}, {h0.task}", "",
          f"{h0.params:,} parameters; whole budgets " + ", ".join(f"{h.budget:,} tokens ({h.label})" for h in hs)
@@ -180,9 +186,6 @@ def report(directories: list[str], out: str) -> str:
          "horizon's own common targets (no loss is measurable at both: the shorter horizon's are passed before the "
          "longer one's smallest budget); what is compared across horizons is each optimizer's speed-up over AdamW "
          "at them (geometric mean of paired per-seed ratios [95% CI]) and its rank.", ""]
-    if d.empty:
-        raise ValueError("no study here has common targets (they are read off AdamW's finalists): run the studies "
-                         "with adamw among their optimizers")
     L += ["## Speed-up over AdamW at each horizon's common targets", ""]
     table = d.assign(column=[f"{h:.3g} tok/param, {t} ({loss:.3f})" for h, t, loss in zip(d.horizon, d.target, d.loss)])
     columns = list(dict.fromkeys(table.column))  # by horizon, then the targets in the rule's order

@@ -306,9 +306,10 @@ def speedup_vs_horizon(d: pd.DataFrame, path: str) -> str | None:
     colour = _colours(d)
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), squeeze=False)
     for ax, name in zip(axes[0], names):
-        for i, (opt, o) in enumerate(d[d.target == name].groupby("optimizer")):
+        for opt, o in d[d.target == name].groupby("optimizer"):
             o = o.sort_values("horizon")
-            dodge = 1.04 ** (i - len(colour) / 2)  # side by side at each horizon (a log axis: a factor)
+            # side by side at each horizon (a log axis: a factor), each optimizer at the same place in every panel
+            dodge = 1.04 ** (list(colour).index(opt) - len(colour) / 2)
             ax.errorbar(o.horizon * dodge, o.ratio, yerr=[o.ratio - o.low, o.high - o.ratio], color=colour[opt],
                         marker="o", capsize=3, linestyle="-" if len(o) >= 3 else "none", label=opt)
         ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
