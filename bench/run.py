@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from bench.executors import EXECUTORS, MAX_REQUEUES, PENDING_TIMEOUT_S, ExecutorError, Outcome, Pool, signals_held
 from bench.hardware import environment, peak_seconds, row_peak
 from bench.matrix import NAMED, MatrixError, check_slurm_options, expand, parse_filter, rank_budget
-from bench.noise import NOISY_CV, NOISY_P90_P50, RETIME_SUFFIX
+from bench.noise import NOISY_CV, NOISY_P90_P50, RETIME, RETIME_SUFFIX
 from bench.plan import PlanEntry, PlanError, SweepPlan
 from bench.results import STATUSES, ResultFiles, Row, Unreadable, read_env
 from llmopt.safe_files import UnsafePath, hold_lock, makedirs, refuse_links, write_json
@@ -289,12 +289,23 @@ def _slurm_settings(args, matrix: str) -> dict:
     return settings
 
 
-def _note_concurrency(out: str, pool) -> None:
+def alone_phases(plan: SweepPlan, pool: Pool) -> tuple[str, ...]:
+    """The phases whose configs run alone on every core while the others run ``--jobs`` at once: a study's timed
+    phases (and their re-times) when its CPU configs share the machine. A study's other runs are measured by their
+    loss, which concurrency does not change; a timed one's figure is its time, so it waits for the machine."""
+    from bench.study import WALL_CLOCK_PHASES
+
+    return (*WALL_CLOCK_PHASES, RETIME) if plan.study is not None and pool.concurrent_cpu else ()
+
+
+def _note_concurrency(out: str, pool, alone: tuple[str, ...] = ()) -> None:
     """env.json says how the figures were taken: the report warns when CPU configs ran side by side."""
     env_path = os.path.join(out, "env.json")
     env = read_env(out)
     env.update(executor=pool.executor, jobs=max(pool.jobs, env.get("jobs", 1)),  # over resumes: any concurrency
                concurrent_cpu=pool.concurrent_cpu or env.get("concurrent_cpu", False))
+    if alone:  # the report says which figures were taken alone
+        env["alone_phases"] = sorted(set(env.get("alone_phases", [])) | set(alone))
     if pool.executor == "slurm":
         env["slurm_shared_nodes"] = pool.shared_nodes or env.get("slurm_shared_nodes", False)
         seen = pool.queue.most_per_node
@@ -365,8 +376,9 @@ def _run_sweep(s: Sweep) -> int:
         files.drop({r["config_id"] for r in done_rows if r["status"] in s.retry})
         done_rows, details = files.load()
     t_start = time.monotonic()
-    _note_concurrency(out, pool)
-    runner = _Runner(out, files, plan.timing_warmup, pool, done_rows, details["steps"], warm_up=s.warm_up)
+    _note_concurrency(out, pool, alone_phases(plan, pool))
+    runner = _Runner(out, files, plan.timing_warmup, pool, done_rows, details["steps"], warm_up=s.warm_up,
+                     alone_phases=alone_phases(plan, pool))
     try:
         while True:
             runner.run(plan.entries)
@@ -434,8 +446,11 @@ class _Runner:
     order as soon as it and every row before it are known, with progress lines."""
 
     def __init__(self, out: str, files: ResultFiles, warmup: int, pool: "Pool", done_rows: list[dict],
-                 done_steps: list[dict], warm_up: bool = False):
+                 done_steps: list[dict], warm_up: bool = False, alone_phases: tuple[str, ...] = ()):
+        """``alone_phases``: the plan phases whose configs wait until nothing runs and then run on every core,
+        nothing beside them (``alone_phases()``); the warm-up then waits for the first of them."""
         self.out, self.files, self.warmup, self.pool, self.warm_up = out, files, warmup, pool, warm_up
+        self.alone_phases = alone_phases
         self.rows = list(done_rows)
         self.baselines: dict[str, list[float]] = {}
         for r in done_rows:
@@ -465,7 +480,7 @@ class _Runner:
                 if entry.skipped is None:
                     row_peak(entry.config, None, self.peak_cache)
         worlds = [e.config.world_size for e in todo]
-        if self.warm_up:
+        if self.warm_up and not self.alone_phases:
             self._warm_up(next((e for e, w in zip(todo, worlds) if e.skipped is None
                                 and self.pool.slots.too_big(w) is None), None))
         outcomes: dict[int, tuple[Outcome, object]] = {}
@@ -501,7 +516,8 @@ class _Runner:
         if entry is None:
             return
         self.pool.ready()
-        slot = self.pool.slots.take(entry.config.world_size, 0)
+        alone = entry.phase in self.alone_phases
+        slot = self.pool.slots.take_whole(0) if alone else self.pool.slots.take(entry.config.world_size, 0)
         with signals_held():
             job = self.pool.start(entry.warm_up(), slot)
         outcome = None
@@ -529,10 +545,14 @@ class _Runner:
             if reason is not None:
                 outcomes[k] = (Outcome("skipped", reason, None, 0.0), None)
                 continue
-            slot = self.pool.slots.take(worlds[k], len(running))
+            alone = entry.phase in self.alone_phases
+            if alone and self.warm_up and not running:
+                self._warm_up(entry)
+            slot = (self.pool.slots.take_whole(len(running)) if alone
+                    else self.pool.slots.take(worlds[k], len(running)))
             if slot is None:
-                if self.pool.slots.device != "cuda":
-                    break  # equal slots: nothing later fits either
+                if alone or self.pool.slots.device != "cuda":
+                    break  # equal slots, or waiting for the whole machine: nothing later starts before it
                 continue
             self.pool.ready()
             with signals_held():  # a stop signal lands after the handle is held, so the config is cancelled
@@ -546,7 +566,7 @@ class _Runner:
         base = self.baselines.get(entry.baseline_id)
         peak = (outcome.peak or row_peak(entry.config, outcome.metrics, self.peak_cache, measure=self.pool.local)
                 if outcome.status == "ok" else None)
-        if peak is not None and slot is not None and slot.cpus:
+        if peak is not None and slot is not None and slot.cpus:  # (a config run alone has every core: no share)
             share = len(slot.cpus) / (os.cpu_count() or 1)  # the config had these cores, not the whole CPU
             peak = (peak[0] * share, f"{peak[1]} x {len(slot.cpus)}/{os.cpu_count()} cores (--jobs)")
         row = self.files.append(Row(entry, outcome.status, outcome.error, outcome.wall, outcome.metrics,

@@ -47,6 +47,9 @@ Phases (plan entries carry theirs; ``bench.tuning.followups`` adds the later one
   layouts      (wall_clock) every finalist's shape timed on single, ddp2, fsdp2 and tp2 (seconds to target)
   to-target    (wall_clock) each finalist that reached the target on every seed, trained under fsdp2 for its mean tokens
                to target: the check of the seconds the report estimates from the layouts rows
+
+With ``--jobs`` above 1 on CPU, the runs measured by their loss go that many at once, each on its share of the
+cores, and the wall-clock phases wait for the machine and run alone on every core (``bench.run.alone_phases``).
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 LADDER = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)
+WALL_CLOCK_PHASES = ("layouts", "to-target")  # the phases whose figure is a time (``wall_clock``)
 
 
 @dataclass(frozen=True)

@@ -586,7 +586,12 @@ def test_a_convergence_study_from_a_file_end_to_end_and_a_resumed_sweep_adds_the
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == len(plan) and {r["status"] for r in rows} == {"ok"}
     assert {r["phase"] for r in rows} >= {"grid", "decay", "ladder", "precision", "layouts", "to-target"}
+    # the loss runs went two at once, a core each; the timed phases alone on every core
+    timed = {"layouts", "to-target"}
+    assert all(("(--jobs)" in r["peak_flops_source"]) == (r["phase"] not in timed) for r in rows)
+    assert json.loads((out / "env.json").read_text())["alone_phases"] == ["layouts", "retime", "to-target"]
     report = (out / "report.md").read_text()
+    assert "ran one at a time on every core" in report
     assert "## Time to quality" in report and "### Common targets" in report and "the hard target" in report
     assert "#### tiny-v256, global batch 8 sequences: target" in report and "### Tuning budget" in report
     assert "Verdict: " in report and "old method: first crossing" in report and "tokens per parameter" in report

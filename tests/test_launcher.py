@@ -196,6 +196,17 @@ def test_slots_pack_gpus_and_split_cores():
         x, y = cpu.take(1, 0), cpu.take(4, 1)
         assert set(x.cpus).isdisjoint(y.cpus) and cpu.take(1, 2) is None
         assert config_env(TrainConfig(dp=1, tp=1), x)["OMP_NUM_THREADS"] == str(len(x.cpus))
+        # the whole machine only once nothing runs, and nothing beside it until it is given back
+        assert cpu.take_whole(running=2) is None
+        cpu.give(x)
+        assert cpu.take_whole(running=1) is None
+        cpu.give(y)
+        whole = cpu.take_whole(running=0)
+        assert whole.cpus is None and cpu.take(1, 1) is None and cpu.take_whole(1) is None
+        cpu.give(whole)
+        assert {cpu.take(1, 0).cpus, cpu.take(1, 1).cpus} == {x.cpus, y.cpus}
+    with pytest.raises(ValueError, match="pinned"):
+        Slots("cpu", jobs=1).take_whole(0)
     with pytest.raises(ExecutorError, match="--jobs"):
         Slots("cpu", jobs=len(cores) + 1)
     assert resolve_jobs("auto", "local", "cpu") == (1, 0)  # one at a time on CPU unless asked

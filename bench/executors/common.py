@@ -49,6 +49,7 @@ class Slots:
 
     def __init__(self, device: str, jobs: int, n_gpus: int = 0, pin: bool = True):
         self.device, self.jobs = device, jobs
+        self.groups: list[Slot] = []  # pinned CPU: every group, so that the whole machine can be lent and returned
         if device == "cuda":
             self.free_gpus = list(range(n_gpus))
             self.total = n_gpus
@@ -60,7 +61,8 @@ class Slots:
                 raise ExecutorError(f"--jobs {jobs}: only {len(cores)} CPU cores here; use --jobs {len(cores)} "
                                     f"or fewer")
             per = len(cores) // jobs
-            self.free = [Slot(cpus=tuple(cores[i * per:(i + 1) * per])) for i in range(jobs)]
+            self.groups = [Slot(cpus=tuple(cores[i * per:(i + 1) * per])) for i in range(jobs)]
+            self.free = list(self.groups)
 
     def too_big(self, world_size: int) -> str | None:
         """Why a config can never run here (a skip reason), or None."""
@@ -76,9 +78,22 @@ class Slots:
             return Slot(gpus=tuple(gpus))
         return self.free.pop(0) if self.free else None
 
+    def take_whole(self, running: int) -> Slot | None:
+        """Every core as one unpinned slot, once nothing runs (pinned CPU slots only): for a config whose figure is
+        its time, which beside another config would share memory bandwidth and caches, and whose ranks would share
+        one group's cores."""
+        if not self.groups:
+            raise ValueError("take_whole: only for CPU slots pinned to groups of cores (--jobs above 1)")
+        if running or len(self.free) < len(self.groups):
+            return None
+        self.free = []
+        return Slot()
+
     def give(self, slot: Slot) -> None:
         if self.device == "cuda":
             self.free_gpus = sorted(self.free_gpus + list(slot.gpus))
+        elif self.groups and slot.cpus is None:  # the whole machine, lent by take_whole
+            self.free = list(self.groups)
         else:
             self.free.append(slot)
 

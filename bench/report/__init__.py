@@ -317,7 +317,12 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
                  f"their time limit) and resumed from their checkpoints ({int(requeues.sum())} requeue(s) in all, "
                  f"column `requeues`): their losses are an uninterrupted run's; their timings span several jobs "
                  f"(the timing warm-up left out after each start).")
-    if env.get("concurrent_cpu"):
+    if env.get("concurrent_cpu") and env.get("alone_phases"):
+        L.append(f"- **Runs taken concurrently**: up to {env['jobs']} CPU configs ran side by side, each pinned to "
+                 f"its own share of the cores; their figure is their loss, which that does not change (their "
+                 f"tokens/s are their share's). The timed phases ({', '.join(env['alone_phases'])}) waited for the "
+                 f"machine and ran one at a time on every core: their timings are a one-at-a-time sweep's.")
+    elif env.get("concurrent_cpu"):
         L.append(f"- **Figures taken concurrently**: up to {env['jobs']} CPU configs ran side by side, each pinned to "
                  f"its own share of the cores (MFU against that share of the peak). They shared memory bandwidth "
                  f"and caches: compare these figures with each other, not with a one-at-a-time sweep.")
