@@ -33,6 +33,10 @@ class PlanError(ValueError):
     """A plan that cannot be made or read back: one line for the user, exit 2."""
 
 
+class OlderPlan(PlanError):
+    """A plan written by an older llmopt, before fields that its configs' ids now hash."""
+
+
 def config_id(cfg: TrainConfig) -> str:
     """Readable and stable: the layout and toggles, then a hash of every field. 12 hex digits (48 bits): a
     million-config sweep collides with probability ~2e-3, and ``bench.matrix.expand`` refuses a plan where two
@@ -131,6 +135,10 @@ class PlanEntry:
             raise PlanError(str(e)) from None
         expected = config_id(cfg) + (RETIME_SUFFIX if phase == RETIME else "")
         if cid != expected:
+            older = [k for k in TrainConfig.field_names() if k not in d["config"] and k not in HASHED_WHEN_SET]
+            if older:  # the ids of a plan from before these fields were hashed differently
+                raise OlderPlan(f"{where}'s config lacks {', '.join(older)}, added since, and this version computes "
+                                f"its id differently")
             raise PlanError(f"{where}'s config_id {cid!r} is not its config's ({expected})")
         return cls(cfg, cid, d["skipped"], d["added_as_baseline"], phase)
 
@@ -176,6 +184,9 @@ class SweepPlan:
         for i, d in enumerate(saved["plan"]):
             try:
                 entries.append(PlanEntry.from_json(d, f"entry {i}"))
+            except OlderPlan as e:
+                raise PlanError(f"--resume: {path} was written by an older llmopt ({e}); this version cannot finish "
+                                f"it, start a new sweep") from None
             except PlanError as e:
                 raise bad(str(e)) from None
         study = saved.get("study")

@@ -101,6 +101,15 @@ def test_a_planted_config_id_is_refused(copy, config_id):
     assert not os.path.exists(out.parent.parent.parent / "x") and not os.path.exists("/abs")
 
 
+def _before(entry: dict, field: str) -> dict:
+    """``entry`` as an llmopt without ``field`` wrote it: the field absent, the id's digest over the rest."""
+    import hashlib
+
+    config = {k: v for k, v in entry["config"].items() if k != field}
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    return dict(entry, config=config, config_id=entry["config_id"][:-12] + digest)
+
+
 @pytest.mark.parametrize("damage, match", [
     (lambda p: {**p, "plan": [dict(p["plan"][0], surprise=1)]}, "keys"),
     (lambda p: {**p, "plan": [{k: v for k, v in p["plan"][0].items() if k != "config"}]}, "no config"),
@@ -108,6 +117,9 @@ def test_a_planted_config_id_is_refused(copy, config_id):
     (lambda p: {**p, "plan": [dict(p["plan"][0], config=dict(p["plan"][0]["config"], nope=1))]}, "nope"),
     (lambda p: {**p, "plan": [dict(p["plan"][0], config=dict(p["plan"][0]["config"], dp="2"))]}, "dp is '2'"),
     (lambda p: {**p, "timing_warmup": "x"}, "timing_warmup"),
+    # a plan from before a hashed field existed (its ids hashed without it): said to be older, not planted
+    (lambda p: {**p, "plan": [_before(p["plan"][0], "lr_decay_fraction")]},
+     "written by an older llmopt (entry 0's config lacks lr_decay_fraction"),
 ])
 def test_a_malformed_plan_is_one_line_naming_the_file(copy, damage, match):
     out, _ = copy
