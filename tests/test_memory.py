@@ -83,3 +83,24 @@ def test_ddp_bucket_memory_is_the_gradient_size(cli, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(out.read_text())
     assert m["memory_breakdown"]["gradients"] == m["predicted_memory"]["gradients"] > 0
+
+
+@pytest.mark.parametrize("optimizer, steps, counted", [("soap", 12, 21), ("soap", 10, 11), ("soap", 8, 9),
+                                                       ("adamw", 12, 13)])
+def test_the_memory_step_is_an_optimizers_heaviest_when_the_run_reaches_one(optimizer, steps, counted):
+    """SOAP refreshes its eigenbases on its 11th, 21st, ... step, the run's peak: a run that reaches one (the step
+    measured after it counted) is measured at one, not at an ordinary step that misses it (a 128-step run's
+    129th step read half the predicted peak); a run that never refreshes, and any other optimizer, is measured
+    at the step after it."""
+    from llmopt.loop import memory_step
+
+    cfg = validate(TrainConfig(optimizer=optimizer, steps=steps))
+    state = build(cfg, torch.device("cpu"))
+    for i in range(steps):
+        train_step(state, i)
+    memory_step(state)
+    taken = {g["step"] if not torch.is_tensor(g["step"]) else int(g["step"].item())
+             for g in state.optimizer.param_groups if "step" in g}
+    if not taken:  # torch's optimizers count per parameter
+        taken = {int(s["step"]) for s in state.optimizer.state.values()}
+    assert taken == {counted}

@@ -101,6 +101,8 @@ class OptimizerSpec:
     impls: tuple[str, ...] = ("for-loop",)       # torch's kernel families it has (--optimizer-impl)
     state_bytes: Callable[[Stage], int] = moments(2)    # optimizer state one rank keeps
     transient_bytes: Callable[[Stage], int] = nothing   # buffers alive only while it steps (the update's peak)
+    heavy_every: int = 0      # its heaviest step recurs every N of its steps, the first at N + 1 (SOAP's eigenbasis
+                              # refresh): a run that reaches one has its memory measured at one (0: every step alike)
     update_flops: Callable[[Stage], float] = nothing    # FLOPs beyond the elementwise update (Newton-Schulz, ...)
     gathers: Callable[[Stage], list] = lambda stage: []  # whole shapes all-gathered per step under FSDP2/TP
     gathered_per_tensor: int = 1      # tensors gathered per shape (a tensor and its gradient: 2)

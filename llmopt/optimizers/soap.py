@@ -35,8 +35,9 @@ def transient_bytes(stage: Stage) -> int:
     matrix builds its new bases beside the old ones, one side at a time (the product GG Q, its columns sorted,
     and QR's Q and R: four d x d on the side under way, the finished sides' new bases, and two re-ordered
     copies of the second moment). Under FSDP2/TP also the largest tensor and its gradient, gathered whole.
-    The refresh counts where the run reaches one (``stage.steps``; the first is the 10th step): a sweep of 6 steps
-    never pays it, one of 20 measured it (results/README.md, "The optimizer's update, priced")."""
+    The refresh counts where the run reaches one, the step measured after it included (``stage.steps`` >= 10: the
+    first refresh is SOAP's 11th step); that measured step is then a refresh (``heavy_every``,
+    ``llmopt.loop.memory_step``), so a sweep of 6 steps never pays it and one of 128 measures it."""
     big = largest(stage.tensors)
     refresh = 0
     if stage.steps >= REFRESH_EVERY:
@@ -57,5 +58,6 @@ def update_flops(stage: Stage) -> float:
 SPEC = OptimizerSpec(
     name="soap", about="SOAP, Adam in Shampoo's eigenbasis (pytorch-optimizer's SOAP)", build=build,
     default_lr=3e-3, lr_centre=1e-2, state_bytes=state_bytes, transient_bytes=transient_bytes,
+    heavy_every=REFRESH_EVERY,
     update_flops=update_flops, gathers=all_tensors, gathered_per_tensor=2,
     packages=(("pytorch_optimizer", "pytorch-optimizer"),), reproducible=False, order=90)
