@@ -30,11 +30,12 @@ def test_prediction_matches_tracked_memory(kw):
     assert (predicted.gradients > 0) == (measured["gradients"] > 0)
 
 
-REFERENCES = sorted(p.parent.name for p in REFERENCE_DIR.glob("*/results.csv"))
+# every sweep under results/reference, a study's inside a comparison (cpu-convergence-horizon/long) included
+REFERENCES = sorted(str(p.parent.relative_to(REFERENCE_DIR)) for p in REFERENCE_DIR.rglob("results.csv"))
 
 
 def test_every_reference_is_checked():
-    assert {"cpu", "cpu-peers", "cpu-extras", "cpu-convergence"} <= set(REFERENCES)
+    assert {"cpu", "cpu-peers", "cpu-extras", "cpu-convergence", "cpu-convergence-horizon/long"} <= set(REFERENCES)
 
 
 @pytest.mark.parametrize("reference", REFERENCES)

@@ -42,9 +42,10 @@ def transient_bytes(stage: Stage) -> int:
     refresh = 0
     if stage.steps >= REFRESH_EVERY:
         for t in (t for t in stage.tensors if len(t) >= 2):
-            sides = [d * d for d in t if d <= MAX_SIDE]
-            if sides:
-                refresh = max(refresh, sum(sides) + 4 * max(sides) + 2 * math.prod(t))
+            done = 0  # the new bases of the sides already refreshed (SOAP goes through them in order)
+            for d in (d for d in t if d <= MAX_SIDE):
+                refresh = max(refresh, done + 4 * d * d + 2 * math.prod(t))
+                done += d * d
     return 4 * max(4 * big, refresh) + (2 * 4 * big if stage.shards > 1 else 0)
 
 
