@@ -128,6 +128,28 @@ def headline(row: dict) -> str:
     return "  ".join(parts)
 
 
+class CodeChanged(Exception):
+    """llmopt's or bench's sources changed under a running sweep (the file named)."""
+
+
+def code_signature() -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every source file of llmopt and bench. A config's process imports some of them when it
+    starts (the launcher preloads the rest), so a sweep whose sources change under it runs later configs, or
+    parts of one, on the new code: an edit beside a sweep once failed 200 configs (a field one module passed
+    and the other, preloaded, lacked); a subtler one would mix results without a sign."""
+    import bench
+    import llmopt
+
+    sig = {}
+    for pkg in (llmopt, bench):
+        for folder, _, files in os.walk(os.path.dirname(pkg.__file__)):
+            for name in files:
+                if name.endswith(".py"):
+                    st = os.stat(path := os.path.join(folder, name))
+                    sig[path] = (st.st_size, st.st_mtime_ns)
+    return sig
+
+
 class Stopped(BaseException):
     """SIGTERM or SIGHUP: unwinds like Ctrl-C, so the running config's processes are killed on the way out."""
 
@@ -392,6 +414,12 @@ def _run_sweep(s: Sweep) -> int:
             plan.save(out)
             print(f"bench: {len(more)} follow-up configs added ({', '.join(sorted({e.phase for e in more}))})",
                   flush=True)
+    except CodeChanged as e:
+        from llmopt.core import cli
+
+        return cli.error(f"{e} changed under this sweep, so no config was started after that (the ones running "
+                         f"then finished, their rows kept); finish with  python -m bench.run --resume --out {out}  "
+                         f"(on the sources as they are now), and leave llmopt and bench alone while it runs")
     except (KeyboardInterrupt, Stopped) as e:
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
         print(f"\ninterrupted ({signal.Signals(signum).name}): the running config was stopped, finished rows are "
@@ -451,6 +479,7 @@ class _Runner:
         nothing beside them (``alone_phases()``); the warm-up then waits for the first of them."""
         self.out, self.files, self.warmup, self.pool, self.warm_up = out, files, warmup, pool, warm_up
         self.alone_phases = alone_phases
+        self.code, self.changed = code_signature(), None  # changed: the first source file found changed
         self.rows = list(done_rows)
         self.baselines: dict[str, list[float]] = {}
         for r in done_rows:
@@ -489,6 +518,8 @@ class _Runner:
         try:
             while emitted < len(todo):
                 start = self._start_what_fits(todo, worlds, start, running, outcomes)
+                if self.changed and not running:
+                    raise CodeChanged(os.path.relpath(self.changed))
                 for k, job in list(running.items()):
                     outcome = job.poll()
                     if outcome is not None:
@@ -536,7 +567,8 @@ class _Runner:
 
     def _start_what_fits(self, todo, worlds, start, running, outcomes) -> int:
         """Start, in plan order, every config that fits on the free devices (a later, smaller config may start
-        before an earlier one that waits for more GPUs). Returns the first index not yet started."""
+        before an earlier one that waits for more GPUs). Returns the first index not yet started. Nothing starts
+        once the sources have changed."""
         for k in range(start, len(todo)):
             if k in running or k in outcomes:
                 continue
@@ -554,12 +586,22 @@ class _Runner:
                 if alone or self.pool.slots.device != "cuda":
                     break  # equal slots, or waiting for the whole machine: nothing later starts before it
                 continue
+            if self.changed or self._sources_changed():
+                self.pool.slots.give(slot)
+                break
             self.pool.ready()
             with signals_held():  # a stop signal lands after the handle is held, so the config is cancelled
                 running[k] = self.pool.start(entry, slot)
         while start < len(todo) and (start in running or start in outcomes):
             start += 1
         return start
+
+    def _sources_changed(self) -> bool:
+        """Whether a source file changed since the sweep started (``code_signature``); it is kept in ``changed``."""
+        now = code_signature()
+        self.changed = next((p for p in sorted(self.code.keys() | now.keys()) if self.code.get(p) != now.get(p)),
+                            None)
+        return self.changed is not None
 
     def _emit(self, todo: list[PlanEntry], k: int, outcome: Outcome, slot, n_before: int) -> None:
         entry = todo[k]

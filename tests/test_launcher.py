@@ -263,3 +263,29 @@ def test_a_config_cancelled_right_after_its_fork_is_gone(tmp_path):
         job.cancel()
         assert job.proc.exitcode is not None  # gone, and reaped by its forkserver
         pool.slots.give(job.slot)
+
+
+def test_sources_changed_under_a_sweep_start_no_further_config(tmp_path, monkeypatch, capsys):
+    """An edit to llmopt or bench while a sweep runs once failed 200 configs (each config's process imports part
+    of the sources when it starts, the launcher preloaded the rest): after a change no config starts, the
+    running one finishes and keeps its row, one error: line (exit 2) names the file and says to resume, and the
+    resume finishes the plan."""
+    import bench.run as br
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (tmp_path / "m.toml").write_text(HEALTHY)
+    real, seen = br.code_signature, []
+
+    def edited_after_the_first_config():  # the sweep's own reading, then the check before the first config
+        seen.append(1)
+        return {"llmopt/step.py": (1, 1 if len(seen) <= 2 else 2)}
+
+    monkeypatch.setattr(br, "code_signature", edited_after_the_first_config)
+    out = tmp_path / "out"
+    assert br.main(["--matrix", str(tmp_path / "m.toml"), "--out", str(out), "--no-report", "--no-warm-up"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: llmopt/step.py changed under this sweep") and "--resume" in err[0]
+    assert [r["status"] for r in rows(out)] == ["ok"]
+    monkeypatch.setattr(br, "code_signature", real)
+    assert br.main(["--resume", "--out", str(out), "--no-report"]) == 0
+    assert [r["status"] for r in rows(out)] == ["ok"] * 3
