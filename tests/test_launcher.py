@@ -284,7 +284,8 @@ def test_sources_changed_under_a_sweep_start_no_further_config(tmp_path, monkeyp
     out = tmp_path / "out"
     assert br.main(["--matrix", str(tmp_path / "m.toml"), "--out", str(out), "--no-report", "--no-warm-up"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: llmopt/step.py changed under this sweep") and "--resume" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: llmopt/step.py changed under this sweep")
+    assert "--resume" in err[0]
     assert [r["status"] for r in rows(out)] == ["ok"]
     monkeypatch.setattr(br, "code_signature", real)
     assert br.main(["--resume", "--out", str(out), "--no-report"]) == 0
