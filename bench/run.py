@@ -398,9 +398,10 @@ def _run_sweep(s: Sweep) -> int:
         files.drop({r["config_id"] for r in done_rows if r["status"] in s.retry})
         done_rows, details = files.load()
     t_start = time.monotonic()
-    _note_concurrency(out, pool, alone_phases(plan, pool))
+    alone = alone_phases(plan, pool)
+    _note_concurrency(out, pool, alone)
     runner = _Runner(out, files, plan.timing_warmup, pool, done_rows, details["steps"], warm_up=s.warm_up,
-                     alone_phases=alone_phases(plan, pool))
+                     alone_phases=alone)
     try:
         while True:
             runner.run(plan.entries)

@@ -416,7 +416,7 @@ def cached_path(source: str, tokenizer: str) -> str:
     and modification times, T and the held-out fraction."""
     files = (_stdlib_signature() if source in BUILTIN
              else [(f, os.path.getsize(f), os.path.getmtime(f)) for f in input_files(source)])
-    key = hashlib.sha256(json.dumps([tokenizer, source, default_val_fraction(source)] + [list(f) for f in files]
+    key = hashlib.sha256(json.dumps([tokenizer, source, default_val_fraction(source)] + list(files)
                                     ).encode()).hexdigest()[:16]
     name = os.path.basename(os.path.normpath(source)) or "data"
     return os.path.join(cache_dir(), "prepared", f"{name}-{tokenizer.replace(':', '')}-{key}")

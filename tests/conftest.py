@@ -1,10 +1,14 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE_DIR = Path(ROOT) / "results" / "reference"
+# every sweep under results/reference, those a reference holds several of (cpu-convergence-horizon/long) too
+REFERENCES = sorted(str(p.parent.relative_to(REFERENCE_DIR)) for p in REFERENCE_DIR.rglob("results.csv"))
 # the sweeps here check that MFU is in (0, 1], not its value: a tenth of a second per dtype for the peak
 # (bench.hardware.PEAK_SECONDS_ENV), inherited by every sweep the tests start
 os.environ.setdefault("LLMOPT_PEAK_SECONDS", "0.1")

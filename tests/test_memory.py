@@ -1,16 +1,13 @@
 """The analytic memory model against torch's MemTracker on tiny single-process configs (multi-rank layouts
 are checked through the harness in test_bench.py)."""
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import REFERENCE_DIR, REFERENCES
 from llmopt.core.config import TrainConfig, validate
 from llmopt.instruments import tracked_memory_step
 from llmopt.memory import predict_memory
 from llmopt.step import build, train_step
-
-REFERENCE_DIR = Path(__file__).resolve().parent.parent / "results" / "reference"
 
 
 @pytest.mark.parametrize("kw", [{}, {"grad_accum": 4}, {"optimizer": "sgd"}, {"optimizer": "lion"},
@@ -28,10 +25,6 @@ def test_prediction_matches_tracked_memory(kw):
     assert predicted.parameters == measured["parameters"]
     assert abs(predicted.optimizer_state - measured["optimizer_state"]) < 1024
     assert (predicted.gradients > 0) == (measured["gradients"] > 0)
-
-
-# every sweep under results/reference, a study's inside a comparison (cpu-convergence-horizon/long) included
-REFERENCES = sorted(str(p.parent.relative_to(REFERENCE_DIR)) for p in REFERENCE_DIR.rglob("results.csv"))
 
 
 def test_every_reference_is_checked():

@@ -1,12 +1,8 @@
 """Figures in the committed references that must hold on any machine: MFU in (0, 1]."""
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
-REFERENCE_DIR = Path(__file__).resolve().parent.parent / "results" / "reference"
-# every sweep in a reference, those a reference holds several of (cpu-convergence-horizon/short, .../long) too
-REFERENCES = sorted(str(p.parent.relative_to(REFERENCE_DIR)) for p in REFERENCE_DIR.rglob("results.csv"))
+from conftest import REFERENCE_DIR, REFERENCES
 
 
 @pytest.mark.parametrize("reference", REFERENCES)

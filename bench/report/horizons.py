@@ -152,11 +152,12 @@ def lr_table(hs: list[Horizon]) -> str:
     the last (the transfer, measured), and its finalist's end-of-budget loss at the largest budget."""
     rows = {}
     for h in hs:
+        ends = h.end_losses
         for r in h.best.itertuples():
             row = rows.setdefault(r.optimizer, {"optimizer": r.optimizer})
             edge = f", at its grid's {r.edge} edge" if isinstance(r.edge, str) else ""  # None reads back as NaN
             row[f"lr (wd), {h.label}"] = f"{r.lr:.3g} ({r.weight_decay:g}){edge}"
-            losses = h.end_losses.get(r.optimizer, [])
+            losses = ends.get(r.optimizer, [])
             m, s = stats.mean_std(losses) if losses else (math.nan, math.nan)
             row[f"end loss, {h.label}"] = f"{m:.4f} ± {s:.4f}" if losses else "—"
     a, b = hs[0].best.set_index("optimizer").lr, hs[-1].best.set_index("optimizer").lr
