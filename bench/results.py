@@ -93,7 +93,7 @@ class Unreadable(ValueError):
 ENV_TYPES = {"command": str, "started_utc": str, "finished_utc": str, "sweep_seconds": float, "jobs": int,
              "concurrent_cpu": bool, "executor": str, "slurm_shared_nodes": bool, "slurm_most_per_node": int,
              "cpu_model": str, "cpu_count": int, "gpus": list, "cpu_flags": list, "torch": str, "cuda": str,
-             "nccl": str, "git_commit": str, "alone_phases": list}
+             "nccl": str, "git_commit": str, "alone_phases": list, "warm_up": str}
 
 
 def read_env(out_dir: str) -> dict:

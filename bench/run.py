@@ -563,6 +563,10 @@ class _Runner:
             self.pool.slots.give(slot)
         if os.path.exists(job.metrics_path):
             os.remove(job.metrics_path)
+        done = f"{entry.config_id} ({outcome.wall:.1f} s, {outcome.status})"
+        env = read_env(self.out)  # the report says the first row was taken warm
+        env["warm_up"] = done
+        write_json(os.path.join(self.out, "env.json"), env)
         print(f"bench: warm-up: {entry.config_id} run once, untimed ({outcome.wall:.1f} s, {outcome.status}); "
               f"timing starts now", flush=True)
 

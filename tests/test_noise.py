@@ -2,6 +2,7 @@
 re-timed at the end of a local sweep and the steadier timing used, the first timed config follows an untimed
 warm-up run, and the report states a comparison only beyond the rows' noise."""
 import csv
+import json
 
 import pandas as pd
 import pytest
@@ -73,6 +74,9 @@ def test_the_first_timed_config_follows_an_untimed_warm_up(stalled):
     assert f"bench: warm-up: {first} run once, untimed" in stdout
     assert (out / "logs" / f"warmup-{first}.log").exists() and not (out / "metrics" / f"warmup-{first}.json").exists()
     assert len([r for r in rows(out) if r["phase"] != "retime"]) == 2  # the two configs: the warm-up wrote no row
+    warm = json.loads((out / "env.json").read_text())["warm_up"]  # and the report says the first row was warm
+    assert warm.startswith(f"{first} (") and warm.endswith(" s, ok)"), warm
+    assert f"- Warm-up: before anything was timed, {warm} ran once, untimed" in (out / "report.md").read_text()
 
 
 def test_resume_keeps_the_retime(stalled, tmp_path):

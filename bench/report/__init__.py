@@ -317,6 +317,8 @@ def write_report(out_dir: str, memory_budget_mib: float | None = None) -> str:
                  f"their time limit) and resumed from their checkpoints ({int(requeues.sum())} requeue(s) in all, "
                  f"column `requeues`): their losses are an uninterrupted run's; their timings span several jobs "
                  f"(the timing warm-up left out after each start).")
+    if env.get("warm_up"):
+        L.append(f"- Warm-up: before anything was timed, {env['warm_up']} ran once, untimed (`--warm-up`)")
     if env.get("concurrent_cpu") and env.get("alone_phases"):
         L.append(f"- **Runs taken concurrently**: up to {env['jobs']} CPU configs ran side by side, each pinned to "
                  f"its own share of the cores; their figure is their loss, which that does not change (their "
