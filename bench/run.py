@@ -563,12 +563,11 @@ class _Runner:
             self.pool.slots.give(slot)
         if os.path.exists(job.metrics_path):
             os.remove(job.metrics_path)
-        done = f"{entry.config_id} ({outcome.wall:.1f} s, {outcome.status})"
+        took = f"({outcome.wall:.1f} s, {outcome.status})"
         env = read_env(self.out)  # the report says the first row was taken warm
-        env["warm_up"] = done
+        env["warm_up"] = f"{entry.config_id} {took}"
         write_json(os.path.join(self.out, "env.json"), env)
-        print(f"bench: warm-up: {entry.config_id} run once, untimed ({outcome.wall:.1f} s, {outcome.status}); "
-              f"timing starts now", flush=True)
+        print(f"bench: warm-up: {entry.config_id} run once, untimed {took}; timing starts now", flush=True)
 
     def _start_what_fits(self, todo, worlds, start, running, outcomes) -> int:
         """Start, in plan order, every config that fits on the free devices (a later, smaller config may start
