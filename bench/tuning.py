@@ -226,22 +226,44 @@ def task_of(rows: "pd.DataFrame") -> "pd.Series":
     return col("data", "generated data") + ", " + col("tokenizer", "bytes") + " tokens, sequence " + col("seq_len", "?")
 
 
+def adamw_reference(df: "pd.DataFrame", preset, batch) -> "pd.DataFrame":
+    """AdamW's rows at one model and batch (of a ``ladder``, or of its ``finalist_stats``) that targets are read
+    off and speed-ups are taken over: its finalist's, or where a run of the finalist's ladder diverged and its next
+    stable learning rate ran beside it (role "stable"), that rate's. A baseline that diverged on a seed is no
+    yardstick: a target read off it leaves that seed out, and a speed-up over it counts a budget it did not
+    finish."""
+    import pandas as pd
+
+    a = df[(df.preset == preset) & (df.global_batch == batch) & (df.optimizer == "adamw")]
+    role = a.role if "role" in a else pd.Series("finalist", index=a.index)
+    fin, stable = a[role == "finalist"], a[role == "stable"]
+    unstable = bool(fin.diverged.any() if "diverged" in fin else fin.unstable.any())
+    return stable if unstable and len(stable) else fin
+
+
 def targets(lad: "pd.DataFrame") -> dict[tuple, float]:
-    """(preset, batch) -> the per-batch target: AdamW's mean end-of-budget loss at the ladder's budget nearest
-    TARGET_FRACTION of the largest (without AdamW, the median over the optimizers of their means there). It
-    moves with the batch size, so speed-ups at it are not compared across batches (``common_targets`` are)."""
+    """(preset, batch) -> the per-batch target: AdamW's mean end-of-budget loss (``adamw_reference``'s) at the
+    ladder's budget nearest TARGET_FRACTION of the largest (without AdamW, the median over the optimizers of their
+    means there). It moves with the batch size, so speed-ups at it are not compared across batches
+    (``common_targets`` are)."""
     out = {}
-    for (preset, batch), g in lad[~lad.diverged & lad.role.eq("finalist")].groupby(["preset", "global_batch"]):
-        budgets = sorted(g.max_tokens.unique())
+    for (preset, batch), g in lad.groupby(["preset", "global_batch"]):
+        fin = g[~g.diverged & g.role.eq("finalist")]
+        if fin.empty:
+            continue
+        budgets = sorted(fin.max_tokens.unique())
         at = min(budgets, key=lambda b: abs(b - TARGET_FRACTION * budgets[-1]))
-        means = g[g.max_tokens == at].groupby("optimizer").final_eval_loss.mean()
-        out[(preset, batch)] = float(means["adamw"]) if "adamw" in means else float(means.median())
+        ref = adamw_reference(g, preset, batch)
+        ref = ref[~ref.diverged & (ref.max_tokens == at)]
+        means = fin[fin.max_tokens == at].groupby("optimizer").final_eval_loss.mean()
+        out[(preset, batch)] = float(ref.final_eval_loss.mean()) if len(ref) else float(means.median())
     return out
 
 
 def common_targets(lad: "pd.DataFrame", given: tuple = ()) -> dict[str, dict[str, float]]:
     """task -> {"moderate": loss, "hard": loss}: two targets shared by every model and batch size of the task,
-    each reached by AdamW's finalist on every seed, at every model and batch size, within the ladder.
+    each reached by AdamW's reference (``adamw_reference``: its finalist, or that finalist's next stable rate where
+    the finalist diverged on a seed) on every seed, at every model and batch size, within the ladder.
 
     hard: the highest end-of-budget loss at the largest budget over AdamW's seeds, models and batch sizes
     (rounded up to 0.001 nats), so the slowest of them reaches it by its last budget. moderate: halfway, on a
@@ -249,13 +271,15 @@ def common_targets(lad: "pd.DataFrame", given: tuple = ()) -> dict[str, dict[str
     had at its smallest budget, so it is crossed inside the ladder wherever that loss is above hard (else,
     halfway to the highest loss at the smallest budget: some batches then reach it by the smallest budget, a
     bound). A loss's distance from the floor falls about geometrically with training, so a log-scale midpoint
-    sits mid-ladder. A task without AdamW, or where AdamW's finalist diverged at its largest budget, gets none
+    sits mid-ladder. A task without AdamW, or where AdamW's reference diverged at its largest budget, gets none
     (the per-batch targets stand alone). ``given``: the study's own target losses instead, for every task."""
+    import pandas as pd
+
     if given:
         return {task: {f"given #{i + 1}": float(loss) for i, loss in enumerate(given)} for task in lad.task.unique()}
     out = {}
-    for task, g in lad[lad.role == "finalist"].groupby("task"):
-        a = g[g.optimizer == "adamw"]
+    for task, g in lad.groupby("task"):
+        a = pd.concat([adamw_reference(g, *k) for k in sorted(set(zip(g.preset, g.global_batch)))])
         if a.empty:
             continue
         largest = a[a.max_tokens == a.groupby(["preset", "global_batch"]).max_tokens.transform("max")]

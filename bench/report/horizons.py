@@ -19,7 +19,7 @@ import pandas as pd
 
 import bench.report.stats as stats
 from bench.report.markdown import md_table
-from bench.report.quality import adamw_finalist, measured_speedup, model_params, speedup_cell, verdict
+from bench.report.quality import measured_speedup, model_params, reference_row, speedup_cell, verdict
 from bench.tuning import CommonTarget, at_common_targets, best_runs, convergence_rows, finalists, ladder, main_precision
 
 
@@ -99,10 +99,9 @@ def speedups(hs: list[Horizon]) -> pd.DataFrame:
     rows = []
     for h in hs:
         for ct in h.targets:
-            fs = finalists(ct.fs)
-            adamw = adamw_finalist(fs, h.preset, h.batch)
-            for r in fs.itertuples():
-                sp = measured_speedup(fs, r)
+            adamw = reference_row(ct.fs, h.preset, h.batch)
+            for r in finalists(ct.fs).itertuples():
+                sp = measured_speedup(ct.fs, r)
                 rows.append({"horizon": h.tokens_per_param, "target": ct.name, "loss": ct.loss,
                              "optimizer": r.optimizer, "cell": speedup_cell(r, adamw),
                              "ratio": sp.ratio if sp else math.nan, "low": sp.low if sp else math.nan,

@@ -32,6 +32,7 @@ from bench.results import as_written
 from bench.tuning import (
     ADAMW_LR_PHASE,
     CommonTarget,
+    adamw_reference,
     at_common_targets,
     best_runs,
     convergence_rows,
@@ -47,10 +48,14 @@ SIGNIFICANCE = 0.05  # the two-sided p below which a lead counts
 
 
 def target_source(lad: pd.DataFrame, preset: str, batch) -> str:
-    """What a batch's target is, in words: AdamW's mean, or (no AdamW in the matrix) whose median."""
+    """What a batch's target is, in words, where it is not the usual (AdamW's finalist's mean): its next stable
+    rate's (``adamw_reference``), or (no AdamW in the matrix) whose median."""
     opts = sorted(lad[(lad.preset == preset) & (lad.global_batch == batch)].optimizer.unique())
     if "adamw" in opts:
-        return "AdamW's mean end-of-budget loss"
+        ref = adamw_reference(lad, preset, batch)
+        return ("" if ref.empty or ref.role.iloc[0] == "finalist" else
+                f"AdamW's next stable learning rate's mean end-of-budget loss (lr {ref.lr.iloc[0]:.3g}): AdamW's "
+                f"finalist diverged on a seed, so its next stable rate is the reference here")
     return (f"no AdamW in this matrix: the median of {', '.join(opts)}'s mean end-of-budget losses, so no "
             f"speed-up over AdamW is stated")
 
@@ -121,7 +126,7 @@ def speedup(row, adamw) -> stats.Speedup | None:
 def speedup_cell(row, adamw) -> str:
     """A table's speed-up over AdamW: the paired ratio [95% CI], a lower bound where ``row`` was there by the
     smallest budget, which seeds are bounds, or — where there is none."""
-    if row.optimizer == "adamw":
+    if row.optimizer == "adamw" and adamw is not None and _name(row) == _name(adamw):
         return "1 (the reference)"
     if adamw is None or not adamw.all_reached:
         return "—"
@@ -151,9 +156,9 @@ def measured(r) -> bool:
 
 
 def measured_speedup(fs: pd.DataFrame, r) -> stats.Speedup | None:
-    """``r``'s speed-up over its model and batch's AdamW finalist in ``fs`` where both are ``measured`` (no seed
-    a bound): what trends, the plot and the advisor read; else None."""
-    adamw = adamw_finalist(fs, r.preset, r.global_batch)
+    """``r``'s speed-up over its model and batch's AdamW reference in ``fs`` (``reference_row``) where both are
+    ``measured`` (no seed a bound): what trends, the plot and the advisor read; else None."""
+    adamw = reference_row(fs, r.preset, r.global_batch)
     return speedup(r, adamw) if measured(r) and adamw is not None and measured(adamw) else None
 
 
@@ -182,8 +187,7 @@ def first_crossing(conv: pd.DataFrame, evals: pd.DataFrame, row, target: float) 
 
 def batch_table(fs: pd.DataFrame, conv: pd.DataFrame, evals: pd.DataFrame, best: pd.DataFrame,
                 target: float) -> str:
-    adamw = finalists(fs)[finalists(fs).optimizer == "adamw"]
-    adamw = None if adamw.empty else adamw.iloc[0]
+    adamw = reference_row(fs, fs.preset.iloc[0], fs.global_batch.iloc[0])
     rows = []
     for _, r in fs.sort_values(["optimizer", "lr"], ascending=[True, False]).iterrows():
         b = best[(best.preset == r.preset) & (best.optimizer == r.optimizer) & (best.global_batch == r.global_batch)
@@ -221,9 +225,10 @@ def _settings(fs: pd.DataFrame, sizes: dict) -> list[tuple]:
     return sorted(set(zip(fs.preset, fs.global_batch)), key=lambda k: (sizes[k[0]][1], k[1]))
 
 
-def adamw_finalist(fs: pd.DataFrame, preset, batch):
-    fs = finalists(fs)
-    a = fs[(fs.preset == preset) & (fs.global_batch == batch) & (fs.optimizer == "adamw")]
+def reference_row(fs: pd.DataFrame, preset, batch):
+    """AdamW's row of ``finalist_stats`` that speed-ups at this model and batch are over (``adamw_reference``:
+    its finalist, or that finalist's next stable rate where the finalist diverged on a seed), or None."""
+    a = adamw_reference(fs, preset, batch)
     return None if a.empty else a.iloc[0]
 
 
@@ -233,11 +238,14 @@ def common_table(ct: CommonTarget, sizes: dict) -> str:
     cols = _settings(ct.fs, sizes)
     rows = []
     fs = ct.fs
-    for (_, role), mine in fs[fs.optimizer != "adamw"].groupby(["optimizer", "role"]):  # sorted by name
+    for (opt, role), mine in fs.groupby(["optimizer", "role"]):  # sorted by name
+        if opt == "adamw" and all(_name(r) == _name(reference_row(fs, r.preset, r.global_batch))
+                                  for r in mine.itertuples()):
+            continue  # AdamW's rows are listed only where one is not the reference (an unstable finalist's)
         row = {"optimizer": _name(mine.iloc[0])}
         for preset, batch in cols:
             r = mine[(mine.preset == preset) & (mine.global_batch == batch)]
-            cell = "—" if r.empty else speedup_cell(r.iloc[0], adamw_finalist(fs, preset, batch))
+            cell = "—" if r.empty else speedup_cell(r.iloc[0], reference_row(fs, preset, batch))
             if not r.empty and r.iloc[0].unstable:
                 cell += " (unstable)"
             if not r.empty and role != "finalist":
@@ -293,7 +301,7 @@ def trend_sentences(cts: list[CommonTarget], sizes: dict) -> list[str]:
                     pts = []
                     for v in order:
                         r = g[g[moving] == v].iloc[0]
-                        sp = measured_speedup(fs, r)
+                        sp = measured_speedup(ct.fs, r)
                         if sp is not None:
                             pts.append((f"batch {int(v)}" if moving == "global_batch" else str(v), sp))
                     if len(order) < 2 or len(pts) < 2:
@@ -374,17 +382,27 @@ def _method(conv: pd.DataFrame, lad: pd.DataFrame) -> str:
             f"for the number of those tests.")
 
 
+def _reference_note(cts: list[CommonTarget]) -> str:
+    """Where AdamW's reference is its next stable rate rather than its finalist, which and why; '' where nowhere."""
+    fs = pd.concat([ct.fs for ct in cts])
+    where = [f"{p}, batch {int(b)} (lr {r.lr:.3g})" for p, b in sorted(set(zip(fs.preset, fs.global_batch)))
+             if (r := reference_row(fs, p, b)) is not None and r.role != "finalist"]
+    return (" Where AdamW's finalist diverged on a seed, its next stable learning rate is the reference for the "
+            "targets and the speed-ups: " + ", ".join(where) + "." if where else "")
+
+
 def _common_lines(cts: list[CommonTarget], sizes: dict, floor: pd.Series, given: bool) -> list[str]:
     if not cts:
-        return ["### Common targets", "", "No task has an AdamW finalist whose largest budget finished on every "
-                "seed, so no target common to its models and batch sizes is set (they are read off AdamW's runs); "
-                "only the per-batch targets below.", ""]
+        return ["### Common targets", "", "No task has an AdamW reference (its finalist, or that finalist's next "
+                "stable learning rate where it diverged on a seed) whose largest budget finished on every seed, so "
+                "no target common to its models and batch sizes is set (they are read off AdamW's runs); only the "
+                "per-batch targets below.", ""]
     rule = ("The losses the study was given (its [convergence] targets), shared by every model and batch size."
             if given else
             "Per task, two losses shared by every model and batch size: hard, the highest end-of-budget loss "
             "AdamW's finalists had at the largest budget over every model, batch size and seed (so each reaches it "
             "within the ladder), and moderate, halfway from there (on a log scale of the loss above the entropy "
-            "floor, where the data has one) to AdamW's lowest loss at the smallest budget.")
+            "floor, where the data has one) to AdamW's lowest loss at the smallest budget." + _reference_note(cts))
     L = ["### Common targets", "", rule + " Speed-up over AdamW: geometric mean over seeds of the paired ratios [95% "
          "confidence interval].", ""]
     for ct in cts:
@@ -426,7 +444,7 @@ def section(results: pd.DataFrame, evals: pd.DataFrame, plot_dir: str, given: tu
         t = target[(preset, batch)]
         L.append(f"#### {preset}, global batch {int(batch)} sequences: target {t:.4f} nats"
                  + (f" ({t - floor.iloc[0]:.3f} above the entropy floor)" if len(floor) else "")
-                 + ("" if (src := target_source(lad, preset, batch)).startswith("AdamW") else f" ({src})"))
+                 + (f" ({src})" if (src := target_source(lad, preset, batch)) else ""))
         L.append(batch_table(g, conv, evals, best, t))
         L.append(f"Verdict: {verdict(g)}.")
         L.append("")
@@ -511,17 +529,18 @@ def token_speedup(results: pd.DataFrame, optimizer: str, batch: int | None = Non
         raise ValueError("has no common target (AdamW did not finish every budget of its ladder)")
     hard = min(cts, key=lambda ct: ct.loss)
     sizes = model_params(conv)
-    fs = finalists(hard.fs)
-    fs = fs[fs.preset == max(fs.preset.unique(), key=lambda p: sizes[p][0])]
+    largest = max(hard.fs.preset.unique(), key=lambda p: sizes[p][0])
+    at = hard.fs[hard.fs.preset == largest]  # AdamW's reference may be its next stable rate's row
+    fs = finalists(at)
     for name in (optimizer, "adamw"):
         if name not in set(fs.optimizer):
             raise ValueError(f"has no finalist of {name} (optimizers: {', '.join(sorted(set(fs.optimizer)))})")
     found = {}
     for b in sorted(set(fs.global_batch)):
         mine = fs[(fs.global_batch == b) & (fs.optimizer == optimizer)]
-        sp = None if mine.empty else measured_speedup(fs, mine.iloc[0])
+        sp = None if mine.empty else measured_speedup(at, mine.iloc[0])
         if sp is not None:
-            found[b] = (sp, adamw_finalist(fs, fs.preset.iloc[0], b))
+            found[b] = (sp, reference_row(at, largest, b))
     batches = sorted(set(fs.global_batch))
     if batch is not None and batch not in batches:
         raise ValueError(f"has no batch {batch} (batches: {', '.join(str(int(b)) for b in batches)})")
