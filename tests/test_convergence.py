@@ -402,6 +402,50 @@ def test_a_close_verdict_gets_more_seeds_before_it_is_called():
     assert bt.common_targets(close, (2.5, 1.5)) == {"generated": {"given #1": 2.5, "given #2": 1.5}}
 
 
+def test_an_adamw_finalist_that_diverged_on_a_seed_hands_the_reference_to_its_next_stable_rate():
+    """AdamW's finalist diverged on one seed at the largest budget, and its next stable rate ran beside it: the
+    targets (per-batch and common) are read off that stable rate and speed-ups are over it, the unstable finalist
+    shown against it like any other; without the stable rate there is no common target, as before."""
+    import pandas as pd
+
+    import bench.tuning as bt
+    from bench.report.quality import reference_row, speedup_cell, target_source
+
+    scale = math.exp(0.15)
+    lad = _ladder_frame(dict.fromkeys((1, 2, 3), scale))
+    lost = (lad.optimizer == "adamw") & (lad.seed == 2) & (lad.max_tokens == 4096)
+    lad.loc[lost, ["final_eval_loss", "diverged"]] = [float("nan"), True]
+    stable = lad[lad.optimizer.eq("adamw") & ~lost].assign(lr=0.005, role="stable", tuning_id="adamw-stable")
+    stable.loc[stable.seed == 2, "diverged"] = False
+    stable = pd.concat([stable, lad[lost].assign(lr=0.005, role="stable", tuning_id="adamw-stable",
+                                                 diverged=False)])
+    stable["final_eval_loss"] = stable.max_tokens.map({1024: 3.2, 2048: 2.2, 4096: 1.2})
+    stable["config_id"] = "stable-" + stable.max_tokens.astype(str) + "-" + stable.seed.astype(str)
+    both = pd.concat([lad, stable], ignore_index=True)
+
+    assert bt.common_targets(lad) == {}  # the finalist alone: no common target
+    ref = bt.adamw_reference(both, "tiny", 8)
+    assert set(ref.role) == {"stable"} and len(ref) == 9
+    assert bt.targets(both) == {("tiny", 8): pytest.approx(2.2)}  # the stable rate's mean at half the budget
+    # hard: its highest loss at the largest budget (1.2); moderate: halfway on a log scale to its lowest at the
+    # smallest (3.2)
+    assert bt.common_targets(both) == {"generated": {"moderate": round(math.sqrt(1.2 * 3.2), 3), "hard": 1.2}}
+
+    fs = bt.finalist_stats(both, bt.targets(both))
+    adamw = reference_row(fs, "tiny", 8)
+    assert (adamw.optimizer, adamw.role, adamw.lr) == ("adamw", "stable", 0.005)
+    row = {(r.optimizer, r.role): r for _, r in fs.iterrows()}
+    assert speedup_cell(row["adamw", "stable"], adamw) == "1 (the reference)"
+    assert speedup_cell(row["adamw", "finalist"], adamw) != "1 (the reference)"  # shown against it
+    # muon crosses 2.2 between 1024 (loss 3.0) and 2048 tokens (its loss there, log-linear in tokens); the
+    # stable AdamW at exactly 2048
+    mid = 3 - 1 / (1 - math.log2(scale))
+    muon = 1024 * 2 ** ((3.0 - 2.2) / (3.0 - mid))
+    assert speedup_cell(row["muon", "finalist"], adamw).startswith(f"{2048 / muon:.2f} [")
+    assert "next stable learning rate" in target_source(both, "tiny", 8)
+    assert target_source(lad, "tiny", 8) == ""  # AdamW's finalist, the usual: no note
+
+
 def test_tokens_to_target_interpolates_between_budgets_and_never_guesses():
     from bench.report.stats import AFTER_DIVERGED, AT_FIRST, NOT_REACHED, REACHED, tokens_to_target
 
