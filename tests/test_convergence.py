@@ -445,6 +445,19 @@ def test_an_adamw_finalist_that_diverged_on_a_seed_hands_the_reference_to_its_ne
     assert "next stable learning rate" in target_source(both, "tiny", 8)
     assert target_source(lad, "tiny", 8) == ""  # AdamW's finalist, the usual: no note
 
+    # seconds to target: AdamW's tokens are the stable rate's (2048 on every seed), over its throughput row's
+    # tokens/s (the finalist's shape); muon's, over its own
+    from bench.report.quality import layout_estimates
+
+    layout = dict(status="ok", phase="layouts", preset="tiny", global_batch=8, dp=1, tp=1, pp=1, dp_mode="ddp",
+                  pp_schedule="", steps_run=24)
+    thr = pd.DataFrame([dict(layout, optimizer="adamw", tokens_per_s=1000.0),
+                        dict(layout, optimizer="muon", tokens_per_s=500.0)])
+    text = "\n".join(layout_estimates(thr, fs))
+    assert "next stable rate's" in text and "tiny, batch 8 (lr 0.005)" in text
+    assert "| adamw | 1.00x | 2.0 s (1.00x) |" in text  # 2048 tokens at 1000 tokens/s
+    assert f"| muon | {2048 / muon:.2f}x | {muon / 500:.1f} s ({2.048 / (muon / 500):.2f}x) |" in text
+
 
 def test_tokens_to_target_interpolates_between_budgets_and_never_guesses():
     from bench.report.stats import AFTER_DIVERGED, AT_FIRST, NOT_REACHED, REACHED, tokens_to_target

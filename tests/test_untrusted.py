@@ -237,7 +237,8 @@ def test_a_convergence_matrix_without_adamw_names_the_target_it_used(tmp_path):
     report = open(write_report(str(ref))).read()
     assert "no AdamW in this matrix: the median of" in report
     assert "AdamW's mean end-of-budget loss at 0.5 of the largest budget; without AdamW, the median" in report
-    assert "No task has an AdamW reference (its finalist, or that finalist's next stable learning rate where it" in report
+    assert ("No task has an AdamW reference (its finalist, or that finalist's next stable learning rate where"
+            in report)
 
 
 def test_a_toml_sweep_with_a_target_gets_a_targets_section(copy):

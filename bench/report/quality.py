@@ -644,12 +644,20 @@ def layout_estimates(results: pd.DataFrame, fs: pd.DataFrame) -> list[str]:
     thr = thr.assign(layout=thr.apply(layout_name, axis=1))
     rate = {(r.preset, r.global_batch, r.optimizer, r.layout): r.tokens_per_s for r in thr.itertuples()}
     tokens = {(r.preset, r.global_batch, r.optimizer): stats.mean_std(r.tokens)[0] for r in done.itertuples()}
+    fallback = []  # where AdamW's tokens are its next stable rate's (``reference_row``), not its finalist's
+    for preset, batch in sorted(set(zip(done.preset, done.global_batch))):
+        ref = reference_row(fs, preset, batch)
+        if ref is not None and ref.role != "finalist" and ref.all_reached:
+            tokens[preset, batch, "adamw"] = stats.mean_std(ref.tokens)[0]
+            fallback.append(f"{preset}, batch {int(batch)} (lr {ref.lr:.3g})")
     layouts = sorted(thr.layout.unique(), key=lambda l: (l != "single", l))
     L = ["### Seconds to target per layout", "",
          "Each finalist's mean tokens to target over the tokens/s its own throughput row measured on the layout "
          f"({int(thr.steps_run.median())} steps, the optimizer's update included); in brackets, AdamW's seconds "
          "over the optimizer's on that layout: the token speed-up net of the step's cost. Empty: no throughput "
-         "row (references made before every finalist had them) or not reached on every seed.", ""]
+         "row (references made before every finalist had them) or not reached on every seed."
+         + (" AdamW's tokens are its next stable rate's, its finalist having diverged on a seed (its throughput "
+            "row is the finalist's shape): " + ", ".join(fallback) + "." if fallback else ""), ""]
     for (preset, batch), g in done.groupby(["preset", "global_batch"]):
         rows = []
         for opt in sorted(g.optimizer, key=lambda o: (o != "adamw", o)):
