@@ -150,21 +150,25 @@ def test_env_json_cannot_plant_a_line_in_the_report(copy):
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"wait-all-nodes=0\ntouch /tmp/x #": "1"}, "not an sbatch option"),  # once a line of the job's script
+    ({"wait-all-nodes=0\ntouch TOUCHED #": "1"}, "not an sbatch option"),  # once a line of the job's script
     ({"export": "LD_PRELOAD=/tmp/evil.so"}, "not an sbatch option"),  # would load code into every job
-    ({"wrap": "touch /tmp/x"}, "not an sbatch option"),
+    ({"wrap": "touch TOUCHED"}, "not an sbatch option"),
     ({"job-name": "x"}, "set by llmopt"), ({"partition": "x"}, "--slurm-partition"),
     ({"constraint": "a\nb"}, "one line"),
 ])
 def test_slurm_options_from_a_matrix_are_sbatch_options_on_one_line(tmp_path, options, match):
     """A [slurm] option key once became a line of its own in the generated submission script (submitit quotes
-    values, not keys): refused before anything is written, whether from the TOML or --slurm-option."""
+    values, not keys): refused before anything is written, whether from the TOML or --slurm-option. The file
+    the injected command would touch is the test's own (TOUCHED), so no file elsewhere on the machine can fail
+    it."""
+    touched = str(tmp_path / "touched")
+    options = {k.replace("TOUCHED", touched): v.replace("TOUCHED", touched) for k, v in options.items()}
     m = tmp_path / "m.toml"
     m.write_text(TINY + "[matrix]\nseed = [0]\n[slurm.options]\n"
                  + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in options.items()))
     line = one_error_line(bench_here("--matrix", m, "--executor", "slurm", "--out", tmp_path / "o"))
     assert match in line
-    assert not (tmp_path / "o").exists() and not os.path.exists("/tmp/x")
+    assert not (tmp_path / "o").exists() and not os.path.exists(touched)
     (key, value), = options.items()
     if "\n" not in key:  # the same through the flag
         m.write_text(TINY + "[matrix]\nseed = [0]\n")
