@@ -382,13 +382,26 @@ def _method(conv: pd.DataFrame, lad: pd.DataFrame) -> str:
             f"for the number of those tests.")
 
 
+def stable_references(fs: pd.DataFrame) -> dict[tuple, pd.Series]:
+    """(preset, batch) -> AdamW's reference row (``reference_row``) where it is its next stable rate rather than
+    its finalist, in (preset, batch) order: the settings a report must say so for."""
+    out = {}
+    for p, b in sorted(set(zip(fs.preset, fs.global_batch))):
+        r = reference_row(fs, p, b)
+        if r is not None and r.role != "finalist":
+            out[p, b] = r
+    return out
+
+
+def _where(refs: dict[tuple, pd.Series]) -> str:
+    return ", ".join(f"{p}, batch {int(b)} (lr {r.lr:.3g})" for (p, b), r in refs.items())
+
+
 def _reference_note(cts: list[CommonTarget]) -> str:
     """Where AdamW's reference is its next stable rate rather than its finalist, which and why; '' where nowhere."""
-    fs = pd.concat([ct.fs for ct in cts])
-    where = [f"{p}, batch {int(b)} (lr {r.lr:.3g})" for p, b in sorted(set(zip(fs.preset, fs.global_batch)))
-             if (r := reference_row(fs, p, b)) is not None and r.role != "finalist"]
+    where = _where(stable_references(pd.concat([ct.fs for ct in cts])))
     return (" Where AdamW's finalist diverged on a seed, its next stable learning rate is the reference for the "
-            "targets and the speed-ups: " + ", ".join(where) + "." if where else "")
+            "targets and the speed-ups: " + where + "." if where else "")
 
 
 def _common_lines(cts: list[CommonTarget], sizes: dict, floor: pd.Series, given: bool) -> list[str]:
@@ -644,12 +657,10 @@ def layout_estimates(results: pd.DataFrame, fs: pd.DataFrame) -> list[str]:
     thr = thr.assign(layout=thr.apply(layout_name, axis=1))
     rate = {(r.preset, r.global_batch, r.optimizer, r.layout): r.tokens_per_s for r in thr.itertuples()}
     tokens = {(r.preset, r.global_batch, r.optimizer): stats.mean_std(r.tokens)[0] for r in done.itertuples()}
-    fallback = []  # where AdamW's tokens are its next stable rate's (``reference_row``), not its finalist's
-    for preset, batch in sorted(set(zip(done.preset, done.global_batch))):
-        ref = reference_row(fs, preset, batch)
-        if ref is not None and ref.role != "finalist" and ref.all_reached:
-            tokens[preset, batch, "adamw"] = stats.mean_std(ref.tokens)[0]
-            fallback.append(f"{preset}, batch {int(batch)} (lr {ref.lr:.3g})")
+    settings = set(zip(done.preset, done.global_batch))
+    fallback = {k: r for k, r in stable_references(fs).items() if k in settings and r.all_reached}
+    for (preset, batch), ref in fallback.items():  # AdamW's tokens: its next stable rate's, not its finalist's
+        tokens[preset, batch, "adamw"] = stats.mean_std(ref.tokens)[0]
     layouts = sorted(thr.layout.unique(), key=lambda l: (l != "single", l))
     L = ["### Seconds to target per layout", "",
          "Each finalist's mean tokens to target over the tokens/s its own throughput row measured on the layout "
@@ -657,7 +668,7 @@ def layout_estimates(results: pd.DataFrame, fs: pd.DataFrame) -> list[str]:
          "over the optimizer's on that layout: the token speed-up net of the step's cost. Empty: no throughput "
          "row (references made before every finalist had them) or not reached on every seed."
          + (" AdamW's tokens are its next stable rate's, its finalist having diverged on a seed (its throughput "
-            "row is the finalist's shape): " + ", ".join(fallback) + "." if fallback else ""), ""]
+            "row is the finalist's shape): " + _where(fallback) + "." if fallback else ""), ""]
     for (preset, batch), g in done.groupby(["preset", "global_batch"]):
         rows = []
         for opt in sorted(g.optimizer, key=lambda o: (o != "adamw", o)):
