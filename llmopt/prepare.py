@@ -414,12 +414,25 @@ def default_val_fraction(source: str) -> float:
 def cached_path(source: str, tokenizer: str) -> str:
     """Where ``--data SOURCE --tokenizer T`` is prepared in the cache: keyed by the input's files, their sizes
     and modification times, T and the held-out fraction."""
-    files = (_stdlib_signature() if source in BUILTIN
-             else [(f, os.path.getsize(f), os.path.getmtime(f)) for f in input_files(source)])
-    key = hashlib.sha256(json.dumps([tokenizer, source, default_val_fraction(source)] + list(files)
-                                    ).encode()).hexdigest()[:16]
+    if source in BUILTIN:
+        key = _builtin_key(source, tokenizer)
+    else:
+        key = _key(source, tokenizer, [(f, os.path.getsize(f), os.path.getmtime(f)) for f in input_files(source)])
     name = os.path.basename(os.path.normpath(source)) or "data"
     return os.path.join(cache_dir(), "prepared", f"{name}-{tokenizer.replace(':', '')}-{key}")
+
+
+def _key(source: str, tokenizer: str, files) -> str:
+    return hashlib.sha256(json.dumps([tokenizer, source, default_val_fraction(source)] + list(files)
+                                     ).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _builtin_key(source: str, tokenizer: str) -> str:
+    """A built-in corpus's key, once per process (its files' signature is read once too): a config's model shape
+    asks for it each time (``TrainConfig.model_config``), thousands of times where the advisor predicts memory
+    for every committed row."""
+    return _key(source, tokenizer, _stdlib_signature())
 
 
 def ensure_prepared(source: str, tokenizer: str) -> str:
