@@ -74,6 +74,7 @@ def row_config(row) -> "TrainConfig":
 
     from llmopt.core.config import TrainConfig, validate
 
+    row = row.to_dict() if isinstance(row, pd.Series) else row  # a dict's look-ups, not a Series' (thousands of rows)
     kw = {f: (row[f].item() if hasattr(row[f], "item") else row[f]) for f in TrainConfig.field_names()
           if f in row and not pd.isna(row[f]) and row[f] != ""}  # empty: the field's default
     for f in BOOL_FIELDS & set(kw):  # read as text by bench.report: "False" would be truthy

@@ -21,6 +21,7 @@ width changes (SOAP's unpreconditioned sides above 10,000, the eigenbasis refres
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import hashlib
 import json
@@ -73,16 +74,20 @@ def stand_in(model: GPTConfig) -> GPTConfig:
                      vocab_size=min(model.vocab_size, MAX_VOCAB), block_size=min(model.block_size, MAX_CONTEXT))
 
 
-def cache_key(model: GPTConfig, impl: str, sharded: bool) -> str:
+@functools.cache
+def _torch_version() -> str:
+    """torch's installed version, read once (a metadata scan per call was most of a key's cost)."""
     import importlib.metadata as md
 
-    from llmopt.optimizers import PLUGINS_ENV
-
     try:
-        torch_version = md.version("torch")
+        return md.version("torch")
     except md.PackageNotFoundError:
-        torch_version = "?"
+        return "?"
+
+
+def cache_key(model: GPTConfig, impl: str, sharded: bool) -> str:
     import llmopt.optimizers
+    from llmopt.optimizers import PLUGINS_ENV
 
     s = stand_in(model)
     # the optimizers' code by content, llmopt's own (the specs and llmopt/optim.py, no torch imported here) and
@@ -91,7 +96,7 @@ def cache_key(model: GPTConfig, impl: str, sharded: bool) -> str:
     own = [os.path.join(os.path.dirname(specs), "optim.py"), *sorted(glob.glob(os.path.join(specs, "*.py")))]
     files = [f"{os.path.basename(p)}@{_digest(p)}" for p in own + os.environ.get(PLUGINS_ENV, "").split(os.pathsep)
              if p]
-    return (f"v{PROFILE_VERSION}|torch {torch_version}|L{s.n_layer} H{s.n_head} C{s.n_embd} V{s.vocab_size} "
+    return (f"v{PROFILE_VERSION}|torch {_torch_version()}|L{s.n_layer} H{s.n_head} C{s.n_embd} V{s.vocab_size} "
             f"T{s.block_size}|{impl}|{'sharded' if sharded else 'plain'}|{os.pathsep.join(files)}")
 
 
