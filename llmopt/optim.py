@@ -34,7 +34,7 @@ reduced across ranks, and the update drifted 4e-3 from the whole matrix's within
 ranks); Adafactor raises (an in-place ``pow_`` on a partial norm). So Muon is wrapped, not forked:
 ``ShardedMuon`` keeps the momentum sharded, gathers each matrix's Nesterov momentum, has torch's Muon
 orthogonalise the whole matrix and keeps this rank's shard of the update; on a 1-D mesh it splits the
-Newton-Schulz work across the ranks (``ShardedMuon._updates``, as Moonlight's distributed Muon). Adafactor on
+Newton-Schulz work across the ranks (``ShardedMuon._owned_updates``, as Moonlight's distributed Muon). Adafactor on
 a 1-D mesh is computed from the shards (``ShardedAdafactor``: its row and column sums summed over the ranks,
 two all-reduces per step); elsewhere ``WholeTensors`` gathers each tensor and its gradient, steps torch's
 optimizer on the whole tensor (Adafactor's statistics, SOAP's preconditioners) and keeps this rank's shard.
@@ -403,9 +403,14 @@ class ShardedMuon(torch.optim.Optimizer):
                     buf, g = _local(state["momentum_buffer"]), _local(p.grad)
                     buf.lerp_(g, 1 - mu)
                     momenta.append(g.lerp(buf, mu) if group["nesterov"] else buf)
-                wholes = gather_wholes(momenta, like=bucket)    # the gathers, together
-                for p, update in zip(bucket, self._updates(bucket, wholes)):
-                    _local(p).mul_(1 - lr * wd).add_(_shard_of(update, p))
+                mesh = _split_mesh(bucket, momenta)
+                if mesh is not None:
+                    pieces = self._owned_updates(bucket, momenta, mesh)
+                else:  # every rank orthogonalises every matrix, gathered whole
+                    wholes = gather_wholes(momenta, like=bucket)  # the gathers, together
+                    pieces = [_shard_of(self._orthogonalised(w), p) for p, w in zip(bucket, wholes)]
+                for p, piece in zip(bucket, pieces):
+                    _local(p).mul_(1 - lr * wd).add_(piece)
         return loss
 
     def _orthogonalised(self, whole: torch.Tensor) -> torch.Tensor:
@@ -418,31 +423,70 @@ class ShardedMuon(torch.optim.Optimizer):
         self._proxy.grad, self._proxy.data = None, torch.empty(1, 1)
         return update
 
-    def _updates(self, bucket: list[torch.Tensor], wholes: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The bucket's whole updates on every rank. On a 1-D mesh (FSDP2 or TP alone) the Newton-Schulz work is
-        split: each matrix has one owner (``owners``: balanced by the iteration's FLOPs), each rank orthogonalises
-        its own, and one all-gather hands every rank every update (Moonlight's distributed Muon, with the
-        momentum already gathered whole). Elsewhere (a 2-D mesh, strided shards, plain tensors) every rank
-        orthogonalises every matrix itself."""
-        mesh = bucket[0].device_mesh if isinstance(bucket[0], DTensor) else None
-        if (mesh is None or mesh.ndim != 1 or mesh.size() == 1 or any(
-                not isinstance(p, DTensor) or p.device_mesh != mesh or type(p.placements[0]) not in (Shard, Replicate)
-                for p in bucket)):
-            return [self._orthogonalised(w) for w in wholes]
+    def _owned_updates(self, bucket: list[torch.Tensor], momenta: list[torch.Tensor], mesh) -> list[torch.Tensor]:
+        """This rank's piece of each of the bucket's updates, the Newton-Schulz work split over a 1-D mesh (FSDP2
+        or TP alone; Moonlight's distributed Muon): each matrix has one owner (``owners``: balanced by the
+        iteration's FLOPs). One all-to-all hands each owner every rank's piece of its matrices' momenta, the
+        owner orthogonalises them whole, and one more hands every rank its piece of each update. Each rank
+        receives only what it computes with or keeps: all-gathers of the whole momenta and updates moved the
+        mesh's size times as much (most of the sharded update's time on gloo)."""
         k, me = mesh.size(), mesh.get_local_rank()
-        owner = owners([tuple(w.shape) for w in wholes], k)
-        mine = [self._orthogonalised(w).reshape(-1) for w, o in zip(wholes, owner) if o == me]
-        sizes = [sum(w.numel() for w, o in zip(wholes, owner) if o == r) for r in range(k)]
-        send = torch.zeros(max(sizes), dtype=wholes[0].dtype, device=wholes[0].device)
-        if mine:
-            send[:sizes[me]] = torch.cat(mine)
-        recv = [torch.empty_like(send) for _ in range(k)]
-        torch.distributed.all_gather(recv, send, group=mesh.get_group(0))
-        at, out = [0] * k, []
-        for w, o in zip(wholes, owner):
-            out.append(recv[o][at[o]:at[o] + w.numel()].view(w.shape))
-            at[o] += w.numel()
+        shapes = [tuple(p.shape) for p in bucket]
+        dims = [p.placements[0].dim for p in bucket]
+        owner = owners(shapes, k)
+        # the element count of rank r's piece of matrix i (torch.chunk's split along its sharded dimension)
+        piece = [[c * math.prod(sh) // sh[d] for c in _chunk_sizes(sh[d], k)] for sh, d in zip(shapes, dims)]
+        mine = [i for i in range(len(bucket)) if owner[i] == me]
+        got = _all_to_all(
+            [[momenta[i].reshape(-1) for i in range(len(bucket)) if owner[i] == q] for q in range(k)],
+            [[piece[i][r] for i in mine] for r in range(k)], mesh, momenta[0])
+        updates = []
+        for j, i in enumerate(mine):
+            sh, d, chunks = shapes[i], dims[i], _chunk_sizes(shapes[i][dims[i]], k)
+            whole = torch.cat([got[r][j].view(*sh[:d], chunks[r], *sh[d + 1:]) for r in range(k)], dim=d)
+            updates.append(torch.split(self._orthogonalised(whole), chunks, dim=d))
+        back = _all_to_all([[u[r].reshape(-1) for u in updates] for r in range(k)],
+                           [[piece[i][me] for i in range(len(bucket)) if owner[i] == q] for q in range(k)], mesh,
+                           momenta[0])
+        at = [0] * k
+        out = []
+        for i, m in enumerate(momenta):
+            out.append(back[owner[i]][at[owner[i]]].view(m.shape))
+            at[owner[i]] += 1
         return out
+
+
+def _split_mesh(bucket: list[torch.Tensor], momenta: list[torch.Tensor]):
+    """The 1-D mesh of more than one rank over which ``ShardedMuon`` splits a bucket's Newton-Schulz work, or
+    None: every matrix a DTensor on that one mesh, sharded along one dimension (FSDP2, or TP alone), and the
+    momenta of one dtype (they travel in one buffer)."""
+    first = bucket[0]
+    if not isinstance(first, DTensor) or first.device_mesh.ndim != 1 or first.device_mesh.size() == 1:
+        return None
+    if any(not isinstance(p, DTensor) or p.device_mesh != first.device_mesh or type(p.placements[0]) is not Shard
+           for p in bucket) or len({m.dtype for m in momenta}) != 1:
+        return None
+    return first.device_mesh
+
+
+def _all_to_all(send: list[list[torch.Tensor]], receive: list[list[int]], mesh, like: torch.Tensor
+                ) -> list[list[torch.Tensor]]:
+    """One all-to-all over a 1-D mesh: ``send[q]``, flat tensors, go to rank q; from each rank r come flat
+    tensors of the element counts ``receive[r]``, returned as ``[r][j]`` views of one buffer (``like``'s dtype
+    and device)."""
+    flat = [t for ts in send for t in ts]
+    inp = torch.cat(flat) if flat else like.new_empty(0)
+    out = like.new_empty(sum(map(sum, receive)))
+    torch.distributed.all_to_all_single(out, inp, output_split_sizes=[sum(n) for n in receive],
+                                        input_split_sizes=[sum(t.numel() for t in ts) for ts in send],
+                                        group=mesh.get_group(0))
+    views, at = [], 0
+    for counts in receive:
+        views.append([])
+        for n in counts:
+            views[-1].append(out[at:at + n])
+            at += n
+    return views
 
 
 def owners(shapes: list[tuple[int, ...]], ranks: int) -> list[int]:

@@ -221,7 +221,9 @@ def optimizer_comm(cfg: TrainConfig) -> list[tuple]:
     spec's ``bucket_times``, in the parameter groups' order: matrices and embeddings, then the rest): per bucket,
     one all-gather per placement and mesh dimension it is sharded over (a tensor and its gradient together),
     and two per tensor FSDP2 shards strided (DTensor gathers those itself, one at a time). Where the optimizer
-    splits the work (``_split``) the updates come back in one more all-gather per bucket. Norms over shards (the
+    splits the work (``_split``: Muon's owners on a 1-D mesh) a bucket is instead two all-to-alls, each rank's
+    pieces of the momenta to their owners and the updates' pieces back, each leaving a rank with about its
+    share of the bucket. Norms over shards (the
     spec's ``reductions``: LAMB's) are one all-reduce per set of mesh dimensions tensors are sharded over, and
     per such dimension; sums over a 1-D mesh (``mesh_reductions``: Adafactor's statistics, every tensor's in one) one
     all-reduce each. ``tests/test_costmodel_update.py`` holds the counts to the collectives a real step makes."""
@@ -259,6 +261,9 @@ def optimizer_comm(cfg: TrainConfig) -> list[tuple]:
         for idx in bucket_indices([math.prod(tensors[i]) for i in order], opt.bucket_times(mesh)):
             members = [order[j] for j in idx]
             size = sum(4 * opt.gathered_per_tensor * math.prod(tensors[i]) for i in members)
+            if _split(cfg) > 1:
+                calls.setdefault((("dp", "tp")[cfg.tp > 1], "all_to_all"), []).extend([size / _split(cfg)] * 2)
+                continue
             for i in members:
                 if layout[i][2]:  # strided: DTensor's full_tensor, the tensor and its gradient apart
                     for d in layout[i][0]:
@@ -266,8 +271,6 @@ def optimizer_comm(cfg: TrainConfig) -> list[tuple]:
                             [4 * math.prod(tensors[i])] * opt.gathered_per_tensor)
             keys = {layout[i] for i in members if layout[i][0] and not layout[i][2]}
             collect("all_gather", sorted(keys, key=str), size)
-            if _split(cfg) > 1:
-                calls.setdefault((("dp", "tp")[cfg.tp > 1], "all_gather"), []).append(size / opt.gathered_per_tensor)
     return [(d, kind, ranks[d], sum(sizes) / len(sizes), len(sizes)) for (d, kind), sizes in calls.items()]
 
 
@@ -314,7 +317,7 @@ def ring_factor(kind: str, n: int) -> tuple[float, int]:
     """(fraction of the buffer each rank sends, latency steps) of a ring collective over n ranks."""
     if kind == "all_reduce":
         return 2 * (n - 1) / n, 2 * (n - 1)
-    if kind in ("all_gather", "reduce_scatter"):
+    if kind in ("all_gather", "reduce_scatter", "all_to_all"):  # all-to-all: n - 1 pairwise exchanges
         return (n - 1) / n, n - 1
     return 1.0, 1  # point to point
 

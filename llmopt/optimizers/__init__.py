@@ -107,7 +107,7 @@ class OptimizerSpec:
     gathers: Callable[[Stage], list] = lambda stage: []  # whole shapes all-gathered per step under FSDP2/TP
     gathered_per_tensor: int = 1      # tensors gathered per shape (a tensor and its gradient: 2)
     bucket_times: Callable[[int], int] = lambda ranks: 1  # a gather bucket's cap, in largest tensors, on `ranks`
-    splits_work: bool = False  # on a 1-D mesh each rank does the whole-tensor work of its share (one more gather)
+    splits_work: bool = False  # on a 1-D mesh each rank does the whole-tensor work of its share (all-to-alls)
     reductions: int = 0       # small all-reduces per step and set of sharded mesh dimensions (norms over shards)
     mesh_reductions: int = 0  # all-reduces per step over a 1-D mesh, every tensor's sums in one (Adafactor's)
     accelerate: bool = True   # a torch.optim optimizer that --engine accelerate can wrap

@@ -1,7 +1,8 @@
 """Muon (Jordan et al. 2024; Liu et al. 2025): torch's ``torch.optim.Muon`` on the hidden matrices, torch's
 AdamW on every other parameter, as one optimizer (``llmopt.optim.MuonAdamW``; why, and the learning-rate rule
-that lets one --lr serve both: ``llmopt.optim``'s docstring). Under FSDP2/TP each matrix's momentum is gathered
-whole and orthogonalised by one owner rank (``llmopt.optim.ShardedMuon``)."""
+that lets one --lr serve both: ``llmopt.optim``'s docstring). Under FSDP2 or TP each matrix's momentum is sent
+whole to one owner rank, which orthogonalises it and sends each rank its piece of the update; on a 2-D mesh every
+rank gathers and orthogonalises every matrix (``llmopt.optim.ShardedMuon``)."""
 from llmopt.optimizers import OptimizerSpec, Stage, hidden_matrices, largest, ns_flops
 
 NS_STEPS = 5  # torch.optim.Muon's default Newton-Schulz steps
@@ -21,13 +22,15 @@ def state_bytes(stage: Stage) -> int:
 def transient_bytes(stage: Stage) -> int:
     """The whole largest hidden matrix's momentum (gathered under FSDP2/TP), the update torch's Muon writes into
     and its zero momentum, fp32, and the Newton-Schulz iterates in bf16 (about 4 more of its size); under
-    FSDP2/TP also a bucket of whole momenta and the bucket's updates as the all-gather hands them back, fp32
-    (``ShardedMuon``: up to twice the mesh's ranks times the largest matrix, at most the stage's hidden
-    matrices)."""
+    FSDP2/TP also buffers of a bucket (``ShardedMuon``: up to twice the mesh's ranks times the largest matrix, at
+    most the stage's hidden matrices), fp32: on a 1-D mesh five of a rank's share of it (the pieces sent to the
+    owners, the owned momenta received, their updates, the pieces sent back and those received), on a 2-D mesh
+    the bucket's whole momenta and their updates."""
     big = largest(stage.hidden)
     out = (3 * 4 + 4 * 2) * big
     if stage.shards > 1:
-        out += 2 * 4 * min(2 * stage.shards * big, sum(a * b for a, b in stage.hidden))
+        bucket = min(2 * stage.shards * big, sum(a * b for a, b in stage.hidden))
+        out += 4 * (5 * bucket // stage.shards if stage.mesh_dims == 1 else 2 * bucket)
     return out
 
 
