@@ -34,7 +34,8 @@ reduced across ranks, and the update drifted 4e-3 from the whole matrix's within
 ranks); Adafactor raises (an in-place ``pow_`` on a partial norm). So Muon is wrapped, not forked:
 ``ShardedMuon`` keeps the momentum sharded, gathers each matrix's Nesterov momentum, has torch's Muon
 orthogonalise the whole matrix and keeps this rank's shard of the update; on a 1-D mesh it splits the
-Newton-Schulz work across the ranks (``ShardedMuon._owned_updates``, as Moonlight's distributed Muon). Adafactor on
+Newton-Schulz work across the ranks, each momentum's pieces sent to its owner and the update's pieces back
+(``ShardedMuon._owned_updates``, as Moonlight's distributed Muon). Adafactor on
 a 1-D mesh is computed from the shards (``ShardedAdafactor``: its row and column sums summed over the ranks,
 two all-reduces per step); elsewhere ``WholeTensors`` gathers each tensor and its gradient, steps torch's
 optimizer on the whole tensor (Adafactor's statistics, SOAP's preconditioners) and keeps this rank's shard.
@@ -369,9 +370,10 @@ class ShardedMuon(torch.optim.Optimizer):
     wrapper). The momentum buffer stays sharded as the matrix is; per step and matrix:
 
         buf = lerp(buf, g, 1 - momentum); m = lerp(g, buf, momentum) if nesterov else buf    (on the shard)
-        M = gather(m)                  (the whole matrix, on every rank; a bucket of matrices per collective)
+        M = gather(m)                  (the whole matrix, on its owner rank on a 1-D mesh, else on every rank;
+                                        a bucket of matrices per collective)
         U = torch.optim.Muon's update of a zero matrix with gradient M (momentum 0, no decay): -lr' NS(M)
-        w = w (1 - lr wd) + shard(U)
+        w = w (1 - lr wd) + shard(U)   (each rank's shard of U, sent by the owner on a 1-D mesh)
 
     which is torch's Muon step on the whole matrix (the same momentum lines, then its own Newton-Schulz and
     learning-rate adjustment); tests/test_parity.py holds every sharded layout to the single-process curve of
