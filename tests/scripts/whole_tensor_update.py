@@ -23,7 +23,8 @@ from llmopt.core import cli
 from llmopt.launch import launch
 from llmopt.optim import MUON_ADJUST_LR, ShardedAdafactor, ShardedMuon, WholeTensors
 
-SHAPES = [(48, 32), (32, 96), (96,)]  # a tall and a wide matrix (Muon transposes the tall one), a vector
+SHAPES = [(48, 32), (32, 96), (50, 30), (96,)]  # a tall and a wide matrix (Muon transposes the tall one), one
+# that splits unevenly over 4 ranks (torch.chunk: 13, 13, 13, 11 rows; 8, 8, 8, 6 columns), a vector
 LR = 0.05
 
 
