@@ -14,8 +14,9 @@ from llmopt.core.shapes import PRESETS, stage_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 # layout: its TrainConfig fields, ranks
+# (ddp2xtp2: DDP beside TP replicates the TP shards over a 2-D mesh, where Muon's work is not split)
 LAYOUTS = {"dp=2,dp_mode=fsdp": (dict(dp=2, dp_mode="fsdp"), 2), "tp=2": (dict(tp=2), 2),
-           "dp=2,dp_mode=fsdp,tp=2": (dict(dp=2, dp_mode="fsdp", tp=2), 4)}
+           "dp=2,dp_mode=fsdp,tp=2": (dict(dp=2, dp_mode="fsdp", tp=2), 4), "dp=2,tp=2": (dict(dp=2, tp=2), 4)}
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +32,10 @@ def collectives(tmp_path_factory):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_the_update_makes_the_collectives_the_cost_model_prices(collectives, layout):
-    """One step of Muon, Adafactor, SOAP and LAMB under FSDP2, TP and both: the collectives DTensor's
-    CommDebugMode counts are the calls ``optimizer_comm`` prices (gathers per bucket and placement, strided
-    shards one at a time, Muon's updates handed back on a 1-D mesh, LAMB's norms and Adafactor's sums per sharded
-    mesh dimension)."""
+    """One step of Muon, Adafactor, SOAP and LAMB under FSDP2, TP, both, and DDP beside TP: the collectives
+    DTensor's CommDebugMode counts are the calls ``optimizer_comm`` prices (gathers per bucket and placement,
+    strided shards one at a time, Muon's two all-to-alls per bucket on a 1-D mesh, LAMB's norms and Adafactor's
+    sums per sharded mesh dimension)."""
     got = json.loads((collectives / f"{layout}.json").read_text())
     assert set(got) == {"muon", "adafactor", "soap", "lamb"}
     for name, counts in got.items():

@@ -183,11 +183,12 @@ def _busiest(cfg: TrainConfig):
 
 def _split(cfg: TrainConfig) -> int:
     """Ranks the whole-tensor work is divided over: a mesh's ranks when the optimizer splits it (its spec's
-    ``splits_work``: Muon's Newton-Schulz, one owner per matrix) and the mesh is 1-D (FSDP2 or TP alone)."""
+    ``splits_work``: Muon's Newton-Schulz, one owner per matrix) and the parameters' mesh is 1-D (FSDP2 or TP
+    alone; DDP beside TP replicates the TP shards over a 2-D mesh, ``apply_replicate``)."""
     from llmopt.optimizers import spec
 
     fsdp = cfg.dp if cfg.dp > 1 and cfg.dp_mode == "fsdp" else 1
-    one_d = (fsdp > 1) != (cfg.tp > 1)
+    one_d = (fsdp > 1 and cfg.tp == 1) or (cfg.tp > 1 and cfg.dp == 1)
     return fsdp * cfg.tp if spec(cfg.optimizer).splits_work and one_d else 1
 
 
@@ -257,7 +258,7 @@ def optimizer_comm(cfg: TrainConfig) -> list[tuple]:
     gathered = set(map(tuple, opt.gathers(view)))
     order = sorted((i for i, t in enumerate(tensors) if t in gathered), key=lambda i: len(tensors[i]) < 2)
     if order:
-        mesh = (cfg.dp if fsdp else 1) * cfg.tp
+        mesh = cfg.dp * cfg.tp  # the parameters' mesh: DDP beside TP replicates over dp (``apply_replicate``)
         for idx in bucket_indices([math.prod(tensors[i]) for i in order], opt.bucket_times(mesh)):
             members = [order[j] for j in idx]
             size = sum(4 * opt.gathered_per_tensor * math.prod(tensors[i]) for i in members)

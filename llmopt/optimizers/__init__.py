@@ -40,7 +40,8 @@ class Stage:
     shards: int                           # ranks each tensor is split over (tp x FSDP2's dp); 1: whole tensors
     steps: int = 0                        # the run's optimizer steps: a transient only some steps pay counts
                                           # where the run reaches one (SOAP's eigenbasis refresh every 10)
-    mesh_dims: int = 1                    # mesh dimensions splitting each tensor (FSDP2 over TP: 2, strided)
+    mesh_dims: int = 1                    # dimensions of the parameters' mesh (FSDP2 over TP: 2, strided; DDP
+                                          # beside TP: 2, the TP shards replicated over dp)
 
 
 def nothing(stage: Stage) -> int:
@@ -203,4 +204,4 @@ def stage_view(cfg, stage: int, values: int) -> Stage:
     hidden = hidden_matrix_params(cfg, stage)
     return Stage(values=values, hidden_values=-(-hidden // fsdp), tensors=tuple(stage_tensors(cfg, stage)),
                  hidden=tuple(stage_matrices(cfg, stage)), shards=fsdp * cfg.tp, steps=cfg.steps,
-                 mesh_dims=max(1, (fsdp > 1) + (cfg.tp > 1)))
+                 mesh_dims=max(1, (cfg.dp > 1 and (fsdp > 1 or cfg.tp > 1)) + (cfg.tp > 1)))
