@@ -436,17 +436,18 @@ class ShardedMuon(torch.optim.Optimizer):
         shapes = [tuple(p.shape) for p in bucket]
         dims = [p.placements[0].dim for p in bucket]
         owner = owners(shapes, k)
-        # the element count of rank r's piece of matrix i (torch.chunk's split along its sharded dimension)
-        piece = [[c * math.prod(sh) // sh[d] for c in _chunk_sizes(sh[d], k)] for sh, d in zip(shapes, dims)]
+        chunks = [_chunk_sizes(sh[d], k) for sh, d in zip(shapes, dims)]  # torch.chunk's split of each matrix
+        # the element count of rank r's piece of matrix i
+        piece = [[c * math.prod(sh) // sh[d] for c in cs] for sh, d, cs in zip(shapes, dims, chunks)]
         mine = [i for i in range(len(bucket)) if owner[i] == me]
         got = _all_to_all(
             [[momenta[i].reshape(-1) for i in range(len(bucket)) if owner[i] == q] for q in range(k)],
             [[piece[i][r] for i in mine] for r in range(k)], mesh, momenta[0])
         updates = []
         for j, i in enumerate(mine):
-            sh, d, chunks = shapes[i], dims[i], _chunk_sizes(shapes[i][dims[i]], k)
-            whole = torch.cat([got[r][j].view(*sh[:d], chunks[r], *sh[d + 1:]) for r in range(k)], dim=d)
-            updates.append(torch.split(self._orthogonalised(whole), chunks, dim=d))
+            sh, d, cs = shapes[i], dims[i], chunks[i]
+            whole = torch.cat([got[r][j].view(*sh[:d], cs[r], *sh[d + 1:]) for r in range(k)], dim=d)
+            updates.append(torch.split(self._orthogonalised(whole), cs, dim=d))
         back = _all_to_all([[u[r].reshape(-1) for u in updates] for r in range(k)],
                            [[piece[i][me] for i in range(len(bucket)) if owner[i] == q] for q in range(k)], mesh,
                            momenta[0])

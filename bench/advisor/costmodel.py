@@ -185,11 +185,10 @@ def _split(cfg: TrainConfig) -> int:
     """Ranks the whole-tensor work is divided over: a mesh's ranks when the optimizer splits it (its spec's
     ``splits_work``: Muon's Newton-Schulz, one owner per matrix) and the parameters' mesh is 1-D (FSDP2 or TP
     alone; DDP beside TP replicates the TP shards over a 2-D mesh, ``apply_replicate``)."""
-    from llmopt.optimizers import spec
+    from llmopt.optimizers import param_mesh_dims, spec
 
     fsdp = cfg.dp if cfg.dp > 1 and cfg.dp_mode == "fsdp" else 1
-    one_d = (fsdp > 1 and cfg.tp == 1) or (cfg.tp > 1 and cfg.dp == 1)
-    return fsdp * cfg.tp if spec(cfg.optimizer).splits_work and one_d else 1
+    return fsdp * cfg.tp if spec(cfg.optimizer).splits_work and param_mesh_dims(cfg) == 1 else 1
 
 
 def optimizer_flops(cfg: TrainConfig) -> float:
@@ -259,11 +258,12 @@ def optimizer_comm(cfg: TrainConfig) -> list[tuple]:
     order = sorted((i for i, t in enumerate(tensors) if t in gathered), key=lambda i: len(tensors[i]) < 2)
     if order:
         mesh = cfg.dp * cfg.tp  # the parameters' mesh: DDP beside TP replicates over dp (``apply_replicate``)
+        split = _split(cfg)
         for idx in bucket_indices([math.prod(tensors[i]) for i in order], opt.bucket_times(mesh)):
             members = [order[j] for j in idx]
             size = sum(4 * opt.gathered_per_tensor * math.prod(tensors[i]) for i in members)
-            if _split(cfg) > 1:
-                calls.setdefault((("dp", "tp")[cfg.tp > 1], "all_to_all"), []).extend([size / _split(cfg)] * 2)
+            if split > 1:
+                calls.setdefault((("dp", "tp")[cfg.tp > 1], "all_to_all"), []).extend([size / split] * 2)
                 continue
             for i in members:
                 if layout[i][2]:  # strided: DTensor's full_tensor, the tensor and its gradient apart

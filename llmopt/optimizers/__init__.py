@@ -196,6 +196,13 @@ def check_installed(spec: OptimizerSpec) -> None:
                              f"pip install {pip_name} (or choose another --optimizer)")
 
 
+def param_mesh_dims(cfg) -> int:
+    """Dimensions of the mesh a run's parameters live on: dp where FSDP2 shards over it or DDP beside TP
+    replicates TP's shards over it (``apply_replicate``), and tp; 1 for whole tensors."""
+    fsdp = cfg.dp > 1 and cfg.dp_mode == "fsdp"
+    return max(1, (cfg.dp > 1 and (fsdp or cfg.tp > 1)) + (cfg.tp > 1))
+
+
 def stage_view(cfg, stage: int, values: int) -> Stage:
     """``Stage`` of pipeline stage ``stage`` for a run of ``cfg`` whose rank there holds ``values``."""
     from llmopt.core.shapes import hidden_matrix_params, stage_matrices, stage_tensors
@@ -204,4 +211,4 @@ def stage_view(cfg, stage: int, values: int) -> Stage:
     hidden = hidden_matrix_params(cfg, stage)
     return Stage(values=values, hidden_values=-(-hidden // fsdp), tensors=tuple(stage_tensors(cfg, stage)),
                  hidden=tuple(stage_matrices(cfg, stage)), shards=fsdp * cfg.tp, steps=cfg.steps,
-                 mesh_dims=max(1, (cfg.dp > 1 and (fsdp > 1 or cfg.tp > 1)) + (cfg.tp > 1)))
+                 mesh_dims=param_mesh_dims(cfg))
